@@ -1,0 +1,161 @@
+"""Model zoo: Flax linen modules wrapped as pure functions.
+
+Every model maps ``x: [B, *input_shape]`` float32 to logits ``[B, num_classes]``. Models hold no mutable
+state (normalization is GroupNorm, not BatchNorm), so a client's model is just its parameter pytree.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, NamedTuple, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+Params = Any
+
+
+class Model(NamedTuple):
+    """A pure model.
+
+    Attributes:
+      init: key -> params pytree.
+      apply: (params, x [B, *input_shape]) -> logits [B, num_classes].
+      input_shape: per-example input shape, e.g. (28, 28, 1).
+      num_classes: number of output classes.
+      name: registry name.
+    """
+
+    init: Callable[[jax.Array], Params]
+    apply: Callable[[Params, jax.Array], jax.Array]
+    input_shape: tuple[int, ...]
+    num_classes: int
+    name: str
+
+
+class LogisticRegression(nn.Module):
+    num_classes: int
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return nn.Dense(self.num_classes)(x.reshape((x.shape[0], -1)))
+
+
+class MLP(nn.Module):
+    num_classes: int
+    hidden: Sequence[int] = (200, 200)
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x = x.reshape((x.shape[0], -1))
+        for width in self.hidden:
+            x = nn.relu(nn.Dense(width)(x))
+        return nn.Dense(self.num_classes)(x)
+
+
+class McMahanCNN(nn.Module):
+    """The CNN of McMahan et al. 2017 (1,663,370 parameters on 28x28x1, 10 classes)."""
+
+    num_classes: int
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x = nn.relu(nn.Conv(32, (5, 5), padding="SAME")(x))
+        x = nn.max_pool(x, (2, 2), strides=(2, 2))
+        x = nn.relu(nn.Conv(64, (5, 5), padding="SAME")(x))
+        x = nn.max_pool(x, (2, 2), strides=(2, 2))
+        x = x.reshape((x.shape[0], -1))
+        x = nn.relu(nn.Dense(512)(x))
+        return nn.Dense(self.num_classes)(x)
+
+
+class LeNetSigmoid(nn.Module):
+    """The sigmoid LeNet of Zhu et al. 2019 (Deep Leakage from Gradients): twice differentiable, no pooling."""
+
+    num_classes: int
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x = nn.sigmoid(nn.Conv(12, (5, 5), strides=(2, 2), padding=2)(x))
+        x = nn.sigmoid(nn.Conv(12, (5, 5), strides=(2, 2), padding=2)(x))
+        x = nn.sigmoid(nn.Conv(12, (5, 5), strides=(1, 1), padding=2)(x))
+        x = x.reshape((x.shape[0], -1))
+        return nn.Dense(self.num_classes)(x)
+
+
+class ResidualBlock(nn.Module):
+    features: int
+    strides: int = 1
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        groups = min(8, self.features)
+        y = nn.Conv(self.features, (3, 3), strides=(self.strides, self.strides), padding="SAME", use_bias=False)(x)
+        y = nn.relu(nn.GroupNorm(num_groups=groups)(y))
+        y = nn.Conv(self.features, (3, 3), padding="SAME", use_bias=False)(y)
+        y = nn.GroupNorm(num_groups=groups)(y)
+        if x.shape[-1] != self.features or self.strides != 1:
+            x = nn.Conv(self.features, (1, 1), strides=(self.strides, self.strides), use_bias=False)(x)
+            x = nn.GroupNorm(num_groups=groups)(x)
+        return nn.relu(x + y)
+
+
+class SmallResNet(nn.Module):
+    """A ResNet-8 style network (3 stages of one residual block) with GroupNorm."""
+
+    num_classes: int
+    widths: Sequence[int] = (16, 32, 64)
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x = nn.Conv(self.widths[0], (3, 3), padding="SAME", use_bias=False)(x)
+        x = nn.relu(nn.GroupNorm(num_groups=min(8, self.widths[0]))(x))
+        for stage, width in enumerate(self.widths):
+            x = ResidualBlock(width, strides=1 if stage == 0 else 2)(x)
+        x = jnp.mean(x, axis=(1, 2))
+        return nn.Dense(self.num_classes)(x)
+
+
+_MODULES: dict[str, Callable[..., nn.Module]] = {
+    "logreg": LogisticRegression,
+    "mlp": MLP,
+    "cnn": McMahanCNN,
+    "lenet": LeNetSigmoid,
+    "resnet": SmallResNet,
+}
+MODEL_NAMES: tuple[str, ...] = tuple(_MODULES)
+_NEEDS_IMAGE = {"cnn", "lenet", "resnet"}
+
+
+def get_model(name: str, input_shape: Sequence[int], num_classes: int, **kwargs: Any) -> Model:
+    """Builds a registered model as a pure ``Model``.
+
+    Args:
+      name: one of ``MODEL_NAMES``.
+      input_shape: per-example input shape; image models need (H, W, C).
+      num_classes: number of classes (>= 2).
+      **kwargs: module fields, e.g. ``hidden=(64,)`` for the MLP.
+    """
+    if name not in _MODULES:
+        raise ValueError(f"unknown model {name!r}; choose one of {list(MODEL_NAMES)}.")
+    input_shape = tuple(int(d) for d in input_shape)
+    if num_classes < 2:
+        raise ValueError(f"num_classes={num_classes} must be >= 2.")
+    if name in _NEEDS_IMAGE and len(input_shape) != 3:
+        raise ValueError(f"model {name!r} needs image inputs (H, W, C); got input_shape={input_shape}.")
+    module = _MODULES[name](num_classes=num_classes, **kwargs)
+    dummy = jnp.zeros((1,) + input_shape, jnp.float32)
+
+    def init(key: jax.Array) -> Params:
+        return module.init(key, dummy)["params"]
+
+    def apply(params: Params, x: jax.Array) -> jax.Array:
+        return module.apply({"params": params}, x)
+
+    return Model(init=init, apply=apply, input_shape=input_shape, num_classes=num_classes, name=name)
+
+
+def count_params(params: Params) -> int:
+    """Total number of scalars in a parameter pytree."""
+    return int(sum(np.prod(np.shape(leaf)) for leaf in jax.tree_util.tree_leaves(params)))
