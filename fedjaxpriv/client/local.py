@@ -1,0 +1,160 @@
+"""Local training of ONE client, written as a pure function and vectorized elsewhere.
+
+``client_update`` runs ``spec.max_steps`` steps under ``lax.scan``; steps past the client's own
+``num_steps`` are masked no-ops, padded batch slots carry zero weight, so clients with different data sizes,
+step counts, batch sizes, learning rates and defenses share one compiled program.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from fedjaxpriv.client import dp, mixup as mixup_lib, pruning
+from fedjaxpriv.client.sampling import sample_batch
+from fedjaxpriv.client.settings import ClientSettings
+from fedjaxpriv.models.losses import soft_cross_entropy
+
+Params = Any
+ApplyFn = Callable[[Params, jax.Array], jax.Array]
+
+
+@dataclasses.dataclass(frozen=True)
+class LocalSpec:
+    """Static shape and feature switches of local training (hashable; part of the compiled program).
+
+    Attributes:
+      max_steps: scan length; each client runs its own ``num_steps`` <= max_steps.
+      max_batch: batch slots per step.
+      max_count: largest client size (static bound for sampling).
+      num_classes: label classes.
+      per_example: compute per-example gradients (needed by DP-SGD clipping).
+      mixup: enable mixup (per-client alpha; 0 disables it for that client).
+      prune: None, "magnitude" or "random" masks (per-client sparsity; 0 disables it).
+      prune_scope: "layer" or "global" for magnitude pruning.
+      momentum: local SGD momentum (0 = plain SGD).
+      unroll: scan unroll factor (full unrolling helps convolutions on CPU).
+    """
+
+    max_steps: int
+    max_batch: int
+    max_count: int
+    num_classes: int
+    per_example: bool = False
+    mixup: bool = False
+    prune: str | None = None
+    prune_scope: str = "layer"
+    momentum: float = 0.0
+    unroll: int = 1
+
+
+class ClientOutput(NamedTuple):
+    """What one client's local training returns.
+
+    Attributes:
+      delta: params_after - params_before (pytree like params); zero for a client with 0 steps.
+      num_examples: float32, the client's data size.
+      loss: float32, mean training loss over the client's active steps.
+      steps: float32, steps actually taken.
+    """
+
+    delta: Params
+    num_examples: jax.Array
+    loss: jax.Array
+    steps: jax.Array
+
+
+def _tree_where(condition: jax.Array, new: Any, old: Any) -> Any:
+    return jax.tree_util.tree_map(lambda a, b: jnp.where(condition, a, b), new, old)
+
+
+def batch_loss(apply_fn: ApplyFn, params: Params, x: jax.Array, targets: jax.Array, mask: jax.Array) -> jax.Array:
+    """Mean soft-label cross-entropy over real examples. x [B, ...], targets [B, K], mask [B] -> scalar."""
+    per_example = soft_cross_entropy(apply_fn(params, x), targets)
+    weights = mask.astype(per_example.dtype)
+    return jnp.sum(per_example * weights) / jnp.maximum(jnp.sum(weights), 1.0)
+
+
+def _per_example_grads(apply_fn: ApplyFn, params: Params, x: jax.Array, targets: jax.Array) -> Params:
+    """Gradients of each example's loss: pytree like params with a leading batch axis [B, ...]."""
+
+    def example_loss(p: Params, xi: jax.Array, ti: jax.Array) -> jax.Array:
+        return soft_cross_entropy(apply_fn(p, xi[None]), ti[None])[0]
+
+    return jax.vmap(jax.grad(example_loss), in_axes=(None, 0, 0))(params, x, targets)
+
+
+def client_update(spec: LocalSpec, apply_fn: ApplyFn, server_params: Params, data_x: jax.Array,
+                  data_y: jax.Array, offset: jax.Array, count: jax.Array, settings: ClientSettings,
+                  key: jax.Array) -> ClientOutput:
+    """Trains one client from the server model.
+
+    Args:
+      spec: static switches and shapes.
+      apply_fn: model function (params, x [B, ...]) -> logits [B, K].
+      server_params: the global model.
+      data_x: [T, ...] the population's flat features (shared, not per client).
+      data_y: [T] int labels.
+      offset: int32 scalar, the client's first example in the flat arrays.
+      count: int32 scalar, the client's number of examples.
+      settings: this client's row of ``ClientSettings`` (scalars).
+      key: the client's PRNG key for this round.
+
+    Returns:
+      ``ClientOutput`` with the model delta.
+    """
+    mask_key, train_key = jax.random.split(key)
+    if spec.prune is None:
+        weight_mask = None
+        start_params = server_params
+    else:
+        if spec.prune == "magnitude":
+            weight_mask = pruning.magnitude_mask(server_params, settings.prune_sparsity, scope=spec.prune_scope)
+        else:
+            weight_mask = pruning.random_mask(mask_key, server_params, settings.prune_sparsity)
+        start_params = pruning.apply_mask(server_params, weight_mask)
+
+    optimizer = optax.sgd(settings.lr, momentum=spec.momentum or None)
+    opt_state = optimizer.init(start_params)
+    expected_batch = jnp.where(settings.poisson, settings.sample_rate * count.astype(jnp.float32),
+                               jnp.minimum(settings.batch_size, count).astype(jnp.float32))
+
+    def step(carry, t):
+        params, opt_state = carry
+        step_key = jax.random.fold_in(train_key, t)
+        sample_key, mix_key, noise_key = jax.random.split(step_key, 3)
+        idx, bmask = sample_batch(sample_key, count, settings.batch_size, settings.sample_rate, settings.poisson,
+                                  max_batch=spec.max_batch, max_count=spec.max_count)
+        active = t < settings.num_steps
+        rows = offset + idx
+        x = jnp.take(data_x, rows, axis=0, mode="clip")
+        targets = jax.nn.one_hot(jnp.take(data_y, rows, axis=0, mode="clip"), spec.num_classes)
+        if spec.mixup:
+            x, targets, _ = mixup_lib.mixup(mix_key, x, targets, bmask, settings.mixup_alpha)
+        loss = batch_loss(apply_fn, params, x, targets, bmask)
+        if spec.per_example:
+            grads = _per_example_grads(apply_fn, params, x, targets)
+            grads = dp.noisy_clipped_mean(grads, bmask, settings.dp_clip_norm, settings.dp_noise_multiplier,
+                                          noise_key, jnp.maximum(expected_batch, 1.0))
+        else:
+            grads = jax.grad(batch_loss, argnums=1)(apply_fn, params, x, targets, bmask)
+        grads = jax.tree_util.tree_map(lambda g, p, p0: g + settings.prox_mu * (p - p0), grads, params, start_params)
+        if weight_mask is not None:
+            grads = pruning.apply_mask(grads, weight_mask)
+        updates, new_opt_state = optimizer.update(grads, opt_state, params)
+        new_params = optax.apply_updates(params, updates)
+        if weight_mask is not None:
+            new_params = pruning.apply_mask(new_params, weight_mask)
+        params, opt_state = _tree_where(active, (new_params, new_opt_state), (params, opt_state))
+        return (params, opt_state), jnp.where(active, loss, 0.0)
+
+    (final_params, _), losses = jax.lax.scan(step, (start_params, opt_state), jnp.arange(spec.max_steps),
+                                             unroll=spec.unroll)
+    delta = jax.tree_util.tree_map(jnp.subtract, final_params, start_params)
+    steps = jnp.minimum(settings.num_steps, spec.max_steps).astype(jnp.float32)
+    return ClientOutput(delta=delta, num_examples=count.astype(jnp.float32),
+                        loss=jnp.sum(losses) / jnp.maximum(steps, 1.0), steps=steps)

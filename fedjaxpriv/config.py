@@ -1,0 +1,313 @@
+"""Experiment configuration: frozen, keyword-only dataclasses validated on construction.
+
+Per-client numeric settings (``PerClient`` fields) accept a scalar (every client the same), a list of tier
+values (client ``i`` gets ``values[i % len(values)]``), or a list with one value per client. They become the
+per-client arrays of ``ClientSettings`` that local training reads, so heterogeneous clients run in one call.
+
+Configs load from YAML/JSON files and dotted overrides (``client.lr=0.05``) via ``from_dict``/``with_overrides``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+from typing import Any, Mapping, Sequence, Union
+
+PerClient = Union[float, int, tuple]
+
+
+def _check(condition: bool, field: str, value: Any, allowed: str) -> None:
+    if not condition:
+        raise ValueError(f"{field}={value!r} is invalid; allowed: {allowed}.")
+
+
+def _check_choice(field: str, value: Any, choices: Sequence[str]) -> None:
+    _check(value in choices, field, value, f"one of {list(choices)}")
+
+
+def _values(value: PerClient) -> tuple[float, ...]:
+    return tuple(value) if isinstance(value, (tuple, list)) else (value,)
+
+
+def _check_per_client(field: str, value: PerClient, low: float, high: float, *, low_open: bool = False,
+                      high_open: bool = False, allowed: str | None = None) -> None:
+    for v in _values(value):
+        ok = isinstance(v, (int, float)) and not isinstance(v, bool) and not math.isnan(v)
+        ok = ok and (v > low if low_open else v >= low) and (v < high if high_open else v <= high)
+        lo, hi = ("(" if low_open else "["), (")" if high_open else "]")
+        _check(ok, field, value, allowed or f"numbers in {lo}{low}, {high}{hi} (scalar or per-client list)")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class DataConfig:
+    """Which data and how it is split into clients."""
+
+    dataset: str = "digits"
+    data_dir: str | None = None
+    download: bool = False
+    partition: str = "dirichlet"
+    num_clients: int = 50
+    dirichlet_alpha: float = 0.5
+    shards_per_client: int = 2
+    quantity_sigma: float = 1.0
+    synthetic_alpha: float = 1.0
+    synthetic_beta: float = 1.0
+    synthetic_max_size: int | None = 2000
+
+    def __post_init__(self) -> None:
+        _check_choice("data.partition", self.partition, ("iid", "dirichlet", "shards", "quantity_skew", "natural"))
+        _check(self.num_clients >= 1, "data.num_clients", self.num_clients, "an integer >= 1")
+        _check(self.dirichlet_alpha > 0, "data.dirichlet_alpha", self.dirichlet_alpha, "a number > 0")
+        _check(self.shards_per_client >= 1, "data.shards_per_client", self.shards_per_client, "an integer >= 1")
+        _check(self.quantity_sigma >= 0, "data.quantity_sigma", self.quantity_sigma, "a number >= 0")
+        _check(self.synthetic_alpha >= 0, "data.synthetic_alpha", self.synthetic_alpha, "a number >= 0")
+        _check(self.synthetic_beta >= 0, "data.synthetic_beta", self.synthetic_beta, "a number >= 0")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ModelConfig:
+    """Which model. ``hidden`` sets the MLP widths."""
+
+    name: str = "mlp"
+    hidden: tuple[int, ...] = (64,)
+
+    def __post_init__(self) -> None:
+        _check(all(int(h) >= 1 for h in self.hidden), "model.hidden", self.hidden, "positive layer widths")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ClientConfig:
+    """Local training. Fields typed ``PerClient`` may differ between clients.
+
+    Attributes:
+      local_steps: optimizer steps per round (0 means the client sends a zero update).
+      batch_size: examples per step (fixed-size sampling) or the expected batch (Poisson sampling).
+      lr: local SGD learning rate.
+      momentum: local SGD momentum (same for all clients).
+      prox_mu: FedProx proximal coefficient (0 = FedAvg).
+      sampling: "fixed" (without replacement, full batches) or "poisson" (each example with rate
+        batch_size / n_i per step, variable batch).
+      mixup_alpha: mixup Beta(alpha, alpha) parameter (0 = off).
+      prune_sparsity: fraction of each prunable layer held at zero during local training, in [0, 1).
+      prune_method / prune_scope: "magnitude" or "random"; "layer" or "global".
+      dp_clip_norm / dp_noise_multiplier: sample-level DP-SGD (per-example clipping and Gaussian noise);
+        noise multiplier 0 and clip norm inf switch it off.
+      target_epsilon: if set, each client's dp_noise_multiplier is calibrated before training so that its
+        sample-level epsilon after ``run.rounds`` rounds is at most this value (needs privacy accounting).
+    """
+
+    local_steps: PerClient = 10
+    batch_size: PerClient = 16
+    lr: PerClient = 0.1
+    momentum: float = 0.0
+    prox_mu: PerClient = 0.0
+    sampling: str = "fixed"
+    mixup_alpha: PerClient = 0.0
+    prune_sparsity: PerClient = 0.0
+    prune_method: str = "magnitude"
+    prune_scope: str = "layer"
+    dp_clip_norm: PerClient = math.inf
+    dp_noise_multiplier: PerClient = 0.0
+    target_epsilon: PerClient | None = None
+
+    def __post_init__(self) -> None:
+        _check_per_client("client.local_steps", self.local_steps, 0, 10**6)
+        _check_per_client("client.batch_size", self.batch_size, 1, 10**6)
+        _check_per_client("client.lr", self.lr, 0, math.inf, low_open=True, high_open=True)
+        _check(0 <= self.momentum < 1, "client.momentum", self.momentum, "a number in [0, 1)")
+        _check_per_client("client.prox_mu", self.prox_mu, 0, math.inf, high_open=True)
+        _check_choice("client.sampling", self.sampling, ("fixed", "poisson"))
+        _check_per_client("client.mixup_alpha", self.mixup_alpha, 0, math.inf, high_open=True)
+        _check_per_client("client.prune_sparsity", self.prune_sparsity, 0, 1, high_open=True)
+        _check_choice("client.prune_method", self.prune_method, ("magnitude", "random"))
+        _check_choice("client.prune_scope", self.prune_scope, ("layer", "global"))
+        _check_per_client("client.dp_clip_norm", self.dp_clip_norm, 0, math.inf, low_open=True)
+        _check_per_client("client.dp_noise_multiplier", self.dp_noise_multiplier, 0, math.inf, high_open=True)
+        if self.target_epsilon is not None:
+            _check_per_client("client.target_epsilon", self.target_epsilon, 0, math.inf, low_open=True,
+                              high_open=True)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ServerConfig:
+    """Client sampling, aggregation and the server optimizer.
+
+    Attributes:
+      algorithm: "fedavg", "fedprox" (needs client.prox_mu > 0) or "fedsgd" (one full-batch gradient step
+        per client; the server applies the averaged gradient with ``lr``).
+      optimizer: "sgd" (FedAvg: lr 1), "momentum" (FedAvgM) or "adam" (FedAdam).
+      clients_per_round: cohort size (uniform) or expected cohort size (Poisson).
+      client_sampling: "uniform" (fixed size, without replacement) or "poisson".
+      weighting: "examples" (by client data size) or "uniform".
+      central_clip_norm / central_noise_multiplier: client-level DP-FedAvg: each update is clipped to the
+        norm and Gaussian noise of std multiplier x clip is added to the sum (uniform weighting, fixed
+        denominator = expected cohort size).
+    """
+
+    algorithm: str = "fedavg"
+    optimizer: str = "sgd"
+    lr: float = 1.0
+    momentum: float = 0.9
+    adam_b1: float = 0.9
+    adam_b2: float = 0.99
+    adam_eps: float = 1e-3
+    clients_per_round: int = 10
+    client_sampling: str = "uniform"
+    weighting: str = "examples"
+    central_clip_norm: float = math.inf
+    central_noise_multiplier: float = 0.0
+
+    def __post_init__(self) -> None:
+        _check_choice("server.algorithm", self.algorithm, ("fedavg", "fedprox", "fedsgd"))
+        _check_choice("server.optimizer", self.optimizer, ("sgd", "momentum", "adam"))
+        _check(self.lr > 0, "server.lr", self.lr, "a number > 0")
+        _check(0 <= self.momentum < 1, "server.momentum", self.momentum, "a number in [0, 1)")
+        _check(self.clients_per_round >= 1, "server.clients_per_round", self.clients_per_round, "an integer >= 1")
+        _check_choice("server.client_sampling", self.client_sampling, ("uniform", "poisson"))
+        _check_choice("server.weighting", self.weighting, ("examples", "uniform"))
+        _check(self.central_clip_norm > 0, "server.central_clip_norm", self.central_clip_norm, "a number > 0")
+        _check(self.central_noise_multiplier >= 0, "server.central_noise_multiplier",
+               self.central_noise_multiplier, "a number >= 0")
+        _check(self.central_noise_multiplier == 0 or math.isfinite(self.central_clip_norm),
+               "server.central_clip_norm", self.central_clip_norm,
+               "a finite clip norm whenever server.central_noise_multiplier > 0")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class RunConfig:
+    """How the simulation runs.
+
+    Attributes:
+      rounds: number of federated rounds.
+      seed: root seed; every random draw derives from it.
+      eval_every: evaluate the global model every this many rounds (and at the last round).
+      chunk_size: clients trained at once per device; bounds memory at O(chunk x params). 0 = automatic.
+      strategy: "auto", "vmap" (vectorize each chunk) or "loop" (one client at a time inside the compiled
+        round; fastest for convnets on CPU).
+      checkpoint_every: save a resumable checkpoint every this many rounds (0 = only at the end).
+      delta: target delta for privacy accounting.
+    """
+
+    rounds: int = 20
+    seed: int = 0
+    eval_every: int = 1
+    chunk_size: int = 0
+    strategy: str = "auto"
+    checkpoint_every: int = 10
+    delta: float = 1e-5
+
+    def __post_init__(self) -> None:
+        _check(self.rounds >= 1, "run.rounds", self.rounds, "an integer >= 1")
+        _check(self.eval_every >= 1, "run.eval_every", self.eval_every, "an integer >= 1")
+        _check(self.chunk_size >= 0, "run.chunk_size", self.chunk_size, "an integer >= 0")
+        _check_choice("run.strategy", self.strategy, ("auto", "vmap", "loop"))
+        _check(self.checkpoint_every >= 0, "run.checkpoint_every", self.checkpoint_every, "an integer >= 0")
+        _check(0 < self.delta < 1, "run.delta", self.delta, "a number in (0, 1)")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ExperimentConfig:
+    """A whole experiment: the same object drives notebooks, the CLI and sweeps."""
+
+    name: str = "default"
+    data: DataConfig = DataConfig()
+    model: ModelConfig = ModelConfig()
+    client: ClientConfig = ClientConfig()
+    server: ServerConfig = ServerConfig()
+    run: RunConfig = RunConfig()
+
+    def __post_init__(self) -> None:
+        if self.server.algorithm == "fedprox":
+            _check(any(v > 0 for v in _values(self.client.prox_mu)), "client.prox_mu", self.client.prox_mu,
+                   "a value > 0 when server.algorithm='fedprox'")
+        if self.server.client_sampling == "uniform":
+            _check(self.server.clients_per_round <= self.data.num_clients, "server.clients_per_round",
+                   self.server.clients_per_round, f"at most data.num_clients={self.data.num_clients}")
+        for section in (self.client,):
+            for f in dataclasses.fields(section):
+                value = getattr(section, f.name)
+                if isinstance(value, tuple) and len(value) not in (1, self.data.num_clients) and len(value) > 16:
+                    raise ValueError(f"client.{f.name} has {len(value)} values; give a scalar, up to 16 tier "
+                                     f"values, or exactly data.num_clients={self.data.num_clients} values.")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def config_hash(self) -> str:
+        """A short stable hash of the configuration (for result stores and run directories)."""
+        text = json.dumps(self.to_dict(), sort_keys=True, default=str)
+        return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+_SECTIONS = {"data": DataConfig, "model": ModelConfig, "client": ClientConfig, "server": ServerConfig,
+             "run": RunConfig}
+
+
+def _coerce(value: Any, current: Any) -> Any:
+    """Converts YAML/CLI values to the type of the current field value (lists become tuples)."""
+    if isinstance(value, list):
+        return tuple(value)
+    if isinstance(current, bool) and isinstance(value, str):
+        return value.lower() in ("1", "true", "yes", "on")
+    if isinstance(current, float) and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    return value
+
+
+def from_dict(raw: Mapping[str, Any], base: ExperimentConfig | None = None) -> ExperimentConfig:
+    """Builds a config from a nested mapping (as read from YAML/JSON), on top of ``base`` (the defaults)."""
+    base = base or ExperimentConfig()
+    unknown = set(raw) - set(_SECTIONS) - {"name"}
+    if unknown:
+        raise ValueError(f"unknown config section(s) {sorted(unknown)}; allowed: {['name', *_SECTIONS]}.")
+    sections = {}
+    for key, cls in _SECTIONS.items():
+        current = getattr(base, key)
+        given = raw.get(key) or {}
+        if not isinstance(given, Mapping):
+            raise ValueError(f"config section {key!r} must be a mapping, got {given!r}.")
+        names = {f.name for f in dataclasses.fields(cls)}
+        bad = set(given) - names
+        if bad:
+            raise ValueError(f"unknown field(s) {sorted(f'{key}.{b}' for b in bad)}; allowed: "
+                             f"{sorted(f'{key}.{n}' for n in names)}.")
+        updates = {k: _coerce(v, getattr(current, k)) for k, v in given.items()}
+        sections[key] = dataclasses.replace(current, **updates)
+    return ExperimentConfig(name=raw.get("name", base.name), **sections)
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """Parses ``section.field=value``; the value is read as YAML (numbers, lists, null, strings)."""
+    import yaml
+
+    if "=" not in text:
+        raise ValueError(f"override {text!r} must look like section.field=value.")
+    key, value = text.split("=", 1)
+    return key.strip().split("."), yaml.safe_load(value)
+
+
+def with_overrides(config: ExperimentConfig, overrides: Sequence[str]) -> ExperimentConfig:
+    """Applies dotted ``section.field=value`` overrides to a config."""
+    raw: dict[str, Any] = {}
+    for text in overrides:
+        path, value = parse_override(text)
+        if path == ["name"]:
+            raw["name"] = value
+            continue
+        if len(path) != 2:
+            raise ValueError(f"override key {'.'.join(path)!r} must be section.field (e.g. client.lr).")
+        raw.setdefault(path[0], {})[path[1]] = value
+    return from_dict(raw, base=config)
+
+
+def load_config(path: str, overrides: Sequence[str] = ()) -> ExperimentConfig:
+    """Reads a YAML or JSON config file and applies overrides."""
+    import yaml
+
+    with open(path) as f:
+        raw = yaml.safe_load(f) or {}
+    if not isinstance(raw, Mapping):
+        raise ValueError(f"config file {path!r} must hold a mapping at top level.")
+    return with_overrides(from_dict(raw), overrides)

@@ -1,0 +1,259 @@
+"""Experiment: config -> parts -> rounds -> results. The same object serves notebooks, the CLI and sweeps.
+
+    exp = Experiment(ExperimentConfig(...))      # validates, loads data, builds the compiled round
+    results = exp.run(out_dir="runs/a")          # resumes from runs/a if a checkpoint is there
+    results.history[-1]["test_accuracy"]
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import dataclasses
+import json
+import math
+import os
+import time
+from typing import Any, Callable, Iterable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from fedjaxpriv import evaluation
+from fedjaxpriv.client.local import LocalSpec
+from fedjaxpriv.client.sampling import poisson_max_batch
+from fedjaxpriv.client.settings import ClientSettings, make_settings
+from fedjaxpriv.config import ExperimentConfig
+from fedjaxpriv.data import Dataset, FederatedData, load_dataset, partition, synthetic_federated
+from fedjaxpriv.models import Model, count_params, get_model
+from fedjaxpriv.parallel import auto_chunk_size, auto_strategy, make_mesh, replicate
+from fedjaxpriv.server import max_cohort_size, sample_cohort, server_optimizer
+from fedjaxpriv.simulation import AggregationSpec, Population, RoundOutput, ServerState, build_round, init_server_state
+
+Record = dict[str, Any]
+Callback = Callable[["Experiment", Record], None]
+
+
+@dataclasses.dataclass
+class Results:
+    """What a run returns.
+
+    Attributes:
+      config: the experiment configuration.
+      history: one record per finished round (dicts of floats/ints; evaluation keys on evaluated rounds).
+      params: final global model parameters.
+      out_dir: where history.jsonl/history.csv/config.json were written (None if not written).
+    """
+
+    config: ExperimentConfig
+    history: list[Record]
+    params: Any
+    out_dir: str | None = None
+
+    def final(self, key: str) -> float:
+        """The last recorded value of a metric."""
+        for record in reversed(self.history):
+            if key in record:
+                return record[key]
+        raise KeyError(f"metric {key!r} was never recorded; recorded: {sorted(self.history[-1])}.")
+
+
+def load_population(config: ExperimentConfig) -> tuple[FederatedData, Dataset, int]:
+    """Loads and partitions the data: (population, central test set, num_classes)."""
+    data = config.data
+    if data.dataset == "synthetic":
+        population, test = synthetic_federated(config.run.seed, num_clients=data.num_clients,
+                                               alpha=data.synthetic_alpha, beta=data.synthetic_beta,
+                                               max_size=data.synthetic_max_size)
+        return population, test, int(max(population.y.max(), test.y.max())) + 1 if population.num_examples else 10
+    train, test, info = load_dataset(data.dataset, data_dir=data.data_dir, download=data.download)
+    kwargs: dict[str, Any] = {}
+    if data.partition == "dirichlet":
+        kwargs["alpha"] = data.dirichlet_alpha
+    elif data.partition == "shards":
+        kwargs["shards_per_client"] = data.shards_per_client
+    elif data.partition == "quantity_skew":
+        kwargs["sigma"] = data.quantity_sigma
+    population = partition(train, data.partition, data.num_clients, config.run.seed, **kwargs)
+    return population, test, info.num_classes
+
+
+def client_settings(config: ExperimentConfig, counts: np.ndarray) -> ClientSettings:
+    """Per-client settings arrays [C] from the config (FedSGD: one full-batch step with lr 1)."""
+    c = config.client
+    fields: dict[str, Any] = dict(
+        num_steps=c.local_steps, batch_size=c.batch_size, lr=c.lr, prox_mu=c.prox_mu,
+        poisson=c.sampling == "poisson", mixup_alpha=c.mixup_alpha, prune_sparsity=c.prune_sparsity,
+        dp_clip_norm=c.dp_clip_norm, dp_noise_multiplier=c.dp_noise_multiplier)
+    if config.server.algorithm == "fedsgd":
+        fields.update(num_steps=1, batch_size=max(1, int(np.max(counts))), lr=1.0, poisson=False)
+    return make_settings(len(counts), counts, **fields)
+
+
+def local_spec(config: ExperimentConfig, settings: ClientSettings, counts: np.ndarray, num_classes: int,
+               strategy: str) -> LocalSpec:
+    """Static shapes and switches of local training for this population."""
+    max_count = max(1, int(np.max(counts)))
+    max_batch = int(np.max(settings.batch_size))
+    if np.any(settings.poisson):
+        expected = np.where(settings.poisson, settings.sample_rate * counts, settings.batch_size)
+        max_batch = max(max_batch if not np.all(settings.poisson) else 1,
+                        poisson_max_batch(float(np.max(expected)), max_count))
+    c = config.client
+    uses_dp = bool(np.any(settings.dp_noise_multiplier > 0) or np.any(np.isfinite(settings.dp_clip_norm)))
+    return LocalSpec(
+        max_steps=max(1, int(np.max(settings.num_steps))), max_batch=min(max_batch, max_count), max_count=max_count,
+        num_classes=num_classes, per_example=uses_dp, mixup=bool(np.any(settings.mixup_alpha > 0)),
+        prune=c.prune_method if np.any(settings.prune_sparsity > 0) else None, prune_scope=c.prune_scope,
+        momentum=c.momentum, unroll=1)
+
+
+class Experiment:
+    """Builds every part of an experiment from its config and runs the rounds.
+
+    Attributes:
+      config: the validated configuration.
+      population: the clients' data (``FederatedData``).
+      test: the central test set.
+      model: the pure model.
+      settings: per-client settings arrays [C].
+      spec: static local-training spec.
+    """
+
+    def __init__(self, config: ExperimentConfig, *, mesh: jax.sharding.Mesh | None = None,
+                 population: FederatedData | None = None, test: Dataset | None = None,
+                 num_classes: int | None = None, settings: ClientSettings | None = None) -> None:
+        self.config = config
+        if population is None:
+            population, test, num_classes = load_population(config)
+        if test is None or num_classes is None:
+            raise ValueError("pass population, test and num_classes together (or none of them).")
+        if population.num_clients != config.data.num_clients:
+            raise ValueError(f"population has {population.num_clients} clients but data.num_clients="
+                             f"{config.data.num_clients}.")
+        self.population, self.test, self.num_classes = population, test, num_classes
+        model_kwargs = {"hidden": tuple(config.model.hidden)} if config.model.name == "mlp" else {}
+        self.model: Model = get_model(config.model.name, population.input_shape, num_classes, **model_kwargs)
+        self.settings = settings if settings is not None else client_settings(config, population.counts)
+        self.strategy = config.run.strategy if config.run.strategy != "auto" else auto_strategy(config.model.name)
+        self.spec = local_spec(config, self.settings, population.counts, num_classes, self.strategy)
+        self.mesh = mesh
+        self.server_tx = server_optimizer(config.server.optimizer, config.server.lr, momentum=config.server.momentum,
+                                          b1=config.server.adam_b1, b2=config.server.adam_b2, eps=config.server.adam_eps)
+        s = config.server
+        self.cohort_slots = max_cohort_size(population.num_clients, s.clients_per_round, s.client_sampling)
+        self.aggregation = AggregationSpec(weighting=s.weighting, central_clip_norm=s.central_clip_norm,
+                                           central_noise_multiplier=s.central_noise_multiplier,
+                                           expected_cohort=float(s.clients_per_round))
+        self.root_key = jax.random.key(config.run.seed)
+        params = self.model.init(jax.random.fold_in(self.root_key, 2**31 - 1))
+        self.num_params = count_params(params)
+        num_devices = 1 if mesh is None else mesh.size
+        chunk = config.run.chunk_size or auto_chunk_size(self.cohort_slots, self.num_params)
+        self.chunk_size = int(math.ceil(chunk / num_devices) * num_devices)
+        self.round_fn = build_round(self.model.apply, self.spec, self.server_tx, self.aggregation,
+                                    chunk_size=self.chunk_size, strategy=self.strategy, mesh=mesh)
+        self.initial_state = init_server_state(params, self.server_tx)
+        self.device_population = replicate(Population(*(jnp.asarray(a) for a in (
+            population.x, population.y, population.offsets, population.counts))), mesh)
+        self.device_settings = replicate(jax.tree_util.tree_map(jnp.asarray, self.settings), mesh)
+
+    # -- one round -------------------------------------------------------------------------------------------
+    def cohort(self, round_index: int):
+        s = self.config.server
+        return sample_cohort(self.config.run.seed, round_index, self.population.num_clients, s.clients_per_round,
+                             s.client_sampling, self.cohort_slots)
+
+    def step(self, state: ServerState, round_index: int) -> tuple[ServerState, Record]:
+        """Runs round ``round_index`` from ``state``; returns the new state and the round's training record."""
+        cohort = self.cohort(round_index)
+        start = time.perf_counter()
+        state, out = self.round_fn(state, self.device_population, self.device_settings, jnp.asarray(cohort.ids),
+                                   jnp.asarray(cohort.mask), self.root_key)
+        out: RoundOutput = jax.tree_util.tree_map(np.asarray, out)
+        elapsed = time.perf_counter() - start
+        real = cohort.mask & (out.weight > 0)
+        n = max(int(real.sum()), 1)
+        record: Record = {
+            "round": round_index + 1,
+            "participants": int(real.sum()),
+            "train_loss": float(np.sum(np.where(real, out.loss, 0.0)) / n),
+            "local_steps_mean": float(np.sum(np.where(real, out.steps, 0.0)) / n),
+            "update_norm_mean": float(np.sum(np.where(real, out.update_norm, 0.0)) / n),
+            "bytes_per_client": float(np.sum(np.where(real, out.bits, 0.0)) / n / 8.0),
+            "bytes_total": float(np.sum(np.where(real, out.bits, 0.0)) / 8.0),
+            "cohort_dropped": cohort.dropped,
+            "round_time_s": elapsed,
+        }
+        return state, record
+
+    def evaluate(self, params: Any) -> Record:
+        """Central test loss/accuracy and the distribution of per-client accuracy."""
+        test = evaluation.evaluate(self.model.apply, params, self.test.x, self.test.y)
+        p = self.population
+        per_client = evaluation.per_client_accuracy(self.model.apply, params, p.x, p.y, p.offsets, p.counts)
+        return {"test_loss": test["loss"], "test_accuracy": test["accuracy"],
+                **evaluation.distribution_summary(per_client, "client_accuracy")}
+
+    # -- the run loop ----------------------------------------------------------------------------------------
+    def run(self, out_dir: str | None = None, *, resume: bool = True, progress: bool = True,
+            callbacks: Sequence[Callback] = (), rounds: int | None = None) -> Results:
+        """Runs (or resumes) the experiment.
+
+        Args:
+          out_dir: directory for config.json, history.jsonl/csv and checkpoints (None: keep in memory).
+          resume: continue from the latest checkpoint in ``out_dir`` if its config matches.
+          progress: show a progress bar with the latest accuracy.
+          callbacks: functions called as ``cb(experiment, record)`` after every round.
+          rounds: stop after this many rounds (default ``config.run.rounds``).
+        """
+        from fedjaxpriv.storage import RunStore
+
+        total = rounds or self.config.run.rounds
+        store = RunStore(out_dir, self.config) if out_dir else None
+        state, history = self.initial_state, []
+        if store is not None and resume:
+            restored = store.restore(self.initial_state)
+            if restored is not None:
+                state, history = restored
+        start_round = int(state.round)
+        bar = _progress(range(start_round, total), progress, initial=start_round, total=total)
+        last_saved = start_round
+        try:
+            for r in bar:
+                state, record = self.step(state, r)
+                if (r + 1) % self.config.run.eval_every == 0 or r + 1 == total:
+                    record.update(self.evaluate(state.params))
+                history.append(record)
+                for callback in callbacks:
+                    callback(self, record)
+                if store is not None:
+                    store.append(record)
+                    every = self.config.run.checkpoint_every
+                    if (every and (r + 1) % every == 0) or r + 1 == total:
+                        store.save(state)
+                        last_saved = r + 1
+                if hasattr(bar, "set_postfix") and "test_accuracy" in record:
+                    bar.set_postfix(acc=f"{record['test_accuracy']:.4f}", loss=f"{record['train_loss']:.3f}")
+        except KeyboardInterrupt:
+            if store is not None and int(state.round) > last_saved:
+                store.save(state)
+            raise
+        finally:
+            if store is not None:
+                store.close()
+        return Results(self.config, history, state.params, out_dir)
+
+
+def _progress(iterable: Iterable[int], enabled: bool, **kwargs: Any):
+    if not enabled:
+        return iterable
+    from tqdm.auto import tqdm
+
+    return tqdm(iterable, desc="rounds", unit="round", **kwargs)
+
+
+def run(config: ExperimentConfig, out_dir: str | None = None, **kwargs: Any) -> Results:
+    """Builds and runs an experiment: ``fedjaxpriv.run(config)``."""
+    return Experiment(config).run(out_dir, **kwargs)

@@ -1,0 +1,20 @@
+"""Server optimizers (Reddi et al. 2021): the averaged client delta is a pseudo-gradient for optax."""
+
+from __future__ import annotations
+
+import optax
+
+
+def server_optimizer(name: str, lr: float, *, momentum: float = 0.9, b1: float = 0.9, b2: float = 0.99,
+                     eps: float = 1e-3) -> optax.GradientTransformation:
+    """FedAvg ("sgd", lr 1 reproduces plain averaging), FedAvgM ("momentum") or FedAdam ("adam").
+
+    The transformation is applied to the pseudo-gradient ``-mean(client deltas)``.
+    """
+    if name == "sgd":
+        return optax.sgd(lr)
+    if name == "momentum":
+        return optax.sgd(lr, momentum=momentum)
+    if name == "adam":
+        return optax.adam(lr, b1=b1, b2=b2, eps=eps)
+    raise ValueError(f"server optimizer {name!r} is unknown; allowed: 'sgd', 'momentum', 'adam'.")

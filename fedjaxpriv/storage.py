@@ -1,0 +1,102 @@
+"""A run directory: config.json, history.jsonl/history.csv and orbax checkpoints of the server state.
+
+Resuming restores the latest checkpoint and keeps the history records of the rounds it covers; rounds
+after it are recomputed (deterministically, since every key derives from the seed and the round).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+from typing import Any
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+from fedjaxpriv.config import ExperimentConfig
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, (np.floating, np.integer)):
+        return value.item()
+    if isinstance(value, float) and not np.isfinite(value):
+        return None if np.isnan(value) else ("inf" if value > 0 else "-inf")
+    return value
+
+
+def read_history(path: str) -> list[dict[str, Any]]:
+    """Reads a history.jsonl file (one record per round)."""
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def write_csv(path: str, records: list[dict[str, Any]]) -> None:
+    """Writes records as CSV with the union of their keys as columns (in first-seen order)."""
+    columns: list[str] = []
+    for record in records:
+        columns.extend(k for k in record if k not in columns)
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(records)
+
+
+class RunStore:
+    """The files of one run. Refuses to resume a directory written by a different config."""
+
+    def __init__(self, out_dir: str, config: ExperimentConfig, max_to_keep: int = 2) -> None:
+        self.out_dir = os.path.abspath(out_dir)
+        os.makedirs(self.out_dir, exist_ok=True)
+        self.config = config
+        config_path = os.path.join(self.out_dir, "config.json")
+        if os.path.exists(config_path):
+            with open(config_path) as f:
+                previous = json.load(f)
+            if previous.get("config_hash") != config.config_hash():
+                raise ValueError(f"{self.out_dir} holds a run of a different config (hash "
+                                 f"{previous.get('config_hash')} != {config.config_hash()}); choose another --out "
+                                 "directory or delete it.")
+        else:
+            with open(config_path, "w") as f:
+                json.dump({"config_hash": config.config_hash(), "config": config.to_dict()}, f, indent=2,
+                          default=str)
+        self.history_path = os.path.join(self.out_dir, "history.jsonl")
+        self.manager = ocp.CheckpointManager(
+            os.path.join(self.out_dir, "checkpoints"),
+            options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
+                                                 enable_async_checkpointing=False))
+
+    def restore(self, template: Any) -> tuple[Any, list[dict[str, Any]]] | None:
+        """(state, history up to the checkpoint) from the latest checkpoint, or None if there is none."""
+        step = self.manager.latest_step()
+        if step is None:
+            if os.path.exists(self.history_path):
+                os.remove(self.history_path)
+            return None
+        abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, template)
+        state = self.manager.restore(step, args=ocp.args.StandardRestore(abstract))
+        history = [r for r in read_history(self.history_path) if r["round"] <= step]
+        with open(self.history_path, "w") as f:
+            for record in history:
+                f.write(json.dumps({k: _jsonable(v) for k, v in record.items()}) + "\n")
+        return state, history
+
+    def append(self, record: dict[str, Any]) -> None:
+        with open(self.history_path, "a") as f:
+            f.write(json.dumps({k: _jsonable(v) for k, v in record.items()}) + "\n")
+            f.flush()
+
+    def save(self, state: Any) -> None:
+        """Checkpoints the server state under its round number (the number of finished rounds)."""
+        self.manager.save(int(state.round), args=ocp.args.StandardSave(state), force=True)
+        self.manager.wait_until_finished()
+
+    def close(self) -> None:
+        self.manager.close()
+        history = read_history(self.history_path)
+        if history:
+            write_csv(os.path.join(self.out_dir, "history.csv"), history)
