@@ -226,14 +226,14 @@ class Experiment:
                 if (r + 1) % self.config.run.eval_every == 0 or r + 1 == total:
                     record.update(self.evaluate(state.params))
                 history.append(record)
-                for callback in callbacks:
-                    callback(self, record)
                 if store is not None:
                     store.append(record)
                     every = self.config.run.checkpoint_every
                     if (every and (r + 1) % every == 0) or r + 1 == total:
                         store.save(state)
                         last_saved = r + 1
+                for callback in callbacks:
+                    callback(self, record)
                 if hasattr(bar, "set_postfix") and "test_accuracy" in record:
                     bar.set_postfix(acc=f"{record['test_accuracy']:.4f}", loss=f"{record['train_loss']:.3f}")
         except KeyboardInterrupt:

@@ -92,7 +92,7 @@ def identity_message(delta: Params, settings: ClientSettings, key: jax.Array) ->
 
 
 def tree_norm(tree: Params) -> jax.Array:
-    return optax.global_norm(tree)
+    return optax.tree.norm(tree)
 
 
 def clip_tree(tree: Params, clip_norm: jax.Array) -> Params:
@@ -115,8 +115,8 @@ def build_round(apply_fn: ApplyFn, spec: LocalSpec, server_tx: optax.GradientTra
     """
     central_dp = aggregation.central_noise_multiplier > 0 or math.isfinite(aggregation.central_clip_norm)
 
-    def one_client(server_params: Params, population: Population, row: dict[str, Any]):
-        client_key = row["key"]
+    def one_client(server_params: Params, population: Population, base_key: jax.Array, row: dict[str, Any]):
+        client_key = jax.random.fold_in(base_key, row["id"])
         train_key, message_key = jax.random.split(client_key)
         out = client_update(spec, apply_fn, server_params, population.x, population.y, row["offset"],
                             row["count"], row["settings"], train_key)
@@ -138,14 +138,14 @@ def build_round(apply_fn: ApplyFn, spec: LocalSpec, server_tx: optax.GradientTra
         round_key = jax.random.fold_in(root_key, state.round)
         base = client_keys_base(round_key)
         rows = {
-            "key": jax.vmap(lambda i: jax.random.fold_in(base, i))(ids),
+            "id": ids,
             "offset": jnp.take(population.offsets, ids),
             "count": jnp.take(population.counts, ids),
             "settings": jax.tree_util.tree_map(lambda a: jnp.take(a, ids, axis=0), settings),
             "mask": mask,
         }
         (weighted_sum, weight_sum), kept = map_clients(
-            lambda row: one_client(state.params, population, row), rows, chunk_size=chunk_size,
+            lambda row: one_client(state.params, population, base, row), rows, chunk_size=chunk_size,
             strategy=strategy, mesh=mesh)
         if central_dp:
             noise_key = jax.random.fold_in(round_key, 1)
@@ -167,4 +167,6 @@ def build_round(apply_fn: ApplyFn, spec: LocalSpec, server_tx: optax.GradientTra
 
 
 def init_server_state(params: Params, server_tx: optax.GradientTransformation) -> ServerState:
+    """A fresh server state holding a copy of ``params`` (the round function donates its state)."""
+    params = jax.tree_util.tree_map(jnp.array, params)
     return ServerState(params=params, opt_state=server_tx.init(params), round=jnp.zeros((), jnp.int32))

@@ -1,0 +1,785 @@
+"""Host-side privacy accounting for DP-SGD clients and DP-FedAvg, built on dp_accounting.
+
+Everything here is NumPy + ``dp_accounting`` and runs on the host between rounds.
+
+Mechanisms accounted:
+
+* **Sample-level DP-SGD inside a client.** Each local step Poisson-samples every
+  example of the client with probability ``q`` and adds Gaussian noise with
+  multiplier ``sigma`` (noise std / per-example clip norm) to the clipped sum.
+  One step is ``PoissonSampledDpEvent(q, GaussianDpEvent(sigma))``; ``T`` steps are
+  its ``T``-fold self composition. The neighbouring relation is add/remove one
+  example (``NeighboringRelation.ADD_OR_REMOVE_ONE``).
+* **Client-level DP-FedAvg.** The server Poisson-samples each client with
+  probability ``p`` per round, clips every update to norm ``C`` and adds Gaussian
+  noise with std ``z * C`` to the sum: the same event with ``(p, z)`` and add/remove
+  one client.
+
+Epsilon conventions:
+
+* ``accountant="rdp"``: ``dp_accounting.rdp.RdpAccountant``. Its RDP -> (eps, delta)
+  conversion (``conversion="improved"``) is the improved bound of Balle et al. 2020
+  ("Hypothesis testing interpretations and Renyi DP", Prop. 12) / Canonne, Kamath,
+  Steinke 2020 (eq. 20): ``eps = min_a rdp(a) + log1p(-1/a) - log(delta * a) / (a - 1)``
+  (together with a KL bound for tiny RDP). ``conversion="classic"`` is Mironov 2017,
+  Prop. 3: ``eps = min_a rdp(a) + log(1/delta) / (a - 1)``, computed from the same
+  RDP curve; it is looser but is what most published DP-SGD figures use.
+* ``accountant="pld"``: ``dp_accounting.pld.PLDAccountant`` (pessimistic
+  discretisation, so the reported epsilon is an upper bound); tighter than RDP.
+
+A noise multiplier of 0 gives ``eps = inf`` (and ``delta = 1``); zero steps give
+``eps = 0``. These are results, not errors.
+
+Published figures reproduced (tests/privacy/test_published.py), all with the
+classic conversion:
+
+* Abadi et al. 2016, q=0.01, sigma=4, 10,000 steps, delta=1e-5: 1.26 with the
+  integer orders of the moments accountant (``MOMENTS_ACCOUNTANT_ORDERS``).
+* TF Privacy MNIST tutorial, q=256/60000, sigma=1.1, 60 epochs
+  (ceil(60 * 60000 / 256) = 14063 steps), delta=1e-5: 3.01 with
+  ``LEGACY_RDP_ORDERS``.
+* Opacus MNIST example, q=240/60000, sigma=1.3, 15 epochs (3750 steps),
+  delta=1e-5: 1.16 with ``LEGACY_RDP_ORDERS``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Optional, Union
+
+import dp_accounting
+import numpy as np
+from dp_accounting import pld as dp_pld
+from dp_accounting import rdp as dp_rdp
+from scipy import stats
+
+ArrayLike = Union[float, int, Sequence[float], np.ndarray]
+
+ACCOUNTANTS = ("rdp", "pld")
+CONVERSIONS = ("improved", "classic")
+
+# RDP orders of TF Privacy's `compute_dp_sgd_privacy` and Opacus' RDP accountant.
+LEGACY_RDP_ORDERS: tuple[float, ...] = tuple(
+    [1 + x / 10.0 for x in range(1, 100)] + list(range(12, 64))
+)
+# Moments accountant of Abadi et al. 2016: moments lambda = 1..32, i.e. RDP orders 2..33.
+MOMENTS_ACCOUNTANT_ORDERS: tuple[float, ...] = tuple(float(a) for a in range(2, 34))
+DEFAULT_RDP_ORDERS: tuple[float, ...] = tuple(
+    float(a) for a in dp_rdp.rdp_privacy_accountant.DEFAULT_RDP_ORDERS
+)
+DEFAULT_PLD_DISCRETIZATION = 1e-4
+
+
+# ----------------------------------------------------------------------------- validation
+
+
+def check_delta(delta: float, name: str = "delta") -> float:
+    """Returns ``delta`` as float; raises ValueError unless 0 < delta < 1."""
+    delta = float(delta)
+    if not 0.0 < delta < 1.0:
+        raise ValueError(f"{name}={delta} is not allowed: it must satisfy 0 < {name} < 1.")
+    return delta
+
+
+def check_epsilon(epsilon: float, name: str = "epsilon") -> float:
+    """Returns ``epsilon`` as float; raises ValueError unless 0 < epsilon < inf."""
+    epsilon = float(epsilon)
+    if not 0.0 < epsilon < math.inf:
+        raise ValueError(f"{name}={epsilon} is not allowed: it must be finite and > 0.")
+    return epsilon
+
+
+def check_kind(accountant: str, conversion: str) -> None:
+    """Raises ValueError for an unknown accountant / conversion or a bad combination."""
+    if accountant not in ACCOUNTANTS:
+        raise ValueError(f"accountant={accountant!r} is not allowed: use one of {ACCOUNTANTS}.")
+    if conversion not in CONVERSIONS:
+        raise ValueError(f"conversion={conversion!r} is not allowed: use one of {CONVERSIONS}.")
+    if accountant == "pld" and conversion != "improved":
+        raise ValueError(
+            f"conversion={conversion!r} is not allowed with accountant='pld': the "
+            "classic conversion applies only to RDP; use conversion='improved'."
+        )
+
+
+def _as_float_array(values: ArrayLike, name: str) -> np.ndarray:
+    array = np.asarray(values, dtype=np.float64)
+    if not np.all(np.isfinite(array)):
+        raise ValueError(f"{name} must be finite; found {array[~np.isfinite(array)][:5]}.")
+    return array
+
+
+def check_sample_rates(sample_rate: ArrayLike, name: str = "sample_rate") -> np.ndarray:
+    """Returns the rates as float64; raises ValueError unless every rate is in (0, 1]."""
+    rates = _as_float_array(sample_rate, name)
+    bad = (rates <= 0.0) | (rates > 1.0)
+    if np.any(bad):
+        raise ValueError(f"{name}={rates[bad][:5]} is not allowed: each rate must be in (0, 1].")
+    return rates
+
+
+def check_noise_multipliers(
+    noise_multiplier: ArrayLike, name: str = "noise_multiplier"
+) -> np.ndarray:
+    """Returns the multipliers as float64; raises ValueError if any is negative."""
+    sigmas = _as_float_array(noise_multiplier, name)
+    if np.any(sigmas < 0.0):
+        raise ValueError(
+            f"{name}={sigmas[sigmas < 0][:5]} is not allowed: noise multipliers must be >= 0 "
+            "(0 means no noise and gives epsilon = inf)."
+        )
+    return sigmas
+
+
+def check_steps(steps: ArrayLike, name: str = "steps") -> np.ndarray:
+    """Returns the step counts as int64; raises ValueError unless all are integers >= 0."""
+    values = _as_float_array(steps, name)
+    if np.any(values < 0) or np.any(values != np.round(values)):
+        bad = (values < 0) | (values != np.round(values))
+        raise ValueError(f"{name}={values[bad][:5]} is not allowed: steps must be integers >= 0.")
+    return values.astype(np.int64)
+
+
+def _broadcast_clients(named: dict[str, np.ndarray]) -> list[np.ndarray]:
+    """Broadcasts per-client arrays (or scalars) to one common 1-D shape [C]."""
+    shapes = {name: np.shape(value) for name, value in named.items()}
+    nonscalar = {name: s for name, s in shapes.items() if s != ()}
+    if len(set(nonscalar.values())) > 1 or any(len(s) != 1 for s in nonscalar.values()):
+        raise ValueError(
+            f"per-client arrays must all be 1-D with the same length [C] (or scalars); "
+            f"found shapes {shapes}."
+        )
+    return [np.asarray(v) for v in np.broadcast_arrays(*named.values())]
+
+
+# ----------------------------------------------------------------------------- mechanisms
+
+
+def dpsgd_event(sample_rate: float, noise_multiplier: float, steps: int) -> dp_accounting.DpEvent:
+    """The DpEvent of ``steps`` Poisson-sampled Gaussian steps (q = 1: plain Gaussian)."""
+    gaussian = dp_accounting.GaussianDpEvent(float(noise_multiplier))
+    step = (
+        gaussian
+        if sample_rate == 1.0
+        else dp_accounting.PoissonSampledDpEvent(float(sample_rate), gaussian)
+    )
+    return dp_accounting.SelfComposedDpEvent(step, int(steps))
+
+
+def _orders(orders: Optional[Sequence[float]]) -> tuple[float, ...]:
+    if orders is None:
+        return DEFAULT_RDP_ORDERS
+    orders = tuple(float(a) for a in orders)
+    if not orders or min(orders) <= 1.0:
+        raise ValueError(f"orders={orders[:5]}... is not allowed: RDP orders must all be > 1.")
+    return orders
+
+
+def rdp_curve(
+    sample_rate: float,
+    noise_multiplier: float,
+    steps: int,
+    orders: Optional[Sequence[float]] = None,
+) -> np.ndarray:
+    """RDP of ``steps`` sampled Gaussian steps at each order, from dp_accounting's RdpAccountant.
+
+    Returns:
+      float64 [len(orders)], in nats; ``inf`` where unbounded.
+    """
+    accountant = dp_rdp.RdpAccountant(list(_orders(orders)))
+    accountant.compose(dpsgd_event(sample_rate, noise_multiplier, steps))
+    return accountant.rdp
+
+
+def rdp_to_epsilon(
+    orders: Sequence[float], rdp: np.ndarray, delta: float, conversion: str = "improved"
+) -> float:
+    """Converts an RDP curve to epsilon at ``delta``.
+
+    ``"improved"`` calls ``dp_accounting.rdp.compute_epsilon`` (Balle et al. 2020 /
+    Canonne et al. 2020); ``"classic"`` is Mironov 2017:
+    ``min_a rdp(a) + log(1/delta) / (a - 1)``.
+    """
+    check_kind("rdp", conversion)
+    delta = check_delta(delta)
+    if conversion == "improved":
+        return float(dp_rdp.compute_epsilon(list(orders), list(rdp), delta)[0])
+    orders_array = np.asarray(orders, dtype=np.float64)
+    with np.errstate(invalid="ignore"):
+        eps = np.asarray(rdp, dtype=np.float64) + math.log(1.0 / delta) / (orders_array - 1.0)
+    return float(max(0.0, np.nanmin(eps)))
+
+
+def rdp_to_delta(
+    orders: Sequence[float], rdp: np.ndarray, epsilon: float, conversion: str = "improved"
+) -> float:
+    """Converts an RDP curve to delta at ``epsilon`` (same conversions as ``rdp_to_epsilon``)."""
+    check_kind("rdp", conversion)
+    epsilon = check_epsilon(epsilon)
+    if conversion == "improved":
+        compute_delta = dp_rdp.rdp_privacy_accountant.compute_delta
+        return float(compute_delta(list(orders), list(rdp), epsilon)[0])
+    orders_array = np.asarray(orders, dtype=np.float64)
+    with np.errstate(invalid="ignore", over="ignore"):
+        log_delta = (orders_array - 1.0) * (np.asarray(rdp, dtype=np.float64) - epsilon)
+    return float(min(1.0, math.exp(np.nanmin(log_delta))))
+
+
+def _pld_accountant(
+    sample_rate: float, noise_multiplier: float, steps: int, discretization: float
+) -> dp_pld.PLDAccountant:
+    accountant = dp_pld.PLDAccountant(value_discretization_interval=discretization)
+    accountant.compose(dpsgd_event(sample_rate, noise_multiplier, steps))
+    return accountant
+
+
+def _validate_mechanism(sample_rate, noise_multiplier, steps):
+    q = float(check_sample_rates(sample_rate))
+    sigma = float(check_noise_multipliers(noise_multiplier))
+    t = int(check_steps(steps))
+    return q, sigma, t
+
+
+def dpsgd_epsilon(
+    sample_rate: float,
+    noise_multiplier: float,
+    steps: int,
+    delta: float,
+    accountant: str = "rdp",
+    *,
+    conversion: str = "improved",
+    amplification: bool = True,
+    orders: Optional[Sequence[float]] = None,
+    pld_discretization: float = DEFAULT_PLD_DISCRETIZATION,
+) -> float:
+    """Epsilon of ``steps`` Poisson-subsampled Gaussian steps (DP-SGD) at ``delta``.
+
+    Args:
+      sample_rate: Poisson sampling rate q in (0, 1] (expected batch / dataset size).
+      noise_multiplier: sigma >= 0, noise std / clip norm; 0 gives ``inf``.
+      steps: number of steps >= 0; 0 gives 0.
+      delta: target delta in (0, 1).
+      accountant: ``"rdp"`` (RdpAccountant) or ``"pld"`` (PLDAccountant).
+      conversion: RDP -> DP conversion, ``"improved"`` (what RdpAccountant uses:
+        Balle et al. 2020 / Canonne et al. 2020) or ``"classic"`` (Mironov 2017,
+        ``min_a rdp(a) + log(1/delta)/(a-1)``); only ``"improved"`` for PLD.
+      amplification: if False, every step is treated as touching the whole data
+        set (q = 1): the same noise without amplification by subsampling.
+      orders: RDP orders (default dp_accounting's); see ``LEGACY_RDP_ORDERS`` and
+        ``MOMENTS_ACCOUNTANT_ORDERS`` for published figures.
+      pld_discretization: PLD value discretisation interval (pessimistic).
+
+    Returns:
+      epsilon (nats), an upper bound for add/remove-one-example neighbours.
+    """
+    check_kind(accountant, conversion)
+    delta = check_delta(delta)
+    q, sigma, t = _validate_mechanism(sample_rate, noise_multiplier, steps)
+    return _epsilon(
+        1.0 if not amplification else q, sigma, t, delta, accountant, conversion,
+        _orders(orders), pld_discretization,
+    )
+
+
+def _epsilon(
+    q: float,
+    sigma: float,
+    steps: int,
+    delta: float,
+    accountant: str,
+    conversion: str,
+    orders: tuple[float, ...],
+    pld_discretization: float,
+    one_step_rdp: Optional[np.ndarray] = None,
+) -> float:
+    """Epsilon of an already validated mechanism; ``one_step_rdp`` may be passed in from a cache."""
+    if steps == 0:
+        return 0.0
+    if sigma == 0.0:
+        return math.inf
+    if accountant == "pld":
+        return float(_pld_accountant(q, sigma, steps, pld_discretization).get_epsilon(delta))
+    if one_step_rdp is None:
+        one_step_rdp = rdp_curve(q, sigma, 1, orders)
+    # RdpAccountant composes `count` events as `rdp += count * rdp_one_step`: identical.
+    return rdp_to_epsilon(orders, steps * one_step_rdp, delta, conversion)
+
+
+def dpsgd_delta(
+    sample_rate: float,
+    noise_multiplier: float,
+    steps: int,
+    epsilon: float,
+    accountant: str = "rdp",
+    *,
+    conversion: str = "improved",
+    amplification: bool = True,
+    orders: Optional[Sequence[float]] = None,
+    pld_discretization: float = DEFAULT_PLD_DISCRETIZATION,
+) -> float:
+    """Delta of ``steps`` Poisson-subsampled Gaussian steps at ``epsilon`` > 0.
+
+    Arguments as in ``dpsgd_epsilon``. Returns delta in [0, 1]; 1 when sigma = 0,
+    0 when steps = 0.
+    """
+    check_kind(accountant, conversion)
+    epsilon = check_epsilon(epsilon)
+    q, sigma, t = _validate_mechanism(sample_rate, noise_multiplier, steps)
+    q = q if amplification else 1.0
+    if t == 0:
+        return 0.0
+    if sigma == 0.0:
+        return 1.0
+    if accountant == "pld":
+        return float(_pld_accountant(q, sigma, t, pld_discretization).get_delta(epsilon))
+    order_tuple = _orders(orders)
+    return rdp_to_delta(order_tuple, rdp_curve(q, sigma, t, order_tuple), epsilon, conversion)
+
+
+def dpfedavg_epsilon(
+    client_rate: float,
+    noise_multiplier: float,
+    rounds: int,
+    delta: float,
+    accountant: str = "rdp",
+    *,
+    conversion: str = "improved",
+    amplification: bool = True,
+    orders: Optional[Sequence[float]] = None,
+    pld_discretization: float = DEFAULT_PLD_DISCRETIZATION,
+) -> float:
+    """Client-level epsilon of DP-FedAvg (McMahan et al. 2018) for every client.
+
+    Each round the server includes each client independently with probability
+    ``client_rate`` (Poisson; p = expected cohort / population), clips each update
+    to norm C and adds N(0, (z C)^2) to the sum. Neighbours add or remove one
+    client's whole data. The guarantee holds for the released models when the
+    cohort is not revealed to the adversary (trusted server / secure aggregation);
+    ``amplification=False`` gives the guarantee when it is. A fixed-size cohort of
+    K out of N is *not* covered by p = K/N exactly (different neighbouring
+    relation); use Poisson sampling for a rigorous guarantee.
+
+    Args:
+      client_rate: p in (0, 1].
+      noise_multiplier: z >= 0 (noise std / clip norm); 0 gives ``inf``.
+      rounds: number of rounds >= 0.
+      delta: target delta in (0, 1).
+      accountant, conversion, amplification, orders, pld_discretization: as in
+        ``dpsgd_epsilon``.
+
+    Returns:
+      epsilon (nats) that holds for each client of the population.
+    """
+    return dpsgd_epsilon(
+        client_rate, noise_multiplier, rounds, delta, accountant, conversion=conversion,
+        amplification=amplification, orders=orders, pld_discretization=pld_discretization,
+    )
+
+
+class _EpsilonCache:
+    """Memo of epsilon per unique (q, sigma, total steps) for one fixed accounting setup.
+
+    Sound because T steps of the same sampled Gaussian are one homogeneous
+    composition: epsilon depends only on (q, sigma, T). RDP also caches the
+    one-step curve per (q, sigma) and scales it by T.
+    """
+
+    def __init__(
+        self,
+        delta: float,
+        accountant: str,
+        conversion: str,
+        orders: tuple[float, ...],
+        pld_discretization: float,
+    ):
+        self.delta = delta
+        self.accountant = accountant
+        self.conversion = conversion
+        self.orders = orders
+        self.pld_discretization = pld_discretization
+        self._epsilons: dict[tuple[float, float, int], float] = {}
+        self._one_step_rdp: dict[tuple[float, float], np.ndarray] = {}
+
+    def epsilon(self, q: float, sigma: float, steps: int) -> float:
+        key = (q, sigma, steps)
+        if key not in self._epsilons:
+            one_step = None
+            if self.accountant == "rdp" and steps > 0 and sigma > 0:
+                if (q, sigma) not in self._one_step_rdp:
+                    self._one_step_rdp[(q, sigma)] = rdp_curve(q, sigma, 1, self.orders)
+                one_step = self._one_step_rdp[(q, sigma)]
+            self._epsilons[key] = _epsilon(
+                q, sigma, steps, self.delta, self.accountant, self.conversion, self.orders,
+                self.pld_discretization, one_step,
+            )
+        return self._epsilons[key]
+
+    def epsilons(self, q: np.ndarray, sigma: np.ndarray, steps: np.ndarray) -> np.ndarray:
+        """Epsilon per entry of the [C] arrays, computed once per unique (q, sigma, steps)."""
+        group_values, group_ids = mechanism_groups(q, sigma)
+        return self.grouped_epsilons(group_values, group_ids, steps)
+
+    def grouped_epsilons(
+        self, group_values: np.ndarray, group_ids: np.ndarray, steps: np.ndarray
+    ) -> np.ndarray:
+        """Epsilon per client from [G, 2] unique (q, sigma), [C] group ids and [C] steps."""
+        steps = np.asarray(steps, dtype=np.int64)
+        stride = int(steps.max(initial=0)) + 1
+        keys, inverse = np.unique(group_ids * stride + steps, return_inverse=True)
+        values = np.array(
+            [
+                self.epsilon(
+                    float(group_values[key // stride, 0]),
+                    float(group_values[key // stride, 1]),
+                    int(key % stride),
+                )
+                for key in keys
+            ],
+            dtype=np.float64,
+        )
+        return values[np.reshape(inverse, -1)]
+
+
+def mechanism_groups(q: np.ndarray, sigma: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Unique (q, sigma) rows [G, 2] and each client's row index [C] (int64)."""
+    values, inverse = np.unique(np.stack([q, sigma], axis=1), axis=0, return_inverse=True)
+    return values, np.reshape(inverse, -1).astype(np.int64)
+
+
+def dpsgd_epsilons(
+    sample_rates: ArrayLike,
+    noise_multipliers: ArrayLike,
+    steps: ArrayLike,
+    delta: float,
+    accountant: str = "rdp",
+    *,
+    conversion: str = "improved",
+    amplification: bool = True,
+    orders: Optional[Sequence[float]] = None,
+    pld_discretization: float = DEFAULT_PLD_DISCRETIZATION,
+) -> np.ndarray:
+    """``dpsgd_epsilon`` for many clients at once, computed once per unique (q, sigma, steps).
+
+    Args:
+      sample_rates, noise_multipliers, steps: [C] arrays (or scalars, broadcast).
+      Other arguments as in ``dpsgd_epsilon``.
+
+    Returns:
+      float64 [C] epsilons.
+    """
+    check_kind(accountant, conversion)
+    delta = check_delta(delta)
+    q, sigma, t = _broadcast_clients({
+        "sample_rates": check_sample_rates(sample_rates, "sample_rates"),
+        "noise_multipliers": check_noise_multipliers(noise_multipliers, "noise_multipliers"),
+        "steps": check_steps(steps),
+    })
+    if not amplification:
+        q = np.ones_like(q)
+    cache = _EpsilonCache(delta, accountant, conversion, _orders(orders), pld_discretization)
+    return cache.epsilons(q, sigma, t)
+
+
+# ----------------------------------------------------------------------------- per client
+
+
+class ClientPrivacyAccountant:
+    """Sample-level epsilon spent by each client of a simulation, updated once per round.
+
+    Client i runs ``steps_per_round[i]`` DP-SGD steps (Poisson example sampling rate
+    ``sample_rates[i]``, noise multiplier ``noise_multipliers[i]``) in each round it
+    takes part in. Participation is recorded after the fact, so each client's
+    guarantee is the composition of the steps it actually ran (a data-independent
+    choice, valid for adaptive composition); rounds it skipped cost nothing and no
+    amplification by client sampling is claimed (the server sees who took part).
+    Use ``expected_epsilon`` to plan a run with Poisson client sampling.
+
+    Epsilon depends only on (q, sigma, total steps), so it is computed once per
+    unique tuple and memoised: clients in tiers share the work, and 10^5 clients
+    over hundreds of rounds cost a few unique computations per round.
+
+    Attributes:
+      sample_rates, noise_multipliers, steps_per_round: float64/int64 [C].
+      total_steps: int64 [C], DP-SGD steps run so far per client.
+      participations: int64 [C], rounds each client took part in.
+    """
+
+    def __init__(
+        self,
+        sample_rates: ArrayLike,
+        noise_multipliers: ArrayLike,
+        steps_per_round: ArrayLike,
+        delta: float,
+        accountant: str = "rdp",
+        *,
+        conversion: str = "improved",
+        orders: Optional[Sequence[float]] = None,
+        pld_discretization: float = DEFAULT_PLD_DISCRETIZATION,
+        num_clients: Optional[int] = None,
+    ):
+        """Creates the accountant.
+
+        Args:
+          sample_rates: [C] or scalar, q_i in (0, 1].
+          noise_multipliers: [C] or scalar, sigma_i >= 0 (0 gives inf).
+          steps_per_round: [C] or scalar, local DP-SGD steps per round, >= 0.
+          delta: target delta in (0, 1), the same for every client.
+          accountant, conversion, orders, pld_discretization: as in ``dpsgd_epsilon``.
+          num_clients: C, required only when all three per-client values are scalars.
+        """
+        check_kind(accountant, conversion)
+        named = {
+            "sample_rates": check_sample_rates(sample_rates, "sample_rates"),
+            "noise_multipliers": check_noise_multipliers(noise_multipliers, "noise_multipliers"),
+            "steps_per_round": check_steps(steps_per_round, "steps_per_round"),
+        }
+        if num_clients is not None:
+            if int(num_clients) < 1:
+                raise ValueError(f"num_clients={num_clients} is not allowed: it must be >= 1.")
+            named["num_clients"] = np.zeros(int(num_clients))
+        q, sigma, steps = _broadcast_clients(named)[:3]
+        if q.ndim != 1:
+            raise ValueError("give per-client arrays of shape [C] or pass num_clients.")
+        self.sample_rates = q.astype(np.float64)
+        self.noise_multipliers = sigma.astype(np.float64)
+        self.steps_per_round = steps.astype(np.int64)
+        self.delta = check_delta(delta)
+        self.total_steps = np.zeros(q.shape[0], dtype=np.int64)
+        self.participations = np.zeros(q.shape[0], dtype=np.int64)
+        self.rounds = 0
+        self._groups, self._group_ids = mechanism_groups(self.sample_rates, self.noise_multipliers)
+        self._unamplified_groups, self._unamplified_ids = mechanism_groups(
+            np.ones_like(self.sample_rates), self.noise_multipliers
+        )
+        order_tuple = _orders(orders)
+        self._amplified = _EpsilonCache(
+            self.delta, accountant, conversion, order_tuple, pld_discretization
+        )
+        self._unamplified = _EpsilonCache(
+            self.delta, accountant, conversion, order_tuple, pld_discretization
+        )
+
+    @property
+    def num_clients(self) -> int:
+        return int(self.sample_rates.shape[0])
+
+    def participation_mask(self, participation: ArrayLike) -> np.ndarray:
+        """Bool [C] mask from a bool [C] mask or integer client ids (no duplicates)."""
+        array = np.asarray(participation)
+        if array.dtype == np.bool_:
+            if array.shape != (self.num_clients,):
+                raise ValueError(
+                    f"participation mask has shape {array.shape}; expected ({self.num_clients},)."
+                )
+            return array
+        if array.size and not np.issubdtype(array.dtype, np.integer):
+            raise ValueError(
+                f"participation has dtype {array.dtype}; pass a bool [C] mask or integer ids."
+            )
+        ids = array.reshape(-1).astype(np.int64)
+        if ids.size and (ids.min() < 0 or ids.max() >= self.num_clients):
+            bad = ids[(ids < 0) | (ids >= self.num_clients)][:5]
+            raise ValueError(
+                f"participant ids {bad} are not allowed: ids must be in [0, {self.num_clients})."
+            )
+        if np.unique(ids).size != ids.size:
+            raise ValueError(
+                "participant ids contain duplicates; each client takes part once a round."
+            )
+        mask = np.zeros(self.num_clients, dtype=bool)
+        mask[ids] = True
+        return mask
+
+    def record_round(
+        self, participation: ArrayLike, steps: Optional[ArrayLike] = None
+    ) -> None:
+        """Records one round.
+
+        Args:
+          participation: bool [C] mask, or integer ids of the clients that took part.
+          steps: optional int [C] steps actually run this round (default
+            ``steps_per_round``); only participants' entries are used.
+        """
+        mask = self.participation_mask(participation)
+        round_steps = self.steps_per_round
+        if steps is not None:
+            round_steps = check_steps(steps)
+            if round_steps.shape != (self.num_clients,):
+                raise ValueError(
+                    f"steps has shape {round_steps.shape}; expected ({self.num_clients},)."
+                )
+        self.total_steps = self.total_steps + np.where(mask, round_steps, 0)
+        self.participations = self.participations + mask
+        self.rounds += 1
+
+    def epsilons(self, amplification: bool = True) -> np.ndarray:
+        """Epsilon spent so far per client, float64 [C].
+
+        Args:
+          amplification: if False, no amplification by example subsampling (q = 1).
+        """
+        if amplification:
+            return self._amplified.grouped_epsilons(self._groups, self._group_ids, self.total_steps)
+        return self._unamplified.grouped_epsilons(
+            self._unamplified_groups, self._unamplified_ids, self.total_steps
+        )
+
+    def state(self) -> dict[str, np.ndarray]:
+        """Arrays needed to resume (checkpoint): total_steps, participations, rounds."""
+        return {
+            "total_steps": self.total_steps.copy(),
+            "participations": self.participations.copy(),
+            "rounds": np.asarray(self.rounds),
+        }
+
+    def restore(self, state: dict[str, np.ndarray]) -> None:
+        """Restores what ``state`` returned."""
+        total_steps = check_steps(state["total_steps"], "total_steps")
+        if total_steps.shape != (self.num_clients,):
+            raise ValueError(
+                f"total_steps has shape {total_steps.shape}; expected ({self.num_clients},)."
+            )
+        self.total_steps = total_steps
+        self.participations = check_steps(state["participations"], "participations")
+        self.rounds = int(state["rounds"])
+
+
+# ----------------------------------------------------------------------------- planning
+
+
+def participation_bound(client_rate: float, rounds: int, tail_probability: float) -> int:
+    """Smallest n with P[Binomial(rounds, client_rate) > n] <= tail_probability.
+
+    A client sampled with probability ``client_rate`` in each of ``rounds`` rounds
+    takes part in more than n rounds with probability at most ``tail_probability``.
+    """
+    client_rate = float(check_sample_rates(client_rate, "client_rate"))
+    rounds = int(check_steps(rounds, "rounds"))
+    check_delta(tail_probability, "tail_probability")
+    survival = stats.binom.sf(np.arange(rounds + 1), rounds, client_rate)
+    return int(np.argmax(survival <= tail_probability))
+
+
+def _nested_epsilon(
+    p: float,
+    q: float,
+    sigma: float,
+    steps: int,
+    rounds: int,
+    delta: float,
+    accountant: str,
+    orders: tuple[float, ...],
+    pld_discretization: float,
+    inner_epsilons: np.ndarray,
+) -> float:
+    """Epsilon with client sampling hidden: per round, amplify an (eps, delta) profile point.
+
+    A round's mechanism is M = Poisson(p)-subsample of the ``steps``-fold sampled
+    Gaussian. If that inner composition is (e, d)-DP then M is
+    (log(1 + p (e^e - 1)), p d)-DP (Balle, Barthe, Gaboardi 2018, Thm. 8, both
+    add and remove directions). ``rounds`` such rounds compose optimally via the
+    PLD of an (e', d')-DP mechanism (``from_privacy_parameters``). Minimised over
+    the inner epsilon grid; every grid point is a valid bound.
+    """
+    if accountant == "pld":
+        inner = _pld_accountant(q, sigma, steps, pld_discretization)
+        inner_delta_at = inner.get_delta
+    else:
+        curve = rdp_curve(q, sigma, steps, orders)
+        inner_delta_at = lambda eps: rdp_to_delta(orders, curve, eps)  # noqa: E731
+    best = math.inf
+    for inner_eps in inner_epsilons:
+        inner_delta = float(inner_delta_at(float(inner_eps)))
+        round_eps = math.log1p(p * math.expm1(inner_eps))
+        round_delta = p * inner_delta
+        if round_delta * rounds >= delta:
+            continue
+        params = dp_pld.common.DifferentialPrivacyParameters(round_eps, round_delta)
+        discretization = min(pld_discretization * 10, round_eps / 20)
+        round_pld = dp_pld.privacy_loss_distribution.from_privacy_parameters(
+            params, value_discretization_interval=discretization
+        )
+        best = min(best, float(round_pld.self_compose(rounds).get_epsilon_for_delta(delta)))
+    return best
+
+
+def expected_epsilon(
+    client_rate: float,
+    sample_rate: float,
+    noise_multiplier: float,
+    steps_per_round: int,
+    rounds: int,
+    delta: float,
+    accountant: str = "rdp",
+    *,
+    participation_hidden: bool = False,
+    tail_fractions: Sequence[float] = (0.01, 0.1, 0.5),
+    orders: Optional[Sequence[float]] = None,
+    pld_discretization: float = DEFAULT_PLD_DISCRETIZATION,
+) -> float:
+    """Sample-level epsilon for a planned run with Poisson(p) client participation.
+
+    dp_accounting cannot nest subsampling: its RDP and PLD accountants accept a
+    ``PoissonSampledDpEvent`` only around a Gaussian (or, for PLD, Laplace), not
+    around a composition of sampled Gaussians. So this returns the minimum of two
+    sound (epsilon, delta) bounds:
+
+    1. Participation tail bound (always valid, even if the server sees who takes
+       part): split delta = d_tail + d_mech; with probability >= 1 - d_tail the
+       client takes part in at most n = ``participation_bound(p, rounds, d_tail)``
+       rounds; the output distribution is a mixture over participation patterns
+       independent of the data, so it is (eps(n * steps), d_mech + d_tail)-DP.
+       The split is optimised over ``tail_fractions`` of delta.
+    2. If ``participation_hidden`` (only the final model or the aggregate is seen):
+       per round, the inner composition is converted to an (e, d) point of its
+       privacy profile, amplified by Poisson(p) sampling to
+       (log(1 + p (e^e - 1)), p d), and ``rounds`` of those are composed with the
+       optimal (e, d) composition (dp_accounting PLD ``from_privacy_parameters``).
+       Looser than true nested accounting, but never below the truth.
+
+    For client-level DP-FedAvg use ``dpfedavg_epsilon``, where client sampling
+    amplifies a Gaussian and dp_accounting accounts it exactly.
+
+    Args:
+      client_rate: p in (0, 1], per-round participation probability.
+      sample_rate: q in (0, 1], example sampling rate of each local step.
+      noise_multiplier: sigma >= 0.
+      steps_per_round: local steps per participation, >= 0.
+      rounds: planned rounds >= 0.
+      delta: total delta in (0, 1).
+      accountant: ``"rdp"`` or ``"pld"`` for the inner DP-SGD composition.
+      participation_hidden: also use bound 2.
+      tail_fractions: fractions of delta tried for d_tail in bound 1, each in (0, 1).
+      orders, pld_discretization: as in ``dpsgd_epsilon``.
+
+    Returns:
+      epsilon (nats) that holds with total ``delta``.
+    """
+    check_kind(accountant, "improved")
+    delta = check_delta(delta)
+    p = float(check_sample_rates(client_rate, "client_rate"))
+    q, sigma, steps = _validate_mechanism(sample_rate, noise_multiplier, steps_per_round)
+    rounds = int(check_steps(rounds, "rounds"))
+    fractions = np.asarray(tail_fractions, dtype=np.float64)
+    if fractions.size == 0 or np.any((fractions <= 0) | (fractions >= 1)):
+        raise ValueError(f"tail_fractions={tail_fractions} is not allowed: each must be in (0, 1).")
+    if steps == 0 or rounds == 0:
+        return 0.0
+    if sigma == 0.0:
+        return math.inf
+    order_tuple = _orders(orders)
+    best = math.inf
+    for fraction in fractions:
+        n_max = participation_bound(p, rounds, fraction * delta)
+        best = min(best, _epsilon(
+            q, sigma, n_max * steps, (1.0 - fraction) * delta, accountant, "improved",
+            order_tuple, pld_discretization,
+        ))
+    if participation_hidden and p < 1.0:
+        inner_grid = np.geomspace(0.05, 20.0, 16)
+        best = min(best, _nested_epsilon(
+            p, q, sigma, steps, rounds, delta, accountant, order_tuple, pld_discretization,
+            inner_grid,
+        ))
+    return float(best)

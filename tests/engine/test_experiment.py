@@ -1,0 +1,93 @@
+"""End to end: accuracy on digits, no recompilation, interrupt/resume, config validation, CLI."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+
+from fedjaxpriv.cli import main as cli_main
+from fedjaxpriv.config import ExperimentConfig, from_dict, with_overrides
+from fedjaxpriv.experiment import Experiment
+
+SHORT = {"data": {"num_clients": 20}, "run": {"rounds": 6, "eval_every": 3}, "server": {"clients_per_round": 5}}
+
+
+def test_fedavg_on_digits_reaches_90_percent():
+    config = from_dict({"data": {"num_clients": 30, "partition": "dirichlet", "dirichlet_alpha": 0.5},
+                        "client": {"local_steps": 10, "batch_size": 16, "lr": 0.1},
+                        "server": {"clients_per_round": 10}, "run": {"rounds": 40, "eval_every": 40}})
+    results = Experiment(config).run(progress=False)
+    assert results.final("test_accuracy") >= 0.90
+    assert 0.0 <= results.final("client_accuracy_p10") <= results.final("client_accuracy_p90") <= 1.0
+
+
+def test_rounds_never_recompile():
+    experiment = Experiment(from_dict(SHORT))
+    experiment.run(progress=False)
+    assert experiment.round_fn._cache_size() == 1
+
+
+def test_interrupted_run_resumes_to_the_same_result(tmp_path):
+    config = from_dict({**SHORT, "run": {"rounds": 6, "eval_every": 1, "checkpoint_every": 2}})
+    full = Experiment(config).run(str(tmp_path / "full"), progress=False)
+
+    class Interrupt(Exception):
+        pass
+
+    def stop_after_round_3(_, record):
+        if record["round"] == 3:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        Experiment(config).run(str(tmp_path / "cut"), progress=False, callbacks=[stop_after_round_3])
+    saved = [json.loads(l)["round"] for l in open(tmp_path / "cut" / "history.jsonl")]
+    assert saved == [1, 2, 3]  # the interrupt saved the finished third round although checkpoint_every=2
+    resumed = Experiment(config).run(str(tmp_path / "cut"), progress=False)
+    assert [r["round"] for r in resumed.history] == [1, 2, 3, 4, 5, 6]
+    for a, b in zip(full.history, resumed.history):
+        assert a["test_accuracy"] == pytest.approx(b["test_accuracy"], abs=1e-6)
+    np.testing.assert_allclose(np.asarray(resumed.params["Dense_0"]["kernel"]),
+                               np.asarray(full.params["Dense_0"]["kernel"]), atol=1e-6)
+
+
+@pytest.mark.parametrize("override,field", [
+    ("client.prune_sparsity=1.0", "client.prune_sparsity"),
+    ("client.lr=-0.1", "client.lr"),
+    ("client.lr=[0.1, -2]", "client.lr"),
+    ("server.clients_per_round=500", "server.clients_per_round"),
+    ("data.partition=bogus", "data.partition"),
+    ("run.delta=1.5", "run.delta"),
+    ("client.dp_noise_multiplier=-1", "client.dp_noise_multiplier"),
+    ("client.target_epsilon=0", "client.target_epsilon"),
+    ("server.central_noise_multiplier=1.0", "server.central_clip_norm"),
+    ("client.nonsense=3", "client.nonsense"),
+])
+def test_bad_config_names_the_field(override, field):
+    with pytest.raises(ValueError, match=field.replace(".", r"\.")):
+        with_overrides(ExperimentConfig(), [override])
+
+
+def test_unknown_dataset_fails_before_training():
+    with pytest.raises(ValueError, match="unknown dataset name 'mnist3'"):
+        Experiment(with_overrides(ExperimentConfig(), ["data.dataset=mnist3"]))
+
+
+def test_dp_noise_without_clip_is_rejected():
+    config = with_overrides(ExperimentConfig(), ["client.dp_noise_multiplier=1.0"])
+    with pytest.raises(ValueError, match="dp_clip_norm=inf"):
+        Experiment(config)
+
+
+def test_cli_runs_and_writes_history(tmp_path, capsys):
+    out = tmp_path / "run"
+    code = cli_main(["run", "--quiet", "--out", str(out), "--set", "run.rounds=2", "--set", "data.num_clients=10",
+                     "--set", "server.clients_per_round=4"])
+    assert code == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    lines = (out / "history.csv").read_text().splitlines()
+    assert lines[0].startswith("round,") and len(lines) == 3
+    assert summary["round"] == 2 and 0.0 <= summary["test_accuracy"] <= 1.0
+    code = cli_main(["run", "--quiet", "--out", str(out), "--set", "client.prune_sparsity=2"])
+    assert code == 2
+    assert "client.prune_sparsity=2" in capsys.readouterr().err

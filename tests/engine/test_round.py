@@ -1,0 +1,140 @@
+"""The compiled round: vectorized clients equal a per-client loop; padding and idle clients are no-ops."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from fedjaxpriv.client.local import LocalSpec, client_update
+from fedjaxpriv.client.settings import make_settings
+from fedjaxpriv.models import get_model
+from fedjaxpriv.parallel import make_mesh
+from fedjaxpriv.server import server_optimizer
+from fedjaxpriv.simulation import AggregationSpec, Population, build_round, client_keys_base, init_server_state
+
+
+def _setup(population, info, **overrides):
+    model = get_model("mlp", info.input_shape, info.num_classes, hidden=(32,))
+    counts = population.counts
+    fields = dict(num_steps=[3, 0, 5, 2], batch_size=[8, 4, 16, 5], lr=[0.1, 0.05, 0.2, 0.1],
+                  poisson=[False, True, False, True], mixup_alpha=[0.0, 0.4, 0.0, 1.0],
+                  prune_sparsity=[0.0, 0.5, 0.3, 0.0], dp_clip_norm=[math.inf, 1.0, 0.5, math.inf],
+                  dp_noise_multiplier=[0.0, 1.0, 0.3, 0.0])
+    fields.update(overrides)
+    settings = make_settings(population.num_clients, counts, **fields)
+    spec = LocalSpec(max_steps=5, max_batch=24, max_count=population.max_count, num_classes=info.num_classes,
+                     per_example=True, mixup=True, prune="magnitude")
+    params = model.init(jax.random.key(1))
+    pop = Population(*(jnp.asarray(a) for a in (population.x, population.y, population.offsets, population.counts)))
+    settings = jax.tree_util.tree_map(jnp.asarray, settings)
+    return model, spec, settings, params, pop
+
+
+def _round(model, spec, settings, params, pop, ids, mask, *, chunk_size, strategy="vmap", mesh=None,
+           aggregation=AggregationSpec()):
+    tx = server_optimizer("sgd", 1.0)
+    round_fn = build_round(model.apply, spec, tx, aggregation, chunk_size=chunk_size, strategy=strategy, mesh=mesh)
+    state, out = round_fn(init_server_state(params, tx), pop, settings, jnp.asarray(ids), jnp.asarray(mask),
+                          jax.random.key(7))
+    return state, out
+
+
+def _assert_trees_close(a, b, atol):
+    for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)):
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=atol, rtol=0)
+
+
+def test_vectorized_round_equals_per_client_loop(digits_population):
+    population, _, info = digits_population
+    model, spec, settings, params, pop = _setup(population, info)
+    ids = np.array([0, 1, 2, 3, 5, 6, 7, 9], np.int32)
+    mask = np.ones(ids.shape, bool)
+    state, out = _round(model, spec, settings, params, pop, ids, mask, chunk_size=4)
+
+    # Reference: an explicit Python loop over clients, same keys, weighted mean by example count.
+    base = client_keys_base(jax.random.fold_in(jax.random.key(7), 0))
+    total, weight = None, 0.0
+    for cid in ids:
+        row = jax.tree_util.tree_map(lambda a: a[cid], settings)
+        train_key, _ = jax.random.split(jax.random.fold_in(base, cid))
+        result = jax.jit(client_update, static_argnums=(0, 1))(spec, model.apply, params, pop.x, pop.y,
+                                                               pop.offsets[cid], pop.counts[cid], row, train_key)
+        n = float(population.counts[cid])
+        scaled = jax.tree_util.tree_map(lambda d: n * d, result.delta)
+        total = scaled if total is None else jax.tree_util.tree_map(jnp.add, total, scaled)
+        weight += n
+    expected = jax.tree_util.tree_map(lambda p, t: p + t / weight, params, total)
+    _assert_trees_close(state.params, expected, atol=2e-6)
+    # Clients differ, so the round really moved the model.
+    moved = sum(float(jnp.abs(a - b).sum()) for a, b in zip(jax.tree_util.tree_leaves(state.params),
+                                                          jax.tree_util.tree_leaves(params)))
+    assert moved > 1e-2
+
+
+def test_zero_steps_client_sends_exact_zero(digits_population):
+    population, _, info = digits_population
+    model, spec, settings, params, pop = _setup(population, info)
+    row = jax.tree_util.tree_map(lambda a: a[1], settings)  # client 1 has num_steps=0 but DP noise and mixup on
+    out = client_update(spec, model.apply, params, pop.x, pop.y, pop.offsets[1], pop.counts[1], row,
+                        jax.random.key(3))
+    for leaf in jax.tree_util.tree_leaves(out.delta):
+        assert np.all(np.asarray(leaf) == 0.0)
+    assert float(out.steps) == 0.0
+
+
+def test_padded_cohort_slots_change_nothing(digits_population):
+    population, _, info = digits_population
+    model, spec, settings, params, pop = _setup(population, info)
+    ids = np.array([2, 3, 6], np.int32)
+    exact, _ = _round(model, spec, settings, params, pop, ids, np.ones(3, bool), chunk_size=3)
+    padded_ids = np.array([2, 3, 6, 0, 4, 0, 0], np.int32)
+    padded_mask = np.array([1, 1, 1, 0, 0, 0, 0], bool)
+    padded, out = _round(model, spec, settings, params, pop, padded_ids, padded_mask, chunk_size=2)
+    _assert_trees_close(padded.params, exact.params, atol=1e-6)
+    assert np.all(np.asarray(out.weight)[3:] == 0.0) and np.all(np.asarray(out.bits)[3:] == 0.0)
+
+
+@pytest.mark.parametrize("chunk_size,strategy", [(1, "vmap"), (5, "vmap"), (8, "loop")])
+def test_result_independent_of_chunking_and_strategy(digits_population, chunk_size, strategy):
+    population, _, info = digits_population
+    model, spec, settings, params, pop = _setup(population, info)
+    ids = np.arange(8, dtype=np.int32)
+    mask = np.ones(8, bool)
+    reference, _ = _round(model, spec, settings, params, pop, ids, mask, chunk_size=8)
+    other, _ = _round(model, spec, settings, params, pop, ids, mask, chunk_size=chunk_size, strategy=strategy)
+    _assert_trees_close(other.params, reference.params, atol=1e-6)
+
+
+def test_sharded_over_eight_devices_equals_one_device(digits_population):
+    if jax.device_count() < 8:
+        pytest.skip("needs XLA_FLAGS=--xla_force_host_platform_device_count=8 (set in tests/conftest.py)")
+    population, _, info = digits_population
+    model, spec, settings, params, pop = _setup(population, info)
+    ids = np.arange(12, dtype=np.int32)
+    mask = np.ones(12, bool)
+    single, _ = _round(model, spec, settings, params, pop, ids, mask, chunk_size=8)
+    mesh = make_mesh(8)
+    sharded, out = _round(model, spec, settings, params, pop, ids, mask, chunk_size=8, mesh=mesh)
+    _assert_trees_close(sharded.params, single.params, atol=1e-6)
+    assert len(out.loss.sharding.device_set) == 8
+
+
+def test_central_dp_noise_has_the_configured_std(digits_population):
+    """DP-FedAvg: with every update clipped to zero-length (lr tiny), the new params minus old are pure noise."""
+    population, _, info = digits_population
+    model, spec, settings, params, pop = _setup(population, info, num_steps=0, prune_sparsity=0.0, mixup_alpha=0.0,
+                                                dp_noise_multiplier=0.0, dp_clip_norm=math.inf)
+    aggregation = AggregationSpec(weighting="uniform", central_clip_norm=0.5, central_noise_multiplier=2.0,
+                                  expected_cohort=4.0)
+    ids = np.arange(4, dtype=np.int32)
+    state, _ = _round(model, spec, settings, params, pop, ids, np.ones(4, bool), chunk_size=4, aggregation=aggregation)
+    noise = np.concatenate([np.ravel(np.asarray(a) - np.asarray(b)) for a, b in
+                            zip(jax.tree_util.tree_leaves(state.params), jax.tree_util.tree_leaves(params))])
+    expected_std = 2.0 * 0.5 / 4.0
+    n = noise.size
+    # The sample std of n Gaussians has relative standard error ~ 1/sqrt(2n); allow 6 of them.
+    assert abs(noise.std() / expected_std - 1.0) < 6.0 / math.sqrt(2 * n)
+    assert abs(noise.mean()) < 6.0 * expected_std / math.sqrt(n)

@@ -1,0 +1,270 @@
+"""Tests of host-side DP accounting: published figures, invariants, per-client tracking."""
+
+import math
+
+import numpy as np
+import pytest
+from scipy import optimize, stats
+
+from fedjaxpriv import privacy
+
+DELTA = 1e-5
+
+
+# ----------------------------------------------------------------------------- published figures
+
+
+@pytest.mark.parametrize(
+    "name, sample_rate, sigma, steps, orders, published",
+    [
+        # Abadi et al. 2016 (moments accountant, lambda = 1..32): q=0.01, sigma=4, 10k steps.
+        ("abadi2016", 0.01, 4.0, 10_000, privacy.MOMENTS_ACCOUNTANT_ORDERS, 1.26),
+        # TF Privacy MNIST DP-SGD tutorial: batch 256 of 60000, 60 epochs = ceil(14062.5) steps.
+        ("tf_privacy_mnist", 256 / 60000, 1.1, math.ceil(60 * 60000 / 256),
+         privacy.LEGACY_RDP_ORDERS, 3.01),
+        # Opacus MNIST example: batch 240 of 60000 (rate 0.004), 15 epochs = 3750 steps.
+        ("opacus_mnist", 240 / 60000, 1.3, 15 * 250, privacy.LEGACY_RDP_ORDERS, 1.16),
+    ],
+)
+def test_published_epsilons_with_classic_conversion(
+    name, sample_rate, sigma, steps, orders, published
+):
+    eps = privacy.dpsgd_epsilon(sample_rate, sigma, steps, DELTA, "rdp", conversion="classic",
+                                orders=orders)
+    assert abs(eps - published) < 0.005, (name, eps)
+    # dp_accounting's improved conversion is strictly tighter on the same RDP curve.
+    improved = privacy.dpsgd_epsilon(sample_rate, sigma, steps, DELTA, "rdp", orders=orders)
+    assert improved < eps - 0.1, (name, improved, eps)
+
+
+def test_classic_conversion_matches_formula_on_rdp_curve():
+    orders = np.array(privacy.LEGACY_RDP_ORDERS)
+    curve = privacy.rdp_curve(0.01, 4.0, 10_000, orders)
+    expected = np.min(curve + np.log(1 / DELTA) / (orders - 1))
+    classic = privacy.rdp_to_epsilon(orders, curve, DELTA, "classic")
+    assert classic == pytest.approx(expected, rel=1e-12)
+    # Integer order: RDP of the sampled Gaussian by its binomial expansion (Mironov et al. 2019).
+    alpha = 20
+    k = np.arange(alpha + 1)
+    log_terms = (stats.binom.logpmf(k, alpha, 0.01) + (k * k - k) / (2 * 4.0**2))
+    reference = 10_000 * np.logaddexp.reduce(log_terms) / (alpha - 1)
+    assert curve[list(orders).index(alpha)] == pytest.approx(reference, rel=1e-10)
+
+
+def test_cached_rdp_scaling_equals_dp_accounting_accountant():
+    import dp_accounting
+
+    for q, sigma, steps in [(0.01, 1.0, 1000), (256 / 60000, 1.1, 14063)]:
+        reference = dp_accounting.rdp.RdpAccountant()
+        reference.compose(privacy.dpsgd_event(q, sigma, steps))
+        assert privacy.dpsgd_epsilon(q, sigma, steps, DELTA) == reference.get_epsilon(DELTA)
+
+
+# ----------------------------------------------------------------------------- invariants
+
+
+def _analytic_gaussian_epsilon(effective_sigma: float, delta: float) -> float:
+    """Exact epsilon of one Gaussian mechanism (Balle & Wang 2018), solved with scipy."""
+    s = effective_sigma
+
+    def gap(eps):
+        return (stats.norm.cdf(-eps * s + 1 / (2 * s))
+                - math.exp(eps) * stats.norm.cdf(-eps * s - 1 / (2 * s)) - delta)
+
+    return optimize.brentq(gap, 0.0, 100.0, xtol=1e-12)
+
+
+def test_unamplified_pld_equals_exact_gaussian_composition():
+    # T Gaussian steps without subsampling = one Gaussian with sigma / sqrt(T).
+    sigma, steps = 8.0, 100
+    exact = _analytic_gaussian_epsilon(sigma / math.sqrt(steps), DELTA)
+    pld = privacy.dpsgd_epsilon(0.05, sigma, steps, DELTA, "pld", amplification=False)
+    rdp = privacy.dpsgd_epsilon(0.05, sigma, steps, DELTA, "rdp", amplification=False)
+    assert exact <= pld <= exact * 1.002
+    assert rdp > pld
+    assert privacy.dpsgd_epsilon(1.0, sigma, steps, DELTA, "pld") == pld
+
+
+@pytest.mark.parametrize("q, sigma, steps", [(0.01, 1.0, 1000), (0.1, 2.0, 200), (0.004, 0.8, 500)])
+def test_pld_below_rdp_and_amplified_below_unamplified(q, sigma, steps):
+    rdp = privacy.dpsgd_epsilon(q, sigma, steps, DELTA, "rdp")
+    classic = privacy.dpsgd_epsilon(q, sigma, steps, DELTA, "rdp", conversion="classic")
+    pld = privacy.dpsgd_epsilon(q, sigma, steps, DELTA, "pld", pld_discretization=1e-3)
+    unamplified = privacy.dpsgd_epsilon(q, sigma, steps, DELTA, "rdp", amplification=False)
+    assert pld < rdp < classic < unamplified
+
+
+@pytest.mark.parametrize("accountant", ["rdp", "pld"])
+def test_delta_is_inverse_of_epsilon(accountant):
+    eps = privacy.dpsgd_epsilon(0.02, 1.1, 300, DELTA, accountant, pld_discretization=1e-3)
+    delta_back = privacy.dpsgd_delta(0.02, 1.1, 300, eps, accountant, pld_discretization=1e-3)
+    assert delta_back <= DELTA * 1.0001
+    # Slightly smaller epsilon needs a larger delta.
+    assert privacy.dpsgd_delta(0.02, 1.1, 300, eps * 0.95, accountant,
+                               pld_discretization=1e-3) > DELTA
+    classic_eps = privacy.dpsgd_epsilon(0.02, 1.1, 300, DELTA, conversion="classic")
+    classic_delta = privacy.dpsgd_delta(0.02, 1.1, 300, classic_eps, conversion="classic")
+    assert classic_delta == pytest.approx(DELTA, rel=1e-6)
+
+
+def test_zero_noise_is_infinite_and_zero_steps_is_free():
+    assert privacy.dpsgd_epsilon(0.1, 0.0, 10, DELTA) == math.inf
+    assert privacy.dpsgd_epsilon(0.1, 0.0, 10, DELTA, "pld") == math.inf
+    assert privacy.dpsgd_delta(0.1, 0.0, 10, 1.0) == 1.0
+    assert privacy.dpsgd_epsilon(0.1, 1.0, 0, DELTA) == 0.0
+    assert privacy.dpfedavg_epsilon(0.1, 0.0, 5, DELTA) == math.inf
+
+
+def test_epsilon_monotone_in_steps_noise_and_rate():
+    base = privacy.dpsgd_epsilon(0.01, 1.0, 500, DELTA)
+    assert privacy.dpsgd_epsilon(0.01, 1.0, 1000, DELTA) > base
+    assert privacy.dpsgd_epsilon(0.01, 1.5, 500, DELTA) < base
+    assert privacy.dpsgd_epsilon(0.02, 1.0, 500, DELTA) > base
+
+
+def test_dpfedavg_equals_sampled_gaussian_at_client_level():
+    eps = privacy.dpfedavg_epsilon(100 / 10_000, 1.0, 1000, DELTA, "pld", pld_discretization=1e-3)
+    assert eps == privacy.dpsgd_epsilon(0.01, 1.0, 1000, DELTA, "pld", pld_discretization=1e-3)
+    unamplified = privacy.dpfedavg_epsilon(0.01, 1.0, 1000, DELTA, amplification=False)
+    assert unamplified > 10 * eps
+
+
+@pytest.mark.parametrize(
+    "call, match",
+    [
+        (lambda: privacy.dpsgd_epsilon(0.0, 1.0, 10, DELTA), "sample_rate"),
+        (lambda: privacy.dpsgd_epsilon(1.5, 1.0, 10, DELTA), "sample_rate"),
+        (lambda: privacy.dpsgd_epsilon(0.1, -1.0, 10, DELTA), "noise_multiplier"),
+        (lambda: privacy.dpsgd_epsilon(0.1, 1.0, -1, DELTA), "steps"),
+        (lambda: privacy.dpsgd_epsilon(0.1, 1.0, 2.5, DELTA), "steps"),
+        (lambda: privacy.dpsgd_epsilon(0.1, 1.0, 10, 0.0), "delta"),
+        (lambda: privacy.dpsgd_epsilon(0.1, 1.0, 10, 1.0), "delta"),
+        (lambda: privacy.dpsgd_delta(0.1, 1.0, 10, 0.0), "epsilon"),
+        (lambda: privacy.dpsgd_delta(0.1, 1.0, 10, -2.0), "epsilon"),
+        (lambda: privacy.dpsgd_epsilon(0.1, 1.0, 10, DELTA, "moments"), "accountant"),
+        (lambda: privacy.dpsgd_epsilon(0.1, 1.0, 10, DELTA, "pld", conversion="classic"),
+         "conversion"),
+        (lambda: privacy.dpsgd_epsilons([0.1, 0.2], [1.0, 1.0, 1.0], 5, DELTA), "shapes"),
+        (lambda: privacy.ClientPrivacyAccountant([0.1, 0.2], [1.0], [3, 4, 5], DELTA), "shapes"),
+    ],
+)
+def test_bad_input_raises_value_error_naming_it(call, match):
+    with pytest.raises(ValueError, match=match):
+        call()
+
+
+# ----------------------------------------------------------------------------- per client
+
+
+def _tiered_accountant(num_clients, rng, with_noiseless_tier=False):
+    """Three tiers of (q, sigma, steps); the third tier may be noiseless (sigma = 0)."""
+    tier = rng.integers(0, 3, num_clients)
+    q = np.array([0.01, 0.02, 0.05])[tier]
+    sigma = np.array([1.0, 1.2, 0.0 if with_noiseless_tier else 0.8])[tier]
+    steps = np.array([5, 10, 20])[tier]
+    return privacy.ClientPrivacyAccountant(q, sigma, steps, DELTA), q, sigma, steps
+
+
+def test_client_accountant_equals_direct_epsilon_per_participation_count():
+    rng = np.random.default_rng(0)
+    acc, q, sigma, steps = _tiered_accountant(2000, rng)
+    for _ in range(30):
+        acc.record_round(rng.random(2000) < 0.2)
+    eps = acc.epsilons()
+    unamplified = acc.epsilons(amplification=False)
+    assert acc.participations.min() < acc.participations.max()
+    for i in rng.choice(2000, 12, replace=False):
+        n = int(acc.participations[i])
+        assert eps[i] == privacy.dpsgd_epsilon(q[i], sigma[i], steps[i] * n, DELTA)
+        assert unamplified[i] == privacy.dpsgd_epsilon(q[i], sigma[i], steps[i] * n, DELTA,
+                                                       amplification=False)
+    assert np.all(eps[acc.participations > 0] < unamplified[acc.participations > 0])
+    assert np.all(eps[acc.participations == 0] == 0.0)
+
+
+def test_cached_epsilons_equal_uncached_and_ids_equal_masks():
+    rng = np.random.default_rng(1)
+    num_clients = 60
+    acc_mask, q, sigma, steps = _tiered_accountant(num_clients, rng, with_noiseless_tier=True)
+    acc_ids = privacy.ClientPrivacyAccountant(q, sigma, steps, DELTA)
+    history = []
+    for _ in range(12):
+        mask = rng.random(num_clients) < 0.3
+        acc_mask.record_round(mask)
+        acc_ids.record_round(np.flatnonzero(mask))
+        history.append(acc_mask.epsilons())  # exercises the memo across rounds
+    np.testing.assert_array_equal(acc_mask.total_steps, acc_ids.total_steps)
+    cached = acc_mask.epsilons()
+    uncached = np.array([
+        privacy.dpsgd_epsilon(q[i], sigma[i], acc_mask.total_steps[i], DELTA)
+        for i in range(num_clients)
+    ])
+    np.testing.assert_array_equal(cached, uncached)
+    np.testing.assert_array_equal(acc_ids.epsilons(), uncached)
+    np.testing.assert_array_equal(
+        privacy.dpsgd_epsilons(q, sigma, acc_mask.total_steps, DELTA), uncached)
+    # Zero-noise clients that ran steps are at inf; epsilons never decrease over rounds.
+    ran = acc_mask.total_steps > 0
+    assert np.all(np.isinf(cached[(sigma == 0) & ran]))
+    assert all(np.all(later >= earlier) for earlier, later in zip(history, history[1:]))
+
+
+def test_client_accountant_pld_and_resume():
+    rng = np.random.default_rng(2)
+    q, sigma, steps = np.array([0.05, 0.1]), np.array([1.0, 2.0]), np.array([4, 2])
+    def make():
+        return privacy.ClientPrivacyAccountant(q, sigma, steps, DELTA, "pld",
+                                               pld_discretization=1e-3)
+
+    acc = make()
+    for _ in range(5):
+        acc.record_round(np.array([True, rng.random() < 0.5]))
+    resumed = make()
+    resumed.restore(acc.state())
+    expected = [privacy.dpsgd_epsilon(q[i], sigma[i], acc.total_steps[i], DELTA, "pld",
+                                      pld_discretization=1e-3) for i in range(2)]
+    np.testing.assert_array_equal(acc.epsilons(), expected)
+    np.testing.assert_array_equal(resumed.epsilons(), expected)
+    with pytest.raises(ValueError, match="ids"):
+        acc.record_round(np.array([0, 2]))
+    with pytest.raises(ValueError, match="duplicates"):
+        acc.record_round(np.array([1, 1]))
+    with pytest.raises(ValueError, match="shape"):
+        acc.record_round(np.array([True, False, True]))
+
+
+# ----------------------------------------------------------------------------- planning
+
+
+def test_participation_bound_matches_binomial_tail():
+    n = privacy.participation_bound(0.1, 500, 1e-7)
+    tail = stats.binom.pmf(np.arange(501), 500, 0.1)
+    assert tail[n + 1:].sum() <= 1e-7 < tail[n:].sum()
+    assert privacy.participation_bound(1.0, 40, 1e-9) == 40
+
+
+def test_expected_epsilon_is_between_exact_nested_and_every_round():
+    # One inner step: client sampling p around example sampling q is exactly
+    # Poisson(p * q) sampling, so the exact epsilon is known and must not be undercut.
+    p, q, sigma, rounds = 0.01, 0.5, 1.0, 1000
+    exact = privacy.dpsgd_epsilon(p * q, sigma, rounds, DELTA, "pld", pld_discretization=1e-3)
+    planned = privacy.expected_epsilon(p, q, sigma, 1, rounds, DELTA)
+    assert exact < planned < privacy.dpsgd_epsilon(q, sigma, rounds, DELTA)
+    # Small p, q = 1: the hidden-participation amplification bound is the one that wins.
+    tail_only = privacy.expected_epsilon(0.001, 1.0, 2.0, 1, 1000, DELTA)
+    hidden = privacy.expected_epsilon(0.001, 1.0, 2.0, 1, 1000, DELTA, participation_hidden=True)
+    exact = privacy.dpsgd_epsilon(0.001, 2.0, 1000, DELTA, "pld", pld_discretization=1e-3)
+    assert exact < hidden < tail_only
+    # Certain participation: the plan is the every-round epsilon at a delta spent partly on no tail.
+    full = privacy.expected_epsilon(1.0, 0.02, 1.0, 10, 50, DELTA)
+    assert privacy.dpsgd_epsilon(0.02, 1.0, 500, DELTA) <= full
+    assert full <= privacy.dpsgd_epsilon(0.02, 1.0, 500, 0.5 * DELTA)
+
+
+def test_expected_epsilon_validation():
+    with pytest.raises(ValueError, match="client_rate"):
+        privacy.expected_epsilon(0.0, 0.1, 1.0, 5, 10, DELTA)
+    with pytest.raises(ValueError, match="tail_fractions"):
+        privacy.expected_epsilon(0.1, 0.1, 1.0, 5, 10, DELTA, tail_fractions=(1.0,))
+    assert privacy.expected_epsilon(0.1, 0.1, 0.0, 5, 10, DELTA) == math.inf
+    assert privacy.expected_epsilon(0.1, 0.1, 1.0, 5, 0, DELTA) == 0.0
