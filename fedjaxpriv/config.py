@@ -188,6 +188,7 @@ class RunConfig:
         round; fastest for convnets on CPU).
       checkpoint_every: save a resumable checkpoint every this many rounds (0 = only at the end).
       delta: target delta for privacy accounting.
+      accountant: "rdp" or "pld" (dp_accounting).
     """
 
     rounds: int = 20
@@ -197,8 +198,10 @@ class RunConfig:
     strategy: str = "auto"
     checkpoint_every: int = 10
     delta: float = 1e-5
+    accountant: str = "rdp"
 
     def __post_init__(self) -> None:
+        _check_choice("run.accountant", self.accountant, ("rdp", "pld"))
         _check(self.rounds >= 1, "run.rounds", self.rounds, "an integer >= 1")
         _check(self.eval_every >= 1, "run.eval_every", self.eval_every, "an integer >= 1")
         _check(self.chunk_size >= 0, "run.chunk_size", self.chunk_size, "an integer >= 0")

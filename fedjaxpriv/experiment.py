@@ -23,10 +23,11 @@ import numpy as np
 from fedjaxpriv import evaluation
 from fedjaxpriv.client.local import LocalSpec
 from fedjaxpriv.client.sampling import poisson_max_batch
-from fedjaxpriv.client.settings import ClientSettings, make_settings
+from fedjaxpriv.client.settings import ClientSettings, make_settings, per_client_array
 from fedjaxpriv.config import ExperimentConfig
 from fedjaxpriv.data import Dataset, FederatedData, load_dataset, partition, synthetic_federated
 from fedjaxpriv.models import Model, count_params, get_model
+from fedjaxpriv.privacy.tracking import PrivacyTracker, calibrate_noise_for_targets
 from fedjaxpriv.parallel import auto_chunk_size, auto_strategy, make_mesh, replicate
 from fedjaxpriv.server import max_cohort_size, sample_cohort, server_optimizer
 from fedjaxpriv.simulation import AggregationSpec, Population, RoundOutput, ServerState, build_round, init_server_state
@@ -88,7 +89,23 @@ def client_settings(config: ExperimentConfig, counts: np.ndarray) -> ClientSetti
         dp_clip_norm=c.dp_clip_norm, dp_noise_multiplier=c.dp_noise_multiplier)
     if config.server.algorithm == "fedsgd":
         fields.update(num_steps=1, batch_size=max(1, int(np.max(counts))), lr=1.0, poisson=False)
-    return make_settings(len(counts), counts, **fields)
+    settings = make_settings(len(counts), counts, **fields)
+    if c.target_epsilon is not None:
+        settings = calibrated_settings(config, settings)
+    return settings
+
+
+def calibrated_settings(config: ExperimentConfig, settings: ClientSettings) -> ClientSettings:
+    """Sets each client's DP-SGD noise multiplier from its target epsilon (personalized budgets)."""
+    num_clients = settings.lr.shape[0]
+    if not np.all(np.isfinite(settings.dp_clip_norm)):
+        raise ValueError("client.target_epsilon needs a finite client.dp_clip_norm (DP-SGD clips per example).")
+    targets = per_client_array("target_epsilon", config.client.target_epsilon, num_clients)
+    s = config.server
+    sigmas, _ = calibrate_noise_for_targets(targets, settings.sample_rate, settings.num_steps,
+                                            s.clients_per_round / num_clients, config.run.rounds, config.run.delta,
+                                            config.run.accountant)
+    return settings._replace(dp_noise_multiplier=sigmas.astype(np.float32))
 
 
 def local_spec(config: ExperimentConfig, settings: ClientSettings, counts: np.ndarray, num_classes: int,
@@ -158,6 +175,17 @@ class Experiment:
         self.device_population = replicate(Population(*(jnp.asarray(a) for a in (
             population.x, population.y, population.offsets, population.counts))), mesh)
         self.device_settings = replicate(jax.tree_util.tree_map(jnp.asarray, self.settings), mesh)
+        self.privacy = self.new_privacy_tracker()
+
+    def new_privacy_tracker(self) -> PrivacyTracker:
+        s = self.config.server
+        return PrivacyTracker(num_clients=self.population.num_clients, sample_rates=self.settings.sample_rate,
+                              noise_multipliers=self.settings.dp_noise_multiplier,
+                              steps_per_round=self.settings.num_steps, delta=self.config.run.delta,
+                              accountant=self.config.run.accountant,
+                              central_noise_multiplier=s.central_noise_multiplier,
+                              client_rate=s.clients_per_round / self.population.num_clients,
+                              fixed_cohort=s.client_sampling == "uniform")
 
     # -- one round -------------------------------------------------------------------------------------------
     def cohort(self, round_index: int):
@@ -186,6 +214,9 @@ class Experiment:
             "cohort_dropped": cohort.dropped,
             "round_time_s": elapsed,
         }
+        if self.privacy.active:
+            self.privacy.record_round(cohort.ids[cohort.mask])
+            record.update(self.privacy.summary())
         return state, record
 
     def evaluate(self, params: Any) -> Record:
@@ -218,6 +249,11 @@ class Experiment:
             if restored is not None:
                 state, history = restored
         start_round = int(state.round)
+        self.privacy = self.new_privacy_tracker()
+        if self.privacy.active:  # replay the (seeded) cohorts of the restored rounds
+            for r in range(start_round):
+                cohort = self.cohort(r)
+                self.privacy.record_round(cohort.ids[cohort.mask])
         bar = _progress(range(start_round, total), progress, initial=start_round, total=total)
         last_saved = start_round
         try:
@@ -242,7 +278,7 @@ class Experiment:
             raise
         finally:
             if store is not None:
-                store.close()
+                store.close(self.privacy.per_client())
         return Results(self.config, history, state.params, out_dir)
 
 

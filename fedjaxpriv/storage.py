@@ -95,8 +95,13 @@ class RunStore:
         self.manager.save(int(state.round), args=ocp.args.StandardSave(state), force=True)
         self.manager.wait_until_finished()
 
-    def close(self) -> None:
+    def close(self, per_client: dict[str, np.ndarray] | None = None) -> None:
+        """Finishes the run files: history.csv, and clients.csv with per-client arrays (e.g. epsilons)."""
         self.manager.close()
         history = read_history(self.history_path)
         if history:
             write_csv(os.path.join(self.out_dir, "history.csv"), history)
+        if per_client:
+            num_clients = len(next(iter(per_client.values())))
+            rows = [{"client": i, **{k: _jsonable(v[i]) for k, v in per_client.items()}} for i in range(num_clients)]
+            write_csv(os.path.join(self.out_dir, "clients.csv"), rows)

@@ -44,6 +44,7 @@ classic conversion:
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Sequence
 from typing import Optional, Union
@@ -53,6 +54,17 @@ import numpy as np
 from dp_accounting import pld as dp_pld
 from dp_accounting import rdp as dp_rdp
 from scipy import stats
+
+
+class _DropUnconvergedOrderWarnings(logging.Filter):
+    """dp_accounting logs one warning per fractional RDP order it cannot evaluate for large q and excludes
+    that order (the bound stays valid); a run asks for thousands of such curves, so these lines are dropped."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "_compute_log_a_frac failed to converge" not in record.getMessage()
+
+
+logging.getLogger("absl").addFilter(_DropUnconvergedOrderWarnings())
 
 ArrayLike = Union[float, int, Sequence[float], np.ndarray]
 
@@ -348,6 +360,7 @@ def dpfedavg_epsilon(
     amplification: bool = True,
     orders: Optional[Sequence[float]] = None,
     pld_discretization: float = DEFAULT_PLD_DISCRETIZATION,
+    population: Optional[int] = None,
 ) -> float:
     """Client-level epsilon of DP-FedAvg (McMahan et al. 2018) for every client.
 
@@ -367,10 +380,31 @@ def dpfedavg_epsilon(
       delta: target delta in (0, 1).
       accountant, conversion, amplification, orders, pld_discretization: as in
         ``dpsgd_epsilon``.
+      population: if given, the cohort is a FIXED-size sample of
+        ``round(client_rate * population)`` clients without replacement; accounted
+        with dp_accounting's sampled-without-replacement RDP (Wang et al. 2019)
+        under replace-one neighbours, where replacing a client moves the clipped
+        sum by up to 2C, so the Gaussian's multiplier is z / 2. RDP only.
 
     Returns:
       epsilon (nats) that holds for each client of the population.
     """
+    if population is not None and amplification and noise_multiplier > 0 and rounds > 0:
+        if accountant != "rdp":
+            raise ValueError(f"accountant={accountant!r}: fixed-size cohorts are accounted with 'rdp' only.")
+        cohort = int(round(float(client_rate) * int(population)))
+        if not 1 <= cohort <= int(population):
+            raise ValueError(f"client_rate={client_rate} x population={population} gives cohort {cohort}; "
+                             "it must be in [1, population].")
+        check_delta(delta)
+        event = dp_accounting.SelfComposedDpEvent(
+            dp_accounting.SampledWithoutReplacementDpEvent(
+                int(population), cohort, dp_accounting.GaussianDpEvent(float(noise_multiplier) / 2.0)),
+            int(rounds))
+        rdp_accountant = dp_accounting.rdp.RdpAccountant(
+            orders=list(_orders(orders)), neighboring_relation=dp_accounting.NeighboringRelation.REPLACE_ONE)
+        rdp_accountant.compose(event)
+        return float(rdp_accountant.get_epsilon(delta))
     return dpsgd_epsilon(
         client_rate, noise_multiplier, rounds, delta, accountant, conversion=conversion,
         amplification=amplification, orders=orders, pld_discretization=pld_discretization,

@@ -1,0 +1,216 @@
+"""Attack metrics: reconstruction quality (JAX) and membership-score metrics (NumPy).
+
+Reconstruction metrics (``mse``, ``psnr``, ``ssim``) are pure JAX functions of ONE image pair, so they run
+inside jitted attacks and ``jax.vmap`` over batches and targets. Score metrics (``roc_curve``, ``auc``,
+``roc_auc``, ``tpr_at_fpr``) run on the host over attack scores, where label 1 marks a member (positive) and
+a higher score means "more likely a member".
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from scipy import optimize
+
+SSIM_K1 = 0.01
+SSIM_K2 = 0.03
+
+
+def mse(x: jax.Array, ref: jax.Array) -> jax.Array:
+    """Mean squared error over all elements of two same-shape arrays -> scalar."""
+    return jnp.mean(jnp.square(jnp.asarray(x, jnp.float32) - jnp.asarray(ref, jnp.float32)))
+
+
+def psnr(x: jax.Array, ref: jax.Array, data_range: float = 1.0) -> jax.Array:
+    """Peak signal-to-noise ratio in dB: ``10 log10(data_range^2 / mse)``; +inf for identical inputs.
+
+    Args:
+      x: reconstruction, any shape (one image; ``jax.vmap`` for a batch).
+      ref: reference, same shape as ``x``.
+      data_range: max minus min of the pixel scale (1.0 for images in [0, 1]).
+    """
+    return 10.0 * jnp.log10(data_range**2 / mse(x, ref))
+
+
+def gaussian_window(size: int = 11, sigma: float = 1.5) -> np.ndarray:
+    """Normalized 2-D Gaussian window ``[size, size]`` (odd ``size``), the outer product of 1-D taps."""
+    if size < 1 or size % 2 == 0:
+        raise ValueError(f"window size={size} must be a positive odd integer.")
+    if sigma <= 0:
+        raise ValueError(f"sigma={sigma} must be > 0.")
+    offsets = np.arange(size, dtype=np.float64) - (size - 1) / 2
+    taps = np.exp(-(offsets**2) / (2.0 * sigma**2))
+    taps /= taps.sum()
+    return np.outer(taps, taps)
+
+
+def ssim(
+    x: jax.Array,
+    ref: jax.Array,
+    data_range: float = 1.0,
+    window_size: int = 11,
+    sigma: float = 1.5,
+) -> jax.Array:
+    """Structural similarity (Wang et al. 2004) of one image pair -> scalar in [-1, 1].
+
+    Local statistics use a Gaussian window (``window_size`` taps, std ``sigma`` pixels) over the 'valid'
+    positions only (no padding); per-pixel SSIM
+    ``(2 mu_x mu_y + C1)(2 s_xy + C2) / ((mu_x^2 + mu_y^2 + C1)(s_x^2 + s_y^2 + C2))`` with
+    ``C1 = (0.01 L)^2``, ``C2 = (0.03 L)^2`` (L = ``data_range``) and population (biased) moments, averaged
+    over positions, then over channels. Matches ``skimage.metrics.structural_similarity(...,
+    gaussian_weights=True, use_sample_covariance=False)`` for ``window_size=11``.
+
+    Args:
+      x: reconstruction ``[H, W]`` or ``[H, W, C]``.
+      ref: reference, same shape.
+      data_range: dynamic range L of the pixels.
+      window_size: odd window width, at most min(H, W) (use 7 for small images).
+      sigma: Gaussian std in pixels.
+    """
+    if x.shape != ref.shape:
+        raise ValueError(f"ssim needs equal shapes; got {x.shape} and {ref.shape}.")
+    if x.ndim not in (2, 3):
+        raise ValueError(f"ssim takes one image [H, W] or [H, W, C]; got shape {x.shape}.")
+    if window_size > min(x.shape[0], x.shape[1]):
+        raise ValueError(f"window_size={window_size} exceeds the image size {x.shape[:2]}.")
+    x = jnp.asarray(x, jnp.float32)
+    ref = jnp.asarray(ref, jnp.float32)
+    if x.ndim == 2:
+        x, ref = x[..., None], ref[..., None]
+    channels = x.shape[-1]
+    kernel = jnp.asarray(gaussian_window(window_size, sigma), jnp.float32)
+    kernel = jnp.tile(kernel[:, :, None, None], (1, 1, 1, channels))  # HWIO, depthwise
+
+    def local_mean(image: jax.Array) -> jax.Array:
+        return jax.lax.conv_general_dilated(
+            image[None],
+            kernel,
+            window_strides=(1, 1),
+            padding="VALID",
+            dimension_numbers=("NHWC", "HWIO", "NHWC"),
+            feature_group_count=channels,
+            precision=jax.lax.Precision.HIGHEST,
+        )[0]
+
+    c1 = (SSIM_K1 * data_range) ** 2
+    c2 = (SSIM_K2 * data_range) ** 2
+    mu_x, mu_y = local_mean(x), local_mean(ref)
+    var_x = local_mean(x * x) - mu_x**2
+    var_y = local_mean(ref * ref) - mu_y**2
+    cov_xy = local_mean(x * ref) - mu_x * mu_y
+    numerator = (2 * mu_x * mu_y + c1) * (2 * cov_xy + c2)
+    denominator = (mu_x**2 + mu_y**2 + c1) * (var_x + var_y + c2)
+    return jnp.mean(jnp.mean(numerator / denominator, axis=(0, 1)))
+
+
+def label_accuracy(predicted: jax.Array, true: jax.Array) -> jax.Array:
+    """Fraction of positions where integer labels agree -> scalar in [0, 1]."""
+    return jnp.mean((jnp.asarray(predicted) == jnp.asarray(true)).astype(jnp.float32))
+
+
+def matched_psnr(x_hat: np.ndarray, x: np.ndarray, data_range: float = 1.0) -> np.ndarray:
+    """Per-image PSNR [B] after matching reconstructions to originals (Hungarian, max total PSNR).
+
+    Gradients of a batch are invariant to the order of its examples, so a reconstruction of a batch is
+    compared with the originals under the best one-to-one assignment.
+
+    Args:
+      x_hat: reconstructions ``[B, ...]``.
+      x: originals ``[B, ...]``.
+      data_range: pixel range.
+
+    Returns:
+      PSNR in dB of each original's matched reconstruction, ``[B]``.
+    """
+    x_hat = np.asarray(x_hat, np.float64).reshape(len(x_hat), -1)
+    x = np.asarray(x, np.float64).reshape(len(x), -1)
+    pair_mse = np.mean((x[:, None, :] - x_hat[None, :, :]) ** 2, axis=-1)
+    with np.errstate(divide="ignore"):
+        pair_psnr = 10.0 * np.log10(data_range**2 / pair_mse)
+    rows, cols = optimize.linear_sum_assignment(np.minimum(pair_psnr, 1e6), maximize=True)
+    return pair_psnr[rows, cols]
+
+
+def _validate_scores(scores: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    scores = np.asarray(scores, np.float64).ravel()
+    labels = np.asarray(labels).ravel()
+    if scores.shape != labels.shape:
+        raise ValueError(f"scores {scores.shape} and labels {labels.shape} must have the same length.")
+    if not np.all(np.isfinite(scores)):
+        raise ValueError("scores must be finite.")
+    if not np.all((labels == 0) | (labels == 1)):
+        raise ValueError(f"labels must be 0 or 1; got values {np.unique(labels)[:5]}.")
+    labels = labels.astype(bool)
+    if labels.all() or not labels.any():
+        raise ValueError("labels need at least one positive (1) and one negative (0).")
+    return scores, labels
+
+
+def roc_counts(scores: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """True/false-positive counts of the rule ``score >= threshold`` at every distinct threshold.
+
+    Args:
+      scores: ``[N]`` finite attack scores (higher = member).
+      labels: ``[N]`` 1 for members (positives), 0 for non-members.
+
+    Returns:
+      ``(thresholds [K+1], true_positives [K+1], false_positives [K+1])``; thresholds decrease from +inf
+      (nothing predicted positive) through the K distinct scores (the last predicts everything positive).
+    """
+    scores, labels = _validate_scores(scores, labels)
+    order = np.argsort(-scores, kind="stable")
+    sorted_scores, sorted_labels = scores[order], labels[order]
+    last_of_tie = np.r_[np.nonzero(np.diff(sorted_scores))[0], len(sorted_scores) - 1]
+    true_positives = np.cumsum(sorted_labels)[last_of_tie]
+    false_positives = (last_of_tie + 1) - true_positives
+    thresholds = np.r_[np.inf, sorted_scores[last_of_tie]]
+    return thresholds, np.r_[0, true_positives], np.r_[0, false_positives]
+
+
+def roc_curve(scores: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """ROC curve of ``score >= threshold`` at every distinct threshold.
+
+    Returns:
+      ``(fpr [K+1], tpr [K+1], thresholds [K+1])``, nondecreasing rates from (0, 0) to (1, 1); the same
+      points as ``sklearn.metrics.roc_curve(labels, scores, drop_intermediate=False)``.
+    """
+    thresholds, true_positives, false_positives = roc_counts(scores, labels)
+    return false_positives / false_positives[-1], true_positives / true_positives[-1], thresholds
+
+
+def auc(fpr: np.ndarray, tpr: np.ndarray) -> float:
+    """Area under a curve given by points sorted by ``fpr`` (trapezoidal rule)."""
+    fpr, tpr = np.asarray(fpr, np.float64), np.asarray(tpr, np.float64)
+    if fpr.shape != tpr.shape or fpr.ndim != 1:
+        raise ValueError(f"fpr {fpr.shape} and tpr {tpr.shape} must be equal-length 1-D arrays.")
+    if np.any(np.diff(fpr) < 0):
+        raise ValueError("fpr must be nondecreasing.")
+    return float(np.sum(np.diff(fpr) * (tpr[1:] + tpr[:-1]) / 2.0))
+
+
+def roc_auc(scores: np.ndarray, labels: np.ndarray) -> float:
+    """Area under the ROC curve: P[member score > non-member score] + 0.5 P[tie]."""
+    fpr, tpr, _ = roc_curve(scores, labels)
+    return auc(fpr, tpr)
+
+
+def tpr_at_fpr(scores: np.ndarray, labels: np.ndarray, fpr: float | np.ndarray) -> np.ndarray:
+    """Highest TPR over thresholds whose FPR is at most ``fpr`` (e.g. 1e-3 and 1e-2 for 0.1% and 1%).
+
+    Args:
+      scores: ``[N]`` attack scores.
+      labels: ``[N]`` 1 for members.
+      fpr: scalar or array of target false-positive rates in [0, 1].
+
+    Returns:
+      TPR at each target, same shape as ``fpr``. No interpolation: with fewer than ``1/fpr`` non-members
+      only thresholds with zero false positives qualify.
+    """
+    targets = np.asarray(fpr, np.float64)
+    if np.any((targets < 0) | (targets > 1)):
+        raise ValueError(f"fpr={fpr} must lie in [0, 1].")
+    curve_fpr, curve_tpr, _ = roc_curve(scores, labels)
+    # curve_fpr is nondecreasing and curve_tpr too, so the best point is the last one with fpr <= target.
+    last = np.searchsorted(curve_fpr, targets, side="right") - 1
+    return curve_tpr[last]

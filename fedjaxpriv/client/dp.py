@@ -1,0 +1,159 @@
+"""Sample-level DP-SGD for one client step: per-example clipping, Gaussian noise, adaptive clipping.
+
+All strengths (clip norm, noise multiplier, quantile, ...) are traced scalars, so these functions can be
+``jax.vmap``-ed over clients with different privacy settings.
+
+References:
+  Abadi et al. "Deep Learning with Differential Privacy". CCS 2016.
+  Andrew, Thakkar, McMahan, Ramaswamy. "Differentially Private Learning with Adaptive Clipping".
+  NeurIPS 2021.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+PyTree = Any
+_TINY = 1e-30
+
+
+def per_example_global_norms(per_example_grads: PyTree) -> jax.Array:
+    """L2 norm of each example's gradient over all leaves.
+
+    Args:
+      per_example_grads: pytree whose leaves have a leading batch axis B.
+
+    Returns:
+      norms: [B] float32.
+    """
+    leaves = jax.tree_util.tree_leaves(per_example_grads)
+    squares = [jnp.sum(jnp.square(leaf.reshape(leaf.shape[0], -1).astype(jnp.float32)), axis=1) for leaf in leaves]
+    return jnp.sqrt(sum(squares))
+
+
+def clip_scale(norms: jax.Array, clip_norm: jax.Array | float) -> jax.Array:
+    """Multiplier ``min(1, clip_norm / norm)`` (1 for zero norms and for ``clip_norm = inf``)."""
+    clip_norm = jnp.asarray(clip_norm, jnp.float32)
+    return jnp.where(norms > clip_norm, clip_norm / jnp.maximum(norms, _TINY), 1.0)
+
+
+def clip_per_example(per_example_grads: PyTree, clip_norm: jax.Array | float) -> tuple[PyTree, jax.Array]:
+    """Scales each example's gradient to global L2 norm at most ``clip_norm``.
+
+    Args:
+      per_example_grads: pytree whose leaves have a leading batch axis B.
+      clip_norm: traced scalar; ``inf`` means no clipping.
+
+    Returns:
+      (clipped pytree with the input's structure, norms [B] before clipping).
+    """
+    norms = per_example_global_norms(per_example_grads)
+    scale = clip_scale(norms, clip_norm)
+
+    def rescale(leaf: jax.Array) -> jax.Array:
+        return leaf * scale.reshape((-1,) + (1,) * (leaf.ndim - 1)).astype(leaf.dtype)
+
+    return jax.tree_util.tree_map(rescale, per_example_grads), norms
+
+
+def clipped_sum(per_example_grads: PyTree, mask: jax.Array, clip_norm: jax.Array | float) -> PyTree:
+    """Sum over real examples of the clipped gradients (L2 sensitivity ``clip_norm`` per example).
+
+    Args:
+      per_example_grads: pytree with leading batch axis B.
+      mask: [B] bool, True for real examples.
+      clip_norm: traced scalar clip norm.
+
+    Returns:
+      pytree with the per-example shapes (leading axis summed out).
+    """
+    clipped, _ = clip_per_example(per_example_grads, clip_norm)
+    weights = mask.astype(jnp.float32)
+    return jax.tree_util.tree_map(lambda leaf: jnp.tensordot(weights.astype(leaf.dtype), leaf, axes=1), clipped)
+
+
+def gaussian_noise_like(key: jax.Array, tree: PyTree, std: jax.Array | float) -> PyTree:
+    """Independent N(0, std^2) noise with the structure of ``tree``; leaf i uses ``fold_in(key, i)``."""
+    leaves, treedef = jax.tree_util.tree_flatten(tree)
+    std = jnp.asarray(std, jnp.float32)
+    noise = [
+        (std * jax.random.normal(jax.random.fold_in(key, i), leaf.shape, jnp.float32)).astype(leaf.dtype)
+        for i, leaf in enumerate(leaves)
+    ]
+    return jax.tree_util.tree_unflatten(treedef, noise)
+
+
+def noisy_clipped_mean(
+    per_example_grads: PyTree,
+    mask: jax.Array,
+    clip_norm: jax.Array | float,
+    noise_multiplier: jax.Array | float,
+    key: jax.Array,
+    denominator: jax.Array | float,
+) -> PyTree:
+    """DP-SGD gradient: (sum of clipped real gradients + N(0, (z C)^2 I)) / denominator.
+
+    Args:
+      per_example_grads: pytree with leading batch axis B.
+      mask: [B] bool, True for real (sampled) examples.
+      clip_norm: traced scalar C (``inf`` = no clipping; then use ``noise_multiplier = 0``).
+      noise_multiplier: traced scalar z; ``0`` adds no noise.
+      key: PRNG key for the noise.
+      denominator: traced scalar, e.g. the expected batch size ``q * n`` under Poisson sampling or the
+        number of real examples; ``denominator <= 0`` returns zeros.
+
+    Returns:
+      pytree with the per-example shapes.
+    """
+    total = clipped_sum(per_example_grads, mask, clip_norm)
+    noise_multiplier = jnp.asarray(noise_multiplier, jnp.float32)
+    clip_norm = jnp.asarray(clip_norm, jnp.float32)
+    std = jnp.where(noise_multiplier > 0, noise_multiplier * clip_norm, 0.0)
+    noise = gaussian_noise_like(key, total, std)
+    denominator = jnp.asarray(denominator, jnp.float32)
+    safe_denominator = jnp.where(denominator > 0, denominator, 1.0)
+
+    def finish(s: jax.Array, n: jax.Array) -> jax.Array:
+        return jnp.where(denominator > 0, (s + n) / safe_denominator.astype(s.dtype), jnp.zeros_like(s))
+
+    return jax.tree_util.tree_map(finish, total, noise)
+
+
+def adaptive_clip_update(
+    clip_norm: jax.Array | float,
+    norms: jax.Array,
+    mask: jax.Array,
+    target_quantile: jax.Array | float,
+    learning_rate: jax.Array | float,
+    noise_std: jax.Array | float,
+    key: jax.Array,
+) -> jax.Array:
+    """Geometric update of the clip norm towards a quantile of the norms (Andrew et al. 2021).
+
+    ``b = (#{real i : norm_i <= C} + N(0, noise_std^2)) / max(#real, 1)`` and
+    ``C_new = C * exp(-learning_rate * (b - target_quantile))``: C shrinks when more than the target
+    fraction of norms is below it, and grows otherwise.
+
+    Args:
+      clip_norm: traced scalar C > 0.
+      norms: [B] float32 unclipped per-example norms.
+      mask: [B] bool, True for real examples.
+      target_quantile: traced scalar in [0, 1].
+      learning_rate: traced scalar step size of the geometric update.
+      noise_std: traced scalar std of the Gaussian noise on the count (count units; 0 = no noise).
+      key: PRNG key.
+
+    Returns:
+      the new clip norm, float32 scalar (unchanged when there are no real examples).
+    """
+    clip_norm = jnp.asarray(clip_norm, jnp.float32)
+    real = mask.astype(jnp.float32)
+    num_real = jnp.sum(real)
+    below = jnp.sum(real * (norms <= clip_norm))
+    noise = jnp.asarray(noise_std, jnp.float32) * jax.random.normal(key, (), jnp.float32)
+    fraction_below = (below + noise) / jnp.maximum(num_real, 1.0)
+    step = jnp.asarray(learning_rate, jnp.float32) * (fraction_below - jnp.asarray(target_quantile, jnp.float32))
+    return jnp.where(num_real > 0, clip_norm * jnp.exp(-step), clip_norm)

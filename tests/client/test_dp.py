@@ -1,0 +1,136 @@
+"""Tests for sample-level DP-SGD: clipping, sensitivity, noise scale (KS), adaptive clipping, vmap."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from scipy import stats
+
+from fedjaxpriv.client.dp import adaptive_clip_update, clip_per_example, noisy_clipped_mean
+
+BATCH = 6
+jitted_mean = jax.jit(noisy_clipped_mean)
+
+
+def _grads(key, scale=3.0):
+    k1, k2 = jax.random.split(key)
+    return {
+        "w": scale * jax.random.normal(k1, (BATCH, 4, 3)),
+        "b": scale * jax.random.normal(k2, (BATCH, 3)),
+    }
+
+
+def _flat(tree):
+    return np.concatenate([np.asarray(leaf).reshape(np.shape(leaf)[0], -1) for leaf in jax.tree_util.tree_leaves(tree)], 1)
+
+
+def _tree_flat(tree):
+    return np.concatenate([np.asarray(leaf).ravel() for leaf in jax.tree_util.tree_leaves(tree)])
+
+
+def test_clip_per_example_matches_numpy_reference():
+    grads = _grads(jax.random.key(0))
+    clip = 13.5
+    clipped, norms = clip_per_example(grads, clip)
+    flat = _flat(grads)
+    ref_norms = np.linalg.norm(flat, axis=1)
+    np.testing.assert_allclose(np.asarray(norms), ref_norms, rtol=1e-6)
+    assert (ref_norms > clip).any() and (ref_norms < clip).any()
+    ref = flat * np.minimum(1.0, clip / ref_norms)[:, None]
+    np.testing.assert_allclose(_flat(clipped), ref, rtol=1e-6, atol=1e-7)
+    unclipped, _ = clip_per_example(grads, jnp.inf)
+    np.testing.assert_array_equal(_flat(unclipped), flat)
+    zeros, zero_norms = clip_per_example(jax.tree_util.tree_map(jnp.zeros_like, grads), 1.0)
+    assert np.all(_flat(zeros) == 0) and np.all(np.asarray(zero_norms) == 0)
+
+
+def test_removing_or_replacing_one_example_moves_clipped_sum_within_sensitivity():
+    clip = 1.5
+    mask = jnp.ones(BATCH, bool)
+    worst_remove, worst_replace = 0.0, 0.0
+    for seed in range(10):
+        grads = _grads(jax.random.key(seed), scale=5.0)
+        base = _tree_flat(jitted_mean(grads, mask, clip, 0.0, jax.random.key(0), 1.0))
+        removed = _tree_flat(jitted_mean(grads, mask.at[seed % BATCH].set(False), clip, 0.0, jax.random.key(0), 1.0))
+        other = _grads(jax.random.key(100 + seed), scale=50.0)
+        replaced_grads = jax.tree_util.tree_map(lambda g, o: g.at[seed % BATCH].set(-o[0]), grads, other)
+        replaced = _tree_flat(jitted_mean(replaced_grads, mask, clip, 0.0, jax.random.key(0), 1.0))
+        worst_remove = max(worst_remove, np.linalg.norm(base - removed))
+        worst_replace = max(worst_replace, np.linalg.norm(base - replaced))
+    assert worst_remove <= clip * (1 + 1e-5)
+    assert worst_remove >= 0.99 * clip  # large gradients: the bound is attained
+    assert worst_replace <= 2 * clip * (1 + 1e-5)
+
+
+def test_padded_examples_contribute_nothing_and_zero_noise_is_exact_mean():
+    grads = _grads(jax.random.key(1))
+    mask = jnp.array([True, True, True, False, False, False])
+    huge = jax.tree_util.tree_map(lambda g: g.at[3:].set(1e6), grads)
+    got = noisy_clipped_mean(huge, mask, 2.0, 0.0, jax.random.key(0), 3.0)
+    clipped, _ = clip_per_example(grads, 2.0)
+    want = jax.tree_util.tree_map(lambda g: g[:3].sum(0) / 3.0, clipped)
+    np.testing.assert_allclose(_tree_flat(got), _tree_flat(want), rtol=1e-5, atol=1e-6)
+    zero_denominator = noisy_clipped_mean(grads, mask, 2.0, 1.0, jax.random.key(0), 0.0)
+    assert np.all(_tree_flat(zero_denominator) == 0)
+
+
+def test_noise_std_right_by_ks_and_ten_percent_off_rejected():
+    clip, multiplier, denominator = 2.0, 1.5, 4.0
+    grads = {"w": jnp.zeros((BATCH, 200, 100))}
+    mask = jnp.ones(BATCH, bool)
+    noise = np.asarray(noisy_clipped_mean(grads, mask, clip, multiplier, jax.random.key(7), denominator)["w"]).ravel()
+    sigma = multiplier * clip / denominator
+    assert stats.kstest(noise, stats.norm(0, sigma).cdf).pvalue > 1e-3
+    assert stats.kstest(noise, stats.norm(0, 1.1 * sigma).cdf).pvalue < 1e-6
+    assert stats.kstest(noise, stats.norm(0, sigma / 1.1).cdf).pvalue < 1e-6
+
+
+def test_adaptive_clip_matches_formula_without_noise():
+    norms = jnp.array([0.5, 1.0, 2.0, 3.0, 9.0, 9.0])
+    mask = jnp.array([True, True, True, True, False, False])
+    new = adaptive_clip_update(1.5, norms, mask, 0.7, 0.2, 0.0, jax.random.key(0))
+    # 2 of the 4 real norms are <= 1.5 -> b = 0.5 -> C * exp(-0.2 * (0.5 - 0.7)).
+    np.testing.assert_allclose(float(new), 1.5 * np.exp(0.2 * 0.2), rtol=1e-6)
+    unchanged = adaptive_clip_update(1.5, norms, jnp.zeros(6, bool), 0.7, 0.2, 0.0, jax.random.key(0))
+    assert float(unchanged) == 1.5
+
+
+def test_adaptive_clip_converges_to_target_quantile():
+    def step(clip, key):
+        k_norms, k_noise = jax.random.split(key)
+        norms = jax.random.exponential(k_norms, (512,))
+        return adaptive_clip_update(clip, norms, jnp.ones(512, bool), 0.5, 0.2, 0.0, k_noise), None
+
+    keys = jax.random.split(jax.random.key(3), 600)
+    clip, _ = jax.lax.scan(step, jnp.float32(0.05), keys)
+    assert abs(float(clip) - np.log(2.0)) < 0.1 * np.log(2.0)  # median of Exp(1)
+
+
+def test_adaptive_clip_count_noise_std_by_ks():
+    norms = jnp.linspace(0.1, 2.0, 40)
+    mask = jnp.ones(40, bool)
+    clip, lr, noise_std = 1.0, 0.5, 4.0
+    keys = jax.random.split(jax.random.key(5), 4000)
+    new = jax.jit(jax.vmap(lambda k: adaptive_clip_update(clip, norms, mask, 0.5, lr, noise_std, k)))(keys)
+    base = adaptive_clip_update(clip, norms, mask, 0.5, lr, 0.0, keys[0])
+    log_ratio = np.log(np.asarray(new) / float(base))  # = -lr * noise / n
+    sigma = lr * noise_std / 40
+    assert stats.kstest(log_ratio, stats.norm(0, sigma).cdf).pvalue > 1e-3
+    assert stats.kstest(log_ratio, stats.norm(0, 1.1 * sigma).cdf).pvalue < 1e-4
+
+
+def test_vmap_over_clients_with_different_strengths_equals_loop():
+    clients = 4
+    grads = jax.jit(jax.vmap(_grads))(jax.random.split(jax.random.key(9), clients))
+    masks = jnp.stack([jnp.arange(BATCH) < n for n in (6, 3, 1, 0)])
+    clips = jnp.array([jnp.inf, 1.0, 0.5, 2.0])
+    multipliers = jnp.array([0.0, 1.0, 3.0, 0.5])
+    denominators = jnp.array([6.0, 3.0, 1.0, 2.0])
+    keys = jax.random.split(jax.random.key(10), clients)
+    batched = jax.jit(jax.vmap(noisy_clipped_mean))(grads, masks, clips, multipliers, keys, denominators)
+    for c in range(clients):
+        single = jitted_mean(
+            jax.tree_util.tree_map(lambda g: g[c], grads), masks[c], clips[c], multipliers[c], keys[c], denominators[c]
+        )
+        np.testing.assert_allclose(
+            _tree_flat(jax.tree_util.tree_map(lambda g: g[c], batched)), _tree_flat(single), rtol=1e-5, atol=1e-6
+        )
