@@ -130,6 +130,50 @@ class ClientConfig:
                               high_open=True)
 
 
+MESSAGE_STAGES = ("prune", "topk", "randk", "clip", "noise", "round", "qsgd")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class MessageConfig:
+    """Transforms of the update a client sends, applied in ``order`` (stages that are off for every client are
+    left out of the compiled round). Fields typed ``PerClient`` may differ between clients.
+
+    Attributes:
+      order: stage names from MESSAGE_STAGES, applied first to last.
+      sparsity: "prune": magnitude-prune this fraction of each layer of the update, in [0, 1).
+      topk_fraction / randk_fraction: "topk"/"randk": fraction of coordinates kept, in (0, 1].
+      clip_norm: "clip": L2 clip of the update (inf = off).
+      local_noise_multiplier: "noise": local DP Gaussian noise, std = multiplier x clip_norm.
+      quant_bits: "round": unbiased stochastic rounding to 2^bits levels per tensor (0 = off).
+      qsgd_levels: "qsgd": QSGD with s levels (0 = off).
+    """
+
+    order: tuple[str, ...] = MESSAGE_STAGES
+    sparsity: PerClient = 0.0
+    topk_fraction: PerClient = 1.0
+    randk_fraction: PerClient = 1.0
+    clip_norm: PerClient = math.inf
+    local_noise_multiplier: PerClient = 0.0
+    quant_bits: PerClient = 0
+    qsgd_levels: PerClient = 0
+
+    def __post_init__(self) -> None:
+        for stage in self.order:
+            _check_choice("message.order", stage, MESSAGE_STAGES)
+        _check(len(set(self.order)) == len(self.order), "message.order", self.order, "each stage at most once")
+        _check_per_client("message.sparsity", self.sparsity, 0, 1, high_open=True)
+        _check_per_client("message.topk_fraction", self.topk_fraction, 0, 1, low_open=True)
+        _check_per_client("message.randk_fraction", self.randk_fraction, 0, 1, low_open=True)
+        _check_per_client("message.clip_norm", self.clip_norm, 0, math.inf, low_open=True)
+        _check_per_client("message.local_noise_multiplier", self.local_noise_multiplier, 0, math.inf,
+                          high_open=True)
+        _check_per_client("message.quant_bits", self.quant_bits, 0, 32)
+        _check_per_client("message.qsgd_levels", self.qsgd_levels, 0, 2**30)
+        noisy = any(v > 0 for v in _values(self.local_noise_multiplier))
+        _check(not noisy or all(math.isfinite(v) for v in _values(self.clip_norm)), "message.clip_norm",
+               self.clip_norm, "finite whenever message.local_noise_multiplier > 0")
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class ServerConfig:
     """Client sampling, aggregation and the server optimizer.
@@ -218,6 +262,7 @@ class ExperimentConfig:
     data: DataConfig = DataConfig()
     model: ModelConfig = ModelConfig()
     client: ClientConfig = ClientConfig()
+    message: MessageConfig = MessageConfig()
     server: ServerConfig = ServerConfig()
     run: RunConfig = RunConfig()
 
@@ -228,11 +273,13 @@ class ExperimentConfig:
         if self.server.client_sampling == "uniform":
             _check(self.server.clients_per_round <= self.data.num_clients, "server.clients_per_round",
                    self.server.clients_per_round, f"at most data.num_clients={self.data.num_clients}")
-        for section in (self.client,):
+        for name, section in (("client", self.client), ("message", self.message)):
             for f in dataclasses.fields(section):
                 value = getattr(section, f.name)
+                if f.name == "order":
+                    continue
                 if isinstance(value, tuple) and len(value) not in (1, self.data.num_clients) and len(value) > 16:
-                    raise ValueError(f"client.{f.name} has {len(value)} values; give a scalar, up to 16 tier "
+                    raise ValueError(f"{name}.{f.name} has {len(value)} values; give a scalar, up to 16 tier "
                                      f"values, or exactly data.num_clients={self.data.num_clients} values.")
 
     def to_dict(self) -> dict[str, Any]:
@@ -244,8 +291,8 @@ class ExperimentConfig:
         return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
-_SECTIONS = {"data": DataConfig, "model": ModelConfig, "client": ClientConfig, "server": ServerConfig,
-             "run": RunConfig}
+_SECTIONS = {"data": DataConfig, "model": ModelConfig, "client": ClientConfig, "message": MessageConfig,
+             "server": ServerConfig, "run": RunConfig}
 
 
 def _coerce(value: Any, current: Any) -> Any:

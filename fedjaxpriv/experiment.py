@@ -30,6 +30,7 @@ from fedjaxpriv.models import Model, count_params, get_model
 from fedjaxpriv.privacy.tracking import PrivacyTracker, calibrate_noise_for_targets
 from fedjaxpriv.parallel import auto_chunk_size, auto_strategy, make_mesh, replicate
 from fedjaxpriv.server import max_cohort_size, sample_cohort, server_optimizer
+from fedjaxpriv.transforms.pipeline import make_message_fn
 from fedjaxpriv.simulation import AggregationSpec, Population, RoundOutput, ServerState, build_round, init_server_state
 
 Record = dict[str, Any]
@@ -87,6 +88,10 @@ def client_settings(config: ExperimentConfig, counts: np.ndarray) -> ClientSetti
         num_steps=c.local_steps, batch_size=c.batch_size, lr=c.lr, prox_mu=c.prox_mu,
         poisson=c.sampling == "poisson", mixup_alpha=c.mixup_alpha, prune_sparsity=c.prune_sparsity,
         dp_clip_norm=c.dp_clip_norm, dp_noise_multiplier=c.dp_noise_multiplier)
+    m = config.message
+    fields.update(message_sparsity=m.sparsity, topk_fraction=m.topk_fraction, randk_fraction=m.randk_fraction,
+                  update_clip_norm=m.clip_norm, local_noise_multiplier=m.local_noise_multiplier,
+                  quant_bits=m.quant_bits, quant_levels=m.qsgd_levels)
     if config.server.algorithm == "fedsgd":
         fields.update(num_steps=1, batch_size=max(1, int(np.max(counts))), lr=1.0, poisson=False)
     settings = make_settings(len(counts), counts, **fields)
@@ -170,6 +175,7 @@ class Experiment:
         chunk = config.run.chunk_size or auto_chunk_size(self.cohort_slots, self.num_params)
         self.chunk_size = int(math.ceil(chunk / num_devices) * num_devices)
         self.round_fn = build_round(self.model.apply, self.spec, self.server_tx, self.aggregation,
+                                    message_fn=make_message_fn(config.message.order, self.settings),
                                     chunk_size=self.chunk_size, strategy=self.strategy, mesh=mesh)
         self.initial_state = init_server_state(params, self.server_tx)
         self.device_population = replicate(Population(*(jnp.asarray(a) for a in (

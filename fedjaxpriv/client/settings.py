@@ -26,10 +26,13 @@ class ClientSettings(NamedTuple):
       prune_sparsity: float32 in [0, 1).
       dp_clip_norm: float32 per-example clip norm (inf = no clipping).
       dp_noise_multiplier: float32 DP-SGD noise multiplier (0 = no noise).
-      update_clip_norm: float32 L2 clip of the sent update (inf = none; DP-FedAvg sets it).
+      message_sparsity: float32 magnitude pruning of the sent update, fraction zeroed per layer (0 = off).
+      topk_fraction: float32 fraction of update coordinates kept by top-k (1 = all).
+      randk_fraction: float32 fraction kept by random-k (1 = all).
+      update_clip_norm: float32 L2 clip of the sent update (inf = none).
       local_noise_multiplier: float32 local-DP Gaussian noise on the update, std = multiplier x clip.
-      quant_bits: int32 stochastic-quantization bits per coordinate of the update (0 = no quantization).
-      keep_fraction: float32 top-k fraction of update coordinates kept (1 = all).
+      quant_bits: int32 stochastic-rounding bits per coordinate of the update (0 = off).
+      quant_levels: int32 QSGD levels s (0 = off).
     """
 
     num_steps: np.ndarray
@@ -42,13 +45,17 @@ class ClientSettings(NamedTuple):
     prune_sparsity: np.ndarray
     dp_clip_norm: np.ndarray
     dp_noise_multiplier: np.ndarray
+    message_sparsity: np.ndarray
+    topk_fraction: np.ndarray
+    randk_fraction: np.ndarray
     update_clip_norm: np.ndarray
     local_noise_multiplier: np.ndarray
     quant_bits: np.ndarray
-    keep_fraction: np.ndarray
+    quant_levels: np.ndarray
 
 
-_DTYPES = {"num_steps": np.int32, "batch_size": np.int32, "poisson": bool, "quant_bits": np.int32}
+_DTYPES = {"num_steps": np.int32, "batch_size": np.int32, "poisson": bool, "quant_bits": np.int32,
+           "quant_levels": np.int32}
 
 
 def per_client_array(field: str, value: float | int | Sequence[float], num_clients: int) -> np.ndarray:
@@ -71,7 +78,8 @@ def make_settings(num_clients: int, counts: np.ndarray, **fields: float | Sequen
     """
     defaults = dict(num_steps=1, batch_size=16, lr=0.1, prox_mu=0.0, poisson=False, sample_rate=None,
                     mixup_alpha=0.0, prune_sparsity=0.0, dp_clip_norm=math.inf, dp_noise_multiplier=0.0,
-                    update_clip_norm=math.inf, local_noise_multiplier=0.0, quant_bits=0, keep_fraction=1.0)
+                    message_sparsity=0.0, topk_fraction=1.0, randk_fraction=1.0, update_clip_norm=math.inf,
+                    local_noise_multiplier=0.0, quant_bits=0, quant_levels=0)
     unknown = set(fields) - set(defaults)
     if unknown:
         raise ValueError(f"unknown client setting(s) {sorted(unknown)}; allowed: {sorted(defaults)}.")
@@ -99,8 +107,11 @@ def validate_settings(settings: ClientSettings) -> None:
         "dp_noise_multiplier": (lambda a: (a >= 0) & np.isfinite(a), "finite and >= 0"),
         "update_clip_norm": (lambda a: a > 0, "> 0 (inf = no clipping)"),
         "local_noise_multiplier": (lambda a: (a >= 0) & np.isfinite(a), "finite and >= 0"),
+        "message_sparsity": (lambda a: (a >= 0) & (a < 1), "in [0, 1)"),
+        "topk_fraction": (lambda a: (a > 0) & (a <= 1), "in (0, 1]"),
+        "randk_fraction": (lambda a: (a > 0) & (a <= 1), "in (0, 1]"),
         "quant_bits": (lambda a: (a >= 0) & (a <= 32), "in [0, 32] (0 = off)"),
-        "keep_fraction": (lambda a: (a > 0) & (a <= 1), "in (0, 1]"),
+        "quant_levels": (lambda a: a >= 0, ">= 0 (0 = off)"),
     }
     for field, (ok, allowed) in checks.items():
         values = np.asarray(getattr(settings, field))
