@@ -1,0 +1,29 @@
+"""One process of a 2-process CPU run (started by test_multihost.py): trains 3 rounds over a global mesh."""
+
+import sys
+
+import numpy as np
+
+
+def main() -> None:
+    port, process_id, out = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+    import fedjaxpriv.distributed as dist
+
+    dist.initialize(f"localhost:{port}", num_processes=2, process_id=process_id)
+    import jax
+
+    from fedjaxpriv.config import from_dict
+    from fedjaxpriv.experiment import Experiment
+    from fedjaxpriv.parallel import make_mesh
+    from tests.engine.test_multihost import CONFIG
+
+    assert jax.device_count() == 4 and jax.local_device_count() == 2, (jax.device_count(), jax.local_device_count())
+    results = Experiment(from_dict(CONFIG), mesh=make_mesh()).run(progress=False)
+    if dist.is_main_process():
+        leaves = [np.asarray(leaf) for leaf in jax.tree_util.tree_leaves(results.params)]
+        np.savez(out, *leaves, accuracy=results.final("test_accuracy"))
+    dist.shutdown()
+
+
+if __name__ == "__main__":
+    main()
