@@ -235,7 +235,7 @@ class RunConfig:
       accountant: "rdp" or "pld" (dp_accounting).
     """
 
-    rounds: int = 20
+    rounds: int = 40
     seed: int = 0
     eval_every: int = 1
     chunk_size: int = 0

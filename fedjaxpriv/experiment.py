@@ -177,7 +177,7 @@ class Experiment:
         self.round_fn = build_round(self.model.apply, self.spec, self.server_tx, self.aggregation,
                                     message_fn=make_message_fn(config.message.order, self.settings),
                                     chunk_size=self.chunk_size, strategy=self.strategy, mesh=mesh)
-        self.initial_state = init_server_state(params, self.server_tx)
+        self._initial_params = params
         self.device_population = replicate(Population(*(jnp.asarray(a) for a in (
             population.x, population.y, population.offsets, population.counts))), mesh)
         self.device_settings = replicate(jax.tree_util.tree_map(jnp.asarray, self.settings), mesh)
@@ -193,6 +193,11 @@ class Experiment:
                               client_rate=s.clients_per_round / self.population.num_clients,
                               fixed_cohort=s.client_sampling == "uniform")
 
+    @property
+    def initial_state(self) -> ServerState:
+        """A fresh round-0 server state (a new copy each time: ``step`` donates the state it is given)."""
+        return init_server_state(self._initial_params, self.server_tx)
+
     # -- one round -------------------------------------------------------------------------------------------
     def cohort(self, round_index: int):
         s = self.config.server
@@ -200,7 +205,10 @@ class Experiment:
                              s.client_sampling, self.cohort_slots)
 
     def step(self, state: ServerState, round_index: int) -> tuple[ServerState, Record]:
-        """Runs round ``round_index`` from ``state``; returns the new state and the round's training record."""
+        """Runs round ``round_index`` from ``state``; returns the new state and the round's training record.
+
+        ``state`` is donated to the compiled round (its buffers are reused): do not use it afterwards.
+        """
         cohort = self.cohort(round_index)
         start = time.perf_counter()
         state, out = self.round_fn(state, self.device_population, self.device_settings, jnp.asarray(cohort.ids),
@@ -251,7 +259,7 @@ class Experiment:
         store = RunStore(out_dir, self.config) if out_dir else None
         state, history = self.initial_state, []
         if store is not None and resume:
-            restored = store.restore(self.initial_state)
+            restored = store.restore(state)
             if restored is not None:
                 state, history = restored
         start_round = int(state.round)
