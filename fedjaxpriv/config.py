@@ -47,6 +47,8 @@ class DataConfig:
     dataset: str = "digits"
     data_dir: str | None = None
     download: bool = False
+    image_key: str = "image"
+    label_key: str = "label"
     partition: str = "dirichlet"
     num_clients: int = 50
     dirichlet_alpha: float = 0.5

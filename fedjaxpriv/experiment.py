@@ -69,7 +69,8 @@ def load_population(config: ExperimentConfig) -> tuple[FederatedData, Dataset, i
                                                alpha=data.synthetic_alpha, beta=data.synthetic_beta,
                                                max_size=data.synthetic_max_size)
         return population, test, int(max(population.y.max(), test.y.max())) + 1 if population.num_examples else 10
-    train, test, info = load_dataset(data.dataset, data_dir=data.data_dir, download=data.download)
+    train, test, info = load_dataset(data.dataset, data_dir=data.data_dir, download=data.download,
+                                     image_key=data.image_key, label_key=data.label_key)
     kwargs: dict[str, Any] = {}
     if data.partition == "dirichlet":
         kwargs["alpha"] = data.dirichlet_alpha
