@@ -1,9 +1,15 @@
-"""Command line: ``fedjaxpriv run [--config FILE] [--set section.field=value ...] [--out DIR]``."""
+"""Command line.
+
+    fedjaxpriv run [--config FILE] [--set section.field=value ...] [--out DIR]
+    fedjaxpriv sweep GRID.yaml [--jobs N] [--store DIR] [--set section.field=value ...] [--dry-run]
+    fedjaxpriv report STORE_OR_RUN_DIR [...] [--out DIR]
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from typing import Sequence
 
@@ -19,7 +25,57 @@ def _build_parser() -> argparse.ArgumentParser:
     run.add_argument("--no-resume", action="store_true", help="start over even if DIR has a checkpoint")
     run.add_argument("--quiet", action="store_true", help="no progress bar or per-round lines")
     run.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    sweep = commands.add_parser("sweep", help="run every config of a grid file into one results store")
+    sweep.add_argument("grid", help="grid YAML file (base config + grid/zip/variants/seeds)")
+    sweep.add_argument("--jobs", type=int, default=1, help="worker processes (default 1)")
+    sweep.add_argument("--store", default="sweeps/results", help="results store directory (results.jsonl, runs/)")
+    sweep.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.FIELD=VALUE",
+                       help="override a field of every config of the grid (repeatable)")
+    sweep.add_argument("--dry-run", action="store_true", help="list the expanded configs and exit")
+    report = commands.add_parser("report", help="plots and a summary table from results stores or run dirs")
+    report.add_argument("sources", nargs="+", help="results store (dir or results.jsonl) or run directories")
+    report.add_argument("--out", default="report", help="output directory for PNGs and summary.md/csv")
     return parser
+
+
+def _sweep(args: argparse.Namespace) -> int:
+    import yaml
+
+    from fedjaxpriv.config import parse_override
+    from fedjaxpriv.sweep import expand_grid, run_sweep
+
+    with open(args.grid) as f:
+        spec = yaml.safe_load(f) or {}
+    if not isinstance(spec, dict):
+        raise ValueError(f"grid file {args.grid!r} must hold a mapping at top level.")
+    if args.overrides:  # --set applies to every point: it joins the grid as a one-value axis
+        grid = dict(spec.get("grid") or {})
+        for text in args.overrides:
+            path, value = parse_override(text)
+            grid[".".join(path)] = [value]
+        spec["grid"] = grid
+    points = expand_grid(spec, os.path.dirname(os.path.abspath(args.grid)))
+    if args.dry_run:
+        for point in points:
+            print(f"{point.config_hash}  {point.label}")
+        return 0
+
+    def done(config_hash: str, error: str | None) -> None:
+        print(f"{'FAILED' if error else 'done'} {config_hash}" + (f"\n{error}" if error else ""), flush=True)
+
+    summary = run_sweep(points, args.store, jobs=args.jobs, on_done=done)
+    print(json.dumps({"store": args.store, "points": len(points), "ran": len(summary.ran),
+                      "skipped": len(summary.skipped), "failed": len(summary.failed)}))
+    return 1 if summary.failed else 0
+
+
+def _report(args: argparse.Namespace) -> int:
+    from fedjaxpriv.report import write_report
+    from fedjaxpriv.results import load_records
+
+    written = write_report(load_records(args.sources), args.out)
+    print(json.dumps(written, indent=2))
+    return 0
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -54,6 +110,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "run":
             return _run(args)
+        if args.command == "sweep":
+            return _sweep(args)
+        if args.command == "report":
+            return _report(args)
     except (ValueError, FileNotFoundError) as error:
         print(f"fedjaxpriv: error: {error}", file=sys.stderr)
         return 2

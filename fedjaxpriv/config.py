@@ -94,6 +94,8 @@ class ClientConfig:
       mixup_alpha: mixup Beta(alpha, alpha) parameter (0 = off).
       prune_sparsity: fraction of each prunable layer held at zero during local training, in [0, 1).
       prune_method / prune_scope: "magnitude" or "random"; "layer" or "global".
+      prune_begin_round / prune_end_round: iterative pruning: sparsity ramps from 0 at the begin round to
+        prune_sparsity at the end round (Zhu & Gupta 2017 cubic schedule); equal values mean constant.
       dp_clip_norm / dp_noise_multiplier: sample-level DP-SGD (per-example clipping and Gaussian noise);
         noise multiplier 0 and clip norm inf switch it off.
       target_epsilon: if set, each client's dp_noise_multiplier is calibrated before training so that its
@@ -113,8 +115,12 @@ class ClientConfig:
     dp_clip_norm: PerClient = math.inf
     dp_noise_multiplier: PerClient = 0.0
     target_epsilon: PerClient | None = None
+    prune_begin_round: int = 0
+    prune_end_round: int = 0
 
     def __post_init__(self) -> None:
+        _check(0 <= self.prune_begin_round <= self.prune_end_round, "client.prune_end_round", self.prune_end_round,
+               f"an integer >= client.prune_begin_round={self.prune_begin_round} >= 0")
         _check_per_client("client.local_steps", self.local_steps, 0, 10**6)
         _check_per_client("client.batch_size", self.batch_size, 1, 10**6)
         _check_per_client("client.lr", self.lr, 0, math.inf, low_open=True, high_open=True)
@@ -190,6 +196,12 @@ class ServerConfig:
       central_clip_norm / central_noise_multiplier: client-level DP-FedAvg: each update is clipped to the
         norm and Gaussian noise of std multiplier x clip is added to the sum (uniform weighting, fixed
         denominator = expected cohort size).
+      adaptive_clip_quantile: adaptive clipping (Andrew et al. 2021): the clip norm starts at
+        central_clip_norm and tracks this quantile of the update norms, from a noisy count.
+      adaptive_clip_lr: geometric step size of the clip norm update.
+      clip_count_noise_multiplier: std of the count noise (default clients_per_round / 20). The epsilon then
+        accounts for both Gaussian releases: z_eff^-2 = z^-2 + sigma_b^-2
+        (the count has sensitivity 1).
     """
 
     algorithm: str = "fedavg"
@@ -204,8 +216,20 @@ class ServerConfig:
     weighting: str = "examples"
     central_clip_norm: float = math.inf
     central_noise_multiplier: float = 0.0
+    adaptive_clip_quantile: float | None = None
+    adaptive_clip_lr: float = 0.2
+    clip_count_noise_multiplier: float | None = None
 
     def __post_init__(self) -> None:
+        if self.adaptive_clip_quantile is not None:
+            _check(0 < self.adaptive_clip_quantile < 1, "server.adaptive_clip_quantile",
+                   self.adaptive_clip_quantile, "a number in (0, 1), or null for a fixed clip norm")
+            _check(math.isfinite(self.central_clip_norm), "server.central_clip_norm", self.central_clip_norm,
+                   "a finite initial clip norm when server.adaptive_clip_quantile is set")
+        _check(self.adaptive_clip_lr > 0, "server.adaptive_clip_lr", self.adaptive_clip_lr, "a number > 0")
+        _check(self.clip_count_noise_multiplier is None or self.clip_count_noise_multiplier > 0,
+               "server.clip_count_noise_multiplier", self.clip_count_noise_multiplier,
+               "a number > 0, or null for clients_per_round / 20")
         _check_choice("server.algorithm", self.algorithm, ("fedavg", "fedprox", "fedsgd"))
         _check_choice("server.optimizer", self.optimizer, ("sgd", "momentum", "adam"))
         _check(self.lr > 0, "server.lr", self.lr, "a number > 0")

@@ -28,7 +28,8 @@ from fedjaxpriv.config import ExperimentConfig
 from fedjaxpriv.data import Dataset, FederatedData, load_dataset, partition, synthetic_federated
 from fedjaxpriv.models import Model, count_params, get_model
 from fedjaxpriv.privacy.tracking import PrivacyTracker, calibrate_noise_for_targets
-from fedjaxpriv.parallel import auto_chunk_size, auto_strategy, make_mesh, replicate
+from fedjaxpriv.parallel import (auto_chunk_size, auto_conv_as_matmul, auto_strategy, auto_unroll, make_mesh,
+                                 replicate)
 from fedjaxpriv.server import max_cohort_size, sample_cohort, server_optimizer
 from fedjaxpriv.transforms.pipeline import make_message_fn
 from fedjaxpriv.simulation import AggregationSpec, Population, RoundOutput, ServerState, build_round, init_server_state
@@ -125,11 +126,13 @@ def local_spec(config: ExperimentConfig, settings: ClientSettings, counts: np.nd
                         poisson_max_batch(float(np.max(expected)), max_count))
     c = config.client
     uses_dp = bool(np.any(settings.dp_noise_multiplier > 0) or np.any(np.isfinite(settings.dp_clip_norm)))
+    max_steps = max(1, int(np.max(settings.num_steps)))
     return LocalSpec(
-        max_steps=max(1, int(np.max(settings.num_steps))), max_batch=min(max_batch, max_count), max_count=max_count,
+        max_steps=max_steps, max_batch=min(max_batch, max_count), max_count=max_count,
         num_classes=num_classes, per_example=uses_dp, mixup=bool(np.any(settings.mixup_alpha > 0)),
         prune=c.prune_method if np.any(settings.prune_sparsity > 0) else None, prune_scope=c.prune_scope,
-        momentum=c.momentum, unroll=1)
+        momentum=c.momentum, unroll=auto_unroll(config.model.name, max_steps),
+        conv_as_matmul=auto_conv_as_matmul(config.model.name))
 
 
 class Experiment:
@@ -166,23 +169,40 @@ class Experiment:
                                           b1=config.server.adam_b1, b2=config.server.adam_b2, eps=config.server.adam_eps)
         s = config.server
         self.cohort_slots = max_cohort_size(population.num_clients, s.clients_per_round, s.client_sampling)
+        count_noise = (s.clip_count_noise_multiplier if s.clip_count_noise_multiplier is not None
+                       else s.clients_per_round / 20.0)
         self.aggregation = AggregationSpec(weighting=s.weighting, central_clip_norm=s.central_clip_norm,
-                                           central_noise_multiplier=s.central_noise_multiplier,
-                                           expected_cohort=float(s.clients_per_round))
+                                           central_noise_multiplier=self.effective_central_noise_multiplier(),
+                                           expected_cohort=float(s.clients_per_round),
+                                           adaptive_clip_quantile=s.adaptive_clip_quantile,
+                                           adaptive_clip_lr=s.adaptive_clip_lr,
+                                           clip_count_noise_multiplier=count_noise)
         self.root_key = jax.random.key(config.run.seed)
         params = self.model.init(jax.random.fold_in(self.root_key, 2**31 - 1))
         self.num_params = count_params(params)
         num_devices = 1 if mesh is None else mesh.size
         chunk = config.run.chunk_size or auto_chunk_size(self.cohort_slots, self.num_params)
         self.chunk_size = int(math.ceil(chunk / num_devices) * num_devices)
+        c = config.client
+        prune_schedule = ((c.prune_begin_round, c.prune_end_round) if c.prune_end_round > c.prune_begin_round
+                          else None)
         self.round_fn = build_round(self.model.apply, self.spec, self.server_tx, self.aggregation,
                                     message_fn=make_message_fn(config.message.order, self.settings),
-                                    chunk_size=self.chunk_size, strategy=self.strategy, mesh=mesh)
+                                    chunk_size=self.chunk_size, strategy=self.strategy, mesh=mesh,
+                                    prune_schedule=prune_schedule)
         self._initial_params = params
         self.device_population = replicate(Population(*(jnp.asarray(a) for a in (
             population.x, population.y, population.offsets, population.counts))), mesh)
         self.device_settings = replicate(jax.tree_util.tree_map(jnp.asarray, self.settings), mesh)
         self.privacy = self.new_privacy_tracker()
+
+    def effective_central_noise_multiplier(self) -> float:
+        """DP-FedAvg's noise multiplier for accounting: with adaptive clipping the noisy count of unclipped
+        updates is a second Gaussian release (sensitivity 1), so z_eff^-2 = z^-2 + sigma_count^-2."""
+        z = self.config.server.central_noise_multiplier
+        if z <= 0 or self.aggregation.adaptive_clip_quantile is None:
+            return z
+        return float((z ** -2 + self.aggregation.clip_count_noise_multiplier ** -2) ** -0.5)
 
     def new_privacy_tracker(self) -> PrivacyTracker:
         s = self.config.server
@@ -190,14 +210,14 @@ class Experiment:
                               noise_multipliers=self.settings.dp_noise_multiplier,
                               steps_per_round=self.settings.num_steps, delta=self.config.run.delta,
                               accountant=self.config.run.accountant,
-                              central_noise_multiplier=s.central_noise_multiplier,
+                              central_noise_multiplier=self.effective_central_noise_multiplier(),
                               client_rate=s.clients_per_round / self.population.num_clients,
                               fixed_cohort=s.client_sampling == "uniform")
 
     @property
     def initial_state(self) -> ServerState:
         """A fresh round-0 server state (a new copy each time: ``step`` donates the state it is given)."""
-        return init_server_state(self._initial_params, self.server_tx)
+        return init_server_state(self._initial_params, self.server_tx, self.config.server.central_clip_norm)
 
     # -- one round -------------------------------------------------------------------------------------------
     def cohort(self, round_index: int):
@@ -227,6 +247,7 @@ class Experiment:
             "bytes_per_client": float(np.sum(np.where(real, out.bits, 0.0)) / n / 8.0),
             "bytes_total": float(np.sum(np.where(real, out.bits, 0.0)) / 8.0),
             "cohort_dropped": cohort.dropped,
+            "clip_norm": float(state.clip_norm),
             "round_time_s": elapsed,
         }
         if self.privacy.active:

@@ -23,21 +23,31 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh
 
+from fedjaxpriv.client import dp, pruning
 from fedjaxpriv.client.local import ApplyFn, LocalSpec, client_update
 from fedjaxpriv.client.settings import ClientSettings
 from fedjaxpriv.parallel import map_clients
 
 Params = Any
-# (delta, settings row, key) -> (message, stats dict of float32 scalars, must include "bits").
-MessageFn = Callable[[Params, ClientSettings, jax.Array], tuple[Params, dict[str, jax.Array]]]
+# (delta, settings row, key, number of coordinates to send) -> (message, stats with float32 "bits").
+MessageFn = Callable[[Params, ClientSettings, jax.Array, jax.Array], tuple[Params, dict[str, jax.Array]]]
 
 
 class ServerState(NamedTuple):
-    """Global model and server optimizer state; ``round`` is the number of finished rounds (int32)."""
+    """Global model and server optimizer state.
+
+    Attributes:
+      params: the global model.
+      opt_state: the server optimizer's state.
+      round: int32, the number of finished rounds.
+      clip_norm: float32, the client-level clip norm of DP-FedAvg (adapted each round with adaptive
+        clipping; inf when updates are not clipped).
+    """
 
     params: Params
     opt_state: Any
     round: jax.Array
+    clip_norm: jax.Array
 
 
 class Population(NamedTuple):
@@ -56,7 +66,7 @@ class RoundOutput(NamedTuple):
       loss: mean local training loss.
       steps: local steps taken.
       bits: bits the client's message costs on the wire.
-      update_norm: L2 norm of the message.
+      update_norm: L2 norm of the message before client-level clipping.
       weight: aggregation weight (0 for padded slots).
     """
 
@@ -76,29 +86,30 @@ class AggregationSpec:
       central_clip_norm: client-level clip before summing (inf = none).
       central_noise_multiplier: Gaussian noise std / clip norm added to the sum (DP-FedAvg).
       expected_cohort: fixed denominator used with central noise (expected number of participants).
+      adaptive_clip_quantile: if set, the clip norm follows this quantile of the update norms (Andrew et al.
+        2021): C <- C exp(-lr (b - quantile)), b the noisy fraction of updates with norm <= C.
+      adaptive_clip_lr: step size of that geometric update.
+      clip_count_noise_multiplier: std of the Gaussian noise on the count of unclipped updates.
     """
 
     weighting: str = "examples"
     central_clip_norm: float = math.inf
     central_noise_multiplier: float = 0.0
     expected_cohort: float = 1.0
+    adaptive_clip_quantile: float | None = None
+    adaptive_clip_lr: float = 0.2
+    clip_count_noise_multiplier: float = 0.0
+
+    @property
+    def clips(self) -> bool:
+        return self.central_noise_multiplier > 0 or math.isfinite(self.central_clip_norm)
 
 
-def identity_message(delta: Params, settings: ClientSettings, key: jax.Array) -> tuple[Params, dict[str, jax.Array]]:
-    """Sends the delta as float32: 32 bits per coordinate."""
+def identity_message(delta: Params, settings: ClientSettings, key: jax.Array,
+                     values: jax.Array) -> tuple[Params, dict[str, jax.Array]]:
+    """Sends the ``values`` coordinates the server does not already know to be zero as float32."""
     del settings, key
-    size = sum(leaf.size for leaf in jax.tree_util.tree_leaves(delta))
-    return delta, {"bits": jnp.float32(32 * size)}
-
-
-def tree_norm(tree: Params) -> jax.Array:
-    return optax.tree.norm(tree)
-
-
-def clip_tree(tree: Params, clip_norm: jax.Array) -> Params:
-    """Scales the tree to global L2 norm at most ``clip_norm`` (inf leaves it unchanged)."""
-    scale = jnp.minimum(1.0, clip_norm / jnp.maximum(tree_norm(tree), 1e-12))
-    return jax.tree_util.tree_map(lambda a: a * scale, tree)
+    return delta, {"bits": 32.0 * values.astype(jnp.float32)}
 
 
 def client_keys_base(round_key: jax.Array) -> jax.Array:
@@ -107,53 +118,55 @@ def client_keys_base(round_key: jax.Array) -> jax.Array:
 
 def build_round(apply_fn: ApplyFn, spec: LocalSpec, server_tx: optax.GradientTransformation,
                 aggregation: AggregationSpec, *, message_fn: MessageFn = identity_message, chunk_size: int,
-                strategy: str = "vmap", mesh: Mesh | None = None) -> Callable[..., tuple[ServerState, RoundOutput]]:
+                strategy: str = "vmap", mesh: Mesh | None = None,
+                prune_schedule: tuple[int, int] | None = None) -> Callable[..., tuple[ServerState, RoundOutput]]:
     """Builds ``round_fn(state, population, settings, ids, mask, root_key) -> (state, RoundOutput)``.
 
     ``settings`` holds the whole population's [C] arrays; ``ids``/``mask`` [K_max] are the cohort. The
     returned function is jitted; its shapes are fixed, so it compiles once per experiment.
+    ``prune_schedule=(begin, end)`` ramps each client's pruning sparsity from 0 at round ``begin`` to its
+    configured value at round ``end`` (Zhu & Gupta 2017).
     """
-    central_dp = aggregation.central_noise_multiplier > 0 or math.isfinite(aggregation.central_clip_norm)
 
-    def one_client(server_params: Params, population: Population, base_key: jax.Array, row: dict[str, Any]):
+    def one_client(state: ServerState, population: Population, base_key: jax.Array, row: dict[str, Any]):
         client_key = jax.random.fold_in(base_key, row["id"])
         train_key, message_key = jax.random.split(client_key)
-        out = client_update(spec, apply_fn, server_params, population.x, population.y, row["offset"],
+        out = client_update(spec, apply_fn, state.params, population.x, population.y, row["offset"],
                             row["count"], row["settings"], train_key)
-        message, stats = message_fn(out.delta, row["settings"], message_key)
-        if central_dp:
-            message = clip_tree(message, jnp.float32(aggregation.central_clip_norm))
+        message, stats = message_fn(out.delta, row["settings"], message_key, out.trained_params)
+        norm = optax.tree.norm(message)
+        if aggregation.clips:
+            message = jax.tree_util.tree_map(lambda m: m * dp.clip_scale(norm, state.clip_norm), message)
         participates = row["mask"] & (row["count"] > 0)
-        if aggregation.weighting == "examples" and not central_dp:
+        if aggregation.weighting == "examples" and not aggregation.clips:
             weight = jnp.where(participates, out.num_examples, 0.0)
         else:
             weight = jnp.where(participates, 1.0, 0.0)
         weighted = jax.tree_util.tree_map(lambda m: jnp.where(participates, weight * m, 0.0), message)
         kept = RoundOutput(loss=out.loss, steps=out.steps, bits=jnp.where(participates, stats["bits"], 0.0),
-                           update_norm=tree_norm(message), weight=weight)
+                           update_norm=norm, weight=weight)
         return (weighted, weight), kept
 
     def round_fn(state: ServerState, population: Population, settings: ClientSettings, ids: jax.Array,
                  mask: jax.Array, root_key: jax.Array) -> tuple[ServerState, RoundOutput]:
         round_key = jax.random.fold_in(root_key, state.round)
         base = client_keys_base(round_key)
-        rows = {
-            "id": ids,
-            "offset": jnp.take(population.offsets, ids),
-            "count": jnp.take(population.counts, ids),
-            "settings": jax.tree_util.tree_map(lambda a: jnp.take(a, ids, axis=0), settings),
-            "mask": mask,
-        }
+        cohort_settings = jax.tree_util.tree_map(lambda a: jnp.take(a, ids, axis=0), settings)
+        if prune_schedule is not None:
+            begin, end = prune_schedule
+            cohort_settings = cohort_settings._replace(prune_sparsity=jax.vmap(
+                lambda s: pruning.iterative_sparsity(state.round, s, begin, end))(cohort_settings.prune_sparsity))
+        rows = {"id": ids, "offset": jnp.take(population.offsets, ids), "count": jnp.take(population.counts, ids),
+                "settings": cohort_settings, "mask": mask}
         (weighted_sum, weight_sum), kept = map_clients(
-            lambda row: one_client(state.params, population, base, row), rows, chunk_size=chunk_size,
+            lambda row: one_client(state, population, base, row), rows, chunk_size=chunk_size,
             strategy=strategy, mesh=mesh)
-        if central_dp:
-            noise_key = jax.random.fold_in(round_key, 1)
-            std = aggregation.central_noise_multiplier * aggregation.central_clip_norm
-            leaves, treedef = jax.tree_util.tree_flatten(weighted_sum)
-            keys = jax.random.split(noise_key, len(leaves))
-            noisy = [leaf + std * jax.random.normal(k, leaf.shape, leaf.dtype) for leaf, k in zip(leaves, keys)]
-            weighted_sum = jax.tree_util.tree_unflatten(treedef, noisy)
+        server_key = jax.random.fold_in(round_key, 1)
+        noise_key, count_key = jax.random.split(server_key)
+        if aggregation.clips:
+            std = aggregation.central_noise_multiplier * state.clip_norm
+            noise = dp.gaussian_noise_like(noise_key, weighted_sum, std)
+            weighted_sum = jax.tree_util.tree_map(jnp.add, weighted_sum, noise)
             denominator = jnp.float32(aggregation.expected_cohort)
         else:
             denominator = jnp.maximum(weight_sum, 1e-12)
@@ -161,12 +174,19 @@ def build_round(apply_fn: ApplyFn, spec: LocalSpec, server_tx: optax.GradientTra
         pseudo_grad = jax.tree_util.tree_map(jnp.negative, mean_delta)
         updates, opt_state = server_tx.update(pseudo_grad, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        return ServerState(params, opt_state, state.round + 1), kept
+        clip_norm = state.clip_norm
+        if aggregation.adaptive_clip_quantile is not None:
+            clip_norm = dp.adaptive_clip_update(clip_norm, kept.update_norm, kept.weight > 0,
+                                                aggregation.adaptive_clip_quantile, aggregation.adaptive_clip_lr,
+                                                aggregation.clip_count_noise_multiplier, count_key)
+        return ServerState(params, opt_state, state.round + 1, clip_norm), kept
 
     return jax.jit(round_fn, donate_argnums=(0,))
 
 
-def init_server_state(params: Params, server_tx: optax.GradientTransformation) -> ServerState:
+def init_server_state(params: Params, server_tx: optax.GradientTransformation,
+                      clip_norm: float = math.inf) -> ServerState:
     """A fresh server state holding a copy of ``params`` (the round function donates its state)."""
     params = jax.tree_util.tree_map(jnp.array, params)
-    return ServerState(params=params, opt_state=server_tx.init(params), round=jnp.zeros((), jnp.int32))
+    return ServerState(params=params, opt_state=server_tx.init(params), round=jnp.zeros((), jnp.int32),
+                       clip_norm=jnp.float32(clip_norm))

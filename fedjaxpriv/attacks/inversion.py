@@ -82,8 +82,9 @@ class InversionConfig:
     Attributes:
       method: "dlg" (L2 + L-BFGS) or "inverting_gradients" (cosine + TV, signed Adam, box projection).
       num_iterations: optimizer steps (L-BFGS iterations for dlg).
-      learning_rate: Adam step size for inverting_gradients (0.1 in the paper); for dlg the L-BFGS step
-        size, ``None`` meaning the zoom line search picks it.
+      learning_rate: Adam step size for inverting_gradients (0.1 in the paper); for dlg ``None`` (a zoom
+        line search picks each L-BFGS step) or a fixed L-BFGS step size without line search (as in the
+        original DLG code, step 1.0).
       tv_weight: weight of the total-variation prior (inverting_gradients only).
       labels: "idlg" (recover the label of a batch-1 message first, Zhao et al. 2020), "soft" (optimize
         label logits jointly, as in DLG) or "known" (labels passed in).
@@ -123,7 +124,8 @@ class InversionResult(NamedTuple):
     Attributes:
       x: reconstructed inputs ``[B, *input_shape]`` (clipped to the box).
       y: recovered labels ``[B]`` int32 (argmax of the soft labels, the iDLG label, or the known ones).
-      loss: the matching objective at the returned iterate (the best one seen), scalar.
+      loss: the matching objective at the returned iterate, scalar (dlg returns the best iterate seen,
+        inverting_gradients the last one).
     """
 
     x: jax.Array
@@ -247,9 +249,15 @@ def _initial_inputs(config: InversionConfig, spec: TargetSpec, key: jax.Array) -
 
 
 def _run_lbfgs(objective: Callable[[Any], jax.Array], z0: Any, config: InversionConfig) -> tuple[Any, jax.Array]:
-    """L-BFGS for ``num_iterations`` steps; returns the iterate with the lowest objective seen and its value."""
-    solver = optax.lbfgs(learning_rate=config.learning_rate)
-    value0, grad0 = jax.value_and_grad(objective)(z0)
+    """L-BFGS for ``num_iterations`` steps; returns the iterate with the lowest objective seen and its value.
+
+    With ``config.learning_rate=None`` a zoom line search (strong Wolfe) picks each step; otherwise steps
+    have that fixed size and no line search runs (no data-dependent loops, cheaper under ``vmap``).
+    """
+    line_search = config.learning_rate is None
+    solver = optax.lbfgs() if line_search else optax.lbfgs(learning_rate=config.learning_rate, linesearch=None)
+    value_and_grad = jax.value_and_grad(objective)
+    value0, grad0 = value_and_grad(z0)
 
     def step(carry: tuple, _: None) -> tuple[tuple, None]:
         z, state, value, grad, best_z, best_value = carry
@@ -258,7 +266,10 @@ def _run_lbfgs(objective: Callable[[Any], jax.Array], z0: Any, config: Inversion
         best_value = jnp.where(improved, value, best_value)
         updates, state = solver.update(grad, state, z, value=value, grad=grad, value_fn=objective)
         z = optax.apply_updates(z, updates)
-        value, grad = optax.tree.get(state, "value"), optax.tree.get(state, "grad")
+        if line_search:  # the line search stored the objective and gradient at the new iterate
+            value, grad = optax.tree.get(state, "value"), optax.tree.get(state, "grad")
+        else:
+            value, grad = value_and_grad(z)
         return (z, state, value, grad, best_z, best_value), None
 
     carry = (z0, solver.init(z0), value0, grad0, z0, jnp.asarray(jnp.inf, jnp.float32))

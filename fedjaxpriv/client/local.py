@@ -18,6 +18,7 @@ from fedjaxpriv.client import dp, mixup as mixup_lib, pruning
 from fedjaxpriv.client.sampling import sample_batch
 from fedjaxpriv.client.settings import ClientSettings
 from fedjaxpriv.models.losses import soft_cross_entropy
+from fedjaxpriv.parallel import conv_as_matmul
 
 Params = Any
 ApplyFn = Callable[[Params, jax.Array], jax.Array]
@@ -37,7 +38,9 @@ class LocalSpec:
       prune: None, "magnitude" or "random" masks (per-client sparsity; 0 disables it).
       prune_scope: "layer" or "global" for magnitude pruning.
       momentum: local SGD momentum (0 = plain SGD).
-      unroll: scan unroll factor (full unrolling helps convolutions on CPU).
+      unroll: scan unroll factor over local steps (execution only; results are unchanged).
+      conv_as_matmul: run the model's convolutions as patches x kernel matrix products (execution only;
+        fast on CPU inside loops and under vmap, see ``parallel.conv_as_matmul``).
     """
 
     max_steps: int
@@ -50,6 +53,7 @@ class LocalSpec:
     prune_scope: str = "layer"
     momentum: float = 0.0
     unroll: int = 1
+    conv_as_matmul: bool = False
 
 
 class ClientOutput(NamedTuple):
@@ -60,12 +64,15 @@ class ClientOutput(NamedTuple):
       num_examples: float32, the client's data size.
       loss: float32, mean training loss over the client's active steps.
       steps: float32, steps actually taken.
+      trained_params: int32, coordinates not held at zero by the pruning mask (all of them without
+        pruning); the server knows the mask, so only these need sending.
     """
 
     delta: Params
     num_examples: jax.Array
     loss: jax.Array
     steps: jax.Array
+    trained_params: jax.Array
 
 
 def _tree_where(condition: jax.Array, new: Any, old: Any) -> Any:
@@ -107,6 +114,8 @@ def client_update(spec: LocalSpec, apply_fn: ApplyFn, server_params: Params, dat
     Returns:
       ``ClientOutput`` with the model delta.
     """
+    if spec.conv_as_matmul:
+        apply_fn = conv_as_matmul(apply_fn)
     mask_key, train_key = jax.random.split(key)
     if spec.prune is None:
         weight_mask = None
@@ -153,8 +162,12 @@ def client_update(spec: LocalSpec, apply_fn: ApplyFn, server_params: Params, dat
         return (params, opt_state), jnp.where(active, loss, 0.0)
 
     (final_params, _), losses = jax.lax.scan(step, (start_params, opt_state), jnp.arange(spec.max_steps),
-                                             unroll=spec.unroll)
+                                             unroll=max(1, min(spec.unroll, spec.max_steps)))
     delta = jax.tree_util.tree_map(jnp.subtract, final_params, start_params)
     steps = jnp.minimum(settings.num_steps, spec.max_steps).astype(jnp.float32)
+    if weight_mask is None:
+        trained = jnp.int32(sum(leaf.size for leaf in jax.tree_util.tree_leaves(server_params)))
+    else:
+        trained = sum(jnp.sum(m != 0) for m in jax.tree_util.tree_leaves(weight_mask)).astype(jnp.int32)
     return ClientOutput(delta=delta, num_examples=count.astype(jnp.float32),
-                        loss=jnp.sum(losses) / jnp.maximum(steps, 1.0), steps=steps)
+                        loss=jnp.sum(losses) / jnp.maximum(steps, 1.0), steps=steps, trained_params=trained)

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from fedjaxpriv.client.settings import ClientSettings
-from fedjaxpriv.transforms.base import MessageTransform, chain
+from fedjaxpriv.transforms.base import FLOAT_BITS, MessageTransform, Wire, chain
 from fedjaxpriv.transforms.privacy import add_local_noise, clip_update
 from fedjaxpriv.transforms.quantize import qsgd, stochastic_rounding
 from fedjaxpriv.transforms.sparsify import prune_message, random_k, top_k
@@ -37,11 +37,16 @@ def message_pipeline(order: Sequence[str], settings: ClientSettings) -> tuple[Me
 
 
 def make_message_fn(order: Sequence[str], settings: ClientSettings):
-    """``(delta, settings_row, key) -> (message, stats)`` for ``build_round``; stats["bits"] is float32."""
+    """``(delta, settings_row, key, values) -> (message, stats)`` for ``build_round``.
+
+    ``values`` is the number of coordinates the client must send before any transform (fewer than the
+    model's when the server-known pruning mask zeroes some); stats["bits"] is float32.
+    """
     transform, _ = message_pipeline(order, settings)
 
-    def message_fn(delta: Any, row: ClientSettings, key: jax.Array):
-        message, _, stats = transform.update(delta, transform.init(delta), key, row)
+    def message_fn(delta: Any, row: ClientSettings, key: jax.Array, values: jax.Array):
+        wire = Wire(jnp.asarray(values, jnp.int32), jnp.int32(FLOAT_BITS), jnp.int32(0), jnp.int32(0))
+        message, _, stats = transform.update(delta, transform.init(delta), key, row, wire)
         return message, {"bits": jnp.asarray(stats["bits"], jnp.float32)}
 
     return message_fn

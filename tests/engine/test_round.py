@@ -37,7 +37,7 @@ def _round(model, spec, settings, params, pop, ids, mask, *, chunk_size, strateg
            aggregation=AggregationSpec()):
     tx = server_optimizer("sgd", 1.0)
     round_fn = build_round(model.apply, spec, tx, aggregation, chunk_size=chunk_size, strategy=strategy, mesh=mesh)
-    state, out = round_fn(init_server_state(params, tx), pop, settings, jnp.asarray(ids), jnp.asarray(mask),
+    state, out = round_fn(init_server_state(params, tx, aggregation.central_clip_norm), pop, settings, jnp.asarray(ids), jnp.asarray(mask),
                           jax.random.key(7))
     return state, out
 

@@ -1,0 +1,310 @@
+"""Engine throughput: client-updates/s and achieved GFLOP/s of local training, ours vs per-client loops.
+
+One command, one process::
+
+    python benchmarks/bench_engine.py            # MLP x 1000 clients, CNN x 100 clients
+    python benchmarks/bench_engine.py --quick    # MLP x 200, CNN x 16 (about a minute)
+    python benchmarks/bench_engine.py --explore  # also the engine's other strategies
+
+Every method trains the same clients (64 examples each, 5 local SGD steps of batch 16) from the same
+server model. Rows:
+  engine      one compiled round (``build_round``: sampling, local training, weighted aggregation, server
+              step) with the strategy/chunk/unroll/conv lowering that ``Experiment`` would pick ("auto") or
+              a forced one; "host" rows run ``parallel.map_clients_host`` (compiled chunks in a Python loop).
+  jax-loop    a jitted single-client update called in a Python loop, plus a jitted running sum.
+  torch-loop  the same models and steps in PyTorch, one client after another (skipped without torch).
+GFLOP/s counts the model's forward+backward FLOPs (XLA cost analysis of one gradient step, times steps)
+against a float32 matmul peak measured in the same run. Timings are medians over ``--repeats`` runs after
+a warm-up; the machine's load average is printed because shared machines skew them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import statistics
+import sys
+import time
+from typing import Any, Callable
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+import optax  # noqa: E402
+
+from fedjaxpriv import parallel  # noqa: E402
+from fedjaxpriv.client.local import LocalSpec, batch_loss, client_update  # noqa: E402
+from fedjaxpriv.client.settings import make_settings  # noqa: E402
+from fedjaxpriv.models import count_params, get_model  # noqa: E402
+from fedjaxpriv.simulation import AggregationSpec, Population, build_round, init_server_state  # noqa: E402
+
+STEPS, BATCH, EXAMPLES, LR, POOL = 5, 16, 64, 0.05, 4096
+
+
+@dataclasses.dataclass(frozen=True)
+class Workload:
+    name: str
+    model: str
+    input_shape: tuple[int, ...]
+    clients: int
+    model_kwargs: tuple = ()
+
+
+@dataclasses.dataclass(frozen=True)
+class EngineConfig:
+    strategy: str          # "vmap", "loop" (compiled) or "host" (Python loop of compiled chunks)
+    chunk: int
+    unroll: int
+    conv_as_matmul: bool
+
+    def label(self) -> str:
+        return f"{self.strategy} chunk={self.chunk} unroll={self.unroll}" + (" conv=matmul" if self.conv_as_matmul
+                                                                             else "")
+
+
+def median_seconds(run: Callable[[], Any], repeats: int) -> float:
+    """Median wall time of ``run`` (blocked until ready) after one untimed warm-up call."""
+    jax.block_until_ready(run())
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        jax.block_until_ready(run())
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def matmul_peak_gflops(repeats: int) -> float:
+    """Measured float32 matmul throughput (GFLOP/s) of the default backend."""
+    n = 2048 if jax.default_backend() == "cpu" else 8192
+    a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
+    b = jax.random.normal(jax.random.key(1), (n, n), jnp.float32)
+    matmul = jax.jit(lambda u, v: jnp.dot(u, v, precision=jax.lax.Precision.HIGHEST))
+    return 2 * n**3 / median_seconds(lambda: matmul(a, b), max(repeats, 3)) / 1e9
+
+
+def grad_step_flops(apply_fn: Callable, params: Any, x: jax.Array) -> float:
+    """XLA's FLOP count of one forward+backward pass on a batch."""
+    targets = jax.nn.one_hot(jnp.zeros(x.shape[0], jnp.int32), 10)
+    mask = jnp.ones(x.shape[0], bool)
+    compiled = jax.jit(jax.grad(lambda p: batch_loss(apply_fn, p, x, targets, mask))).lower(params).compile()
+    analysis = compiled.cost_analysis()
+    analysis = analysis[0] if isinstance(analysis, (list, tuple)) else analysis
+    return float(analysis["flops"])
+
+
+def make_problem(work: Workload):
+    model = get_model(work.model, work.input_shape, 10, **dict(work.model_kwargs))
+    params = model.init(jax.random.key(0))
+    x = np.asarray(jax.random.normal(jax.random.key(1), (POOL, *work.input_shape), jnp.float32))
+    y = np.asarray(jax.random.randint(jax.random.key(2), (POOL,), 0, 10), np.int32)
+    counts = np.full(work.clients, EXAMPLES, np.int32)
+    offsets = ((np.arange(work.clients) * 37) % (POOL - EXAMPLES)).astype(np.int32)
+    settings = make_settings(work.clients, counts, num_steps=STEPS, batch_size=BATCH, lr=LR)
+    return model, params, x, y, offsets, counts, settings
+
+
+def spec_for(config: EngineConfig) -> LocalSpec:
+    return LocalSpec(max_steps=STEPS, max_batch=BATCH, max_count=EXAMPLES, num_classes=10, unroll=config.unroll,
+                     conv_as_matmul=config.conv_as_matmul)
+
+
+def host_one_client(spec: LocalSpec, apply_fn: Callable) -> Callable:
+    """(shared, row) -> ((weighted delta, weight), loss): the round's per-client work, same keys."""
+
+    def one_client(shared, row):
+        params, x, y, base_key = shared
+        train_key, _ = jax.random.split(jax.random.fold_in(base_key, row["id"]))
+        out = client_update(spec, apply_fn, params, x, y, row["offset"], row["count"], row["settings"], train_key)
+        weighted = jax.tree_util.tree_map(lambda d: out.num_examples * d, out.delta)
+        return (weighted, out.num_examples), out.loss
+
+    return one_client
+
+
+def engine_runner(work: Workload, config: EngineConfig) -> Callable[[], Any]:
+    model, params, x, y, offsets, counts, settings = make_problem(work)
+    spec = spec_for(config)
+    ids = jnp.arange(work.clients, dtype=jnp.int32)
+    if config.strategy == "host":
+        round_key = jax.random.fold_in(jax.random.key(7), 0)
+        base_key = jax.random.fold_in(round_key, 0)
+        one_client = host_one_client(spec, model.apply)
+        shared = (params, jnp.asarray(x), jnp.asarray(y), base_key)
+        rows = {"id": ids, "offset": jnp.asarray(offsets), "count": jnp.asarray(counts),
+                "settings": jax.tree_util.tree_map(jnp.asarray, settings)}
+
+        def run_host():
+            (weighted, weight), _ = parallel.map_clients_host(one_client, shared, rows, chunk_size=config.chunk)
+            return jax.tree_util.tree_map(lambda s: s / weight, weighted)
+
+        return run_host
+    server_tx = optax.sgd(1.0)
+    round_fn = build_round(model.apply, spec, server_tx, AggregationSpec(), chunk_size=config.chunk,
+                           strategy=config.strategy)
+    population = Population(jnp.asarray(x), jnp.asarray(y), jnp.asarray(offsets), jnp.asarray(counts))
+    device_settings = jax.tree_util.tree_map(jnp.asarray, settings)
+    mask = jnp.ones(work.clients, bool)
+    key = jax.random.key(7)
+
+    def run_round():
+        state = init_server_state(params, server_tx)
+        return round_fn(state, population, device_settings, ids, mask, key)[0].params
+
+    return run_round
+
+
+def jax_loop_runner(work: Workload) -> Callable[[], Any]:
+    """Per-client baseline: the best single-client program (steps unrolled) called in a Python loop."""
+    model, params, x, y, offsets, counts, settings = make_problem(work)
+    spec = LocalSpec(max_steps=STEPS, max_batch=BATCH, max_count=EXAMPLES, num_classes=10, unroll=STEPS)
+    x, y = jnp.asarray(x), jnp.asarray(y)
+    rows = [jax.tree_util.tree_map(lambda a: jnp.asarray(a[i]), settings) for i in range(work.clients)]
+    update = jax.jit(lambda p, offset, count, row, key: client_update(spec, model.apply, p, x, y, offset, count,
+                                                                       row, key).delta)
+    add = jax.jit(lambda a, b: jax.tree_util.tree_map(jnp.add, a, b), donate_argnums=(0,))
+    keys = jax.random.split(jax.random.key(7), work.clients)
+
+    def run():
+        total = jax.tree_util.tree_map(jnp.zeros_like, params)
+        for i in range(work.clients):
+            total = add(total, update(params, offsets[i], counts[i], rows[i], keys[i]))
+        return total
+
+    return run
+
+
+def torch_loop_runner(work: Workload) -> Callable[[], Any] | None:
+    try:
+        import torch
+    except ImportError:
+        return None
+    # Tiny MLP ops gain nothing from threads and lose much to spinning thread pools on a loaded machine.
+    torch.set_num_threads(1 if work.model == "mlp" else (os.cpu_count() or 1))
+    device = "cuda" if jax.default_backend() == "gpu" and torch.cuda.is_available() else "cpu"
+    _, _, x, y, offsets, _, _ = make_problem(work)
+    if work.model == "cnn":
+        net = torch.nn.Sequential(
+            torch.nn.Conv2d(1, 32, 5, padding=2), torch.nn.ReLU(), torch.nn.MaxPool2d(2),
+            torch.nn.Conv2d(32, 64, 5, padding=2), torch.nn.ReLU(), torch.nn.MaxPool2d(2), torch.nn.Flatten(),
+            torch.nn.Linear(3136, 512), torch.nn.ReLU(), torch.nn.Linear(512, 10))
+        tx = torch.from_numpy(np.ascontiguousarray(np.transpose(x, (0, 3, 1, 2))))
+    else:
+        hidden = dict(work.model_kwargs)["hidden"]
+        layers, width = [torch.nn.Flatten()], int(np.prod(work.input_shape))
+        for h in hidden:
+            layers += [torch.nn.Linear(width, h), torch.nn.ReLU()]
+            width = h
+        net = torch.nn.Sequential(*layers, torch.nn.Linear(width, 10))
+        tx = torch.from_numpy(np.array(x))
+    net = net.to(device)
+    tx, ty = tx.to(device), torch.from_numpy(y).long().to(device)
+    server = [p.detach().clone() for p in net.parameters()]
+    generator = torch.Generator().manual_seed(0)
+    loss_fn = torch.nn.CrossEntropyLoss()
+
+    def run():
+        total = [torch.zeros_like(p) for p in server]
+        optimizer = torch.optim.SGD(net.parameters(), lr=LR)
+        for i in range(work.clients):
+            with torch.no_grad():
+                for p, s in zip(net.parameters(), server):
+                    p.copy_(s)
+            for _ in range(STEPS):
+                idx = offsets[i] + torch.randperm(EXAMPLES, generator=generator)[:BATCH]
+                idx = idx.to(device)
+                optimizer.zero_grad(set_to_none=True)
+                loss_fn(net(tx[idx]), ty[idx]).backward()
+                optimizer.step()
+            with torch.no_grad():
+                for t, p, s in zip(total, net.parameters(), server):
+                    t.add_(p - s, alpha=float(EXAMPLES))
+        if device == "cuda":
+            torch.cuda.synchronize()
+        return None
+
+    return run
+
+
+def auto_config(work: Workload) -> EngineConfig:
+    """What ``Experiment`` picks for this workload on this backend."""
+    model = get_model(work.model, work.input_shape, 10, **dict(work.model_kwargs))
+    num_params = count_params(model.init(jax.random.key(0)))
+    return EngineConfig(strategy=parallel.auto_strategy(work.model),
+                        chunk=parallel.auto_chunk_size(work.clients, num_params),
+                        unroll=parallel.auto_unroll(work.model, STEPS),
+                        conv_as_matmul=parallel.auto_conv_as_matmul(work.model))
+
+
+def explore_configs(work: Workload) -> list[EngineConfig]:
+    if work.model == "cnn":
+        return [EngineConfig("host", 1, STEPS, False), EngineConfig("host", 8, STEPS, True),
+                EngineConfig("vmap", 32, STEPS, True), EngineConfig("vmap", 8, 1, True),
+                EngineConfig("loop", 1, STEPS, True)]
+    return [EngineConfig("vmap", c, u, False) for c in (32, 128, work.clients) for u in (1, STEPS)] + [
+        EngineConfig("loop", 1, 1, False)]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="fewer clients and repeats")
+    parser.add_argument("--explore", action="store_true", help="also time other engine strategies")
+    parser.add_argument("--models", default="mlp,cnn", help="comma-separated subset of mlp,cnn")
+    parser.add_argument("--repeats", type=int, default=None, help="timed runs per row (median reported)")
+    args = parser.parse_args()
+    repeats = args.repeats or (2 if args.quick else 3)
+    workloads = {
+        "mlp": Workload("MLP 64-128-10 (9.6k params)", "mlp", (64,), 200 if args.quick else 1000,
+                        (("hidden", (128,)),)),
+        "cnn": Workload("McMahan CNN 28x28 (1.66M params)", "cnn", (28, 28, 1), 16 if args.quick else 100),
+    }
+    backend = jax.default_backend()
+    print(f"backend={backend} devices={jax.device_count()} cores={os.cpu_count()} jax={jax.__version__} "
+          f"load(1,5,15 min)={tuple(round(v, 2) for v in os.getloadavg())}")
+    peak = matmul_peak_gflops(repeats)
+    print(f"measured fp32 matmul peak: {peak:.0f} GFLOP/s")
+    print(f"each client: {EXAMPLES} examples, {STEPS} SGD steps of batch {BATCH}; medians of {repeats} runs\n")
+    header = f"{'model':<34} {'method':<11} {'configuration':<38} {'clients/s':>10} {'GFLOP/s':>8} {'%peak':>6}"
+    print(header + "\n" + "-" * len(header))
+    for key in args.models.split(","):
+        work = workloads[key]
+        model = get_model(work.model, work.input_shape, 10, **dict(work.model_kwargs))
+        params = model.init(jax.random.key(0))
+        flops_per_client = STEPS * grad_step_flops(model.apply, params, jnp.zeros((BATCH, *work.input_shape)))
+        rates: dict[str, float] = {}
+
+        def report(method: str, label: str, runner: Callable[[], Any] | None) -> None:
+            if runner is None:
+                print(f"{work.name:<34} {method:<11} {'skipped: torch not importable':<38}", flush=True)
+                return
+            rate = work.clients / median_seconds(runner, repeats)
+            gflops = rate * flops_per_client / 1e9
+            rates.setdefault(method, 0.0)
+            rates[method] = max(rates[method], rate)
+            print(f"{work.name:<34} {method:<11} {label:<38} {rate:>10.1f} {gflops:>8.1f} {100 * gflops / peak:>5.1f}%",
+                  flush=True)
+
+        auto = auto_config(work)
+        report("engine", "auto: " + auto.label(), engine_runner(work, auto))
+        if args.explore:
+            for config in explore_configs(work):
+                if config != auto:
+                    report("engine*", config.label(), engine_runner(work, config))
+        report("jax-loop", "jit(one client, unroll=5) in Python", jax_loop_runner(work))
+        torch_threads = 1 if work.model == "mlp" else os.cpu_count()
+        report("torch-loop", f"PyTorch one client at a time, {torch_threads} thr", torch_loop_runner(work))
+        engine = rates["engine"]
+        ratios = [f"engine(auto) / jax-loop = {engine / rates['jax-loop']:.2f}x"]
+        if "torch-loop" in rates:
+            ratios.append(f"engine(auto) / torch-loop = {engine / rates['torch-loop']:.2f}x")
+        if "engine*" in rates:
+            ratios.append(f"best engine / jax-loop = {max(engine, rates['engine*']) / rates['jax-loop']:.2f}x")
+        print(f"{'':<34} ratios: " + "; ".join(ratios) + f"  ({flops_per_client / 1e9:.3f} GFLOP per client)\n",
+              flush=True)
+    print(f"load after: {tuple(round(v, 2) for v in os.getloadavg())}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,205 @@
+"""Report: plots and a summary table from results-store records (``fedjaxpriv report``).
+
+Files written to the output directory:
+
+* ``accuracy_vs_rounds.png``: test accuracy per evaluated round, one line per run;
+* ``epsilon_vs_rounds.png``: sample-level (``epsilon_max``) and client-level (``client_level_epsilon``)
+  epsilon per round, for runs that track privacy;
+* ``privacy_utility.png``: final accuracy against final epsilon (runs without DP at the right, "no DP");
+* ``communication_vs_accuracy.png``: final accuracy against total bytes uploaded (log scale);
+* ``attacks.png``: every ``attack/<name>/<metric>`` key found in the records' final metrics, per run;
+* ``summary.md`` / ``summary.csv``: one row per run with the config fields that vary and final metrics.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import os
+from typing import Any, Mapping, Sequence
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+from fedjaxpriv.results import as_float, cumulative, flatten, varying_fields  # noqa: E402
+
+Record = Mapping[str, Any]
+EPSILON_KEYS = ("epsilon_max", "client_level_epsilon")
+SUMMARY_METRICS = ("test_accuracy", "test_loss", "client_accuracy_p10", "epsilon_max", "client_level_epsilon",
+                   "round", "cost_wall_time_s", "cost_energy_j")
+
+
+def attack_keys(records: Sequence[Record]) -> list[str]:
+    """The ``attack/<name>/<metric>`` keys present in any record's final metrics (sorted)."""
+    return sorted({k for r in records for k in r["final"] if k.startswith("attack/")})
+
+
+def final_epsilon(record: Record) -> float:
+    """The run's final epsilon: the largest of its sample- and client-level epsilons (nan without DP)."""
+    values = [as_float(record["final"][k]) for k in EPSILON_KEYS if k in record["final"]]
+    values = [v for v in values if not math.isnan(v) and v > 0]
+    return max(values) if values else math.nan
+
+
+def summary_rows(records: Sequence[Record]) -> list[dict[str, Any]]:
+    """One row per run: label, config hash, the varying config fields, final metrics and total bytes."""
+    fields = varying_fields(records) if len(records) > 1 else []
+    metrics = [m for m in SUMMARY_METRICS if any(m in r["final"] for r in records)] + attack_keys(records)
+    rows = []
+    for record in records:
+        flat = flatten(record["config"])
+        row: dict[str, Any] = {"label": record.get("label", ""), "config_hash": record["config_hash"]}
+        row.update({f: flat.get(f) for f in fields})
+        row.update({m: record["final"].get(m) for m in metrics})
+        row["bytes_uploaded"] = cumulative(record["history"], "bytes_total")
+        rows.append(row)
+    return rows
+
+
+def _cell(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    if isinstance(value, list):
+        return "[" + ", ".join(_cell(v) for v in value) + "]"
+    return "" if value is None else str(value)
+
+
+def write_table(rows: Sequence[Mapping[str, Any]], out_dir: str) -> tuple[str, str]:
+    """Writes ``summary.csv`` (full precision) and ``summary.md`` (4 significant digits)."""
+    columns: list[str] = []
+    for row in rows:
+        columns.extend(k for k in row if k not in columns)
+    csv_path, md_path = os.path.join(out_dir, "summary.csv"), os.path.join(out_dir, "summary.md")
+    with open(csv_path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=columns)
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({k: ("" if row.get(k) is None else repr(row[k]) if isinstance(row.get(k), float)
+                                 else row.get(k)) for k in columns})
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(_cell(row.get(k)) for k in columns) + " |" for row in rows]
+    with open(md_path, "w") as f:
+        f.write("\n".join(lines) + "\n")
+    return csv_path, md_path
+
+
+def _series(record: Record, key: str) -> tuple[list[float], list[float]]:
+    points = [(r["round"], as_float(r[key])) for r in record["history"] if key in r]
+    return [p[0] for p in points], [p[1] for p in points]
+
+
+def _save(fig: plt.Figure, path: str) -> str:
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def _axes() -> tuple[plt.Figure, plt.Axes]:
+    fig, ax = plt.subplots(figsize=(9, 4.5))
+    ax.set_prop_cycle(color=plt.cm.tab20.colors)
+    return fig, ax
+
+
+def _legend(ax: plt.Axes, count: int) -> None:
+    if count:
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), ncol=1 if count <= 24 else 2)
+
+
+def plot_metric_vs_rounds(records: Sequence[Record], keys: Sequence[str], ylabel: str, path: str) -> str | None:
+    """Lines of ``keys`` against round, one per run and key; None (no file) if no record has the keys."""
+    fig, ax = _axes()
+    lines = 0
+    for record in records:
+        for key in keys:
+            rounds, values = _series(record, key)
+            if rounds:
+                suffix = f" ({key})" if len(keys) > 1 else ""
+                ax.plot(rounds, values, marker="." if len(rounds) < 30 else None, label=record["label"] + suffix)
+                lines += 1
+    if not lines:
+        plt.close(fig)
+        return None
+    ax.set_xlabel("round")
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+    _legend(ax, lines)
+    return _save(fig, path)
+
+
+def plot_privacy_utility(records: Sequence[Record], path: str) -> str:
+    """Final test accuracy against final epsilon; runs without DP sit at the right, above "no DP"."""
+    fig, ax = _axes()
+    points = [(final_epsilon(r), as_float(r["final"].get("test_accuracy")), r["label"]) for r in records]
+    finite = [e for e, _, _ in points if not math.isnan(e)]
+    no_dp_x = 2.0 * max(finite) if finite else 1.0
+    for eps, acc, label in points:
+        private = not math.isnan(eps)
+        ax.scatter([eps if private else no_dp_x], [acc], marker="o" if private else "s", label=label)
+    ax.set_xscale("log")
+    if len(finite) < len(points):
+        ax.axvline(no_dp_x / 1.4, color="gray", linewidth=0.8, linestyle=":")
+        ax.annotate("no DP", (no_dp_x, 0.0), xycoords=("data", "axes fraction"), xytext=(0, 4),
+                    textcoords="offset points", ha="center", fontsize=8)
+    ax.set_xlabel("epsilon (final, largest of sample/client level; log scale)")
+    ax.set_ylabel("final test accuracy")
+    ax.grid(alpha=0.3)
+    _legend(ax, len(points))
+    return _save(fig, path)
+
+
+def plot_communication(records: Sequence[Record], path: str) -> str:
+    """Final test accuracy against total bytes uploaded by clients over the run."""
+    fig, ax = _axes()
+    for record in records:
+        ax.scatter([max(cumulative(record["history"], "bytes_total"), 1.0)],
+                   [as_float(record["final"].get("test_accuracy"))], label=record["label"])
+    ax.set_xscale("log")
+    ax.set_xlabel("bytes uploaded (total over rounds)")
+    ax.set_ylabel("final test accuracy")
+    ax.grid(alpha=0.3)
+    _legend(ax, len(records))
+    return _save(fig, path)
+
+
+def plot_attacks(records: Sequence[Record], path: str) -> str | None:
+    """One panel per attack metric: its final value per run (runs ordered as given)."""
+    keys = attack_keys(records)
+    if not keys:
+        return None
+    fig, axes = plt.subplots(len(keys), 1, figsize=(7, 2.6 * len(keys)), squeeze=False)
+    for ax, key in zip(axes[:, 0], keys):
+        having = [r for r in records if key in r["final"]]
+        ax.bar(range(len(having)), [as_float(r["final"][key]) for r in having])
+        ax.set_xticks(range(len(having)), [r["label"] for r in having], rotation=30, ha="right", fontsize=7)
+        ax.set_ylabel(key.split("/", 1)[1], fontsize=8)
+        ax.grid(alpha=0.3, axis="y")
+    return _save(fig, path)
+
+
+def write_report(records: Sequence[Record], out_dir: str) -> dict[str, str]:
+    """Writes every plot that the records support and the summary table.
+
+    Returns:
+      Mapping of artefact name to file path.
+
+    Raises:
+      ValueError: if there are no records.
+    """
+    if not records:
+        raise ValueError("no records to report; run a sweep first or pass run directories.")
+    os.makedirs(out_dir, exist_ok=True)
+    written: dict[str, str | None] = {
+        "accuracy_vs_rounds": plot_metric_vs_rounds(records, ["test_accuracy"], "test accuracy",
+                                                    os.path.join(out_dir, "accuracy_vs_rounds.png")),
+        "epsilon_vs_rounds": plot_metric_vs_rounds(records, list(EPSILON_KEYS), "epsilon",
+                                                   os.path.join(out_dir, "epsilon_vs_rounds.png")),
+        "privacy_utility": plot_privacy_utility(records, os.path.join(out_dir, "privacy_utility.png")),
+        "communication_vs_accuracy": plot_communication(records,
+                                                        os.path.join(out_dir, "communication_vs_accuracy.png")),
+        "attacks": plot_attacks(records, os.path.join(out_dir, "attacks.png")),
+    }
+    written["summary_csv"], written["summary_md"] = write_table(summary_rows(records), out_dir)
+    return {k: v for k, v in written.items() if v is not None}

@@ -1,0 +1,212 @@
+"""The results store: one JSON line per finished run, safe for concurrent writers and interrupted runs.
+
+A record holds everything needed to compare runs later without their run directories::
+
+    {"config_hash", "label", "overrides", "config", "seed", "versions", "final", "history", "run_dir", "finished_at"}
+
+``final`` maps every metric to its last recorded value; ``history`` is the list of per-round records.
+Writers append a whole record with one ``os.write`` under an exclusive ``fcntl`` lock, so lines never
+interleave; a line cut short by a killed writer is skipped by readers and sealed by the next writer.
+"""
+
+from __future__ import annotations
+
+import datetime
+import fcntl
+import json
+import math
+import os
+from typing import Any, Iterable, Mapping, Sequence
+
+import numpy as np
+
+Record = dict[str, Any]
+STORE_FILE = "results.jsonl"
+VERSIONED_PACKAGES = ("jax", "flax", "optax", "numpy", "fedjaxpriv")
+
+
+def jsonable(value: Any) -> Any:
+    """Converts numpy scalars/arrays, tuples and non-finite floats into plain JSON values ("inf", null)."""
+    if isinstance(value, Mapping):
+        return {str(k): jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [jsonable(v) for v in value]
+    if isinstance(value, np.ndarray):
+        return jsonable(value.tolist())
+    if isinstance(value, (np.floating, np.integer, np.bool_)):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None if math.isnan(value) else ("inf" if value > 0 else "-inf")
+    return value
+
+
+def as_float(value: Any) -> float:
+    """Reads a stored metric back as a float ("inf" strings and null included)."""
+    if value is None:
+        return math.nan
+    return float(value)
+
+
+def package_versions() -> dict[str, str]:
+    """Versions of the packages that determine a run's numbers."""
+    from importlib import metadata
+
+    versions = {}
+    for name in VERSIONED_PACKAGES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = "unknown"
+    return versions
+
+
+def final_metrics(history: Sequence[Mapping[str, Any]]) -> Record:
+    """The last recorded value of every metric in a history (evaluation keys come from evaluated rounds)."""
+    final: Record = {}
+    for record in history:
+        final.update(record)
+    return final
+
+
+def cumulative(history: Sequence[Mapping[str, Any]], key: str) -> float:
+    """Sum of a per-round metric over the history (e.g. total bytes uploaded)."""
+    return float(sum(as_float(r[key]) for r in history if key in r))
+
+
+def make_record(config: Any, history: Sequence[Mapping[str, Any]], *, run_dir: str | None = None,
+                label: str | None = None, overrides: Mapping[str, Any] | None = None) -> Record:
+    """Builds a store record for a finished run of ``config`` (an ``ExperimentConfig``)."""
+    history = [jsonable(dict(r)) for r in history]
+    return {
+        "config_hash": config.config_hash(),
+        "label": label or config.name,
+        "overrides": jsonable(dict(overrides or {})),
+        "config": jsonable(config.to_dict()),
+        "seed": config.run.seed,
+        "versions": package_versions(),
+        "final": final_metrics(history),
+        "history": history,
+        "run_dir": None if run_dir is None else os.path.abspath(run_dir),
+        "finished_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def _parse_lines(data: bytes) -> list[Record]:
+    records = []
+    for line in data.split(b"\n"):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # a record cut short by a killed writer
+        if isinstance(record, dict) and "config_hash" in record:
+            records.append(record)
+    return records
+
+
+class ResultsStore:
+    """An append-only JSON-lines file of run records.
+
+    Attributes:
+      path: the ``results.jsonl`` file (created on the first append).
+    """
+
+    def __init__(self, path: str) -> None:
+        if os.path.isdir(path) or not path.endswith(".jsonl"):
+            path = os.path.join(path, STORE_FILE)
+        self.path = os.path.abspath(path)
+
+    def append(self, record: Mapping[str, Any]) -> None:
+        """Appends one record atomically: one write of one line under an exclusive lock."""
+        line = (json.dumps(jsonable(record), sort_keys=True) + "\n").encode()
+        os.makedirs(os.path.dirname(self.path), exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            size = os.fstat(fd).st_size
+            if size and os.pread(fd, 1, size - 1) != b"\n":
+                line = b"\n" + line  # seal a line left unfinished by an interrupted writer
+            view = memoryview(line)
+            while view:
+                written = os.write(fd, view)
+                view = view[written:]
+            os.fsync(fd)
+        finally:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            os.close(fd)
+
+    def records(self) -> list[Record]:
+        """All intact records, in the order they were written."""
+        if not os.path.exists(self.path):
+            return []
+        with open(self.path, "rb") as f:
+            fcntl.flock(f.fileno(), fcntl.LOCK_SH)
+            try:
+                data = f.read()
+            finally:
+                fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+        return _parse_lines(data)
+
+    def completed_hashes(self) -> set[str]:
+        """Config hashes of the runs already in the store."""
+        return {r["config_hash"] for r in self.records()}
+
+
+def record_from_run_dir(run_dir: str) -> Record:
+    """A store record built from a run directory (config.json + history.jsonl written by ``fedjaxpriv run``)."""
+    from fedjaxpriv.config import from_dict
+    from fedjaxpriv.storage import read_history
+
+    config_path = os.path.join(run_dir, "config.json")
+    if not os.path.exists(config_path):
+        raise ValueError(f"{run_dir!r} is not a run directory (no config.json) nor a results store.")
+    with open(config_path) as f:
+        saved = json.load(f)
+    raw = {k: v for k, v in saved["config"].items()}
+    for section in raw.values():  # "inf" strings from JSON back to floats
+        if isinstance(section, dict):
+            for key, value in section.items():
+                if value in ("inf", "Infinity"):
+                    section[key] = math.inf
+    config = from_dict(raw)
+    history = read_history(os.path.join(run_dir, "history.jsonl"))
+    label = os.path.basename(os.path.normpath(run_dir))
+    return make_record(config, history, run_dir=run_dir, label=label)
+
+
+def load_records(sources: Iterable[str]) -> list[Record]:
+    """Records from results stores (``results.jsonl`` files or directories holding one) and run directories.
+
+    Raises:
+      ValueError: if a source is neither a store nor a run directory.
+    """
+    records: list[Record] = []
+    for source in sources:
+        store_path = source if source.endswith(".jsonl") else os.path.join(source, STORE_FILE)
+        if os.path.isfile(store_path):
+            records.extend(ResultsStore(store_path).records())
+        elif os.path.isdir(source):
+            records.append(record_from_run_dir(source))
+        else:
+            raise ValueError(f"{source!r} is neither a results store (results.jsonl) nor a run directory.")
+    return records
+
+
+def flatten(mapping: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested dicts to dotted keys: {"client": {"lr": 0.1}} -> {"client.lr": 0.1}."""
+    flat: dict[str, Any] = {}
+    for key, value in mapping.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            flat.update(flatten(value, name + "."))
+        else:
+            flat[name] = value
+    return flat
+
+
+def varying_fields(records: Sequence[Mapping[str, Any]]) -> list[str]:
+    """Dotted config fields whose values differ between records (sorted)."""
+    flats = [flatten(r["config"]) for r in records]
+    keys = sorted(set().union(*flats)) if flats else []
+    return [k for k in keys if len({json.dumps(f.get(k), sort_keys=True) for f in flats}) > 1]

@@ -1,0 +1,133 @@
+"""Execution strategies change speed, never results: host loop, conv-as-matmul and unrolling equal the default."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax import lax
+
+from fedjaxpriv import parallel
+from fedjaxpriv.client.local import LocalSpec, client_update
+from fedjaxpriv.client.settings import make_settings
+from fedjaxpriv.models import get_model
+from fedjaxpriv.server import server_optimizer
+from fedjaxpriv.simulation import AggregationSpec, Population, build_round, init_server_state
+
+
+def _assert_trees_close(a, b, atol, rtol=0.0):
+    leaves_a, leaves_b = jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)
+    assert len(leaves_a) == len(leaves_b)
+    for x, y in zip(leaves_a, leaves_b):
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=atol, rtol=rtol)
+
+
+@pytest.mark.parametrize("name,shape,check_grads", [("cnn", (8, 8, 2), False), ("lenet", (8, 8, 1), True)])
+def test_conv_as_matmul_matches_native_values_and_gradients(name, shape, check_grads):
+    model = get_model(name, shape, 10)
+    params = model.init(jax.random.key(0))
+    x = jax.random.normal(jax.random.key(1), (3, *shape))
+    fast = parallel.conv_as_matmul(model.apply)
+    native_logits, fast_logits = jax.jit(model.apply)(params, x), jax.jit(fast)(params, x)
+    assert float(jnp.max(jnp.abs(native_logits))) > 1e-2  # a non-trivial output is compared
+    np.testing.assert_allclose(np.asarray(fast_logits), np.asarray(native_logits), atol=2e-5, rtol=1e-4)
+    if not check_grads:
+        return
+
+    def loss(apply_fn, p):
+        return jnp.sum(jnp.sin(apply_fn(p, x)))
+
+    _assert_trees_close(jax.jit(jax.grad(functools.partial(loss, fast)))(params),
+                        jax.jit(jax.grad(functools.partial(loss, model.apply)))(params), atol=5e-5, rtol=1e-4)
+
+
+def test_conv_as_matmul_general_layouts_strides_dilation_and_vmap():
+    """NCHW/OIHW layouts, stride, kernel dilation and asymmetric padding; vmapped over per-client kernels."""
+    dims = ("NCHW", "OIHW", "NCHW")
+
+    def conv(kernel, x):
+        return lax.conv_general_dilated(x, kernel, window_strides=(2, 1), padding=((1, 2), (0, 1)),
+                                        rhs_dilation=(1, 2), dimension_numbers=dims)
+
+    def transposed(kernel, x):  # input dilation: left to the native convolution
+        return lax.conv_general_dilated(x, kernel, (1, 1), ((1, 1), (1, 1)), lhs_dilation=(2, 2),
+                                        dimension_numbers=dims)
+
+    kernels = jax.random.normal(jax.random.key(0), (4, 5, 3, 3, 2))     # 4 clients, OIHW
+    x = jax.random.normal(jax.random.key(1), (2, 3, 9, 7))
+    for fn in (conv, transposed):
+        expected = jax.vmap(fn, in_axes=(0, None))(kernels, x)
+        got = jax.jit(jax.vmap(parallel.conv_as_matmul(fn), in_axes=(0, None)))(kernels, x)
+        np.testing.assert_allclose(np.asarray(got), np.asarray(expected), atol=1e-4, rtol=1e-5)
+
+
+def _client_problem(population, info, model_name="mlp"):
+    kwargs = {"hidden": (16,)} if model_name == "mlp" else {}
+    model = get_model(model_name, info.input_shape, info.num_classes, **kwargs)
+    settings = make_settings(population.num_clients, population.counts, num_steps=[3, 0, 4, 2],
+                             batch_size=[8, 4, 6, 5], lr=[0.1, 0.05, 0.2, 0.1], poisson=[False, True, False, False],
+                             mixup_alpha=[0.0, 0.4, 0.0, 1.0], dp_clip_norm=[np.inf, 1.0, 0.5, np.inf],
+                             dp_noise_multiplier=[0.0, 1.0, 0.3, 0.0])
+    pop = Population(*(jnp.asarray(a) for a in (population.x, population.y, population.offsets, population.counts)))
+    return model, jax.tree_util.tree_map(jnp.asarray, settings), pop, model.init(jax.random.key(3))
+
+
+def _one_client(spec, apply_fn, shared, row):
+    params, x, y, base_key = shared
+    key = jax.random.fold_in(base_key, row["id"])
+    out = client_update(spec, apply_fn, params, x, y, row["offset"], row["count"], row["settings"], key)
+    weighted = jax.tree_util.tree_map(lambda d: out.num_examples * d, out.delta)
+    return (weighted, out.num_examples), out.loss
+
+
+def test_host_loop_equals_compiled_vmap(digits_population):
+    population, _, info = digits_population
+    model, settings, pop, params = _client_problem(population, info)
+    spec = LocalSpec(max_steps=3, max_batch=8, max_count=population.max_count, num_classes=info.num_classes)
+    ids = jnp.array([0, 1, 2, 3, 5, 6, 7, 9], jnp.int32)
+    rows = {"id": ids, "offset": pop.offsets[ids], "count": pop.counts[ids],
+            "settings": jax.tree_util.tree_map(lambda a: a[ids], settings)}
+    shared = (params, pop.x, pop.y, jax.random.key(11))
+    fn = functools.partial(_one_client, spec, model.apply)
+    expected = jax.jit(lambda s, r: parallel.map_clients(functools.partial(fn, s), r, chunk_size=8))(shared, rows)
+    assert float(jnp.max(jnp.abs(expected[0][0]["Dense_0"]["kernel"]))) > 1e-3
+    for chunk_size in (1, 3):  # the plain one-client program; vmapped chunks with a padded last chunk
+        got = parallel.map_clients_host(fn, shared, rows, chunk_size=chunk_size)
+        _assert_trees_close(got, expected, atol=2e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="outside"):
+        jax.jit(lambda s, r: parallel.map_clients_host(fn, s, r))(shared, rows)
+
+
+def test_unrolled_conv_as_matmul_round_equals_default_round(digits_population):
+    population, _, info = digits_population
+    model, settings, pop, params = _client_problem(population, info, "lenet")
+    ids, mask = jnp.array([0, 2, 3, 4, 6], jnp.int32), jnp.ones(5, bool)
+    results = []
+    for unroll, as_matmul in [(1, False), (2, True)]:
+        spec = LocalSpec(max_steps=2, max_batch=8, max_count=population.max_count, num_classes=info.num_classes,
+                         unroll=unroll, conv_as_matmul=as_matmul)
+        tx = server_optimizer("sgd", 1.0)
+        round_fn = build_round(model.apply, spec, tx, AggregationSpec(), chunk_size=3)
+        state, out = round_fn(init_server_state(params, tx), pop, settings, ids, mask, jax.random.key(5))
+        results.append((state.params, out.loss))
+    delta = jax.tree_util.tree_map(jnp.subtract, results[0][0], params)
+    assert float(optax_norm(delta)) > 1e-3  # training moved the model
+    for other in results[1:]:
+        _assert_trees_close(other, results[0], atol=3e-5, rtol=1e-4)
+
+
+def optax_norm(tree):
+    return jnp.sqrt(sum(jnp.sum(leaf**2) for leaf in jax.tree_util.tree_leaves(tree)))
+
+
+def test_auto_choices_per_backend_and_memory_bound():
+    assert parallel.auto_conv_as_matmul("cnn", "cpu") and parallel.auto_conv_as_matmul("resnet", "cpu")
+    assert not parallel.auto_conv_as_matmul("cnn", "gpu") and not parallel.auto_conv_as_matmul("mlp", "cpu")
+    assert parallel.auto_unroll("cnn", 5, "cpu") == 5 and parallel.auto_unroll("cnn", 50, "cpu") == 8
+    assert parallel.auto_unroll("cnn", 5, "gpu") == 1 and parallel.auto_unroll("mlp", 5, "cpu") == 1
+    assert parallel.auto_strategy("cnn", "cpu") in ("vmap", "loop")
+    for num_params in (10_000, 1_663_370, 50_000_000):
+        chunk = parallel.auto_chunk_size(1000, num_params, "cpu", budget_bytes=5e8)
+        assert 1 <= chunk <= 256 and (chunk == 1 or chunk * 8 * 4 * num_params <= 5e8)
+    assert parallel.auto_chunk_size(1000, 10_000, "gpu") == 1000
