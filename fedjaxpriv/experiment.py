@@ -172,7 +172,7 @@ class Experiment:
         count_noise = (s.clip_count_noise_multiplier if s.clip_count_noise_multiplier is not None
                        else s.clients_per_round / 20.0)
         self.aggregation = AggregationSpec(weighting=s.weighting, central_clip_norm=s.central_clip_norm,
-                                           central_noise_multiplier=self.effective_central_noise_multiplier(),
+                                           central_noise_multiplier=s.central_noise_multiplier,
                                            expected_cohort=float(s.clients_per_round),
                                            adaptive_clip_quantile=s.adaptive_clip_quantile,
                                            adaptive_clip_lr=s.adaptive_clip_lr,
