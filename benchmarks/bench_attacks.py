@@ -14,7 +14,6 @@ import argparse
 import time
 
 import jax
-import jax.numpy as jnp
 
 from fedjaxpriv.attacks import inversion
 from fedjaxpriv.models import get_model

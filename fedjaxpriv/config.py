@@ -259,6 +259,8 @@ class RunConfig:
       checkpoint_every: save a resumable checkpoint every this many rounds (0 = only at the end).
       delta: target delta for privacy accounting.
       accountant: "rdp" or "pld" (dp_accounting).
+      tap_clients / tap_rounds: attack taps: in each listed round (1-based), record the messages the listed
+        clients send (whether or not they are sampled) and the server model they start from.
     """
 
     rounds: int = 40
@@ -269,6 +271,8 @@ class RunConfig:
     checkpoint_every: int = 10
     delta: float = 1e-5
     accountant: str = "rdp"
+    tap_clients: tuple[int, ...] = ()
+    tap_rounds: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         _check_choice("run.accountant", self.accountant, ("rdp", "pld"))
@@ -278,6 +282,8 @@ class RunConfig:
         _check_choice("run.strategy", self.strategy, ("auto", "vmap", "loop"))
         _check(self.checkpoint_every >= 0, "run.checkpoint_every", self.checkpoint_every, "an integer >= 0")
         _check(0 < self.delta < 1, "run.delta", self.delta, "a number in (0, 1)")
+        _check(all(int(r) >= 1 for r in self.tap_rounds), "run.tap_rounds", self.tap_rounds, "round numbers >= 1")
+        _check(all(int(c) >= 0 for c in self.tap_clients), "run.tap_clients", self.tap_clients, "client ids >= 0")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -296,6 +302,12 @@ class ExperimentConfig:
         if self.server.algorithm == "fedprox":
             _check(any(v > 0 for v in _values(self.client.prox_mu)), "client.prox_mu", self.client.prox_mu,
                    "a value > 0 when server.algorithm='fedprox'")
+        _check(all(int(c) < self.data.num_clients for c in self.run.tap_clients), "run.tap_clients",
+               self.run.tap_clients, f"client ids < data.num_clients={self.data.num_clients}")
+        if self.data.partition == "natural" and self.data.dataset != "synthetic":
+            raise ValueError(f"data.partition='natural' needs a dataset with natural client ids ('synthetic'); "
+                             f"data.dataset={self.data.dataset!r} has none: use iid, dirichlet, shards or "
+                             "quantity_skew.")
         if self.server.client_sampling == "uniform":
             _check(self.server.clients_per_round <= self.data.num_clients, "server.clients_per_round",
                    self.server.clients_per_round, f"at most data.num_clients={self.data.num_clients}")

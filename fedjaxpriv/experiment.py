@@ -32,9 +32,27 @@ from fedjaxpriv.parallel import (auto_chunk_size, auto_conv_as_matmul, auto_stra
                                  replicate)
 from fedjaxpriv.server import max_cohort_size, sample_cohort, server_optimizer
 from fedjaxpriv.transforms.pipeline import make_message_fn
-from fedjaxpriv.simulation import AggregationSpec, Population, RoundOutput, ServerState, build_round, init_server_state
+from fedjaxpriv.simulation import (AggregationSpec, Population, RoundOutput, ServerState, build_message_tap,
+                                   build_round, init_server_state)
 
 Record = dict[str, Any]
+
+
+@dataclasses.dataclass
+class Tap:
+    """What an observer of round ``round`` (1-based) sees of the tapped clients.
+
+    Attributes:
+      round: the round number.
+      client_ids: [T] the tapped clients.
+      server_params: the global model the clients start the round from.
+      messages: pytree of the clients' messages, leaves [T, ...] (as sent, before server-side clipping).
+    """
+
+    round: int
+    client_ids: np.ndarray
+    server_params: Any
+    messages: Any
 Callback = Callable[["Experiment", Record], None]
 
 
@@ -53,6 +71,7 @@ class Results:
     history: list[Record]
     params: Any
     out_dir: str | None = None
+    taps: dict[int, "Tap"] = dataclasses.field(default_factory=dict)
 
     def final(self, key: str) -> float:
         """The last recorded value of a metric."""
@@ -186,8 +205,11 @@ class Experiment:
         c = config.client
         prune_schedule = ((c.prune_begin_round, c.prune_end_round) if c.prune_end_round > c.prune_begin_round
                           else None)
+        message_fn = make_message_fn(config.message.order, self.settings)
+        self.tap_fn = build_message_tap(self.model.apply, self.spec, message_fn=message_fn,
+                                        prune_schedule=prune_schedule)
         self.round_fn = build_round(self.model.apply, self.spec, self.server_tx, self.aggregation,
-                                    message_fn=make_message_fn(config.message.order, self.settings),
+                                    message_fn=message_fn,
                                     chunk_size=self.chunk_size, strategy=self.strategy, mesh=mesh,
                                     prune_schedule=prune_schedule)
         self._initial_params = params
@@ -255,6 +277,17 @@ class Experiment:
             record.update(self.privacy.summary())
         return state, record
 
+    def tap(self, state: ServerState, client_ids: Sequence[int]) -> Tap:
+        """The messages ``client_ids`` send in the round that starts from ``state`` (same keys as the round)."""
+        ids = np.asarray(client_ids, np.int32)
+        if ids.ndim != 1 or ids.size == 0 or ids.min() < 0 or ids.max() >= self.population.num_clients:
+            raise ValueError(f"client_ids={client_ids!r} must be a non-empty list of ids in "
+                             f"[0, {self.population.num_clients}).")
+        messages = self.tap_fn(state, self.device_population, self.device_settings, jnp.asarray(ids), self.root_key)
+        return Tap(round=int(state.round) + 1, client_ids=ids,
+                   server_params=jax.tree_util.tree_map(np.asarray, state.params),
+                   messages=jax.tree_util.tree_map(np.asarray, messages))
+
     def evaluate(self, params: Any) -> Record:
         """Central test loss/accuracy and the distribution of per-client accuracy."""
         test = evaluation.evaluate(self.model.apply, params, self.test.x, self.test.y)
@@ -293,7 +326,10 @@ class Experiment:
         bar = _progress(range(start_round, total), progress, initial=start_round, total=total)
         last_saved = start_round
         try:
+            taps: dict[int, Tap] = {}
             for r in bar:
+                if r + 1 in self.config.run.tap_rounds and self.config.run.tap_clients:
+                    taps[r + 1] = self.tap(state, self.config.run.tap_clients)
                 state, record = self.step(state, r)
                 if (r + 1) % self.config.run.eval_every == 0 or r + 1 == total:
                     record.update(self.evaluate(state.params))
@@ -315,7 +351,7 @@ class Experiment:
         finally:
             if store is not None:
                 store.close(self.privacy.per_client())
-        return Results(self.config, history, state.params, out_dir)
+        return Results(self.config, history, state.params, out_dir, taps)
 
 
 def _progress(iterable: Iterable[int], enabled: bool, **kwargs: Any):

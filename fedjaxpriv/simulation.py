@@ -116,6 +116,30 @@ def client_keys_base(round_key: jax.Array) -> jax.Array:
     return jax.random.fold_in(round_key, 0)
 
 
+def cohort_rows(state: ServerState, population: Population, settings: ClientSettings, ids: jax.Array,
+                mask: jax.Array, prune_schedule: tuple[int, int] | None) -> dict[str, Any]:
+    """Step 2 of a round: the cohort's settings rows (with the round's pruning sparsity) and data slices."""
+    cohort_settings = jax.tree_util.tree_map(lambda a: jnp.take(a, ids, axis=0), settings)
+    if prune_schedule is not None:
+        begin, end = prune_schedule
+        cohort_settings = cohort_settings._replace(prune_sparsity=jax.vmap(
+            lambda s: pruning.iterative_sparsity(state.round, s, begin, end))(cohort_settings.prune_sparsity))
+    return {"id": ids, "offset": jnp.take(population.offsets, ids), "count": jnp.take(population.counts, ids),
+            "settings": cohort_settings, "mask": mask}
+
+
+def client_message(spec: LocalSpec, apply_fn: ApplyFn, message_fn: MessageFn, state: ServerState,
+                   population: Population, base_key: jax.Array, row: dict[str, Any]):
+    """Steps 3-4 for one client: local training, then the message transforms. Returns (message as the client
+    sends it, transform stats, ClientOutput)."""
+    client_key = jax.random.fold_in(base_key, row["id"])
+    train_key, message_key = jax.random.split(client_key)
+    out = client_update(spec, apply_fn, state.params, population.x, population.y, row["offset"], row["count"],
+                        row["settings"], train_key)
+    message, stats = message_fn(out.delta, row["settings"], message_key, out.trained_params)
+    return message, stats, out
+
+
 def build_round(apply_fn: ApplyFn, spec: LocalSpec, server_tx: optax.GradientTransformation,
                 aggregation: AggregationSpec, *, message_fn: MessageFn = identity_message, chunk_size: int,
                 strategy: str = "vmap", mesh: Mesh | None = None,
@@ -129,11 +153,7 @@ def build_round(apply_fn: ApplyFn, spec: LocalSpec, server_tx: optax.GradientTra
     """
 
     def one_client(state: ServerState, population: Population, base_key: jax.Array, row: dict[str, Any]):
-        client_key = jax.random.fold_in(base_key, row["id"])
-        train_key, message_key = jax.random.split(client_key)
-        out = client_update(spec, apply_fn, state.params, population.x, population.y, row["offset"],
-                            row["count"], row["settings"], train_key)
-        message, stats = message_fn(out.delta, row["settings"], message_key, out.trained_params)
+        message, stats, out = client_message(spec, apply_fn, message_fn, state, population, base_key, row)
         norm = optax.tree.norm(message)
         if aggregation.clips:
             message = jax.tree_util.tree_map(lambda m: m * dp.clip_scale(norm, state.clip_norm), message)
@@ -151,13 +171,7 @@ def build_round(apply_fn: ApplyFn, spec: LocalSpec, server_tx: optax.GradientTra
                  mask: jax.Array, root_key: jax.Array) -> tuple[ServerState, RoundOutput]:
         round_key = jax.random.fold_in(root_key, state.round)
         base = client_keys_base(round_key)
-        cohort_settings = jax.tree_util.tree_map(lambda a: jnp.take(a, ids, axis=0), settings)
-        if prune_schedule is not None:
-            begin, end = prune_schedule
-            cohort_settings = cohort_settings._replace(prune_sparsity=jax.vmap(
-                lambda s: pruning.iterative_sparsity(state.round, s, begin, end))(cohort_settings.prune_sparsity))
-        rows = {"id": ids, "offset": jnp.take(population.offsets, ids), "count": jnp.take(population.counts, ids),
-                "settings": cohort_settings, "mask": mask}
+        rows = cohort_rows(state, population, settings, ids, mask, prune_schedule)
         (weighted_sum, weight_sum), kept = map_clients(
             lambda row: one_client(state, population, base, row), rows, chunk_size=chunk_size,
             strategy=strategy, mesh=mesh)
@@ -182,6 +196,25 @@ def build_round(apply_fn: ApplyFn, spec: LocalSpec, server_tx: optax.GradientTra
         return ServerState(params, opt_state, state.round + 1, clip_norm), kept
 
     return jax.jit(round_fn, donate_argnums=(0,))
+
+
+def build_message_tap(apply_fn: ApplyFn, spec: LocalSpec, *, message_fn: MessageFn = identity_message,
+                      prune_schedule: tuple[int, int] | None = None) -> Callable[..., Params]:
+    """Builds ``tap(state, population, settings, ids, root_key) -> messages`` (leaves [T, ...]).
+
+    The messages the clients ``ids`` send in round ``state.round``, recomputed with the round's keys, so
+    they equal what those clients send inside the round (an eavesdropper's or the server's view, before any
+    server-side clipping). Clients run one at a time (memory O(params) per target).
+    """
+
+    def tap(state: ServerState, population: Population, settings: ClientSettings, ids: jax.Array,
+            root_key: jax.Array) -> Params:
+        base = client_keys_base(jax.random.fold_in(root_key, state.round))
+        rows = cohort_rows(state, population, settings, ids, jnp.ones(ids.shape, bool), prune_schedule)
+        return jax.lax.map(lambda row: client_message(spec, apply_fn, message_fn, state, population, base, row)[0],
+                           rows)
+
+    return jax.jit(tap)
 
 
 def init_server_state(params: Params, server_tx: optax.GradientTransformation,

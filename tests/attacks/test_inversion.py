@@ -17,7 +17,8 @@ from fedjaxpriv.models import get_model
 
 NUM_TARGETS = 4
 SHAPE = (8, 8, 1)
-DLG = inversion.InversionConfig(method="dlg", num_iterations=50, labels="idlg")
+# Fixed L-BFGS step 1.0 without line search, as in the original DLG code.
+DLG = inversion.InversionConfig(method="dlg", num_iterations=50, learning_rate=1.0, labels="idlg")
 SPEC = inversion.TargetSpec(input_shape=SHAPE, num_classes=10, batch_size=1)
 
 
@@ -107,21 +108,28 @@ def test_dlg_fails_on_noisy_gradient(setup):
 
 
 def test_vmapped_attack_equals_one_target_at_a_time(setup):
-    # A few steps, far from convergence, so each result still depends on its target's key; soft labels
-    # (DLG's joint label optimisation) make the labels key-dependent too.
-    short = inversion.InversionConfig(
-        method="inverting_gradients", num_iterations=10, learning_rate=0.1, tv_weight=1e-4, labels="soft"
+    """Default DLG (L-BFGS with zoom line search, soft labels) on logistic regression over flat inputs.
+
+    After a few steps, far from convergence, each result still depends on its own target and key.
+    """
+    model = get_model("logreg", (64,), 10)
+    params = model.init(jax.random.key(4))
+    spec = inversion.TargetSpec(input_shape=(64,), num_classes=10, batch_size=1)
+    short = inversion.InversionConfig(method="dlg", num_iterations=3, labels="soft")
+    flat = jnp.asarray(setup["images"].reshape(NUM_TARGETS, 64))
+    targets = jax.vmap(lambda x, y: inversion.make_target(spec, model.apply, params, x[None], y[None]))(
+        flat, jnp.asarray(setup["labels"])
     )
-    apply, params, targets, keys = setup["model"].apply, setup["params"], setup["targets"], setup["keys"]
-    batched = inversion.invert_batch(short, SPEC, apply, params, targets, keys)
-    one = jax.jit(lambda target, key: inversion.invert_one(short, SPEC, apply, params, target, key))
+    keys = setup["keys"]
+    batched = inversion.invert_batch(short, spec, model.apply, params, targets, keys)
+    one = jax.jit(lambda target, key: inversion.invert_one(short, spec, model.apply, params, target, key))
     for t in range(NUM_TARGETS):
         single = one(jax.tree_util.tree_map(lambda leaf: leaf[t], targets), keys[t])
         np.testing.assert_allclose(single.x, batched.x[t], atol=1e-5)
-        np.testing.assert_allclose(single.loss, batched.loss[t], atol=1e-6)  # 1 - cos: absolute precision
+        np.testing.assert_allclose(single.loss, batched.loss[t], rtol=1e-4)
         np.testing.assert_array_equal(single.y, batched.y[t])
-    assert np.all(_psnr_per_target(batched, setup["images"]) < 20.0)  # not converged: the check is not trivial
-    rolled = inversion.invert_batch(short, SPEC, apply, params, targets, jnp.roll(keys, 1, axis=0))
+    assert np.all(np.asarray(batched.loss) > 1e-4)  # not converged: the comparison above is not trivial
+    rolled = inversion.invert_batch(short, spec, model.apply, params, targets, jnp.roll(keys, 1, axis=0))
     assert float(jnp.max(jnp.abs(rolled.x - batched.x))) > 0.05
 
 

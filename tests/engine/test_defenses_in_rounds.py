@@ -112,3 +112,20 @@ def test_personalized_targets_are_met():
     eps = exp.privacy.per_client()["epsilon"]
     targets = np.where(np.arange(10) % 2 == 0, 1.0, 4.0)
     assert np.all(eps <= targets + 1e-9)
+
+
+def test_tapped_messages_are_the_messages_aggregated_in_the_round():
+    """With server SGD at lr 1 and example weighting, the new model is params + the weighted mean of the
+    cohort's messages: the tap of the cohort reproduces it exactly."""
+    config = from_dict({**BASE, "client": {"local_steps": 3, "mixup_alpha": 0.5}, "message": {"quant_bits": 6},
+                        "run": {"rounds": 2, "tap_rounds": [2], "tap_clients": [0, 1, 2, 3, 4, 5, 6, 7, 8, 9]}})
+    exp = Experiment(config)
+    results = exp.run(progress=False)
+    tap = results.taps[2]
+    cohort = exp.cohort(1)
+    counts = exp.population.counts[cohort.ids].astype(np.float64)
+    for before, after, messages in zip(jax.tree_util.tree_leaves(tap.server_params),
+                                       jax.tree_util.tree_leaves(results.params),
+                                       jax.tree_util.tree_leaves(tap.messages)):
+        mean = np.tensordot(counts / counts.sum(), messages[cohort.ids], axes=1)
+        np.testing.assert_allclose(after, before + mean, atol=1e-5)
