@@ -1,0 +1,62 @@
+"""Model zoo: published parameter counts, pure init/apply, and that every model can fit a small batch."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from fedjaxpriv.models import MODEL_NAMES, accuracy, count_params, cross_entropy, get_model
+
+
+def test_mcmahan_cnn_has_the_published_parameter_count():
+    # McMahan et al. 2017: the MNIST CNN has 1,663,370 parameters.
+    model = get_model("cnn", (28, 28, 1), 10)
+    assert count_params(model.init(jax.random.key(0))) == 1_663_370
+
+
+def test_mlp_and_logreg_counts_are_exact():
+    assert count_params(get_model("logreg", (8, 8, 1), 10).init(jax.random.key(0))) == 64 * 10 + 10
+    mlp = get_model("mlp", (8, 8, 1), 10, hidden=(32, 16)).init(jax.random.key(0))
+    assert count_params(mlp) == (64 * 32 + 32) + (32 * 16 + 16) + (16 * 10 + 10)
+
+
+def test_init_is_a_pure_function_of_the_key():
+    model = get_model("lenet", (16, 16, 1), 10)
+    a, b = model.init(jax.random.key(3)), model.init(jax.random.key(3))
+    c = model.init(jax.random.key(4))
+    assert all(np.array_equal(x, y) for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)))
+    assert not all(np.array_equal(x, y) for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(c)))
+
+
+@pytest.mark.parametrize("name", MODEL_NAMES)
+def test_every_model_fits_a_small_batch(name):
+    model = get_model(name, (8, 8, 1), 4)
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.random((12, 8, 8, 1), np.float32))
+    y = jnp.asarray(np.arange(12) % 4)
+    params = model.init(jax.random.key(0))
+    opt = optax.adam(0.01)
+    state = opt.init(params)
+    loss_fn = lambda p: cross_entropy(model.apply(p, x), y)
+
+    @jax.jit
+    def step(params, state):
+        grads = jax.grad(loss_fn)(params)
+        updates, state = opt.update(grads, state, params)
+        return optax.apply_updates(params, updates), state
+
+    initial = float(loss_fn(params))
+    for _ in range(150):
+        params, state = step(params, state)
+    assert float(loss_fn(params)) < 0.5 * initial
+    assert float(accuracy(model.apply(params, x), y)) == 1.0
+
+
+def test_bad_model_arguments_are_named():
+    with pytest.raises(ValueError, match="unknown model 'vgg'"):
+        get_model("vgg", (8, 8, 1), 10)
+    with pytest.raises(ValueError, match="needs image inputs"):
+        get_model("cnn", (64,), 10)
+    with pytest.raises(ValueError, match="num_classes=1"):
+        get_model("mlp", (8,), 1)
