@@ -1,3 +1,20 @@
-"""fedjaxpriv: vectorized federated learning simulation in JAX for privacy research."""
+"""fedjaxpriv: vectorized federated learning simulation in JAX for privacy research.
+
+The curated entry points; submodules hold the rest (``fedjaxpriv.client``, ``transforms``, ``privacy``,
+``attacks``, ``devices``, ``sweep``, ``report``).
+"""
 
 __version__ = "0.1.0"
+
+from fedjaxpriv.client.settings import ClientSettings, make_settings
+from fedjaxpriv.config import ExperimentConfig, from_dict, load_config, with_overrides
+from fedjaxpriv.data import FederatedData, load_dataset, partition, synthetic_federated
+from fedjaxpriv.experiment import Experiment, Results, Tap, run
+from fedjaxpriv.models import get_model
+from fedjaxpriv.parallel import make_mesh, map_clients
+
+__all__ = [
+    "ClientSettings", "Experiment", "ExperimentConfig", "FederatedData", "Results", "Tap", "from_dict",
+    "get_model", "load_config", "load_dataset", "make_mesh", "make_settings", "map_clients", "partition", "run",
+    "synthetic_federated", "with_overrides",
+]

@@ -47,36 +47,49 @@ def _assert_trees_close(a, b, atol):
         np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=atol, rtol=0)
 
 
-def test_vectorized_round_equals_per_client_loop(digits_population):
-    population, _, info = digits_population
-    model, spec, settings, params, pop = _setup(population, info)
-    ids = np.array([0, 1, 2, 3, 5, 6, 7, 9], np.int32)
-    mask = np.ones(ids.shape, bool)
-    state, out = _round(model, spec, settings, params, pop, ids, mask, chunk_size=4)
+IDS = np.arange(8, dtype=np.int32)
 
+
+@pytest.fixture(scope="module")
+def hetero(digits_population):
+    """A heterogeneous population (steps, batch, lr, sampling, mixup, pruning and DP differ per client)."""
+    population, _, info = digits_population
+    return population, _setup(population, info)
+
+
+@pytest.fixture(scope="module")
+def reference(hetero):
+    """The round over clients 0..7 in one vmapped chunk: every other layout must reproduce it."""
+    _, (model, spec, settings, params, pop) = hetero
+    state, _ = _round(model, spec, settings, params, pop, IDS, np.ones(8, bool), chunk_size=8)
+    return state.params
+
+
+def test_vectorized_round_equals_per_client_loop(hetero, reference):
+    population, (model, spec, settings, params, pop) = hetero
     # Reference: an explicit Python loop over clients, same keys, weighted mean by example count.
     base = client_keys_base(jax.random.fold_in(jax.random.key(7), 0))
+    one_client = jax.jit(client_update, static_argnums=(0, 1))
     total, weight = None, 0.0
-    for cid in ids:
+    for cid in IDS:
         row = jax.tree_util.tree_map(lambda a: a[cid], settings)
         train_key, _ = jax.random.split(jax.random.fold_in(base, cid))
-        result = jax.jit(client_update, static_argnums=(0, 1))(spec, model.apply, params, pop.x, pop.y,
-                                                               pop.offsets[cid], pop.counts[cid], row, train_key)
+        result = one_client(spec, model.apply, params, pop.x, pop.y, pop.offsets[cid], pop.counts[cid], row,
+                            train_key)
         n = float(population.counts[cid])
         scaled = jax.tree_util.tree_map(lambda d: n * d, result.delta)
         total = scaled if total is None else jax.tree_util.tree_map(jnp.add, total, scaled)
         weight += n
     expected = jax.tree_util.tree_map(lambda p, t: p + t / weight, params, total)
-    _assert_trees_close(state.params, expected, atol=2e-6)
+    _assert_trees_close(reference, expected, atol=2e-6)
     # Clients differ, so the round really moved the model.
-    moved = sum(float(jnp.abs(a - b).sum()) for a, b in zip(jax.tree_util.tree_leaves(state.params),
+    moved = sum(float(jnp.abs(a - b).sum()) for a, b in zip(jax.tree_util.tree_leaves(reference),
                                                           jax.tree_util.tree_leaves(params)))
     assert moved > 1e-2
 
 
-def test_zero_steps_client_sends_exact_zero(digits_population):
-    population, _, info = digits_population
-    model, spec, settings, params, pop = _setup(population, info)
+def test_zero_steps_client_sends_exact_zero(hetero):
+    _, (model, spec, settings, params, pop) = hetero
     row = jax.tree_util.tree_map(lambda a: a[1], settings)  # client 1 has num_steps=0 but DP noise and mixup on
     out = client_update(spec, model.apply, params, pop.x, pop.y, pop.offsets[1], pop.counts[1], row,
                         jax.random.key(3))
@@ -85,40 +98,30 @@ def test_zero_steps_client_sends_exact_zero(digits_population):
     assert float(out.steps) == 0.0
 
 
-def test_padded_cohort_slots_change_nothing(digits_population):
-    population, _, info = digits_population
-    model, spec, settings, params, pop = _setup(population, info)
-    ids = np.array([2, 3, 6], np.int32)
-    exact, _ = _round(model, spec, settings, params, pop, ids, np.ones(3, bool), chunk_size=3)
-    padded_ids = np.array([2, 3, 6, 0, 4, 0, 0], np.int32)
-    padded_mask = np.array([1, 1, 1, 0, 0, 0, 0], bool)
-    padded, out = _round(model, spec, settings, params, pop, padded_ids, padded_mask, chunk_size=2)
-    _assert_trees_close(padded.params, exact.params, atol=1e-6)
-    assert np.all(np.asarray(out.weight)[3:] == 0.0) and np.all(np.asarray(out.bits)[3:] == 0.0)
+def test_padded_cohort_slots_change_nothing(hetero, reference):
+    _, (model, spec, settings, params, pop) = hetero
+    padded_ids = np.concatenate([IDS, [0, 9, 0, 11]]).astype(np.int32)
+    padded_mask = np.arange(12) < 8
+    padded, out = _round(model, spec, settings, params, pop, padded_ids, padded_mask, chunk_size=4)
+    _assert_trees_close(padded.params, reference, atol=1e-6)
+    assert np.all(np.asarray(out.weight)[8:] == 0.0) and np.all(np.asarray(out.bits)[8:] == 0.0)
 
 
-@pytest.mark.parametrize("chunk_size,strategy", [(1, "vmap"), (5, "vmap"), (8, "loop")])
-def test_result_independent_of_chunking_and_strategy(digits_population, chunk_size, strategy):
-    population, _, info = digits_population
-    model, spec, settings, params, pop = _setup(population, info)
-    ids = np.arange(8, dtype=np.int32)
-    mask = np.ones(8, bool)
-    reference, _ = _round(model, spec, settings, params, pop, ids, mask, chunk_size=8)
-    other, _ = _round(model, spec, settings, params, pop, ids, mask, chunk_size=chunk_size, strategy=strategy)
-    _assert_trees_close(other.params, reference.params, atol=1e-6)
+@pytest.mark.parametrize("chunk_size,strategy", [(1, "vmap"), (3, "vmap"), (8, "loop")])
+def test_result_independent_of_chunking_and_strategy(hetero, reference, chunk_size, strategy):
+    _, (model, spec, settings, params, pop) = hetero
+    other, _ = _round(model, spec, settings, params, pop, IDS, np.ones(8, bool), chunk_size=chunk_size,
+                      strategy=strategy)
+    _assert_trees_close(other.params, reference, atol=1e-6)
 
 
-def test_sharded_over_eight_devices_equals_one_device(digits_population):
+def test_sharded_over_eight_devices_equals_one_device(hetero, reference):
     if jax.device_count() < 8:
         pytest.skip("needs XLA_FLAGS=--xla_force_host_platform_device_count=8 (set in tests/conftest.py)")
-    population, _, info = digits_population
-    model, spec, settings, params, pop = _setup(population, info)
-    ids = np.arange(12, dtype=np.int32)
-    mask = np.ones(12, bool)
-    single, _ = _round(model, spec, settings, params, pop, ids, mask, chunk_size=8)
-    mesh = make_mesh(8)
-    sharded, out = _round(model, spec, settings, params, pop, ids, mask, chunk_size=8, mesh=mesh)
-    _assert_trees_close(sharded.params, single.params, atol=1e-6)
+    _, (model, spec, settings, params, pop) = hetero
+    sharded, out = _round(model, spec, settings, params, pop, IDS, np.ones(8, bool), chunk_size=8,
+                          mesh=make_mesh(8))
+    _assert_trees_close(sharded.params, reference, atol=1e-6)
     assert len(out.loss.sharding.device_set) == 8
 
 
