@@ -3,6 +3,7 @@
     fedjaxpriv run [--config FILE] [--set section.field=value ...] [--out DIR]
     fedjaxpriv sweep GRID.yaml [--jobs N] [--store DIR] [--set section.field=value ...] [--dry-run]
     fedjaxpriv report STORE_OR_RUN_DIR [...] [--out DIR]
+    fedjaxpriv attack-eval [--config FILE] [--set ...] [--defenses none,dpsgd,...|FILE.yaml] [--out DIR]
 """
 
 from __future__ import annotations
@@ -35,7 +36,41 @@ def _build_parser() -> argparse.ArgumentParser:
     report = commands.add_parser("report", help="plots and a summary table from results stores or run dirs")
     report.add_argument("sources", nargs="+", help="results store (dir or results.jsonl) or run directories")
     report.add_argument("--out", default="report", help="output directory for PNGs and summary.md/csv")
+    attack = commands.add_parser("attack-eval", help="train each defense, attack it, tabulate privacy vs utility")
+    attack.add_argument("--config", help="base YAML or JSON config file")
+    attack.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.FIELD=VALUE",
+                        help="override a field of the base config (repeatable)")
+    attack.add_argument("--defenses", default="none,pruning,quantization,topk,mixup,poisson,dpsgd,dpfedavg",
+                        help="comma-separated built-in defense names, or a YAML file {name: {field: value}}")
+    attack.add_argument("--lira-shadows", type=int, default=0, help="LiRA shadow models (0 = skip LiRA)")
+    attack.add_argument("--inversion-targets", type=int, default=4, help="batch-1 clients inverted (0 = skip)")
+    attack.add_argument("--out", default="attack_eval", help="output directory (tables, plot, results.jsonl)")
     return parser
+
+
+def _attack_eval(args: argparse.Namespace) -> int:
+    from fedjaxpriv.attacks.evaluation import DEFENSES, AttackSuite, evaluate_defenses
+    from fedjaxpriv.config import ExperimentConfig, load_config, with_overrides
+
+    config = load_config(args.config, args.overrides) if args.config else with_overrides(ExperimentConfig(),
+                                                                                           args.overrides)
+    if os.path.isfile(args.defenses):
+        import yaml
+
+        with open(args.defenses) as f:
+            defenses = yaml.safe_load(f) or {}
+    else:
+        names = [n.strip() for n in args.defenses.split(",") if n.strip()]
+        unknown = [n for n in names if n not in DEFENSES]
+        if unknown:
+            raise ValueError(f"unknown defense(s) {unknown}; allowed: {sorted(DEFENSES)} or a YAML file.")
+        defenses = {n: DEFENSES[n] for n in names}
+    suite = AttackSuite(lira_shadows=args.lira_shadows, inversion_targets=args.inversion_targets)
+    records = evaluate_defenses(config, defenses, suite, out_dir=args.out)
+    print(json.dumps({"out_dir": args.out, "defenses": len(records),
+                      **{k: os.path.join(args.out, v) for k, v in (("table", "attack_eval.md"),
+                                                                    ("plot", "privacy_attack.png"))}}))
+    return 0
 
 
 def _sweep(args: argparse.Namespace) -> int:
@@ -114,6 +149,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _sweep(args)
         if args.command == "report":
             return _report(args)
+        if args.command == "attack-eval":
+            return _attack_eval(args)
     except (ValueError, FileNotFoundError) as error:
         print(f"fedjaxpriv: error: {error}", file=sys.stderr)
         return 2

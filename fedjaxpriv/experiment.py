@@ -7,12 +7,8 @@
 
 from __future__ import annotations
 
-import contextlib
-import csv
 import dataclasses
-import json
 import math
-import os
 import time
 from typing import Any, Callable, Iterable, Sequence
 
@@ -27,13 +23,12 @@ from fedjaxpriv.client.settings import ClientSettings, make_settings, per_client
 from fedjaxpriv.config import ExperimentConfig
 from fedjaxpriv.data import Dataset, FederatedData, load_dataset, partition, synthetic_federated
 from fedjaxpriv.models import Model, count_params, get_model
+from fedjaxpriv.parallel import auto_chunk_size, auto_conv_as_matmul, auto_strategy, auto_unroll, replicate
 from fedjaxpriv.privacy.tracking import PrivacyTracker, calibrate_noise_for_targets
-from fedjaxpriv.parallel import (auto_chunk_size, auto_conv_as_matmul, auto_strategy, auto_unroll, make_mesh,
-                                 replicate)
 from fedjaxpriv.server import max_cohort_size, sample_cohort, server_optimizer
-from fedjaxpriv.transforms.pipeline import make_message_fn
 from fedjaxpriv.simulation import (AggregationSpec, Population, RoundOutput, ServerState, build_message_tap,
                                    build_round, init_server_state)
+from fedjaxpriv.transforms.pipeline import make_message_fn
 
 Record = dict[str, Any]
 
@@ -53,6 +48,8 @@ class Tap:
     client_ids: np.ndarray
     server_params: Any
     messages: Any
+
+
 Callback = Callable[["Experiment", Record], None]
 
 
@@ -65,13 +62,14 @@ class Results:
       history: one record per finished round (dicts of floats/ints; evaluation keys on evaluated rounds).
       params: final global model parameters.
       out_dir: where history.jsonl/history.csv/config.json were written (None if not written).
+      taps: attack taps by round number (``run.tap_rounds``/``run.tap_clients``).
     """
 
     config: ExperimentConfig
     history: list[Record]
     params: Any
     out_dir: str | None = None
-    taps: dict[int, "Tap"] = dataclasses.field(default_factory=dict)
+    taps: dict[int, Tap] = dataclasses.field(default_factory=dict)
 
     def final(self, key: str) -> float:
         """The last recorded value of a metric."""
@@ -85,10 +83,11 @@ def load_population(config: ExperimentConfig) -> tuple[FederatedData, Dataset, i
     """Loads and partitions the data: (population, central test set, num_classes)."""
     data = config.data
     if data.dataset == "synthetic":
+        num_classes = 10
         population, test = synthetic_federated(config.run.seed, num_clients=data.num_clients,
                                                alpha=data.synthetic_alpha, beta=data.synthetic_beta,
-                                               max_size=data.synthetic_max_size)
-        return population, test, int(max(population.y.max(), test.y.max())) + 1 if population.num_examples else 10
+                                               num_classes=num_classes, max_size=data.synthetic_max_size)
+        return population, test, num_classes
     train, test, info = load_dataset(data.dataset, data_dir=data.data_dir, download=data.download,
                                      image_key=data.image_key, label_key=data.label_key)
     kwargs: dict[str, Any] = {}

@@ -1,4 +1,5 @@
-"""Privacy attacks on federated messages and models: gradient inversion, auditing, attack metrics."""
+"""Privacy attacks on federated messages and models: gradient inversion, membership and attribute inference,
+local-model reconstruction, auditing, defense-vs-attack evaluation, attack metrics."""
 
 from fedjaxpriv.attacks.audit import (
     OneRunAudit,
@@ -39,6 +40,37 @@ from fedjaxpriv.attacks.metrics import (
     tpr_at_fpr,
 )
 
+from fedjaxpriv.attacks.attribute import (
+    attribute_losses,
+    attribute_population,
+    attribute_report,
+    client_majority,
+    infer_attributes,
+)
+from fedjaxpriv.attacks.evaluation import (
+    DEFENSES,
+    AttackSuite,
+    CanaryAudit,
+    audit_canaries,
+    evaluate_defense,
+    evaluate_defenses,
+    write_tables,
+)
+from fedjaxpriv.attacks.membership import (
+    attack_metrics,
+    logit_confidence,
+    lira_scores,
+    loss_threshold_scores,
+    model_statistics,
+    passive_scores,
+    plot_roc,
+    stack_taps,
+    stacked_logit_confidence,
+    tpr_standard_error,
+)
+from fedjaxpriv.attacks.reconstruction import accumulate_messages, params_distance, reconstruction_report
+from fedjaxpriv.attacks.shadow import ShadowModels, balanced_inclusion, train_models, train_shadows
+
 __all__ = [
     "OneRunAudit",
     "ThresholdAudit",
@@ -72,4 +104,33 @@ __all__ = [
     "roc_curve",
     "ssim",
     "tpr_at_fpr",
+    "attribute_losses",
+    "attribute_population",
+    "attribute_report",
+    "client_majority",
+    "infer_attributes",
+    "DEFENSES",
+    "AttackSuite",
+    "CanaryAudit",
+    "audit_canaries",
+    "evaluate_defense",
+    "evaluate_defenses",
+    "write_tables",
+    "attack_metrics",
+    "logit_confidence",
+    "lira_scores",
+    "loss_threshold_scores",
+    "model_statistics",
+    "passive_scores",
+    "plot_roc",
+    "stack_taps",
+    "stacked_logit_confidence",
+    "tpr_standard_error",
+    "accumulate_messages",
+    "params_distance",
+    "reconstruction_report",
+    "ShadowModels",
+    "balanced_inclusion",
+    "train_models",
+    "train_shadows",
 ]

@@ -1,6 +1,5 @@
 """Shared small populations for engine tests."""
 
-import numpy as np
 import pytest
 
 from fedjaxpriv.data import load_dataset, partition

@@ -8,14 +8,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from fedjaxpriv.client.local import LocalSpec, client_update
+from fedjaxpriv.client.local import client_update
 from fedjaxpriv.client.pruning import magnitude_mask
-from fedjaxpriv.client.settings import make_settings
 from fedjaxpriv.config import from_dict
 from fedjaxpriv.experiment import Experiment
 from fedjaxpriv.privacy.accounting import dpfedavg_epsilon, dpsgd_epsilon
 from fedjaxpriv.server import server_optimizer
-from fedjaxpriv.simulation import AggregationSpec, Population, build_round, init_server_state
+from fedjaxpriv.simulation import AggregationSpec, build_round, init_server_state
 
 BASE = {"data": {"num_clients": 10}, "model": {"hidden": [16]}, "server": {"clients_per_round": 5}}
 

@@ -1,7 +1,6 @@
 """End to end: accuracy on digits, no recompilation, interrupt/resume, config validation, CLI."""
 
 import json
-import math
 
 import numpy as np
 import pytest
@@ -31,9 +30,6 @@ def test_rounds_never_recompile():
 def test_interrupted_run_resumes_to_the_same_result(tmp_path):
     config = from_dict({**SHORT, "run": {"rounds": 6, "eval_every": 1, "checkpoint_every": 2}})
     full = Experiment(config).run(str(tmp_path / "full"), progress=False)
-
-    class Interrupt(Exception):
-        pass
 
     def stop_after_round_3(_, record):
         if record["round"] == 3:

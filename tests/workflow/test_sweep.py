@@ -10,7 +10,7 @@ import shutil
 import pytest
 
 from fedjaxpriv.cli import main as cli_main
-from fedjaxpriv.results import ResultsStore, load_records, make_record
+from fedjaxpriv.results import ResultsStore, load_records
 from fedjaxpriv.sweep import expand_grid, load_grid, run_sweep
 
 TINY = {"data": {"num_clients": 10}, "client": {"local_steps": 2},

@@ -1,0 +1,367 @@
+"""Defense-vs-attack evaluation and canary auditing beside the accountant.
+
+``evaluate_defenses`` trains one experiment per defense (dotted config overrides on a base config) and
+attacks each one:
+
+* membership inference on the final global model: loss threshold (Yeom et al.) and optionally LiRA with
+  shadows trained in one vectorized call (members: a sample of the population's training examples;
+  non-members: as many test examples);
+* passive update-based membership inference (Zari et al.) on the taps of ``suite.tap_clients`` over the
+  tapped rounds (members: the client's examples; non-members: test examples);
+* gradient inversion (DLG with iDLG labels) on a probe: the same defense on a FedSGD round of batch-1
+  clients, messages tapped before the server, PSNR of the reconstructions.
+
+Each defense gives one record with ``test_accuracy``, ``epsilon``, ``bytes_uploaded`` and
+``attack/<name>/<metric>`` keys; ``write_tables`` writes them as CSV + markdown, a privacy-utility plot,
+and a ``results.jsonl`` store that ``fedjaxpriv report`` reads.
+
+``audit_canaries`` runs a one-run audit (Steinke et al. 2023) of DP-SGD training: canaries are inserted
+into one client's data, each with probability 1/2, and the empirical epsilon lower bound is reported beside
+the accountant's epsilon.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import math
+import os
+from typing import Any, Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from fedjaxpriv.attacks import audit, inversion, membership, metrics, shadow
+from fedjaxpriv.config import ExperimentConfig, with_overrides
+from fedjaxpriv.data.federated import Dataset, FederatedData, from_client_lists
+from fedjaxpriv.results import cumulative, jsonable
+
+Record = dict[str, Any]
+
+DEFENSES: dict[str, dict[str, Any]] = {
+    "none": {},
+    "pruning": {"client.prune_sparsity": 0.8},
+    "quantization": {"message.quant_bits": 2},
+    "topk": {"message.topk_fraction": 0.05},
+    "mixup": {"client.mixup_alpha": 1.0},
+    "poisson": {"client.sampling": "poisson"},
+    "dpsgd": {"client.dp_clip_norm": 1.0, "client.dp_noise_multiplier": 1.0},
+    "dpfedavg": {"server.central_clip_norm": 1.0, "server.central_noise_multiplier": 1.0},
+    "pruning+quantization": {"client.prune_sparsity": 0.8, "message.quant_bits": 2},
+    "dpsgd+topk": {"client.dp_clip_norm": 1.0, "client.dp_noise_multiplier": 1.0, "message.topk_fraction": 0.05},
+}
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class AttackSuite:
+    """Which attacks run on each defense, and their budgets.
+
+    Attributes:
+      tap_clients: clients whose messages the passive attack observes (every round from ``tap_from_round``).
+      tap_from_round: first observed round (1-based).
+      max_candidates: members (and as many non-members) scored by the model-level attacks.
+      lira_shadows: LiRA shadow models (0 = skip LiRA).
+      lira_steps: shadow SGD steps (0 = rounds x local_steps of the config).
+      inversion_targets: batch-1 clients of the inversion probe (0 = skip inversion).
+      inversion_iterations: L-BFGS iterations of DLG.
+      seed: seed of the attacks' own randomness.
+    """
+
+    tap_clients: tuple[int, ...] = (0, 1)
+    tap_from_round: int = 2
+    max_candidates: int = 300
+    lira_shadows: int = 0
+    lira_steps: int = 0
+    inversion_targets: int = 4
+    inversion_iterations: int = 100
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.lira_shadows not in (0,) and self.lira_shadows < 2:
+            raise ValueError(f"lira_shadows={self.lira_shadows}; allowed: 0 (off) or >= 2.")
+        for name in ("max_candidates", "tap_from_round"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)} must be >= 1.")
+        for name in ("lira_steps", "inversion_targets", "inversion_iterations"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name}={getattr(self, name)} must be >= 0.")
+
+
+def final_epsilon(history: Sequence[Mapping[str, Any]]) -> float:
+    """The largest final sample- or client-level epsilon of a history (inf without any DP)."""
+    last: dict[str, Any] = {}
+    for record in history:
+        last.update(record)
+    values = [float(last[k]) for k in ("epsilon_max", "client_level_epsilon") if k in last and last[k]]
+    return max(values) if values else math.inf
+
+
+def _balanced_candidates(members: Dataset, non_members: Dataset, limit: int,
+                         rng: np.random.Generator) -> tuple[Dataset, np.ndarray]:
+    n = min(limit, len(members), len(non_members))
+    take_in = rng.choice(len(members), n, replace=False)
+    take_out = rng.choice(len(non_members), n, replace=False)
+    x = np.concatenate([members.x[take_in], non_members.x[take_out]])
+    y = np.concatenate([members.y[take_in], non_members.y[take_out]])
+    return Dataset(x, y), np.r_[np.ones(n, np.int32), np.zeros(n, np.int32)]
+
+
+def _prefixed(name: str, values: Mapping[str, float]) -> Record:
+    return {f"attack/{name}/{k}": float(v) for k, v in values.items()}
+
+
+def model_attacks(experiment: Any, params: Any, suite: AttackSuite) -> Record:
+    """Loss-threshold (and LiRA) membership inference on a trained global model."""
+    from fedjaxpriv.attacks.membership import attack_metrics
+
+    rng = np.random.default_rng(suite.seed)
+    p = experiment.population
+    candidates, labels = _balanced_candidates(Dataset(p.x, p.y), experiment.test, suite.max_candidates, rng)
+    apply = experiment.model.apply
+    out = _prefixed("loss_threshold", attack_metrics(
+        membership.loss_threshold_scores(apply, params, candidates.x, candidates.y), labels))
+    if suite.lira_shadows:
+        c = experiment.config.client
+        steps = suite.lira_steps or experiment.config.run.rounds * int(np.max(experiment.settings.num_steps))
+        shadows = shadow.train_shadows(experiment.model, candidates, suite.lira_shadows,
+                                       jax.random.key(suite.seed), steps=max(1, steps),
+                                       batch_size=int(np.max(experiment.settings.batch_size)),
+                                       lr=float(np.max(experiment.settings.lr)), momentum=c.momentum)
+        stacked = jax.tree_util.tree_map(lambda a: a[None], params)
+        target = membership.stacked_logit_confidence(apply, stacked, candidates.x, candidates.y)[0]
+        shadow_conf = membership.stacked_logit_confidence(apply, shadows.params, candidates.x, candidates.y)
+        scores = membership.lira_scores(target, shadow_conf, shadows.inclusion, online=True,
+                                        global_variance=suite.lira_shadows < 64)
+        out.update(_prefixed("lira", attack_metrics(np.asarray(scores), labels)))
+    return out
+
+
+def passive_attack(experiment: Any, taps: Mapping[int, Any], suite: AttackSuite) -> Record:
+    """Zari et al. passive attack on each tapped client; scores of all targets pooled into one ROC."""
+    observed = [taps[r] for r in sorted(taps)]
+    if not observed:
+        return {}
+    rng = np.random.default_rng(suite.seed + 1)
+    all_scores, all_labels = [], []
+    for index, client in enumerate(observed[0].client_ids):
+        server, messages = membership.stack_taps(observed, index)
+        candidates, labels = _balanced_candidates(experiment.population.client(int(client)), experiment.test,
+                                                  suite.max_candidates, rng)
+        if labels.size == 0:
+            continue
+        all_scores.append(np.asarray(membership.passive_scores(experiment.model.apply, server, messages,
+                                                               candidates.x, candidates.y)))
+        all_labels.append(labels)
+    if not all_scores:
+        return {}
+    return _prefixed("passive", membership.attack_metrics(np.concatenate(all_scores), np.concatenate(all_labels)))
+
+
+def inversion_probe(config: ExperimentConfig, source: FederatedData, num_classes: int, suite: AttackSuite) -> Record:
+    """DLG (iDLG labels) on the FedSGD messages of ``suite.inversion_targets`` batch-1 clients under the
+    config's defenses (local training, message transforms); PSNR of the reconstructions (dB)."""
+    from fedjaxpriv.experiment import Experiment
+
+    k = min(suite.inversion_targets, source.num_examples)
+    xs, ys = source.x[:k], source.y[:k]
+    population = from_client_lists([x[None] for x in xs], [y[None] for y in ys])
+    probe = with_overrides(config, [f"data.num_clients={k}", "server.algorithm=fedsgd",
+                                    f"server.clients_per_round={k}", "server.client_sampling=uniform",
+                                    "run.rounds=1", f"run.tap_clients={list(range(k))}", "run.tap_rounds=[1]",
+                                    "client.target_epsilon=null", "client.sampling=fixed"])
+    experiment = Experiment(probe, population=population, test=Dataset(xs, ys), num_classes=num_classes)
+    tap = experiment.tap(experiment.initial_state, list(range(k)))
+    gradients = jax.tree_util.tree_map(lambda m: -jnp.asarray(m), tap.messages)   # FedSGD: delta = -1 x grad
+    spec = inversion.TargetSpec(input_shape=population.input_shape, num_classes=num_classes, batch_size=1)
+    attack = inversion.InversionConfig(method="dlg", num_iterations=suite.inversion_iterations, labels="idlg")
+    keys = jax.random.split(jax.random.key(suite.seed + 2), k)
+    result = inversion.invert_batch(attack, spec, experiment.model.apply, tap.server_params, gradients, keys)
+    psnr = np.asarray(jax.vmap(metrics.psnr)(result.x[:, 0], jnp.asarray(xs)))
+    psnr = np.minimum(psnr, 100.0)
+    label_acc = float(np.mean(np.asarray(result.y[:, 0]) == ys))
+    return _prefixed("inversion", {"psnr": float(np.mean(psnr)), "psnr_max": float(np.max(psnr)),
+                                   "label_accuracy": label_acc})
+
+
+def evaluate_defense(base: ExperimentConfig, name: str, overrides: Mapping[str, Any],
+                     suite: AttackSuite = AttackSuite()) -> tuple[Record, ExperimentConfig, list[Record]]:
+    """Trains ``base`` with one defense's overrides and runs the attack suite.
+
+    Returns:
+      (summary record, the config used, the run's history with the attack metrics in its last record).
+    """
+    from fedjaxpriv.experiment import Experiment
+
+    texts = [f"{k}={_yaml(v)}" for k, v in overrides.items()]
+    rounds = base.run.rounds
+    taps = [f"run.tap_clients={list(suite.tap_clients)}",
+            f"run.tap_rounds={list(range(min(suite.tap_from_round, rounds), rounds + 1))}"]
+    config = with_overrides(base, [*texts, *taps, f"name={name}"])
+    experiment = Experiment(config)
+    results = experiment.run(progress=False)
+    record: Record = {"defense": name, "test_accuracy": results.final("test_accuracy"),
+                      "epsilon": final_epsilon(results.history),
+                      "bytes_uploaded": cumulative(results.history, "bytes_total")}
+    record.update(model_attacks(experiment, results.params, suite))
+    record.update(passive_attack(experiment, results.taps, suite))
+    if suite.inversion_targets:
+        record.update(inversion_probe(config, experiment.population, experiment.num_classes, suite))
+    history = [dict(r) for r in results.history]
+    history[-1].update({k: v for k, v in record.items() if k.startswith("attack/")})
+    return record, config, history
+
+
+def _yaml(value: Any) -> str:
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_yaml(v) for v in value) + "]"
+    if isinstance(value, float) and math.isinf(value):
+        return ".inf"
+    return "null" if value is None else str(value)
+
+
+def evaluate_defenses(base: ExperimentConfig, defenses: Mapping[str, Mapping[str, Any]] | None = None,
+                      suite: AttackSuite = AttackSuite(), out_dir: str | None = None) -> list[Record]:
+    """Every defense in turn (``DEFENSES`` by default): train, attack, tabulate.
+
+    Args:
+      base: the experiment every defense modifies.
+      defenses: name -> dotted overrides (``{"client.dp_noise_multiplier": 1.0}``).
+      suite: the attacks.
+      out_dir: if given, ``write_tables`` writes attack_eval.csv/.md, privacy_attack.png and results.jsonl.
+
+    Returns:
+      one record per defense.
+    """
+    from fedjaxpriv.results import ResultsStore, make_record
+
+    defenses = DEFENSES if defenses is None else defenses
+    records, store_records = [], []
+    for name, overrides in defenses.items():
+        record, config, history = evaluate_defense(base, name, overrides, suite)
+        records.append(record)
+        store_records.append(make_record(config, history, label=name, overrides=dict(overrides)))
+    if out_dir is not None:
+        write_tables(records, out_dir)
+        store = ResultsStore(out_dir)
+        for record in store_records:
+            store.append(record)
+    return records
+
+
+def write_tables(records: Sequence[Record], out_dir: str) -> dict[str, str]:
+    """``attack_eval.csv`` (full precision), ``attack_eval.md`` and ``privacy_attack.png`` in ``out_dir``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    os.makedirs(out_dir, exist_ok=True)
+    columns: list[str] = []
+    for record in records:
+        columns.extend(k for k in record if k not in columns)
+    csv_path, md_path = os.path.join(out_dir, "attack_eval.csv"), os.path.join(out_dir, "attack_eval.md")
+    with open(csv_path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=columns)
+        writer.writeheader()
+        for record in records:
+            writer.writerow(jsonable({k: record.get(k) for k in columns}))
+
+    def cell(value: Any) -> str:
+        return f"{value:.4g}" if isinstance(value, float) else ("" if value is None else str(value))
+
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(cell(r.get(k)) for k in columns) + " |" for r in records]
+    with open(md_path, "w") as f:
+        f.write("\n".join(lines) + "\n")
+    plot_path = os.path.join(out_dir, "privacy_attack.png")
+    attack_keys = [k for k in ("attack/loss_threshold/auc", "attack/lira/tpr@1%fpr", "attack/passive/auc",
+                               "attack/inversion/psnr") if any(k in r for r in records)]
+    fig, axes = plt.subplots(1, max(1, len(attack_keys)), figsize=(4 * max(1, len(attack_keys)), 3.6), squeeze=False)
+    for ax, key in zip(axes[0], attack_keys):
+        for record in records:
+            if key in record:
+                ax.scatter(record[key], record["test_accuracy"])
+                ax.annotate(record["defense"], (record[key], record["test_accuracy"]), fontsize=7)
+        ax.set(xlabel=key.removeprefix("attack/"), ylabel="test accuracy")
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(plot_path, dpi=110)
+    plt.close(fig)
+    return {"csv": csv_path, "markdown": md_path, "plot": plot_path}
+
+
+# -- canary audit beside the accountant ----------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class CanaryAudit:
+    """One-run audit of a training run.
+
+    Attributes:
+      empirical_epsilon: the lower bound (holds with probability >= 1 - beta).
+      accountant_epsilon: the accountant's epsilon of the run (inf without DP).
+      num_canaries / num_guesses / num_correct: the audit's counts.
+      test_accuracy: the audited model's accuracy.
+    """
+
+    empirical_epsilon: float
+    accountant_epsilon: float
+    num_canaries: int
+    num_guesses: int
+    num_correct: int
+    test_accuracy: float
+
+
+def insert_canaries(population: FederatedData, client: int, canaries: Dataset,
+                    included: np.ndarray) -> FederatedData:
+    """A copy of ``population`` whose ``client`` also holds the canaries where ``included`` [m] is True."""
+    xs, ys = [], []
+    for c in range(population.num_clients):
+        data = population.client(c)
+        if c == client:
+            data = Dataset(np.concatenate([data.x, canaries.x[included]]),
+                           np.concatenate([data.y, canaries.y[included]]))
+        xs.append(data.x)
+        ys.append(data.y)
+    return from_client_lists(xs, ys)
+
+
+def audit_canaries(config: ExperimentConfig, num_canaries: int = 200, client: int = 0, guess_fraction: float = 0.1,
+                   beta: float = 0.05) -> CanaryAudit:
+    """One-run audit (Steinke, Nasr, Jagielski 2023) of the training that ``config`` describes.
+
+    Canaries are uniform-noise inputs with uniform random labels (far from the data, so a model that
+    trains on one fits it alone), each included in
+    ``client``'s data with probability 1/2; after training the ``guess_fraction`` highest-scoring canaries
+    (score = minus the loss under the final model) are guessed in and as many lowest-scoring ones out.
+
+    Args:
+      config: the run to audit (e.g. DP-SGD; the accountant's epsilon is read from its history).
+      num_canaries: m.
+      client: the client holding the canaries.
+      guess_fraction: fraction of m guessed on each side.
+      beta: significance of the bound.
+    """
+    from fedjaxpriv.experiment import Experiment, load_population
+
+    if not 0 < guess_fraction <= 0.5:
+        raise ValueError(f"guess_fraction={guess_fraction} must lie in (0, 0.5].")
+    population, test, num_classes = load_population(config)
+    if num_canaries < 1:
+        raise ValueError(f"num_canaries={num_canaries} must be >= 1.")
+    if not 0 <= client < population.num_clients:
+        raise ValueError(f"client={client} is outside [0, {population.num_clients}).")
+    rng = np.random.default_rng(config.run.seed + 7919)
+    low, high = float(population.x.min()), float(population.x.max())
+    canaries = Dataset(rng.uniform(low, high, (num_canaries, *population.input_shape)).astype(np.float32),
+                       rng.integers(0, num_classes, num_canaries).astype(np.int32))
+    included = rng.random(num_canaries) < 0.5
+    audited = insert_canaries(population, client, canaries, included)
+    experiment = Experiment(config, population=audited, test=test, num_classes=num_classes)
+    results = experiment.run(progress=False)
+    scores = membership.loss_threshold_scores(experiment.model.apply, results.params, canaries.x, canaries.y)
+    guesses = max(1, int(guess_fraction * num_canaries))
+    found = audit.one_run_audit(scores, included, guesses, guesses, beta=beta, delta=config.run.delta)
+    return CanaryAudit(found.epsilon, final_epsilon(results.history), num_canaries, found.num_guesses,
+                       found.num_correct, float(results.final("test_accuracy")))

@@ -1,0 +1,150 @@
+"""Shadow models for LiRA, trained in parallel by the vectorized engine.
+
+Each shadow is treated as a client whose data is its own random half of a candidate pool: the pool becomes
+a ``FederatedData`` whose client ``s`` holds shadow ``s``'s subset, every shadow starts from its own fresh
+initialisation, and ``client.local.client_update`` (many local SGD steps) trains all of them in one compiled
+call through ``parallel.map_clients``. Shadow ``s`` depends only on (key, s), not on the chunking.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from fedjaxpriv.client.local import LocalSpec, client_update
+from fedjaxpriv.client.settings import ClientSettings, make_settings
+from fedjaxpriv.data.federated import Dataset, FederatedData, from_partition
+from fedjaxpriv.models import Model
+from fedjaxpriv.parallel import map_clients
+
+Params = Any
+
+
+class ShadowModels(NamedTuple):
+    """Trained shadows.
+
+    Attributes:
+      params: pytree with leaves [S, ...], one model per shadow.
+      inclusion: [S, N] bool, True where shadow s trained on pool example n.
+      train_loss: [S] mean training loss over the local steps.
+    """
+
+    params: Params
+    inclusion: np.ndarray
+    train_loss: np.ndarray
+
+
+def balanced_inclusion(key: jax.Array, num_shadows: int, num_examples: int) -> np.ndarray:
+    """[S, N] bool: each example is in a uniformly random half of the shadows (exactly S/2 for even S).
+
+    Marginally every shadow holds each example with probability 1/2, as LiRA needs, and every example has
+    both "in" and "out" shadows (S >= 2).
+    """
+    if num_shadows < 2:
+        raise ValueError(f"num_shadows={num_shadows} must be >= 2 (each example needs in and out shadows).")
+    if num_examples < 1:
+        raise ValueError(f"num_examples={num_examples} must be >= 1.")
+    ranks = np.asarray(jax.vmap(lambda k: jax.random.permutation(k, num_shadows))(
+        jax.random.split(key, num_examples)))          # [N, S]
+    half = num_shadows // 2 + (np.arange(num_examples) % 2) * (num_shadows % 2)
+    return (ranks < half[:, None]).T
+
+
+def shadow_population(pool: Dataset, inclusion: np.ndarray) -> FederatedData:
+    """The pool as a population whose client s holds the examples shadow s trains on."""
+    inclusion = np.asarray(inclusion, bool)
+    if inclusion.ndim != 2 or inclusion.shape[1] != len(pool):
+        raise ValueError(f"inclusion shape {inclusion.shape} must be [S, N={len(pool)}].")
+    return from_partition(pool, [np.nonzero(row)[0] for row in inclusion])
+
+
+def shadow_spec(population: FederatedData, num_classes: int, steps: int, batch_size: int,
+                momentum: float = 0.0) -> LocalSpec:
+    """The static local-training spec of a shadow population (plain SGD, fixed-size batches)."""
+    if steps < 1 or batch_size < 1:
+        raise ValueError(f"steps={steps} and batch_size={batch_size} must be >= 1.")
+    max_count = max(1, population.max_count)
+    return LocalSpec(max_steps=steps, max_batch=min(batch_size, max_count), max_count=max_count,
+                     num_classes=num_classes, momentum=momentum)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1), static_argnames=("chunk_size", "strategy"))
+def _train(spec: LocalSpec, apply_fn: Any, init_params: Params, x: jax.Array, y: jax.Array,
+           offsets: jax.Array, counts: jax.Array, settings: ClientSettings, keys: jax.Array, *,
+           chunk_size: int, strategy: str) -> tuple[Params, jax.Array]:
+    def one(row: tuple) -> tuple[jax.Array, tuple[Params, jax.Array]]:
+        params, offset, count, setting, key = row
+        out = client_update(spec, apply_fn, params, x, y, offset, count, setting, key)
+        trained = jax.tree_util.tree_map(jnp.add, params, out.delta)
+        return jnp.zeros((), jnp.float32), (trained, out.loss)
+
+    _, (params, loss) = map_clients(one, (init_params, offsets, counts, settings, keys), chunk_size=chunk_size,
+                                    strategy=strategy)
+    return params, loss
+
+
+def train_models(model: Model, population: FederatedData, spec: LocalSpec, key: jax.Array, *, lr: float,
+                 batch_size: int, shadow_ids: np.ndarray | None = None, chunk_size: int = 0,
+                 strategy: str = "vmap") -> tuple[Params, jax.Array]:
+    """Trains one fresh model per selected client of ``population`` in one compiled call.
+
+    Model ``s`` is initialised with ``fold_in(key, 2 s)``, trained with ``fold_in(key, 2 s + 1)`` on
+    client ``s``'s examples, so it depends only on (key, s): a Python loop over single ids reproduces the
+    vectorized call (and reuses one compiled program, since the shapes do not change).
+
+    Args:
+      model: the architecture.
+      population: client s holds shadow s's training examples.
+      spec: static local-training spec (``shadow_spec``).
+      key: PRNG key.
+      lr: SGD learning rate.
+      batch_size: examples per step.
+      shadow_ids: [S'] clients to train (default all).
+      chunk_size: models per vectorized chunk (0 = all selected at once).
+      strategy: "vmap" or "loop" (see ``parallel.map_clients``).
+
+    Returns:
+      (params with leaves [S', ...], mean training loss [S']).
+    """
+    ids = np.arange(population.num_clients) if shadow_ids is None else np.asarray(shadow_ids)
+    if ids.ndim != 1 or ids.size == 0 or ids.min() < 0 or ids.max() >= population.num_clients:
+        raise ValueError(f"shadow_ids={shadow_ids!r} must be a non-empty list of ids in "
+                         f"[0, {population.num_clients}).")
+    init_keys = jax.vmap(lambda i: jax.random.fold_in(key, 2 * i))(jnp.asarray(ids))
+    train_keys = jax.vmap(lambda i: jax.random.fold_in(key, 2 * i + 1))(jnp.asarray(ids))
+    init_params = jax.vmap(model.init)(init_keys)
+    counts = population.counts[ids]
+    settings = make_settings(ids.size, counts, num_steps=spec.max_steps, batch_size=batch_size, lr=lr)
+    settings = jax.tree_util.tree_map(jnp.asarray, settings)
+    return _train(spec, model.apply, init_params, jnp.asarray(population.x), jnp.asarray(population.y),
+                  jnp.asarray(population.offsets[ids]), jnp.asarray(counts), settings, train_keys,
+                  chunk_size=chunk_size or int(ids.size), strategy=strategy)
+
+
+def train_shadows(model: Model, pool: Dataset, num_shadows: int, key: jax.Array, *, steps: int,
+                  batch_size: int, lr: float, momentum: float = 0.0, chunk_size: int = 0,
+                  strategy: str = "vmap") -> ShadowModels:
+    """Trains ``num_shadows`` shadow models, each on a random half of ``pool``, in one vectorized call.
+
+    Args:
+      model: the architecture of the target.
+      pool: the candidate examples ``Dataset(x [N, ...], y [N])``.
+      num_shadows: S (16-64 typical; even S puts every example in exactly S/2 shadows).
+      key: PRNG key for the halves, the initialisations and the batches.
+      steps: local SGD steps per shadow (match the target's total training).
+      batch_size: examples per step.
+      lr: SGD learning rate.
+      momentum: SGD momentum.
+      chunk_size: shadows per vectorized chunk (0 = all at once).
+      strategy: "vmap" or "loop" (inside the compiled call, see ``parallel.map_clients``).
+    """
+    inclusion = balanced_inclusion(jax.random.fold_in(key, 0), num_shadows, len(pool))
+    population = shadow_population(pool, inclusion)
+    spec = shadow_spec(population, model.num_classes, steps, batch_size, momentum)
+    params, loss = train_models(model, population, spec, jax.random.fold_in(key, 1), lr=lr, batch_size=batch_size,
+                                chunk_size=chunk_size, strategy=strategy)
+    return ShadowModels(params, inclusion, np.asarray(loss))
