@@ -121,9 +121,9 @@ def _run(args: argparse.Namespace) -> int:
     if args.print_config:
         print(json.dumps(config.to_dict(), indent=2, default=str))
         return 0
-    from fedjaxpriv.experiment import Experiment
+    from fedjaxpriv.experiment import Experiment, build_experiment
 
-    experiment = Experiment(config)
+    experiment = build_experiment(config)
 
     def report(_: Experiment, record: dict) -> None:
         if args.quiet or "test_accuracy" not in record:

@@ -287,6 +287,41 @@ class RunConfig:
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
+class DevicesConfig:
+    """Simulated devices (``fedjaxpriv.devices``): a population drawn from the default device tiers and a
+    policy that turns each device's compute, memory, bandwidth and privacy tier into its settings.
+
+    Attributes:
+      policy: "none" (the config's settings, no devices), "uniform" (the config's settings on devices:
+        stragglers and dropouts happen, costs are recorded) or "device_aware" (local steps from compute,
+        pruning from memory, quantization bits from bandwidth, DP noise from the privacy tier).
+      jitter: log-normal spread of each device's capabilities around its tier's values.
+      round_deadline_s: the round's wall-time budget; slower clients are stragglers.
+      stragglers: "drop" (stragglers never take part) or "fewer_steps" (they run the steps that fit).
+      max_local_steps: upper bound of the device-aware local steps.
+      train_memory_factor: training memory in units of the float32 model size.
+      privacy_tiers: use the tiers' privacy requirements (target epsilons); False = no DP from devices.
+    """
+
+    policy: str = "none"
+    jitter: float = 0.0
+    round_deadline_s: float = 1.0
+    stragglers: str = "drop"
+    max_local_steps: int = 100
+    train_memory_factor: float = 4.0
+    privacy_tiers: bool = False
+
+    def __post_init__(self) -> None:
+        _check_choice("devices.policy", self.policy, ("none", "uniform", "device_aware"))
+        _check(self.jitter >= 0, "devices.jitter", self.jitter, "a number >= 0")
+        _check(self.round_deadline_s > 0, "devices.round_deadline_s", self.round_deadline_s, "a number > 0")
+        _check_choice("devices.stragglers", self.stragglers, ("drop", "fewer_steps"))
+        _check(self.max_local_steps >= 1, "devices.max_local_steps", self.max_local_steps, "an integer >= 1")
+        _check(self.train_memory_factor > 0, "devices.train_memory_factor", self.train_memory_factor,
+               "a number > 0")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class ExperimentConfig:
     """A whole experiment: the same object drives notebooks, the CLI and sweeps."""
 
@@ -297,6 +332,7 @@ class ExperimentConfig:
     message: MessageConfig = MessageConfig()
     server: ServerConfig = ServerConfig()
     run: RunConfig = RunConfig()
+    devices: DevicesConfig = DevicesConfig()
 
     def __post_init__(self) -> None:
         if self.server.algorithm == "fedprox":
@@ -330,7 +366,7 @@ class ExperimentConfig:
 
 
 _SECTIONS = {"data": DataConfig, "model": ModelConfig, "client": ClientConfig, "message": MessageConfig,
-             "server": ServerConfig, "run": RunConfig}
+             "server": ServerConfig, "run": RunConfig, "devices": DevicesConfig}
 
 
 def _coerce(value: Any, current: Any) -> Any:

@@ -101,6 +101,12 @@ def load_population(config: ExperimentConfig) -> tuple[FederatedData, Dataset, i
     return population, test, info.num_classes
 
 
+def model_for(config: ExperimentConfig, input_shape: Sequence[int], num_classes: int = 10) -> Model:
+    """The configured model for inputs of ``input_shape``."""
+    model_kwargs = {"hidden": tuple(config.model.hidden)} if config.model.name == "mlp" else {}
+    return get_model(config.model.name, input_shape, num_classes, **model_kwargs)
+
+
 def client_settings(config: ExperimentConfig, counts: np.ndarray) -> ClientSettings:
     """Per-client settings arrays [C] from the config (FedSGD: one full-batch step with lr 1)."""
     c = config.client
@@ -177,8 +183,7 @@ class Experiment:
             raise ValueError(f"population has {population.num_clients} clients but data.num_clients="
                              f"{config.data.num_clients}.")
         self.population, self.test, self.num_classes = population, test, num_classes
-        model_kwargs = {"hidden": tuple(config.model.hidden)} if config.model.name == "mlp" else {}
-        self.model: Model = get_model(config.model.name, population.input_shape, num_classes, **model_kwargs)
+        self.model: Model = model_for(config, population.input_shape, num_classes)
         self.settings = settings if settings is not None else client_settings(config, population.counts)
         self.strategy = config.run.strategy if config.run.strategy != "auto" else auto_strategy(config.model.name)
         self.spec = local_spec(config, self.settings, population.counts, num_classes, self.strategy)
@@ -361,6 +366,15 @@ def _progress(iterable: Iterable[int], enabled: bool, **kwargs: Any):
     return tqdm(iterable, desc="rounds", unit="round", **kwargs)
 
 
+def build_experiment(config: ExperimentConfig, **kwargs: Any) -> Experiment:
+    """The experiment a config describes: a ``DeviceExperiment`` when ``devices.policy`` is set."""
+    if config.devices.policy != "none":
+        from fedjaxpriv.devices import DeviceExperiment
+
+        return DeviceExperiment.from_config(config, **kwargs)
+    return Experiment(config, **kwargs)
+
+
 def run(config: ExperimentConfig, out_dir: str | None = None, **kwargs: Any) -> Results:
     """Builds and runs an experiment: ``fedjaxpriv.run(config)``."""
-    return Experiment(config).run(out_dir, **kwargs)
+    return build_experiment(config).run(out_dir, **kwargs)

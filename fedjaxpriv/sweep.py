@@ -188,10 +188,10 @@ def run_point(config_dict: Mapping[str, Any], run_dir: str, store_path: str, lab
     Returns:
       The config hash.
     """
-    from fedjaxpriv.experiment import Experiment
+    from fedjaxpriv.experiment import build_experiment
 
     config = from_dict(config_dict)
-    results = Experiment(config).run(run_dir, resume=True, progress=False)
+    results = build_experiment(config).run(run_dir, resume=True, progress=False)
     ResultsStore(store_path).append(make_record(config, results.history, run_dir=run_dir, label=label,
                                                 overrides=overrides))
     return config.config_hash()

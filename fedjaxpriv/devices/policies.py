@@ -27,9 +27,12 @@ from typing import Any, Mapping
 
 import numpy as np
 
+import jax
+
 from fedjaxpriv.client.settings import ClientSettings, validate_settings
-from fedjaxpriv.devices.profiles import DeviceProfiles
-from fedjaxpriv.experiment import Experiment, client_settings, load_population
+from fedjaxpriv.devices.profiles import DeviceProfiles, sample_profiles
+from fedjaxpriv.experiment import Experiment, client_settings, load_population, model_for
+from fedjaxpriv.models import count_params
 
 POLICY_KINDS = ("uniform", "device_aware")
 STRAGGLER_MODES = ("drop", "fewer_steps")
@@ -280,6 +283,24 @@ class DeviceExperiment(Experiment):
         self.stragglers = straggler_mask(policy, profiles, settings)
         super().__init__(config, population=population, test=test, num_classes=num_classes, settings=settings,
                          **kwargs)
+
+    @classmethod
+    def from_config(cls, config: Any, **kwargs: Any) -> "DeviceExperiment":
+        """Devices and policy from ``config.devices`` (a population drawn from the default tiers)."""
+        d = config.devices
+        if d.policy == "none":
+            raise ValueError("devices.policy='none': use Experiment, or choose 'uniform' or 'device_aware'.")
+        profiles = sample_profiles(config.data.num_clients, config.run.seed, jitter=d.jitter)
+        if not d.privacy_tiers:
+            profiles = profiles._replace(target_epsilon=np.full(profiles.num_clients, np.inf))
+        model = model_for(config, load_population(config)[0].input_shape)
+        policy = DevicePolicy(kind=d.policy, num_params=count_params(model.init(jax.random.key(0))),
+                              round_deadline_s=d.round_deadline_s, stragglers=d.stragglers,
+                              max_local_steps=d.max_local_steps, train_memory_factor=d.train_memory_factor,
+                              rounds=config.run.rounds,
+                              client_rate=config.server.clients_per_round / config.data.num_clients,
+                              delta=config.run.delta, accountant=config.run.accountant)
+        return cls(config, profiles, policy, **kwargs)
 
     def cohort(self, round_index: int):
         cohort = super().cohort(round_index)
