@@ -191,18 +191,21 @@ def evaluate_defense(base: ExperimentConfig, name: str, overrides: Mapping[str, 
     Returns:
       (summary record, the config used, the run's history with the attack metrics in its last record).
     """
-    from fedjaxpriv.experiment import Experiment
+    from fedjaxpriv.experiment import build_experiment
 
     texts = [f"{k}={_yaml(v)}" for k, v in overrides.items()]
     rounds = base.run.rounds
     taps = [f"run.tap_clients={list(suite.tap_clients)}",
             f"run.tap_rounds={list(range(min(suite.tap_from_round, rounds), rounds + 1))}"]
     config = with_overrides(base, [*texts, *taps, f"name={name}"])
-    experiment = Experiment(config)
+    experiment = build_experiment(config)
     results = experiment.run(progress=False)
     record: Record = {"defense": name, "test_accuracy": results.final("test_accuracy"),
                       "epsilon": final_epsilon(results.history),
                       "bytes_uploaded": cumulative(results.history, "bytes_total")}
+    if "cost_wall_time_s" in results.history[-1]:  # devices: simulated wall time and energy over the run
+        record.update(wall_time_s=cumulative(results.history, "cost_wall_time_s"),
+                      energy_j=cumulative(results.history, "cost_energy_j"))
     record.update(model_attacks(experiment, results.params, suite))
     record.update(passive_attack(experiment, results.taps, suite))
     if suite.inversion_targets:

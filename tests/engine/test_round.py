@@ -140,3 +140,25 @@ def test_central_dp_noise_has_the_configured_std(digits_population):
     # The sample std of n Gaussians has relative standard error ~ 1/sqrt(2n); allow 6 of them.
     assert abs(noise.std() / expected_std - 1.0) < 6.0 / math.sqrt(2 * n)
     assert abs(noise.mean()) < 6.0 * expected_std / math.sqrt(n)
+
+
+def test_removing_one_client_moves_the_clipped_sum_by_at_most_the_clip_norm(hetero):
+    """DP-FedAvg sensitivity: with noise off, dropping any one client from the cohort changes the (fixed
+    denominator) mean by at most clip / expected_cohort, and some client reaches that bound."""
+    _, (model, spec, settings, params, pop) = hetero
+    aggregation = AggregationSpec(weighting="uniform", central_clip_norm=0.05, central_noise_multiplier=0.0,
+                                  expected_cohort=8.0)
+    tx = server_optimizer("sgd", 1.0)
+    round_fn = build_round(model.apply, spec, tx, aggregation, chunk_size=8)
+
+    def mean_update(mask):
+        state, _ = round_fn(init_server_state(params, tx, 0.05), pop, settings, jnp.asarray(IDS),
+                            jnp.asarray(mask), jax.random.key(7))
+        return np.concatenate([np.ravel(np.asarray(a) - np.asarray(b)) for a, b in
+                               zip(jax.tree_util.tree_leaves(state.params), jax.tree_util.tree_leaves(params))])
+
+    full = mean_update(np.ones(8, bool))
+    moves = [np.linalg.norm(full - mean_update(np.arange(8) != k)) for k in range(8)]
+    bound = 0.05 / 8.0
+    assert max(moves) <= bound * (1 + 1e-4)
+    assert max(moves) >= bound * (1 - 1e-4)  # updates are larger than 0.05 before clipping: the bound is tight
