@@ -13,7 +13,6 @@ Files written to the output directory:
 
 from __future__ import annotations
 
-import csv
 import math
 import os
 from typing import Any, Mapping, Sequence
@@ -23,7 +22,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from fedjaxpriv.results import as_float, cumulative, flatten, varying_fields  # noqa: E402
+from fedjaxpriv.results import as_float, cumulative, flatten, varying_fields, write_csv  # noqa: E402
 
 Record = Mapping[str, Any]
 EPSILON_KEYS = ("epsilon_max", "client_level_epsilon")
@@ -66,18 +65,14 @@ def _cell(value: Any) -> str:
     return "" if value is None else str(value)
 
 
-def write_table(rows: Sequence[Mapping[str, Any]], out_dir: str) -> tuple[str, str]:
-    """Writes ``summary.csv`` (full precision) and ``summary.md`` (4 significant digits)."""
+def write_table(rows: Sequence[Mapping[str, Any]], out_dir: str, name: str = "summary") -> tuple[str, str]:
+    """Writes ``NAME.csv`` (full precision) and ``NAME.md`` (4 significant digits) in ``out_dir``."""
+    os.makedirs(out_dir, exist_ok=True)
     columns: list[str] = []
     for row in rows:
         columns.extend(k for k in row if k not in columns)
-    csv_path, md_path = os.path.join(out_dir, "summary.csv"), os.path.join(out_dir, "summary.md")
-    with open(csv_path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=columns)
-        writer.writeheader()
-        for row in rows:
-            writer.writerow({k: ("" if row.get(k) is None else repr(row[k]) if isinstance(row.get(k), float)
-                                 else row.get(k)) for k in columns})
+    csv_path, md_path = os.path.join(out_dir, f"{name}.csv"), os.path.join(out_dir, f"{name}.md")
+    write_csv(csv_path, rows)
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     lines += ["| " + " | ".join(_cell(row.get(k)) for k in columns) + " |" for row in rows]
     with open(md_path, "w") as f:

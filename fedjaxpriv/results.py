@@ -40,6 +40,19 @@ def jsonable(value: Any) -> Any:
     return value
 
 
+def write_csv(path: str, rows: Sequence[Mapping[str, Any]]) -> None:
+    """Writes rows as CSV, columns the union of their keys in first-seen order (missing or None: empty)."""
+    import csv
+
+    columns: list[str] = []
+    for row in rows:
+        columns.extend(k for k in row if k not in columns)
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(jsonable(dict(row)) for row in rows)
+
+
 def as_float(value: Any) -> float:
     """Reads a stored metric back as a float ("inf" strings and null included)."""
     if value is None:

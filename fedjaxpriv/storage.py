@@ -6,7 +6,6 @@ after it are recomputed (deterministically, since every key derives from the see
 
 from __future__ import annotations
 
-import csv
 import json
 import os
 from typing import Any
@@ -16,14 +15,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from fedjaxpriv.config import ExperimentConfig
-
-
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, (np.floating, np.integer)):
-        return value.item()
-    if isinstance(value, float) and not np.isfinite(value):
-        return None if np.isnan(value) else ("inf" if value > 0 else "-inf")
-    return value
+from fedjaxpriv.results import jsonable, write_csv
 
 
 def read_history(path: str) -> list[dict[str, Any]]:
@@ -32,17 +24,6 @@ def read_history(path: str) -> list[dict[str, Any]]:
         return []
     with open(path) as f:
         return [json.loads(line) for line in f if line.strip()]
-
-
-def write_csv(path: str, records: list[dict[str, Any]]) -> None:
-    """Writes records as CSV with the union of their keys as columns (in first-seen order)."""
-    columns: list[str] = []
-    for record in records:
-        columns.extend(k for k in record if k not in columns)
-    with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=columns)
-        writer.writeheader()
-        writer.writerows(records)
 
 
 class RunStore:
@@ -82,12 +63,12 @@ class RunStore:
         history = [r for r in read_history(self.history_path) if r["round"] <= step]
         with open(self.history_path, "w") as f:
             for record in history:
-                f.write(json.dumps({k: _jsonable(v) for k, v in record.items()}) + "\n")
+                f.write(json.dumps(jsonable(record)) + "\n")
         return state, history
 
     def append(self, record: dict[str, Any]) -> None:
         with open(self.history_path, "a") as f:
-            f.write(json.dumps({k: _jsonable(v) for k, v in record.items()}) + "\n")
+            f.write(json.dumps(jsonable(record)) + "\n")
             f.flush()
 
     def save(self, state: Any) -> None:
@@ -103,5 +84,5 @@ class RunStore:
             write_csv(os.path.join(self.out_dir, "history.csv"), history)
         if per_client:
             num_clients = len(next(iter(per_client.values())))
-            rows = [{"client": i, **{k: _jsonable(v[i]) for k, v in per_client.items()}} for i in range(num_clients)]
+            rows = [{"client": i, **{k: v[i] for k, v in per_client.items()}} for i in range(num_clients)]
             write_csv(os.path.join(self.out_dir, "clients.csv"), rows)

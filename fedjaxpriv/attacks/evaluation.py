@@ -22,7 +22,6 @@ the accountant's epsilon.
 
 from __future__ import annotations
 
-import csv
 import dataclasses
 import math
 import os
@@ -35,7 +34,7 @@ import numpy as np
 from fedjaxpriv.attacks import audit, inversion, membership, metrics, shadow
 from fedjaxpriv.config import ExperimentConfig, with_overrides
 from fedjaxpriv.data.federated import Dataset, FederatedData, from_client_lists
-from fedjaxpriv.results import cumulative, jsonable
+from fedjaxpriv.results import cumulative
 
 Record = dict[str, Any]
 
@@ -259,24 +258,9 @@ def write_tables(records: Sequence[Record], out_dir: str) -> dict[str, str]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    os.makedirs(out_dir, exist_ok=True)
-    columns: list[str] = []
-    for record in records:
-        columns.extend(k for k in record if k not in columns)
-    csv_path, md_path = os.path.join(out_dir, "attack_eval.csv"), os.path.join(out_dir, "attack_eval.md")
-    with open(csv_path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=columns)
-        writer.writeheader()
-        for record in records:
-            writer.writerow(jsonable({k: record.get(k) for k in columns}))
+    from fedjaxpriv.report import write_table
 
-    def cell(value: Any) -> str:
-        return f"{value:.4g}" if isinstance(value, float) else ("" if value is None else str(value))
-
-    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    lines += ["| " + " | ".join(cell(r.get(k)) for k in columns) + " |" for r in records]
-    with open(md_path, "w") as f:
-        f.write("\n".join(lines) + "\n")
+    csv_path, md_path = write_table(records, out_dir, name="attack_eval")
     plot_path = os.path.join(out_dir, "privacy_attack.png")
     attack_keys = [k for k in ("attack/loss_threshold/auc", "attack/lira/tpr@1%fpr", "attack/passive/auc",
                                "attack/inversion/psnr") if any(k in r for r in records)]
