@@ -108,7 +108,7 @@ def make_problem(work: Workload):
 
 def spec_for(config: EngineConfig) -> LocalSpec:
     return LocalSpec(max_steps=STEPS, max_batch=BATCH, max_count=EXAMPLES, num_classes=10, unroll=config.unroll,
-                     conv_as_matmul=config.conv_as_matmul)
+                     conv_as_matmul=config.conv_as_matmul, poisson=False)
 
 
 def host_one_client(spec: LocalSpec, apply_fn: Callable) -> Callable:

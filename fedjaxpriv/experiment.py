@@ -155,7 +155,7 @@ def local_spec(config: ExperimentConfig, settings: ClientSettings, counts: np.nd
         max_steps=max_steps, max_batch=min(max_batch, max_count), max_count=max_count,
         num_classes=num_classes, per_example=uses_dp, mixup=bool(np.any(settings.mixup_alpha > 0)),
         prune=c.prune_method if np.any(settings.prune_sparsity > 0) else None, prune_scope=c.prune_scope,
-        momentum=c.momentum, unroll=auto_unroll(config.model.name, max_steps),
+        momentum=c.momentum, poisson=bool(np.any(settings.poisson)), unroll=auto_unroll(config.model.name, max_steps),
         conv_as_matmul=auto_conv_as_matmul(config.model.name))
 
 

@@ -38,6 +38,7 @@ class LocalSpec:
       prune: None, "magnitude" or "random" masks (per-client sparsity; 0 disables it).
       prune_scope: "layer" or "global" for magnitude pruning.
       momentum: local SGD momentum (0 = plain SGD).
+      poisson: some client samples Poisson batches (False skips the Poisson draws for everyone).
       unroll: scan unroll factor over local steps (execution only; results are unchanged).
       conv_as_matmul: run the model's convolutions as patches x kernel matrix products (execution only;
         fast on CPU inside loops and under vmap, see ``parallel.conv_as_matmul``).
@@ -54,6 +55,7 @@ class LocalSpec:
     momentum: float = 0.0
     unroll: int = 1
     conv_as_matmul: bool = False
+    poisson: bool = True
 
 
 class ClientOutput(NamedTuple):
@@ -137,7 +139,7 @@ def client_update(spec: LocalSpec, apply_fn: ApplyFn, server_params: Params, dat
         step_key = jax.random.fold_in(train_key, t)
         sample_key, mix_key, noise_key = jax.random.split(step_key, 3)
         idx, bmask = sample_batch(sample_key, count, settings.batch_size, settings.sample_rate, settings.poisson,
-                                  max_batch=spec.max_batch, max_count=spec.max_count)
+                                  max_batch=spec.max_batch, max_count=spec.max_count, allow_poisson=spec.poisson)
         active = t < settings.num_steps
         rows = offset + idx
         x = jnp.take(data_x, rows, axis=0, mode="clip")

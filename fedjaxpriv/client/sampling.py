@@ -11,7 +11,8 @@ import jax.numpy as jnp
 
 
 def sample_batch(key: jax.Array, count: jax.Array, batch_size: jax.Array, sample_rate: jax.Array,
-                 poisson: jax.Array, *, max_batch: int, max_count: int) -> tuple[jax.Array, jax.Array]:
+                 poisson: jax.Array, *, max_batch: int, max_count: int,
+                 allow_poisson: bool = True) -> tuple[jax.Array, jax.Array]:
     """Indices of one local batch.
 
     Fixed-size sampling picks ``min(batch_size, count)`` distinct examples uniformly without replacement.
@@ -26,13 +27,16 @@ def sample_batch(key: jax.Array, count: jax.Array, batch_size: jax.Array, sample
       poisson: bool scalar, which sampler to use.
       max_batch: static number of batch slots.
       max_count: static upper bound on ``count``.
+      allow_poisson: static; False when no client samples Poisson batches (skips the inclusion draws).
 
     Returns:
       (idx [max_batch] int32 in [0, count), mask [max_batch] bool marking real batch entries).
     """
     order_key, include_key = jax.random.split(key)
     valid = jnp.arange(max_count) < count
-    include = jnp.where(poisson, jax.random.uniform(include_key, (max_count,)) < sample_rate, True) & valid
+    include = valid
+    if allow_poisson:
+        include &= jnp.where(poisson, jax.random.uniform(include_key, (max_count,)) < sample_rate, True)
     score = jnp.where(include, jax.random.uniform(order_key, (max_count,)), -1.0)
     k = min(max_batch, max_count)
     top_scores, idx = jax.lax.top_k(score, k)
