@@ -233,14 +233,14 @@ def auto_config(work: Workload) -> EngineConfig:
     num_params = count_params(model.init(jax.random.key(0)))
     return EngineConfig(strategy=parallel.auto_strategy(work.model),
                         chunk=parallel.auto_chunk_size(work.clients, num_params),
-                        unroll=parallel.auto_unroll(work.model, STEPS),
+                        unroll=1,
                         conv_as_matmul=parallel.auto_conv_as_matmul(work.model))
 
 
 def explore_configs(work: Workload) -> list[EngineConfig]:
     if work.model == "cnn":
         return [EngineConfig("host", 1, STEPS, False), EngineConfig("vmap", 8, STEPS, True),
-                EngineConfig("vmap", 8, 1, True), EngineConfig("loop", 1, 1, True)]
+                EngineConfig("vmap", 8, 1, True), EngineConfig("loop", 1, STEPS, True)]
     return [EngineConfig("vmap", c, u, False) for c in (32, 128, work.clients) for u in (1, STEPS)] + [
         EngineConfig("loop", 1, 1, False)]
 

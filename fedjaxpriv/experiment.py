@@ -23,7 +23,7 @@ from fedjaxpriv.client.settings import ClientSettings, make_settings, per_client
 from fedjaxpriv.config import ExperimentConfig
 from fedjaxpriv.data import Dataset, FederatedData, load_dataset, partition, synthetic_federated
 from fedjaxpriv.models import Model, count_params, get_model
-from fedjaxpriv.parallel import auto_chunk_size, auto_conv_as_matmul, auto_strategy, auto_unroll, replicate
+from fedjaxpriv.parallel import auto_chunk_size, auto_conv_as_matmul, auto_strategy, replicate
 from fedjaxpriv.privacy.tracking import PrivacyTracker, calibrate_noise_for_targets
 from fedjaxpriv.server import max_cohort_size, sample_cohort, server_optimizer
 from fedjaxpriv.simulation import (AggregationSpec, Population, RoundOutput, ServerState, build_message_tap,
@@ -155,7 +155,7 @@ def local_spec(config: ExperimentConfig, settings: ClientSettings, counts: np.nd
         max_steps=max_steps, max_batch=min(max_batch, max_count), max_count=max_count,
         num_classes=num_classes, per_example=uses_dp, mixup=bool(np.any(settings.mixup_alpha > 0)),
         prune=c.prune_method if np.any(settings.prune_sparsity > 0) else None, prune_scope=c.prune_scope,
-        momentum=c.momentum, poisson=bool(np.any(settings.poisson)), unroll=auto_unroll(config.model.name, max_steps),
+        momentum=c.momentum, poisson=bool(np.any(settings.poisson)),
         conv_as_matmul=auto_conv_as_matmul(config.model.name))
 
 

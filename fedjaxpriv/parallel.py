@@ -8,10 +8,10 @@ O(chunk x params), never O(cohort x params). With a mesh, each chunk's client ax
 mesh's "clients" axis and XLA reduces the sum across devices.
 
 ``map_clients_host`` runs the same chunks from a Python loop, one compiled call per chunk plus a compiled
-running sum: on XLA:CPU convolutions inside compiled loops (``while``) run an order of magnitude slower
-than the same convolutions outside loops, so convnets on CPU are fastest this way. ``conv_as_matmul``
-rewrites a model's convolutions as patch extraction plus one matrix product, which stays fast inside loops
-and under ``vmap`` (where a vmapped convolution would become a slow grouped convolution on CPU).
+running sum: on XLA:CPU native convolutions inside compiled loops (``while``) run an order of magnitude
+slower than outside loops. ``conv_as_matmul`` rewrites a model's convolutions as patch extraction plus one
+matrix product, which stays fast inside loops and under ``vmap`` (where a vmapped convolution would become a
+slow grouped convolution on CPU); with it the compiled "loop" strategy matches the host loop for convnets.
 """
 
 from __future__ import annotations
@@ -114,33 +114,22 @@ CONV_MODELS = ("cnn", "lenet", "resnet")
 
 
 def auto_strategy(model_name: str, backend: str | None = None) -> str:
-    """Picks the compiled client-parallel strategy: "vmap" on every backend and model.
+    """Picks the compiled client-parallel strategy: "loop" for convnets on CPU, "vmap" otherwise.
 
-    Convnets on CPU need ``conv_as_matmul`` with it (a vmapped native convolution becomes a slow grouped
-    convolution there). Measured on 2 CPU cores (McMahan CNN, 5 steps, batch 16): vmap over chunks of 8
-    with steps unrolled and convolutions as matmuls 9.4 clients/s; one client per loop iteration 7.2;
-    the same chunks without unrolling 5.4.
+    On CPU a vmapped convolution becomes a slow grouped convolution, and native convolutions inside compiled
+    loops are slow too, so convnets run one client per loop iteration with ``conv_as_matmul``. Measured on
+    2 CPU cores (McMahan CNN, 5 steps of batch 16, 32 clients): loop with matmul convolutions 16.7
+    clients/s, the same with steps unrolled 14.9, vmap over chunks of 2 or 8 with unrolled matmul
+    convolutions 13-14, loop with native convolutions 1.6; PyTorch's per-client loop 17.0.
     """
-    del model_name, backend
-    return "vmap"
+    backend = backend or jax.default_backend()
+    return "loop" if backend == "cpu" and model_name in CONV_MODELS else "vmap"
 
 
 def auto_conv_as_matmul(model_name: str, backend: str | None = None) -> bool:
     """True for convnets on CPU: run convolutions as patches x kernel matrix products (``conv_as_matmul``)."""
     backend = backend or jax.default_backend()
     return backend == "cpu" and model_name in CONV_MODELS
-
-
-def auto_unroll(model_name: str, max_steps: int, backend: str | None = None) -> int:
-    """Scan unroll factor for local steps: full unrolling (up to 8 steps) for convnets on CPU, else 1.
-
-    Unrolling takes the convolutions of a step out of the ``while`` loop on CPU, where XLA runs them far
-    slower; every unrolled step is compiled separately, so unrolling is capped at 8 to bound compile time.
-    """
-    backend = backend or jax.default_backend()
-    if backend == "cpu" and model_name in CONV_MODELS:
-        return int(max(1, min(max_steps, 8)))
-    return 1
 
 
 def auto_chunk_size(num_clients: int, num_params: int, backend: str | None = None,

@@ -34,6 +34,17 @@ class Model(NamedTuple):
     name: str
 
 
+def max_pool_2x2(x: jax.Array) -> jax.Array:
+    """2x2 max pooling with stride 2 (VALID) as a reshape and a max: [B, H, W, C] -> [B, H//2, W//2, C].
+
+    Same values as ``nn.max_pool(x, (2, 2), strides=(2, 2))``; its gradient avoids XLA's select-and-scatter,
+    which is slow on CPU (a McMahan CNN step runs about 1.6x faster).
+    """
+    b, h, w, c = x.shape
+    x = x[:, : h - h % 2, : w - w % 2, :]
+    return x.reshape(b, h // 2, 2, w // 2, 2, c).max(axis=(2, 4))
+
+
 class LogisticRegression(nn.Module):
     num_classes: int
 
@@ -61,10 +72,8 @@ class McMahanCNN(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        x = nn.relu(nn.Conv(32, (5, 5), padding="SAME")(x))
-        x = nn.max_pool(x, (2, 2), strides=(2, 2))
-        x = nn.relu(nn.Conv(64, (5, 5), padding="SAME")(x))
-        x = nn.max_pool(x, (2, 2), strides=(2, 2))
+        x = max_pool_2x2(nn.relu(nn.Conv(32, (5, 5), padding="SAME")(x)))
+        x = max_pool_2x2(nn.relu(nn.Conv(64, (5, 5), padding="SAME")(x)))
         x = x.reshape((x.shape[0], -1))
         x = nn.relu(nn.Dense(512)(x))
         return nn.Dense(self.num_classes)(x)

@@ -60,3 +60,16 @@ def test_bad_model_arguments_are_named():
         get_model("cnn", (64,), 10)
     with pytest.raises(ValueError, match="num_classes=1"):
         get_model("mlp", (8,), 1)
+
+
+def test_reshape_max_pool_equals_flax_max_pool_in_value_and_gradient():
+    import flax.linen as nn
+
+    from fedjaxpriv.models.core import max_pool_2x2
+
+    x = jax.random.normal(jax.random.key(0), (3, 14, 15, 5))  # odd width: the last column is dropped (VALID)
+    np.testing.assert_array_equal(max_pool_2x2(x), nn.max_pool(x, (2, 2), strides=(2, 2)))
+    weights = jax.random.normal(jax.random.key(1), (3, 7, 7, 5))
+    grad_ours = jax.grad(lambda v: jnp.sum(weights * max_pool_2x2(v)))(x)
+    grad_flax = jax.grad(lambda v: jnp.sum(weights * nn.max_pool(v, (2, 2), strides=(2, 2))))(x)
+    np.testing.assert_array_equal(grad_ours, grad_flax)  # continuous inputs: no ties
