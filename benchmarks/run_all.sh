@@ -1,0 +1,7 @@
+#!/bin/sh
+# Every benchmark, one after the other; each prints its own table and ratios.
+set -e
+cd "$(dirname "$0")/.."
+python benchmarks/bench_engine.py "$@"
+python benchmarks/bench_attacks.py
+python benchmarks/bench_membership.py
