@@ -307,7 +307,8 @@ class Experiment:
 
         Args:
           out_dir: directory for config.json, history.jsonl/csv and checkpoints (None: keep in memory).
-          resume: continue from the latest checkpoint in ``out_dir`` if its config matches.
+          resume: continue from the latest checkpoint in ``out_dir`` if its config matches; False deletes
+            the earlier run's files there and starts over.
           progress: show a progress bar with the latest accuracy.
           callbacks: functions called as ``cb(experiment, record)`` after every round.
           rounds: stop after this many rounds (default ``config.run.rounds``).
@@ -315,7 +316,7 @@ class Experiment:
         from fedjaxpriv.storage import RunStore
 
         total = rounds or self.config.run.rounds
-        store = RunStore(out_dir, self.config) if out_dir else None
+        store = RunStore(out_dir, self.config, fresh=not resume) if out_dir else None
         state, history = self.initial_state, []
         if store is not None and resume:
             restored = store.restore(state)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from typing import Any
 
 import jax
@@ -27,13 +28,19 @@ def read_history(path: str) -> list[dict[str, Any]]:
 
 
 class RunStore:
-    """The files of one run. Refuses to resume a directory written by a different config."""
+    """The files of one run. Refuses to resume a directory written by a different config; ``fresh=True``
+    deletes what an earlier run left there (history, per-client table, checkpoints) and starts over."""
 
-    def __init__(self, out_dir: str, config: ExperimentConfig, max_to_keep: int = 2) -> None:
+    def __init__(self, out_dir: str, config: ExperimentConfig, max_to_keep: int = 2, fresh: bool = False) -> None:
         self.out_dir = os.path.abspath(out_dir)
         os.makedirs(self.out_dir, exist_ok=True)
         self.config = config
         config_path = os.path.join(self.out_dir, "config.json")
+        if fresh:
+            for name in ("config.json", "history.jsonl", "history.csv", "clients.csv"):
+                if os.path.exists(os.path.join(self.out_dir, name)):
+                    os.remove(os.path.join(self.out_dir, name))
+            shutil.rmtree(os.path.join(self.out_dir, "checkpoints"), ignore_errors=True)
         if os.path.exists(config_path):
             with open(config_path) as f:
                 previous = json.load(f)

@@ -87,3 +87,14 @@ def test_cli_runs_and_writes_history(tmp_path, capsys):
     code = cli_main(["run", "--quiet", "--out", str(out), "--set", "client.prune_sparsity=2"])
     assert code == 2
     assert "client.prune_sparsity=2" in capsys.readouterr().err
+
+
+def test_no_resume_starts_over_in_the_same_directory(tmp_path):
+    out = str(tmp_path / "run")
+    Experiment(from_dict({**SHORT, "run": {"rounds": 3}})).run(out, progress=False)
+    other = from_dict({**SHORT, "client": {"lr": 0.05}, "run": {"rounds": 2}})
+    with pytest.raises(ValueError, match="different config"):
+        Experiment(other).run(out, progress=False)
+    results = Experiment(other).run(out, progress=False, resume=False)
+    rounds = [json.loads(line)["round"] for line in open(tmp_path / "run" / "history.jsonl")]
+    assert rounds == [1, 2] and [r["round"] for r in results.history] == [1, 2]
