@@ -174,6 +174,36 @@ def plot_attacks(records: Sequence[Record], path: str) -> str | None:
     return _save(fig, path)
 
 
+def attack_strength_series(records: Sequence[Record]) -> dict[str, dict[str, list[tuple[float, float]]]]:
+    """Attack success against defense strength: for every numeric config field that varies between the
+    records with attack metrics, ``{field: {attack metric: [(field value, final metric), ...]}}`` sorted by
+    the field value (e.g. a grid over ``client.dp_noise_multiplier``)."""
+    attacked = [r for r in records if any(k.startswith("attack/") for k in r["final"])]
+    series: dict[str, dict[str, list[tuple[float, float]]]] = {}
+    for field in varying_fields(attacked) if len(attacked) > 1 else []:
+        values = [flatten(r["config"]).get(field) for r in attacked]
+        if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
+            continue
+        series[field] = {key: sorted((float(v), as_float(r["final"][key])) for v, r in zip(values, attacked)
+                                     if key in r["final"]) for key in attack_keys(attacked)}
+    return series
+
+
+def plot_attacks_vs_strength(records: Sequence[Record], out_dir: str) -> dict[str, str]:
+    """One PNG per numeric varying field: each attack metric against that field's value."""
+    written = {}
+    for field, by_key in attack_strength_series(records).items():
+        fig, axes = plt.subplots(len(by_key), 1, figsize=(6, 2.4 * len(by_key)), squeeze=False)
+        for ax, (key, points) in zip(axes[:, 0], by_key.items()):
+            ax.plot([p[0] for p in points], [p[1] for p in points], marker="o")
+            ax.set_ylabel(key.split("/", 1)[1], fontsize=8)
+            ax.grid(alpha=0.3)
+        axes[-1, 0].set_xlabel(field)
+        name = f"attacks_vs_{field.replace('.', '_')}"
+        written[name] = _save(fig, os.path.join(out_dir, f"{name}.png"))
+    return written
+
+
 def write_report(records: Sequence[Record], out_dir: str) -> dict[str, str]:
     """Writes every plot that the records support and the summary table.
 
@@ -196,5 +226,6 @@ def write_report(records: Sequence[Record], out_dir: str) -> dict[str, str]:
                                                         os.path.join(out_dir, "communication_vs_accuracy.png")),
         "attacks": plot_attacks(records, os.path.join(out_dir, "attacks.png")),
     }
+    written.update(plot_attacks_vs_strength(records, out_dir))
     written["summary_csv"], written["summary_md"] = write_table(summary_rows(records), out_dir)
     return {k: v for k, v in written.items() if v is not None}

@@ -174,3 +174,21 @@ def test_report_reads_run_directories(sweep_store, tmp_path):
     assert record["final"]["test_accuracy"] == stored["final"]["test_accuracy"]
     with pytest.raises(ValueError, match="neither a results store"):
         load_records([str(tmp_path / "missing")])
+
+
+def test_attack_success_is_plotted_against_a_varying_defense_strength(tmp_path):
+    from fedjaxpriv.config import ExperimentConfig, with_overrides
+    from fedjaxpriv.report import attack_strength_series, write_report
+    from fedjaxpriv.results import make_record
+
+    records = []
+    for noise, auc in ((2.0, 0.55), (0.0, 0.8), (1.0, 0.6)):
+        config = with_overrides(ExperimentConfig(), [f"client.dp_noise_multiplier={noise}", "client.dp_clip_norm=1",
+                                                     f"name=noise{noise}"])
+        history = [{"round": 1, "test_accuracy": 0.5, "attack/passive/auc": auc}]
+        records.append(make_record(config, history, label=f"noise{noise}"))
+    series = attack_strength_series(records)
+    assert series["client.dp_noise_multiplier"] == {"attack/passive/auc": [(0.0, 0.8), (1.0, 0.6), (2.0, 0.55)]}
+    assert "name" not in series  # not numeric
+    written = write_report(records, str(tmp_path))
+    assert os.path.getsize(written["attacks_vs_client_dp_noise_multiplier"]) > 0
