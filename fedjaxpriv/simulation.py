@@ -5,7 +5,8 @@ Data flow (each numbered step is one piece of code):
   2 gather     the cohort's rows of the per-client settings and data offsets
   3 train      ``client_update`` for every client, through ``map_clients`` (vmap / loop, chunks, mesh)
   4 transform  the message each client sends (``message_fn``: prune, quantize, clip, local noise)
-  5 aggregate  weighted sum streamed over chunks; client-level DP clips and adds central Gaussian noise
+  5 aggregate  weighted sum streamed over chunks; client-level DP clips (fixed or adaptive clip norm) and adds
+               central Gaussian noise
   6 server     optax server optimizer on the pseudo-gradient -mean(delta)
 
 Keys: ``round_key = fold_in(root, round)``; client ``i`` uses ``fold_in(fold_in(round_key, 0), i)`` and the
