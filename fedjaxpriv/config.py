@@ -301,6 +301,9 @@ class DevicesConfig:
       max_local_steps: upper bound of the device-aware local steps.
       train_memory_factor: training memory in units of the float32 model size.
       privacy_tiers: use the tiers' privacy requirements (target epsilons); False = no DP from devices.
+      tiers: the device kinds, each a mapping of ``DeviceTier`` fields (name, probability, flops_per_s,
+        memory_bytes, uplink_bps, joules_per_flop, joules_per_bit, dropout_prob, target_epsilon); empty = the
+        built-in phone-to-laptop tiers (``fedjaxpriv.devices.DEFAULT_TIERS``).
     """
 
     policy: str = "none"
@@ -310,6 +313,21 @@ class DevicesConfig:
     max_local_steps: int = 100
     train_memory_factor: float = 4.0
     privacy_tiers: bool = False
+    tiers: tuple[Mapping[str, Any], ...] = ()
+
+    def device_tiers(self) -> tuple:
+        """The tiers as ``DeviceTier`` objects (validated)."""
+        from fedjaxpriv.devices.profiles import DEFAULT_TIERS, DeviceTier, check_tiers
+
+        if not self.tiers:
+            return DEFAULT_TIERS
+        try:
+            tiers = tuple(DeviceTier(**dict(t)) for t in self.tiers)
+        except TypeError as error:
+            raise ValueError(f"devices.tiers={list(self.tiers)!r} is invalid: {error}; each tier takes the "
+                             "fields of DeviceTier.") from None
+        check_tiers(tiers)
+        return tiers
 
     def __post_init__(self) -> None:
         _check_choice("devices.policy", self.policy, ("none", "uniform", "device_aware"))
@@ -319,6 +337,10 @@ class DevicesConfig:
         _check(self.max_local_steps >= 1, "devices.max_local_steps", self.max_local_steps, "an integer >= 1")
         _check(self.train_memory_factor > 0, "devices.train_memory_factor", self.train_memory_factor,
                "a number > 0")
+        _check(all(isinstance(t, Mapping) for t in self.tiers), "devices.tiers", self.tiers,
+               "a list of mappings of DeviceTier fields")
+        if self.tiers:
+            self.device_tiers()
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

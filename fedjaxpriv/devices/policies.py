@@ -290,7 +290,7 @@ class DeviceExperiment(Experiment):
         d = config.devices
         if d.policy == "none":
             raise ValueError("devices.policy='none': use Experiment, or choose 'uniform' or 'device_aware'.")
-        profiles = sample_profiles(config.data.num_clients, config.run.seed, jitter=d.jitter)
+        profiles = sample_profiles(config.data.num_clients, config.run.seed, tiers=d.device_tiers(), jitter=d.jitter)
         if not d.privacy_tiers:
             profiles = profiles._replace(target_epsilon=np.full(profiles.num_clients, np.inf))
         model = model_for(config, load_population(config)[0].input_shape)

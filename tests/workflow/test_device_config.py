@@ -38,3 +38,20 @@ def test_config_policy_sets_settings_and_removes_stragglers(policy):
 def test_bad_device_policy_is_named():
     with pytest.raises(ValueError, match="devices.policy"):
         with_overrides(ExperimentConfig(), ["devices.policy=fast"])
+
+
+def test_custom_tiers_from_the_config():
+    tiers = ("devices.tiers=[{name: slow, probability: 0.5, flops_per_s: 1.0e+6, memory_bytes: 1.0e+9, "
+             "uplink_bps: 1.0e+9}, {name: fast, probability: 0.5, flops_per_s: 1.0e+12, memory_bytes: 1.0e+9, "
+             "uplink_bps: 1.0e+9}]")
+    config = with_overrides(_config("uniform"), [tiers, "devices.jitter=0"])
+    exp = build_experiment(config)
+    slow = exp.profiles.flops_per_s == 1e6
+    assert set(np.unique(exp.profiles.flops_per_s)) == {1e6, 1e12}
+    # 10 steps of batch 16 on a 1 MFLOP/s device take far longer than the 0.5 s deadline; on 1 TFLOP/s they fit.
+    np.testing.assert_array_equal(exp.stragglers, slow)
+    with pytest.raises(ValueError, match="sum of 1"):
+        with_overrides(config, ["devices.tiers=[{name: a, probability: 0.4, flops_per_s: 1, memory_bytes: 1, "
+                                "uplink_bps: 1}]"])
+    with pytest.raises(ValueError, match="devices.tiers"):
+        with_overrides(config, ["devices.tiers=[{name: a, probability: 1, speed: 3}]"])
