@@ -190,12 +190,6 @@ def chain(*transforms: MessageTransform) -> MessageTransform:
     return MessageTransform(init, update)
 
 
-def tree_global_norm(tree: PyTree) -> jax.Array:
-    """Global L2 norm of a pytree, float32."""
-    leaves = jax.tree_util.tree_leaves(tree)
-    return jnp.sqrt(sum(jnp.sum(jnp.square(leaf.astype(jnp.float32))) for leaf in leaves))
-
-
 def map_leaves_with_keys(fn: Callable[[jax.Array, jax.Array], jax.Array], tree: PyTree, key: jax.Array) -> PyTree:
     """``fn(leaf, fold_in(key, i))`` for leaf i of ``tree``."""
     leaves, treedef = jax.tree_util.tree_flatten(tree)

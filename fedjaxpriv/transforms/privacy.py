@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import optax
 
 from fedjaxpriv.client.dp import clip_scale, gaussian_noise_like
 from fedjaxpriv.transforms.base import (
@@ -23,7 +24,6 @@ from fedjaxpriv.transforms.base import (
     resolve,
     select_wire,
     stateless,
-    tree_global_norm,
 )
 
 
@@ -40,7 +40,7 @@ def clip_update(clip_norm: Strength = "clip_norm") -> MessageTransform:
     def apply(message, key, settings: Settings, wire: Wire):
         del key
         c = resolve(clip_norm, settings)
-        norm = tree_global_norm(message)
+        norm = optax.tree.norm(message)
         scale = clip_scale(norm, c)
         clipped = jax.tree_util.tree_map(lambda leaf: leaf * scale.astype(leaf.dtype), message)
         stats = {"clip/norm": norm, "clip/clipped": (scale < 1.0).astype(jnp.float32)}
