@@ -8,10 +8,13 @@ One command, one process::
 
 Every method trains the same clients (64 examples each, 5 local SGD steps of batch 16) from the same
 server model. Rows:
-  engine      one compiled round (``build_round``: sampling, local training, weighted aggregation, server
-              step) with the strategy/chunk/unroll/conv lowering that ``Experiment`` would pick ("auto") or
-              a forced one; "host" rows run ``parallel.map_clients_host`` (compiled chunks in a Python loop).
-  jax-loop    a jitted single-client update called in a Python loop, plus a jitted running sum.
+  engine      one round (``build_round``: sampling, local training, weighted aggregation, server step) with
+              the strategy/chunk/unroll/conv lowering/devices that ``Experiment`` would pick ("auto") or a
+              forced one. "vmap"/"loop" rounds are one compiled program; "host" rounds dispatch one compiled
+              call per client from Python over the devices (``parallel.map_clients_host``). The process
+              exposes one CPU device per core (``parallel.use_cpu_cores``), as the command line does.
+  jax-loop    a jitted single-client update called in a Python loop on one device, plus a jitted running
+              sum.
   torch-loop  the same models and steps in PyTorch, one client after another (skipped without torch).
 GFLOP/s counts the model's forward+backward FLOPs (XLA cost analysis of one gradient step, times steps)
 against a float32 matmul peak measured in the same run. Timings are medians over ``--repeats`` runs after
@@ -59,10 +62,12 @@ class EngineConfig:
     chunk: int
     unroll: int
     conv_as_matmul: bool
+    devices: int = 1       # clients sharded over a mesh of this many devices (1 = no mesh)
 
     def label(self) -> str:
         chunk = "" if self.strategy == "loop" else f" chunk={self.chunk}"  # "loop": one client per iteration
-        return f"{self.strategy}{chunk} unroll={self.unroll}" + (" conv=matmul" if self.conv_as_matmul else "")
+        return (f"{self.strategy}{chunk} unroll={self.unroll}" + (" conv=matmul" if self.conv_as_matmul else "")
+                + (f" devices={self.devices}" if self.devices > 1 else ""))
 
 
 def median_seconds(run: Callable[[], Any], repeats: int) -> float:
@@ -108,44 +113,21 @@ def make_problem(work: Workload):
 
 def spec_for(config: EngineConfig) -> LocalSpec:
     return LocalSpec(max_steps=STEPS, max_batch=BATCH, max_count=EXAMPLES, num_classes=10, unroll=config.unroll,
-                     conv_as_matmul=config.conv_as_matmul, poisson=False)
-
-
-def host_one_client(spec: LocalSpec, apply_fn: Callable) -> Callable:
-    """(shared, row) -> ((weighted delta, weight), loss): the round's per-client work, same keys."""
-
-    def one_client(shared, row):
-        params, x, y, base_key = shared
-        train_key, _ = jax.random.split(jax.random.fold_in(base_key, row["id"]))
-        out = client_update(spec, apply_fn, params, x, y, row["offset"], row["count"], row["settings"], train_key)
-        weighted = jax.tree_util.tree_map(lambda d: out.num_examples * d, out.delta)
-        return (weighted, out.num_examples), out.loss
-
-    return one_client
+                     conv_as_matmul=config.conv_as_matmul, poisson=False, prox=False)
 
 
 def engine_runner(work: Workload, config: EngineConfig) -> Callable[[], Any]:
     model, params, x, y, offsets, counts, settings = make_problem(work)
     spec = spec_for(config)
     ids = jnp.arange(work.clients, dtype=jnp.int32)
-    if config.strategy == "host":
-        round_key = jax.random.fold_in(jax.random.key(7), 0)
-        base_key = jax.random.fold_in(round_key, 0)
-        one_client = host_one_client(spec, model.apply)
-        shared = (params, jnp.asarray(x), jnp.asarray(y), base_key)
-        rows = {"id": ids, "offset": jnp.asarray(offsets), "count": jnp.asarray(counts),
-                "settings": jax.tree_util.tree_map(jnp.asarray, settings)}
-
-        def run_host():
-            (weighted, weight), _ = parallel.map_clients_host(one_client, shared, rows, chunk_size=config.chunk)
-            return jax.tree_util.tree_map(lambda s: s / weight, weighted)
-
-        return run_host
     server_tx = optax.sgd(1.0)
+    mesh = parallel.make_mesh(config.devices) if config.devices > 1 else None
     round_fn = build_round(model.apply, spec, server_tx, AggregationSpec(), chunk_size=config.chunk,
-                           strategy=config.strategy)
-    population = Population(jnp.asarray(x), jnp.asarray(y), jnp.asarray(offsets), jnp.asarray(counts))
-    device_settings = jax.tree_util.tree_map(jnp.asarray, settings)
+                           strategy=config.strategy, mesh=mesh)
+    population = parallel.replicate(
+        Population(jnp.asarray(x), jnp.asarray(y), jnp.asarray(offsets), jnp.asarray(counts)), mesh)
+    device_settings = parallel.replicate(jax.tree_util.tree_map(jnp.asarray, settings), mesh)
+    params = parallel.replicate(params, mesh)
     mask = jnp.ones(work.clients, bool)
     key = jax.random.key(7)
 
@@ -159,7 +141,7 @@ def engine_runner(work: Workload, config: EngineConfig) -> Callable[[], Any]:
 def jax_loop_runner(work: Workload) -> Callable[[], Any]:
     """Per-client baseline: the best single-client program (steps unrolled) called in a Python loop."""
     model, params, x, y, offsets, counts, settings = make_problem(work)
-    spec = LocalSpec(max_steps=STEPS, max_batch=BATCH, max_count=EXAMPLES, num_classes=10, unroll=STEPS)
+    spec = LocalSpec(max_steps=STEPS, max_batch=BATCH, max_count=EXAMPLES, num_classes=10, unroll=STEPS, prox=False)
     x, y = jnp.asarray(x), jnp.asarray(y)
     rows = [jax.tree_util.tree_map(lambda a: jnp.asarray(a[i]), settings) for i in range(work.clients)]
     update = jax.jit(lambda p, offset, count, row, key: client_update(spec, model.apply, p, x, y, offset, count,
@@ -231,18 +213,23 @@ def auto_config(work: Workload) -> EngineConfig:
     """What ``Experiment`` picks for this workload on this backend."""
     model = get_model(work.model, work.input_shape, 10, **dict(work.model_kwargs))
     num_params = count_params(model.init(jax.random.key(0)))
-    return EngineConfig(strategy=parallel.auto_strategy(work.model),
-                        chunk=parallel.auto_chunk_size(work.clients, num_params),
-                        unroll=1,
-                        conv_as_matmul=parallel.auto_conv_as_matmul(work.model))
+    mesh = parallel.local_mesh()
+    devices = 1 if mesh is None else mesh.size
+    per_device = parallel.auto_chunk_size(-(-work.clients // devices), num_params)
+    strategy = parallel.auto_strategy(work.model, max_steps=STEPS, input_shape=work.input_shape)
+    return EngineConfig(strategy=strategy, chunk=1 if strategy == "host" else per_device * devices,
+                        unroll=STEPS if strategy == "host" else 1, devices=devices,
+                        conv_as_matmul=parallel.auto_conv_as_matmul(work.model, strategy=strategy))
 
 
 def explore_configs(work: Workload) -> list[EngineConfig]:
+    n = jax.device_count()
     if work.model == "cnn":
-        return [EngineConfig("host", 1, STEPS, False), EngineConfig("vmap", 8, STEPS, True),
-                EngineConfig("vmap", 8, 1, True), EngineConfig("loop", 1, STEPS, True)]
+        return [EngineConfig("host", 1, STEPS, False), EngineConfig("host", 1, STEPS, False, n),
+                EngineConfig("host", 1, STEPS, True, n), EngineConfig("loop", 1, 1, True),
+                EngineConfig("loop", 1, 1, True, n), EngineConfig("vmap", 2 * n, 1, True, n)]
     return [EngineConfig("vmap", c, u, False) for c in (32, 128, work.clients) for u in (1, STEPS)] + [
-        EngineConfig("loop", 1, 1, False)]
+        EngineConfig("loop", 1, 1, False)] + [EngineConfig("vmap", c * n, 1, False, n) for c in (32, 64, 128, 256)]
 
 
 def main() -> None:
@@ -252,6 +239,7 @@ def main() -> None:
     parser.add_argument("--models", default="mlp,cnn", help="comma-separated subset of mlp,cnn")
     parser.add_argument("--repeats", type=int, default=None, help="timed runs per row (median reported)")
     args = parser.parse_args()
+    parallel.use_cpu_cores()  # as the command line does: one CPU device per core for the client mesh
     repeats = args.repeats or (2 if args.quick else 3)
     workloads = {
         "mlp": Workload("MLP 64-128-10 (9.6k params)", "mlp", (64,), 200 if args.quick else 1000,

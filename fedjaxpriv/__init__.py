@@ -11,10 +11,10 @@ from fedjaxpriv.config import ExperimentConfig, from_dict, load_config, with_ove
 from fedjaxpriv.data import FederatedData, load_dataset, partition, synthetic_federated
 from fedjaxpriv.experiment import Experiment, Results, Tap, run
 from fedjaxpriv.models import get_model
-from fedjaxpriv.parallel import make_mesh, map_clients
+from fedjaxpriv.parallel import make_mesh, map_clients, use_cpu_cores
 
 __all__ = [
     "ClientSettings", "Experiment", "ExperimentConfig", "FederatedData", "Results", "Tap", "from_dict",
     "get_model", "load_config", "load_dataset", "make_mesh", "make_settings", "map_clients", "partition", "run",
-    "synthetic_federated", "with_overrides",
+    "synthetic_federated", "use_cpu_cores", "with_overrides",
 ]

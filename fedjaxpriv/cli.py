@@ -140,8 +140,21 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _one_device_per_core(num_devices: int | None = None) -> None:
+    """Shards clients over the CPU cores (``parallel.use_cpu_cores``) unless JAX is already running, as when
+    ``main`` is called from Python: then its devices stay as they are."""
+    from fedjaxpriv.parallel import use_cpu_cores
+
+    try:
+        use_cpu_cores(num_devices)
+    except RuntimeError:
+        pass
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _build_parser().parse_args(argv)
+    if args.command != "sweep" or args.jobs == 1:  # sweep workers split the cores among themselves
+        _one_device_per_core()
     try:
         if args.command == "run":
             return _run(args)

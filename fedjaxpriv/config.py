@@ -254,8 +254,11 @@ class RunConfig:
       seed: root seed; every random draw derives from it.
       eval_every: evaluate the global model every this many rounds (and at the last round).
       chunk_size: clients trained at once per device; bounds memory at O(chunk x params). 0 = automatic.
-      strategy: "auto", "vmap" (vectorize each chunk) or "loop" (one client at a time inside the compiled
-        round; fastest for convnets on CPU).
+      num_devices: devices the clients are sharded over (a "clients" mesh of the default backend's local
+        devices); 0 = all of them, 1 = no sharding. On CPU the command line makes one device per core.
+      strategy: "auto", "vmap" (vectorize each chunk), "loop" (one client at a time inside the compiled
+        round) or "host" (one compiled call per client from Python, over the devices; fastest for convnets
+        on CPU). "auto" picks per model and backend (``parallel.auto_strategy``).
       checkpoint_every: save a resumable checkpoint every this many rounds (0 = only at the end).
       delta: target delta for privacy accounting.
       accountant: "rdp" or "pld" (dp_accounting).
@@ -267,6 +270,7 @@ class RunConfig:
     seed: int = 0
     eval_every: int = 1
     chunk_size: int = 0
+    num_devices: int = 0
     strategy: str = "auto"
     checkpoint_every: int = 10
     delta: float = 1e-5
@@ -279,7 +283,8 @@ class RunConfig:
         _check(self.rounds >= 1, "run.rounds", self.rounds, "an integer >= 1")
         _check(self.eval_every >= 1, "run.eval_every", self.eval_every, "an integer >= 1")
         _check(self.chunk_size >= 0, "run.chunk_size", self.chunk_size, "an integer >= 0")
-        _check_choice("run.strategy", self.strategy, ("auto", "vmap", "loop"))
+        _check(self.num_devices >= 0, "run.num_devices", self.num_devices, "an integer >= 0 (0 = all devices)")
+        _check_choice("run.strategy", self.strategy, ("auto", "vmap", "loop", "host"))
         _check(self.checkpoint_every >= 0, "run.checkpoint_every", self.checkpoint_every, "an integer >= 0")
         _check(0 < self.delta < 1, "run.delta", self.delta, "a number in (0, 1)")
         _check(all(int(r) >= 1 for r in self.tap_rounds), "run.tap_rounds", self.tap_rounds, "round numbers >= 1")

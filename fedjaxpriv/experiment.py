@@ -23,7 +23,7 @@ from fedjaxpriv.client.settings import ClientSettings, make_settings, per_client
 from fedjaxpriv.config import ExperimentConfig
 from fedjaxpriv.data import Dataset, FederatedData, load_dataset, partition, synthetic_federated
 from fedjaxpriv.models import Model, count_params, get_model
-from fedjaxpriv.parallel import auto_chunk_size, auto_conv_as_matmul, auto_strategy, replicate
+from fedjaxpriv.parallel import auto_chunk_size, auto_conv_as_matmul, auto_strategy, local_mesh, replicate
 from fedjaxpriv.privacy.tracking import PrivacyTracker, calibrate_noise_for_targets
 from fedjaxpriv.server import max_cohort_size, sample_cohort, server_optimizer
 from fedjaxpriv.simulation import (AggregationSpec, Population, RoundOutput, ServerState, build_message_tap,
@@ -155,8 +155,9 @@ def local_spec(config: ExperimentConfig, settings: ClientSettings, counts: np.nd
         max_steps=max_steps, max_batch=min(max_batch, max_count), max_count=max_count,
         num_classes=num_classes, per_example=uses_dp, mixup=bool(np.any(settings.mixup_alpha > 0)),
         prune=c.prune_method if np.any(settings.prune_sparsity > 0) else None, prune_scope=c.prune_scope,
-        momentum=c.momentum, poisson=bool(np.any(settings.poisson)),
-        conv_as_matmul=auto_conv_as_matmul(config.model.name))
+        momentum=c.momentum, prox=bool(np.any(settings.prox_mu > 0)), poisson=bool(np.any(settings.poisson)),
+        conv_as_matmul=auto_conv_as_matmul(config.model.name, strategy=strategy),
+        unroll=max_steps if strategy == "host" else 1)
 
 
 class Experiment:
@@ -185,8 +186,16 @@ class Experiment:
         self.population, self.test, self.num_classes = population, test, num_classes
         self.model: Model = model_for(config, population.input_shape, num_classes)
         self.settings = settings if settings is not None else client_settings(config, population.counts)
-        self.strategy = config.run.strategy if config.run.strategy != "auto" else auto_strategy(config.model.name)
+        max_steps = int(np.max(self.settings.num_steps))
+        self.strategy = (config.run.strategy if config.run.strategy != "auto"
+                         else auto_strategy(config.model.name, max_steps=max_steps,
+                                            input_shape=population.input_shape))
         self.spec = local_spec(config, self.settings, population.counts, num_classes, self.strategy)
+        if mesh is None:
+            try:
+                mesh = local_mesh(config.run.num_devices)
+            except ValueError as error:
+                raise ValueError(f"run.num_devices: {error}") from None
         self.mesh = mesh
         self.server_tx = server_optimizer(config.server.optimizer, config.server.lr, momentum=config.server.momentum,
                                           b1=config.server.adam_b1, b2=config.server.adam_b2, eps=config.server.adam_eps)
@@ -204,8 +213,9 @@ class Experiment:
         params = self.model.init(jax.random.fold_in(self.root_key, 2**31 - 1))
         self.num_params = count_params(params)
         num_devices = 1 if mesh is None else mesh.size
-        chunk = config.run.chunk_size or auto_chunk_size(self.cohort_slots, self.num_params)
-        self.chunk_size = int(math.ceil(chunk / num_devices) * num_devices)
+        per_device = config.run.chunk_size or auto_chunk_size(math.ceil(self.cohort_slots / num_devices),
+                                                              self.num_params)
+        self.chunk_size = per_device * num_devices
         c = config.client
         prune_schedule = ((c.prune_begin_round, c.prune_end_round) if c.prune_end_round > c.prune_begin_round
                           else None)
@@ -242,8 +252,10 @@ class Experiment:
 
     @property
     def initial_state(self) -> ServerState:
-        """A fresh round-0 server state (a new copy each time: ``step`` donates the state it is given)."""
-        return init_server_state(self._initial_params, self.server_tx, self.config.server.central_clip_norm)
+        """A fresh round-0 server state (a new copy each time: ``step`` donates the state it is given), replicated
+        over the mesh as the round returns it, so that every round reuses one compiled program."""
+        return replicate(init_server_state(self._initial_params, self.server_tx, self.config.server.central_clip_norm),
+                         self.mesh)
 
     # -- one round -------------------------------------------------------------------------------------------
     def cohort(self, round_index: int):

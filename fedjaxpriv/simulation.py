@@ -22,12 +22,12 @@ from typing import Any, Callable, NamedTuple
 import jax
 import jax.numpy as jnp
 import optax
-from jax.sharding import Mesh
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from fedjaxpriv.client import dp, pruning
 from fedjaxpriv.client.local import ApplyFn, LocalSpec, client_update
 from fedjaxpriv.client.settings import ClientSettings
-from fedjaxpriv.parallel import map_clients
+from fedjaxpriv.parallel import map_clients, map_clients_host
 
 Params = Any
 # (delta, settings row, key, number of coordinates to send) -> (message, stats with float32 "bits").
@@ -168,14 +168,14 @@ def build_round(apply_fn: ApplyFn, spec: LocalSpec, server_tx: optax.GradientTra
                            update_norm=norm, weight=weight)
         return (weighted, weight), kept
 
-    def round_fn(state: ServerState, population: Population, settings: ClientSettings, ids: jax.Array,
-                 mask: jax.Array, root_key: jax.Array) -> tuple[ServerState, RoundOutput]:
+    def begin(state: ServerState, population: Population, settings: ClientSettings, ids: jax.Array,
+              mask: jax.Array, root_key: jax.Array) -> tuple[jax.Array, jax.Array, dict[str, Any]]:
         round_key = jax.random.fold_in(root_key, state.round)
-        base = client_keys_base(round_key)
-        rows = cohort_rows(state, population, settings, ids, mask, prune_schedule)
-        (weighted_sum, weight_sum), kept = map_clients(
-            lambda row: one_client(state, population, base, row), rows, chunk_size=chunk_size,
-            strategy=strategy, mesh=mesh)
+        return round_key, client_keys_base(round_key), cohort_rows(state, population, settings, ids, mask,
+                                                                   prune_schedule)
+
+    def finish(state: ServerState, round_key: jax.Array, weighted_sum: Params, weight_sum: jax.Array,
+               kept: RoundOutput) -> tuple[ServerState, RoundOutput]:
         server_key = jax.random.fold_in(round_key, 1)
         noise_key, count_key = jax.random.split(server_key)
         if aggregation.clips:
@@ -194,9 +194,42 @@ def build_round(apply_fn: ApplyFn, spec: LocalSpec, server_tx: optax.GradientTra
             clip_norm = dp.adaptive_clip_update(clip_norm, kept.update_norm, kept.weight > 0,
                                                 aggregation.adaptive_clip_quantile, aggregation.adaptive_clip_lr,
                                                 aggregation.clip_count_noise_multiplier, count_key)
-        return ServerState(params, opt_state, state.round + 1, clip_norm), kept
+        new_state = ServerState(params, opt_state, state.round + 1, clip_norm)
+        if mesh is not None:  # every process reads the whole state and the per-client outputs
+            new_state, kept = jax.lax.with_sharding_constraint((new_state, kept), NamedSharding(mesh, P()))
+        return new_state, kept
+
+    if strategy == "host":
+        return _host_round(begin, finish, one_client, mesh)
+
+    def round_fn(state: ServerState, population: Population, settings: ClientSettings, ids: jax.Array,
+                 mask: jax.Array, root_key: jax.Array) -> tuple[ServerState, RoundOutput]:
+        round_key, base, rows = begin(state, population, settings, ids, mask, root_key)
+        (weighted_sum, weight_sum), kept = map_clients(
+            lambda row: one_client(state, population, base, row), rows, chunk_size=chunk_size,
+            strategy=strategy, mesh=mesh)
+        return finish(state, round_key, weighted_sum, weight_sum, kept)
 
     return jax.jit(round_fn, donate_argnums=(0,))
+
+
+def _host_round(begin: Callable, finish: Callable, one_client: Callable, mesh: Mesh | None) -> Callable:
+    """The "host" strategy: compiled cohort preparation, then from Python one compiled call per client on each
+    device of the mesh at once (``map_clients_host``), then compiled aggregation and server step. Same keys
+    and results as the compiled strategies."""
+    begin, finish = jax.jit(begin), jax.jit(finish, donate_argnums=(0,))
+
+    def host_client(shared: tuple[ServerState, Population, jax.Array], row: dict[str, Any]):
+        return one_client(*shared, row)
+
+    def round_fn(state: ServerState, population: Population, settings: ClientSettings, ids: jax.Array,
+                 mask: jax.Array, root_key: jax.Array) -> tuple[ServerState, RoundOutput]:
+        round_key, base, rows = begin(state, population, settings, ids, mask, root_key)
+        (weighted_sum, weight_sum), kept = map_clients_host(host_client, (state, population, base), rows,
+                                                            chunk_size=1, mesh=mesh)
+        return finish(state, round_key, weighted_sum, weight_sum, kept)
+
+    return round_fn
 
 
 def build_message_tap(apply_fn: ApplyFn, spec: LocalSpec, *, message_fn: MessageFn = identity_message,

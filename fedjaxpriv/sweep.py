@@ -30,6 +30,7 @@ from typing import Any, Callable, Mapping, Sequence
 import yaml
 
 from fedjaxpriv.config import ExperimentConfig, from_dict
+from fedjaxpriv.parallel import host_cores, use_cpu_cores
 from fedjaxpriv.results import ResultsStore, make_record
 
 GRID_KEYS = ("base", "variants", "grid", "zip", "seeds", "name")
@@ -237,7 +238,9 @@ def run_sweep(points: Sequence[SweepPoint], store_dir: str, *, jobs: int = 1,
                 finish(point, traceback.format_exc())
         return SweepSummary(ran, skipped, failed)
     context = multiprocessing.get_context("spawn")
-    with concurrent.futures.ProcessPoolExecutor(max_workers=jobs, mp_context=context) as pool:
+    cores_each = max(1, host_cores() // jobs)
+    with concurrent.futures.ProcessPoolExecutor(max_workers=jobs, mp_context=context, initializer=use_cpu_cores,
+                                                initargs=(cores_each,)) as pool:
         futures = {pool.submit(run_point, *arg): point for point, arg in zip(todo, args)}
         for future in concurrent.futures.as_completed(futures):
             error = future.exception()

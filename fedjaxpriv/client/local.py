@@ -38,6 +38,7 @@ class LocalSpec:
       prune: None, "magnitude" or "random" masks (per-client sparsity; 0 disables it).
       prune_scope: "layer" or "global" for magnitude pruning.
       momentum: local SGD momentum (0 = plain SGD).
+      prox: add FedProx's proximal term (per-client ``prox_mu``; False skips it when every mu is 0).
       poisson: some client samples Poisson batches (False skips the Poisson draws for everyone).
       unroll: scan unroll factor over local steps (execution only; results are unchanged).
       conv_as_matmul: run the model's convolutions as patches x kernel matrix products (execution only;
@@ -53,6 +54,7 @@ class LocalSpec:
     prune: str | None = None
     prune_scope: str = "layer"
     momentum: float = 0.0
+    prox: bool = True
     unroll: int = 1
     conv_as_matmul: bool = False
     poisson: bool = True
@@ -146,14 +148,16 @@ def client_update(spec: LocalSpec, apply_fn: ApplyFn, server_params: Params, dat
         targets = jax.nn.one_hot(jnp.take(data_y, rows, axis=0, mode="clip"), spec.num_classes)
         if spec.mixup:
             x, targets, _ = mixup_lib.mixup(mix_key, x, targets, bmask, settings.mixup_alpha)
-        loss = batch_loss(apply_fn, params, x, targets, bmask)
         if spec.per_example:
+            loss = batch_loss(apply_fn, params, x, targets, bmask)
             grads = _per_example_grads(apply_fn, params, x, targets)
             grads = dp.noisy_clipped_mean(grads, bmask, settings.dp_clip_norm, settings.dp_noise_multiplier,
                                           noise_key, jnp.maximum(expected_batch, 1.0))
         else:
-            grads = jax.grad(batch_loss, argnums=1)(apply_fn, params, x, targets, bmask)
-        grads = jax.tree_util.tree_map(lambda g, p, p0: g + settings.prox_mu * (p - p0), grads, params, start_params)
+            loss, grads = jax.value_and_grad(batch_loss, argnums=1)(apply_fn, params, x, targets, bmask)
+        if spec.prox:
+            grads = jax.tree_util.tree_map(lambda g, p, p0: g + settings.prox_mu * (p - p0), grads, params,
+                                           start_params)
         if weight_mask is not None:
             grads = pruning.apply_mask(grads, weight_mask)
         updates, new_opt_state = optimizer.update(grads, opt_state, params)

@@ -1,13 +1,18 @@
 """End to end: accuracy on digits, no recompilation, interrupt/resume, config validation, CLI."""
 
 import json
+import os
+import subprocess
+import sys
 
+import jax
 import numpy as np
 import pytest
 
 from fedjaxpriv.cli import main as cli_main
 from fedjaxpriv.config import ExperimentConfig, from_dict, with_overrides
 from fedjaxpriv.experiment import Experiment
+from fedjaxpriv.parallel import use_cpu_cores
 
 SHORT = {"data": {"num_clients": 20}, "run": {"rounds": 6, "eval_every": 3}, "server": {"clients_per_round": 5}}
 
@@ -98,3 +103,33 @@ def test_no_resume_starts_over_in_the_same_directory(tmp_path):
     results = Experiment(other).run(out, progress=False, resume=False)
     rounds = [json.loads(line)["round"] for line in open(tmp_path / "run" / "history.jsonl")]
     assert rounds == [1, 2] and [r["round"] for r in results.history] == [1, 2]
+
+
+def test_clients_are_sharded_over_all_devices_by_default_with_the_same_result():
+    if jax.device_count() < 2:
+        pytest.skip("needs several devices (tests/conftest.py sets 8 CPU devices)")
+    sharded = Experiment(from_dict(SHORT))
+    assert sharded.mesh is not None and sharded.mesh.size == jax.device_count()
+    single = Experiment(from_dict({**SHORT, "run": {**SHORT["run"], "num_devices": 1}}))
+    assert single.mesh is None
+    a, b = sharded.run(progress=False), single.run(progress=False)
+    for x, y in zip(jax.tree_util.tree_leaves(a.params), jax.tree_util.tree_leaves(b.params)):
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=1e-6)
+    assert a.final("test_accuracy") == b.final("test_accuracy")
+    with pytest.raises(ValueError, match="run.num_devices.*num_devices=9"):
+        Experiment(from_dict({**SHORT, "run": {"num_devices": jax.device_count() + 1}}))
+
+
+def test_use_cpu_cores_sets_the_device_count_before_jax_starts_and_refuses_after():
+    code = ("import jax\nfrom fedjaxpriv.parallel import use_cpu_cores\n"
+            "print(use_cpu_cores(3), len(jax.devices('cpu')))\n"
+            "print(use_cpu_cores(3))\n"
+            "try:\n    use_cpu_cores(2)\nexcept RuntimeError as error:\n    print('refused:', error)\n")
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    out = subprocess.run([sys.executable, "-c", code], env={**env, "JAX_PLATFORMS": "cpu"}, capture_output=True,
+                         text=True, timeout=120)
+    lines = out.stdout.splitlines()
+    assert lines[:2] == ["3 3", "3"], out.stderr[-2000:]
+    assert lines[2].startswith("refused: JAX already started with 3 CPU device(s), so 2 cannot be set")
+    with pytest.raises(ValueError, match="num_devices=0"):
+        use_cpu_cores(0)

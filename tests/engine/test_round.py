@@ -10,7 +10,7 @@ import pytest
 from fedjaxpriv.client.local import LocalSpec, client_update
 from fedjaxpriv.client.settings import make_settings
 from fedjaxpriv.models import get_model
-from fedjaxpriv.parallel import make_mesh
+from fedjaxpriv.parallel import make_mesh, replicate
 from fedjaxpriv.server import server_optimizer
 from fedjaxpriv.simulation import AggregationSpec, Population, build_round, client_keys_base, init_server_state
 
@@ -106,7 +106,7 @@ def test_padded_cohort_slots_change_nothing(hetero, reference):
     assert np.all(np.asarray(out.weight)[8:] == 0.0) and np.all(np.asarray(out.bits)[8:] == 0.0)
 
 
-@pytest.mark.parametrize("chunk_size,strategy", [(1, "vmap"), (3, "vmap"), (8, "loop")])
+@pytest.mark.parametrize("chunk_size,strategy", [(1, "vmap"), (3, "vmap"), (8, "loop"), (1, "host")])
 def test_result_independent_of_chunking_and_strategy(hetero, reference, chunk_size, strategy):
     _, (model, spec, settings, params, pop) = hetero
     other, _ = _round(model, spec, settings, params, pop, IDS, np.ones(8, bool), chunk_size=chunk_size,
@@ -122,6 +122,18 @@ def test_sharded_over_eight_devices_equals_one_device(hetero, reference):
                           mesh=make_mesh(8))
     _assert_trees_close(sharded.params, reference, atol=1e-6)
     assert len(out.loss.sharding.device_set) == 8
+
+
+def test_host_round_over_eight_devices_equals_one_device(hetero, reference):
+    if jax.device_count() < 8:
+        pytest.skip("needs XLA_FLAGS=--xla_force_host_platform_device_count=8 (set in tests/conftest.py)")
+    _, (model, spec, settings, params, pop) = hetero
+    mesh = make_mesh(8)
+    settings, pop, params = (replicate(tree, mesh) for tree in (settings, pop, params))
+    state, out = _round(model, spec, settings, params, pop, IDS, np.ones(8, bool), chunk_size=1, strategy="host",
+                        mesh=mesh)
+    _assert_trees_close(state.params, reference, atol=1e-6)
+    assert len(state.params["Dense_0"]["kernel"].sharding.device_set) == 8
 
 
 def test_central_dp_noise_has_the_configured_std(digits_population):

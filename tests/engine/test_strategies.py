@@ -23,7 +23,7 @@ def _assert_trees_close(a, b, atol, rtol=0.0):
         np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=atol, rtol=rtol)
 
 
-@pytest.mark.parametrize("name,shape,check_grads", [("cnn", (8, 8, 2), False), ("lenet", (8, 8, 1), True)])
+@pytest.mark.parametrize("name,shape,check_grads", [("cnn", (8, 8, 2), True), ("lenet", (8, 8, 1), True)])
 def test_conv_as_matmul_matches_native_values_and_gradients(name, shape, check_grads):
     model = get_model(name, shape, 10)
     params = model.init(jax.random.key(0))
@@ -40,6 +40,46 @@ def test_conv_as_matmul_matches_native_values_and_gradients(name, shape, check_g
 
     _assert_trees_close(jax.jit(jax.grad(functools.partial(loss, fast)))(params),
                         jax.jit(jax.grad(functools.partial(loss, model.apply)))(params), atol=5e-5, rtol=1e-4)
+
+
+def test_conv_as_matmul_second_derivatives_match_native():
+    """Gradient matching (as in gradient inversion) differentiates the gradient: the stride-1 convolutions'
+    own backward rule must be differentiable too. McMahan CNN: stride-1 convolutions."""
+    model = get_model("cnn", (8, 8, 1), 10)
+    params = model.init(jax.random.key(0))
+    targets = jax.nn.one_hot(jnp.arange(2), 10)
+    observed_x = jax.random.normal(jax.random.key(1), (2, 8, 8, 1))
+
+    def matching_loss(apply_fn, x):
+        def loss(p, inputs):
+            return -jnp.mean(jnp.sum(targets * jax.nn.log_softmax(apply_fn(p, inputs)), axis=-1))
+        diffs = jax.tree_util.tree_map(jnp.subtract, jax.grad(loss)(params, x), jax.grad(loss)(params, observed_x))
+        return sum(jnp.sum(d ** 2) for d in jax.tree_util.tree_leaves(diffs))
+
+    guess = 0.5 * observed_x + 0.1
+    native = jax.jit(jax.grad(functools.partial(matching_loss, model.apply)))(guess)
+    fast = jax.jit(jax.grad(functools.partial(matching_loss, parallel.conv_as_matmul(model.apply))))(guess)
+    assert float(jnp.max(jnp.abs(native))) > 1e-4
+    np.testing.assert_allclose(np.asarray(fast), np.asarray(native), atol=1e-5 * float(jnp.max(jnp.abs(native))),
+                               rtol=1e-4)
+
+
+def test_conv_as_matmul_stride_one_gradients_any_padding_and_vmap():
+    """The flipped-kernel input gradient with asymmetric, wider-than-kernel and negative-effective padding,
+    NCHW layouts, vmapped over per-client kernels: equal to the native convolution's gradients."""
+    dims = ("NCHW", "OIHW", "NCHW")
+    kernels = jax.random.normal(jax.random.key(0), (3, 4, 2, 3, 2))     # 3 clients, OIHW, kernel 3x2
+    x = jax.random.normal(jax.random.key(1), (2, 2, 7, 6))
+    for padding in (((0, 0), (0, 0)), ((1, 2), (0, 1)), ((3, 0), (2, 2))):
+        def conv(inputs, kernel, padding=padding):
+            return lax.conv_general_dilated(inputs, kernel, (1, 1), padding, dimension_numbers=dims)
+
+        def loss(fn, kernel, inputs):
+            return jnp.sum(jnp.sin(fn(inputs, kernel)))
+
+        grads = [jax.jit(jax.vmap(jax.grad(functools.partial(loss, fn), argnums=(0, 1)), in_axes=(0, None)))(
+            kernels, x) for fn in (conv, parallel.conv_as_matmul(conv))]
+        _assert_trees_close(grads[1], grads[0], atol=1e-4, rtol=1e-5)
 
 
 def test_conv_as_matmul_general_layouts_strides_dilation_and_vmap():
@@ -95,6 +135,10 @@ def test_host_loop_equals_compiled_vmap(digits_population):
     for chunk_size in (1, 3):  # the plain one-client program; vmapped chunks with a padded last chunk
         got = parallel.map_clients_host(fn, shared, rows, chunk_size=chunk_size)
         _assert_trees_close(got, expected, atol=2e-5, rtol=1e-5)
+    if jax.device_count() >= 3:  # one (padded) chunk per device per call: plain programs, then vmapped chunks
+        for chunk_size in (1, 2):
+            got = parallel.map_clients_host(fn, shared, rows, chunk_size=chunk_size, mesh=parallel.make_mesh(3))
+            _assert_trees_close(got, expected, atol=2e-5, rtol=1e-5)
     with pytest.raises(ValueError, match="outside"):
         jax.jit(lambda s, r: parallel.map_clients_host(fn, s, r))(shared, rows)
 
@@ -124,7 +168,10 @@ def optax_norm(tree):
 def test_auto_choices_per_backend_and_memory_bound():
     assert parallel.auto_conv_as_matmul("cnn", "cpu") and parallel.auto_conv_as_matmul("resnet", "cpu")
     assert not parallel.auto_conv_as_matmul("cnn", "gpu") and not parallel.auto_conv_as_matmul("mlp", "cpu")
-    assert parallel.auto_strategy("cnn", "cpu") == "loop" and parallel.auto_strategy("lenet", "cpu") == "loop"
+    assert parallel.auto_strategy("cnn", "cpu") == "host" and parallel.auto_strategy("lenet", "cpu", max_steps=16) == "host"
+    assert parallel.auto_strategy("cnn", "cpu", max_steps=17) == "loop"  # too many steps to unroll
+    assert parallel.auto_strategy("cnn", "cpu", input_shape=(8, 8, 1)) == "loop"  # tiny feature maps
+    assert not parallel.auto_conv_as_matmul("cnn", "cpu", strategy="host")
     assert parallel.auto_strategy("mlp", "cpu") == "vmap" and parallel.auto_strategy("cnn", "gpu") == "vmap"
     for num_params in (10_000, 1_663_370, 50_000_000):
         chunk = parallel.auto_chunk_size(1000, num_params, "cpu", budget_bytes=5e8)
