@@ -52,8 +52,12 @@ def host_cores() -> int:
         return os.cpu_count() or 1
 
 
+MAX_AUTO_CPU_DEVICES = 8
+
+
 def use_cpu_cores(num_devices: int | None = None) -> int:
-    """Exposes the host's CPU cores as ``num_devices`` JAX CPU devices (default: one per core).
+    """Exposes the host's CPU cores as ``num_devices`` JAX CPU devices (default: one per core, at most
+    ``MAX_AUTO_CPU_DEVICES``: every device holds its own copy of the population's data).
 
     XLA:CPU runs one compiled program on one core for small operations (a 9.6k-parameter MLP's batched
     matmuls use ~1.1 cores), so a client mesh over one device per core runs chunks of clients side by side:
@@ -70,7 +74,7 @@ def use_cpu_cores(num_devices: int | None = None) -> int:
     """
     if num_devices is not None and num_devices < 1:
         raise ValueError(f"num_devices={num_devices} is invalid; allowed: an integer >= 1 (or None: one per core).")
-    wanted = num_devices or host_cores()
+    wanted = num_devices or min(host_cores(), MAX_AUTO_CPU_DEVICES)
     if "xla_force_host_platform_device_count" in os.environ.get("XLA_FLAGS", ""):
         return len(jax.devices("cpu"))
     try:
@@ -185,8 +189,8 @@ def auto_strategy(model_name: str, backend: str | None = None, max_steps: int = 
       convolution becomes a slow grouped convolution).
 
     Measured on 2 CPU cores, 2 CPU devices (McMahan CNN on 28x28, 5 steps of batch 16, 100 clients): host
-    26.4 clients/s (70% of matmul peak), host on one device 17.1, loop with matmul convolutions 13.7-14.4,
-    vmap chunks with matmul convolutions 12.6; PyTorch's per-client loop 16.5-22.4. Unrolled gradient
+    20.9-22.5 clients/s (55-61% of matmul peak), host on one device 17.1-17.9, loop with matmul convolutions
+    13.7-18.1, vmap chunks with matmul convolutions 12.6-14.1; PyTorch's per-client loop 16.5-20.5. Unrolled gradient
     steps, native vs matmul convolutions (ms): CNN 28x28 11.0 vs 10.5, CNN 32x32x3 15.2 vs 15.7, ResNet
     32x32x3 17.8 vs 21.4, but CNN on 8x8 digits 5.6 vs 1.0, hence ``HOST_MIN_SPATIAL``.
     """
