@@ -1,4 +1,5 @@
-"""One federated round as a single compiled function.
+"""One federated round: a single compiled function ("vmap"/"loop"), or compiled pieces around per-client
+compiled calls dispatched from Python ("host", for convnets on CPU).
 
 Data flow (each numbered step is one piece of code):
   1 sample     cohort ids and mask (host, ``server.sampling``)
@@ -147,8 +148,9 @@ def build_round(apply_fn: ApplyFn, spec: LocalSpec, server_tx: optax.GradientTra
                 prune_schedule: tuple[int, int] | None = None) -> Callable[..., tuple[ServerState, RoundOutput]]:
     """Builds ``round_fn(state, population, settings, ids, mask, root_key) -> (state, RoundOutput)``.
 
-    ``settings`` holds the whole population's [C] arrays; ``ids``/``mask`` [K_max] are the cohort. The
-    returned function is jitted; its shapes are fixed, so it compiles once per experiment.
+    ``settings`` holds the whole population's [C] arrays; ``ids``/``mask`` [K_max] are the cohort. For
+    "vmap" and "loop" the returned function is jitted; for "host" it is a Python function around jitted
+    pieces (``_host_round``). Shapes are fixed, so each piece compiles once per experiment.
     ``prune_schedule=(begin, end)`` ramps each client's pruning sparsity from 0 at round ``begin`` to its
     configured value at round ``end`` (Zhu & Gupta 2017).
     """
