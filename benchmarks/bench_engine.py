@@ -63,11 +63,12 @@ class EngineConfig:
     unroll: int
     conv_as_matmul: bool
     devices: int = 1       # clients sharded over a mesh of this many devices (1 = no mesh)
+    outer: bool = False    # dense weight gradients as sums of outer products
 
     def label(self) -> str:
         chunk = "" if self.strategy == "loop" else f" chunk={self.chunk}"  # "loop": one client per iteration
         return (f"{self.strategy}{chunk} unroll={self.unroll}" + (" conv=matmul" if self.conv_as_matmul else "")
-                + (f" devices={self.devices}" if self.devices > 1 else ""))
+                + (" outer" if self.outer else "") + (f" devices={self.devices}" if self.devices > 1 else ""))
 
 
 def median_seconds(run: Callable[[], Any], repeats: int) -> float:
@@ -113,7 +114,8 @@ def make_problem(work: Workload):
 
 def spec_for(config: EngineConfig) -> LocalSpec:
     return LocalSpec(max_steps=STEPS, max_batch=BATCH, max_count=EXAMPLES, num_classes=10, unroll=config.unroll,
-                     conv_as_matmul=config.conv_as_matmul, poisson=False, prox=False)
+                     conv_as_matmul=config.conv_as_matmul, outer_product_grads=config.outer, poisson=False,
+                     prox=False)
 
 
 def engine_runner(work: Workload, config: EngineConfig) -> Callable[[], Any]:
@@ -138,10 +140,11 @@ def engine_runner(work: Workload, config: EngineConfig) -> Callable[[], Any]:
     return run_round
 
 
-def jax_loop_runner(work: Workload) -> Callable[[], Any]:
+def jax_loop_runner(work: Workload, outer: bool = False) -> Callable[[], Any]:
     """Per-client baseline: the best single-client program (steps unrolled) called in a Python loop."""
     model, params, x, y, offsets, counts, settings = make_problem(work)
-    spec = LocalSpec(max_steps=STEPS, max_batch=BATCH, max_count=EXAMPLES, num_classes=10, unroll=STEPS, prox=False)
+    spec = LocalSpec(max_steps=STEPS, max_batch=BATCH, max_count=EXAMPLES, num_classes=10, unroll=STEPS, prox=False,
+                     outer_product_grads=outer)
     x, y = jnp.asarray(x), jnp.asarray(y)
     rows = [jax.tree_util.tree_map(lambda a: jnp.asarray(a[i]), settings) for i in range(work.clients)]
     update = jax.jit(lambda p, offset, count, row, key: client_update(spec, model.apply, p, x, y, offset, count,
@@ -219,7 +222,8 @@ def auto_config(work: Workload) -> EngineConfig:
     strategy = parallel.auto_strategy(work.model, max_steps=STEPS, input_shape=work.input_shape)
     return EngineConfig(strategy=strategy, chunk=1 if strategy == "host" else per_device * devices,
                         unroll=STEPS if strategy == "host" else 1, devices=devices,
-                        conv_as_matmul=parallel.auto_conv_as_matmul(work.model, strategy=strategy))
+                        conv_as_matmul=parallel.auto_conv_as_matmul(work.model, strategy=strategy),
+                        outer=parallel.auto_outer_product_grads(work.model, BATCH))
 
 
 def explore_configs(work: Workload) -> list[EngineConfig]:
@@ -228,8 +232,9 @@ def explore_configs(work: Workload) -> list[EngineConfig]:
         return [EngineConfig("host", 1, STEPS, False), EngineConfig("host", 1, STEPS, False, n),
                 EngineConfig("host", 1, STEPS, True, n), EngineConfig("loop", 1, 1, True),
                 EngineConfig("loop", 1, 1, True, n), EngineConfig("vmap", 2 * n, 1, True, n)]
-    return [EngineConfig("vmap", c, u, False) for c in (32, 128, work.clients) for u in (1, STEPS)] + [
-        EngineConfig("loop", 1, 1, False)] + [EngineConfig("vmap", c * n, 1, False, n) for c in (32, 64, 128, 256)]
+    return [EngineConfig("vmap", c, 1, False) for c in (32, 128, work.clients)] + [
+        EngineConfig("vmap", 128, STEPS, False), EngineConfig("loop", 1, 1, False), EngineConfig("vmap", 128, 1, False, 1, True)
+    ] + [EngineConfig("vmap", c * n, 1, False, n, outer) for c in (64, 128, 256) for outer in (False, True)]
 
 
 def main() -> None:
@@ -279,6 +284,8 @@ def main() -> None:
                 if config != auto:
                     report("engine*", config.label(), engine_runner(work, config))
         report("jax-loop", "jit(one client, unroll=5) in Python", jax_loop_runner(work))
+        if work.model == "mlp":  # the ratio uses the faster of the two loops
+            report("jax-loop", "the same, outer-product weight grads", jax_loop_runner(work, outer=True))
         # Tiny MLP ops only lose to spinning thread pools; for the CNN both settings run, the best one counts.
         for threads in sorted({1} if work.model == "mlp" else {1, os.cpu_count() or 1}):
             report("torch-loop", f"PyTorch one client at a time, {threads} thr", torch_loop_runner(work, threads))

@@ -23,7 +23,8 @@ from fedjaxpriv.client.settings import ClientSettings, make_settings, per_client
 from fedjaxpriv.config import ExperimentConfig
 from fedjaxpriv.data import Dataset, FederatedData, load_dataset, partition, synthetic_federated
 from fedjaxpriv.models import Model, count_params, get_model
-from fedjaxpriv.parallel import auto_chunk_size, auto_conv_as_matmul, auto_strategy, local_mesh, replicate
+from fedjaxpriv.parallel import (auto_chunk_size, auto_conv_as_matmul, auto_outer_product_grads, auto_strategy,
+                                 local_mesh, replicate)
 from fedjaxpriv.privacy.tracking import PrivacyTracker, calibrate_noise_for_targets
 from fedjaxpriv.server import max_cohort_size, sample_cohort, server_optimizer
 from fedjaxpriv.simulation import (AggregationSpec, Population, RoundOutput, ServerState, build_message_tap,
@@ -157,6 +158,7 @@ def local_spec(config: ExperimentConfig, settings: ClientSettings, counts: np.nd
         prune=c.prune_method if np.any(settings.prune_sparsity > 0) else None, prune_scope=c.prune_scope,
         momentum=c.momentum, prox=bool(np.any(settings.prox_mu > 0)), poisson=bool(np.any(settings.poisson)),
         conv_as_matmul=auto_conv_as_matmul(config.model.name, strategy=strategy),
+        outer_product_grads=auto_outer_product_grads(config.model.name, min(max_batch, max_count)),
         unroll=max_steps if strategy == "host" else 1)
 
 

@@ -356,8 +356,39 @@ def _conv_patches_matmul(lhs: jax.Array, rhs: jax.Array, *, window_strides: Sequ
                                                  else preferred_element_type)
 
 
-def _eval_with_matmul_convs(jaxpr: Any, consts: Sequence[Any], *args: Any) -> list[Any]:
-    """Evaluates a jaxpr, running plain convolutions through ``_conv_patches_matmul`` (recursing into jits)."""
+@jax.custom_vjp
+def _outer_product_grad_matmul(x: jax.Array, w: jax.Array) -> jax.Array:
+    """x [B, K] @ w [K, N] whose weight gradient is a sum of B outer products (see ``dense_grads_as_outer_products``)."""
+    return x @ w
+
+
+def _outer_product_grad_matmul_fwd(x: jax.Array, w: jax.Array) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+    return x @ w, (x, w)
+
+
+def _outer_product_grad_matmul_bwd(residuals: tuple[jax.Array, jax.Array],
+                                   dy: jax.Array) -> tuple[jax.Array, jax.Array]:
+    x, w = residuals
+    dw = sum(x[b][:, None] * dy[b][None, :] for b in range(x.shape[0]))
+    return dy @ w.T, dw
+
+
+_outer_product_grad_matmul.defvjp(_outer_product_grad_matmul_fwd, _outer_product_grad_matmul_bwd)
+
+OUTER_PRODUCT_MAX_BATCH = 32  # the weight gradient unrolls one outer product per example
+
+
+def _is_small_dense(primitive: Any, values: Sequence[Any], params: dict[str, Any]) -> bool:
+    return (primitive is lax.dot_general_p and values[0].ndim == 2 and values[1].ndim == 2
+            and params["dimension_numbers"] == (((1,), (0,)), ((), ()))
+            and params.get("precision") is None and params.get("preferred_element_type") in (None, values[0].dtype)
+            and values[0].shape[0] <= OUTER_PRODUCT_MAX_BATCH)
+
+
+def _eval_rewritten(jaxpr: Any, consts: Sequence[Any], args: Sequence[Any], *, convs: bool,
+                    dense: bool) -> list[Any]:
+    """Evaluates a jaxpr, running plain convolutions through ``_conv_patches_matmul`` (``convs``) and small-batch
+    dense layers through ``_outer_product_grad_matmul`` (``dense``), recursing into nested jits."""
     env: dict[Any, Any] = {}
 
     def read(var: Any) -> Any:
@@ -368,17 +399,31 @@ def _eval_with_matmul_convs(jaxpr: Any, consts: Sequence[Any], *args: Any) -> li
     for eqn in jaxpr.eqns:
         values = [read(v) for v in eqn.invars]
         params = eqn.params
-        if (eqn.primitive is lax.conv_general_dilated_p and params["feature_group_count"] == 1
+        if (convs and eqn.primitive is lax.conv_general_dilated_p and params["feature_group_count"] == 1
                 and params["batch_group_count"] == 1 and all(d == 1 for d in params["lhs_dilation"])):
             outputs = [_conv_patches_matmul(*values, **params)]
+        elif dense and _is_small_dense(eqn.primitive, values, params):
+            outputs = [_outer_product_grad_matmul(*values)]
         elif eqn.primitive.name in ("pjit", "jit"):
             closed = params["jaxpr"]
-            outputs = _eval_with_matmul_convs(closed.jaxpr, closed.consts, *values)
+            outputs = _eval_rewritten(closed.jaxpr, closed.consts, values, convs=convs, dense=dense)
         else:
             outputs = eqn.primitive.bind(*values, **eqn.primitive.get_bind_params(params))
             outputs = outputs if eqn.primitive.multiple_results else [outputs]
         env.update(zip(eqn.outvars, outputs))
     return [read(v) for v in jaxpr.outvars]
+
+
+def _rewritten(apply_fn: Callable[..., Any], *, convs: bool, dense: bool) -> Callable[..., Any]:
+    @functools.wraps(apply_fn)
+    def wrapped(*args: Any) -> Any:
+        flat, treedef = jax.tree_util.tree_flatten(args)
+        closed, out_shape = jax.make_jaxpr(lambda *leaves: apply_fn(*jax.tree_util.tree_unflatten(treedef, leaves)),
+                                           return_shape=True)(*flat)
+        outputs = _eval_rewritten(closed.jaxpr, closed.consts, flat, convs=convs, dense=dense)
+        return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(out_shape), outputs)
+
+    return wrapped
 
 
 def conv_as_matmul(apply_fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -393,16 +438,31 @@ def conv_as_matmul(apply_fn: Callable[..., Any]) -> Callable[..., Any]:
     Returns:
       a function with the same signature and outputs.
     """
+    return _rewritten(apply_fn, convs=True, dense=False)
 
-    @functools.wraps(apply_fn)
-    def wrapped(*args: Any) -> Any:
-        flat, treedef = jax.tree_util.tree_flatten(args)
-        closed, out_shape = jax.make_jaxpr(lambda *leaves: apply_fn(*jax.tree_util.tree_unflatten(treedef, leaves)),
-                                           return_shape=True)(*flat)
-        outputs = _eval_with_matmul_convs(closed.jaxpr, closed.consts, *flat)
-        return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(out_shape), outputs)
 
-    return wrapped
+def dense_grads_as_outer_products(apply_fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Wraps a model function so that its dense layers (x [B, K] @ w [K, N], B <= ``OUTER_PRODUCT_MAX_BATCH``)
+    take their weight gradient as a sum of B outer products instead of a matrix product contracting over B.
+
+    Same values and gradients (float tolerance), differentiable twice. On XLA:CPU, for a client's small batch
+    under ``vmap``, the contraction over 16 examples is a slow batched matmul while the fused outer products
+    are about 2x faster (weight gradient of a 64x128 layer for 125 clients: 503 vs 238 us; of a 128x10
+    layer 351 vs 214 us); a whole MLP round ran 1.2-1.8x faster.
+
+    Args:
+      apply_fn: (params, x [B, ...]) -> logits.
+
+    Returns:
+      a function with the same signature and outputs.
+    """
+    return _rewritten(apply_fn, convs=False, dense=True)
+
+
+def auto_outer_product_grads(model_name: str, max_batch: int, backend: str | None = None) -> bool:
+    """True on CPU for non-convolutional models with local batches of at most ``OUTER_PRODUCT_MAX_BATCH``."""
+    backend = backend or jax.default_backend()
+    return backend == "cpu" and model_name not in CONV_MODELS and max_batch <= OUTER_PRODUCT_MAX_BATCH
 
 
 def replicate(tree: Any, mesh: Mesh | None) -> Any:

@@ -18,7 +18,7 @@ from fedjaxpriv.client import dp, mixup as mixup_lib, pruning
 from fedjaxpriv.client.sampling import sample_batch
 from fedjaxpriv.client.settings import ClientSettings
 from fedjaxpriv.models.losses import soft_cross_entropy
-from fedjaxpriv.parallel import conv_as_matmul
+from fedjaxpriv.parallel import conv_as_matmul, dense_grads_as_outer_products
 
 Params = Any
 ApplyFn = Callable[[Params, jax.Array], jax.Array]
@@ -43,6 +43,8 @@ class LocalSpec:
       unroll: scan unroll factor over local steps (execution only; results are unchanged).
       conv_as_matmul: run the model's convolutions as patches x kernel matrix products (execution only;
         fast on CPU inside loops and under vmap, see ``parallel.conv_as_matmul``).
+      outer_product_grads: dense layers' weight gradients as sums of per-example outer products (execution
+        only; fast on CPU for small batches, see ``parallel.dense_grads_as_outer_products``).
     """
 
     max_steps: int
@@ -57,6 +59,7 @@ class LocalSpec:
     prox: bool = True
     unroll: int = 1
     conv_as_matmul: bool = False
+    outer_product_grads: bool = False
     poisson: bool = True
 
 
@@ -120,6 +123,8 @@ def client_update(spec: LocalSpec, apply_fn: ApplyFn, server_params: Params, dat
     """
     if spec.conv_as_matmul:
         apply_fn = conv_as_matmul(apply_fn)
+    if spec.outer_product_grads:
+        apply_fn = dense_grads_as_outer_products(apply_fn)
     mask_key, train_key = jax.random.split(key)
     if spec.prune is None:
         weight_mask = None

@@ -64,6 +64,41 @@ def test_conv_as_matmul_second_derivatives_match_native():
                                rtol=1e-4)
 
 
+def test_outer_product_dense_grads_match_native_to_second_order_and_skip_large_batches():
+    model = get_model("mlp", (8, 8, 1), 10, hidden=(32, 16))
+    params = model.init(jax.random.key(0))
+    fast = parallel.dense_grads_as_outer_products(model.apply)
+    x = jax.random.normal(jax.random.key(1), (16, 8, 8, 1))
+    targets = jax.nn.one_hot(jnp.arange(16) % 10, 10)
+
+    def loss(apply_fn, p, inputs):
+        return -jnp.mean(jnp.sum(targets * jax.nn.log_softmax(apply_fn(p, inputs)), axis=-1))
+
+    native_grads = jax.jit(jax.grad(functools.partial(loss, model.apply)))(params, x)
+    _assert_trees_close(jax.jit(jax.grad(functools.partial(loss, fast)))(params, x), native_grads, atol=1e-6,
+                        rtol=1e-5)
+
+    def matching(apply_fn, guess):  # gradient inversion differentiates the weight gradient w.r.t. the input
+        diffs = jax.tree_util.tree_map(jnp.subtract, jax.grad(functools.partial(loss, apply_fn))(params, guess),
+                                       native_grads)
+        return sum(jnp.sum(d ** 2) for d in jax.tree_util.tree_leaves(diffs))
+
+    guess = 0.5 * x
+    native = jax.jit(jax.grad(functools.partial(matching, model.apply)))(guess)
+    assert float(jnp.max(jnp.abs(native))) > 1e-6
+    np.testing.assert_allclose(np.asarray(jax.jit(jax.grad(functools.partial(matching, fast)))(guess)),
+                               np.asarray(native), rtol=1e-4, atol=1e-4 * float(jnp.max(jnp.abs(native))))
+
+    def uses_outer_products(batch):
+        inputs = jnp.zeros((batch, 8, 8, 1))
+        return "custom_vjp_call" in str(jax.make_jaxpr(fast)(params, inputs))
+
+    assert uses_outer_products(parallel.OUTER_PRODUCT_MAX_BATCH)
+    assert not uses_outer_products(parallel.OUTER_PRODUCT_MAX_BATCH + 1)  # left to the matrix product
+    assert parallel.auto_outer_product_grads("mlp", 16, "cpu") and not parallel.auto_outer_product_grads("mlp", 64, "cpu")
+    assert not parallel.auto_outer_product_grads("cnn", 16, "cpu") and not parallel.auto_outer_product_grads("mlp", 16, "gpu")
+
+
 def test_conv_as_matmul_stride_one_gradients_any_padding_and_vmap():
     """The flipped-kernel input gradient with asymmetric, wider-than-kernel and negative-effective padding,
     NCHW layouts, vmapped over per-client kernels: equal to the native convolution's gradients."""
