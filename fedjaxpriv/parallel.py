@@ -358,7 +358,7 @@ def _conv_patches_matmul(lhs: jax.Array, rhs: jax.Array, *, window_strides: Sequ
 
 @jax.custom_vjp
 def _outer_product_grad_matmul(x: jax.Array, w: jax.Array) -> jax.Array:
-    """x [B, K] @ w [K, N] whose weight gradient is a sum of B outer products (see ``dense_grads_as_outer_products``)."""
+    """x [B, K] @ w [K, N]; its weight gradient is a sum of B outer products (``dense_grads_as_outer_products``)."""
     return x @ w
 
 
@@ -414,7 +414,13 @@ def _eval_rewritten(jaxpr: Any, consts: Sequence[Any], args: Sequence[Any], *, c
     return [read(v) for v in jaxpr.outvars]
 
 
-def _rewritten(apply_fn: Callable[..., Any], *, convs: bool, dense: bool) -> Callable[..., Any]:
+def rewrite_model(apply_fn: Callable[..., Any], *, convs: bool, dense: bool) -> Callable[..., Any]:
+    """``apply_fn`` with its convolutions as matrix products (``convs``, see ``conv_as_matmul``) and its
+    small-batch dense weight gradients as outer products (``dense``, see ``dense_grads_as_outer_products``),
+    both in one pass over its jaxpr; ``apply_fn`` itself when neither is asked for."""
+    if not (convs or dense):
+        return apply_fn
+
     @functools.wraps(apply_fn)
     def wrapped(*args: Any) -> Any:
         flat, treedef = jax.tree_util.tree_flatten(args)
@@ -438,7 +444,7 @@ def conv_as_matmul(apply_fn: Callable[..., Any]) -> Callable[..., Any]:
     Returns:
       a function with the same signature and outputs.
     """
-    return _rewritten(apply_fn, convs=True, dense=False)
+    return rewrite_model(apply_fn, convs=True, dense=False)
 
 
 def dense_grads_as_outer_products(apply_fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -456,7 +462,7 @@ def dense_grads_as_outer_products(apply_fn: Callable[..., Any]) -> Callable[...,
     Returns:
       a function with the same signature and outputs.
     """
-    return _rewritten(apply_fn, convs=False, dense=True)
+    return rewrite_model(apply_fn, convs=False, dense=True)
 
 
 def auto_outer_product_grads(model_name: str, max_batch: int, backend: str | None = None) -> bool:

@@ -18,7 +18,7 @@ from fedjaxpriv.client import dp, mixup as mixup_lib, pruning
 from fedjaxpriv.client.sampling import sample_batch
 from fedjaxpriv.client.settings import ClientSettings
 from fedjaxpriv.models.losses import soft_cross_entropy
-from fedjaxpriv.parallel import conv_as_matmul, dense_grads_as_outer_products
+from fedjaxpriv.parallel import rewrite_model
 
 Params = Any
 ApplyFn = Callable[[Params, jax.Array], jax.Array]
@@ -121,10 +121,7 @@ def client_update(spec: LocalSpec, apply_fn: ApplyFn, server_params: Params, dat
     Returns:
       ``ClientOutput`` with the model delta.
     """
-    if spec.conv_as_matmul:
-        apply_fn = conv_as_matmul(apply_fn)
-    if spec.outer_product_grads:
-        apply_fn = dense_grads_as_outer_products(apply_fn)
+    apply_fn = rewrite_model(apply_fn, convs=spec.conv_as_matmul, dense=spec.outer_product_grads)
     mask_key, train_key = jax.random.split(key)
     if spec.prune is None:
         weight_mask = None
