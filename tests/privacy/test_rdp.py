@@ -1,0 +1,258 @@
+"""Tests of the vectorized RDP module against dp_accounting (the independent reference)."""
+
+import math
+
+import dp_accounting
+import numpy as np
+import pytest
+from dp_accounting import rdp as dp_rdp
+from dp_accounting.rdp import rdp_privacy_accountant as dp_rdp_impl
+
+from fedjaxpriv.privacy import rdp
+
+ORDERS = list(rdp.INTEGER_ORDERS)
+SAMPLE_RATES = (1e-4, 0.004, 0.05, 0.25, 0.6, 0.99, 1.0)
+SIGMAS = (0.5, 0.8, 1.0, 2.0, 5.0)
+DATASET_SIZE = 10_000  # SWOR reference: m = q * n is integral for every rate above
+DELTA = 1e-5
+RTOL = 1e-9
+
+
+# ----------------------------------------------------------------------------- dp_accounting references
+
+
+def reference_poisson(q: float, sigma: float, orders=ORDERS) -> np.ndarray:
+    accountant = dp_rdp.RdpAccountant(list(orders))
+    accountant.compose(dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(sigma)))
+    return accountant.rdp
+
+
+def reference_swor(n: int, m: int, sigma: float, orders=ORDERS) -> np.ndarray:
+    accountant = dp_rdp.RdpAccountant(
+        list(orders), neighboring_relation=dp_accounting.NeighboringRelation.REPLACE_ONE)
+    accountant.compose(dp_accounting.SampledWithoutReplacementDpEvent(n, m, dp_accounting.GaussianDpEvent(sigma)))
+    return accountant.rdp
+
+
+@pytest.fixture
+def memoized_forward_diffs(monkeypatch):
+    """Memoizes dp_accounting's own forward differences of exp(cgf) within one test.
+
+    They depend on sigma and the order but not on q, and recomputing them for every (q, order) is what
+    makes a reference curve slow (about 0.45 s); the values are unchanged (one curve is also compared
+    with dp_accounting untouched). The key is (number of differences, cgf(1) = 1 / sigma^2, cgf(2)).
+    """
+    original = dp_rdp_impl._get_forward_diffs
+    cache = {}
+
+    def memoized(fun, n):
+        key = (n, fun(1.0), fun(2.0))
+        if key not in cache:
+            cache[key] = original(fun, n)
+        deltas, signs = cache[key]
+        return deltas.copy(), signs.copy()
+
+    monkeypatch.setattr(dp_rdp_impl, "_get_forward_diffs", memoized)
+
+
+def assert_rdp_close(ours: np.ndarray, reference: np.ndarray, rtol: float = RTOL, label: str = "") -> None:
+    assert ours.shape == reference.shape
+    rel = np.abs(ours - reference) / np.abs(reference)
+    worst = int(np.argmax(rel))
+    assert rel.max() <= rtol, (f"{label}: relative difference {rel.max():.3g} at order {ORDERS[worst]} "
+                               f"(ours {ours[worst]!r}, dp_accounting {reference[worst]!r})")
+
+
+# ----------------------------------------------------------------------------- RDP curves vs dp_accounting
+
+
+@pytest.mark.parametrize("sigma", SIGMAS)
+def test_poisson_matches_dp_accounting(sigma):
+    ours = rdp.poisson_gaussian_rdp(np.array(SAMPLE_RATES), sigma)
+    assert ours.shape == (len(SAMPLE_RATES), len(ORDERS)) and ours.dtype == np.float64
+    for row, q in zip(ours, SAMPLE_RATES):
+        assert_rdp_close(row, reference_poisson(q, sigma), label=f"Poisson q={q} sigma={sigma}")
+
+
+@pytest.mark.parametrize("sigma", SIGMAS)
+def test_swor_matches_dp_accounting(sigma, memoized_forward_diffs):
+    sizes = [round(q * DATASET_SIZE) for q in SAMPLE_RATES]
+    ours = rdp.swor_gaussian_rdp(np.array(sizes) / DATASET_SIZE, sigma)
+    assert ours.shape == (len(SAMPLE_RATES), len(ORDERS)) and ours.dtype == np.float64
+    for row, m in zip(ours, sizes):
+        assert_rdp_close(row, reference_swor(DATASET_SIZE, m, sigma), label=f"SWOR m={m} sigma={sigma}")
+
+
+def test_swor_matches_unmemoized_dp_accounting():
+    # Any n, m with m / n = q; dp_accounting runs untouched here (forward differences included).
+    assert dp_rdp_impl._get_forward_diffs.__module__ == dp_rdp_impl.__name__
+    ours = rdp.swor_gaussian_rdp(3 / 7, 1.3)
+    assert_rdp_close(ours, reference_swor(7, 3, 1.3), label="SWOR n=7 m=3 sigma=1.3")
+
+
+def test_full_sampling_is_the_gaussian_mechanism():
+    sigma = np.array([0.5, 1.0, 3.0])
+    expected = np.array(ORDERS, dtype=np.float64) / (2.0 * sigma[:, None] ** 2)
+    np.testing.assert_array_equal(rdp.poisson_gaussian_rdp(1.0, sigma), expected)
+    np.testing.assert_array_equal(rdp.swor_gaussian_rdp(1.0, sigma), expected)
+
+
+def test_poisson_is_accurate_where_dp_accounting_loses_digits():
+    # For tiny q, log(A_a) is a small number obtained by dp_accounting as a difference of order-q terms;
+    # the 1 + sum_{i>=2} form used here keeps full precision (checked against 50-digit arithmetic).
+    mpmath = pytest.importorskip("mpmath")
+    q, sigma, orders = 1e-6, 5.0, [2, 8, 64]
+
+    def exact(alpha):
+        mq, ms = mpmath.mpf(q), mpmath.mpf(sigma)
+        total = mpmath.fsum(mpmath.binomial(alpha, i) * mq**i * (1 - mq) ** (alpha - i)
+                            * mpmath.exp(mpmath.mpf(i * i - i) / (2 * ms**2)) for i in range(alpha + 1))
+        return float(mpmath.log(total) / (alpha - 1))
+
+    with mpmath.workdps(50):
+        expected = np.array([exact(a) for a in orders])
+    np.testing.assert_allclose(rdp.poisson_gaussian_rdp(q, sigma, orders), expected, rtol=1e-12)
+
+
+@pytest.mark.parametrize("function", [rdp.poisson_gaussian_rdp, rdp.swor_gaussian_rdp])
+def test_rows_with_different_sigmas_equal_separate_calls(function):
+    q = np.array([0.01, 0.25, 0.01, 0.6, 1.0, 0.004])
+    sigma = np.array([0.8, 2.0, 5.0, 0.8, 2.0, 1.0])
+    together = function(q, sigma)
+    for row, (qi, si) in enumerate(zip(q, sigma)):
+        np.testing.assert_allclose(together[row], function(np.array([qi]), np.array([si]))[0], rtol=1e-13)
+    # Broadcasting: a 2-D grid of rates against a row of sigmas.
+    grid = function(q[:, None], sigma[None, :3])
+    assert grid.shape == (q.size, 3, len(ORDERS))
+    np.testing.assert_allclose(grid[3, 1], function(q[3], sigma[1]), rtol=1e-13)
+
+
+def test_custom_orders_subset():
+    orders = [3, 17, 300]  # 300 takes the Stirling branch of the SWOR bound
+    full = dict(zip(ORDERS + [300], rdp.swor_gaussian_rdp(0.05, 1.0, ORDERS + [300])))
+    sub = rdp.swor_gaussian_rdp(0.05, 1.0, orders)
+    np.testing.assert_allclose(sub, [full[a] for a in orders], rtol=1e-13)
+    np.testing.assert_allclose(rdp.poisson_gaussian_rdp(0.05, 1.0, (3.0, 17.0)),
+                               reference_poisson(0.05, 1.0, [3, 17]), rtol=RTOL)
+
+
+# ----------------------------------------------------------------------------- epsilon conversion
+
+
+def classic_reference(orders, curve, delta):
+    return max(0.0, min(r + math.log(1 / delta) / (a - 1) for a, r in zip(orders, curve)))
+
+
+@pytest.fixture(scope="module")
+def conversion_rows():
+    """One-step curves scaled by 1, 10, 1000 and 1e5 steps, a KL-shortcut curve, an inf and a negative row."""
+    q = np.array([1e-4, 0.004, 0.05, 0.25, 0.99])
+    sigma = np.array([5.0, 1.0, 0.8, 2.0, 0.5])
+    curves = rdp.poisson_gaussian_rdp(q, sigma)
+    steps = np.array([1, 10, 1000, 100_000], dtype=np.float64)
+    rows = (steps[:, None, None] * curves[None]).reshape(-1, len(ORDERS))
+    tiny = rdp.poisson_gaussian_rdp(1e-6, 5.0)  # ~1e-13: below delta^2 at the low orders
+    negative = curves[1].copy()
+    negative[5] = -1e-15
+    return np.vstack([rows, tiny, np.full(len(ORDERS), np.inf), negative])
+
+
+def test_improved_conversion_matches_compute_epsilon(conversion_rows):
+    ours = rdp.epsilons_from_rdp(ORDERS, conversion_rows, DELTA)
+    expected = [dp_rdp.compute_epsilon(ORDERS, list(row), DELTA)[0] for row in conversion_rows]
+    np.testing.assert_allclose(ours, expected, rtol=1e-13, atol=0)
+    assert ours[-2] == np.inf and ours[-1] == 0.0
+
+
+def test_improved_conversion_takes_the_kl_shortcut(conversion_rows):
+    tiny = conversion_rows[-3]
+    orders = np.array(ORDERS, dtype=np.float64)
+    assert (DELTA**2 + np.expm1(-tiny) > 0).any()  # the shortcut applies at some order ...
+    prop12 = tiny + np.log1p(-1 / orders) - np.log(DELTA * orders) / (orders - 1)
+    assert prop12.min() > 0  # ... and without it epsilon would be positive
+    assert rdp.epsilons_from_rdp(ORDERS, tiny[None], DELTA)[0] == 0.0
+    assert dp_rdp.compute_epsilon(ORDERS, list(tiny), DELTA)[0] == 0.0
+
+
+def test_improved_conversion_at_the_kl_threshold():
+    # RDP values within a few ulps of where delta^2 + expm1(-r) changes sign, at one order per row.
+    for delta in (1e-5, 0.3):
+        edge = -math.log1p(-(delta**2))
+        rows = np.full((9, len(ORDERS)), 5.0)
+        rows[:, 3] = edge * (1.0 + np.arange(-4, 5) * 2.0**-52)
+        ours = rdp.epsilons_from_rdp(ORDERS, rows, delta)
+        expected = [dp_rdp.compute_epsilon(ORDERS, list(row), delta)[0] for row in rows]
+        np.testing.assert_array_equal(ours == 0.0, np.array(expected) == 0.0)
+        np.testing.assert_allclose(ours, expected, rtol=1e-13)
+
+
+def test_improved_conversion_with_orders_near_one():
+    orders = [1.0, 1.005, 1.01, 1.02, 1.5, 2.0, 8.0]
+    rows = np.array([[0.5, 0.6, 0.7, 0.8, 1.0, 1.5, 3.0],
+                     [1e-3, 2e-3, 3e-3, 4e-3, 1e-2, 2e-2, 0.1],
+                     [np.inf] * 7])
+    for delta in (1e-5, 0.1, 0.9):
+        ours = rdp.epsilons_from_rdp(orders, rows, delta)
+        expected = [dp_rdp.compute_epsilon(orders, list(row), delta)[0] for row in rows]
+        np.testing.assert_allclose(ours, expected, rtol=1e-13)
+    # Only orders <= 1.01: the Prop. 12 bound is not used, so finite RDP still gives inf.
+    assert rdp.epsilons_from_rdp([1.0, 1.01], [[0.5, 0.6]], 1e-5)[0] == np.inf
+
+
+def test_classic_conversion_is_mironov(conversion_rows):
+    ours = rdp.epsilons_from_rdp(ORDERS, conversion_rows, DELTA, conversion="classic")
+    expected = [classic_reference(ORDERS, row, DELTA) for row in conversion_rows]
+    np.testing.assert_allclose(ours, expected, rtol=1e-13)
+    assert ours[-2] == np.inf
+    improved = rdp.epsilons_from_rdp(ORDERS, conversion_rows, DELTA)
+    assert np.all(improved <= ours)  # the improved conversion is never looser
+
+
+def test_conversion_keeps_leading_shape():
+    curve = rdp.poisson_gaussian_rdp(0.01, 1.0) * 100
+    assert rdp.epsilons_from_rdp(ORDERS, curve, DELTA).shape == ()
+    assert rdp.epsilons_from_rdp(ORDERS, np.stack([[curve, curve]] * 3), DELTA).shape == (3, 2)
+
+
+def test_abadi_2016_published_epsilon():
+    # Abadi et al. 2016: q = 0.01, sigma = 4, 10,000 steps, delta = 1e-5, moments accountant (orders 2..33).
+    orders = list(range(2, 34))
+    curve = 10_000 * rdp.poisson_gaussian_rdp(0.01, 4.0, orders)
+    eps = rdp.epsilons_from_rdp(orders, curve[None], 1e-5, conversion="classic")[0]
+    assert eps == pytest.approx(1.26, abs=0.005)
+
+
+# ----------------------------------------------------------------------------- input validation
+
+
+@pytest.mark.parametrize("function", [rdp.poisson_gaussian_rdp, rdp.swor_gaussian_rdp])
+@pytest.mark.parametrize("q, sigma, orders, message", [
+    (0.0, 1.0, ORDERS, r"sample_rates=0\.0 .*\(0, 1\]"),
+    ([0.1, 1.5], 1.0, ORDERS, r"sample_rates\[1\]=1\.5 .*\(0, 1\]"),
+    (np.nan, 1.0, ORDERS, r"sample_rates=nan .*\(0, 1\]"),
+    (0.1, 0.0, ORDERS, r"noise_multipliers=0\.0 .*finite and > 0"),
+    (0.1, [1.0, -2.0], ORDERS, r"noise_multipliers\[1\]=-2\.0 .*finite and > 0"),
+    (0.1, np.inf, ORDERS, r"noise_multipliers=inf .*finite and > 0"),
+    (0.1, 1.0, [2, 1], r"order 1 .*integers >= 2"),
+    (0.1, 1.0, [2.5, 3], r"order 2\.5 .*integers >= 2"),
+    (0.1, 1.0, [], r"non-empty"),
+    ([0.1, 0.2], [1.0, 2.0, 3.0], ORDERS, r"do not broadcast"),
+])
+def test_bad_curve_inputs(function, q, sigma, orders, message):
+    with pytest.raises(ValueError, match=message):
+        function(q, sigma, orders)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(delta=0.0), r"delta=0\.0 .*0 < delta < 1"),
+    (dict(delta=1.0), r"delta=1\.0 .*0 < delta < 1"),
+    (dict(delta=1e-5, conversion="tight"), r"conversion='tight' .*'improved', 'classic'"),
+    (dict(delta=1e-5, rdp=np.ones((2, 3))), r"shape \(2, 3\).*73 orders"),
+    (dict(delta=1e-5, rdp=np.full(73, np.nan)), r"rdp\[0\]=nan"),
+    (dict(delta=1e-5, orders=[0.5] + ORDERS[1:]), r"order 0\.5 .*>= 1"),
+])
+def test_bad_conversion_inputs(kwargs, message):
+    arguments = dict(orders=ORDERS, rdp=np.ones((2, len(ORDERS))), delta=1e-5, conversion="improved")
+    arguments.update(kwargs)
+    with pytest.raises(ValueError, match=message):
+        rdp.epsilons_from_rdp(**arguments)
