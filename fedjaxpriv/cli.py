@@ -4,6 +4,7 @@
     fedjaxpriv sweep GRID.yaml [--jobs N] [--store DIR] [--set section.field=value ...] [--dry-run]
     fedjaxpriv report STORE_OR_RUN_DIR [...] [--out DIR]
     fedjaxpriv attack-eval [--config FILE] [--set ...] [--defenses none,dpsgd,...|FILE.yaml] [--out DIR]
+    fedjaxpriv audit [--config FILE] [--set ...] [--level example|local|client] [--canaries M]
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ import json
 import os
 import sys
 from typing import Sequence
+
+from fedjaxpriv.results import jsonable
 
 
 def _build_parser() -> argparse.ArgumentParser:
@@ -45,7 +48,30 @@ def _build_parser() -> argparse.ArgumentParser:
     attack.add_argument("--lira-shadows", type=int, default=0, help="LiRA shadow models (0 = skip LiRA)")
     attack.add_argument("--inversion-targets", type=int, default=4, help="batch-1 clients inverted (0 = skip)")
     attack.add_argument("--out", default="attack_eval", help="output directory (tables, plot, results.jsonl)")
+    audit = commands.add_parser("audit", help="canary audit of a run: empirical epsilon beside the accountant's")
+    audit.add_argument("--config", help="YAML or JSON config file of the audited run")
+    audit.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.FIELD=VALUE",
+                       help="override a config field (repeatable)")
+    audit.add_argument("--level", default="example", choices=["example", "local", "client"],
+                       help="example: DP-SGD canaries in one client; local: canary clients' messages (local DP); "
+                            "client: canary clients, DP-FedAvg")
+    audit.add_argument("--canaries", type=int, default=1000, help="canaries (each in/out by a fair coin)")
+    audit.add_argument("--guess-fraction", type=float, default=0.1, help="fraction guessed on each side")
     return parser
+
+
+def _audit(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    from fedjaxpriv.attacks.canary_audit import audit_canaries
+    from fedjaxpriv.config import ExperimentConfig, load_config, with_overrides
+
+    config = load_config(args.config, args.overrides) if args.config else with_overrides(ExperimentConfig(),
+                                                                                           args.overrides)
+    result = audit_canaries(config, args.level, num_canaries=args.canaries, guess_fraction=args.guess_fraction)
+    print(json.dumps({**jsonable(dataclasses.asdict(result)), "can_refute": result.can_refute,
+                      "summary": result.describe()}, indent=2))
+    return 0
 
 
 def _attack_eval(args: argparse.Namespace) -> int:
@@ -134,9 +160,12 @@ def _run(args: argparse.Namespace) -> int:
                    f"test_loss {record['test_loss']:.4f}  train_loss {record['train_loss']:.4f}")
 
     results = experiment.run(args.out, resume=not args.no_resume, progress=not args.quiet, callbacks=[report])
+    from fedjaxpriv.report import BASIS_KEYS, EPSILON_KEYS
+
     last = results.history[-1] if results.history else {}
-    summary = {k: last[k] for k in ("round", "test_accuracy", "test_loss") if k in last}
-    print(json.dumps({"out_dir": results.out_dir, **summary}))
+    keys = ("round", "test_accuracy", "test_loss", *EPSILON_KEYS, *BASIS_KEYS)
+    summary = {k: last[k] for k in keys if k in last}
+    print(json.dumps(jsonable({"out_dir": results.out_dir, **summary})))
     return 0
 
 
@@ -164,6 +193,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _report(args)
         if args.command == "attack-eval":
             return _attack_eval(args)
+        if args.command == "audit":
+            return _audit(args)
     except (ValueError, FileNotFoundError) as error:
         print(f"fedjaxpriv: error: {error}", file=sys.stderr)
         return 2

@@ -139,6 +139,7 @@ class ClientConfig:
 
 
 MESSAGE_STAGES = ("prune", "topk", "randk", "clip", "noise", "round", "qsgd")
+NORM_NONINCREASING_STAGES = ("prune", "topk", "randk")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -180,6 +181,15 @@ class MessageConfig:
         noisy = any(v > 0 for v in _values(self.local_noise_multiplier))
         _check(not noisy or all(math.isfinite(v) for v in _values(self.clip_norm)), "message.clip_norm",
                self.clip_norm, "finite whenever message.local_noise_multiplier > 0")
+        if noisy:  # local DP holds only for noise added to a message of norm <= clip_norm
+            order = list(self.order)
+            _check("clip" in order and "noise" in order and order.index("clip") < order.index("noise"),
+                   "message.order", self.order, "'clip' before 'noise' when message.local_noise_multiplier > 0 (noise "
+                   "added before clipping is scaled down with the message and voids the local DP guarantee)")
+            between = order[order.index("clip") + 1:order.index("noise")]
+            _check(all(stage in NORM_NONINCREASING_STAGES for stage in between), "message.order", self.order,
+                   f"only {list(NORM_NONINCREASING_STAGES)} between 'clip' and 'noise' (they never increase the "
+                   "norm; rounding and QSGD can, which would void the clip norm that the noise is scaled to)")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -262,8 +272,8 @@ class RunConfig:
       checkpoint_every: save a resumable checkpoint every this many rounds (0 = only at the end).
       delta: target delta for privacy accounting.
       accountant: "rdp" or "pld" (dp_accounting).
-      tap_clients / tap_rounds: attack taps: in each listed round (1-based), record the messages the listed
-        clients send (whether or not they are sampled) and the server model they start from.
+      tap_clients / tap_rounds: attack taps: in each listed round (1-based), record the messages that the listed
+        clients taking part in that round send, and the server model they start from.
     """
 
     rounds: int = 40

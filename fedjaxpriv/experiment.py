@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
+import warnings
 from typing import Any, Callable, Iterable, Sequence
 
 import jax
@@ -18,15 +19,16 @@ import numpy as np
 
 from fedjaxpriv import evaluation
 from fedjaxpriv.client.local import LocalSpec
-from fedjaxpriv.client.sampling import poisson_max_batch
+from fedjaxpriv.client.sampling import batch_slots, overflow_probability
 from fedjaxpriv.client.settings import ClientSettings, make_settings, per_client_array
 from fedjaxpriv.config import ExperimentConfig
 from fedjaxpriv.data import Dataset, FederatedData, load_dataset, partition, synthetic_federated
 from fedjaxpriv.models import Model, count_params, get_model
 from fedjaxpriv.parallel import (auto_chunk_size, auto_conv_as_matmul, auto_outer_product_grads, auto_strategy,
                                  local_mesh, replicate)
-from fedjaxpriv.privacy.tracking import PrivacyTracker, calibrate_noise_for_targets
-from fedjaxpriv.server import max_cohort_size, sample_cohort, server_optimizer
+from fedjaxpriv.privacy.mechanisms import ClientLevelDpFedAvg, local_gaussian
+from fedjaxpriv.privacy.tracking import PrivacyTracker, calibrate_targets, dpsgd_mechanism
+from fedjaxpriv.server import Cohort, max_cohort_size, sample_cohort, server_optimizer
 from fedjaxpriv.simulation import (AggregationSpec, Population, RoundOutput, ServerState, build_message_tap,
                                    build_round, init_server_state)
 from fedjaxpriv.transforms.pipeline import make_message_fn
@@ -36,11 +38,12 @@ Record = dict[str, Any]
 
 @dataclasses.dataclass
 class Tap:
-    """What an observer of round ``round`` (1-based) sees of the tapped clients.
+    """What an observer of round ``round`` (1-based) sees of the tapped clients that take part in it.
 
     Attributes:
       round: the round number.
-      client_ids: [T] the tapped clients.
+      client_ids: [T] the tapped clients that were in the round's cohort (a client that does not take part
+        sends nothing, so it is never tapped).
       server_params: the global model the clients start the round from.
       messages: pytree of the clients' messages, leaves [T, ...] (as sent, before server-side clipping).
     """
@@ -109,7 +112,8 @@ def model_for(config: ExperimentConfig, input_shape: Sequence[int], num_classes:
 
 
 def client_settings(config: ExperimentConfig, counts: np.ndarray) -> ClientSettings:
-    """Per-client settings arrays [C] from the config (FedSGD: one full-batch step with lr 1)."""
+    """Per-client settings arrays [C] from the config (FedSGD: one full-batch step with lr 1), before any noise
+    is calibrated to a target epsilon (``Experiment`` does that, with ``privacy.tracking.calibrate_targets``)."""
     c = config.client
     fields: dict[str, Any] = dict(
         num_steps=c.local_steps, batch_size=c.batch_size, lr=c.lr, prox_mu=c.prox_mu,
@@ -121,45 +125,63 @@ def client_settings(config: ExperimentConfig, counts: np.ndarray) -> ClientSetti
                   quant_bits=m.quant_bits, quant_levels=m.qsgd_levels)
     if config.server.algorithm == "fedsgd":
         fields.update(num_steps=1, batch_size=max(1, int(np.max(counts))), lr=1.0, poisson=False)
-    settings = make_settings(len(counts), counts, **fields)
-    if c.target_epsilon is not None:
-        settings = calibrated_settings(config, settings)
-    return settings
+    return make_settings(len(counts), counts, **fields)
 
 
-def calibrated_settings(config: ExperimentConfig, settings: ClientSettings) -> ClientSettings:
-    """Sets each client's DP-SGD noise multiplier from its target epsilon (personalized budgets)."""
-    num_clients = settings.lr.shape[0]
-    if not np.all(np.isfinite(settings.dp_clip_norm)):
-        raise ValueError("client.target_epsilon needs a finite client.dp_clip_norm (DP-SGD clips per example).")
-    targets = per_client_array("target_epsilon", config.client.target_epsilon, num_clients)
+def target_epsilons(config: ExperimentConfig, num_clients: int) -> np.ndarray:
+    """Each client's target epsilon from ``client.target_epsilon``, float64 [C] (inf = no target)."""
+    if config.client.target_epsilon is None:
+        return np.full(num_clients, np.inf)
+    return per_client_array("target_epsilon", config.client.target_epsilon, num_clients).astype(np.float64)
+
+
+def client_level_mechanism(config: ExperimentConfig, num_clients: int,
+                           cohort_slots: int) -> ClientLevelDpFedAvg | None:
+    """DP-FedAvg as the config describes it (None without client-level clipping or noise)."""
     s = config.server
-    sigmas, _ = calibrate_noise_for_targets(targets, settings.sample_rate, settings.num_steps,
-                                            s.clients_per_round / num_clients, config.run.rounds, config.run.delta,
-                                            config.run.accountant)
-    return settings._replace(dp_noise_multiplier=sigmas.astype(np.float32))
+    if not (s.central_noise_multiplier > 0 or math.isfinite(s.central_clip_norm)):
+        return None
+    poisson = s.client_sampling == "poisson"
+    rate = s.clients_per_round / num_clients
+    truncation = float(overflow_probability(num_clients + 1, rate, cohort_slots)) if poisson else 0.0
+    count_noise = (s.clip_count_noise_multiplier if s.clip_count_noise_multiplier is not None
+                   else s.clients_per_round / 20.0)
+    return ClientLevelDpFedAvg(noise_multiplier=float(s.central_noise_multiplier), num_clients=num_clients,
+                               expected_cohort=s.clients_per_round, poisson=poisson,
+                               adaptive_quantile=s.adaptive_clip_quantile, adaptive_lr=s.adaptive_clip_lr,
+                               count_noise_std=float(count_noise), cohort_truncation_probability=truncation)
 
 
 def local_spec(config: ExperimentConfig, settings: ClientSettings, counts: np.ndarray, num_classes: int,
-               strategy: str) -> LocalSpec:
-    """Static shapes and switches of local training for this population."""
+               strategy: str, slots: int) -> LocalSpec:
+    """Static shapes and switches of local training for this population (``slots`` batch slots per step)."""
     max_count = max(1, int(np.max(counts)))
-    max_batch = int(np.max(settings.batch_size))
-    if np.any(settings.poisson):
-        expected = np.where(settings.poisson, settings.sample_rate * counts, settings.batch_size)
-        max_batch = max(max_batch if not np.all(settings.poisson) else 1,
-                        poisson_max_batch(float(np.max(expected)), max_count))
     c = config.client
     uses_dp = bool(np.any(settings.dp_noise_multiplier > 0) or np.any(np.isfinite(settings.dp_clip_norm)))
     max_steps = max(1, int(np.max(settings.num_steps)))
     return LocalSpec(
-        max_steps=max_steps, max_batch=min(max_batch, max_count), max_count=max_count,
+        max_steps=max_steps, max_batch=slots, max_count=max_count,
         num_classes=num_classes, per_example=uses_dp, mixup=bool(np.any(settings.mixup_alpha > 0)),
         prune=c.prune_method if np.any(settings.prune_sparsity > 0) else None, prune_scope=c.prune_scope,
         momentum=c.momentum, prox=bool(np.any(settings.prox_mu > 0)), poisson=bool(np.any(settings.poisson)),
         conv_as_matmul=auto_conv_as_matmul(config.model.name, strategy=strategy),
-        outer_product_grads=auto_outer_product_grads(config.model.name, min(max_batch, max_count)),
+        outer_product_grads=auto_outer_product_grads(config.model.name, slots),
         unroll=max_steps if strategy == "host" else 1)
+
+
+def warn_about_delta(delta: float, counts: np.ndarray, sample_level: Any, client_level: Any) -> None:
+    """Warns (naming ``run.delta``) when delta >= 1/n at the example level or >= 1/C at the client level: such a
+    delta allows releasing one example (one client) outright."""
+    if sample_level is not None:
+        smallest = int(np.min(np.asarray(counts)[sample_level.private]))
+        if delta >= 1.0 / max(smallest, 1):
+            warnings.warn(f"run.delta={delta:g} is >= 1/n = {1 / max(smallest, 1):g} for the smallest DP-SGD client "
+                          f"({smallest} examples): the example-level guarantee is weak; use run.delta < 1/n.",
+                          stacklevel=3)
+    if client_level is not None and client_level.private and delta >= 1.0 / client_level.num_clients:
+        warnings.warn(f"run.delta={delta:g} is >= 1/C = {1 / client_level.num_clients:g} for C = "
+                      f"{client_level.num_clients} clients: the client-level guarantee is weak; use run.delta < 1/C.",
+                      stacklevel=3)
 
 
 class Experiment:
@@ -176,7 +198,15 @@ class Experiment:
 
     def __init__(self, config: ExperimentConfig, *, mesh: jax.sharding.Mesh | None = None,
                  population: FederatedData | None = None, test: Dataset | None = None,
-                 num_classes: int | None = None, settings: ClientSettings | None = None) -> None:
+                 num_classes: int | None = None, settings: ClientSettings | None = None,
+                 targets: np.ndarray | None = None) -> None:
+        """Args:
+          config: the experiment.
+          mesh: devices to shard clients over (default: ``run.num_devices`` local devices).
+          population / test / num_classes: the data, instead of loading ``config.data`` (all three together).
+          settings: per-client settings [C] instead of the config's (noise still calibrated to ``targets``).
+          targets: per-client target epsilons [C] (inf = none) instead of ``client.target_epsilon``.
+        """
         self.config = config
         if population is None:
             population, test, num_classes = load_population(config)
@@ -186,37 +216,42 @@ class Experiment:
             raise ValueError(f"population has {population.num_clients} clients but data.num_clients="
                              f"{config.data.num_clients}.")
         self.population, self.test, self.num_classes = population, test, num_classes
+        counts = population.counts
         self.model: Model = model_for(config, population.input_shape, num_classes)
-        self.settings = settings if settings is not None else client_settings(config, population.counts)
+        settings = settings if settings is not None else client_settings(config, counts)
+        s, r = config.server, config.run
+        targets = target_epsilons(config, population.num_clients) if targets is None else np.asarray(targets)
+        self.settings, self.participation_budget = calibrate_targets(
+            settings, counts, targets, client_rate=s.clients_per_round / population.num_clients, rounds=r.rounds,
+            delta=r.delta, accountant=r.accountant)
         max_steps = int(np.max(self.settings.num_steps))
-        self.strategy = (config.run.strategy if config.run.strategy != "auto"
+        self.strategy = (r.strategy if r.strategy != "auto"
                          else auto_strategy(config.model.name, max_steps=max_steps,
                                             input_shape=population.input_shape))
-        self.spec = local_spec(config, self.settings, population.counts, num_classes, self.strategy)
+        slots = batch_slots(self.settings, counts, self.settings.dp_noise_multiplier > 0)
+        self.spec = local_spec(config, self.settings, counts, num_classes, self.strategy, slots)
         if mesh is None:
             try:
-                mesh = local_mesh(config.run.num_devices)
+                mesh = local_mesh(r.num_devices)
             except ValueError as error:
                 raise ValueError(f"run.num_devices: {error}") from None
         self.mesh = mesh
-        self.server_tx = server_optimizer(config.server.optimizer, config.server.lr, momentum=config.server.momentum,
-                                          b1=config.server.adam_b1, b2=config.server.adam_b2, eps=config.server.adam_eps)
-        s = config.server
-        self.cohort_slots = max_cohort_size(population.num_clients, s.clients_per_round, s.client_sampling)
-        count_noise = (s.clip_count_noise_multiplier if s.clip_count_noise_multiplier is not None
-                       else s.clients_per_round / 20.0)
-        self.aggregation = AggregationSpec(weighting=s.weighting, central_clip_norm=s.central_clip_norm,
-                                           central_noise_multiplier=s.central_noise_multiplier,
-                                           expected_cohort=float(s.clients_per_round),
-                                           adaptive_clip_quantile=s.adaptive_clip_quantile,
-                                           adaptive_clip_lr=s.adaptive_clip_lr,
-                                           clip_count_noise_multiplier=count_noise)
-        self.root_key = jax.random.key(config.run.seed)
+        self.server_tx = server_optimizer(s.optimizer, s.lr, momentum=s.momentum, b1=s.adam_b1, b2=s.adam_b2,
+                                          eps=s.adam_eps)
+        self.cohort_slots = max_cohort_size(population.num_clients, s.clients_per_round, s.client_sampling,
+                                            private=s.central_noise_multiplier > 0)
+        # The run's DP mechanisms: each owns its JAX step and its accounting.
+        self.sample_level = dpsgd_mechanism(self.settings, counts, slots)
+        self.local_dp = local_gaussian(self.settings.local_noise_multiplier, self.settings.update_clip_norm)
+        self.client_level = client_level_mechanism(config, population.num_clients, self.cohort_slots)
+        self.aggregation = AggregationSpec(weighting=s.weighting, client_level=self.client_level)
+        self.privacy = self.new_privacy_tracker()
+        warn_about_delta(r.delta, counts, self.sample_level, self.client_level)
+        self.root_key = jax.random.key(r.seed)
         params = self.model.init(jax.random.fold_in(self.root_key, 2**31 - 1))
         self.num_params = count_params(params)
         num_devices = 1 if mesh is None else mesh.size
-        per_device = config.run.chunk_size or auto_chunk_size(math.ceil(self.cohort_slots / num_devices),
-                                                              self.num_params)
+        per_device = r.chunk_size or auto_chunk_size(math.ceil(self.cohort_slots / num_devices), self.num_params)
         self.chunk_size = per_device * num_devices
         c = config.client
         prune_schedule = ((c.prune_begin_round, c.prune_end_round) if c.prune_end_round > c.prune_begin_round
@@ -232,25 +267,17 @@ class Experiment:
         self.device_population = replicate(Population(*(jnp.asarray(a) for a in (
             population.x, population.y, population.offsets, population.counts))), mesh)
         self.device_settings = replicate(jax.tree_util.tree_map(jnp.asarray, self.settings), mesh)
-        self.privacy = self.new_privacy_tracker()
-
-    def effective_central_noise_multiplier(self) -> float:
-        """DP-FedAvg's noise multiplier for accounting: with adaptive clipping the noisy count of unclipped
-        updates is a second Gaussian release (sensitivity 1), so z_eff^-2 = z^-2 + sigma_count^-2."""
-        z = self.config.server.central_noise_multiplier
-        if z <= 0 or self.aggregation.adaptive_clip_quantile is None:
-            return z
-        return float((z ** -2 + self.aggregation.clip_count_noise_multiplier ** -2) ** -0.5)
 
     def new_privacy_tracker(self) -> PrivacyTracker:
-        s = self.config.server
-        return PrivacyTracker(num_clients=self.population.num_clients, sample_rates=self.settings.sample_rate,
-                              noise_multipliers=self.settings.dp_noise_multiplier,
-                              steps_per_round=self.settings.num_steps, delta=self.config.run.delta,
-                              accountant=self.config.run.accountant,
-                              central_noise_multiplier=self.effective_central_noise_multiplier(),
-                              client_rate=s.clients_per_round / self.population.num_clients,
-                              fixed_cohort=s.client_sampling == "uniform")
+        """A fresh tracker of this run's mechanisms (nothing spent yet)."""
+        r = self.config.run
+        try:
+            return PrivacyTracker(num_clients=self.population.num_clients, steps_per_round=self.settings.num_steps,
+                                  delta=r.delta, accountant=r.accountant, sample_level=self.sample_level,
+                                  client_level=self.client_level, local=self.local_dp,
+                                  max_participations=self.participation_budget)
+        except ValueError as error:
+            raise ValueError(f"run.accountant={r.accountant!r}: {error}") from None
 
     @property
     def initial_state(self) -> ServerState:
@@ -260,17 +287,34 @@ class Experiment:
                          self.mesh)
 
     # -- one round -------------------------------------------------------------------------------------------
-    def cohort(self, round_index: int):
+    def cohort(self, round_index: int) -> Cohort:
+        """The clients sampled for round ``round_index`` (seeded; before privacy budgets)."""
         s = self.config.server
         return sample_cohort(self.config.run.seed, round_index, self.population.num_clients, s.clients_per_round,
                              s.client_sampling, self.cohort_slots)
 
-    def step(self, state: ServerState, round_index: int) -> tuple[ServerState, Record]:
+    def round_cohort(self, round_index: int) -> tuple[Cohort, int]:
+        """The cohort that trains in round ``round_index``: ``cohort`` without the clients whose privacy budget
+        (planned participations) is spent. Returns (cohort, number of sampled clients excluded by budgets)."""
+        cohort = self.cohort(round_index)
+        allowed = self.privacy.allowed(cohort.ids)
+        skipped = int(np.sum(cohort.mask & ~allowed))
+        return cohort._replace(mask=cohort.mask & allowed), skipped
+
+    def annotate(self, record: Record, cohort: Cohort) -> Record:
+        """Extra history fields of a round (subclasses add device costs)."""
+        del cohort
+        return record
+
+    def step(self, state: ServerState, round_index: int, cohort: Cohort | None = None) -> tuple[ServerState, Record]:
         """Runs round ``round_index`` from ``state``; returns the new state and the round's training record.
 
         ``state`` is donated to the compiled round (its buffers are reused): do not use it afterwards.
+        ``cohort`` defaults to ``round_cohort(round_index)``; the privacy tracker records its participants.
         """
-        cohort = self.cohort(round_index)
+        skipped = 0
+        if cohort is None:
+            cohort, skipped = self.round_cohort(round_index)
         start = time.perf_counter()
         state, out = self.round_fn(state, self.device_population, self.device_settings, jnp.asarray(cohort.ids),
                                    jnp.asarray(cohort.mask), self.root_key)
@@ -290,10 +334,12 @@ class Experiment:
             "clip_norm": float(state.clip_norm),
             "round_time_s": elapsed,
         }
+        if skipped:
+            record["budget_skipped"] = skipped
         if self.privacy.active:
             self.privacy.record_round(cohort.ids[cohort.mask])
             record.update(self.privacy.summary())
-        return state, record
+        return state, self.annotate(record, cohort)
 
     def tap(self, state: ServerState, client_ids: Sequence[int]) -> Tap:
         """The messages ``client_ids`` send in the round that starts from ``state`` (same keys as the round)."""
@@ -332,24 +378,28 @@ class Experiment:
         total = rounds or self.config.run.rounds
         store = RunStore(out_dir, self.config, fresh=not resume) if out_dir else None
         state, history = self.initial_state, []
+        self.privacy = self.new_privacy_tracker()
         if store is not None and resume:
             restored = store.restore(state)
             if restored is not None:
-                state, history = restored
+                state, history, privacy_state = restored
+                self.privacy.restore(privacy_state)
         start_round = int(state.round)
-        self.privacy = self.new_privacy_tracker()
-        if self.privacy.active:  # replay the (seeded) cohorts of the restored rounds
-            for r in range(start_round):
-                cohort = self.cohort(r)
-                self.privacy.record_round(cohort.ids[cohort.mask])
         bar = _progress(range(start_round, total), progress, initial=start_round, total=total)
         last_saved = start_round
         try:
             taps: dict[int, Tap] = {}
             for r in bar:
+                cohort, skipped = self.round_cohort(r)
                 if r + 1 in self.config.run.tap_rounds and self.config.run.tap_clients:
-                    taps[r + 1] = self.tap(state, self.config.run.tap_clients)
-                state, record = self.step(state, r)
+                    # Only what the observer can see: the tapped clients that take part in this round.
+                    sampled = set(cohort.ids[cohort.mask].tolist())
+                    tapped = [c for c in self.config.run.tap_clients if c in sampled]
+                    if tapped:
+                        taps[r + 1] = self.tap(state, tapped)
+                state, record = self.step(state, r, cohort)
+                if skipped:
+                    record["budget_skipped"] = skipped
                 if (r + 1) % self.config.run.eval_every == 0 or r + 1 == total:
                     record.update(self.evaluate(state.params))
                 history.append(record)
@@ -357,15 +407,18 @@ class Experiment:
                     store.append(record)
                     every = self.config.run.checkpoint_every
                     if (every and (r + 1) % every == 0) or r + 1 == total:
-                        store.save(state)
+                        store.save(state, self.privacy.state())
                         last_saved = r + 1
                 for callback in callbacks:
                     callback(self, record)
                 if hasattr(bar, "set_postfix") and "test_accuracy" in record:
                     bar.set_postfix(acc=f"{record['test_accuracy']:.4f}", loss=f"{record['train_loss']:.3f}")
         except KeyboardInterrupt:
-            if store is not None and int(state.round) > last_saved:
-                store.save(state)
+            # Save only a consistent round: its history record written and its privacy spend recorded.
+            finished = int(state.round)
+            consistent = len(history) == finished and (not self.privacy.active or self.privacy.rounds == finished)
+            if store is not None and finished > last_saved and consistent:
+                store.save(state, self.privacy.state())
             raise
         finally:
             if store is not None:

@@ -3,12 +3,14 @@
 Files written to the output directory:
 
 * ``accuracy_vs_rounds.png``: test accuracy per evaluated round, one line per run;
-* ``epsilon_vs_rounds.png``: sample-level (``epsilon_max``) and client-level (``client_level_epsilon``)
-  epsilon per round, for runs that track privacy;
+* ``epsilon_vs_rounds.png``: example-level (``epsilon_max``), local (``local_epsilon_max``) and client-level
+  (``client_level_epsilon``) epsilon per round, for runs that track privacy;
 * ``privacy_utility.png``: final accuracy against final epsilon (runs without DP at the right, "no DP");
 * ``communication_vs_accuracy.png``: final accuracy against total bytes uploaded (log scale);
 * ``attacks.png``: every ``attack/<name>/<metric>`` key found in the records' final metrics, per run;
-* ``summary.md`` / ``summary.csv``: one row per run with the config fields that vary and final metrics.
+* ``summary.md`` / ``summary.csv``: one row per run with the config fields that vary and final metrics; every
+  epsilon's basis (level, neighbouring relation, sampling, accountant, delta) is a CSV column and is listed
+  under the markdown table.
 """
 
 from __future__ import annotations
@@ -25,9 +27,10 @@ import matplotlib.pyplot as plt  # noqa: E402
 from fedjaxpriv.results import as_float, cumulative, flatten, varying_fields, write_csv  # noqa: E402
 
 Record = Mapping[str, Any]
-EPSILON_KEYS = ("epsilon_max", "client_level_epsilon")
-SUMMARY_METRICS = ("test_accuracy", "test_loss", "client_accuracy_p10", "epsilon_max", "client_level_epsilon",
-                   "round", "cost_wall_time_s", "cost_energy_j")
+EPSILON_KEYS = ("epsilon_max", "local_epsilon_max", "client_level_epsilon")
+BASIS_KEYS = tuple(f"{key.removesuffix('_max')}_basis" for key in EPSILON_KEYS)
+SUMMARY_METRICS = ("test_accuracy", "test_loss", "client_accuracy_p10", *EPSILON_KEYS, "round", "cost_wall_time_s",
+                   "cost_energy_j", *BASIS_KEYS)
 
 
 def attack_keys(records: Sequence[Record]) -> list[str]:
@@ -36,7 +39,8 @@ def attack_keys(records: Sequence[Record]) -> list[str]:
 
 
 def final_epsilon(record: Record) -> float:
-    """The run's final epsilon: the largest of its sample- and client-level epsilons (nan without DP)."""
+    """The run's final epsilon: the largest of its example-, local- and client-level epsilons (nan without DP); each
+    level's basis is in the summary table."""
     values = [as_float(record["final"][k]) for k in EPSILON_KEYS if k in record["final"]]
     values = [v for v in values if not math.isnan(v) and v > 0]
     return max(values) if values else math.nan
@@ -73,8 +77,18 @@ def write_table(rows: Sequence[Mapping[str, Any]], out_dir: str, name: str = "su
         columns.extend(k for k in row if k not in columns)
     csv_path, md_path = os.path.join(out_dir, f"{name}.csv"), os.path.join(out_dir, f"{name}.md")
     write_csv(csv_path, rows)
-    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    lines += ["| " + " | ".join(_cell(row.get(k)) for k in columns) + " |" for row in rows]
+    notes = [k for k in columns if k.endswith("_basis")]  # long sentences: listed under the table
+    shown = [k for k in columns if k not in notes]
+    lines = ["| " + " | ".join(shown) + " |", "|" + "---|" * len(shown)]
+    lines += ["| " + " | ".join(_cell(row.get(k)) for k in shown) + " |" for row in rows]
+    for key in notes:
+        by_value: dict[str, list[str]] = {}
+        for index, row in enumerate(rows):
+            if row.get(key):
+                by_value.setdefault(str(row[key]), []).append(str(row.get("label") or row.get("defense") or index))
+        if by_value:
+            lines += ["", f"**{key}** ({key.removesuffix('_basis')}):"]
+            lines += [f"- {', '.join(labels)}: {value}" for value, labels in by_value.items()]
     with open(md_path, "w") as f:
         f.write("\n".join(lines) + "\n")
     return csv_path, md_path
@@ -138,7 +152,7 @@ def plot_privacy_utility(records: Sequence[Record], path: str) -> str:
         ax.axvline(no_dp_x / 1.4, color="gray", linewidth=0.8, linestyle=":")
         ax.annotate("no DP", (no_dp_x, 0.0), xycoords=("data", "axes fraction"), xytext=(0, 4),
                     textcoords="offset points", ha="center", fontsize=8)
-    ax.set_xlabel("epsilon (final, largest of sample/client level; log scale)")
+    ax.set_xlabel("epsilon (final, largest of example/local/client level; log scale; bases in summary.md)")
     ax.set_ylabel("final test accuracy")
     ax.grid(alpha=0.3)
     _legend(ax, len(points))

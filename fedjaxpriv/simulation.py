@@ -6,8 +6,8 @@ Data flow (each numbered step is one piece of code):
   2 gather     the cohort's rows of the per-client settings and data offsets
   3 train      ``client_update`` for every client, through ``map_clients`` (vmap / loop, chunks, mesh)
   4 transform  the message each client sends (``message_fn``: prune, quantize, clip, local noise)
-  5 aggregate  weighted sum streamed over chunks; client-level DP clips (fixed or adaptive clip norm) and adds
-               central Gaussian noise
+  5 aggregate  weighted sum streamed over chunks; client-level DP (``ClientLevelDpFedAvg``) clips (fixed or
+               adaptive clip norm), adds central Gaussian noise and divides by the expected cohort
   6 server     optax server optimizer on the pseudo-gradient -mean(delta)
 
 Keys: ``round_key = fold_in(root, round)``; client ``i`` uses ``fold_in(fold_in(round_key, 0), i)`` and the
@@ -25,10 +25,11 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from fedjaxpriv.client import dp, pruning
+from fedjaxpriv.client import pruning
 from fedjaxpriv.client.local import ApplyFn, LocalSpec, client_update
 from fedjaxpriv.client.settings import ClientSettings
 from fedjaxpriv.parallel import map_clients, map_clients_host
+from fedjaxpriv.privacy.mechanisms import ClientLevelDpFedAvg
 
 Params = Any
 # (delta, settings row, key, number of coordinates to send) -> (message, stats with float32 "bits").
@@ -84,27 +85,17 @@ class AggregationSpec:
     """How messages are combined.
 
     Attributes:
-      weighting: "examples" or "uniform".
-      central_clip_norm: client-level clip before summing (inf = none).
-      central_noise_multiplier: Gaussian noise std / clip norm added to the sum (DP-FedAvg).
-      expected_cohort: fixed denominator used with central noise (expected number of participants).
-      adaptive_clip_quantile: if set, the clip norm follows this quantile of the update norms (Andrew et al.
-        2021): C <- C exp(-lr (b - quantile)), b the noisy fraction of updates with norm <= C.
-      adaptive_clip_lr: step size of that geometric update.
-      clip_count_noise_multiplier: std of the Gaussian noise on the count of unclipped updates.
+      weighting: "examples" or "uniform" (client-level clipping always weighs clients uniformly).
+      client_level: DP-FedAvg (``privacy.mechanisms.ClientLevelDpFedAvg``): clip each message to the state's clip
+        norm, add central Gaussian noise, divide by the expected cohort, adapt the clip norm. None: plain mean.
     """
 
     weighting: str = "examples"
-    central_clip_norm: float = math.inf
-    central_noise_multiplier: float = 0.0
-    expected_cohort: float = 1.0
-    adaptive_clip_quantile: float | None = None
-    adaptive_clip_lr: float = 0.2
-    clip_count_noise_multiplier: float = 0.0
+    client_level: ClientLevelDpFedAvg | None = None
 
     @property
     def clips(self) -> bool:
-        return self.central_noise_multiplier > 0 or math.isfinite(self.central_clip_norm)
+        return self.client_level is not None
 
 
 def identity_message(delta: Params, settings: ClientSettings, key: jax.Array,
@@ -159,7 +150,7 @@ def build_round(apply_fn: ApplyFn, spec: LocalSpec, server_tx: optax.GradientTra
         message, stats, out = client_message(spec, apply_fn, message_fn, state, population, base_key, row)
         norm = optax.tree.norm(message)
         if aggregation.clips:
-            message = jax.tree_util.tree_map(lambda m: m * dp.clip_scale(norm, state.clip_norm), message)
+            message = aggregation.client_level.clip(message, norm, state.clip_norm)
         participates = row["mask"] & (row["count"] > 0)
         if aggregation.weighting == "examples" and not aggregation.clips:
             weight = jnp.where(participates, out.num_examples, 0.0)
@@ -181,21 +172,17 @@ def build_round(apply_fn: ApplyFn, spec: LocalSpec, server_tx: optax.GradientTra
         server_key = jax.random.fold_in(round_key, 1)
         noise_key, count_key = jax.random.split(server_key)
         if aggregation.clips:
-            std = aggregation.central_noise_multiplier * state.clip_norm
-            noise = dp.gaussian_noise_like(noise_key, weighted_sum, std)
-            weighted_sum = jax.tree_util.tree_map(jnp.add, weighted_sum, noise)
-            denominator = jnp.float32(aggregation.expected_cohort)
+            mean_delta = aggregation.client_level.noisy_mean(weighted_sum, state.clip_norm, noise_key)
         else:
             denominator = jnp.maximum(weight_sum, 1e-12)
-        mean_delta = jax.tree_util.tree_map(lambda s: s / denominator, weighted_sum)
+            mean_delta = jax.tree_util.tree_map(lambda s: s / denominator, weighted_sum)
         pseudo_grad = jax.tree_util.tree_map(jnp.negative, mean_delta)
         updates, opt_state = server_tx.update(pseudo_grad, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         clip_norm = state.clip_norm
-        if aggregation.adaptive_clip_quantile is not None:
-            clip_norm = dp.adaptive_clip_update(clip_norm, kept.update_norm, kept.weight > 0,
-                                                aggregation.adaptive_clip_quantile, aggregation.adaptive_clip_lr,
-                                                aggregation.clip_count_noise_multiplier, count_key)
+        if aggregation.clips:
+            clip_norm = aggregation.client_level.next_clip_norm(clip_norm, kept.update_norm, kept.weight > 0,
+                                                                count_key)
         new_state = ServerState(params, opt_state, state.round + 1, clip_norm)
         if mesh is not None:  # every process reads the whole state and the per-client outputs
             new_state, kept = jax.lax.with_sharding_constraint((new_state, kept), NamedSharding(mesh, P()))

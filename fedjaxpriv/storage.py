@@ -19,12 +19,17 @@ from fedjaxpriv.config import ExperimentConfig
 from fedjaxpriv.results import jsonable, write_csv
 
 
+_NON_FINITE = {"inf": float("inf"), "-inf": float("-inf")}
+
+
 def read_history(path: str) -> list[dict[str, Any]]:
-    """Reads a history.jsonl file (one record per round)."""
+    """Reads a history.jsonl file (one record per round); the "inf" / "-inf" that JSON cannot hold become floats
+    again, so a resumed history equals the one that was written."""
     if not os.path.exists(path):
         return []
     with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+        return [{k: _NON_FINITE.get(v, v) if isinstance(v, str) else v for k, v in json.loads(line).items()}
+                for line in f if line.strip()]
 
 
 class RunStore:
@@ -58,29 +63,34 @@ class RunStore:
             options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
                                                  enable_async_checkpointing=False))
 
-    def restore(self, template: Any) -> tuple[Any, list[dict[str, Any]]] | None:
-        """(state, history up to the checkpoint) from the latest checkpoint, or None if there is none."""
+    def restore(self, template: Any) -> tuple[Any, list[dict[str, Any]], dict[str, Any]] | None:
+        """(state, history up to the checkpoint, privacy state saved with it) from the latest checkpoint, or None
+        if there is none."""
         step = self.manager.latest_step()
         if step is None:
             if os.path.exists(self.history_path):
                 os.remove(self.history_path)
             return None
         abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, template)
-        state = self.manager.restore(step, args=ocp.args.StandardRestore(abstract))
+        restored = self.manager.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(abstract), privacy=ocp.args.JsonRestore()))
+        state, privacy = restored["state"], dict(restored["privacy"])
         history = [r for r in read_history(self.history_path) if r["round"] <= step]
         with open(self.history_path, "w") as f:
             for record in history:
                 f.write(json.dumps(jsonable(record)) + "\n")
-        return state, history
+        return state, history, privacy
 
     def append(self, record: dict[str, Any]) -> None:
         with open(self.history_path, "a") as f:
             f.write(json.dumps(jsonable(record)) + "\n")
             f.flush()
 
-    def save(self, state: Any) -> None:
-        """Checkpoints the server state under its round number (the number of finished rounds)."""
-        self.manager.save(int(state.round), args=ocp.args.StandardSave(state), force=True)
+    def save(self, state: Any, privacy: dict[str, Any]) -> None:
+        """Checkpoints the server state and the privacy spent so far (``PrivacyTracker.state``) under the round
+        number (the number of finished rounds): a resumed run continues both from the same round."""
+        self.manager.save(int(state.round), args=ocp.args.Composite(
+            state=ocp.args.StandardSave(state), privacy=ocp.args.JsonSave(privacy)), force=True)
         self.manager.wait_until_finished()
 
     def close(self, per_client: dict[str, np.ndarray] | None = None) -> None:

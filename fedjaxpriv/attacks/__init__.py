@@ -47,11 +47,17 @@ from fedjaxpriv.attacks.attribute import (
     client_majority,
     infer_attributes,
 )
+from fedjaxpriv.attacks.canary_audit import (
+    CanaryAudit,
+    audit_canaries,
+    audit_client_level,
+    audit_example_level,
+    audit_local_level,
+    max_certifiable_epsilon,
+)
 from fedjaxpriv.attacks.evaluation import (
     DEFENSES,
     AttackSuite,
-    CanaryAudit,
-    audit_canaries,
     evaluate_defense,
     evaluate_defenses,
     write_tables,
@@ -113,6 +119,10 @@ __all__ = [
     "AttackSuite",
     "CanaryAudit",
     "audit_canaries",
+    "audit_client_level",
+    "audit_example_level",
+    "audit_local_level",
+    "max_certifiable_epsilon",
     "evaluate_defense",
     "evaluate_defenses",
     "write_tables",

@@ -1,4 +1,4 @@
-"""Defense-vs-attack evaluation and canary auditing beside the accountant.
+"""Defense-vs-attack evaluation.
 
 ``evaluate_defenses`` trains one experiment per defense (dotted config overrides on a base config) and
 attacks each one:
@@ -15,9 +15,7 @@ Each defense gives one record with ``test_accuracy``, ``epsilon``, ``bytes_uploa
 ``attack/<name>/<metric>`` keys; ``write_tables`` writes them as CSV + markdown, a privacy-utility plot,
 and a ``results.jsonl`` store that ``fedjaxpriv report`` reads.
 
-``audit_canaries`` runs a one-run audit (Steinke et al. 2023) of DP-SGD training: canaries are inserted
-into one client's data, each with probability 1/2, and the empirical epsilon lower bound is reported beside
-the accountant's epsilon.
+Canary audits beside the accountant live in ``fedjaxpriv.attacks.canary_audit``.
 """
 
 from __future__ import annotations
@@ -45,10 +43,10 @@ DEFENSES: dict[str, dict[str, Any]] = {
     "topk": {"message.topk_fraction": 0.05},
     "mixup": {"client.mixup_alpha": 1.0},
     "poisson": {"client.sampling": "poisson"},
-    "dpsgd": {"client.dp_clip_norm": 1.0, "client.dp_noise_multiplier": 1.0},
+    "dpsgd": {"client.dp_clip_norm": 1.0, "client.target_epsilon": 8.0},
     "dpfedavg": {"server.central_clip_norm": 1.0, "server.central_noise_multiplier": 1.0},
     "pruning+quantization": {"client.prune_sparsity": 0.8, "message.quant_bits": 2},
-    "dpsgd+topk": {"client.dp_clip_norm": 1.0, "client.dp_noise_multiplier": 1.0, "message.topk_fraction": 0.05},
+    "dpsgd+topk": {"client.dp_clip_norm": 1.0, "client.target_epsilon": 8.0, "message.topk_fraction": 0.05},
 }
 
 
@@ -87,13 +85,16 @@ class AttackSuite:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 0.")
 
 
-def final_epsilon(history: Sequence[Mapping[str, Any]]) -> float:
-    """The largest final sample- or client-level epsilon of a history (inf without any DP)."""
+def final_epsilon(history: Sequence[Mapping[str, Any]]) -> tuple[float, str]:
+    """The largest final epsilon of a history over the levels it tracks (example, local, client) and that
+    epsilon's basis; (inf, "") without any DP."""
+    from fedjaxpriv.report import BASIS_KEYS, EPSILON_KEYS
+
     last: dict[str, Any] = {}
     for record in history:
         last.update(record)
-    values = [float(last[k]) for k in ("epsilon_max", "client_level_epsilon") if k in last and last[k]]
-    return max(values) if values else math.inf
+    present = [(float(last[k]), last.get(b, "")) for k, b in zip(EPSILON_KEYS, BASIS_KEYS) if last.get(k)]
+    return max(present, key=lambda p: p[0]) if present else (math.inf, "")
 
 
 def _balanced_candidates(members: Dataset, non_members: Dataset, limit: int,
@@ -143,8 +144,9 @@ def passive_attack(experiment: Any, taps: Mapping[int, Any], suite: AttackSuite)
         return {}
     rng = np.random.default_rng(suite.seed + 1)
     all_scores, all_labels = [], []
-    for index, client in enumerate(observed[0].client_ids):
-        server, messages = membership.stack_taps(observed, index)
+    clients = sorted({int(c) for tap in observed for c in tap.client_ids})
+    for client in clients:
+        server, messages = membership.stack_taps(observed, client)
         candidates, labels = _balanced_candidates(experiment.population.client(int(client)), experiment.test,
                                                   suite.max_candidates, rng)
         if labels.size == 0:
@@ -199,8 +201,9 @@ def evaluate_defense(base: ExperimentConfig, name: str, overrides: Mapping[str, 
     config = with_overrides(base, [*texts, *taps, f"name={name}"])
     experiment = build_experiment(config)
     results = experiment.run(progress=False)
-    record: Record = {"defense": name, "test_accuracy": results.final("test_accuracy"),
-                      "epsilon": final_epsilon(results.history),
+    epsilon, basis = final_epsilon(results.history)
+    record: Record = {"defense": name, "test_accuracy": results.final("test_accuracy"), "epsilon": epsilon,
+                      "epsilon_basis": basis,
                       "bytes_uploaded": cumulative(results.history, "bytes_total")}
     if "cost_wall_time_s" in results.history[-1]:  # devices: simulated wall time and energy over the run
         record.update(wall_time_s=cumulative(results.history, "cost_wall_time_s"),
@@ -276,79 +279,3 @@ def write_tables(records: Sequence[Record], out_dir: str) -> dict[str, str]:
     fig.savefig(plot_path, dpi=110)
     plt.close(fig)
     return {"csv": csv_path, "markdown": md_path, "plot": plot_path}
-
-
-# -- canary audit beside the accountant ----------------------------------------------------------------------
-
-
-@dataclasses.dataclass(frozen=True)
-class CanaryAudit:
-    """One-run audit of a training run.
-
-    Attributes:
-      empirical_epsilon: the lower bound (holds with probability >= 1 - beta).
-      accountant_epsilon: the accountant's epsilon of the run (inf without DP).
-      num_canaries / num_guesses / num_correct: the audit's counts.
-      test_accuracy: the audited model's accuracy.
-    """
-
-    empirical_epsilon: float
-    accountant_epsilon: float
-    num_canaries: int
-    num_guesses: int
-    num_correct: int
-    test_accuracy: float
-
-
-def insert_canaries(population: FederatedData, client: int, canaries: Dataset,
-                    included: np.ndarray) -> FederatedData:
-    """A copy of ``population`` whose ``client`` also holds the canaries where ``included`` [m] is True."""
-    xs, ys = [], []
-    for c in range(population.num_clients):
-        data = population.client(c)
-        if c == client:
-            data = Dataset(np.concatenate([data.x, canaries.x[included]]),
-                           np.concatenate([data.y, canaries.y[included]]))
-        xs.append(data.x)
-        ys.append(data.y)
-    return from_client_lists(xs, ys)
-
-
-def audit_canaries(config: ExperimentConfig, num_canaries: int = 200, client: int = 0, guess_fraction: float = 0.1,
-                   beta: float = 0.05) -> CanaryAudit:
-    """One-run audit (Steinke, Nasr, Jagielski 2023) of the training that ``config`` describes.
-
-    Canaries are uniform-noise inputs with uniform random labels (far from the data, so a model that
-    trains on one fits it alone), each included in
-    ``client``'s data with probability 1/2; after training the ``guess_fraction`` highest-scoring canaries
-    (score = minus the loss under the final model) are guessed in and as many lowest-scoring ones out.
-
-    Args:
-      config: the run to audit (e.g. DP-SGD; the accountant's epsilon is read from its history).
-      num_canaries: m.
-      client: the client holding the canaries.
-      guess_fraction: fraction of m guessed on each side.
-      beta: significance of the bound.
-    """
-    from fedjaxpriv.experiment import Experiment, load_population
-
-    if not 0 < guess_fraction <= 0.5:
-        raise ValueError(f"guess_fraction={guess_fraction} must lie in (0, 0.5].")
-    population, test, num_classes = load_population(config)
-    if num_canaries < 1:
-        raise ValueError(f"num_canaries={num_canaries} must be >= 1.")
-    if not 0 <= client < population.num_clients:
-        raise ValueError(f"client={client} is outside [0, {population.num_clients}).")
-    rng = np.random.default_rng(config.run.seed + 7919)
-    low, high = float(population.x.min()), float(population.x.max())
-    canaries = Dataset(rng.uniform(low, high, (num_canaries, *population.input_shape)).astype(np.float32),
-                       rng.integers(0, num_classes, num_canaries).astype(np.int32))
-    included = rng.random(num_canaries) < 0.5
-    audited = insert_canaries(population, client, canaries, included)
-    experiment = Experiment(config, population=audited, test=test, num_classes=num_classes)
-    results = experiment.run(progress=False)
-    scores = membership.loss_threshold_scores(experiment.model.apply, results.params, canaries.x, canaries.y)
-    guesses = max(1, int(guess_fraction * num_canaries))
-    found = audit.one_run_audit(scores, included, guesses, guesses, beta=beta, delta=config.run.delta)
-    return CanaryAudit(found.epsilon, final_epsilon(results.history), num_canaries, found.num_guesses,
-                       found.num_correct, float(results.final("test_accuracy")))

@@ -172,17 +172,20 @@ def passive_scores(apply_fn: ApplyFn, server_params: Params, messages: Params, x
     return jnp.mean(jax.vmap(one_round)(server_params, messages), axis=0)
 
 
-def stack_taps(taps: Sequence[Any], client_index: int = 0) -> tuple[Params, Params]:
-    """Server params and one tapped client's messages over rounds, stacked to leaves [R, ...].
+def stack_taps(taps: Sequence[Any], client: int) -> tuple[Params, Params]:
+    """Server params and one client's messages over the tapped rounds it took part in, leaves [R, ...].
 
     Args:
       taps: ``experiment.Tap`` records of the observed rounds (e.g. ``results.taps.values()`` in order).
-      client_index: position of the target in each tap's ``client_ids``.
+      client: the target's client id; rounds whose tap does not hold it (it was not sampled) are skipped.
     """
-    if not taps:
-        raise ValueError("stack_taps needs at least one tap.")
-    server = jax.tree_util.tree_map(lambda *a: np.stack(a), *[t.server_params for t in taps])
-    messages = jax.tree_util.tree_map(lambda *a: np.stack([m[client_index] for m in a]), *[t.messages for t in taps])
+    rounds = [(t, int(np.flatnonzero(np.asarray(t.client_ids) == client)[0])) for t in taps
+              if np.any(np.asarray(t.client_ids) == client)]
+    if not rounds:
+        raise ValueError(f"client {client} took part in none of the {len(taps)} tapped rounds.")
+    server = jax.tree_util.tree_map(lambda *a: np.stack(a), *[t.server_params for t, _ in rounds])
+    messages = jax.tree_util.tree_map(lambda *a: np.stack(a),
+                                      *[jax.tree_util.tree_map(lambda m, i=i: m[i], t.messages) for t, i in rounds])
     return server, messages
 
 

@@ -1,5 +1,6 @@
-"""Sample-level DP-SGD for one client step: per-example clipping, Gaussian noise, adaptive clipping.
+"""DP building blocks in JAX: per-example clipping, Gaussian noise of a given std, the adaptive clip norm.
 
+The noise std, denominators and accounting of each mechanism live in ``fedjaxpriv.privacy.mechanisms``.
 All strengths (clip norm, noise multiplier, quantile, ...) are traced scalars, so these functions can be
 ``jax.vmap``-ed over clients with different privacy settings.
 
@@ -86,42 +87,6 @@ def gaussian_noise_like(key: jax.Array, tree: PyTree, std: jax.Array | float) ->
     return jax.tree_util.tree_unflatten(treedef, noise)
 
 
-def noisy_clipped_mean(
-    per_example_grads: PyTree,
-    mask: jax.Array,
-    clip_norm: jax.Array | float,
-    noise_multiplier: jax.Array | float,
-    key: jax.Array,
-    denominator: jax.Array | float,
-) -> PyTree:
-    """DP-SGD gradient: (sum of clipped real gradients + N(0, (z C)^2 I)) / denominator.
-
-    Args:
-      per_example_grads: pytree with leading batch axis B.
-      mask: [B] bool, True for real (sampled) examples.
-      clip_norm: traced scalar C (``inf`` = no clipping; then use ``noise_multiplier = 0``).
-      noise_multiplier: traced scalar z; ``0`` adds no noise.
-      key: PRNG key for the noise.
-      denominator: traced scalar, e.g. the expected batch size ``q * n`` under Poisson sampling or the
-        number of real examples; ``denominator <= 0`` returns zeros.
-
-    Returns:
-      pytree with the per-example shapes.
-    """
-    total = clipped_sum(per_example_grads, mask, clip_norm)
-    noise_multiplier = jnp.asarray(noise_multiplier, jnp.float32)
-    clip_norm = jnp.asarray(clip_norm, jnp.float32)
-    std = jnp.where(noise_multiplier > 0, noise_multiplier * clip_norm, 0.0)
-    noise = gaussian_noise_like(key, total, std)
-    denominator = jnp.asarray(denominator, jnp.float32)
-    safe_denominator = jnp.where(denominator > 0, denominator, 1.0)
-
-    def finish(s: jax.Array, n: jax.Array) -> jax.Array:
-        return jnp.where(denominator > 0, (s + n) / safe_denominator.astype(s.dtype), jnp.zeros_like(s))
-
-    return jax.tree_util.tree_map(finish, total, noise)
-
-
 def adaptive_clip_update(
     clip_norm: jax.Array | float,
     norms: jax.Array,
@@ -130,30 +95,33 @@ def adaptive_clip_update(
     learning_rate: jax.Array | float,
     noise_std: jax.Array | float,
     key: jax.Array,
+    expected_count: jax.Array | float,
 ) -> jax.Array:
     """Geometric update of the clip norm towards a quantile of the norms (Andrew et al. 2021).
 
-    ``b = (#{real i : norm_i <= C} + N(0, noise_std^2)) / max(#real, 1)`` and
-    ``C_new = C * exp(-learning_rate * (b - target_quantile))``: C shrinks when more than the target
-    fraction of norms is below it, and grows otherwise.
+    ``b = (sum_real (1[norm_i <= C] - 1/2) + N(0, noise_std^2)) / expected_count + 1/2`` and
+    ``C_new = C * exp(-learning_rate * (b - target_quantile))``: C shrinks when more than the target fraction of
+    norms is below it, and grows otherwise. The centred indicators have sensitivity 1/2 and the denominator is
+    the expected (not the realised) count, as in TF Privacy's quantile estimator, so the released clip norm is a
+    Gaussian release that does not reveal how many took part.
 
     Args:
       clip_norm: traced scalar C > 0.
-      norms: [B] float32 unclipped per-example norms.
-      mask: [B] bool, True for real examples.
+      norms: [B] float32 unclipped norms.
+      mask: [B] bool, True for real participants.
       target_quantile: traced scalar in [0, 1].
       learning_rate: traced scalar step size of the geometric update.
-      noise_std: traced scalar std of the Gaussian noise on the count (count units; 0 = no noise).
+      noise_std: traced scalar std of the Gaussian noise on the centred count (count units; 0 = no noise).
       key: PRNG key.
+      expected_count: the data-independent denominator (expected number of participants), > 0.
 
     Returns:
-      the new clip norm, float32 scalar (unchanged when there are no real examples).
+      the new clip norm, float32 scalar.
     """
     clip_norm = jnp.asarray(clip_norm, jnp.float32)
     real = mask.astype(jnp.float32)
-    num_real = jnp.sum(real)
-    below = jnp.sum(real * (norms <= clip_norm))
+    centred = jnp.sum(real * (jnp.where(norms <= clip_norm, 1.0, 0.0) - 0.5))
     noise = jnp.asarray(noise_std, jnp.float32) * jax.random.normal(key, (), jnp.float32)
-    fraction_below = (below + noise) / jnp.maximum(num_real, 1.0)
+    fraction_below = (centred + noise) / jnp.asarray(expected_count, jnp.float32) + 0.5
     step = jnp.asarray(learning_rate, jnp.float32) * (fraction_below - jnp.asarray(target_quantile, jnp.float32))
-    return jnp.where(num_real > 0, clip_norm * jnp.exp(-step), clip_norm)
+    return clip_norm * jnp.exp(-step)

@@ -14,11 +14,12 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from fedjaxpriv.client import dp, mixup as mixup_lib, pruning
+from fedjaxpriv.client import mixup as mixup_lib, pruning
 from fedjaxpriv.client.sampling import sample_batch
 from fedjaxpriv.client.settings import ClientSettings
 from fedjaxpriv.models.losses import soft_cross_entropy
 from fedjaxpriv.parallel import rewrite_model
+from fedjaxpriv.privacy.mechanisms import SampleLevelDpSgd
 
 Params = Any
 ApplyFn = Callable[[Params, jax.Array], jax.Array]
@@ -135,8 +136,7 @@ def client_update(spec: LocalSpec, apply_fn: ApplyFn, server_params: Params, dat
 
     optimizer = optax.sgd(settings.lr, momentum=spec.momentum or None)
     opt_state = optimizer.init(start_params)
-    expected_batch = jnp.where(settings.poisson, settings.sample_rate * count.astype(jnp.float32),
-                               jnp.minimum(settings.batch_size, count).astype(jnp.float32))
+    denominator = SampleLevelDpSgd.denominator(settings.batch_size, count)
 
     def step(carry, t):
         params, opt_state = carry
@@ -153,8 +153,8 @@ def client_update(spec: LocalSpec, apply_fn: ApplyFn, server_params: Params, dat
         if spec.per_example:
             loss = batch_loss(apply_fn, params, x, targets, bmask)
             grads = _per_example_grads(apply_fn, params, x, targets)
-            grads = dp.noisy_clipped_mean(grads, bmask, settings.dp_clip_norm, settings.dp_noise_multiplier,
-                                          noise_key, jnp.maximum(expected_batch, 1.0))
+            grads = SampleLevelDpSgd.noisy_gradient(grads, bmask, settings.dp_clip_norm,
+                                                    settings.dp_noise_multiplier, noise_key, denominator)
         else:
             loss, grads = jax.value_and_grad(batch_loss, argnums=1)(apply_fn, params, x, targets, bmask)
         if spec.prox:

@@ -6,8 +6,12 @@ not depend on the client and many clients with different sizes run in one vector
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
+import numpy as np
+from scipy import stats
 
 
 def sample_batch(key: jax.Array, count: jax.Array, batch_size: jax.Array, sample_rate: jax.Array,
@@ -49,8 +53,57 @@ def sample_batch(key: jax.Array, count: jax.Array, batch_size: jax.Array, sample
 
 
 def poisson_max_batch(expected_batch: float, max_count: int, tail_sigmas: float = 7.0) -> int:
-    """Static batch slots for Poisson sampling: expected size plus ``tail_sigmas`` binomial std devs."""
-    import math
-
+    """Static batch slots for Poisson sampling without a privacy claim: expected size plus ``tail_sigmas``
+    binomial std devs (``poisson_slots`` sizes them for DP)."""
     slots = expected_batch + tail_sigmas * math.sqrt(max(expected_batch, 1.0)) + 1
     return int(min(max_count, math.ceil(slots)))
+
+
+# Per-step probability that a DP client's Poisson batch (or a DP round's Poisson cohort) overflows its slots.
+DP_OVERFLOW_TAIL = 1e-16
+
+
+def overflow_probability(population: np.ndarray | int, rate: np.ndarray | float,
+                         slots: np.ndarray | int) -> np.ndarray:
+    """``P[Binomial(population, rate) > slots]``, float64 (0 when slots >= population)."""
+    return np.asarray(stats.binom.sf(np.asarray(slots), np.asarray(population), np.asarray(rate)), np.float64)
+
+
+def poisson_slots(population: np.ndarray | int, rate: np.ndarray | float, tail: float = DP_OVERFLOW_TAIL) -> int:
+    """Smallest static slot count B with ``P[Binomial(n + 1, q) > B] <= tail`` for every (n, q) given.
+
+    ``n + 1`` covers the add-one neighbour, so the overflow probability charged to delta holds for both
+    neighbouring datasets. At most max(n) + 1 (then an overflow is impossible).
+    """
+    n = np.atleast_1d(np.asarray(population, np.int64)) + 1
+    q = np.broadcast_to(np.asarray(rate, np.float64), n.shape)
+    slots = np.minimum(np.nan_to_num(stats.binom.isf(tail, n, q), nan=0.0), n).astype(np.int64)
+    for _ in range(64):  # isf is a floating-point search: step up until the tail bound holds exactly
+        over = overflow_probability(n, q, slots) > tail
+        if not np.any(over):
+            break
+        slots = np.where(over, slots + 1, slots)
+    return int(slots.max(initial=0))
+
+
+def batch_slots(settings, counts: np.ndarray, private: np.ndarray) -> int:
+    """Static batch slots per local step for a population (``ClientSettings`` [C], data sizes [C]).
+
+    Fixed-size batches need ``min(batch_size, n)``; Poisson batches of clients without DP get the mean plus 7
+    binomial std devs; Poisson batches of DP clients (``private`` [C] bool) get ``poisson_slots``, whose overflow
+    probability is charged to their delta (at most the largest client plus one, the add-one neighbour).
+    """
+    counts = np.asarray(counts, np.int64)
+    max_count = max(1, int(counts.max(initial=0)))
+    poisson = np.asarray(settings.poisson, bool)
+    batch = np.minimum(np.asarray(settings.batch_size, np.int64), np.maximum(counts, 1))
+    slots = int(batch[~poisson].max(initial=1))
+    rates = np.asarray(settings.sample_rate, np.float64)
+    plain = poisson & ~np.asarray(private, bool)
+    if np.any(plain):
+        slots = max(slots, poisson_max_batch(float(np.max(rates[plain] * counts[plain])), max_count))
+    slots = min(slots, max_count)
+    dp = poisson & np.asarray(private, bool)
+    if np.any(dp):  # up to max_count + 1: the add-one neighbour of the largest client must fit too
+        slots = max(slots, poisson_slots(counts[dp], rates[dp]))
+    return int(slots)

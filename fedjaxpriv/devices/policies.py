@@ -31,7 +31,7 @@ import jax
 
 from fedjaxpriv.client.settings import ClientSettings, validate_settings
 from fedjaxpriv.devices.profiles import DeviceProfiles, sample_profiles
-from fedjaxpriv.experiment import Experiment, client_settings, load_population, model_for
+from fedjaxpriv.experiment import Experiment, client_settings, load_population, model_for, target_epsilons
 from fedjaxpriv.models import count_params
 
 POLICY_KINDS = ("uniform", "device_aware")
@@ -184,45 +184,50 @@ def _fit_steps_to_deadline(policy: DevicePolicy, profiles: DeviceProfiles, setti
     return np.minimum(np.asarray(settings.num_steps), fits).astype(np.int32)
 
 
-def _calibrate(policy: DevicePolicy, settings: ClientSettings, targets: np.ndarray) -> ClientSettings:
+def _clip_private(policy: DevicePolicy, settings: ClientSettings, targets: np.ndarray) -> ClientSettings:
+    """Clients with a privacy requirement clip per example (``policy.dp_clip_norm`` unless already clipping)."""
     private = np.isfinite(targets)
-    if not np.any(private):
-        return settings
-    from fedjaxpriv.privacy.tracking import calibrate_noise_for_targets
-
-    idx = np.flatnonzero(private)
-    sigmas, _ = calibrate_noise_for_targets(targets[idx], np.asarray(settings.sample_rate)[idx],
-                                            np.asarray(settings.num_steps)[idx], policy.client_rate, policy.rounds,
-                                            policy.delta, policy.accountant)
-    noise = np.array(settings.dp_noise_multiplier, np.float32)
     clip = np.array(settings.dp_clip_norm, np.float32)
-    noise[idx] = sigmas
-    clip[idx] = np.where(np.isfinite(clip[idx]), clip[idx], policy.dp_clip_norm)
-    return settings._replace(dp_noise_multiplier=noise, dp_clip_norm=clip)
+    clip[private] = np.where(np.isfinite(clip[private]), clip[private], policy.dp_clip_norm)
+    return settings._replace(dp_clip_norm=clip)
 
 
-def apply_policy(policy: DevicePolicy, profiles: DeviceProfiles, base_settings: ClientSettings) -> ClientSettings:
+def policy_settings(policy: DevicePolicy, profiles: DeviceProfiles,
+                    base_settings: ClientSettings) -> tuple[ClientSettings, np.ndarray]:
+    """Per-client settings [C] under ``policy`` before noise calibration, and each client's target epsilon
+    [C] (inf = none): ``apply_policy`` without the calibration (``Experiment`` calibrates)."""
+    if profiles.num_clients != base_settings.lr.shape[0]:
+        raise ValueError(f"profiles describe {profiles.num_clients} devices but the settings have "
+                         f"{base_settings.lr.shape[0]} clients.")
+    chosen = (_device_aware if policy.kind == "device_aware" else _uniform)(policy, profiles, base_settings)
+    targets = np.asarray(chosen.pop("target_epsilon"), np.float64)
+    settings = base_settings._replace(**chosen)
+    if policy.stragglers == "fewer_steps":
+        settings = settings._replace(num_steps=_fit_steps_to_deadline(policy, profiles, settings))
+    settings = _clip_private(policy, settings, targets)
+    validate_settings(settings)
+    return settings, targets
+
+
+def apply_policy(policy: DevicePolicy, profiles: DeviceProfiles, base_settings: ClientSettings,
+                 counts: np.ndarray) -> ClientSettings:
     """Per-client settings [C] for this device population under ``policy``.
 
     Args:
       policy: the policy.
       profiles: devices [C], indexed like the clients of ``base_settings``.
       base_settings: settings from the config; fields the policy does not set are kept.
+      counts: the clients' data sizes [C] (their DP-SGD mechanisms depend on them).
 
     Returns:
-      New ``ClientSettings`` (validated).
+      New ``ClientSettings`` (validated), with DP-SGD noise calibrated to each privacy tier's target over
+      the planned participations (``privacy.tracking.calibrate_targets``).
     """
-    if profiles.num_clients != base_settings.lr.shape[0]:
-        raise ValueError(f"profiles describe {profiles.num_clients} devices but the settings have "
-                         f"{base_settings.lr.shape[0]} clients.")
-    chosen = (_device_aware if policy.kind == "device_aware" else _uniform)(policy, profiles, base_settings)
-    targets = chosen.pop("target_epsilon")
-    settings = base_settings._replace(**chosen)
-    if policy.stragglers == "fewer_steps":
-        settings = settings._replace(num_steps=_fit_steps_to_deadline(policy, profiles, settings))
-    settings = _calibrate(policy, settings, targets)
-    validate_settings(settings)
-    return settings
+    from fedjaxpriv.privacy.tracking import calibrate_targets
+
+    settings, targets = policy_settings(policy, profiles, base_settings)
+    return calibrate_targets(settings, counts, targets, client_rate=policy.client_rate, rounds=policy.rounds,
+                             delta=policy.delta, accountant=policy.accountant)[0]
 
 
 # -- cost -------------------------------------------------------------------------------------------------------
@@ -279,10 +284,11 @@ class DeviceExperiment(Experiment):
         population, test, num_classes = load_population(config)
         self.profiles, self.policy = profiles, policy
         self.base_settings = client_settings(config, population.counts)
-        settings = apply_policy(policy, profiles, self.base_settings)
+        settings, tier_targets = policy_settings(policy, profiles, self.base_settings)
+        targets = np.minimum(tier_targets, target_epsilons(config, population.num_clients))
         self.stragglers = straggler_mask(policy, profiles, settings)
         super().__init__(config, population=population, test=test, num_classes=num_classes, settings=settings,
-                         **kwargs)
+                         targets=targets, **kwargs)
 
     @classmethod
     def from_config(cls, config: Any, **kwargs: Any) -> "DeviceExperiment":
@@ -307,11 +313,9 @@ class DeviceExperiment(Experiment):
         can = participation_mask(self.policy, self.profiles, self.settings, self.config.run.seed, round_index)
         return cohort._replace(mask=cohort.mask & can[cohort.ids])
 
-    def step(self, state: Any, round_index: int):
-        state, record = super().step(state, round_index)
-        cohort = self.cohort(round_index)
+    def annotate(self, record: dict[str, Any], cohort: Any) -> dict[str, Any]:
         participants = np.zeros(self.profiles.num_clients, bool)
         participants[cohort.ids[cohort.mask]] = True
         record = add_cost_fields(record, self.policy, self.profiles, self.settings, participants)
         record["stragglers"] = int(self.stragglers.sum())
-        return state, record
+        return record

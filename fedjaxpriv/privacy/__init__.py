@@ -1,11 +1,10 @@
-"""Privacy accounting on the host with dp_accounting: DP-SGD and DP-FedAvg epsilons, per-client
-tracking across rounds, planning with client sampling, and noise calibration for per-client budgets."""
+"""Privacy on the host with dp_accounting: the DP mechanisms of a run (JAX step + DpEvent), epsilons with their
+basis, per-client tracking across rounds, planning with client sampling, and noise calibration."""
 
 from fedjaxpriv.privacy.accounting import (
     DEFAULT_RDP_ORDERS,
     LEGACY_RDP_ORDERS,
     MOMENTS_ACCOUNTANT_ORDERS,
-    ClientPrivacyAccountant,
     dpfedavg_epsilon,
     dpsgd_delta,
     dpsgd_epsilon,
@@ -17,14 +16,22 @@ from fedjaxpriv.privacy.accounting import (
     rdp_to_delta,
     rdp_to_epsilon,
 )
-from fedjaxpriv.privacy.calibration import calibrate_clients, calibrate_noise_multiplier
+from fedjaxpriv.privacy.basis import EpsilonBasis
+from fedjaxpriv.privacy.calibration import calibrate_clients, calibrate_noise, calibrate_noise_multiplier
+from fedjaxpriv.privacy.composition import EventAccountant
+from fedjaxpriv.privacy.mechanisms import ClientLevelDpFedAvg, LocalGaussian, SampleLevelDpSgd
 
 __all__ = [
     "DEFAULT_RDP_ORDERS",
     "LEGACY_RDP_ORDERS",
     "MOMENTS_ACCOUNTANT_ORDERS",
-    "ClientPrivacyAccountant",
+    "ClientLevelDpFedAvg",
+    "EpsilonBasis",
+    "EventAccountant",
+    "LocalGaussian",
+    "SampleLevelDpSgd",
     "calibrate_clients",
+    "calibrate_noise",
     "calibrate_noise_multiplier",
     "dpfedavg_epsilon",
     "dpsgd_delta",

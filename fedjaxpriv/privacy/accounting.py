@@ -55,6 +55,8 @@ from dp_accounting import pld as dp_pld
 from dp_accounting import rdp as dp_rdp
 from scipy import stats
 
+from fedjaxpriv.privacy import rdp as rdp_lib
+
 
 class _DropUnconvergedOrderWarnings(logging.Filter):
     """dp_accounting logs one warning per fractional RDP order it cannot evaluate for large q and excludes
@@ -77,9 +79,10 @@ LEGACY_RDP_ORDERS: tuple[float, ...] = tuple(
 )
 # Moments accountant of Abadi et al. 2016: moments lambda = 1..32, i.e. RDP orders 2..33.
 MOMENTS_ACCOUNTANT_ORDERS: tuple[float, ...] = tuple(float(a) for a in range(2, 34))
-DEFAULT_RDP_ORDERS: tuple[float, ...] = tuple(
-    float(a) for a in dp_rdp.rdp_privacy_accountant.DEFAULT_RDP_ORDERS
-)
+# The orders every accountant of the package uses by default: integers 2..1024, computed exactly and vectorized
+# (``fedjaxpriv.privacy.rdp``); a subset of dp_accounting's default orders, so epsilons are at most a few percent
+# larger than with its fractional orders, never smaller.
+DEFAULT_RDP_ORDERS: tuple[float, ...] = tuple(float(a) for a in rdp_lib.INTEGER_ORDERS)
 DEFAULT_PLD_DISCRETIZATION = 1e-4
 
 
@@ -366,12 +369,12 @@ def dpfedavg_epsilon(
 
     Each round the server includes each client independently with probability
     ``client_rate`` (Poisson; p = expected cohort / population), clips each update
-    to norm C and adds N(0, (z C)^2) to the sum. Neighbours add or remove one
-    client's whole data. The guarantee holds for the released models when the
-    cohort is not revealed to the adversary (trusted server / secure aggregation);
-    ``amplification=False`` gives the guarantee when it is. A fixed-size cohort of
-    K out of N is *not* covered by p = K/N exactly (different neighbouring
-    relation); use Poisson sampling for a rigorous guarantee.
+    to norm C and adds N(0, (z C)^2) to the sum (``mechanisms.ClientLevelDpFedAvg``
+    without adaptive clipping). Poisson sampling: add/remove one client's whole
+    data; a fixed-size cohort (``population``): replace one client. The guarantee
+    holds for the released models when the cohort is not revealed to the adversary
+    (trusted server / secure aggregation); ``amplification=False`` gives the
+    guarantee of every round under the same relation when it is.
 
     Args:
       client_rate: p in (0, 1].
@@ -384,101 +387,34 @@ def dpfedavg_epsilon(
         ``round(client_rate * population)`` clients without replacement; accounted
         with dp_accounting's sampled-without-replacement RDP (Wang et al. 2019)
         under replace-one neighbours, where replacing a client moves the clipped
-        sum by up to 2C, so the Gaussian's multiplier is z / 2. RDP only.
+        sum by up to 2C, so the Gaussian's multiplier is z / 2 (also without
+        amplification). RDP only.
 
     Returns:
       epsilon (nats) that holds for each client of the population.
     """
-    if population is not None and amplification and noise_multiplier > 0 and rounds > 0:
-        if accountant != "rdp":
-            raise ValueError(f"accountant={accountant!r}: fixed-size cohorts are accounted with 'rdp' only.")
-        cohort = int(round(float(client_rate) * int(population)))
+    from fedjaxpriv.privacy.composition import EventAccountant
+    from fedjaxpriv.privacy.mechanisms import ClientLevelDpFedAvg
+
+    check_kind(accountant, conversion)
+    delta = check_delta(delta)
+    rate = float(check_sample_rates(client_rate, "client_rate"))
+    z = float(check_noise_multipliers(noise_multiplier))
+    rounds = int(check_steps(rounds, "rounds"))
+    if population is None:  # Poisson client sampling: the same Poisson-subsampled Gaussian as a DP-SGD step
+        event = dpsgd_event(rate if amplification else 1.0, z, 1)
+    else:
+        cohort = int(round(rate * int(population)))
         if not 1 <= cohort <= int(population):
             raise ValueError(f"client_rate={client_rate} x population={population} gives cohort {cohort}; "
                              "it must be in [1, population].")
-        check_delta(delta)
-        event = dp_accounting.SelfComposedDpEvent(
-            dp_accounting.SampledWithoutReplacementDpEvent(
-                int(population), cohort, dp_accounting.GaussianDpEvent(float(noise_multiplier) / 2.0)),
-            int(rounds))
-        rdp_accountant = dp_accounting.rdp.RdpAccountant(
-            orders=list(_orders(orders)), neighboring_relation=dp_accounting.NeighboringRelation.REPLACE_ONE)
-        rdp_accountant.compose(event)
-        return float(rdp_accountant.get_epsilon(delta))
-    return dpsgd_epsilon(
-        client_rate, noise_multiplier, rounds, delta, accountant, conversion=conversion,
-        amplification=amplification, orders=orders, pld_discretization=pld_discretization,
-    )
-
-
-class _EpsilonCache:
-    """Memo of epsilon per unique (q, sigma, total steps) for one fixed accounting setup.
-
-    Sound because T steps of the same sampled Gaussian are one homogeneous
-    composition: epsilon depends only on (q, sigma, T). RDP also caches the
-    one-step curve per (q, sigma) and scales it by T.
-    """
-
-    def __init__(
-        self,
-        delta: float,
-        accountant: str,
-        conversion: str,
-        orders: tuple[float, ...],
-        pld_discretization: float,
-    ):
-        self.delta = delta
-        self.accountant = accountant
-        self.conversion = conversion
-        self.orders = orders
-        self.pld_discretization = pld_discretization
-        self._epsilons: dict[tuple[float, float, int], float] = {}
-        self._one_step_rdp: dict[tuple[float, float], np.ndarray] = {}
-
-    def epsilon(self, q: float, sigma: float, steps: int) -> float:
-        key = (q, sigma, steps)
-        if key not in self._epsilons:
-            one_step = None
-            if self.accountant == "rdp" and steps > 0 and sigma > 0:
-                if (q, sigma) not in self._one_step_rdp:
-                    self._one_step_rdp[(q, sigma)] = rdp_curve(q, sigma, 1, self.orders)
-                one_step = self._one_step_rdp[(q, sigma)]
-            self._epsilons[key] = _epsilon(
-                q, sigma, steps, self.delta, self.accountant, self.conversion, self.orders,
-                self.pld_discretization, one_step,
-            )
-        return self._epsilons[key]
-
-    def epsilons(self, q: np.ndarray, sigma: np.ndarray, steps: np.ndarray) -> np.ndarray:
-        """Epsilon per entry of the [C] arrays, computed once per unique (q, sigma, steps)."""
-        group_values, group_ids = mechanism_groups(q, sigma)
-        return self.grouped_epsilons(group_values, group_ids, steps)
-
-    def grouped_epsilons(
-        self, group_values: np.ndarray, group_ids: np.ndarray, steps: np.ndarray
-    ) -> np.ndarray:
-        """Epsilon per client from [G, 2] unique (q, sigma), [C] group ids and [C] steps."""
-        steps = np.asarray(steps, dtype=np.int64)
-        stride = int(steps.max(initial=0)) + 1
-        keys, inverse = np.unique(group_ids * stride + steps, return_inverse=True)
-        values = np.array(
-            [
-                self.epsilon(
-                    float(group_values[key // stride, 0]),
-                    float(group_values[key // stride, 1]),
-                    int(key % stride),
-                )
-                for key in keys
-            ],
-            dtype=np.float64,
-        )
-        return values[np.reshape(inverse, -1)]
-
-
-def mechanism_groups(q: np.ndarray, sigma: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Unique (q, sigma) rows [G, 2] and each client's row index [C] (int64)."""
-    values, inverse = np.unique(np.stack([q, sigma], axis=1), axis=0, return_inverse=True)
-    return values, np.reshape(inverse, -1).astype(np.int64)
+        mechanism = ClientLevelDpFedAvg(noise_multiplier=z, num_clients=int(population), expected_cohort=cohort,
+                                        poisson=False)
+        event = mechanism.round_event(amplified=amplification)
+    if z == 0.0 and rounds > 0:
+        return math.inf
+    return EventAccountant([event], delta, accountant, conversion=conversion, orders=_orders(orders),
+                           pld_discretization=pld_discretization).epsilon(0, rounds)
 
 
 def dpsgd_epsilons(
@@ -493,7 +429,7 @@ def dpsgd_epsilons(
     orders: Optional[Sequence[float]] = None,
     pld_discretization: float = DEFAULT_PLD_DISCRETIZATION,
 ) -> np.ndarray:
-    """``dpsgd_epsilon`` for many clients at once, computed once per unique (q, sigma, steps).
+    """``dpsgd_epsilon`` for many clients at once (vectorized RDP, once per unique (q, sigma, steps)).
 
     Args:
       sample_rates, noise_multipliers, steps: [C] arrays (or scalars, broadcast).
@@ -502,6 +438,8 @@ def dpsgd_epsilons(
     Returns:
       float64 [C] epsilons.
     """
+    from fedjaxpriv.privacy.composition import EventAccountant, unique_events
+
     check_kind(accountant, conversion)
     delta = check_delta(delta)
     q, sigma, t = _broadcast_clients({
@@ -509,174 +447,14 @@ def dpsgd_epsilons(
         "noise_multipliers": check_noise_multipliers(noise_multipliers, "noise_multipliers"),
         "steps": check_steps(steps),
     })
+    shape = np.shape(q)
+    q, sigma, t = (np.atleast_1d(a).reshape(-1) for a in (q, sigma, t))
     if not amplification:
         q = np.ones_like(q)
-    cache = _EpsilonCache(delta, accountant, conversion, _orders(orders), pld_discretization)
-    return cache.epsilons(q, sigma, t)
-
-
-# ----------------------------------------------------------------------------- per client
-
-
-class ClientPrivacyAccountant:
-    """Sample-level epsilon spent by each client of a simulation, updated once per round.
-
-    Client i runs ``steps_per_round[i]`` DP-SGD steps (Poisson example sampling rate
-    ``sample_rates[i]``, noise multiplier ``noise_multipliers[i]``) in each round it
-    takes part in. Participation is recorded after the fact, so each client's
-    guarantee is the composition of the steps it actually ran (a data-independent
-    choice, valid for adaptive composition); rounds it skipped cost nothing and no
-    amplification by client sampling is claimed (the server sees who took part).
-    Use ``expected_epsilon`` to plan a run with Poisson client sampling.
-
-    Epsilon depends only on (q, sigma, total steps), so it is computed once per
-    unique tuple and memoised: clients in tiers share the work, and 10^5 clients
-    over hundreds of rounds cost a few unique computations per round.
-
-    Attributes:
-      sample_rates, noise_multipliers, steps_per_round: float64/int64 [C].
-      total_steps: int64 [C], DP-SGD steps run so far per client.
-      participations: int64 [C], rounds each client took part in.
-    """
-
-    def __init__(
-        self,
-        sample_rates: ArrayLike,
-        noise_multipliers: ArrayLike,
-        steps_per_round: ArrayLike,
-        delta: float,
-        accountant: str = "rdp",
-        *,
-        conversion: str = "improved",
-        orders: Optional[Sequence[float]] = None,
-        pld_discretization: float = DEFAULT_PLD_DISCRETIZATION,
-        num_clients: Optional[int] = None,
-    ):
-        """Creates the accountant.
-
-        Args:
-          sample_rates: [C] or scalar, q_i in (0, 1].
-          noise_multipliers: [C] or scalar, sigma_i >= 0 (0 gives inf).
-          steps_per_round: [C] or scalar, local DP-SGD steps per round, >= 0.
-          delta: target delta in (0, 1), the same for every client.
-          accountant, conversion, orders, pld_discretization: as in ``dpsgd_epsilon``.
-          num_clients: C, required only when all three per-client values are scalars.
-        """
-        check_kind(accountant, conversion)
-        named = {
-            "sample_rates": check_sample_rates(sample_rates, "sample_rates"),
-            "noise_multipliers": check_noise_multipliers(noise_multipliers, "noise_multipliers"),
-            "steps_per_round": check_steps(steps_per_round, "steps_per_round"),
-        }
-        if num_clients is not None:
-            if int(num_clients) < 1:
-                raise ValueError(f"num_clients={num_clients} is not allowed: it must be >= 1.")
-            named["num_clients"] = np.zeros(int(num_clients))
-        q, sigma, steps = _broadcast_clients(named)[:3]
-        if q.ndim != 1:
-            raise ValueError("give per-client arrays of shape [C] or pass num_clients.")
-        self.sample_rates = q.astype(np.float64)
-        self.noise_multipliers = sigma.astype(np.float64)
-        self.steps_per_round = steps.astype(np.int64)
-        self.delta = check_delta(delta)
-        self.total_steps = np.zeros(q.shape[0], dtype=np.int64)
-        self.participations = np.zeros(q.shape[0], dtype=np.int64)
-        self.rounds = 0
-        self._groups, self._group_ids = mechanism_groups(self.sample_rates, self.noise_multipliers)
-        self._unamplified_groups, self._unamplified_ids = mechanism_groups(
-            np.ones_like(self.sample_rates), self.noise_multipliers
-        )
-        order_tuple = _orders(orders)
-        self._amplified = _EpsilonCache(
-            self.delta, accountant, conversion, order_tuple, pld_discretization
-        )
-        self._unamplified = _EpsilonCache(
-            self.delta, accountant, conversion, order_tuple, pld_discretization
-        )
-
-    @property
-    def num_clients(self) -> int:
-        return int(self.sample_rates.shape[0])
-
-    def participation_mask(self, participation: ArrayLike) -> np.ndarray:
-        """Bool [C] mask from a bool [C] mask or integer client ids (no duplicates)."""
-        array = np.asarray(participation)
-        if array.dtype == np.bool_:
-            if array.shape != (self.num_clients,):
-                raise ValueError(
-                    f"participation mask has shape {array.shape}; expected ({self.num_clients},)."
-                )
-            return array
-        if array.size and not np.issubdtype(array.dtype, np.integer):
-            raise ValueError(
-                f"participation has dtype {array.dtype}; pass a bool [C] mask or integer ids."
-            )
-        ids = array.reshape(-1).astype(np.int64)
-        if ids.size and (ids.min() < 0 or ids.max() >= self.num_clients):
-            bad = ids[(ids < 0) | (ids >= self.num_clients)][:5]
-            raise ValueError(
-                f"participant ids {bad} are not allowed: ids must be in [0, {self.num_clients})."
-            )
-        if np.unique(ids).size != ids.size:
-            raise ValueError(
-                "participant ids contain duplicates; each client takes part once a round."
-            )
-        mask = np.zeros(self.num_clients, dtype=bool)
-        mask[ids] = True
-        return mask
-
-    def record_round(
-        self, participation: ArrayLike, steps: Optional[ArrayLike] = None
-    ) -> None:
-        """Records one round.
-
-        Args:
-          participation: bool [C] mask, or integer ids of the clients that took part.
-          steps: optional int [C] steps actually run this round (default
-            ``steps_per_round``); only participants' entries are used.
-        """
-        mask = self.participation_mask(participation)
-        round_steps = self.steps_per_round
-        if steps is not None:
-            round_steps = check_steps(steps)
-            if round_steps.shape != (self.num_clients,):
-                raise ValueError(
-                    f"steps has shape {round_steps.shape}; expected ({self.num_clients},)."
-                )
-        self.total_steps = self.total_steps + np.where(mask, round_steps, 0)
-        self.participations = self.participations + mask
-        self.rounds += 1
-
-    def epsilons(self, amplification: bool = True) -> np.ndarray:
-        """Epsilon spent so far per client, float64 [C].
-
-        Args:
-          amplification: if False, no amplification by example subsampling (q = 1).
-        """
-        if amplification:
-            return self._amplified.grouped_epsilons(self._groups, self._group_ids, self.total_steps)
-        return self._unamplified.grouped_epsilons(
-            self._unamplified_groups, self._unamplified_ids, self.total_steps
-        )
-
-    def state(self) -> dict[str, np.ndarray]:
-        """Arrays needed to resume (checkpoint): total_steps, participations, rounds."""
-        return {
-            "total_steps": self.total_steps.copy(),
-            "participations": self.participations.copy(),
-            "rounds": np.asarray(self.rounds),
-        }
-
-    def restore(self, state: dict[str, np.ndarray]) -> None:
-        """Restores what ``state`` returned."""
-        total_steps = check_steps(state["total_steps"], "total_steps")
-        if total_steps.shape != (self.num_clients,):
-            raise ValueError(
-                f"total_steps has shape {total_steps.shape}; expected ({self.num_clients},)."
-            )
-        self.total_steps = total_steps
-        self.participations = check_steps(state["participations"], "participations")
-        self.rounds = int(state["rounds"])
+    events, ids = unique_events([dpsgd_event(float(a), float(b), 1) for a, b in zip(q, sigma)])
+    accountant_ = EventAccountant(events, delta, accountant, conversion=conversion, orders=_orders(orders),
+                                  pld_discretization=pld_discretization)
+    return accountant_.epsilons(ids, t).reshape(shape)
 
 
 # ----------------------------------------------------------------------------- planning

@@ -1,10 +1,14 @@
 """Privacy bookkeeping of a running simulation (host side): what the history records each round.
 
-Sample-level DP-SGD: ``ClientPrivacyAccountant`` composes each client's steps over the rounds it took part
-in, with amplification by example subsampling at rate q_i = batch_i / n_i (exact for Poisson example
-sampling; fixed-size batches are accounted with the same q, the usual approximation). Client-level DP-FedAvg:
-``dpfedavg_epsilon`` with amplification by client sampling (Poisson rate K/C, or a fixed cohort of K out of C
-via sampled-without-replacement RDP). Each figure is reported with and without amplification.
+``PrivacyTracker`` composes, per client, the one-step events of the run's mechanisms
+(``fedjaxpriv.privacy.mechanisms``) over what the client actually did: the DP-SGD steps of the rounds it took
+part in (example level), the messages it sent with local noise (local level), and the rounds of DP-FedAvg
+(client level). Every epsilon it reports comes with its basis (``EpsilonBasis.describe``).
+
+Personalised budgets (``client.target_epsilon``) are promises: ``calibrate_targets`` calibrates each client's
+noise for a planned number of participations ``participation_plan`` (exceeded with probability at most 1e-3
+under the run's client sampling), and the tracker's ``allowed`` stops a client from taking part once it has
+used its planned participations, so every client ends at or below its target whatever the cohorts were.
 """
 
 from __future__ import annotations
@@ -13,85 +17,235 @@ from typing import Any
 
 import numpy as np
 
-from fedjaxpriv.privacy.accounting import ClientPrivacyAccountant, dpfedavg_epsilon, participation_bound
-from fedjaxpriv.privacy.calibration import calibrate_clients
+from fedjaxpriv.client.sampling import batch_slots, overflow_probability
+from fedjaxpriv.client.settings import ClientSettings
+from fedjaxpriv.privacy.accounting import participation_bound
+from fedjaxpriv.privacy.basis import describe_accountant
+from fedjaxpriv.privacy.calibration import calibrate_noise
+from fedjaxpriv.privacy.composition import EventAccountant
+from fedjaxpriv.privacy.mechanisms import (ClientLevelDpFedAvg, LocalGaussian, SampleLevelDpSgd, round_up_float32,
+                                           sample_level_dpsgd)
+from fedjaxpriv.privacy.rdp import INTEGER_ORDERS
+
+PARTICIPATION_TAIL = 1e-3
+UNLIMITED = np.iinfo(np.int64).max
 
 
-def calibrate_noise_for_targets(target_epsilons: np.ndarray, sample_rates: np.ndarray, steps_per_round: np.ndarray,
-                                client_rate: float, rounds: int, delta: float, accountant: str = "rdp",
-                                tail_probability: float = 1e-3) -> tuple[np.ndarray, int]:
-    """Per-client noise multipliers so that each client's epsilon stays within its target.
+def dpsgd_mechanism(settings: ClientSettings, counts: np.ndarray, slots: int,
+                    noise_multipliers: np.ndarray | None = None) -> SampleLevelDpSgd | None:
+    """The example-level mechanism that local training with these settings runs (batch ``slots`` per step)."""
+    counts = np.asarray(counts, np.int64)
+    z = np.asarray(settings.dp_noise_multiplier if noise_multipliers is None else noise_multipliers, np.float64)
+    poisson = np.asarray(settings.poisson, bool)
+    rates = np.asarray(settings.sample_rate, np.float64)
+    truncation = np.where(poisson, overflow_probability(counts + 1, rates, slots), 0.0)
+    return sample_level_dpsgd(z, poisson, rates, np.asarray(settings.batch_size), counts,
+                              np.asarray(settings.mixup_alpha) > 0, truncation)
 
-    The budget covers ``participation_bound(client_rate, rounds, tail_probability)`` participations: with
-    probability at least 1 - tail_probability a client takes part in no more rounds than that. The achieved
-    epsilons are reported during the run.
+
+def participation_plan(client_rate: float, rounds: int, tail_probability: float = PARTICIPATION_TAIL) -> int:
+    """Participations a calibrated budget covers: every round when all clients take part each round, else the
+    count that Binomial(rounds, client_rate) exceeds with probability at most ``tail_probability``."""
+    return int(rounds) if client_rate >= 1.0 else participation_bound(client_rate, rounds, tail_probability)
+
+
+def calibrate_targets(settings: ClientSettings, counts: np.ndarray, targets: np.ndarray, *, client_rate: float,
+                      rounds: int, delta: float, accountant: str = "rdp") -> tuple[ClientSettings, np.ndarray]:
+    """Each client's DP-SGD noise multiplier from its target epsilon (inf = no target) and its budget.
+
+    Client i's budget covers ``participation_plan(client_rate, rounds)`` participations of
+    ``settings.num_steps[i]`` steps of its own mechanism (Poisson or fixed-size sampling, mixup, truncation
+    charged to delta). The float32 multiplier that runs is rounded up, so the run stays within the target.
 
     Returns:
-      (noise multipliers [C], the planned number of participations).
+      (settings with ``dp_noise_multiplier`` set for targeted clients, max participations [C] int64:
+      the plan for targeted clients, ``UNLIMITED`` for the others).
     """
-    participations = rounds if client_rate >= 1.0 else participation_bound(client_rate, rounds, tail_probability)
-    sigmas = calibrate_clients(target_epsilons, sample_rates, steps_per_round, participations, delta, accountant)
-    return np.asarray(sigmas, np.float64), int(participations)
+    targets = np.asarray(targets, np.float64)
+    num_clients = targets.shape[0]
+    targeted = np.isfinite(targets)
+    if np.any(targets <= 0) or np.any(np.isnan(targets)):
+        bad = targets[(targets <= 0) | np.isnan(targets)][:5]
+        raise ValueError(f"client.target_epsilon={bad} is not allowed: each target must be > 0 (inf = no target).")
+    if not np.any(targeted):
+        return settings, np.full(num_clients, UNLIMITED, np.int64)
+    if not np.all(np.isfinite(np.asarray(settings.dp_clip_norm)[targeted])):
+        raise ValueError("client.target_epsilon needs a finite client.dp_clip_norm (DP-SGD clips per example).")
+    plan = participation_plan(client_rate, rounds)
+    slots = batch_slots(settings, counts, targeted | (np.asarray(settings.dp_noise_multiplier) > 0))
+    mechanism = dpsgd_mechanism(settings, counts, slots, noise_multipliers=np.where(targeted, 1.0, 0.0))
+    sigmas = np.array(settings.dp_noise_multiplier, np.float64)
+    steps = np.asarray(settings.num_steps, np.int64) * plan
+    solved: dict[tuple[Any, ...], float] = {}
+    for i in np.flatnonzero(targeted):
+        key = (float(targets[i]), mechanism.step_event(int(i), 1.0), int(steps[i]),
+               float(mechanism.truncation_probabilities[i]))
+        if key not in solved:
+            try:
+                solved[key] = calibrate_noise(lambda z, i=int(i): mechanism.step_event(i, z), int(steps[i]),
+                                              float(targets[i]), delta, accountant,
+                                              truncation_probability=key[3])
+            except ValueError as error:
+                raise ValueError(f"client.target_epsilon={targets[i]:g} (client {i}, {steps[i]} planned steps over "
+                                 f"{plan} participations): {error}") from None
+        sigmas[i] = solved[key]
+    noise = np.where(targeted, round_up_float32(sigmas), np.asarray(settings.dp_noise_multiplier, np.float32))
+    budget = np.where(targeted, plan, UNLIMITED).astype(np.int64)
+    return settings._replace(dp_noise_multiplier=noise.astype(np.float32)), budget
 
 
 class PrivacyTracker:
-    """Per-round epsilons of a run; ``record_round`` is called with the cohort after each round."""
+    """Per-client epsilons of a run at every level its mechanisms protect; ``record_round`` after each round.
 
-    def __init__(self, *, num_clients: int, sample_rates: np.ndarray, noise_multipliers: np.ndarray,
-                 steps_per_round: np.ndarray, delta: float, accountant: str = "rdp",
-                 central_noise_multiplier: float = 0.0, client_rate: float = 1.0,
-                 fixed_cohort: bool = False) -> None:
-        self.delta = delta
-        self.accountant_kind = accountant
-        self.dp_clients = np.asarray(noise_multipliers) > 0
-        self.sample_level = (ClientPrivacyAccountant(sample_rates, noise_multipliers, steps_per_round, delta,
-                                                     accountant) if np.any(self.dp_clients) else None)
-        self.central_noise_multiplier = central_noise_multiplier
-        self.client_rate = client_rate
-        self.population = num_clients if fixed_cohort else None
-        self.num_clients = num_clients
+    Attributes:
+      participations: int64 [C], rounds each client took part in.
+      dp_steps: int64 [C], DP-SGD steps each client ran.
+      rounds: rounds recorded.
+      max_participations: int64 [C], the budget of each client (``UNLIMITED`` without a target).
+    """
+
+    def __init__(self, *, num_clients: int, steps_per_round: np.ndarray, delta: float, accountant: str = "rdp",
+                 conversion: str = "improved", sample_level: SampleLevelDpSgd | None = None,
+                 client_level: ClientLevelDpFedAvg | None = None, local: LocalGaussian | None = None,
+                 max_participations: np.ndarray | None = None) -> None:
+        self.num_clients = int(num_clients)
+        self.steps_per_round = np.asarray(steps_per_round, np.int64)
+        self.delta = float(delta)
+        self.accountant_name = describe_accountant(accountant, conversion, INTEGER_ORDERS if accountant == "rdp"
+                                                   else None)
+        kwargs = dict(accountant=accountant, conversion=conversion)
+        self.sample_level, self.client_level, self.local = sample_level, client_level, local
+        self.max_participations = (np.full(self.num_clients, UNLIMITED, np.int64) if max_participations is None
+                                   else np.asarray(max_participations, np.int64))
+        self.participations = np.zeros(self.num_clients, np.int64)
+        self.dp_steps = np.zeros(self.num_clients, np.int64)
         self.rounds = 0
+        if sample_level is not None:
+            events, self._example_ids, truncation = sample_level.step_events()
+            self._example = EventAccountant(events, delta, truncation_probabilities=truncation, **kwargs)
+            steps_plain, self._example_plain_ids, _ = sample_level.step_events(amplified=False)
+            self._example_plain = EventAccountant(steps_plain, delta, **kwargs)
+        if local is not None:
+            events, self._local_ids = local.message_events()
+            self._local = EventAccountant(events, delta, **kwargs)
+        if client_level is not None and client_level.private:
+            self._client = EventAccountant([client_level.round_event()], delta,
+                                           truncation_probabilities=[client_level.cohort_truncation_probability],
+                                           **kwargs)
+            self._client_plain = EventAccountant([client_level.round_event(amplified=False)], delta, **kwargs)
+
+    @property
+    def client_private(self) -> bool:
+        return self.client_level is not None and self.client_level.private
 
     @property
     def active(self) -> bool:
-        return self.sample_level is not None or self.central_noise_multiplier > 0
+        return self.sample_level is not None or self.local is not None or self.client_private or bool(
+            np.any(self.max_participations < UNLIMITED))
+
+    def allowed(self, ids: np.ndarray) -> np.ndarray:
+        """bool [len(ids)]: clients that still have planned participations left."""
+        ids = np.asarray(ids, np.int64)
+        return self.participations[ids] < self.max_participations[ids]
 
     def record_round(self, participants: np.ndarray) -> None:
-        """participants: int ids of the clients that took part in the round."""
+        """participants: int ids of the clients that took part in the round (each once)."""
+        ids = np.asarray(participants, np.int64).reshape(-1)
+        if np.unique(ids).size != ids.size:
+            raise ValueError("participant ids contain duplicates; each client takes part once a round.")
         self.rounds += 1
+        self.participations[ids] += 1
+        self.dp_steps[ids] += self.steps_per_round[ids]
+
+    # -- epsilons ------------------------------------------------------------------------------------------
+    def example_epsilons(self, amplified: bool = True) -> np.ndarray:
+        """Example-level epsilon per client [C] (inf for clients without noise that ran steps)."""
+        if amplified:
+            return self._example.epsilons(self._example_ids, self.dp_steps)
+        return self._example_plain.epsilons(self._example_plain_ids, self.dp_steps)
+
+    def local_epsilons(self) -> np.ndarray:
+        return self._local.epsilons(self._local_ids, self.participations)
+
+    def client_level_epsilon(self) -> float:
+        return self._client.epsilon(0, self.rounds)
+
+    def client_level_epsilons_unamplified(self) -> np.ndarray:
+        return self._client_plain.epsilons(np.zeros(self.num_clients, np.int64), self.participations)
+
+    def bases(self) -> dict[str, str]:
+        """The basis line of every epsilon the tracker reports, by history key."""
+        out: dict[str, str] = {}
         if self.sample_level is not None:
-            self.sample_level.record_round(np.asarray(participants, np.int64))
+            out["epsilon_basis"] = self.sample_level.basis(self.accountant_name, self.delta).describe()
+            out["epsilon_unamplified_basis"] = self.sample_level.basis(self.accountant_name, self.delta,
+                                                                       amplified=False).describe()
+        if self.local is not None:
+            out["local_epsilon_basis"] = self.local.basis(self.accountant_name, self.delta).describe()
+        if self.client_private:
+            out["client_level_epsilon_basis"] = self.client_level.basis(self.accountant_name, self.delta).describe()
+            out["client_level_epsilon_unamplified_basis"] = self.client_level.basis(
+                self.accountant_name, self.delta, amplified=False).describe()
+        return out
 
     def summary(self) -> dict[str, Any]:
-        """History fields: sample-level epsilon over DP clients that took part so far, client-level epsilon."""
+        """History fields: epsilons over the clients that took part so far, each with its basis."""
         record: dict[str, Any] = {}
+        took_part = self.participations > 0
         if self.sample_level is not None:
-            took_part = self.dp_clients & (self.sample_level.participations > 0)
-            eps = self.sample_level.epsilons()
-            eps_plain = self.sample_level.epsilons(amplification=False)
-            if np.any(took_part):
-                record.update(epsilon_max=float(eps[took_part].max()), epsilon_mean=float(eps[took_part].mean()),
-                              epsilon_unamplified_max=float(eps_plain[took_part].max()))
-            else:
-                record.update(epsilon_max=0.0, epsilon_mean=0.0, epsilon_unamplified_max=0.0)
-            record["nonprivate_participants"] = int(np.sum(~self.dp_clients & (self.sample_level.participations > 0)))
-        if self.central_noise_multiplier > 0:
-            kwargs = dict(accountant=self.accountant_kind if self.population is None else "rdp")
-            record["client_level_epsilon"] = dpfedavg_epsilon(self.client_rate, self.central_noise_multiplier,
-                                                              self.rounds, self.delta, population=self.population,
-                                                              **kwargs)
-            record["client_level_epsilon_unamplified"] = dpfedavg_epsilon(
-                self.client_rate, self.central_noise_multiplier, self.rounds, self.delta, amplification=False,
-                **kwargs)
+            private = self.sample_level.private & took_part
+            eps, plain = self.example_epsilons(), self.example_epsilons(amplified=False)
+            record.update(epsilon_max=float(eps[private].max()) if np.any(private) else 0.0,
+                          epsilon_mean=float(eps[private].mean()) if np.any(private) else 0.0,
+                          epsilon_unamplified_max=float(plain[private].max()) if np.any(private) else 0.0,
+                          nonprivate_participants=int(np.sum(~self.sample_level.private & took_part)))
+        if self.local is not None:
+            private = self.local.private & took_part
+            eps = self.local_epsilons()
+            record.update(local_epsilon_max=float(eps[private].max()) if np.any(private) else 0.0,
+                          local_epsilon_mean=float(eps[private].mean()) if np.any(private) else 0.0)
+        if self.client_private:
+            record["client_level_epsilon"] = self.client_level_epsilon()
+            record["client_level_epsilon_unamplified"] = float(self.client_level_epsilons_unamplified().max())
+        if np.any(self.max_participations < UNLIMITED):
+            record["budget_exhausted"] = int(np.sum(self.participations >= self.max_participations))
+        record.update(self.bases())
         return record
 
     def per_client(self) -> dict[str, np.ndarray]:
-        """Per-client arrays for the final report (empty without sample-level DP)."""
-        if self.sample_level is None:
+        """Per-client arrays for ``clients.csv`` (empty without any mechanism)."""
+        if not (self.sample_level is not None or self.local is not None or self.client_private):
             return {}
-        return {"participations": self.sample_level.participations.copy(),
-                "dp_steps": self.sample_level.total_steps.copy(),
-                "sample_rate": self.sample_level.sample_rates.copy(),
-                "noise_multiplier": self.sample_level.noise_multipliers.copy(),
-                "epsilon": self.sample_level.epsilons(),
-                "epsilon_unamplified": self.sample_level.epsilons(amplification=False)}
+        out: dict[str, np.ndarray] = {"participations": self.participations.copy()}
+        bases = self.bases()
+        if self.sample_level is not None:
+            out.update(dp_steps=self.dp_steps.copy(), sample_rate=self.sample_level.sample_rates.copy(),
+                       noise_multiplier=self.sample_level.noise_multipliers.copy(),
+                       epsilon=self.example_epsilons(), epsilon_unamplified=self.example_epsilons(amplified=False),
+                       epsilon_basis=np.full(self.num_clients, bases["epsilon_basis"], object))
+        if np.any(self.max_participations < UNLIMITED):
+            out["max_participations"] = np.where(self.max_participations < UNLIMITED, self.max_participations, -1)
+        if self.local is not None:
+            out.update(local_noise_multiplier=self.local.noise_multipliers.copy(), local_epsilon=self.local_epsilons(),
+                       local_epsilon_basis=np.full(self.num_clients, bases["local_epsilon_basis"], object))
+        if self.client_private:
+            out.update(client_level_epsilon_unamplified=self.client_level_epsilons_unamplified(),
+                       client_level_epsilon_unamplified_basis=np.full(
+                           self.num_clients, bases["client_level_epsilon_unamplified_basis"], object))
+        return out
+
+    # -- resume ---------------------------------------------------------------------------------------------
+    def state(self) -> dict[str, Any]:
+        """JSON-able state to checkpoint beside the server state."""
+        return {"rounds": self.rounds, "participations": self.participations.tolist(),
+                "dp_steps": self.dp_steps.tolist()}
+
+    def restore(self, state: dict[str, Any]) -> None:
+        """Restores what ``state`` returned (a checkpoint of the same run)."""
+        participations = np.asarray(state["participations"], np.int64)
+        dp_steps = np.asarray(state["dp_steps"], np.int64)
+        if participations.shape != (self.num_clients,) or dp_steps.shape != (self.num_clients,):
+            raise ValueError(f"privacy state holds {participations.shape} participations for "
+                             f"{self.num_clients} clients: it belongs to another run.")
+        self.participations, self.dp_steps, self.rounds = participations, dp_steps, int(state["rounds"])
+

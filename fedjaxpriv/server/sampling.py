@@ -7,6 +7,8 @@ from typing import NamedTuple
 
 import numpy as np
 
+from fedjaxpriv.client.sampling import poisson_slots
+
 
 class Cohort(NamedTuple):
     """A round's cohort, padded to a fixed size so the compiled round never changes shape.
@@ -14,7 +16,8 @@ class Cohort(NamedTuple):
     Attributes:
       ids: [K_max] int32 client ids (padded slots repeat id 0 and are masked).
       mask: [K_max] bool, True for real participants.
-      dropped: number of Poisson-sampled clients beyond K_max that could not be included (normally 0).
+      dropped: number of Poisson-sampled clients beyond K_max that could not be included (normally 0; a random
+        subset of the sampled clients is kept).
     """
 
     ids: np.ndarray
@@ -22,11 +25,17 @@ class Cohort(NamedTuple):
     dropped: int
 
 
-def max_cohort_size(num_clients: int, clients_per_round: int, mode: str, tail_sigmas: float = 7.0) -> int:
-    """Static cohort slots: exact for uniform sampling, mean + tail_sigmas std devs for Poisson sampling."""
+def max_cohort_size(num_clients: int, clients_per_round: int, mode: str, tail_sigmas: float = 7.0,
+                    private: bool = False) -> int:
+    """Static cohort slots: exact for uniform sampling; for Poisson sampling mean + ``tail_sigmas`` std devs, or,
+    when the round is client-level private (``private``), the smallest count that a cohort of the population
+    plus one client exceeds with probability at most ``DP_OVERFLOW_TAIL`` (charged to delta; up to C + 1 slots,
+    since the neighbouring population has C + 1 clients)."""
     if mode == "uniform":
         return clients_per_round
     p = clients_per_round / num_clients
+    if private:
+        return poisson_slots(num_clients, p)
     std = math.sqrt(num_clients * p * (1 - p))
     return int(min(num_clients, math.ceil(clients_per_round + tail_sigmas * std + 1)))
 
@@ -54,7 +63,8 @@ def sample_cohort(seed: int, round_index: int, num_clients: int, clients_per_rou
     else:
         chosen = np.flatnonzero(rng.random(num_clients) < clients_per_round / num_clients)
     dropped = max(0, chosen.size - slots)
-    chosen = chosen[:slots]
+    if dropped:  # keep a uniformly random subset of the sampled clients (not the lowest ids)
+        chosen = np.sort(rng.choice(chosen, size=slots, replace=False))
     ids = np.zeros(slots, np.int32)
     ids[: chosen.size] = chosen
     mask = np.arange(slots) < chosen.size

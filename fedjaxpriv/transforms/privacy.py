@@ -1,7 +1,8 @@
 """Client-level privacy transforms of the message: L2 clipping and local Gaussian noise.
 
-Clipping a client's whole update to norm C bounds its L2 sensitivity by C (user-level DP, as in
-DP-FedAvg); adding ``N(0, (z C)^2 I)`` on the device is local DP with the Gaussian mechanism.
+Clipping a client's whole update to norm C bounds it; adding ``N(0, (z C)^2 I)`` on the device is local DP with
+the Gaussian mechanism (``privacy.mechanisms.LocalGaussian``: any two datasets of the client give messages at
+most 2C apart, so each message is accounted as a Gaussian with multiplier z / 2).
 
 References:
   McMahan, Ramage, Talwar, Zhang. "Learning Differentially Private Recurrent Language Models". ICLR 2018.
@@ -13,7 +14,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from fedjaxpriv.client.dp import clip_scale, gaussian_noise_like
+from fedjaxpriv.client.dp import clip_scale
+from fedjaxpriv.privacy.mechanisms import LocalGaussian, gaussian_std
 from fedjaxpriv.transforms.base import (
     MessageTransform,
     Settings,
@@ -68,9 +70,8 @@ def add_local_noise(noise_multiplier: Strength = "local_noise_multiplier", clip_
         z = resolve(noise_multiplier, settings)
         c = resolve(clip_norm, settings)
         enabled = z > 0
-        std = jnp.where(enabled, z * c, 0.0)
-        noise = gaussian_noise_like(key, message, std)
-        noisy = jax.tree_util.tree_map(lambda leaf, n: jnp.where(enabled, leaf + n, leaf), message, noise)
-        return noisy, {"local_noise/std": std}, select_wire(enabled, dense_wire(message), wire)
+        noisy = LocalGaussian.privatize(message, key, c, z)
+        noisy = jax.tree_util.tree_map(lambda leaf, n: jnp.where(enabled, n, leaf), message, noisy)
+        return noisy, {"local_noise/std": gaussian_std(z, c)}, select_wire(enabled, dense_wire(message), wire)
 
     return stateless(apply)

@@ -40,11 +40,12 @@ def test_attack_on_client_models_beats_majority_baseline():
     rounds, targets = 5, tuple(range(8))
     config = ExperimentConfig(
         data=DataConfig(dataset="synthetic", num_clients=20), model=ModelConfig(name="mlp", hidden=(32,)),
-        client=ClientConfig(local_steps=20, batch_size=16, lr=0.1), server=ServerConfig(clients_per_round=10),
+        client=ClientConfig(local_steps=20, batch_size=16, lr=0.1), server=ServerConfig(clients_per_round=20),
         run=RunConfig(rounds=rounds, eval_every=rounds, checkpoint_every=0, tap_clients=targets,
                       tap_rounds=(rounds,)))
     experiment = Experiment(config, population=population, test=test, num_classes=2)
     tap = experiment.run(progress=False).taps[rounds]
+    assert sorted(tap.client_ids.tolist()) == list(targets)  # everyone takes part, so every target is observed
     local = jax.tree_util.tree_map(lambda p, m: p[None] + m, tap.server_params, tap.messages)
     data = population.padded(tap.client_ids)
     column = population.input_shape[0] - 1

@@ -1,4 +1,4 @@
-"""Defense-vs-attack evaluation (passive MIA, inversion, tables, CLI) and the canary audit."""
+"""Defense-vs-attack evaluation (passive MIA, inversion, tables, CLI)."""
 
 import csv
 import os
@@ -21,7 +21,9 @@ STRONG_DP = {"client.dp_clip_norm": 1.0, "client.dp_noise_multiplier": 4.0}
 
 
 def test_passive_mia_and_inversion_weaken_under_strong_dp(tmp_path):
-    records = evaluation.evaluate_defenses(BASE, {"none": {}, "dpsgd": STRONG_DP}, SUITE, out_dir=str(tmp_path))
+    # Every client takes part in every round, so the tapped clients send a message each round.
+    everyone = evaluation.with_overrides(BASE, ["server.clients_per_round=30"])
+    records = evaluation.evaluate_defenses(everyone, {"none": {}, "dpsgd": STRONG_DP}, SUITE, out_dir=str(tmp_path))
     none, dp = records
     # Passive attack pooled over 6 clients x ~2 x 48 candidates: AUC std error <= ~0.025.
     sigma = 0.025
@@ -39,22 +41,6 @@ def test_passive_mia_and_inversion_weaken_under_strong_dp(tmp_path):
     assert [r["label"] for r in stored] == ["none", "dpsgd"]
     assert stored[0]["final"]["attack/passive/auc"] == pytest.approx(none["attack/passive/auc"])
     assert os.path.getsize(tmp_path / "privacy_attack.png") > 0
-
-
-def test_canary_audit_bound_below_accountant_and_has_power():
-    config = ExperimentConfig(
-        data=DataConfig(dataset="digits", num_clients=2, partition="iid"), model=ModelConfig(name="mlp", hidden=(64,)),
-        client=ClientConfig(local_steps=100, batch_size=32, lr=0.3), server=ServerConfig(clients_per_round=2),
-        run=RunConfig(rounds=6, eval_every=6, checkpoint_every=0))
-    private = evaluation.audit_canaries(
-        evaluation.with_overrides(config, ["client.dp_clip_norm=1.0", "client.dp_noise_multiplier=1.0"]),
-        num_canaries=100, guess_fraction=0.2)
-    assert np.isfinite(private.accountant_epsilon)
-    assert private.empirical_epsilon <= private.accountant_epsilon, private
-    plain = evaluation.audit_canaries(config, num_canaries=100, guess_fraction=0.2)
-    # Without DP the noise canaries are memorized: the audit proves a positive epsilon.
-    assert plain.accountant_epsilon == np.inf and plain.empirical_epsilon > 1.0, plain
-    assert plain.empirical_epsilon > private.empirical_epsilon
 
 
 def test_cli_attack_eval_rejects_unknown_defense(capsys):

@@ -33,8 +33,8 @@ def test_eavesdropped_model_fits_client_data_like_its_local_model():
     results = experiment.run(progress=False)
     taps = [results.taps[r] for r in sorted(results.taps)]
     init = experiment.initial_state.params
-    for index, client in enumerate(targets):
-        server, messages = membership.stack_taps(taps, index)
+    for client in targets:
+        server, messages = membership.stack_taps(taps, client)
         rebuilt = reconstruction.accumulate_messages(init, messages)
         local = jax.tree_util.tree_map(lambda p, m: p[-1] + m[-1], server, messages)
         data = experiment.population.client(client)

@@ -1,11 +1,15 @@
-"""Tests for sample-level DP-SGD: clipping, sensitivity, noise scale (KS), adaptive clipping, vmap."""
+"""Tests for DP-SGD's step (``SampleLevelDpSgd.noisy_gradient``): clipping, sensitivity, noise scale (KS),
+adaptive clipping, vmap."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from scipy import stats
 
-from fedjaxpriv.client.dp import adaptive_clip_update, clip_per_example, noisy_clipped_mean
+from fedjaxpriv.client.dp import adaptive_clip_update, clip_per_example
+from fedjaxpriv.privacy.mechanisms import SampleLevelDpSgd
+
+noisy_clipped_mean = SampleLevelDpSgd.noisy_gradient
 
 BATCH = 6
 jitted_mean = jax.jit(noisy_clipped_mean)
@@ -69,8 +73,14 @@ def test_padded_examples_contribute_nothing_and_zero_noise_is_exact_mean():
     clipped, _ = clip_per_example(grads, 2.0)
     want = jax.tree_util.tree_map(lambda g: g[:3].sum(0) / 3.0, clipped)
     np.testing.assert_allclose(_tree_flat(got), _tree_flat(want), rtol=1e-5, atol=1e-6)
-    zero_denominator = noisy_clipped_mean(grads, mask, 2.0, 1.0, jax.random.key(0), 0.0)
-    assert np.all(_tree_flat(zero_denominator) == 0)
+
+
+def test_denominator_is_the_data_independent_batch_size():
+    denominator = jax.jit(SampleLevelDpSgd.denominator)
+    # min(b, n): the fixed batch, or Poisson's expected batch q n at q = b / n; never below 1 (an empty client).
+    assert float(denominator(jnp.int32(16), jnp.int32(64))) == 16.0
+    assert float(denominator(jnp.int32(16), jnp.int32(10))) == 10.0
+    assert float(denominator(jnp.int32(16), jnp.int32(0))) == 1.0
 
 
 def test_noise_std_right_by_ks_and_ten_percent_off_rejected():
@@ -85,20 +95,22 @@ def test_noise_std_right_by_ks_and_ten_percent_off_rejected():
 
 
 def test_adaptive_clip_matches_formula_without_noise():
-    norms = jnp.array([0.5, 1.0, 2.0, 3.0, 9.0, 9.0])
-    mask = jnp.array([True, True, True, True, False, False])
-    new = adaptive_clip_update(1.5, norms, mask, 0.7, 0.2, 0.0, jax.random.key(0))
-    # 2 of the 4 real norms are <= 1.5 -> b = 0.5 -> C * exp(-0.2 * (0.5 - 0.7)).
-    np.testing.assert_allclose(float(new), 1.5 * np.exp(0.2 * 0.2), rtol=1e-6)
-    unchanged = adaptive_clip_update(1.5, norms, jnp.zeros(6, bool), 0.7, 0.2, 0.0, jax.random.key(0))
-    assert float(unchanged) == 1.5
+    norms = jnp.array([0.5, 1.0, 2.0, 3.0, 0.1, 0.1])
+    mask = jnp.array([True, True, True, False, False, False])
+    new = adaptive_clip_update(1.5, norms, mask, 0.7, 0.2, 0.0, jax.random.key(0), expected_count=5.0)
+    # Centred indicators of the 3 real norms: +1/2 +1/2 -1/2 -> b = 0.5 / 5 + 1/2 = 0.6 (the EXPECTED count 5 is the
+    # denominator, not the 3 that took part; the padded small norms do not count).
+    np.testing.assert_allclose(float(new), 1.5 * np.exp(-0.2 * (0.6 - 0.7)), rtol=1e-6)
+    # No participant: b = 1/2, the same release whatever the realised cohort size.
+    empty = adaptive_clip_update(1.5, norms, jnp.zeros(6, bool), 0.7, 0.2, 0.0, jax.random.key(0), expected_count=5.0)
+    np.testing.assert_allclose(float(empty), 1.5 * np.exp(-0.2 * (0.5 - 0.7)), rtol=1e-6)
 
 
 def test_adaptive_clip_converges_to_target_quantile():
     def step(clip, key):
         k_norms, k_noise = jax.random.split(key)
         norms = jax.random.exponential(k_norms, (512,))
-        return adaptive_clip_update(clip, norms, jnp.ones(512, bool), 0.5, 0.2, 0.0, k_noise), None
+        return adaptive_clip_update(clip, norms, jnp.ones(512, bool), 0.5, 0.2, 0.0, k_noise, 512.0), None
 
     keys = jax.random.split(jax.random.key(3), 600)
     clip, _ = jax.lax.scan(step, jnp.float32(0.05), keys)
@@ -110,9 +122,9 @@ def test_adaptive_clip_count_noise_std_by_ks():
     mask = jnp.ones(40, bool)
     clip, lr, noise_std = 1.0, 0.5, 4.0
     keys = jax.random.split(jax.random.key(5), 4000)
-    new = jax.jit(jax.vmap(lambda k: adaptive_clip_update(clip, norms, mask, 0.5, lr, noise_std, k)))(keys)
-    base = adaptive_clip_update(clip, norms, mask, 0.5, lr, 0.0, keys[0])
-    log_ratio = np.log(np.asarray(new) / float(base))  # = -lr * noise / n
+    new = jax.jit(jax.vmap(lambda k: adaptive_clip_update(clip, norms, mask, 0.5, lr, noise_std, k, 40.0)))(keys)
+    base = adaptive_clip_update(clip, norms, mask, 0.5, lr, 0.0, keys[0], 40.0)
+    log_ratio = np.log(np.asarray(new) / float(base))  # = -lr * noise / expected count
     sigma = lr * noise_std / 40
     assert stats.kstest(log_ratio, stats.norm(0, sigma).cdf).pvalue > 1e-3
     assert stats.kstest(log_ratio, stats.norm(0, 1.1 * sigma).cdf).pvalue < 1e-4

@@ -13,6 +13,7 @@ from fedjaxpriv.client.pruning import magnitude_mask
 from fedjaxpriv.config import from_dict
 from fedjaxpriv.experiment import Experiment
 from fedjaxpriv.privacy.accounting import dpfedavg_epsilon, dpsgd_epsilon
+from fedjaxpriv.privacy.mechanisms import ClientLevelDpFedAvg
 from fedjaxpriv.server import server_optimizer
 from fedjaxpriv.simulation import AggregationSpec, build_round, init_server_state
 
@@ -61,16 +62,17 @@ def test_iterative_pruning_ramps_the_mask():
 def test_adaptive_clip_norm_follows_the_geometric_rule():
     exp = Experiment(from_dict({**BASE, "run": {"rounds": 1}}))
     settings = jax.tree_util.tree_map(jnp.asarray, exp.settings)
-    aggregation = AggregationSpec(weighting="uniform", central_clip_norm=0.05, central_noise_multiplier=0.0,
-                                  expected_cohort=5.0, adaptive_clip_quantile=0.3, adaptive_clip_lr=0.5,
-                                  clip_count_noise_multiplier=0.0)
+    adaptive = ClientLevelDpFedAvg(noise_multiplier=0.0, num_clients=10, expected_cohort=5, poisson=False,
+                                   adaptive_quantile=0.3, adaptive_lr=0.5, count_noise_std=0.0)
+    aggregation = AggregationSpec(weighting="uniform", client_level=adaptive)
     tx = server_optimizer("sgd", 1.0)
     round_fn = build_round(exp.model.apply, exp.spec, tx, aggregation, chunk_size=5)
     cohort = exp.cohort(0)
     state, out = round_fn(init_server_state(exp.initial_state.params, tx, 0.05), exp.device_population, settings,
                           jnp.asarray(cohort.ids), jnp.asarray(cohort.mask), exp.root_key)
     norms = np.asarray(out.update_norm)[cohort.mask]
-    below = np.mean(norms <= 0.05)
+    # Centred indicators over the expected cohort of 5 (here all 5 sampled clients take part).
+    below = np.sum(np.where(norms <= 0.05, 0.5, -0.5)) / 5 + 0.5
     np.testing.assert_allclose(float(state.clip_norm), 0.05 * math.exp(-0.5 * (below - 0.3)), rtol=1e-6)
 
 
@@ -126,5 +128,6 @@ def test_tapped_messages_are_the_messages_aggregated_in_the_round():
     for before, after, messages in zip(jax.tree_util.tree_leaves(tap.server_params),
                                        jax.tree_util.tree_leaves(results.params),
                                        jax.tree_util.tree_leaves(tap.messages)):
-        mean = np.tensordot(counts / counts.sum(), messages[cohort.ids], axes=1)
+        position = [int(np.flatnonzero(tap.client_ids == c)[0]) for c in cohort.ids]  # the tap holds the cohort
+        mean = np.tensordot(counts / counts.sum(), messages[position], axes=1)
         np.testing.assert_allclose(after, before + mean, atol=1e-5)

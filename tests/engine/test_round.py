@@ -12,6 +12,7 @@ from fedjaxpriv.client.local import LocalSpec, client_update
 from fedjaxpriv.client.settings import make_settings
 from fedjaxpriv.models import get_model
 from fedjaxpriv.parallel import make_mesh, replicate
+from fedjaxpriv.privacy.mechanisms import ClientLevelDpFedAvg
 from fedjaxpriv.server import server_optimizer
 from fedjaxpriv.simulation import AggregationSpec, Population, build_round, client_keys_base, init_server_state
 
@@ -34,10 +35,10 @@ def _setup(population, info, **overrides):
 
 
 def _round(model, spec, settings, params, pop, ids, mask, *, chunk_size, strategy="vmap", mesh=None,
-           aggregation=AggregationSpec()):
+           aggregation=AggregationSpec(), clip_norm=math.inf):
     tx = server_optimizer("sgd", 1.0)
     round_fn = build_round(model.apply, spec, tx, aggregation, chunk_size=chunk_size, strategy=strategy, mesh=mesh)
-    state, out = round_fn(init_server_state(params, tx, aggregation.central_clip_norm), pop, settings, jnp.asarray(ids), jnp.asarray(mask),
+    state, out = round_fn(init_server_state(params, tx, clip_norm), pop, settings, jnp.asarray(ids), jnp.asarray(mask),
                           jax.random.key(7))
     return state, out
 
@@ -150,10 +151,12 @@ def test_central_dp_noise_has_the_configured_std(digits_population):
     population, _, info = digits_population
     model, spec, settings, params, pop = _setup(population, info, num_steps=0, prune_sparsity=0.0, mixup_alpha=0.0,
                                                 dp_noise_multiplier=0.0, dp_clip_norm=math.inf)
-    aggregation = AggregationSpec(weighting="uniform", central_clip_norm=0.5, central_noise_multiplier=2.0,
-                                  expected_cohort=4.0)
+    dp_fedavg = ClientLevelDpFedAvg(noise_multiplier=2.0, num_clients=population.num_clients, expected_cohort=4,
+                                    poisson=False)
+    aggregation = AggregationSpec(weighting="uniform", client_level=dp_fedavg)
     ids = np.arange(4, dtype=np.int32)
-    state, _ = _round(model, spec, settings, params, pop, ids, np.ones(4, bool), chunk_size=4, aggregation=aggregation)
+    state, _ = _round(model, spec, settings, params, pop, ids, np.ones(4, bool), chunk_size=4, aggregation=aggregation,
+                      clip_norm=0.5)
     noise = np.concatenate([np.ravel(np.asarray(a) - np.asarray(b)) for a, b in
                             zip(jax.tree_util.tree_leaves(state.params), jax.tree_util.tree_leaves(params))])
     expected_std = 2.0 * 0.5 / 4.0
@@ -167,8 +170,9 @@ def test_removing_one_client_moves_the_clipped_sum_by_at_most_the_clip_norm(hete
     """DP-FedAvg sensitivity: with noise off, dropping any one client from the cohort changes the (fixed
     denominator) mean by at most clip / expected_cohort, and some client reaches that bound."""
     _, (model, spec, settings, params, pop) = hetero
-    aggregation = AggregationSpec(weighting="uniform", central_clip_norm=0.05, central_noise_multiplier=0.0,
-                                  expected_cohort=8.0)
+    clipping = ClientLevelDpFedAvg(noise_multiplier=0.0, num_clients=pop.counts.shape[0], expected_cohort=8,
+                                   poisson=False)
+    aggregation = AggregationSpec(weighting="uniform", client_level=clipping)
     tx = server_optimizer("sgd", 1.0)
     round_fn = build_round(model.apply, spec, tx, aggregation, chunk_size=8)
 

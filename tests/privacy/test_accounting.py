@@ -55,7 +55,7 @@ def test_cached_rdp_scaling_equals_dp_accounting_accountant():
     import dp_accounting
 
     for q, sigma, steps in [(0.01, 1.0, 1000), (256 / 60000, 1.1, 14063)]:
-        reference = dp_accounting.rdp.RdpAccountant()
+        reference = dp_accounting.rdp.RdpAccountant(list(privacy.DEFAULT_RDP_ORDERS))
         reference.compose(privacy.dpsgd_event(q, sigma, steps))
         assert privacy.dpsgd_epsilon(q, sigma, steps, DELTA) == reference.get_epsilon(DELTA)
 
@@ -145,7 +145,6 @@ def test_dpfedavg_equals_sampled_gaussian_at_client_level():
         (lambda: privacy.dpsgd_epsilon(0.1, 1.0, 10, DELTA, "pld", conversion="classic"),
          "conversion"),
         (lambda: privacy.dpsgd_epsilons([0.1, 0.2], [1.0, 1.0, 1.0], 5, DELTA), "shapes"),
-        (lambda: privacy.ClientPrivacyAccountant([0.1, 0.2], [1.0], [3, 4, 5], DELTA), "shapes"),
     ],
 )
 def test_bad_input_raises_value_error_naming_it(call, match):
@@ -153,84 +152,26 @@ def test_bad_input_raises_value_error_naming_it(call, match):
         call()
 
 
-# ----------------------------------------------------------------------------- per client
+# ----------------------------------------------------------------------------- many clients
 
 
-def _tiered_accountant(num_clients, rng, with_noiseless_tier=False):
-    """Three tiers of (q, sigma, steps); the third tier may be noiseless (sigma = 0)."""
-    tier = rng.integers(0, 3, num_clients)
-    q = np.array([0.01, 0.02, 0.05])[tier]
-    sigma = np.array([1.0, 1.2, 0.0 if with_noiseless_tier else 0.8])[tier]
-    steps = np.array([5, 10, 20])[tier]
-    return privacy.ClientPrivacyAccountant(q, sigma, steps, DELTA), q, sigma, steps
-
-
-def test_client_accountant_equals_direct_epsilon_per_participation_count():
-    rng = np.random.default_rng(0)
-    acc, q, sigma, steps = _tiered_accountant(2000, rng)
-    for _ in range(30):
-        acc.record_round(rng.random(2000) < 0.2)
-    eps = acc.epsilons()
-    unamplified = acc.epsilons(amplification=False)
-    assert acc.participations.min() < acc.participations.max()
-    for i in rng.choice(2000, 12, replace=False):
-        n = int(acc.participations[i])
-        assert eps[i] == privacy.dpsgd_epsilon(q[i], sigma[i], steps[i] * n, DELTA)
-        assert unamplified[i] == privacy.dpsgd_epsilon(q[i], sigma[i], steps[i] * n, DELTA,
-                                                       amplification=False)
-    assert np.all(eps[acc.participations > 0] < unamplified[acc.participations > 0])
-    assert np.all(eps[acc.participations == 0] == 0.0)
-
-
-def test_cached_epsilons_equal_uncached_and_ids_equal_masks():
+def test_vectorized_epsilons_equal_dp_accounting_per_client():
+    """``dpsgd_epsilons`` (one vectorized RDP call for all distinct mechanisms) against dp_accounting's own
+    accountant for each client; a noiseless tier is at inf and zero steps cost nothing."""
     rng = np.random.default_rng(1)
     num_clients = 60
-    acc_mask, q, sigma, steps = _tiered_accountant(num_clients, rng, with_noiseless_tier=True)
-    acc_ids = privacy.ClientPrivacyAccountant(q, sigma, steps, DELTA)
-    history = []
-    for _ in range(12):
-        mask = rng.random(num_clients) < 0.3
-        acc_mask.record_round(mask)
-        acc_ids.record_round(np.flatnonzero(mask))
-        history.append(acc_mask.epsilons())  # exercises the memo across rounds
-    np.testing.assert_array_equal(acc_mask.total_steps, acc_ids.total_steps)
-    cached = acc_mask.epsilons()
-    uncached = np.array([
-        privacy.dpsgd_epsilon(q[i], sigma[i], acc_mask.total_steps[i], DELTA)
-        for i in range(num_clients)
-    ])
-    np.testing.assert_array_equal(cached, uncached)
-    np.testing.assert_array_equal(acc_ids.epsilons(), uncached)
-    np.testing.assert_array_equal(
-        privacy.dpsgd_epsilons(q, sigma, acc_mask.total_steps, DELTA), uncached)
-    # Zero-noise clients that ran steps are at inf; epsilons never decrease over rounds.
-    ran = acc_mask.total_steps > 0
-    assert np.all(np.isinf(cached[(sigma == 0) & ran]))
-    assert all(np.all(later >= earlier) for earlier, later in zip(history, history[1:]))
-
-
-def test_client_accountant_pld_and_resume():
-    rng = np.random.default_rng(2)
-    q, sigma, steps = np.array([0.05, 0.1]), np.array([1.0, 2.0]), np.array([4, 2])
-    def make():
-        return privacy.ClientPrivacyAccountant(q, sigma, steps, DELTA, "pld",
-                                               pld_discretization=1e-3)
-
-    acc = make()
-    for _ in range(5):
-        acc.record_round(np.array([True, rng.random() < 0.5]))
-    resumed = make()
-    resumed.restore(acc.state())
-    expected = [privacy.dpsgd_epsilon(q[i], sigma[i], acc.total_steps[i], DELTA, "pld",
-                                      pld_discretization=1e-3) for i in range(2)]
-    np.testing.assert_array_equal(acc.epsilons(), expected)
-    np.testing.assert_array_equal(resumed.epsilons(), expected)
-    with pytest.raises(ValueError, match="ids"):
-        acc.record_round(np.array([0, 2]))
-    with pytest.raises(ValueError, match="duplicates"):
-        acc.record_round(np.array([1, 1]))
-    with pytest.raises(ValueError, match="shape"):
-        acc.record_round(np.array([True, False, True]))
+    tier = rng.integers(0, 3, num_clients)
+    q = np.array([0.01, 0.02, 0.05])[tier] * rng.choice([1.0, 1.5], num_clients)
+    sigma = np.array([1.0, 1.2, 0.0])[tier]
+    steps = rng.integers(0, 300, num_clients)
+    vectorized = privacy.dpsgd_epsilons(q, sigma, steps, DELTA)
+    reference = np.array([privacy.dpsgd_epsilon(q[i], sigma[i], steps[i], DELTA) for i in range(num_clients)])
+    np.testing.assert_allclose(vectorized, reference, rtol=1e-9)
+    assert np.all(np.isinf(vectorized[(sigma == 0) & (steps > 0)])) and np.all(vectorized[steps == 0] == 0)
+    pld = privacy.dpsgd_epsilons(q[:4], np.maximum(sigma[:4], 1.0), steps[:4], DELTA, "pld", pld_discretization=1e-3)
+    reference = [privacy.dpsgd_epsilon(q[i], max(sigma[i], 1.0), steps[i], DELTA, "pld", pld_discretization=1e-3)
+                 for i in range(4)]
+    np.testing.assert_array_equal(pld, reference)
 
 
 # ----------------------------------------------------------------------------- planning
@@ -268,3 +209,16 @@ def test_expected_epsilon_validation():
         privacy.expected_epsilon(0.1, 0.1, 1.0, 5, 10, DELTA, tail_fractions=(1.0,))
     assert privacy.expected_epsilon(0.1, 0.1, 0.0, 5, 10, DELTA) == math.inf
     assert privacy.expected_epsilon(0.1, 0.1, 1.0, 5, 0, DELTA) == 0.0
+
+
+def test_fixed_cohort_dpfedavg_uses_replace_one_with_and_without_amplification():
+    """A fixed cohort of 10 of 50: both figures under replace-one (multiplier z / 2), so the unamplified one is the
+    larger, as it must be."""
+    import dp_accounting
+
+    amplified = privacy.dpfedavg_epsilon(0.2, 1.0, 30, DELTA, population=50)
+    unamplified = privacy.dpfedavg_epsilon(0.2, 1.0, 30, DELTA, population=50, amplification=False)
+    gaussian = dp_accounting.SelfComposedDpEvent(dp_accounting.GaussianDpEvent(0.5), 30)
+    reference = dp_accounting.rdp.RdpAccountant(list(privacy.DEFAULT_RDP_ORDERS)).compose(gaussian)
+    assert unamplified == pytest.approx(reference.get_epsilon(DELTA), rel=1e-9)
+    assert unamplified > amplified > privacy.dpfedavg_epsilon(0.2, 1.0, 30, DELTA)  # add/remove Poisson: smaller

@@ -9,6 +9,7 @@ import pytest
 from scipy import stats
 
 from fedjaxpriv.client.settings import make_settings
+from fedjaxpriv.privacy.rdp import INTEGER_ORDERS
 from fedjaxpriv.devices import (DeviceTier, DevicePolicy, apply_policy, availability, profiles_from_tiers,
                                 round_cost, sample_profiles, straggler_mask)
 
@@ -30,26 +31,28 @@ def base_settings():
 
 def test_device_aware_policy_maps_a_known_device_exactly():
     profiles = profiles_from_tiers([SLOW, FAST], [0, 1])
-    s = apply_policy(policy(), profiles, base_settings())
+    s = apply_policy(policy(), profiles, base_settings(), COUNTS)
     # steps: floor(8 s x 1.536e6 / 96 000) = 128; the fast device hits max_local_steps.
     assert s.num_steps.tolist() == [128, 200]
     # memory: training needs 4 x 4 B x 1000 = 16 000 B; 4000 B fit a quarter of the model.
     assert s.prune_sparsity.tolist() == [0.75, 0.0]
     # bits: floor(2 s x 8000 bit/s / 1000 params) = 16; the fast uplink sends float32 (0 = off).
     assert s.quant_bits.tolist() == [16, 0]
-    # privacy: the slow tier needs epsilon 2 over 1 round of 128 steps at q = 16/64; the fast tier none.
+    # privacy: the slow tier needs epsilon 2 over 1 round of 128 fixed-size batches of 16 of its 64 examples
+    # (sampled without replacement, replace-one: the Gaussian's multiplier is z / 2); the fast tier none.
     assert s.dp_noise_multiplier[1] == 0 and math.isinf(s.dp_clip_norm[1]) and s.dp_clip_norm[0] == 1.0
-    event = dp_accounting.SelfComposedDpEvent(
-        dp_accounting.PoissonSampledDpEvent(0.25, dp_accounting.GaussianDpEvent(float(s.dp_noise_multiplier[0]))),
-        128)
-    epsilon = dp_accounting.rdp.RdpAccountant().compose(event).get_epsilon(1e-5)
-    assert 1.9 <= epsilon <= 2.0 + 1e-3
+    event = dp_accounting.SelfComposedDpEvent(dp_accounting.SampledWithoutReplacementDpEvent(
+        64, 16, dp_accounting.GaussianDpEvent(float(s.dp_noise_multiplier[0]) / 2)), 128)
+    accountant = dp_accounting.rdp.RdpAccountant(list(INTEGER_ORDERS),
+                                                 neighboring_relation=dp_accounting.NeighboringRelation.REPLACE_ONE)
+    epsilon = accountant.compose(event).get_epsilon(1e-5)
+    assert 0.98 * 2.0 <= epsilon <= 2.0
     assert s.lr.tolist() == base_settings().lr.tolist()  # fields the policy does not own are kept
 
 
 def test_uniform_policy_keeps_settings_and_applies_the_strictest_privacy_target():
     profiles = profiles_from_tiers([SLOW, FAST], [0, 1])
-    s = apply_policy(policy(kind="uniform"), profiles, base_settings())
+    s = apply_policy(policy(kind="uniform"), profiles, base_settings(), COUNTS)
     assert s.num_steps.tolist() == [100, 100] and s.quant_bits.tolist() == [0, 0]
     assert s.prune_sparsity.tolist() == [0.0, 0.0]
     assert s.dp_noise_multiplier[0] == s.dp_noise_multiplier[1] > 0
@@ -58,14 +61,14 @@ def test_uniform_policy_keeps_settings_and_applies_the_strictest_privacy_target(
 def test_stragglers_drop_or_do_fewer_steps():
     profiles = profiles_from_tiers([SLOW, FAST], [0, 1])
     no_privacy = profiles._replace(target_epsilon=np.full(2, np.inf))
-    dropped = apply_policy(policy(kind="uniform"), no_privacy, base_settings())
+    dropped = apply_policy(policy(kind="uniform"), no_privacy, base_settings(), COUNTS)
     # slow: 100 steps x 0.0625 s + 32 000 bit / 8000 bit/s = 6.25 + 4 = 10.25 s > 10 s deadline.
     assert straggler_mask(policy(), no_privacy, dropped).tolist() == [True, False]
-    fewer = apply_policy(policy(kind="uniform", stragglers="fewer_steps"), no_privacy, base_settings())
+    fewer = apply_policy(policy(kind="uniform", stragglers="fewer_steps"), no_privacy, base_settings(), COUNTS)
     assert fewer.num_steps.tolist() == [96, 100]  # (10 - 4) s / 0.0625 s
     assert straggler_mask(policy(), no_privacy, fewer).tolist() == [False, False]
     hopeless = no_privacy._replace(uplink_bps=np.array([3000.0, 1e9]))  # upload alone takes 10.7 s
-    none_fit = apply_policy(policy(kind="uniform", stragglers="fewer_steps"), hopeless, base_settings())
+    none_fit = apply_policy(policy(kind="uniform", stragglers="fewer_steps"), hopeless, base_settings(), COUNTS)
     assert none_fit.num_steps.tolist() == [0, 100]
     assert straggler_mask(policy(), hopeless, none_fit).tolist() == [True, False]
 
@@ -122,4 +125,4 @@ def test_bad_tiers_and_policies_are_rejected():
     with pytest.raises(ValueError, match="DevicePolicy.kind"):
         policy(kind="greedy")
     with pytest.raises(ValueError, match="2 clients"):
-        apply_policy(policy(), sample_profiles(3, 0), base_settings())
+        apply_policy(policy(), sample_profiles(3, 0), base_settings(), COUNTS)
