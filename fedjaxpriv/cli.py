@@ -39,14 +39,23 @@ def _build_parser() -> argparse.ArgumentParser:
     report = commands.add_parser("report", help="plots and a summary table from results stores or run dirs")
     report.add_argument("sources", nargs="+", help="results store (dir or results.jsonl) or run directories")
     report.add_argument("--out", default="report", help="output directory for PNGs and summary.md/csv")
-    attack = commands.add_parser("attack-eval", help="train each defense, attack it, tabulate privacy vs utility")
-    attack.add_argument("--config", help="base YAML or JSON config file")
+    attack = commands.add_parser("attack-eval", help="train each defense at several strengths, attack it, write the "
+                                                     "privacy-utility frontier")
+    attack.add_argument("--config", help="base YAML or JSON config file (default: a setup where membership leaks)")
     attack.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.FIELD=VALUE",
                         help="override a field of the base config (repeatable)")
     attack.add_argument("--defenses", default="none,pruning,quantization,topk,mixup,poisson,dpsgd,dpfedavg",
-                        help="comma-separated built-in defense names, or a YAML file {name: {field: value}}")
-    attack.add_argument("--lira-shadows", type=int, default=0, help="LiRA shadow models (0 = skip LiRA)")
-    attack.add_argument("--inversion-targets", type=int, default=4, help="batch-1 clients inverted (0 = skip)")
+                        help="comma-separated built-in defenses (each run at several strengths), or a YAML file "
+                             "{name: {field: value}} or {name: {strength: {field: value}}}")
+    attack.add_argument("--shadow-federations", type=int, default=16,
+                        help="shadow federations replaying the training, for LiRA/RMIA (0 = skip them)")
+    attack.add_argument("--pool-size", type=int, default=600,
+                        help="membership pool (half are members); 0 = the config's own train/test data")
+    attack.add_argument("--inversion-targets", type=int, default=4,
+                        help="tapped messages attacked by gradient inversion (0 = skip)")
+    attack.add_argument("--threat-models", default="server,eavesdropper,participant",
+                        help="observers to evaluate: server (every message), eavesdropper (one client's link), "
+                             "participant (the global models)")
     attack.add_argument("--out", default="attack_eval", help="output directory (tables, plot, results.jsonl)")
     audit = commands.add_parser("audit", help="canary audit of a run: empirical epsilon beside the accountant's")
     audit.add_argument("--config", help="YAML or JSON config file of the audited run")
@@ -75,27 +84,31 @@ def _audit(args: argparse.Namespace) -> int:
 
 
 def _attack_eval(args: argparse.Namespace) -> int:
-    from fedjaxpriv.attacks.evaluation import DEFENSES, AttackSuite, evaluate_defenses
+    from fedjaxpriv.attacks.evaluation import DEFENSES, MEMBERSHIP_BASE, AttackSuite, evaluate_defenses
     from fedjaxpriv.config import ExperimentConfig, load_config, with_overrides
 
-    config = load_config(args.config, args.overrides) if args.config else with_overrides(ExperimentConfig(),
-                                                                                           args.overrides)
+    config = (load_config(args.config, args.overrides) if args.config
+              else with_overrides(ExperimentConfig(), [*MEMBERSHIP_BASE, *args.overrides]))
     if os.path.isfile(args.defenses):
         import yaml
 
         with open(args.defenses) as f:
             defenses = yaml.safe_load(f) or {}
+        if not isinstance(defenses, dict):
+            raise ValueError(f"defenses file {args.defenses!r} must map names to config overrides.")
     else:
         names = [n.strip() for n in args.defenses.split(",") if n.strip()]
         unknown = [n for n in names if n not in DEFENSES]
         if unknown:
             raise ValueError(f"unknown defense(s) {unknown}; allowed: {sorted(DEFENSES)} or a YAML file.")
         defenses = {n: DEFENSES[n] for n in names}
-    suite = AttackSuite(lira_shadows=args.lira_shadows, inversion_targets=args.inversion_targets)
+    suite = AttackSuite(shadow_federations=args.shadow_federations, pool_size=args.pool_size,
+                        inversion_targets=args.inversion_targets,
+                        threat_models=tuple(t.strip() for t in args.threat_models.split(",") if t.strip()))
     records = evaluate_defenses(config, defenses, suite, out_dir=args.out)
-    print(json.dumps({"out_dir": args.out, "defenses": len(records),
+    print(json.dumps({"out_dir": args.out, "defense_points": len(records),
                       **{k: os.path.join(args.out, v) for k, v in (("table", "attack_eval.md"),
-                                                                    ("plot", "privacy_attack.png"))}}))
+                                                                    ("frontier", "frontier.png"))}}))
     return 0
 
 

@@ -209,9 +209,12 @@ class ServerConfig:
       adaptive_clip_quantile: adaptive clipping (Andrew et al. 2021): the clip norm starts at
         central_clip_norm and tracks this quantile of the update norms, from a noisy count.
       adaptive_clip_lr: geometric step size of the clip norm update.
-      clip_count_noise_multiplier: std of the count noise (default clients_per_round / 20). The epsilon then
-        accounts for both Gaussian releases: z_eff^-2 = z^-2 + sigma_b^-2
-        (the count has sensitivity 1).
+      clip_count_noise_multiplier: std of the Gaussian noise on the count of unclipped updates (count units,
+        default clients_per_round / 20). The epsilon accounts for both Gaussian releases of a round
+        (``privacy.mechanisms.ClientLevelDpFedAvg``).
+      target_epsilon: if set, central_noise_multiplier is calibrated before training so that the client-level
+        epsilon after ``run.rounds`` rounds is at most this value (needs a finite central_clip_norm; leave
+        central_noise_multiplier at 0).
     """
 
     algorithm: str = "fedavg"
@@ -229,6 +232,7 @@ class ServerConfig:
     adaptive_clip_quantile: float | None = None
     adaptive_clip_lr: float = 0.2
     clip_count_noise_multiplier: float | None = None
+    target_epsilon: float | None = None
 
     def __post_init__(self) -> None:
         if self.adaptive_clip_quantile is not None:
@@ -253,6 +257,13 @@ class ServerConfig:
         _check(self.central_noise_multiplier == 0 or math.isfinite(self.central_clip_norm),
                "server.central_clip_norm", self.central_clip_norm,
                "a finite clip norm whenever server.central_noise_multiplier > 0")
+        if self.target_epsilon is not None:
+            _check(isinstance(self.target_epsilon, (int, float)) and 0 < self.target_epsilon < math.inf,
+                   "server.target_epsilon", self.target_epsilon, "a finite number > 0, or null")
+            _check(math.isfinite(self.central_clip_norm), "server.central_clip_norm", self.central_clip_norm,
+                   "a finite clip norm when server.target_epsilon is set")
+            _check(self.central_noise_multiplier == 0, "server.central_noise_multiplier",
+                   self.central_noise_multiplier, "0 when server.target_epsilon is set (it is calibrated)")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

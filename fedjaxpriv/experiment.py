@@ -26,7 +26,8 @@ from fedjaxpriv.data import Dataset, FederatedData, load_dataset, partition, syn
 from fedjaxpriv.models import Model, count_params, get_model
 from fedjaxpriv.parallel import (auto_chunk_size, auto_conv_as_matmul, auto_outer_product_grads, auto_strategy,
                                  local_mesh, replicate)
-from fedjaxpriv.privacy.mechanisms import ClientLevelDpFedAvg, local_gaussian
+from fedjaxpriv.privacy.calibration import calibrate_noise
+from fedjaxpriv.privacy.mechanisms import ClientLevelDpFedAvg, local_gaussian, round_up_float32
 from fedjaxpriv.privacy.tracking import PrivacyTracker, calibrate_targets, dpsgd_mechanism
 from fedjaxpriv.server import Cohort, max_cohort_size, sample_cohort, server_optimizer
 from fedjaxpriv.simulation import (AggregationSpec, Population, RoundOutput, ServerState, build_message_tap,
@@ -94,6 +95,13 @@ def load_population(config: ExperimentConfig) -> tuple[FederatedData, Dataset, i
         return population, test, num_classes
     train, test, info = load_dataset(data.dataset, data_dir=data.data_dir, download=data.download,
                                      image_key=data.image_key, label_key=data.label_key)
+    return partition_like(config, train, config.run.seed), test, info.num_classes
+
+
+def partition_like(config: ExperimentConfig, dataset: Dataset, seed: int) -> FederatedData:
+    """Splits ``dataset`` into ``data.num_clients`` clients with the config's partition scheme and its
+    parameters (the same split a run of ``config`` makes of its training data, for another dataset or seed)."""
+    data = config.data
     kwargs: dict[str, Any] = {}
     if data.partition == "dirichlet":
         kwargs["alpha"] = data.dirichlet_alpha
@@ -101,8 +109,7 @@ def load_population(config: ExperimentConfig) -> tuple[FederatedData, Dataset, i
         kwargs["shards_per_client"] = data.shards_per_client
     elif data.partition == "quantity_skew":
         kwargs["sigma"] = data.quantity_sigma
-    population = partition(train, data.partition, data.num_clients, config.run.seed, **kwargs)
-    return population, test, info.num_classes
+    return partition(dataset, data.partition, data.num_clients, seed, **kwargs)
 
 
 def model_for(config: ExperimentConfig, input_shape: Sequence[int], num_classes: int = 10) -> Model:
@@ -137,7 +144,9 @@ def target_epsilons(config: ExperimentConfig, num_clients: int) -> np.ndarray:
 
 def client_level_mechanism(config: ExperimentConfig, num_clients: int,
                            cohort_slots: int) -> ClientLevelDpFedAvg | None:
-    """DP-FedAvg as the config describes it (None without client-level clipping or noise)."""
+    """DP-FedAvg as the config describes it (None without client-level clipping or noise); with
+    ``server.target_epsilon`` its noise multiplier is calibrated to the target over ``run.rounds`` rounds
+    (float32 rounded up)."""
     s = config.server
     if not (s.central_noise_multiplier > 0 or math.isfinite(s.central_clip_norm)):
         return None
@@ -146,10 +155,19 @@ def client_level_mechanism(config: ExperimentConfig, num_clients: int,
     truncation = float(overflow_probability(num_clients + 1, rate, cohort_slots)) if poisson else 0.0
     count_noise = (s.clip_count_noise_multiplier if s.clip_count_noise_multiplier is not None
                    else s.clients_per_round / 20.0)
-    return ClientLevelDpFedAvg(noise_multiplier=float(s.central_noise_multiplier), num_clients=num_clients,
-                               expected_cohort=s.clients_per_round, poisson=poisson,
-                               adaptive_quantile=s.adaptive_clip_quantile, adaptive_lr=s.adaptive_clip_lr,
-                               count_noise_std=float(count_noise), cohort_truncation_probability=truncation)
+    mechanism = ClientLevelDpFedAvg(noise_multiplier=float(s.central_noise_multiplier), num_clients=num_clients,
+                                    expected_cohort=s.clients_per_round, poisson=poisson,
+                                    adaptive_quantile=s.adaptive_clip_quantile, adaptive_lr=s.adaptive_clip_lr,
+                                    count_noise_std=float(count_noise), cohort_truncation_probability=truncation)
+    if s.target_epsilon is None:
+        return mechanism
+    r = config.run
+    try:
+        z = calibrate_noise(lambda z: dataclasses.replace(mechanism, noise_multiplier=z).round_event(), r.rounds,
+                            s.target_epsilon, r.delta, r.accountant, truncation_probability=truncation)
+    except ValueError as error:
+        raise ValueError(f"server.target_epsilon={s.target_epsilon:g}: {error}") from None
+    return dataclasses.replace(mechanism, noise_multiplier=float(round_up_float32(np.array([z]))[0]))
 
 
 def local_spec(config: ExperimentConfig, settings: ClientSettings, counts: np.ndarray, num_classes: int,
@@ -239,7 +257,7 @@ class Experiment:
         self.server_tx = server_optimizer(s.optimizer, s.lr, momentum=s.momentum, b1=s.adam_b1, b2=s.adam_b2,
                                           eps=s.adam_eps)
         self.cohort_slots = max_cohort_size(population.num_clients, s.clients_per_round, s.client_sampling,
-                                            private=s.central_noise_multiplier > 0)
+                                            private=s.central_noise_multiplier > 0 or s.target_epsilon is not None)
         # The run's DP mechanisms: each owns its JAX step and its accounting.
         self.sample_level = dpsgd_mechanism(self.settings, counts, slots)
         self.local_dp = local_gaussian(self.settings.local_noise_multiplier, self.settings.update_clip_norm)

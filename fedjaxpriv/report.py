@@ -8,6 +8,8 @@ Files written to the output directory:
 * ``privacy_utility.png``: final accuracy against final epsilon (runs without DP at the right, "no DP");
 * ``communication_vs_accuracy.png``: final accuracy against total bytes uploaded (log scale);
 * ``attacks.png``: every ``attack/<name>/<metric>`` key found in the records' final metrics, per run;
+* ``frontier.png``: the privacy-utility frontier, attack success (with its interval) against accuracy and
+  bytes, one curve per defense family (``defense_family``) over its strengths;
 * ``summary.md`` / ``summary.csv``: one row per run with the config fields that vary and final metrics; every
   epsilon's basis (level, neighbouring relation, sampling, accountant, delta) is a CSV column and is listed
   under the markdown table.
@@ -20,6 +22,7 @@ import os
 from typing import Any, Mapping, Sequence
 
 import matplotlib
+import numpy as np
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -77,11 +80,21 @@ def write_table(rows: Sequence[Mapping[str, Any]], out_dir: str, name: str = "su
         columns.extend(k for k in row if k not in columns)
     csv_path, md_path = os.path.join(out_dir, f"{name}.csv"), os.path.join(out_dir, f"{name}.md")
     write_csv(csv_path, rows)
-    notes = [k for k in columns if k.endswith("_basis")]  # long sentences: listed under the table
-    shown = [k for k in columns if k not in notes]
+    shown = [k for k in columns if not k.endswith("_basis")]  # bases are long sentences: listed under the table
     lines = ["| " + " | ".join(shown) + " |", "|" + "---|" * len(shown)]
     lines += ["| " + " | ".join(_cell(row.get(k)) for k in shown) + " |" for row in rows]
-    for key in notes:
+    with open(md_path, "w") as f:
+        f.write("\n".join(lines) + "\n" + basis_notes(rows))
+    return csv_path, md_path
+
+
+def basis_notes(rows: Sequence[Mapping[str, Any]]) -> str:
+    """Markdown lists of every ``*_basis`` column's distinct values and the rows (by label) that have them."""
+    keys: list[str] = []
+    for row in rows:
+        keys.extend(k for k in row if k.endswith("_basis") and k not in keys)
+    lines: list[str] = []
+    for key in keys:
         by_value: dict[str, list[str]] = {}
         for index, row in enumerate(rows):
             if row.get(key):
@@ -89,9 +102,7 @@ def write_table(rows: Sequence[Mapping[str, Any]], out_dir: str, name: str = "su
         if by_value:
             lines += ["", f"**{key}** ({key.removesuffix('_basis')}):"]
             lines += [f"- {', '.join(labels)}: {value}" for value, labels in by_value.items()]
-    with open(md_path, "w") as f:
-        f.write("\n".join(lines) + "\n")
-    return csv_path, md_path
+    return "\n".join(lines) + ("\n" if lines else "")
 
 
 def _series(record: Record, key: str) -> tuple[list[float], list[float]]:
@@ -218,6 +229,81 @@ def plot_attacks_vs_strength(records: Sequence[Record], out_dir: str) -> dict[st
     return written
 
 
+# Membership attacks in order of preference for the frontier (the first one every attacked run has).
+MEMBERSHIP_ATTACKS = ("rmia", "lira_offline", "lira_online", "loss_threshold")
+
+
+def defense_family(record: Record) -> str:
+    """The curve a run belongs to on the frontier: its label up to the first space or comma ("dpsgd eps=4" and
+    "dpsgd,seed=1" are both "dpsgd")."""
+    label = str(record.get("label") or "run")
+    return label.replace(",", " ").split(" ")[0]
+
+
+def frontier_metrics(records: Sequence[Record]) -> list[tuple[str, str]]:
+    """(key, axis label) of the attack-success metrics the frontier shows: the membership AUC of the strongest
+    attack all attacked runs share, the passive attack's AUC and the inversion success rate."""
+    attacked = [r for r in records if any(k.startswith("attack/") for k in r["final"])]
+    chosen = []
+    for attack in MEMBERSHIP_ATTACKS:
+        if attacked and all(f"attack/{attack}/auc" in r["final"] for r in attacked):
+            chosen.append((f"attack/{attack}/auc", f"membership AUC ({attack}, global model)"))
+            break
+    for key, label in (("attack/passive/auc", "passive membership AUC (server's view)"),
+                       ("attack/inversion/fraction_above_threshold",
+                        "inversion: fraction of examples above the PSNR threshold")):
+        if any(key in r["final"] for r in attacked):
+            chosen.append((key, label))
+    return chosen
+
+
+def plot_frontier(records: Sequence[Record], path: str) -> str | None:
+    """The privacy-utility frontier: attack success (x, with its 95% interval) against final test accuracy (top
+    row) and bytes uploaded (bottom row), one curve per defense family through its strengths; None (no file)
+    without attack metrics."""
+    metrics = frontier_metrics(records)
+    if not metrics:
+        return None
+    families: dict[str, list[Record]] = {}
+    for record in records:
+        if any(k in record["final"] for k, _ in metrics):
+            families.setdefault(defense_family(record), []).append(record)
+    fig, axes = plt.subplots(2, len(metrics), figsize=(4.6 * len(metrics) + 2.2, 7.2), squeeze=False)
+    colors = plt.cm.tab10.colors
+    for column, (key, label) in enumerate(metrics):
+        for index, (family, members) in enumerate(families.items()):
+            points = [(as_float(r["final"].get(key)), as_float(r["final"].get(f"{key}_low")),
+                       as_float(r["final"].get(f"{key}_high")), as_float(r["final"].get("test_accuracy")),
+                       max(cumulative(r["history"], "bytes_total"), 1.0)) for r in members if key in r["final"]]
+            if not points:
+                continue
+            x, low, high, accuracy, sent = (np.array(v, np.float64) for v in zip(*points))
+            error = np.where(np.isnan(low), 0.0, np.stack([x - low, high - x]))
+            style = dict(color=colors[index % len(colors)], marker="*" if family == "none" else "o",
+                         markersize=11 if family == "none" else 5, capsize=2, lw=1.2, label=family)
+            strengths = [str(r.get("label", ""))[len(family):].strip(" ,") for r in members if key in r["final"]]
+            for row, y in enumerate((accuracy, sent)):
+                axes[row, column].errorbar(x, y, xerr=np.maximum(error, 0.0), **style)
+                for xi, yi, text in zip(x, y, strengths):
+                    if text:
+                        axes[row, column].annotate(text, (xi, yi), xytext=(3, 3), textcoords="offset points",
+                                                   fontsize=6, color=style["color"])
+        axes[0, column].set(xlabel=label, ylabel="final test accuracy")
+        axes[1, column].set(xlabel=label, ylabel="bytes uploaded (total)", yscale="log")
+        for row in range(2):
+            axes[row, column].grid(alpha=0.3)
+    handles, names = axes[0, 0].get_legend_handles_labels()
+    width = 4.6 * len(metrics) + 2.2
+    fig.tight_layout(rect=(0, 0, 1 - 2.0 / width, 0.95))
+    fig.legend(handles, names, loc="center left", bbox_to_anchor=(1 - 1.95 / width, 0.5), fontsize=8,
+               title="defense")
+    fig.suptitle("Privacy-utility frontier: each defense over its strengths, 95% intervals (lower attack success "
+                 "is better)", fontsize=10)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
 def write_report(records: Sequence[Record], out_dir: str) -> dict[str, str]:
     """Writes every plot that the records support and the summary table.
 
@@ -239,6 +325,7 @@ def write_report(records: Sequence[Record], out_dir: str) -> dict[str, str]:
         "communication_vs_accuracy": plot_communication(records,
                                                         os.path.join(out_dir, "communication_vs_accuracy.png")),
         "attacks": plot_attacks(records, os.path.join(out_dir, "attacks.png")),
+        "frontier": plot_frontier(records, os.path.join(out_dir, "frontier.png")),
     }
     written.update(plot_attacks_vs_strength(records, out_dir))
     written["summary_csv"], written["summary_md"] = write_table(summary_rows(records), out_dir)

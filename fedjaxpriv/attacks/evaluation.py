@@ -23,30 +23,70 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fedjaxpriv.attacks import audit, inversion, membership, metrics, shadow
+from fedjaxpriv.attacks import inversion_eval, membership, shadow
 from fedjaxpriv.config import ExperimentConfig, with_overrides
-from fedjaxpriv.data.federated import Dataset, FederatedData, from_client_lists
+from fedjaxpriv.data.federated import Dataset
 from fedjaxpriv.results import cumulative
 
 Record = dict[str, Any]
 
-DEFENSES: dict[str, dict[str, Any]] = {
-    "none": {},
-    "pruning": {"client.prune_sparsity": 0.8},
-    "quantization": {"message.quant_bits": 2},
-    "topk": {"message.topk_fraction": 0.05},
-    "mixup": {"client.mixup_alpha": 1.0},
-    "poisson": {"client.sampling": "poisson"},
-    "dpsgd": {"client.dp_clip_norm": 1.0, "client.target_epsilon": 8.0},
-    "dpfedavg": {"server.central_clip_norm": 1.0, "server.central_noise_multiplier": 1.0},
-    "pruning+quantization": {"client.prune_sparsity": 0.8, "message.quant_bits": 2},
-    "dpsgd+topk": {"client.dp_clip_norm": 1.0, "client.target_epsilon": 8.0, "message.topk_fraction": 0.05},
+# Each defense at several strengths: family -> {strength label: dotted overrides}. DP defenses are calibrated to
+# a target epsilon (example level for DP-SGD, client level for DP-FedAvg).
+DEFENSES: dict[str, dict[str, dict[str, Any]]] = {
+    "none": {"": {}},
+    "pruning": {f"sparsity={v}": {"client.prune_sparsity": v} for v in (0.5, 0.9, 0.99)},
+    "quantization": {f"bits={v}": {"message.quant_bits": v} for v in (1, 2, 4)},
+    "topk": {f"fraction={v}": {"message.topk_fraction": v} for v in (0.01, 0.1)},
+    "mixup": {f"alpha={v}": {"client.mixup_alpha": v} for v in (0.2, 1.0, 4.0)},
+    "poisson": {"poisson batches": {"client.sampling": "poisson"}},
+    "dpsgd": {f"eps={v}": {"client.dp_clip_norm": 1.0, "client.target_epsilon": v} for v in (1.0, 4.0, 8.0)},
+    "dpsgd_poisson": {f"eps={v}": {"client.dp_clip_norm": 1.0, "client.target_epsilon": v,
+                                   "client.sampling": "poisson"} for v in (1.0, 4.0, 8.0)},
+    "dpfedavg": {f"eps={v}": {"server.central_clip_norm": 1.0, "server.target_epsilon": v} for v in (1.0, 4.0, 8.0)},
+    "pruning+quantization": {"sparsity=0.5,bits=4": {"client.prune_sparsity": 0.5, "message.quant_bits": 4},
+                             "sparsity=0.9,bits=2": {"client.prune_sparsity": 0.9, "message.quant_bits": 2}},
+    "dpsgd+topk": {"eps=8,fraction=0.1": {"client.dp_clip_norm": 1.0, "client.target_epsilon": 8.0,
+                                         "message.topk_fraction": 0.1}},
+}
+# The base run of ``fedjaxpriv attack-eval`` without --config: few examples per client (the membership pool of
+# ``AttackSuite.pool_size`` split over 10 clients), many local epochs and a wide model, so that the undefended
+# federation memorises its data and the attacks can tell defenses apart (see ``membership_setup``).
+MEMBERSHIP_BASE: tuple[str, ...] = (
+    "data.num_clients=10", "data.partition=iid", "model.hidden=[512]", "client.local_steps=100", "client.lr=0.3",
+    "server.clients_per_round=10", "run.rounds=10", "run.eval_every=10", "run.checkpoint_every=0")
+
+
+def defense_points(defenses: Mapping[str, Any]) -> list[tuple[str, str, dict[str, Any]]]:
+    """(family, strength, overrides) for every strength of every family; a family given as plain overrides
+    ({"client.mixup_alpha": 1.0}) is one strength named "" (``DEFENSES`` names can be given as strings)."""
+    points = []
+    for family, value in defenses.items():
+        if isinstance(value, str):
+            if value not in DEFENSES:
+                raise ValueError(f"unknown defense {value!r}; allowed: {sorted(DEFENSES)}.")
+            value = DEFENSES[value]
+        if not isinstance(value, Mapping):
+            raise ValueError(f"defense {family!r} must map config fields to values, or strengths to such maps.")
+        strengths = value if value and all(isinstance(v, Mapping) for v in value.values()) else {"": value}
+        points.extend((family, strength, dict(overrides)) for strength, overrides in strengths.items())
+    return points
+
+
+THREAT_MODELS: dict[str, str] = {
+    "server": "honest-but-curious server: every message of every client in every round it takes part in",
+    "eavesdropper": "an eavesdropper on one client's link: that client's messages",
+    "participant": "a participant (or anyone the models are released to): the global models only",
+}
+# Which view each attack uses.
+ATTACK_VIEWS: dict[str, str] = {
+    "loss_threshold": "participant", "lira_online": "participant", "lira_offline": "participant",
+    "rmia": "participant", "passive": "server", "inversion": "server", "reconstruction": "eavesdropper",
 }
 
 
@@ -55,32 +95,52 @@ class AttackSuite:
     """Which attacks run on each defense, and their budgets.
 
     Attributes:
-      tap_clients: clients whose messages the passive attack observes (every round from ``tap_from_round``).
+      threat_models: the observers to evaluate (``THREAT_MODELS`` names); attacks run only if their view
+        (``ATTACK_VIEWS``) is selected.
+      pool_size: membership evaluation pool: this many examples of the dataset (train and test together), a
+        random half of which the target federation trains on (the other half are non-members and the test
+        set). A small pool (few examples per client, many local epochs) is where membership leaks: see
+        ``membership_setup``. 0: the config's own data (members: training examples, non-members: test set).
+      shadow_federations: S shadow federations replaying the target's training on random halves of the pool
+        (LiRA and RMIA reference models); the target and every shadow serve in turn as the attacked model with
+        the others as references, pooling (S + 1) x pool_size scores so that low FPRs are resolvable.
+        0 = no LiRA / RMIA.
+      tap_clients: clients whose messages the passive attack observes (from ``tap_from_round`` on, in the
+        rounds they take part in).
       tap_from_round: first observed round (1-based).
-      max_candidates: members (and as many non-members) scored by the model-level attacks.
-      lira_shadows: LiRA shadow models (0 = skip LiRA).
-      lira_steps: shadow SGD steps (0 = rounds x local_steps of the config).
-      inversion_targets: batch-1 clients of the inversion probe (0 = skip inversion).
-      inversion_iterations: L-BFGS iterations of DLG.
-      seed: seed of the attacks' own randomness.
+      max_candidates: members (and as many non-members) scored per client by the passive attack.
+      inversion_targets: (round, client) messages from the run's taps that gradient inversion attacks
+        (``inversion_eval.invert_taps``: the server's knowledge of masks, clip norms and step counts, cosine
+        distance for clipped or noised messages; 0 = skip inversion).
+      inversion_iterations: optimisation steps of the inversion.
+      psnr_threshold: dB above which an example counts as reconstructed.
+      seed: seed of the attacks' own randomness (pool halves, shadows, candidates).
     """
 
-    tap_clients: tuple[int, ...] = (0, 1)
+    threat_models: tuple[str, ...] = tuple(THREAT_MODELS)
+    pool_size: int = 600
+    shadow_federations: int = 16
+    tap_clients: tuple[int, ...] = (0, 1, 2, 3)
     tap_from_round: int = 2
     max_candidates: int = 300
-    lira_shadows: int = 0
-    lira_steps: int = 0
     inversion_targets: int = 4
-    inversion_iterations: int = 100
+    inversion_iterations: int = 300
+    psnr_threshold: float = 20.0
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if self.lira_shadows not in (0,) and self.lira_shadows < 2:
-            raise ValueError(f"lira_shadows={self.lira_shadows}; allowed: 0 (off) or >= 2.")
+        unknown = [t for t in self.threat_models if t not in THREAT_MODELS]
+        if unknown or not self.threat_models:
+            raise ValueError(f"threat_models={list(self.threat_models)} is not allowed: choose from "
+                             f"{list(THREAT_MODELS)}.")
+        if self.shadow_federations == 1 or self.shadow_federations < 0:
+            raise ValueError(f"shadow_federations={self.shadow_federations}; allowed: 0 (off) or >= 2.")
+        if self.pool_size != 0 and self.pool_size < 20:
+            raise ValueError(f"pool_size={self.pool_size}; allowed: 0 (the config's data) or >= 20.")
         for name in ("max_candidates", "tap_from_round"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 1.")
-        for name in ("lira_steps", "inversion_targets", "inversion_iterations"):
+        for name in ("inversion_targets", "inversion_iterations"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 0.")
 
@@ -111,37 +171,116 @@ def _prefixed(name: str, values: Mapping[str, float]) -> Record:
     return {f"attack/{name}/{k}": float(v) for k, v in values.items()}
 
 
-def model_attacks(experiment: Any, params: Any, suite: AttackSuite) -> Record:
-    """Loss-threshold (and LiRA) membership inference on a trained global model."""
+class MembershipSetup(NamedTuple):
+    """The membership evaluation data.
+
+    Attributes:
+      pool: the N candidates.
+      members: bool [N], the half of the pool the target federation trains on.
+      population: examples outside the pool that no model trains on (RMIA's population points).
+      num_classes: label classes.
+    """
+
+    pool: Dataset
+    members: np.ndarray
+    population: Dataset
+    num_classes: int
+
+
+def membership_setup(config: ExperimentConfig, pool_size: int, seed: int,
+                     population_size: int = 1000) -> MembershipSetup:
+    """The membership evaluation pool and which half of it the target trains on.
+
+    ``pool_size`` examples are drawn from the dataset (training and test splits together) and a uniformly
+    random half are members. Why this setup: a digit classifier trained on all 1437 training images
+    generalises so well that no attack separates members (loss-threshold AUC 0.49-0.50); with a few hundred
+    members spread over the clients (about 30 per client at the defaults), many local epochs and a wide model,
+    the undefended federation memorises its data and membership measurably leaks, so defenses can be told
+    apart. Non-members come from the same distribution, so the test accuracy on them is honest.
+
+    Up to ``population_size`` further examples outside the pool form RMIA's population (never trained on).
+    """
+    from fedjaxpriv.data import load_dataset
+
+    data = config.data
+    train, test, info = load_dataset(data.dataset, data_dir=data.data_dir, download=data.download,
+                                  image_key=data.image_key, label_key=data.label_key)
+    x, y = np.concatenate([train.x, test.x]), np.concatenate([train.y, test.y])
+    if not 2 <= pool_size <= len(y):
+        raise ValueError(f"pool_size={pool_size} is not allowed for {data.dataset!r}: use 2..{len(y)}.")
+    rng = np.random.default_rng([seed, 0x600D])
+    order = rng.permutation(len(y))
+    chosen, rest = order[:pool_size], order[pool_size:pool_size + population_size]
+    members = np.zeros(pool_size, bool)
+    members[rng.choice(pool_size, pool_size // 2, replace=False)] = True
+    return MembershipSetup(Dataset(x[chosen], y[chosen]), members, Dataset(x[rest], y[rest]), info.num_classes)
+
+
+def model_attacks(experiment: Any, params: Any, pool: Dataset, members: np.ndarray, suite: AttackSuite,
+                  population: Dataset | None = None) -> tuple[Record, dict[str, tuple[np.ndarray, np.ndarray]]]:
+    """Membership inference on released global models: loss threshold (Yeom et al.), LiRA online and offline
+    (Carlini et al. 2022) and, given ``population`` points no model trained on, RMIA (Zarifzadeh et al. 2024),
+    against reference models from shadow federations that replay the target's training
+    (``shadow.train_shadow_federations``). Candidates a score is undefined for (no in or no out reference) are
+    left out and counted in ``attack/<name>/dropped``.
+
+    The target and each shadow federation serve in turn as the attacked model, with all the others as
+    references; their scores are pooled into one ROC over (S + 1) x N (candidate, model) pairs, so that the
+    smallest resolvable FPR is about 1 / ((S + 1) N / 2). Without shadows only the target is scored.
+
+    Returns:
+      (``attack/<name>/<metric>`` record, {attack name: (pooled scores, labels)} for ROC curves).
+    """
     from fedjaxpriv.attacks.membership import attack_metrics
 
-    rng = np.random.default_rng(suite.seed)
-    p = experiment.population
-    candidates, labels = _balanced_candidates(Dataset(p.x, p.y), experiment.test, suite.max_candidates, rng)
     apply = experiment.model.apply
-    out = _prefixed("loss_threshold", attack_metrics(
-        membership.loss_threshold_scores(apply, params, candidates.x, candidates.y), labels))
-    if suite.lira_shadows:
-        c = experiment.config.client
-        steps = suite.lira_steps or experiment.config.run.rounds * int(np.max(experiment.settings.num_steps))
-        shadows = shadow.train_shadows(experiment.model, candidates, suite.lira_shadows,
-                                       jax.random.key(suite.seed), steps=max(1, steps),
-                                       batch_size=int(np.max(experiment.settings.batch_size)),
-                                       lr=float(np.max(experiment.settings.lr)), momentum=c.momentum)
-        stacked = jax.tree_util.tree_map(lambda a: a[None], params)
-        target = membership.stacked_logit_confidence(apply, stacked, candidates.x, candidates.y)[0]
-        shadow_conf = membership.stacked_logit_confidence(apply, shadows.params, candidates.x, candidates.y)
-        scores = membership.lira_scores(target, shadow_conf, shadows.inclusion, online=True,
-                                        global_variance=suite.lira_shadows < 64)
-        out.update(_prefixed("lira", attack_metrics(np.asarray(scores), labels)))
-    return out
+    stacked = jax.tree_util.tree_map(lambda a: np.asarray(a)[None], params)
+    inclusion = np.asarray(members, bool)[None]
+    if suite.shadow_federations:
+        shadows = shadow.train_shadow_federations(experiment, pool, suite.shadow_federations,
+                                                  jax.random.key(suite.seed + 17))
+        stacked = jax.tree_util.tree_map(lambda t, s: np.concatenate([t, np.asarray(s)]), stacked, shadows.params)
+        inclusion = np.concatenate([inclusion, shadows.inclusion])
+    def statistics(data: Dataset) -> dict[str, np.ndarray]:
+        stats = jax.vmap(lambda p: membership.model_statistics(apply, p, jnp.asarray(data.x),
+                                                               jnp.asarray(data.y)))(stacked)
+        return {k: np.asarray(v) for k, v in stats.items()}  # each [M, N]
+
+    candidates = statistics(pool)
+    labels = inclusion.astype(np.int32).ravel()
+    pooled = {"loss_threshold": (-candidates["loss"].ravel(), labels)}
+    models = inclusion.shape[0]
+    if models >= 3:
+        confidence = candidates["logit_confidence"]
+        for name, online in (("lira_online", True), ("lira_offline", False)):
+            pooled[name] = np.stack([np.asarray(membership.lira_scores(
+                confidence[t], np.delete(confidence, t, 0), np.delete(inclusion, t, 0), online=online,
+                global_variance=models < 64)) for t in range(models)]).ravel(), labels
+        if population is not None and len(population):
+            def probabilities(loss: np.ndarray) -> np.ndarray:  # p(y|x) in float64, kept off 0 (float32 exp underflows)
+                return np.maximum(np.exp(-loss.astype(np.float64)), 1e-300)
+
+            points = probabilities(statistics(population)["loss"])
+            probs = probabilities(candidates["loss"])
+            pooled["rmia"] = np.stack([membership.rmia_scores(
+                probs[t], np.delete(probs, t, 0), points[t], np.delete(points, t, 0),
+                reference_in=np.delete(inclusion, t, 0)) for t in range(models)]).ravel(), labels
+    out: Record = {}
+    for name, (scores, truth) in list(pooled.items()):
+        scores, truth, dropped = membership.finite_scores(scores, truth)
+        pooled[name] = (scores, truth)
+        out.update(_prefixed(name, {**attack_metrics(scores, truth), "dropped": dropped}))
+    return out, pooled
 
 
-def passive_attack(experiment: Any, taps: Mapping[int, Any], suite: AttackSuite) -> Record:
-    """Zari et al. passive attack on each tapped client; scores of all targets pooled into one ROC."""
+def passive_attack(experiment: Any, taps: Mapping[int, Any],
+                   suite: AttackSuite) -> tuple[Record, dict[str, tuple[np.ndarray, np.ndarray]]]:
+    """Zari et al. passive attack on each tapped client (members: its data; non-members: the test set) over the
+    rounds it took part in; scores of all targets pooled into one ROC. Returns (record, {"passive": (scores,
+    labels)})."""
     observed = [taps[r] for r in sorted(taps)]
     if not observed:
-        return {}
+        return {}, {}
     rng = np.random.default_rng(suite.seed + 1)
     all_scores, all_labels = [], []
     clients = sorted({int(c) for tap in observed for c in tap.client_ids})
@@ -155,66 +294,96 @@ def passive_attack(experiment: Any, taps: Mapping[int, Any], suite: AttackSuite)
                                                                candidates.x, candidates.y)))
         all_labels.append(labels)
     if not all_scores:
-        return {}
-    return _prefixed("passive", membership.attack_metrics(np.concatenate(all_scores), np.concatenate(all_labels)))
+        return {}, {}
+    scores, labels = np.concatenate(all_scores), np.concatenate(all_labels)
+    return _prefixed("passive", membership.attack_metrics(scores, labels)), {"passive": (scores, labels)}
 
 
-def inversion_probe(config: ExperimentConfig, source: FederatedData, num_classes: int, suite: AttackSuite) -> Record:
-    """DLG (iDLG labels) on the FedSGD messages of ``suite.inversion_targets`` batch-1 clients under the
-    config's defenses (local training, message transforms); PSNR of the reconstructions (dB)."""
-    from fedjaxpriv.experiment import Experiment
+@dataclasses.dataclass
+class DefenseResult:
+    """One defense point, trained and attacked.
 
-    k = min(suite.inversion_targets, source.num_examples)
-    xs, ys = source.x[:k], source.y[:k]
-    population = from_client_lists([x[None] for x in xs], [y[None] for y in ys])
-    probe = with_overrides(config, [f"data.num_clients={k}", "server.algorithm=fedsgd",
-                                    f"server.clients_per_round={k}", "server.client_sampling=uniform",
-                                    "run.rounds=1", f"run.tap_clients={list(range(k))}", "run.tap_rounds=[1]",
-                                    "client.target_epsilon=null", "client.sampling=fixed"])
-    experiment = Experiment(probe, population=population, test=Dataset(xs, ys), num_classes=num_classes)
-    tap = experiment.tap(experiment.initial_state, list(range(k)))
-    gradients = jax.tree_util.tree_map(lambda m: -jnp.asarray(m), tap.messages)   # FedSGD: delta = -1 x grad
-    spec = inversion.TargetSpec(input_shape=population.input_shape, num_classes=num_classes, batch_size=1)
-    attack = inversion.InversionConfig(method="dlg", num_iterations=suite.inversion_iterations, labels="idlg")
-    keys = jax.random.split(jax.random.key(suite.seed + 2), k)
-    result = inversion.invert_batch(attack, spec, experiment.model.apply, tap.server_params, gradients, keys)
-    psnr = np.asarray(jax.vmap(metrics.psnr)(result.x[:, 0], jnp.asarray(xs)))
-    psnr = np.minimum(psnr, 100.0)
-    label_acc = float(np.mean(np.asarray(result.y[:, 0]) == ys))
-    return _prefixed("inversion", {"psnr": float(np.mean(psnr)), "psnr_max": float(np.max(psnr)),
-                                   "label_accuracy": label_acc})
+    Attributes:
+      record: the table row: defense, strength, test_accuracy, epsilon (+ basis), bytes, ``attack/...`` metrics.
+      config: the config that ran.
+      history: the run's history, the attack metrics in its last record.
+      scores: {attack: (pooled scores, labels)} of the membership attacks, for ROC curves.
+      inversion: the gradient inversion of the run's tapped messages (None if skipped).
+    """
+
+    record: Record
+    config: ExperimentConfig
+    history: list[Record]
+    scores: dict[str, tuple[np.ndarray, np.ndarray]]
+    inversion: Any = None
 
 
 def evaluate_defense(base: ExperimentConfig, name: str, overrides: Mapping[str, Any],
-                     suite: AttackSuite = AttackSuite()) -> tuple[Record, ExperimentConfig, list[Record]]:
-    """Trains ``base`` with one defense's overrides and runs the attack suite.
-
-    Returns:
-      (summary record, the config used, the run's history with the attack metrics in its last record).
-    """
-    from fedjaxpriv.experiment import build_experiment
+                     suite: AttackSuite = AttackSuite(), *, family: str | None = None,
+                     strength: str = "") -> DefenseResult:
+    """Trains ``base`` with one defense's overrides and runs the attack suite on what the run produced."""
+    from fedjaxpriv.experiment import build_experiment, partition_like
 
     texts = [f"{k}={_yaml(v)}" for k, v in overrides.items()]
     rounds = base.run.rounds
     taps = [f"run.tap_clients={list(suite.tap_clients)}",
             f"run.tap_rounds={list(range(min(suite.tap_from_round, rounds), rounds + 1))}"]
     config = with_overrides(base, [*texts, *taps, f"name={name}"])
-    experiment = build_experiment(config)
+    if suite.pool_size and config.data.dataset != "synthetic":
+        setup = membership_setup(config, suite.pool_size, suite.seed)
+        pool, members, reference_points = setup.pool, setup.members, setup.population
+        clients = partition_like(config, Dataset(pool.x[members], pool.y[members]), config.run.seed)
+        experiment = build_experiment(config, population=clients, num_classes=setup.num_classes,
+                                      test=Dataset(pool.x[~members], pool.y[~members]))
+        model_suite = suite
+    else:  # the config's own data: training examples against test examples, no shadow federations
+        experiment = build_experiment(config)
+        rng = np.random.default_rng(suite.seed)
+        p = experiment.population
+        pool, labels = _balanced_candidates(Dataset(p.x, p.y), experiment.test, suite.max_candidates, rng)
+        members, model_suite = labels.astype(bool), dataclasses.replace(suite, shadow_federations=0)
+        reference_points = None
+    _say(f"[{name}] training the target federation")
     results = experiment.run(progress=False)
     epsilon, basis = final_epsilon(results.history)
-    record: Record = {"defense": name, "test_accuracy": results.final("test_accuracy"), "epsilon": epsilon,
-                      "epsilon_basis": basis,
+    record: Record = {"label": name, "defense": family or name, "strength": strength,
+                      "test_accuracy": results.final("test_accuracy"), "epsilon": epsilon, "epsilon_basis": basis,
                       "bytes_uploaded": cumulative(results.history, "bytes_total")}
     if "cost_wall_time_s" in results.history[-1]:  # devices: simulated wall time and energy over the run
         record.update(wall_time_s=cumulative(results.history, "cost_wall_time_s"),
                       energy_j=cumulative(results.history, "cost_energy_j"))
-    record.update(model_attacks(experiment, results.params, suite))
-    record.update(passive_attack(experiment, results.taps, suite))
-    if suite.inversion_targets:
-        record.update(inversion_probe(config, experiment.population, experiment.num_classes, suite))
+    scores: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    if "participant" in suite.threat_models:
+        _say(f"[{name}] membership inference on the global model" + (
+            f" with {model_suite.shadow_federations} shadow federations" if model_suite.shadow_federations else ""))
+        model_record, scores = model_attacks(experiment, results.params, pool, members, model_suite,
+                                             reference_points)
+        record.update(model_record)
+    server = "server" in suite.threat_models
+    if server:
+        _say(f"[{name}] passive membership inference on the tapped messages")
+        passive_record, passive_scores = passive_attack(experiment, results.taps, suite)
+        record.update(passive_record)
+        scores.update(passive_scores)
+    inverted = None
+    if server and suite.inversion_targets and results.taps:
+        _say(f"[{name}] gradient inversion of {suite.inversion_targets} tapped messages")
+        attack = dataclasses.replace(inversion_eval.DEFAULT_ATTACK, num_iterations=suite.inversion_iterations)
+        inverted = inversion_eval.invert_taps(experiment, results.taps, key=jax.random.key(suite.seed + 2),
+                                              attack=attack, max_targets=suite.inversion_targets,
+                                              psnr_threshold=suite.psnr_threshold)
+        if inverted.targets:
+            record.update(_prefixed("inversion", inverted.summary()))
     history = [dict(r) for r in results.history]
     history[-1].update({k: v for k, v in record.items() if k.startswith("attack/")})
-    return record, config, history
+    return DefenseResult(record, config, history, scores, inverted)
+
+
+def _say(message: str) -> None:
+    """Progress of a long evaluation, on stderr."""
+    import sys
+
+    print(message, file=sys.stderr, flush=True)
 
 
 def _yaml(value: Any) -> str:
@@ -225,57 +394,110 @@ def _yaml(value: Any) -> str:
     return "null" if value is None else str(value)
 
 
-def evaluate_defenses(base: ExperimentConfig, defenses: Mapping[str, Mapping[str, Any]] | None = None,
+def evaluate_defenses(base: ExperimentConfig, defenses: Mapping[str, Any] | None = None,
                       suite: AttackSuite = AttackSuite(), out_dir: str | None = None) -> list[Record]:
-    """Every defense in turn (``DEFENSES`` by default): train, attack, tabulate.
+    """Every strength of every defense in turn (``DEFENSES`` by default): train, attack, tabulate.
 
     Args:
       base: the experiment every defense modifies.
-      defenses: name -> dotted overrides (``{"client.dp_noise_multiplier": 1.0}``).
+      defenses: family -> {strength: dotted overrides} (or -> dotted overrides for a single point, or a
+        ``DEFENSES`` name).
       suite: the attacks.
-      out_dir: if given, ``write_tables`` writes attack_eval.csv/.md, privacy_attack.png and results.jsonl.
+      out_dir: if given, ``write_tables`` writes the tables, the privacy-utility frontier, log-log ROC curves and a
+        ``results.jsonl`` store that ``fedjaxpriv report`` reads.
 
     Returns:
-      one record per defense.
+      one record per defense point.
     """
     from fedjaxpriv.results import ResultsStore, make_record
 
-    defenses = DEFENSES if defenses is None else defenses
-    records, store_records = [], []
-    for name, overrides in defenses.items():
-        record, config, history = evaluate_defense(base, name, overrides, suite)
-        records.append(record)
-        store_records.append(make_record(config, history, label=name, overrides=dict(overrides)))
+    points = defense_points(DEFENSES if defenses is None else defenses)
+    results = []
+    for index, (family, strength, overrides) in enumerate(points):
+        label = f"{family} {strength}".strip()
+        _say(f"defense {index + 1}/{len(points)}: {label}")
+        results.append(evaluate_defense(base, label, overrides, suite, family=family, strength=strength))
+    records = [r.record for r in results]
     if out_dir is not None:
-        write_tables(records, out_dir)
+        store_records = [make_record(r.config, r.history, label=r.record["label"], overrides=dict(o))
+                         for r, (_, _, o) in zip(results, points)]
         store = ResultsStore(out_dir)
         for record in store_records:
             store.append(record)
+        write_tables(records, out_dir, store_records=store_records,
+                     scores={r.record["label"]: r.scores for r in results},
+                     inversions={r.record["label"]: r.inversion for r in results})
     return records
 
 
-def write_tables(records: Sequence[Record], out_dir: str) -> dict[str, str]:
-    """``attack_eval.csv`` (full precision), ``attack_eval.md`` and ``privacy_attack.png`` in ``out_dir``."""
-    import matplotlib
+def _with_interval(record: Mapping[str, Any], key: str) -> str:
+    value = record.get(key)
+    if value is None or not isinstance(value, (int, float)) or math.isnan(value):
+        return "n/a" if key in record else ""
+    low, high = record.get(f"{key}_low"), record.get(f"{key}_high")
+    if isinstance(low, (int, float)) and isinstance(high, (int, float)) and not math.isnan(low):
+        return f"{value:.3f} [{low:.3f}, {high:.3f}]"
+    return f"{value:.4g}"
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
-    from fedjaxpriv.report import write_table
+def threat_model_tables(records: Sequence[Mapping[str, Any]]) -> str:
+    """Markdown: one table per threat model with the attacks that use its view (95% intervals in brackets)."""
+    lines = []
+    for threat, meaning in THREAT_MODELS.items():
+        attacks = [a for a, view in ATTACK_VIEWS.items() if view == threat
+                   and any(k.startswith(f"attack/{a}/") for r in records for k in r)]
+        if not attacks:
+            continue
+        columns = []
+        for attack in attacks:
+            metrics_present = [m for m in ("auc", "tpr@0.1%fpr", "tpr@1%fpr", "psnr_median", "psnr_iqr",
+                                           "fraction_above_threshold", "label_accuracy", "advantage")
+                               if any(f"attack/{attack}/{m}" in r for r in records)]
+            columns += [f"attack/{attack}/{m}" for m in metrics_present]
+        header = ["defense", "strength", "test accuracy", "epsilon", *[c.removeprefix("attack/") for c in columns]]
+        lines += [f"### {threat}: {meaning}", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        for r in records:
+            epsilon = r.get("epsilon", math.inf)
+            cells = [str(r.get("defense", "")), str(r.get("strength", "")), f"{r.get('test_accuracy', math.nan):.3f}",
+                     "no DP" if not math.isfinite(epsilon) else f"{epsilon:.2f}",
+                     *[_with_interval(r, c) for c in columns]]
+            lines.append("| " + " | ".join(cells) + " |")
+        resolvable = {a: min((r.get(f"attack/{a}/min_resolvable_fpr", math.inf) for r in records), default=math.inf)
+                      for a in attacks}
+        notes = [f"{a}: {v:.2g}" for a, v in resolvable.items() if math.isfinite(v)]
+        if notes:
+            lines += ["", "Smallest resolvable FPR (1 / non-members): " + ", ".join(notes) + "."]
+        lines.append("")
+    return "\n".join(lines)
 
-    csv_path, md_path = write_table(records, out_dir, name="attack_eval")
-    plot_path = os.path.join(out_dir, "privacy_attack.png")
-    attack_keys = [k for k in ("attack/loss_threshold/auc", "attack/lira/tpr@1%fpr", "attack/passive/auc",
-                               "attack/inversion/psnr") if any(k in r for r in records)]
-    fig, axes = plt.subplots(1, max(1, len(attack_keys)), figsize=(4 * max(1, len(attack_keys)), 3.6), squeeze=False)
-    for ax, key in zip(axes[0], attack_keys):
-        for record in records:
-            if key in record:
-                ax.scatter(record[key], record["test_accuracy"])
-                ax.annotate(record["defense"], (record[key], record["test_accuracy"]), fontsize=7)
-        ax.set(xlabel=key.removeprefix("attack/"), ylabel="test accuracy")
-        ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(plot_path, dpi=110)
-    plt.close(fig)
-    return {"csv": csv_path, "markdown": md_path, "plot": plot_path}
+
+def write_tables(records: Sequence[Record], out_dir: str, *, store_records: Sequence[Mapping[str, Any]] = (),
+                 scores: Mapping[str, Mapping[str, tuple[np.ndarray, np.ndarray]]] | None = None,
+                 inversions: Mapping[str, Any] | None = None) -> dict[str, str]:
+    """Writes ``attack_eval.csv`` (every metric, full precision), ``attack_eval.md`` (one table per threat model,
+    with intervals, and the epsilon bases), ``frontier.png`` (attack success against test accuracy and bytes, one
+    curve per defense over its strengths), ``roc_<attack>.png`` (log-log ROC curves, one per defense point) and
+    ``inversion_<defense>.png`` (originals above their reconstructions)."""
+    from fedjaxpriv.attacks.membership import plot_roc
+    from fedjaxpriv.report import basis_notes, plot_frontier
+    from fedjaxpriv.results import write_csv
+
+    os.makedirs(out_dir, exist_ok=True)
+    csv_path, md_path = os.path.join(out_dir, "attack_eval.csv"), os.path.join(out_dir, "attack_eval.md")
+    write_csv(csv_path, records)
+    with open(md_path, "w") as f:
+        f.write("# Defenses against attacks\n\n" + threat_model_tables(records) + basis_notes(records))
+    written = {"csv": csv_path, "markdown": md_path}
+    frontier = plot_frontier(store_records, os.path.join(out_dir, "frontier.png")) if store_records else None
+    if frontier:
+        written["frontier"] = frontier
+    for label, report in (inversions or {}).items():
+        if report is not None and report.targets:
+            path = os.path.join(out_dir, f"inversion_{label.replace(' ', '_').replace('=', '')}.png")
+            report.save_grid(path, max_images=12, per_target=3)
+            written[f"inversion_{label}"] = path
+    for attack in sorted({a for per_defense in (scores or {}).values() for a in per_defense}):
+        curves = {label: per_defense[attack] for label, per_defense in (scores or {}).items() if attack in per_defense}
+        written[f"roc_{attack}"] = plot_roc(curves, os.path.join(out_dir, f"roc_{attack}.png"),
+                                            title=f"{attack}: {ATTACK_VIEWS[attack]}'s view")
+    return written

@@ -1,7 +1,7 @@
 """Membership inference: is a candidate example in the training data of a model or of a client?
 
-Three attacks, all scoring candidates with JAX (jitted, ``vmap``-ed over examples and models) and
-evaluated with the host-side metrics of ``attacks.metrics`` (label 1 = member, higher score = member):
+Four attacks, scored with JAX (jitted, ``vmap``-ed over examples and models) or, for RMIA, host-side NumPy,
+and evaluated by ``attack_metrics`` (label 1 = member, higher score = member):
 
 * Loss threshold (Yeom et al. 2018, "Privacy Risk in Machine Learning: Analyzing the Connection to
   Overfitting"): the score is minus the example's loss under the target model (or its confidence).
@@ -11,6 +11,9 @@ evaluated with the host-side metrics of ``attacks.metrics`` (label 1 = member, h
   ``N(mu_out, s_out^2)`` of phi; the online attack scores the likelihood ratio of the target's phi,
   the offline attack the one-sided test ``(phi - mu_out) / s_out`` against the "out" Gaussian only.
   With few shadows the variances are pooled over examples ("global variance").
+* RMIA (Zarifzadeh, Liu, Shokri 2024, "Low-Cost High-Power Membership Inference Attacks"): the target's
+  probability of x relative to its mean over reference models, compared pairwise with the same ratio of
+  population points z; the score is the fraction of z that x dominates (``rmia_scores``).
 * Passive update-based FL attack (Zari, Xu, Neglia 2021, "Efficient passive membership inference attack in
   federated learning"): an honest-but-curious server sees a target client's messages over several rounds;
   for each observed round it measures how much the client's update lowers the candidate's loss
@@ -28,13 +31,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fedjaxpriv.attacks.metrics import roc_auc, roc_curve, tpr_at_fpr
+from fedjaxpriv.attacks.audit import clopper_pearson_interval
+from fedjaxpriv.attacks.metrics import bootstrap_auc, roc_auc, roc_counts
 
 Params = Any
 ApplyFn = Callable[[Params, jax.Array], jax.Array]
 
 LOW_FPRS = (1e-3, 1e-2)
 VARIANCE_FLOOR = 1e-6
+RMIA_OFFLINE_A = 0.33
 
 
 # -- per-example statistics ------------------------------------------------------------------------------------
@@ -126,15 +131,106 @@ def lira_scores(target_confidence: jax.Array, shadow_confidence: jax.Array, shad
       global_variance: pool each variance over all candidates (recommended below ~64 shadows).
 
     Returns:
-      [N] scores, higher = more likely a member. A candidate with no "in" (online) or "out" shadow gets
-      a NaN mean; give every candidate shadows of both kinds (each shadow takes a random half).
+      [N] scores, higher = more likely a member. NaN for a candidate without "in" shadows (online) or without
+      "out" shadows (online and offline): its Gaussians are undefined. ``attack_metrics`` rejects NaN, so drop
+      them first with ``finite_scores``; ``shadow.balanced_inclusion`` gives every candidate both kinds.
     """
     shadow_in = shadow_in.astype(bool)
+    has_out = jnp.any(~shadow_in, axis=0)
     mu_out, var_out = _masked_moments(shadow_confidence, ~shadow_in, global_variance)
     if not online:
-        return (target_confidence - mu_out) / jnp.sqrt(var_out)
+        return jnp.where(has_out, (target_confidence - mu_out) / jnp.sqrt(var_out), jnp.nan)
+    has_in = jnp.any(shadow_in, axis=0)
     mu_in, var_in = _masked_moments(shadow_confidence, shadow_in, global_variance)
-    return _normal_logpdf(target_confidence, mu_in, var_in) - _normal_logpdf(target_confidence, mu_out, var_out)
+    ratio = _normal_logpdf(target_confidence, mu_in, var_in) - _normal_logpdf(target_confidence, mu_out, var_out)
+    return jnp.where(has_in & has_out, ratio, jnp.nan)
+
+
+# -- RMIA (Zarifzadeh et al.) --------------------------------------------------------------------------------
+
+
+def _probabilities(name: str, values: np.ndarray, ndim: int) -> np.ndarray:
+    values = np.asarray(values, np.float64)
+    if values.ndim != ndim:
+        raise ValueError(f"{name} must be {ndim}-D; got shape {values.shape}.")
+    if values.size and not np.all((values >= 0) & (values <= 1)):
+        raise ValueError(f"{name} must be probabilities in [0, 1]; got min {np.nanmin(values)}, "
+                         f"max {np.nanmax(values)}, {int(np.isnan(values).sum())} NaN.")
+    return values
+
+
+def rmia_marginal(reference_probs: np.ndarray, offline_a: float | None = None) -> np.ndarray:
+    """RMIA's estimate of ``Pr(x) = E_theta' p(x | theta')`` from R reference models: [R, N] -> [N].
+
+    ``offline_a=None``: the mean over the references (online: each point is in about half of them).
+    Otherwise the references never trained on the points, and the paper's offline approximation
+    ``Pr(x)_IN ~ a Pr(x)_OUT + (1 - a)`` gives ``Pr(x) = ((1 + a) / 2) mean_out + (1 - a) / 2``.
+    """
+    mean = np.mean(reference_probs, axis=0)
+    if offline_a is None:
+        return mean
+    return 0.5 * (1.0 + offline_a) * mean + 0.5 * (1.0 - offline_a)
+
+
+def rmia_scores(target_probs: np.ndarray, reference_probs: np.ndarray, population_target_probs: np.ndarray,
+                population_reference_probs: np.ndarray, *, reference_in: np.ndarray | None = None,
+                offline_a: float = RMIA_OFFLINE_A, gamma: float = 1.0) -> np.ndarray:
+    """RMIA membership scores (Zarifzadeh, Liu, Shokri, ICML 2024) of N candidates, host-side NumPy.
+
+    With ``p(.|theta)`` the target model's probability of the true label and ``Pr(.)`` its mean over the
+    reference models (``rmia_marginal``), each candidate x is compared with every population point z by
+    ``LR(x, z) = (p(x|theta) / Pr(x)) / (p(z|theta) / Pr(z))`` and scored
+    ``Score(x) = |{z : LR(x, z) >= gamma}| / Z``, evaluated as ``ratio(x) >= gamma * ratio(z)`` (no 0/0) with
+    one sort of the Z population ratios and a binary search per candidate (O((N + Z) log Z), no N x Z
+    pairs). The score is nondecreasing in ``p(x|theta) / Pr(x)``, so the population fixes its scale and its
+    resolution (Z + 1 levels): use Z much larger than 1 / (the lowest FPR of interest).
+
+    Online (``reference_in`` given): Pr is the plain mean over all references, for candidates and population
+    points alike. Offline (``reference_in=None``: no reference trained on a candidate or population point):
+    ``Pr = ((1 + a) / 2) mean_out + (1 - a) / 2`` for both, a = ``offline_a`` (the paper's linear
+    approximation of the missing "in" models; a = 1 is the plain out-mean).
+
+    Args:
+      target_probs: [N] p(x|theta) of the candidates under the target model, in [0, 1].
+      reference_probs: [R, N] the same under R reference models.
+      population_target_probs: [Z] p(z|theta) of population (non-member) points under the target.
+      population_reference_probs: [R, Z] the same under the reference models.
+      reference_in: [R, N] bool, True where reference r trained on candidate n (online); None for offline.
+      offline_a: a in [0, 1], used offline only (tune it on a reference model taken as target).
+      gamma: the pairwise likelihood-ratio threshold, > 0.
+
+    Returns:
+      [N] scores in [0, 1], higher = more likely a member. Online, a candidate with no "in" or no "out"
+      reference gets NaN (its mean is not the marginal); drop those with ``finite_scores``.
+    """
+    target = _probabilities("target_probs", target_probs, 1)
+    references = _probabilities("reference_probs", reference_probs, 2)
+    population = _probabilities("population_target_probs", population_target_probs, 1)
+    population_references = _probabilities("population_reference_probs", population_reference_probs, 2)
+    if references.shape != (references.shape[0], target.size) or references.shape[0] < 1:
+        raise ValueError(f"reference_probs {references.shape} must be [R >= 1, N={target.size}].")
+    if population.size < 1 or population_references.shape != (references.shape[0], population.size):
+        raise ValueError(f"population_reference_probs {population_references.shape} must be "
+                         f"[R={references.shape[0]}, Z={population.size}] with Z >= 1.")
+    if not 0.0 <= offline_a <= 1.0:
+        raise ValueError(f"offline_a={offline_a} must lie in [0, 1].")
+    if not gamma > 0:
+        raise ValueError(f"gamma={gamma} must be > 0.")
+    defined = np.ones(target.size, bool)
+    if reference_in is not None:
+        inside = np.asarray(reference_in)
+        if inside.shape != references.shape or not np.all((inside == 0) | (inside == 1)):
+            raise ValueError(f"reference_in must be [R, N]={references.shape} of bools; got shape {inside.shape}.")
+        inside = inside.astype(bool)
+        defined = inside.any(axis=0) & (~inside).any(axis=0)
+    a = None if reference_in is not None else offline_a
+    marginal_x, marginal_z = rmia_marginal(references, a), rmia_marginal(population_references, a)
+    if np.any(marginal_x <= 0) or np.any(marginal_z <= 0):
+        raise ValueError("Pr(x) must be > 0: some point has probability 0 under every reference model "
+                         "(clip the probabilities away from 0).")
+    ratio_x, ratio_z = target / marginal_x, population / marginal_z
+    dominated = np.searchsorted(np.sort(gamma * ratio_z), ratio_x, side="right")
+    return np.where(defined, dominated / population.size, np.nan)
 
 
 # -- passive FL attack (Zari et al.) ------------------------------------------------------------------------
@@ -198,30 +294,110 @@ def tpr_standard_error(tpr: float | np.ndarray, num_members: int) -> np.ndarray:
     return np.sqrt(np.maximum(tpr * (1 - tpr), 1.0 / num_members) / num_members)
 
 
-def attack_metrics(scores: np.ndarray, labels: np.ndarray, fprs: Sequence[float] = LOW_FPRS) -> dict[str, float]:
-    """AUC, balanced accuracy at the best threshold and TPR at each FPR (keys ``tpr@0.1%fpr``...)."""
-    scores = np.asarray(scores, np.float64)
-    labels = np.asarray(labels)
-    fpr, tpr, _ = roc_curve(scores, labels)
-    out = {"auc": roc_auc(scores, labels), "advantage": float(np.max(tpr - fpr))}
-    for target, value in zip(fprs, tpr_at_fpr(scores, labels, np.asarray(fprs))):
-        out[f"tpr@{100 * target:g}%fpr"] = float(value)
+def finite_scores(scores: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
+    """Drops candidates whose score is NaN or infinite (e.g. LiRA / RMIA without references).
+
+    Returns:
+      ``(scores [M], labels [M], dropped)`` with ``dropped = N - M``; report it next to the metrics.
+    """
+    scores, labels = np.asarray(scores, np.float64).ravel(), np.asarray(labels).ravel()
+    if scores.shape != labels.shape:
+        raise ValueError(f"scores {scores.shape} and labels {labels.shape} must have the same length.")
+    keep = np.isfinite(scores)
+    return scores[keep], labels[keep], int(np.sum(~keep))
+
+
+def fpr_key(fpr: float) -> str:
+    """Metric name of the TPR at one FPR: 1e-3 -> ``"tpr@0.1%fpr"``."""
+    return f"tpr@{100 * fpr:g}%fpr"
+
+
+def attack_metrics(scores: np.ndarray, labels: np.ndarray, fprs: Sequence[float] = LOW_FPRS, *,
+                   alpha: float = 0.05, bootstrap: int = 1000, seed: int = 0) -> dict[str, float]:
+    """Membership-inference metrics with (1 - alpha) confidence intervals.
+
+    Keys:
+      ``num_members``, ``num_nonmembers``; ``min_resolvable_fpr = 1 / num_nonmembers``.
+      ``auc`` (ties count 1/2) and ``auc_low``, ``auc_high``: percentile interval of ``bootstrap`` stratified
+        resamples (members and non-members resampled separately; NaN when ``bootstrap=0``).
+      ``advantage``: membership advantage ``max_t TPR(t) - FPR(t)`` (Yeom et al. 2018) of the best threshold t;
+        ``balanced_accuracy = (1 + advantage) / 2``: the accuracy of that threshold on a balanced prior. Both
+        pick t on these scores (optimistic).
+      ``tpr@{100 f:g}%fpr`` for each f in ``fprs`` (e.g. ``tpr@0.1%fpr``): the highest TPR over thresholds
+        whose FPR is <= f, with ``..._low``, ``..._high`` its Clopper-Pearson interval over the members. The
+        interval is for that threshold's TPR given the threshold (chosen on the non-members only); it leaves
+        out the FPR's own sampling noise and holds per key, not jointly. When f < 1 / num_nonmembers no
+        threshold has FPR f, and all three are NaN.
+
+    Args:
+      scores: ``[N]`` finite scores (higher = member); drop NaN ones first with ``finite_scores``.
+      labels: ``[N]`` 1 for members, 0 for non-members; both classes needed.
+      fprs: target false-positive rates in [0, 1].
+      alpha: miscoverage of every interval, in (0, 1).
+      bootstrap: number of AUC resamples (0 skips the AUC interval).
+      seed: seed of the resampling.
+    """
+    if not 0.0 < alpha < 1.0:
+        raise ValueError(f"alpha={alpha} must lie in (0, 1).")
+    if int(bootstrap) != bootstrap or bootstrap < 0:
+        raise ValueError(f"bootstrap={bootstrap} must be an integer >= 0 (0 skips the AUC interval).")
+    targets = np.asarray(fprs, np.float64).ravel()
+    if np.any(~((targets >= 0) & (targets <= 1))):
+        raise ValueError(f"fprs={fprs} must lie in [0, 1].")
+    _, true_positives, false_positives = roc_counts(scores, labels)
+    members, nonmembers = int(true_positives[-1]), int(false_positives[-1])
+    tpr, fpr = true_positives / members, false_positives / nonmembers
+    advantage = float(np.max(tpr - fpr))
+    out = {"num_members": float(members), "num_nonmembers": float(nonmembers),
+           "min_resolvable_fpr": 1.0 / nonmembers, "auc": roc_auc(scores, labels),
+           "auc_low": np.nan, "auc_high": np.nan, "advantage": advantage, "balanced_accuracy": (1.0 + advantage) / 2}
+    if bootstrap:
+        resampled = bootstrap_auc(scores, labels, int(bootstrap), seed)
+        out["auc_low"], out["auc_high"] = (float(q) for q in np.quantile(resampled, [alpha / 2, 1 - alpha / 2]))
+    # The rates are nondecreasing, so the best point with FPR <= f is the last one.
+    hits = true_positives[np.searchsorted(fpr, targets, side="right") - 1]
+    low, high = clopper_pearson_interval(hits, members, alpha)
+    for target, k, lo, hi in zip(targets, hits, low, high):
+        resolvable = target >= 1.0 / nonmembers
+        key = fpr_key(float(target))
+        out[key] = float(k / members) if resolvable else np.nan
+        out[f"{key}_low"] = float(lo) if resolvable else np.nan
+        out[f"{key}_high"] = float(hi) if resolvable else np.nan
     return out
 
 
-def plot_roc(curves: Mapping[str, tuple[np.ndarray, np.ndarray]], path: str, title: str = "") -> str:
-    """Log-log ROC plot (the low-FPR view of Carlini et al.) of named ``(scores, labels)`` pairs -> path."""
+def plot_roc(curves: Mapping[str, tuple[np.ndarray, np.ndarray]], path: str, title: str = "",
+             alpha: float = 0.05) -> str:
+    """Log-log ROC plot (the low-FPR view of Carlini et al. 2022) of named ``(scores, labels)`` pairs -> path.
+
+    Each curve is drawn with a shaded pointwise Clopper-Pearson (1 - alpha) band of its TPR and a dotted
+    vertical line at its smallest resolvable FPR, 1 / num_nonmembers; left of it the curve is not measured and
+    not drawn.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(4.5, 4.5))
+    fig, ax = plt.subplots(figsize=(4.8, 4.5))
+    lowest = 1e-3
     for name, (scores, labels) in curves.items():
-        fpr, tpr, _ = roc_curve(scores, labels)
-        ax.plot(np.maximum(fpr, 1e-5), np.maximum(tpr, 1e-5), label=f"{name} (AUC {roc_auc(scores, labels):.3f})")
-    ax.plot([1e-5, 1], [1e-5, 1], "k--", lw=0.8)
-    ax.set(xscale="log", yscale="log", xlim=(1e-3, 1), ylim=(1e-3, 1), xlabel="false positive rate",
+        _, true_positives, false_positives = roc_counts(scores, labels)
+        members, nonmembers = true_positives[-1], false_positives[-1]
+        fpr, tpr = false_positives / nonmembers, true_positives / members
+        band_low, band_high = clopper_pearson_interval(true_positives, members, alpha)
+        measured = fpr >= 1.0 / nonmembers  # left of 1 / non-members nothing is measured: not drawn
+        x = fpr[measured]
+        (line,) = ax.plot(x, np.maximum(tpr[measured], 1e-6), drawstyle="steps-post",
+                          label=f"{name} (AUC {roc_auc(scores, labels):.3f})")
+        ax.fill_between(x, np.maximum(band_low[measured], 1e-6), band_high[measured], step="post",
+                        color=line.get_color(), alpha=0.12, lw=0)
+        ax.axvline(1.0 / nonmembers, color=line.get_color(), ls=":", lw=1.0)
+        lowest = min(lowest, 1.0 / nonmembers)
+    lim = 10 ** np.floor(np.log10(lowest / 2))
+    ax.plot([lim, 1], [lim, 1], "k--", lw=0.8)
+    ax.plot([], [], color="gray", ls=":", lw=1.0, label="1 / non-members")
+    ax.set(xscale="log", yscale="log", xlim=(lim, 1), ylim=(lim, 1), xlabel="false positive rate",
            ylabel="true positive rate", title=title)
     ax.legend(fontsize=7, loc="lower right")
     fig.tight_layout()

@@ -2,8 +2,9 @@
 
 Reconstruction metrics (``mse``, ``psnr``, ``ssim``) are pure JAX functions of ONE image pair, so they run
 inside jitted attacks and ``jax.vmap`` over batches and targets. Score metrics (``roc_curve``, ``auc``,
-``roc_auc``, ``tpr_at_fpr``) run on the host over attack scores, where label 1 marks a member (positive) and
-a higher score means "more likely a member".
+``roc_auc``, ``tpr_at_fpr``, ``membership_advantage``, ``bootstrap_auc``) run on the host over attack scores
+(scikit-learn for the ROC), where label 1 marks a member (positive) and a higher score means "more likely a
+member".
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from scipy import optimize
+from sklearn import metrics as skm
 
 SSIM_K1 = 0.01
 SSIM_K2 = 0.03
@@ -138,13 +140,30 @@ def _validate_scores(scores: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray
     if scores.shape != labels.shape:
         raise ValueError(f"scores {scores.shape} and labels {labels.shape} must have the same length.")
     if not np.all(np.isfinite(scores)):
-        raise ValueError("scores must be finite.")
+        bad = int(np.sum(~np.isfinite(scores)))
+        raise ValueError(f"scores must be finite; got {bad} NaN/inf of {scores.size} (drop them first, e.g. with "
+                         "attacks.membership.finite_scores).")
     if not np.all((labels == 0) | (labels == 1)):
         raise ValueError(f"labels must be 0 or 1; got values {np.unique(labels)[:5]}.")
     labels = labels.astype(bool)
     if labels.all() or not labels.any():
-        raise ValueError("labels need at least one positive (1) and one negative (0).")
+        raise ValueError(f"labels need at least one positive (1) and one negative (0); got {int(labels.sum())} "
+                         f"positives of {labels.size}.")
     return scores, labels
+
+
+def roc_curve(scores: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """ROC curve of ``score >= threshold`` at every distinct threshold.
+
+    Returns:
+      ``(fpr [K+1], tpr [K+1], thresholds [K+1])``, nondecreasing rates from (0, 0) to (1, 1) and thresholds
+      decreasing from +inf through the K distinct scores: ``sklearn.metrics.roc_curve(labels, scores,
+      drop_intermediate=False)``.
+    """
+    scores, labels = _validate_scores(scores, labels)
+    fpr, tpr, thresholds = skm.roc_curve(labels, scores, drop_intermediate=False)
+    thresholds[0] = np.inf  # sklearn >= 1.3 does this too; older versions used max(score) + 1
+    return fpr, tpr, thresholds
 
 
 def roc_counts(scores: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -155,28 +174,16 @@ def roc_counts(scores: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.n
       labels: ``[N]`` 1 for members (positives), 0 for non-members.
 
     Returns:
-      ``(thresholds [K+1], true_positives [K+1], false_positives [K+1])``; thresholds decrease from +inf
-      (nothing predicted positive) through the K distinct scores (the last predicts everything positive).
+      ``(thresholds [K+1], true_positives [K+1], false_positives [K+1])`` (int64 counts); thresholds decrease
+      from +inf (nothing predicted positive) through the K distinct scores (the last predicts everything
+      positive).
     """
     scores, labels = _validate_scores(scores, labels)
-    order = np.argsort(-scores, kind="stable")
-    sorted_scores, sorted_labels = scores[order], labels[order]
-    last_of_tie = np.r_[np.nonzero(np.diff(sorted_scores))[0], len(sorted_scores) - 1]
-    true_positives = np.cumsum(sorted_labels)[last_of_tie]
-    false_positives = (last_of_tie + 1) - true_positives
-    thresholds = np.r_[np.inf, sorted_scores[last_of_tie]]
-    return thresholds, np.r_[0, true_positives], np.r_[0, false_positives]
-
-
-def roc_curve(scores: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """ROC curve of ``score >= threshold`` at every distinct threshold.
-
-    Returns:
-      ``(fpr [K+1], tpr [K+1], thresholds [K+1])``, nondecreasing rates from (0, 0) to (1, 1); the same
-      points as ``sklearn.metrics.roc_curve(labels, scores, drop_intermediate=False)``.
-    """
-    thresholds, true_positives, false_positives = roc_counts(scores, labels)
-    return false_positives / false_positives[-1], true_positives / true_positives[-1], thresholds
+    fpr, tpr, thresholds = roc_curve(scores, labels)
+    positives = int(labels.sum())
+    negatives = labels.size - positives
+    # sklearn's rates are counts / total, so rounding recovers the integer counts exactly.
+    return thresholds, np.rint(tpr * positives).astype(np.int64), np.rint(fpr * negatives).astype(np.int64)
 
 
 def auc(fpr: np.ndarray, tpr: np.ndarray) -> float:
@@ -186,13 +193,13 @@ def auc(fpr: np.ndarray, tpr: np.ndarray) -> float:
         raise ValueError(f"fpr {fpr.shape} and tpr {tpr.shape} must be equal-length 1-D arrays.")
     if np.any(np.diff(fpr) < 0):
         raise ValueError("fpr must be nondecreasing.")
-    return float(np.sum(np.diff(fpr) * (tpr[1:] + tpr[:-1]) / 2.0))
+    return float(skm.auc(fpr, tpr))
 
 
 def roc_auc(scores: np.ndarray, labels: np.ndarray) -> float:
-    """Area under the ROC curve: P[member score > non-member score] + 0.5 P[tie]."""
-    fpr, tpr, _ = roc_curve(scores, labels)
-    return auc(fpr, tpr)
+    """Area under the ROC curve: P[member score > non-member score] + 0.5 P[tie] (``sklearn roc_auc_score``)."""
+    scores, labels = _validate_scores(scores, labels)
+    return float(skm.roc_auc_score(labels, scores))
 
 
 def tpr_at_fpr(scores: np.ndarray, labels: np.ndarray, fpr: float | np.ndarray) -> np.ndarray:
@@ -205,12 +212,96 @@ def tpr_at_fpr(scores: np.ndarray, labels: np.ndarray, fpr: float | np.ndarray) 
 
     Returns:
       TPR at each target, same shape as ``fpr``. No interpolation: with fewer than ``1/fpr`` non-members
-      only thresholds with zero false positives qualify.
+      only thresholds with zero false positives qualify (``membership.attack_metrics`` reports NaN there).
     """
     targets = np.asarray(fpr, np.float64)
-    if np.any((targets < 0) | (targets > 1)):
+    if np.any(~((targets >= 0) & (targets <= 1))):
         raise ValueError(f"fpr={fpr} must lie in [0, 1].")
     curve_fpr, curve_tpr, _ = roc_curve(scores, labels)
     # curve_fpr is nondecreasing and curve_tpr too, so the best point is the last one with fpr <= target.
     last = np.searchsorted(curve_fpr, targets, side="right") - 1
     return curve_tpr[last]
+
+
+def membership_advantage(scores: np.ndarray, labels: np.ndarray) -> float:
+    """Membership advantage (Yeom et al. 2018) of the best threshold: ``max_t TPR(t) - FPR(t)``, in [0, 1].
+
+    It equals ``2 * balanced_accuracy - 1`` for the threshold with the best balanced accuracy
+    ``(TPR + 1 - FPR) / 2``; the threshold is chosen on these same scores.
+    """
+    fpr, tpr, _ = roc_curve(scores, labels)
+    return float(np.max(tpr - fpr))
+
+
+def resampled_auc(scores: np.ndarray, labels: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    """AUC of each reweighting of the examples, e.g. bootstrap resamples, without sorting per row.
+
+    Row b counts example n ``counts[b, n]`` times (integer multiplicities), so the result equals
+    ``sklearn.metrics.roc_auc_score(labels, scores, sample_weight=counts[b])``. Cost O(B N) after one sort.
+
+    Args:
+      scores: ``[N]`` finite attack scores.
+      labels: ``[N]`` 1 for members.
+      counts: ``[B, N]`` (or ``[N]``) nonnegative integers; every row needs a positive total in each class.
+
+    Returns:
+      ``[B]`` AUCs (ties count 1/2).
+    """
+    scores, labels = _validate_scores(scores, labels)
+    counts = np.asarray(counts)
+    counts = counts[None] if counts.ndim == 1 else counts
+    if counts.ndim != 2 or counts.shape[1] != scores.size:
+        raise ValueError(f"counts {counts.shape} must be [B, {scores.size}] (one row per resample).")
+    if not np.issubdtype(counts.dtype, np.integer) or np.any(counts < 0):
+        raise ValueError(f"counts must be nonnegative integers; got dtype {counts.dtype}, min {counts.min()}.")
+    negative_scores = scores[~labels]
+    order = np.argsort(negative_scores, kind="stable")
+    negative_sorted = negative_scores[order]
+    negative_counts = counts[:, ~labels][:, order].astype(np.int64)
+    positive_counts = counts[:, labels].astype(np.int64)
+    positive_total, negative_total = positive_counts.sum(axis=1), negative_counts.sum(axis=1)
+    if np.any(positive_total == 0) or np.any(negative_total == 0):
+        raise ValueError("every row of counts needs at least one member and one non-member.")
+    cumulative = np.zeros((counts.shape[0], negative_sorted.size + 1), np.int64)
+    np.cumsum(negative_counts, axis=1, out=cumulative[:, 1:])
+    # Weighted non-members strictly below / at most each member's score; 2 wins + ties = below + at_most.
+    below = np.searchsorted(negative_sorted, scores[labels], side="left")
+    at_most = np.searchsorted(negative_sorted, scores[labels], side="right")
+    twice_wins = cumulative[:, below] + cumulative[:, at_most]
+    return np.sum(positive_counts * twice_wins, axis=1) / (2.0 * positive_total * negative_total)
+
+
+BOOTSTRAP_CHUNK_ELEMENTS = 1 << 22
+
+
+def bootstrap_auc(scores: np.ndarray, labels: np.ndarray, num_resamples: int = 1000, seed: int = 0,
+                  chunk_elements: int = BOOTSTRAP_CHUNK_ELEMENTS) -> np.ndarray:
+    """AUCs of stratified bootstrap resamples: members and non-members are each resampled with replacement.
+
+    Args:
+      scores: ``[N]`` finite attack scores.
+      labels: ``[N]`` 1 for members.
+      num_resamples: B >= 1.
+      seed: members and non-members draw from two streams spawned from it, so the result does not depend
+        on ``chunk_elements``.
+      chunk_elements: resamples are processed in chunks of about this many ``[B, N]`` entries (memory bound).
+
+    Returns:
+      ``[B]`` resampled AUCs; ``np.quantile(out, [alpha / 2, 1 - alpha / 2])`` is the percentile interval.
+    """
+    scores, labels = _validate_scores(scores, labels)
+    if num_resamples < 1:
+        raise ValueError(f"num_resamples={num_resamples} must be >= 1.")
+    members, nonmembers = np.flatnonzero(labels), np.flatnonzero(~labels)
+    member_rng, nonmember_rng = (np.random.default_rng(s) for s in np.random.SeedSequence(seed).spawn(2))
+    chunk = max(1, chunk_elements // scores.size)
+    out = []
+    for start in range(0, num_resamples, chunk):
+        rows = min(chunk, num_resamples - start)
+        counts = np.zeros((rows, scores.size), np.int64)
+        for group, rng in ((members, member_rng), (nonmembers, nonmember_rng)):
+            picks = group[rng.integers(0, group.size, size=(rows, group.size))]     # [rows, n_group]
+            flat = (picks + scores.size * np.arange(rows)[:, None]).ravel()
+            counts += np.bincount(flat, minlength=rows * scores.size).reshape(rows, scores.size)
+        out.append(resampled_auc(scores, labels, counts))
+    return np.concatenate(out)

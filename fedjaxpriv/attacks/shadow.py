@@ -1,4 +1,6 @@
-"""Shadow models for LiRA, trained in parallel by the vectorized engine.
+"""Shadow models for LiRA and RMIA, trained in parallel by the vectorized engine: central shadows
+(``train_shadows``) and shadow federations that replay the target's federated training
+(``train_shadow_federations``).
 
 Each shadow is treated as a client whose data is its own random half of a candidate pool: the pool becomes
 a ``FederatedData`` whose client ``s`` holds shadow ``s``'s subset, every shadow starts from its own fresh
@@ -8,6 +10,7 @@ call through ``parallel.map_clients``. Shadow ``s`` depends only on (key, s), no
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import Any, NamedTuple
 
@@ -148,3 +151,110 @@ def train_shadows(model: Model, pool: Dataset, num_shadows: int, key: jax.Array,
     params, loss = train_models(model, population, spec, jax.random.fold_in(key, 1), lr=lr, batch_size=batch_size,
                                 chunk_size=chunk_size, strategy=strategy)
     return ShadowModels(params, inclusion, np.asarray(loss))
+
+
+# -- shadow federations: the target's federated training replayed on shadow populations --------------------
+
+
+class ShadowFederations(NamedTuple):
+    """Final global models of shadow federations.
+
+    Attributes:
+      params: pytree with leaves [S, ...], the final global model of each shadow federation.
+      inclusion: [S, N] bool, True where shadow federation s trained on pool example n.
+    """
+
+    params: Params
+    inclusion: np.ndarray
+
+
+def _join_populations(populations: list[FederatedData]) -> tuple[np.ndarray, ...]:
+    """All federations' examples in one flat array (shared, not batched: no batched gathers under vmap), and each
+    federation's client offsets into it and counts, [S, C]."""
+    starts = np.cumsum([0] + [p.num_examples for p in populations[:-1]])
+    return (np.concatenate([p.x for p in populations]), np.concatenate([p.y for p in populations]),
+            np.stack([p.offsets + start for p, start in zip(populations, starts)]).astype(np.int32),
+            np.stack([p.counts for p in populations]))
+
+
+def train_shadow_federations(experiment: Any, pool: Dataset, num_shadows: int, key: jax.Array, *,
+                             rounds: int | None = None, vectorize: bool | None = None) -> ShadowFederations:
+    """Replays ``experiment``'s federated training on ``num_shadows`` shadow populations, all in one vectorized
+    call per round, for LiRA / RMIA with reference models that were trained the way the target was.
+
+    Shadow federation s takes a random half of ``pool`` (``balanced_inclusion``), splits it into the config's
+    clients with the config's partition scheme, starts from its own fresh initialisation, and runs the same
+    rounds: the same cohort size and client sampling (its own seed), local training, defenses, message
+    transforms and aggregation (including DP-FedAvg noise) as the target, through the compiled round of
+    ``simulation.build_round`` vmapped over the federations. Client i of every shadow federation keeps the
+    target client i's settings (steps, batch, lr, defenses and DP-SGD noise multiplier); its Poisson rate is
+    recomputed from its own data size. Privacy budgets are not enforced in shadows (they train as planned).
+
+    Args:
+      experiment: the target ``Experiment`` (its config, model, settings and compiled pieces are reused).
+      pool: the candidate examples ``Dataset(x [N, ...], y [N])``.
+      num_shadows: S >= 2.
+      key: PRNG key of the halves, partitions, initialisations and training randomness.
+      rounds: rounds to replay (default ``config.run.rounds``).
+      vectorize: True: the compiled round vmapped over federations; False: the federations one after another
+        through the same compiled round (same keys, same result). None: vmapped on accelerators, one after
+        another on CPU, where the vmapped round measured 0.55-0.74x the loop (``benchmarks/bench_membership.py``).
+    """
+    from fedjaxpriv.client.sampling import batch_slots
+    from fedjaxpriv.experiment import partition_like
+    from fedjaxpriv.server import sample_cohort
+    from fedjaxpriv.simulation import Population, build_round, init_server_state
+    from fedjaxpriv.transforms.pipeline import make_message_fn
+
+    config = experiment.config
+    inclusion = balanced_inclusion(jax.random.fold_in(key, 0), num_shadows, len(pool))
+    seeds = np.asarray(jax.random.randint(jax.random.fold_in(key, 1), (num_shadows,), 0, 2**31 - 1))
+    populations = [partition_like(config, Dataset(pool.x[row], pool.y[row]), int(seed))
+                   for row, seed in zip(inclusion, seeds)]
+    target = experiment.settings
+    settings = []
+    for population in populations:
+        counts = np.maximum(population.counts, 1).astype(np.float64)
+        rate = np.clip(np.asarray(target.batch_size) / counts, 1e-12, 1.0).astype(np.float32)
+        settings.append(target._replace(sample_rate=rate))
+    private = np.asarray(target.dp_noise_multiplier) > 0
+    slots = max(experiment.spec.max_batch, *(batch_slots(s, p.counts, private) for s, p in zip(settings, populations)))
+    spec = dataclasses.replace(experiment.spec, max_batch=slots,
+                               max_count=max(experiment.spec.max_count, *(max(1, p.max_count) for p in populations)),
+                               unroll=1)
+    strategy = "vmap" if experiment.strategy == "host" else experiment.strategy
+    c = config.client
+    prune_schedule = ((c.prune_begin_round, c.prune_end_round) if c.prune_end_round > c.prune_begin_round
+                      else None)
+    round_fn = build_round(experiment.model.apply, spec, experiment.server_tx, experiment.aggregation,
+                           message_fn=make_message_fn(config.message.order, target), chunk_size=experiment.chunk_size,
+                           strategy=strategy, prune_schedule=prune_schedule)
+    x, y, offsets, counts = _join_populations(populations)
+    shared_x, shared_y = jnp.asarray(x), jnp.asarray(y)
+    # Federations differ in their state, client slices, settings, cohort and keys; the examples are shared.
+    if vectorize is None:
+        vectorize = jax.default_backend() != "cpu"
+    if vectorize:
+        mapped = jax.vmap(lambda state, off, cnt, *rest: round_fn(state, Population(shared_x, shared_y, off, cnt),
+                                                                 *rest))
+        federated_round = jax.jit(mapped)
+    else:
+        def federated_round(state: Any, off: Any, cnt: Any, *rest: Any) -> tuple[Any, Any]:
+            outputs = [round_fn(*jax.tree_util.tree_map(lambda a, i=i: a[i], (state,)),
+                                Population(shared_x, shared_y, off[i], cnt[i]),
+                                *jax.tree_util.tree_map(lambda a, i=i: a[i], rest)) for i in range(num_shadows)]
+            return jax.tree_util.tree_map(lambda *a: jnp.stack(a), *outputs)
+    offsets, counts = jnp.asarray(offsets), jnp.asarray(counts)
+    stacked_settings = jax.tree_util.tree_map(lambda *a: jnp.asarray(np.stack(a)), *settings)
+    initial = [init_server_state(experiment.model.init(jax.random.fold_in(key, 10 + s)), experiment.server_tx,
+                                 config.server.central_clip_norm) for s in range(num_shadows)]
+    state = jax.tree_util.tree_map(lambda *a: jnp.stack(a), *initial)
+    root_keys = jax.random.split(jax.random.fold_in(key, 2), num_shadows)
+    s = config.server
+    for r in range(config.run.rounds if rounds is None else rounds):
+        cohorts = [sample_cohort(int(seed), r, config.data.num_clients, s.clients_per_round, s.client_sampling,
+                                 experiment.cohort_slots) for seed in seeds]
+        ids = jnp.asarray(np.stack([cohort.ids for cohort in cohorts]))
+        mask = jnp.asarray(np.stack([cohort.mask for cohort in cohorts]))
+        state, _ = federated_round(state, offsets, counts, stacked_settings, ids, mask, root_keys)
+    return ShadowFederations(state.params, inclusion)

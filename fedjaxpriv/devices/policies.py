@@ -280,8 +280,10 @@ class DeviceExperiment(Experiment):
       base_settings: the settings the config alone would give.
     """
 
-    def __init__(self, config: Any, profiles: DeviceProfiles, policy: DevicePolicy, **kwargs: Any) -> None:
-        population, test, num_classes = load_population(config)
+    def __init__(self, config: Any, profiles: DeviceProfiles, policy: DevicePolicy, *,
+                 population: Any = None, test: Any = None, num_classes: int | None = None, **kwargs: Any) -> None:
+        if population is None:
+            population, test, num_classes = load_population(config)
         self.profiles, self.policy = profiles, policy
         self.base_settings = client_settings(config, population.counts)
         settings, tier_targets = policy_settings(policy, profiles, self.base_settings)
@@ -299,7 +301,9 @@ class DeviceExperiment(Experiment):
         profiles = sample_profiles(config.data.num_clients, config.run.seed, tiers=d.device_tiers(), jitter=d.jitter)
         if not d.privacy_tiers:
             profiles = profiles._replace(target_epsilon=np.full(profiles.num_clients, np.inf))
-        model = model_for(config, load_population(config)[0].input_shape)
+        input_shape = (kwargs["population"] if kwargs.get("population") is not None
+                       else load_population(config)[0]).input_shape
+        model = model_for(config, input_shape)
         policy = DevicePolicy(kind=d.policy, num_params=count_params(model.init(jax.random.key(0))),
                               round_deadline_s=d.round_deadline_s, stragglers=d.stragglers,
                               max_local_steps=d.max_local_steps, train_memory_factor=d.train_memory_factor,

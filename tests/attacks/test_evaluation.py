@@ -1,4 +1,5 @@
-"""Defense-vs-attack evaluation (passive MIA, inversion, tables, CLI)."""
+"""Defense-vs-attack evaluation: membership inference where membership leaks (with shadow federations),
+passive MIA and inversion on the run's taps, the tables per threat model, the frontier, ROC curves, CLI."""
 
 import csv
 import os
@@ -8,39 +9,58 @@ import pytest
 
 from fedjaxpriv import cli
 from fedjaxpriv.attacks import evaluation
-from fedjaxpriv.config import ClientConfig, DataConfig, ExperimentConfig, ModelConfig, RunConfig, ServerConfig
+from fedjaxpriv.config import ExperimentConfig, with_overrides
 from fedjaxpriv.results import load_records
 
-BASE = ExperimentConfig(
-    data=DataConfig(dataset="digits", num_clients=30, partition="iid"), model=ModelConfig(name="mlp", hidden=(64,)),
-    client=ClientConfig(local_steps=20, batch_size=16, lr=0.2), server=ServerConfig(clients_per_round=5),
-    run=RunConfig(rounds=6, eval_every=6, checkpoint_every=0))
-SUITE = evaluation.AttackSuite(tap_clients=(0, 1, 2, 3, 4, 5), max_candidates=100, inversion_targets=2,
-                               inversion_iterations=60)
-STRONG_DP = {"client.dp_clip_norm": 1.0, "client.dp_noise_multiplier": 4.0}
+# The attack-eval base setup (few examples per client, many local epochs, a wide model), scaled down: a pool of
+# 200 digits (100 members over 10 clients), 3 rounds of 20 local steps, 4 shadow federations.
+BASE = with_overrides(ExperimentConfig(), [*evaluation.MEMBERSHIP_BASE, "run.rounds=3", "run.eval_every=3",
+                                           "client.local_steps=20"])
+SUITE = evaluation.AttackSuite(pool_size=200, shadow_federations=4, tap_clients=(0, 1, 2, 3), inversion_targets=2,
+                               inversion_iterations=100)
 
 
-def test_passive_mia_and_inversion_weaken_under_strong_dp(tmp_path):
-    # Every client takes part in every round, so the tapped clients send a message each round.
-    everyone = evaluation.with_overrides(BASE, ["server.clients_per_round=30"])
-    records = evaluation.evaluate_defenses(everyone, {"none": {}, "dpsgd": STRONG_DP}, SUITE, out_dir=str(tmp_path))
+def test_membership_leaks_undefended_and_dp_closes_it_beyond_the_intervals(tmp_path):
+    records = evaluation.evaluate_defenses(
+        BASE, {"none": {}, "dpsgd": {"eps=4": {"client.dp_clip_norm": 1.0, "client.target_epsilon": 4.0}}},
+        SUITE, out_dir=str(tmp_path))
     none, dp = records
-    # Passive attack pooled over 6 clients x ~2 x 48 candidates: AUC std error <= ~0.025.
-    sigma = 0.025
-    assert none["attack/passive/auc"] > 0.5 + 5 * sigma, none
-    assert dp["attack/passive/auc"] < none["attack/passive/auc"] - 3 * np.sqrt(2) * sigma, (none, dp)
-    assert abs(dp["attack/passive/auc"] - 0.5) < abs(none["attack/passive/auc"] - 0.5)
-    # DLG recovers batch-1 FedSGD inputs without defense, not through DP-SGD noise.
-    assert none["attack/inversion/psnr"] > 30.0 and dp["attack/inversion/psnr"] < 15.0, (none, dp)
-    assert none["epsilon"] == np.inf and 0 < dp["epsilon"] < np.inf
-    assert none["bytes_uploaded"] > 0
+    # (4 + 1) models x 200 candidates pooled: 500 non-members, so TPR at 1% FPR is resolvable (0.1% is not).
+    assert none["attack/lira_offline/num_nonmembers"] == 500
+    assert none["attack/lira_offline/min_resolvable_fpr"] == pytest.approx(1 / 500)
+    assert np.isnan(none["attack/lira_offline/tpr@0.1%fpr"]) and not np.isnan(none["attack/lira_offline/tpr@1%fpr"])
+    # Undefended, the global model leaks membership; DP-SGD at epsilon 4 removes it beyond both intervals.
+    for attack in ("lira_offline", "loss_threshold"):
+        assert none[f"attack/{attack}/auc_low"] > 0.6, (attack, none[f"attack/{attack}/auc"])
+        assert dp[f"attack/{attack}/auc_high"] < none[f"attack/{attack}/auc_low"], attack
+    assert "attack/rmia/auc" in none and "attack/lira_online/auc" in none
+    # The server's passive attack on the tapped messages of clients that took part.
+    assert none["attack/passive/auc_low"] > 0.6 and dp["attack/passive/auc"] < none["attack/passive/auc"]
+    # Inversion of the tapped messages (10 examples per client, full-batch local steps): some examples are
+    # recovered above 20 dB without defense, none through DP-SGD noise.
+    assert none["attack/inversion/fraction_above_threshold"] > 0.0 == dp["attack/inversion/fraction_above_threshold"]
+    assert none["attack/inversion/psnr_median"] > dp["attack/inversion/psnr_median"]
+    assert none["epsilon"] == np.inf and 0.98 * 4.0 <= dp["epsilon"] <= 4.0
+    assert "replace one example" in dp["epsilon_basis"] and none["bytes_uploaded"] > 0
     with open(tmp_path / "attack_eval.csv") as f:
         rows = list(csv.DictReader(f))
-    assert [r["defense"] for r in rows] == ["none", "dpsgd"]
+    assert [r["label"] for r in rows] == ["none", "dpsgd eps=4"]
+    table = (tmp_path / "attack_eval.md").read_text()
+    assert "### participant" in table and "### server" in table and "epsilon_basis" in table
     stored = load_records([str(tmp_path)])
-    assert [r["label"] for r in stored] == ["none", "dpsgd"]
+    assert [r["label"] for r in stored] == ["none", "dpsgd eps=4"]
     assert stored[0]["final"]["attack/passive/auc"] == pytest.approx(none["attack/passive/auc"])
-    assert os.path.getsize(tmp_path / "privacy_attack.png") > 0
+    for name in ("frontier.png", "roc_lira_offline.png", "roc_passive.png", "roc_rmia.png", "inversion_none.png"):
+        assert os.path.getsize(tmp_path / name) > 10_000, name
+
+
+def test_defense_points_expand_strengths_and_single_overrides():
+    points = evaluation.defense_points({"dpsgd": "dpsgd", "mine": {"client.mixup_alpha": 2.0}})
+    assert [(f, s) for f, s, _ in points] == [("dpsgd", "eps=1.0"), ("dpsgd", "eps=4.0"), ("dpsgd", "eps=8.0"),
+                                              ("mine", "")]
+    assert points[-1][2] == {"client.mixup_alpha": 2.0}
+    with pytest.raises(ValueError, match="unknown defense"):
+        evaluation.defense_points({"x": "bogus"})
 
 
 def test_cli_attack_eval_rejects_unknown_defense(capsys):

@@ -13,7 +13,9 @@ import pytest
 from sklearn.datasets import load_digits
 
 from fedjaxpriv.attacks import inversion, metrics
+from fedjaxpriv.client.settings import make_settings
 from fedjaxpriv.models import get_model
+from fedjaxpriv.transforms.pipeline import message_pipeline
 
 NUM_TARGETS = 4
 SHAPE = (8, 8, 1)
@@ -66,6 +68,51 @@ def test_idlg_recovers_every_batch1_label():
         np.testing.assert_array_equal(from_update, labels[:, 0])
 
 
+def test_last_layer_kernel_follows_module_order_in_a_12_layer_mlp():
+    """Flax names the 12 Dense layers Dense_0 ... Dense_11; as strings Dense_9 sorts last, not the output layer."""
+    model = get_model("mlp", (64,), 10, hidden=(32,) * 11)
+    params = model.init(jax.random.key(5))
+    last_path, last_leaf = jax.tree_util.tree_flatten_with_path(params)[0][-1]
+    assert last_path[0].key == "Dense_9" and last_leaf.shape == (32, 32)  # what plain flattening order gives
+    np.testing.assert_array_equal(inversion.last_layer_kernel(params), params["Dense_11"]["kernel"])
+    np.testing.assert_array_equal(inversion.last_layer_bias(params), params["Dense_11"]["bias"])
+    spec = inversion.TargetSpec(input_shape=(64,), num_classes=10, batch_size=1)
+    key_x, key_y = jax.random.split(jax.random.key(6))
+    images = jax.random.uniform(key_x, (64, 1, 64))
+    labels = jax.random.randint(key_y, (64, 1), 0, 10)
+    recover = jax.jit(jax.vmap(lambda x, y: inversion.idlg_label(
+        inversion.last_layer_kernel(inversion.make_target(spec, model.apply, params, x, y)))))
+    np.testing.assert_array_equal(recover(images, labels), labels[:, 0])  # 100% at batch 1
+
+
+def test_label_counts_hand_values():
+    """n = B (pbar + delta_b / (lr E)); with an unknown scale the present classes' counts sum to B."""
+    counts = np.array([2, 1, 1, 0, 0, 0, 0, 0, 0, 0])
+    pbar = jnp.full(10, 0.1)
+    update = 0.5 * (counts / 4 - pbar)  # delta_b for lr x E = 0.5
+    expected = np.repeat(np.arange(10), counts)
+    np.testing.assert_array_equal(inversion.label_counts(update, pbar, 4, jnp.float32(0.5)), expected)
+    clipped = 0.3 * update
+    np.testing.assert_array_equal(inversion.label_counts(clipped, pbar, 4, jnp.float32(0.5), scale_known=False),
+                                  expected)
+    wrong_scale = inversion.label_counts(clipped, pbar, 4, jnp.float32(0.5), scale_known=True)
+    assert not np.array_equal(wrong_scale, expected)
+
+
+def test_batched_line_search_dlg_recovers_logistic_regression_inputs(setup):
+    model = get_model("logreg", (64,), 10)
+    params = model.init(jax.random.key(7))
+    spec = inversion.TargetSpec(input_shape=(64,), num_classes=10, batch_size=1)
+    flat = jnp.asarray(setup["images"].reshape(NUM_TARGETS, 1, 64))
+    targets = jax.vmap(lambda x, y: inversion.make_target(spec, model.apply, params, x, y[None]))(
+        flat, jnp.asarray(setup["labels"]))
+    config = inversion.InversionConfig(method="dlg", num_iterations=30, labels="idlg", line_search="batched")
+    result = inversion.invert_batch(config, spec, model.apply, params, targets, setup["keys"])
+    psnrs = np.asarray(jax.vmap(metrics.psnr)(result.x[:, 0], flat[:, 0]))
+    assert np.all(psnrs > 40.0), psnrs
+    np.testing.assert_array_equal(result.y[:, 0], setup["labels"])
+
+
 def test_dlg_recovers_batch1_images(setup):
     result = inversion.invert_batch(DLG, SPEC, setup["model"].apply, setup["params"], setup["targets"], setup["keys"])
     psnrs = _psnr_per_target(result, setup["images"])
@@ -75,40 +122,43 @@ def test_dlg_recovers_batch1_images(setup):
     assert np.all(np.asarray(ssims) > 0.99)
 
 
-def _prune_keep_top(message, fraction):
-    """Keeps the top ``fraction`` magnitudes of each leaf of each target (the rest set to zero)."""
-
-    def leaf(values):
-        values = np.asarray(values)
-        flat = np.abs(values.reshape(len(values), -1))
-        keep = max(1, int(round(fraction * flat.shape[1])))
-        thresholds = -np.sort(-flat, axis=1)[:, keep - 1]
-        kept = flat >= thresholds[:, None]
-        return jnp.asarray(np.where(kept.reshape(values.shape), values, 0.0))
-
-    return jax.tree_util.tree_map(leaf, message)
+def _through_pipeline(messages, order, seed=0, **strengths):
+    """The targets' messages after the library's message pipeline with the given per-client strengths."""
+    num = len(jax.tree_util.tree_leaves(messages)[0])
+    settings = make_settings(num, np.ones(num), **strengths)
+    transform, active = message_pipeline(order, settings)
+    assert active == tuple(order)
+    rows = jax.tree_util.tree_map(jnp.asarray, settings)
+    keys = jax.random.split(jax.random.key(seed), num)
+    send = jax.jit(jax.vmap(lambda m, key, row: transform.update(m, transform.init(m), key, row)[0]))
+    return send(messages, keys, rows)
 
 
-def test_dlg_fails_on_pruned_gradient(setup):
-    pruned = _prune_keep_top(setup["targets"], 0.1)
-    result = inversion.invert_batch(DLG, SPEC, setup["model"].apply, setup["params"], pruned, setup["keys"])
+def test_dlg_fails_on_top_k_gradient(setup):
+    sparse = _through_pipeline(setup["targets"], ("topk",), topk_fraction=0.1)
+    kept = np.mean([np.mean(np.asarray(leaf) != 0) for leaf in jax.tree_util.tree_leaves(sparse)])
+    assert kept < 0.2
+    result = inversion.invert_batch(DLG, SPEC, setup["model"].apply, setup["params"], sparse, setup["keys"])
     psnrs = _psnr_per_target(result, setup["images"])
     assert np.all(psnrs < 15.0), psnrs
 
 
 def test_dlg_fails_on_noisy_gradient(setup):
-    # N(0, 0.01^2) per coordinate; the clean gradients' root-mean-square coordinate is about 0.04.
-    rng = np.random.default_rng(3)
-    noisy = jax.tree_util.tree_map(
-        lambda leaf: leaf + jnp.asarray(rng.normal(0.0, 0.01, leaf.shape), jnp.float32), setup["targets"]
-    )
+    # Local Gaussian noise of std 10 x 0.001 = 0.01 per coordinate (the clip at 10 never acts); the clean
+    # gradients' root-mean-square coordinate is about 0.04.
+    noisy = _through_pipeline(setup["targets"], ("clip", "noise"), update_clip_norm=10.0,
+                              local_noise_multiplier=0.001)
+    noise = jax.tree_util.tree_map(jnp.subtract, noisy, setup["targets"])
+    flat = np.concatenate([np.ravel(np.asarray(leaf)) for leaf in jax.tree_util.tree_leaves(noise)])
+    std = np.sqrt(np.mean(flat**2))
+    assert 0.009 < std < 0.011
     result = inversion.invert_batch(DLG, SPEC, setup["model"].apply, setup["params"], noisy, setup["keys"])
     psnrs = _psnr_per_target(result, setup["images"])
     assert np.all(psnrs < 15.0), psnrs
 
 
 def test_vmapped_attack_equals_one_target_at_a_time(setup):
-    """Default DLG (L-BFGS with zoom line search, soft labels) on logistic regression over flat inputs.
+    """Default DLG (L-BFGS with the batched line search, soft labels) on logistic regression over flat inputs.
 
     After a few steps, far from convergence, each result still depends on its own target and key.
     """

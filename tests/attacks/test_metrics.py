@@ -152,3 +152,61 @@ def test_label_accuracy_and_matched_psnr():
     noisy = originals + 0.01  # PSNR exactly 40 dB each
     permutation = np.array([3, 0, 4, 1, 2])
     np.testing.assert_allclose(metrics.matched_psnr(noisy[permutation], originals), 40.0, rtol=1e-9)
+
+
+def test_roc_counts_match_brute_force_with_ties():
+    rng = np.random.default_rng(7)
+    scores, labels = _gaussian_scores(rng, 0.5, 60, 40, rounding=1)
+    thresholds, true_positives, false_positives = metrics.roc_counts(scores, labels)
+    assert true_positives.dtype == np.int64 and false_positives.dtype == np.int64
+    np.testing.assert_array_equal(thresholds[1:], np.unique(scores)[::-1])
+    for t, tp, fp in zip(thresholds, true_positives, false_positives):
+        assert tp == np.sum((scores >= t) & (labels == 1)) and fp == np.sum((scores >= t) & (labels == 0))
+
+
+def test_resampled_auc_equals_sklearn_with_sample_weights():
+    rng = np.random.default_rng(8)
+    scores, labels = _gaussian_scores(rng, 0.7, 90, 60, rounding=1)
+    counts = rng.integers(0, 4, size=(5, scores.size))
+    counts[:, 0], counts[:, -1] = 1, 1  # one non-member and one member in every row
+    got = metrics.resampled_auc(scores, labels, counts)
+    expected = [skm.roc_auc_score(labels, scores, sample_weight=row) for row in counts]
+    np.testing.assert_allclose(got, expected, rtol=1e-12)
+    np.testing.assert_allclose(metrics.resampled_auc(scores, labels, np.ones(scores.size, int)),
+                               metrics.roc_auc(scores, labels), rtol=1e-12)
+    empty = np.ones((1, scores.size), int)
+    empty[0, labels == 1] = 0
+    with pytest.raises(ValueError, match="member"):
+        metrics.resampled_auc(scores, labels, empty)
+    with pytest.raises(ValueError, match="integers"):
+        metrics.resampled_auc(scores, labels, np.full(scores.size, 0.5))
+
+
+def test_bootstrap_auc_is_seeded_stratified_and_chunk_invariant():
+    rng = np.random.default_rng(9)
+    scores, labels = _gaussian_scores(rng, 1.0, 300, 100)
+    first = metrics.bootstrap_auc(scores, labels, 200, seed=3)
+    assert first.shape == (200,)
+    np.testing.assert_array_equal(first, metrics.bootstrap_auc(scores, labels, 200, seed=3, chunk_elements=7 * 400))
+    assert not np.array_equal(first, metrics.bootstrap_auc(scores, labels, 200, seed=4))
+    # Resamples are centred on the sample AUC: within 4 standard errors of the mean of 200 draws.
+    assert abs(first.mean() - metrics.roc_auc(scores, labels)) < 4 * first.std() / np.sqrt(200)
+    with pytest.raises(ValueError, match="num_resamples"):
+        metrics.bootstrap_auc(scores, labels, 0)
+
+
+def test_membership_advantage_matches_brute_force():
+    rng = np.random.default_rng(10)
+    scores, labels = _gaussian_scores(rng, 1.0, 150, 120, rounding=1)
+    positives, negatives = scores[labels == 1], scores[labels == 0]
+    brute = max(np.mean(positives >= t) - np.mean(negatives >= t) for t in np.r_[scores, np.inf])
+    assert metrics.membership_advantage(scores, labels) == pytest.approx(brute, abs=1e-12)
+    assert brute > 0.2
+
+
+def test_bootstrap_auc_keeps_the_class_sizes():
+    # Two members above 48 non-members: a stratified resample always holds 2 members, so every AUC is 1 (a
+    # pooled resample would lose both members about once in 8 draws).
+    scores = np.r_[np.arange(48.0), 100.0, 101.0]
+    labels = np.r_[np.zeros(48, int), 1, 1]
+    np.testing.assert_array_equal(metrics.bootstrap_auc(scores, labels, 300), 1.0)

@@ -169,3 +169,15 @@ def test_delta_above_one_over_n_or_c_warns_naming_it():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         Experiment(_config(client={"dp_clip_norm": 1.0, "dp_noise_multiplier": 1.0}))
+
+
+@pytest.mark.parametrize("server", [{"client_sampling": "uniform"},
+                                    {"client_sampling": "poisson", "adaptive_clip_quantile": 0.5,
+                                     "clip_count_noise_multiplier": 2.0}])
+def test_client_level_target_is_met_within_two_percent(server):
+    config = _config(server={"central_clip_norm": 1.0, "target_epsilon": 4.0, **server},
+                     run={"rounds": 4, "eval_every": 4})
+    results = Experiment(config).run(progress=False)
+    assert 0.98 * 4.0 <= results.final("client_level_epsilon") <= 4.0
+    with pytest.raises(ValueError, match=r"server\.central_noise_multiplier"):
+        _config(server={"central_clip_norm": 1.0, "target_epsilon": 4.0, "central_noise_multiplier": 1.0})
