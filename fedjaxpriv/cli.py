@@ -55,7 +55,8 @@ def _build_parser() -> argparse.ArgumentParser:
                         help="tapped messages attacked by gradient inversion (0 = skip)")
     attack.add_argument("--threat-models", default="server,eavesdropper,participant",
                         help="observers to evaluate: server (every message), eavesdropper (one client's link), "
-                             "participant (the global models)")
+                             "participant (the global models), secure_aggregation (each round's cohort sum: taps "
+                             "every client; small cohorts)")
     attack.add_argument("--out", default="attack_eval", help="output directory (tables, plot, results.jsonl)")
     audit = commands.add_parser("audit", help="canary audit of a run: empirical epsilon beside the accountant's")
     audit.add_argument("--config", help="YAML or JSON config file of the audited run")
@@ -85,15 +86,13 @@ def _audit(args: argparse.Namespace) -> int:
 
 def _attack_eval(args: argparse.Namespace) -> int:
     from fedjaxpriv.attacks.evaluation import DEFENSES, MEMBERSHIP_BASE, AttackSuite, evaluate_defenses
-    from fedjaxpriv.config import ExperimentConfig, load_config, with_overrides
+    from fedjaxpriv.config import ExperimentConfig, load_config, load_yaml, with_overrides
 
     config = (load_config(args.config, args.overrides) if args.config
               else with_overrides(ExperimentConfig(), [*MEMBERSHIP_BASE, *args.overrides]))
     if os.path.isfile(args.defenses):
-        import yaml
-
         with open(args.defenses) as f:
-            defenses = yaml.safe_load(f) or {}
+            defenses = load_yaml(f) or {}
         if not isinstance(defenses, dict):
             raise ValueError(f"defenses file {args.defenses!r} must map names to config overrides.")
     else:
@@ -113,13 +112,11 @@ def _attack_eval(args: argparse.Namespace) -> int:
 
 
 def _sweep(args: argparse.Namespace) -> int:
-    import yaml
-
-    from fedjaxpriv.config import parse_override
+    from fedjaxpriv.config import load_yaml, parse_override
     from fedjaxpriv.sweep import expand_grid, run_sweep
 
     with open(args.grid) as f:
-        spec = yaml.safe_load(f) or {}
+        spec = load_yaml(f) or {}
     if not isinstance(spec, dict):
         raise ValueError(f"grid file {args.grid!r} must hold a mapping at top level.")
     if args.overrides:  # --set applies to every point: it joins the grid as a one-value axis

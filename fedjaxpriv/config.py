@@ -13,6 +13,7 @@ import dataclasses
 import hashlib
 import json
 import math
+import re
 from typing import Any, Mapping, Sequence, Union
 
 PerClient = Union[float, int, tuple]
@@ -38,6 +39,12 @@ def _check_per_client(field: str, value: PerClient, low: float, high: float, *, 
         ok = ok and (v > low if low_open else v >= low) and (v < high if high_open else v <= high)
         lo, hi = ("(" if low_open else "["), (")" if high_open else "]")
         _check(ok, field, value, allowed or f"numbers in {lo}{low}, {high}{hi} (scalar or per-client list)")
+
+
+# Datasets generated with their own clients (``partition`` is ignored): "synthetic" (Li et al.'s
+# Synthetic(alpha, beta)) and "attribute" (tabular, with a binary sensitive attribute in the last input column and
+# client-specific group shares: ``attacks.attribute.attribute_population``).
+NATURAL_DATASETS: tuple[str, ...] = ("synthetic", "attribute")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -388,8 +395,8 @@ class ExperimentConfig:
                    "a value > 0 when server.algorithm='fedprox'")
         _check(all(int(c) < self.data.num_clients for c in self.run.tap_clients), "run.tap_clients",
                self.run.tap_clients, f"client ids < data.num_clients={self.data.num_clients}")
-        if self.data.partition == "natural" and self.data.dataset != "synthetic":
-            raise ValueError(f"data.partition='natural' needs a dataset with natural client ids ('synthetic'); "
+        if self.data.partition == "natural" and self.data.dataset not in NATURAL_DATASETS:
+            raise ValueError(f"data.partition='natural' needs a dataset with natural client ids {NATURAL_DATASETS}; "
                              f"data.dataset={self.data.dataset!r} has none: use iid, dirichlet, shards or "
                              "quantity_skew.")
         if self.server.client_sampling == "uniform":
@@ -450,14 +457,31 @@ def from_dict(raw: Mapping[str, Any], base: ExperimentConfig | None = None) -> E
     return ExperimentConfig(name=raw.get("name", base.name), **sections)
 
 
-def parse_override(text: str) -> tuple[list[str], Any]:
-    """Parses ``section.field=value``; the value is read as YAML (numbers, lists, null, strings)."""
+# YAML 1.2 floats: PyYAML (YAML 1.1) reads "1e-6" and "1E5" (no dot) as strings.
+_FLOAT = re.compile(r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+                    |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+                    |[-+]?\.[0-9_]+(?:[eE][-+]?[0-9]+)?
+                    |[-+]?\.(?:inf|Inf|INF)
+                    |\.(?:nan|NaN|NAN))$""", re.X)
+
+
+def load_yaml(stream: Any) -> Any:
+    """``yaml.safe_load`` that reads numbers in exponent form (``1e-6``, ``2E5``) as floats, as YAML 1.2 does."""
     import yaml
 
+    class Loader(yaml.SafeLoader):
+        pass
+
+    Loader.add_implicit_resolver("tag:yaml.org,2002:float", _FLOAT, list("-+0123456789."))
+    return yaml.load(stream, Loader=Loader)
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """Parses ``section.field=value``; the value is read as YAML (numbers, lists, null, strings)."""
     if "=" not in text:
         raise ValueError(f"override {text!r} must look like section.field=value.")
     key, value = text.split("=", 1)
-    return key.strip().split("."), yaml.safe_load(value)
+    return key.strip().split("."), load_yaml(value)
 
 
 def with_overrides(config: ExperimentConfig, overrides: Sequence[str]) -> ExperimentConfig:
@@ -476,10 +500,8 @@ def with_overrides(config: ExperimentConfig, overrides: Sequence[str]) -> Experi
 
 def load_config(path: str, overrides: Sequence[str] = ()) -> ExperimentConfig:
     """Reads a YAML or JSON config file and applies overrides."""
-    import yaml
-
     with open(path) as f:
-        raw = yaml.safe_load(f) or {}
+        raw = load_yaml(f) or {}
     if not isinstance(raw, Mapping):
         raise ValueError(f"config file {path!r} must hold a mapping at top level.")
     return with_overrides(from_dict(raw), overrides)

@@ -93,6 +93,11 @@ def load_population(config: ExperimentConfig) -> tuple[FederatedData, Dataset, i
                                                alpha=data.synthetic_alpha, beta=data.synthetic_beta,
                                                num_classes=num_classes, max_size=data.synthetic_max_size)
         return population, test, num_classes
+    if data.dataset == "attribute":
+        from fedjaxpriv.attacks.attribute import attribute_population
+
+        population, test, _ = attribute_population(config.run.seed, num_clients=data.num_clients)
+        return population, test, 2
     train, test, info = load_dataset(data.dataset, data_dir=data.data_dir, download=data.download,
                                      image_key=data.image_key, label_key=data.label_key)
     return partition_like(config, train, config.run.seed), test, info.num_classes

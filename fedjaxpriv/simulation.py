@@ -97,6 +97,12 @@ class AggregationSpec:
     def clips(self) -> bool:
         return self.client_level is not None
 
+    def client_weight(self, num_examples: jax.Array, participates: jax.Array) -> jax.Array:
+        """Clients' weights in the server's mean (any shape): the number of examples under "examples"
+        weighting without client-level clipping, else 1; 0 for a client that does not take part."""
+        by_examples = self.weighting == "examples" and not self.clips
+        return jnp.where(participates, num_examples if by_examples else 1.0, 0.0)
+
 
 def identity_message(delta: Params, settings: ClientSettings, key: jax.Array,
                      values: jax.Array) -> tuple[Params, dict[str, jax.Array]]:
@@ -152,10 +158,7 @@ def build_round(apply_fn: ApplyFn, spec: LocalSpec, server_tx: optax.GradientTra
         if aggregation.clips:
             message = aggregation.client_level.clip(message, norm, state.clip_norm)
         participates = row["mask"] & (row["count"] > 0)
-        if aggregation.weighting == "examples" and not aggregation.clips:
-            weight = jnp.where(participates, out.num_examples, 0.0)
-        else:
-            weight = jnp.where(participates, 1.0, 0.0)
+        weight = aggregation.client_weight(out.num_examples, participates)
         weighted = jax.tree_util.tree_map(lambda m: jnp.where(participates, weight * m, 0.0), message)
         kept = RoundOutput(loss=out.loss, steps=out.steps, bits=jnp.where(participates, stats["bits"], 0.0),
                            update_norm=norm, weight=weight)

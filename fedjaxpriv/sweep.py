@@ -27,9 +27,8 @@ import os
 import traceback
 from typing import Any, Callable, Mapping, Sequence
 
-import yaml
 
-from fedjaxpriv.config import ExperimentConfig, from_dict
+from fedjaxpriv.config import ExperimentConfig, from_dict, load_yaml
 from fedjaxpriv.parallel import host_cores, use_cpu_cores
 from fedjaxpriv.results import ResultsStore, make_record
 
@@ -142,7 +141,7 @@ def expand_grid(spec: Mapping[str, Any], base_dir: str = ".") -> list[SweepPoint
     if isinstance(base, str):
         path = base if os.path.isabs(base) else os.path.join(base_dir, base)
         with open(path) as f:
-            base = yaml.safe_load(f) or {}
+            base = load_yaml(f) or {}
     if not isinstance(base, Mapping):
         raise ValueError(f"base={base!r} is invalid; allowed: a config mapping or a path to a config file.")
     points, seen = [], set()
@@ -171,7 +170,7 @@ def expand_grid(spec: Mapping[str, Any], base_dir: str = ".") -> list[SweepPoint
 def load_grid(path: str) -> list[SweepPoint]:
     """Reads a grid YAML file and expands it (``base`` paths are relative to the file)."""
     with open(path) as f:
-        spec = yaml.safe_load(f) or {}
+        spec = load_yaml(f) or {}
     if not isinstance(spec, Mapping):
         raise ValueError(f"grid file {path!r} must hold a mapping at top level.")
     return expand_grid(spec, os.path.dirname(os.path.abspath(path)))

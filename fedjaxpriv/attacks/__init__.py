@@ -41,11 +41,16 @@ from fedjaxpriv.attacks.metrics import (
 )
 
 from fedjaxpriv.attacks.attribute import (
+    attribute_attack_on_taps,
     attribute_losses,
     attribute_population,
     attribute_report,
     client_majority,
+    client_share,
+    example_gradients,
     infer_attributes,
+    match_updates,
+    paired_advantage,
 )
 from fedjaxpriv.attacks.canary_audit import (
     CanaryAudit,
@@ -74,7 +79,14 @@ from fedjaxpriv.attacks.membership import (
     stacked_logit_confidence,
     tpr_standard_error,
 )
-from fedjaxpriv.attacks.reconstruction import accumulate_messages, params_distance, reconstruction_report
+from fedjaxpriv.attacks.reconstruction import (
+    accumulate_messages,
+    default_client_weight,
+    drift_weights,
+    params_distance,
+    reconstruction_attack_on_taps,
+    reconstruction_report,
+)
 from fedjaxpriv.attacks.shadow import ShadowModels, balanced_inclusion, train_models, train_shadows
 
 __all__ = [
@@ -110,11 +122,16 @@ __all__ = [
     "roc_curve",
     "ssim",
     "tpr_at_fpr",
+    "attribute_attack_on_taps",
     "attribute_losses",
     "attribute_population",
     "attribute_report",
     "client_majority",
+    "client_share",
+    "example_gradients",
     "infer_attributes",
+    "match_updates",
+    "paired_advantage",
     "DEFENSES",
     "AttackSuite",
     "CanaryAudit",
@@ -137,7 +154,10 @@ __all__ = [
     "stacked_logit_confidence",
     "tpr_standard_error",
     "accumulate_messages",
+    "default_client_weight",
+    "drift_weights",
     "params_distance",
+    "reconstruction_attack_on_taps",
     "reconstruction_report",
     "ShadowModels",
     "balanced_inclusion",

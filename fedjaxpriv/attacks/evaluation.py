@@ -1,19 +1,23 @@
-"""Defense-vs-attack evaluation.
+"""Defense-vs-attack evaluation: each defense at several strengths, trained for real and attacked on what the run
+produced, per threat model (``THREAT_MODELS``; ``ATTACK_VIEWS`` says which view each attack uses).
 
-``evaluate_defenses`` trains one experiment per defense (dotted config overrides on a base config) and
-attacks each one:
+``evaluate_defenses`` trains one experiment per defense point (dotted config overrides on a base config) and runs
+``AttackSuite`` on it:
 
-* membership inference on the final global model: loss threshold (Yeom et al.) and optionally LiRA with
-  shadows trained in one vectorized call (members: a sample of the population's training examples;
-  non-members: as many test examples);
-* passive update-based membership inference (Zari et al.) on the taps of ``suite.tap_clients`` over the
-  tapped rounds (members: the client's examples; non-members: test examples);
-* gradient inversion (DLG with iDLG labels) on a probe: the same defense on a FedSGD round of batch-1
-  clients, messages tapped before the server, PSNR of the reconstructions.
+* participant (the released global models): membership inference by loss threshold (Yeom et al.), LiRA online
+  and offline (Carlini et al. 2022) and RMIA (Zarifzadeh et al. 2024), with reference models from shadow
+  federations that replay the same federated training (``membership_setup`` says why the pool is small);
+* server (every message of every client in the rounds it took part in, from the run's taps): the passive
+  update-based membership attack, gradient inversion of the real messages (``inversion_eval.invert_taps``:
+  the attacker knows masks, clip norms, steps and batch sizes) and, on a population with a sensitive attribute
+  (``data.dataset="attribute"``), attribute inference against its message-free baselines;
+* eavesdropper (one client's messages): local-model reconstruction against the released global model as the
+  trivial baseline.
 
-Each defense gives one record with ``test_accuracy``, ``epsilon``, ``bytes_uploaded`` and
-``attack/<name>/<metric>`` keys; ``write_tables`` writes them as CSV + markdown, a privacy-utility plot,
-and a ``results.jsonl`` store that ``fedjaxpriv report`` reads.
+Each point gives one record with ``test_accuracy``, ``epsilon`` (+ its basis), ``bytes_uploaded`` and
+``attack/<name>/<metric>`` keys (95% intervals as ``_low`` / ``_high``); ``write_tables`` writes them as CSV, one
+markdown table per threat model, the privacy-utility frontier, log-log ROC curves, reconstruction grids and a
+``results.jsonl`` store that ``fedjaxpriv report`` reads.
 
 Canary audits beside the accountant live in ``fedjaxpriv.attacks.canary_audit``.
 """
@@ -29,8 +33,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fedjaxpriv.attacks import inversion_eval, membership, shadow
-from fedjaxpriv.config import ExperimentConfig, with_overrides
+from fedjaxpriv.attacks import attribute, inversion_eval, membership, reconstruction, shadow
+from fedjaxpriv.config import NATURAL_DATASETS, ExperimentConfig, with_overrides
 from fedjaxpriv.data.federated import Dataset
 from fedjaxpriv.results import cumulative
 
@@ -82,12 +86,22 @@ THREAT_MODELS: dict[str, str] = {
     "server": "honest-but-curious server: every message of every client in every round it takes part in",
     "eavesdropper": "an eavesdropper on one client's link: that client's messages",
     "participant": "a participant (or anyone the models are released to): the global models only",
+    "secure_aggregation": "a server behind secure aggregation: only the weighted sum of each round's cohort",
 }
+# Evaluated unless chosen otherwise; secure aggregation taps every client and inverts whole cohorts (small ones).
+DEFAULT_THREAT_MODELS: tuple[str, ...] = ("server", "eavesdropper", "participant")
 # Which view each attack uses.
 ATTACK_VIEWS: dict[str, str] = {
     "loss_threshold": "participant", "lira_online": "participant", "lira_offline": "participant",
-    "rmia": "participant", "passive": "server", "inversion": "server", "reconstruction": "eavesdropper",
+    "rmia": "participant", "passive": "server", "inversion": "server", "attribute": "server",
+    "reconstruction": "eavesdropper", "aggregate_inversion": "secure_aggregation",
 }
+# Summary metrics of the attribute and reconstruction attacks kept in a record (each with _low / _high where given).
+ATTRIBUTE_METRICS = ("accuracy", "accuracy_low", "accuracy_high", "baseline", "majority_accuracy", "global_accuracy",
+                     "advantage", "advantage_low", "advantage_high", "share_error", "num_examples")
+RECONSTRUCTION_METRICS = ("relative_l2_global", "closer_than_global", "accuracy", "local_accuracy",
+                          "global_accuracy", "accuracy_gain_global", "accuracy_gain_global_low",
+                          "accuracy_gain_global_high", "num_clients")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -105,8 +119,8 @@ class AttackSuite:
         (LiRA and RMIA reference models); the target and every shadow serve in turn as the attacked model with
         the others as references, pooling (S + 1) x pool_size scores so that low FPRs are resolvable.
         0 = no LiRA / RMIA.
-      tap_clients: clients whose messages the passive attack observes (from ``tap_from_round`` on, in the
-        rounds they take part in).
+      tap_clients: the target clients of the server's and the eavesdropper's attacks (observed from
+        ``tap_from_round`` on, in the rounds they take part in).
       tap_from_round: first observed round (1-based).
       max_candidates: members (and as many non-members) scored per client by the passive attack.
       inversion_targets: (round, client) messages from the run's taps that gradient inversion attacks
@@ -114,10 +128,12 @@ class AttackSuite:
         distance for clipped or noised messages; 0 = skip inversion).
       inversion_iterations: optimisation steps of the inversion.
       psnr_threshold: dB above which an example counts as reconstructed.
+      aggregate_rounds: rounds whose cohort aggregate the secure-aggregation attack inverts
+        (``inversion_eval.invert_aggregates``; cohorts of at most 64 examples in all).
       seed: seed of the attacks' own randomness (pool halves, shadows, candidates).
     """
 
-    threat_models: tuple[str, ...] = tuple(THREAT_MODELS)
+    threat_models: tuple[str, ...] = DEFAULT_THREAT_MODELS
     pool_size: int = 600
     shadow_federations: int = 16
     tap_clients: tuple[int, ...] = (0, 1, 2, 3)
@@ -126,6 +142,7 @@ class AttackSuite:
     inversion_targets: int = 4
     inversion_iterations: int = 300
     psnr_threshold: float = 20.0
+    aggregate_rounds: int = 1
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -140,6 +157,8 @@ class AttackSuite:
         for name in ("max_candidates", "tap_from_round"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 1.")
+        if self.aggregate_rounds < 1:
+            raise ValueError(f"aggregate_rounds={self.aggregate_rounds} must be >= 1.")
         for name in ("inversion_targets", "inversion_iterations"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 0.")
@@ -275,15 +294,15 @@ def model_attacks(experiment: Any, params: Any, pool: Dataset, members: np.ndarr
 
 def passive_attack(experiment: Any, taps: Mapping[int, Any],
                    suite: AttackSuite) -> tuple[Record, dict[str, tuple[np.ndarray, np.ndarray]]]:
-    """Zari et al. passive attack on each tapped client (members: its data; non-members: the test set) over the
-    rounds it took part in; scores of all targets pooled into one ROC. Returns (record, {"passive": (scores,
+    """Zari et al. passive attack on each tapped client of ``suite.tap_clients`` (members: its data; non-members:
+    the test set) over the rounds it took part in; scores of all targets pooled into one ROC. Returns (record, {"passive": (scores,
     labels)})."""
     observed = [taps[r] for r in sorted(taps)]
     if not observed:
         return {}, {}
     rng = np.random.default_rng(suite.seed + 1)
     all_scores, all_labels = [], []
-    clients = sorted({int(c) for tap in observed for c in tap.client_ids})
+    clients = sorted({int(c) for tap in observed for c in tap.client_ids} & set(suite.tap_clients))
     for client in clients:
         server, messages = membership.stack_taps(observed, client)
         candidates, labels = _balanced_candidates(experiment.population.client(int(client)), experiment.test,
@@ -326,10 +345,12 @@ def evaluate_defense(base: ExperimentConfig, name: str, overrides: Mapping[str, 
 
     texts = [f"{k}={_yaml(v)}" for k, v in overrides.items()]
     rounds = base.run.rounds
-    taps = [f"run.tap_clients={list(suite.tap_clients)}",
+    secure = "secure_aggregation" in suite.threat_models  # the aggregate needs every cohort client's message
+    tapped = list(range(base.data.num_clients)) if secure else list(suite.tap_clients)
+    taps = [f"run.tap_clients={tapped}",
             f"run.tap_rounds={list(range(min(suite.tap_from_round, rounds), rounds + 1))}"]
     config = with_overrides(base, [*texts, *taps, f"name={name}"])
-    if suite.pool_size and config.data.dataset != "synthetic":
+    if suite.pool_size and config.data.dataset not in NATURAL_DATASETS:
         setup = membership_setup(config, suite.pool_size, suite.seed)
         pool, members, reference_points = setup.pool, setup.members, setup.population
         clients = partition_like(config, Dataset(pool.x[members], pool.y[members]), config.run.seed)
@@ -365,15 +386,37 @@ def evaluate_defense(base: ExperimentConfig, name: str, overrides: Mapping[str, 
         passive_record, passive_scores = passive_attack(experiment, results.taps, suite)
         record.update(passive_record)
         scores.update(passive_scores)
+    observed = {int(c) for tap in results.taps.values() for c in tap.client_ids}
+    targets = [c for c in suite.tap_clients if c in observed]  # the attacks' targets that took part
     inverted = None
-    if server and suite.inversion_targets and results.taps:
+    if server and suite.inversion_targets and targets:
         _say(f"[{name}] gradient inversion of {suite.inversion_targets} tapped messages")
         attack = dataclasses.replace(inversion_eval.DEFAULT_ATTACK, num_iterations=suite.inversion_iterations)
         inverted = inversion_eval.invert_taps(experiment, results.taps, key=jax.random.key(suite.seed + 2),
                                               attack=attack, max_targets=suite.inversion_targets,
-                                              psnr_threshold=suite.psnr_threshold)
+                                              psnr_threshold=suite.psnr_threshold, clients=targets)
         if inverted.targets:
             record.update(_prefixed("inversion", inverted.summary()))
+    if server and targets and experiment.population.attributes.size:
+        _say(f"[{name}] attribute inference on the tapped messages")
+        inferred = attribute.attribute_attack_on_taps(experiment, results.taps, clients=targets)
+        record.update(_prefixed("attribute", {k: inferred[k] for k in ATTRIBUTE_METRICS}))
+    if "eavesdropper" in suite.threat_models and targets:
+        _say(f"[{name}] local-model reconstruction by an eavesdropper holding the released model")
+        rebuilt = reconstruction.reconstruction_attack_on_taps(experiment, results.taps, targets,
+                                                               global_params=results.params)
+        record.update(_prefixed("reconstruction", {k: rebuilt[k] for k in RECONSTRUCTION_METRICS}))
+    if secure and suite.inversion_targets and results.taps:
+        if experiment.aggregation.clips:
+            _say(f"[{name}] no aggregate inversion: client-level DP noise is added after aggregation")
+        else:
+            _say(f"[{name}] gradient inversion of {suite.aggregate_rounds} round aggregate(s)")
+            attack = dataclasses.replace(inversion_eval.DEFAULT_ATTACK, num_iterations=suite.inversion_iterations)
+            aggregated = inversion_eval.invert_aggregates(experiment, results.taps, key=jax.random.key(suite.seed + 3),
+                                                          attack=attack, max_rounds=suite.aggregate_rounds,
+                                                          psnr_threshold=suite.psnr_threshold)
+            if aggregated.targets:
+                record.update(_prefixed("aggregate_inversion", aggregated.summary()))
     history = [dict(r) for r in results.history]
     history[-1].update({k: v for k, v in record.items() if k.startswith("attack/")})
     return DefenseResult(record, config, history, scores, inverted)
@@ -451,7 +494,8 @@ def threat_model_tables(records: Sequence[Mapping[str, Any]]) -> str:
         columns = []
         for attack in attacks:
             metrics_present = [m for m in ("auc", "tpr@0.1%fpr", "tpr@1%fpr", "psnr_median", "psnr_iqr",
-                                           "fraction_above_threshold", "label_accuracy", "advantage")
+                                           "fraction_above_threshold", "label_accuracy", "accuracy", "baseline",
+                                           "advantage", "relative_l2_global", "accuracy_gain_global")
                                if any(f"attack/{attack}/{m}" in r for r in records)]
             columns += [f"attack/{attack}/{m}" for m in metrics_present]
         header = ["defense", "strength", "test accuracy", "epsilon", *[c.removeprefix("attack/") for c in columns]]

@@ -26,12 +26,30 @@ so the loss in reconstruction quality is part of the defense's effect; each targ
 Scoring. Messages are invariant to the order of the examples, so reconstructions are matched to the true
 examples by an optimal assignment on MSE (``scipy.optimize.linear_sum_assignment``). PSNR is uncapped (+inf
 for an exact reconstruction); SSIM uses a Gaussian window of 7 pixels on images smaller than 11.
+
+Secure aggregation. ``invert_aggregates`` is the server behind secure aggregation: in each round it sees only
+the aggregate of the cohort's messages, the weighted mean it applies (``aggregate_messages``, with the weights
+of ``simulation.build_round``: data sizes or uniform), not any one message. It still knows each cohort client's
+settings, data size n and magnitude-pruning mask, so it optimises candidate inputs for all N = sum n examples
+of the cohort at once: each client's candidates go through that client's simulated local training (vmapped over
+the clients of one size) and its message clip, and the simulated messages are aggregated with the server's
+weights and matched to the aggregate. The distance is chosen for the cohort with what the server can know
+without seeing a message: it cannot see whether a client was clipped, but the simulation clips each client's
+message at its clip norm as the client does, so clipping leaves the scale known; cosine when some client adds
+local noise, else L2. Under a sparsifier only the aggregate's nonzero coordinates are matched (then ``exact``
+is False: each client's support is unknown). Labels ("counts") are the
+cohort's label multiset read off the aggregate's output bias. The tap of each round must hold the round's whole
+cohort (``round_participants``: tap every client); runs with client-level DP-FedAvg are refused (the server's
+view is a clipped, noised sum the taps do not record). The aggregate does not say which client held which
+example (for FedSGD with example weights it is the mean gradient of the union of the cohort's batches), so the
+N reconstructions are matched to the cohort's N examples by one assignment by default (``match="cohort"``).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import itertools
 import math
 from typing import Any, Mapping, Sequence
 
@@ -42,7 +60,8 @@ import optax
 from scipy import optimize
 
 from fedjaxpriv.attacks import inversion, metrics
-from fedjaxpriv.client import pruning
+from fedjaxpriv.client import dp, pruning
+from fedjaxpriv.privacy.tracking import UNLIMITED
 
 Params = Any
 
@@ -73,7 +92,9 @@ class TargetInversion:
       exact: whether the attacker's simulation of the local training is exact (see the module docstring).
       mask_aware: whether the attacker trained its simulation under the client's pruning mask (False also
         when the client did not prune).
-      loss: the final value of the attack objective.
+      loss: the final value of the attack objective (for an aggregate, the cohort's joint objective).
+      aggregate_of: None when the client's own message was attacked; K when the attacked message was the
+        aggregate of the round's cohort of K clients (``invert_aggregates``).
     """
 
     round: int
@@ -90,6 +111,7 @@ class TargetInversion:
     exact: bool
     mask_aware: bool
     loss: float
+    aggregate_of: int | None = None
 
 
 def _quantile(values: np.ndarray, q: float) -> float:
@@ -260,6 +282,33 @@ def _as_taps(taps: Mapping[int, Any] | Sequence[Any]) -> list[Any]:
     return sorted(items, key=lambda tap: int(tap.round))
 
 
+def _client_target(experiment: Any, tap: Any, position: int, attack: inversion.InversionConfig, mask_aware: bool,
+                   index: int) -> _Target:
+    """What the server knows about the client at ``position`` of ``tap`` (its message, mask, settings)."""
+    r, client = int(tap.round), int(np.asarray(tap.client_ids)[position])
+    row = _row(experiment.settings, client)
+    count = int(np.asarray(experiment.population.counts)[client])
+    message = jax.tree_util.tree_map(lambda leaf: np.asarray(leaf[position], np.float32), tap.messages)
+    server = jax.tree_util.tree_map(lambda leaf: np.asarray(leaf, np.float32), tap.server_params)
+    mask = _server_mask(experiment, server, message, row, r)
+    pruned = mask is not None
+    # A random mask read off the message's zeros is exact only if nothing else zeroes or fills coordinates.
+    mask_known = not (pruned and experiment.spec.prune == "random"
+                      and (_sparsified(row) or row.local_noise_multiplier > 0))
+    if not mask_aware:
+        mask = None
+    ones = jax.tree_util.tree_map(lambda leaf: np.ones(np.shape(leaf), np.float32), message)
+    support = jax.tree_util.tree_map(lambda m: (m != 0).astype(np.float32), message) if _sparsified(row) else ones
+    if mask is not None:
+        support = jax.tree_util.tree_map(np.multiply, support, mask)
+    invariant = attack.distance == "cosine" if attack.distance is not None else _scale_unknown(message, row)
+    return _Target(
+        round=r, client=client, index=index, server_params=server, message=message,
+        mask=ones if mask is None else mask, support=support, lr=float(row.lr), num_steps=int(row.num_steps),
+        scale_invariant=bool(invariant), exact=_exact(experiment, row, count, pruned, mask is not None) and mask_known,
+        mask_aware=mask is not None)
+
+
 def _collect(experiment: Any, taps: list[Any], attack: inversion.InversionConfig, clients: Sequence[int] | None,
              max_targets: int, max_examples: int, mask_aware: bool) -> tuple[list[_Target], list[tuple[int, int, str]]]:
     targets: list[_Target] = []
@@ -270,38 +319,17 @@ def _collect(experiment: Any, taps: list[Any], attack: inversion.InversionConfig
             if clients is not None and client not in clients:
                 continue
             r = int(tap.round)
-            row = _row(experiment.settings, client)
             count = int(counts[client])
             if len(targets) == max_targets:
                 skipped.append((r, client, f"max_targets={max_targets} reached"))
                 continue
-            if count == 0 or int(row.num_steps) == 0:
+            if count == 0 or int(_row(experiment.settings, client).num_steps) == 0:
                 skipped.append((r, client, "sent a zero update (no data or num_steps=0)"))
                 continue
             if count > max_examples:
                 skipped.append((r, client, f"{count} examples > max_examples={max_examples}"))
                 continue
-            message = jax.tree_util.tree_map(lambda leaf: np.asarray(leaf[j], np.float32), tap.messages)
-            server = jax.tree_util.tree_map(lambda leaf: np.asarray(leaf, np.float32), tap.server_params)
-            mask = _server_mask(experiment, server, message, row, r)
-            pruned = mask is not None
-            # A random mask read off the message's zeros is exact only if nothing else zeroes or fills coordinates.
-            mask_known = not (pruned and experiment.spec.prune == "random"
-                              and (_sparsified(row) or row.local_noise_multiplier > 0))
-            if not mask_aware:
-                mask = None
-            ones = jax.tree_util.tree_map(lambda leaf: np.ones(np.shape(leaf), np.float32), message)
-            support = (jax.tree_util.tree_map(lambda m: (m != 0).astype(np.float32), message) if _sparsified(row)
-                       else ones)
-            if mask is not None:
-                support = jax.tree_util.tree_map(np.multiply, support, mask)
-            invariant = (attack.distance == "cosine" if attack.distance is not None
-                         else _scale_unknown(message, row))
-            targets.append(_Target(
-                round=r, client=client, index=len(targets), server_params=server, message=message,
-                mask=ones if mask is None else mask, support=support, lr=float(row.lr), num_steps=int(row.num_steps),
-                scale_invariant=bool(invariant), exact=_exact(experiment, row, count, pruned, mask is not None) and mask_known,
-                mask_aware=mask is not None))
+            targets.append(_client_target(experiment, tap, j, attack, mask_aware, len(targets)))
     return targets, skipped
 
 
@@ -350,6 +378,13 @@ def _stack(trees: Sequence[Params]) -> Params:
     return jax.tree_util.tree_map(lambda *leaves: jnp.asarray(np.stack(leaves)), *trees)
 
 
+def _check_attack(attack: inversion.InversionConfig, psnr_threshold: float) -> None:
+    if attack.labels == "known":
+        raise ValueError("attack.labels='known' would hand the attacker the labels; use 'counts', 'soft' or 'idlg'.")
+    if not math.isfinite(psnr_threshold):
+        raise ValueError(f"psnr_threshold={psnr_threshold} must be a finite number of dB.")
+
+
 def invert_taps(
     experiment: Any,
     taps: Mapping[int, Any] | Sequence[Any],
@@ -386,13 +421,10 @@ def invert_taps(
       ``InversionReport``; ``report.summary()`` gives the flat metrics, ``report.save_grid(path)`` a picture.
     """
     attack = DEFAULT_ATTACK if attack is None else attack
-    if attack.labels == "known":
-        raise ValueError("attack.labels='known' would hand the attacker the labels; use 'counts', 'soft' or 'idlg'.")
+    _check_attack(attack, psnr_threshold)
     for name, value in (("max_targets", max_targets), ("max_examples", max_examples), ("chunk_size", chunk_size)):
         if value < 1:
             raise ValueError(f"{name}={value} must be >= 1.")
-    if not math.isfinite(psnr_threshold):
-        raise ValueError(f"psnr_threshold={psnr_threshold} must be a finite number of dB.")
     targets, skipped = _collect(experiment, _as_taps(taps), attack, clients, max_targets, max_examples, mask_aware)
     population = experiment.population
     counts = np.asarray(population.counts)
@@ -427,3 +459,385 @@ def invert_taps(
                     exact=t.exact, mask_aware=t.mask_aware, loss=float(losses[i]))
     return InversionReport(targets=tuple(results[i] for i in sorted(results)), psnr_threshold=float(psnr_threshold),
                            attack=attack, skipped=tuple(skipped))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The server behind secure aggregation: it sees each round's aggregate, not one client's message.
+
+
+@dataclasses.dataclass(frozen=True)
+class _Cohort:
+    """Static part of a cohort attack: the cohort's data sizes, in cohort order (client k holds rows
+    ``offsets[k] : offsets[k] + sizes[k]`` of the joint candidate batch ``[N, *input_shape]``), and which
+    stages the attack models (static, so a round compiles only the stages it needs)."""
+
+    input_shape: tuple[int, ...]
+    num_classes: int
+    local_steps: int
+    sizes: tuple[int, ...]
+    clipped: bool  # some client has a finite clip norm: the simulation clips each message
+    masked: bool  # some client trains under a pruning mask the server knows
+    scale_invariant: bool  # cosine (True) or L2 (False) matching
+
+    @property
+    def total(self) -> int:
+        return sum(self.sizes)
+
+    @property
+    def offsets(self) -> np.ndarray:
+        return np.cumsum((0,) + self.sizes[:-1])
+
+    def spec(self, size: int) -> inversion.TargetSpec:
+        return inversion.TargetSpec(input_shape=self.input_shape, num_classes=self.num_classes, batch_size=size,
+                                    local_steps=self.local_steps)
+
+    def groups(self) -> tuple[tuple[int, tuple[int, ...]], ...]:
+        """(data size, positions of the clients of that size) per distinct size, ascending."""
+        return tuple((size, tuple(k for k, s in enumerate(self.sizes) if s == size))
+                     for size in sorted(set(self.sizes)))
+
+
+@dataclasses.dataclass(frozen=True)
+class _CohortView:
+    """What the server behind secure aggregation knows of one round."""
+
+    round: int
+    client_ids: np.ndarray  # [K], ascending
+    targets: tuple[_Target, ...]  # per cohort client: its settings, mask, and message (only summed)
+    weights: np.ndarray  # [K] float32
+    aggregate: Params
+    support: Params | None  # None: every coordinate is matched
+    scale_invariant: bool
+    exact: bool
+
+
+def round_participants(experiment: Any, round_number: int) -> np.ndarray:
+    """Ids ``[K]`` (ascending) of the clients whose messages the server aggregates in round ``round_number``
+    (1-based): the sampled cohort (``experiment.cohort``, which drops a ``DeviceExperiment``'s unavailable
+    devices), less the clients whose planned participations were spent (replayed from round 1 as
+    ``Experiment.run`` records them) and the clients without data (weight 0)."""
+    if round_number < 1:
+        raise ValueError(f"round_number={round_number} must be >= 1 (rounds are 1-based).")
+    tracker = (experiment.new_privacy_tracker()
+               if np.any(np.asarray(experiment.participation_budget) < UNLIMITED) else None)
+    for index in range(0 if tracker is not None else round_number - 1, round_number):
+        cohort = experiment.cohort(index)
+        mask = cohort.mask if tracker is None else cohort.mask & tracker.allowed(cohort.ids)
+        if tracker is not None and index < round_number - 1:
+            tracker.record_round(cohort.ids[mask])
+    ids = np.asarray(cohort.ids)[mask]
+    return np.sort(ids[np.asarray(experiment.population.counts)[ids] > 0]).astype(np.int64)
+
+
+def _server_weights(experiment: Any, client_ids: np.ndarray) -> np.ndarray:
+    """``[K]`` float32 aggregation weights of the round (``simulation.AggregationSpec.client_weight``)."""
+    counts = np.asarray(experiment.population.counts)[np.asarray(client_ids)].astype(np.float32)
+    return np.asarray(experiment.aggregation.client_weight(counts, counts > 0), np.float32)
+
+
+@jax.jit
+def aggregate_messages(messages: Params, weights: jax.Array | np.ndarray) -> Params:
+    """The mean delta the server applies, ``sum_k w_k m_k / max(sum_k w_k, 1e-12)`` as ``simulation.build_round``
+    forms it without client-level DP. ``messages``: leaves ``[K, ...]``; ``weights``: ``[K]``; leaves ``[...]``."""
+    weights = jnp.asarray(weights, jnp.float32)
+    denominator = jnp.maximum(jnp.sum(weights), 1e-12)
+    return jax.tree_util.tree_map(
+        lambda m: jnp.sum(weights.reshape((-1,) + (1,) * (m.ndim - 1)) * m, axis=0) / denominator, messages)
+
+
+def _cohort_ids(experiment: Any, tap: Any) -> tuple[np.ndarray, list[int]]:
+    """(participant ids [K], their positions in ``tap``); raises unless the tap holds the whole cohort."""
+    if experiment.client_level is not None:
+        raise ValueError("the run uses client-level DP-FedAvg (server.central_clip_norm / "
+                         "central_noise_multiplier): the server sees a clipped, noised sum whose clip norm and noise "
+                         "the taps do not record; invert_aggregates covers runs without it.")
+    r = int(tap.round)
+    ids = round_participants(experiment, r)
+    tapped = np.asarray(tap.client_ids).tolist()
+    missing = sorted(set(ids.tolist()) - set(tapped))
+    if missing:
+        raise ValueError(f"round {r}: the tap lacks {len(missing)} of the {len(ids)} clients whose messages the "
+                         f"server aggregates (missing client ids {missing}); the aggregate needs the whole cohort: "
+                         "tap every client (run.tap_clients=tuple(range(data.num_clients))).")
+    return ids, [tapped.index(c) for c in ids.tolist()]
+
+
+def server_aggregate(experiment: Any, tap: Any) -> Params:
+    """The aggregate the server sees in the round of ``tap`` (which must hold the round's whole cohort)."""
+    ids, positions = _cohort_ids(experiment, tap)
+    messages = jax.tree_util.tree_map(lambda leaf: np.asarray(leaf, np.float32)[np.asarray(positions)], tap.messages)
+    return jax.tree_util.tree_map(np.asarray, aggregate_messages(messages, _server_weights(experiment, ids)))
+
+
+def _cohort_view(experiment: Any, tap: Any, ids: np.ndarray, positions: Sequence[int],
+                 attack: inversion.InversionConfig, mask_aware: bool) -> _CohortView:
+    """The server's view of the round of ``tap``, whose cohort ``ids`` [K] sit at ``positions`` of the tap."""
+    # A random pruning mask is read off a single message's zeros, which the server does not see.
+    aware = mask_aware and experiment.spec.prune != "random"
+    targets = tuple(_client_target(experiment, tap, j, attack, aware, k) for k, j in enumerate(positions))
+    weights = _server_weights(experiment, ids)
+    aggregate = jax.tree_util.tree_map(np.asarray, aggregate_messages(_stack([t.message for t in targets]), weights))
+    rows = [_row(experiment.settings, c) for c in ids.tolist()]
+    sparsified = any(_sparsified(row) for row in rows)
+    support = jax.tree_util.tree_map(lambda a: (a != 0).astype(np.float32), aggregate) if sparsified else None
+    # Clipping does not hide the scale here (the simulation clips each message as its client does); noise does.
+    invariant = (attack.distance == "cosine" if attack.distance is not None else
+                 any(row.local_noise_multiplier > 0 for row in rows))
+    return _CohortView(round=int(tap.round), client_ids=ids, targets=targets, weights=weights, aggregate=aggregate,
+                       support=support, scale_invariant=bool(invariant),
+                       exact=all(t.exact for t in targets) and not sparsified)
+
+
+def _safe_norm(tree: Params) -> jax.Array:
+    """Global L2 norm with a finite gradient at zero (a client with no steps sends zeros)."""
+    squares = sum(jnp.sum(jnp.square(leaf)) for leaf in jax.tree_util.tree_leaves(tree))
+    return jnp.sqrt(jnp.maximum(squares, jnp.finfo(jnp.float32).tiny))
+
+
+def _group_rows(cohort: _Cohort, take: np.ndarray, size: int) -> np.ndarray:
+    """Rows ``[K_g, size]`` of the joint batch held by the clients at positions ``take``."""
+    return cohort.offsets[take][:, None] + np.arange(size)
+
+
+def _in_order(cohort: _Cohort, parts: Sequence[Any], rows: bool) -> Any:
+    """Per-group outputs (leaves ``[K_g, ...]`` in ``cohort.groups()`` order) put in cohort order: leaves
+    ``[K, ...]``, or with ``rows`` (leaves ``[K_g, size, ...]``) the joint batch's rows, leaves ``[N, ...]``."""
+    if rows:
+        parts = [jax.tree_util.tree_map(lambda leaf: leaf.reshape((-1,) + leaf.shape[2:]), part) for part in parts]
+        order = np.concatenate([_group_rows(cohort, np.asarray(positions), size).ravel()
+                                for size, positions in cohort.groups()])
+    else:
+        order = np.concatenate([np.asarray(positions) for _, positions in cohort.groups()])
+    inverse = np.argsort(order)
+    return jax.tree_util.tree_map(lambda *leaves: jnp.concatenate(leaves)[inverse], *parts)
+
+
+def _take(tree: Params | None, take: np.ndarray) -> Params | None:
+    return None if tree is None else jax.tree_util.tree_map(lambda leaf: leaf[take], tree)
+
+
+def _simulate_aggregate(cohort: _Cohort, apply: inversion.ApplyFn, params: Params, x: jax.Array,
+                        probs: jax.Array, lrs: jax.Array, steps: jax.Array, clips: jax.Array,
+                        masks: Params | None, weights: jax.Array) -> Params:
+    """The aggregate the cohort would produce from candidates ``x [N, ...]`` with label distributions ``probs
+    [N, C]``: each client's local training (``inversion.simulate_message``, vmapped over the clients of one data
+    size, with its ``lrs``/``steps`` ``[K]`` and ``masks`` leaves ``[K, ...]`` or None), its message clip
+    (``clips [K]``, inf: none), then ``aggregate_messages`` with ``weights [K]``. Leaves like ``params``."""
+    parts = []
+    for size, positions in cohort.groups():
+        take = np.asarray(positions)
+        rows = _group_rows(cohort, take, size)
+
+        def one(xk: jax.Array, pk: jax.Array, lr: jax.Array, num: jax.Array, clip: jax.Array,
+                mask: Params | None, size: int = size) -> Params:
+            message = inversion.simulate_message(cohort.spec(size), apply, params, xk, pk, lr, mask=mask,
+                                                 num_steps=num)
+            if not cohort.clipped:
+                return message
+            scale = dp.clip_scale(_safe_norm(message), clip)
+            return jax.tree_util.tree_map(lambda leaf: leaf * scale, message)
+
+        parts.append(jax.vmap(one, in_axes=(0, 0, 0, 0, 0, None if masks is None else 0))(
+            x[rows], probs[rows], lrs[take], steps[take], clips[take], _take(masks, take)))
+    return aggregate_messages(_in_order(cohort, parts, rows=False), weights)
+
+
+def _initial_candidates(config: inversion.InversionConfig, cohort: _Cohort, keys_x: jax.Array,
+                        keys_y: jax.Array) -> dict[str, jax.Array]:
+    """Dummy inputs ``x [N, ...]`` (and ``label_logits [N, C]`` for soft labels): client k's rows drawn from
+    ``keys_x[k]`` (``keys_y[k]``) as ``inversion.invert_one`` draws a batch of its size."""
+    def draw(fn: Any, keys: jax.Array) -> jax.Array:
+        return _in_order(cohort, [jax.vmap(functools.partial(fn, size))(keys[np.asarray(positions)])
+                                  for size, positions in cohort.groups()], rows=True)
+
+    z0 = {"x": draw(lambda size, key: inversion._initial_inputs(config, cohort.spec(size), key), keys_x)}
+    if config.labels == "soft":
+        z0["label_logits"] = draw(lambda size, key: jax.random.normal(key, (size, cohort.num_classes), jnp.float32),
+                                  keys_y)
+    return z0
+
+
+def _union_labels(config: inversion.InversionConfig, cohort: _Cohort, apply: inversion.ApplyFn, params: Params,
+                  target: Params, keys_y: jax.Array, lrs: jax.Array, steps: jax.Array, masks: Params | None,
+                  weights: jax.Array) -> jax.Array:
+    """The N labels of the whole cohort read off the aggregate's output bias (``inversion.label_counts`` at
+    batch N) -> int32 ``[N]`` sorted by class, so client k gets a contiguous run of them. The mean prediction is
+    the data-size-weighted mean of each client's probe (``keys_y [K]``, on its masked model), the step scale the
+    weighted mean of ``lr x steps``: exact to first order when the clients share ``lr x steps``, the weights are
+    proportional to n and nobody clips (the scale is fitted, as ``label_counts`` does, when a client may)."""
+    bias = inversion.last_layer_bias(target)
+    if bias is None:
+        raise ValueError("labels='counts' needs an output-layer bias in the message; the last layer has none.")
+
+    def probe(size: int, key: jax.Array, mask: Params | None) -> jax.Array:
+        start = params if mask is None else inversion.restrict(params, mask)
+        return inversion._mean_prediction(config, cohort.spec(size), apply, start, key)
+
+    mean = 0.0
+    for size, positions in cohort.groups():
+        take = np.asarray(positions)
+        probes = jax.vmap(functools.partial(probe, size), in_axes=(0, None if masks is None else 0))(
+            keys_y[take], _take(masks, take))
+        mean = mean + (size / cohort.total) * jnp.sum(probes, axis=0)
+    shares = weights / jnp.maximum(jnp.sum(weights), 1e-12)
+    step_scale = jnp.float32(1.0) if cohort.local_steps == 0 else jnp.sum(shares * lrs * steps)
+    # A clip rescales a client's bias part by a factor the server cannot see: fit the scale then.
+    return inversion.label_counts(bias if cohort.local_steps else -bias, mean, cohort.total, step_scale,
+                                  not (cohort.scale_invariant or cohort.clipped))
+
+
+@functools.partial(jax.jit, static_argnames=("config", "cohort", "apply"))
+def _invert_cohort(config: inversion.InversionConfig, cohort: _Cohort, apply: inversion.ApplyFn, params: Params,
+                   target: Params, keys: jax.Array, lrs: jax.Array, steps: jax.Array, clips: jax.Array,
+                   masks: Params | None, weights: jax.Array, support: Params | None) -> inversion.InversionResult:
+    """Jointly reconstructs the cohort's N examples from its aggregate ``target`` (``inversion.invert_one``'s
+    optimisation, with ``_simulate_aggregate`` as the message). ``keys [K]``: client k's dummy inputs and label
+    probe use ``keys[k]`` as ``invert_one`` uses its key. Returns ``InversionResult(x [N, ...], y [N], loss)``."""
+    inversion._check_call(config, cohort.spec(cohort.total))
+    target = inversion.restrict(target, support)
+    split = jax.vmap(jax.random.split)(keys)  # [K, 2]
+    z0 = _initial_candidates(config, cohort, split[:, 0], split[:, 1])
+    fixed_labels = None
+    if config.labels != "soft" and cohort.total == 1:  # iDLG, as invert_one at batch 1
+        kernel = inversion.last_layer_kernel(target)
+        fixed_labels = inversion.idlg_label(kernel if cohort.local_steps == 0 else -kernel)[None]
+    elif config.labels != "soft":  # counts
+        fixed_labels = _union_labels(config, cohort, apply, params, target, split[:, 1], lrs, steps, masks, weights)
+
+    def label_probs(z: dict[str, jax.Array]) -> jax.Array:
+        if fixed_labels is None:
+            return jax.nn.softmax(z["label_logits"], axis=-1)
+        return jax.nn.one_hot(fixed_labels, cohort.num_classes, dtype=jnp.float32)
+
+    def objective(z: dict[str, jax.Array]) -> jax.Array:
+        message = inversion.restrict(_simulate_aggregate(cohort, apply, params, z["x"], label_probs(z), lrs, steps,
+                                                         clips, masks, weights), support)
+        distance = inversion.cosine_distance if cohort.scale_invariant else inversion.l2_distance
+        value = distance(message, target)
+        if config.method == "inverting_gradients" and config.tv_weight > 0:
+            value = value + config.tv_weight * inversion.total_variation(z["x"])
+        return value
+
+    run = inversion._run_lbfgs if config.method == "dlg" else inversion._run_signed_adam
+    z, loss = run(objective, z0, config)
+    x_hat = z["x"] if config.box is None else jnp.clip(z["x"], *config.box)
+    return inversion.InversionResult(x_hat, jnp.argmax(label_probs(z), axis=-1).astype(jnp.int32), loss)
+
+
+def _attack_cohort(experiment: Any, view: _CohortView, attack: inversion.InversionConfig,
+                   key: jax.Array) -> tuple[np.ndarray, np.ndarray, float]:
+    """Runs the joint attack on one round -> (reconstructions [N, ...], labels [N], loss)."""
+    counts = np.asarray(experiment.population.counts)
+    rows = [_row(experiment.settings, c) for c in view.client_ids.tolist()]
+    clips = np.array([float(row.update_clip_norm) for row in rows], np.float32)
+    cohort = _Cohort(input_shape=tuple(experiment.population.input_shape), num_classes=int(experiment.num_classes),
+                     local_steps=int(experiment.spec.max_steps),
+                     sizes=tuple(int(counts[c]) for c in view.client_ids.tolist()),
+                     clipped=bool(np.any(np.isfinite(clips))), masked=any(t.mask_aware for t in view.targets),
+                     scale_invariant=view.scale_invariant)
+    out = _invert_cohort(
+        dataclasses.replace(attack, distance=None), cohort, experiment.model.apply,
+        view.targets[0].server_params, view.aggregate,
+        jax.vmap(lambda k: jax.random.fold_in(key, k))(jnp.arange(len(view.targets))),
+        jnp.asarray([t.lr for t in view.targets], jnp.float32),
+        jnp.asarray([t.num_steps for t in view.targets], jnp.float32), jnp.asarray(clips),
+        _stack([t.mask for t in view.targets]) if cohort.masked else None, jnp.asarray(view.weights),
+        view.support)
+    x, y, loss = (np.asarray(a) for a in out)
+    return x, y, float(loss)
+
+
+def _cohort_inversions(experiment: Any, view: _CohortView, x: np.ndarray, y: np.ndarray, loss: float,
+                       data_range: float, match: str) -> list[TargetInversion]:
+    """One ``TargetInversion`` per cohort client from the joint reconstruction ``x [N, ...]``, ``y [N]``:
+    ``match="cohort"`` assigns all N reconstructions to all N true examples at once and gives each client its
+    examples' matches; ``match="client"`` assigns within each client's own rows of the candidate batch."""
+    data = [experiment.population.client(c) for c in view.client_ids.tolist()]
+    originals = [np.asarray(d.x, np.float32) for d in data]
+    spans = list(itertools.pairwise(np.cumsum([0] + [len(o) for o in originals])))
+    if match == "cohort":
+        order, mse, psnr, ssim, _ = _score(np.concatenate(originals), x, data_range)
+        pieces = [(order[a:b], mse[a:b], psnr[a:b], ssim[a:b]) for a, b in spans]
+    else:
+        pieces = []
+        for (a, b), o in zip(spans, originals):
+            order, mse, psnr, ssim, _ = _score(o, x[a:b], data_range)
+            pieces.append((order + a, mse, psnr, ssim))
+    out = []
+    for t, d, o, (order, mse, psnr, ssim) in zip(view.targets, data, originals, pieces):
+        with np.errstate(divide="ignore"):
+            batch_psnr = float(10.0 * np.log10(data_range**2 / np.mean(mse)))
+        out.append(TargetInversion(
+            round=view.round, client=t.client, originals=o, reconstructions=x[order],
+            labels=np.asarray(d.y, np.int32), predicted_labels=y[order], example_psnr=psnr, example_ssim=ssim,
+            psnr=batch_psnr, ssim=float(np.mean(ssim)), distance="cosine" if view.scale_invariant else "l2",
+            exact=view.exact, mask_aware=t.mask_aware, loss=loss, aggregate_of=len(view.targets)))
+    return out
+
+
+def invert_aggregates(
+    experiment: Any,
+    taps: Mapping[int, Any] | Sequence[Any],
+    *,
+    key: jax.Array,
+    attack: inversion.InversionConfig | None = None,
+    max_rounds: int = 4,
+    psnr_threshold: float = 20.0,
+    mask_aware: bool = True,
+    max_examples: int = 64,
+    match: str = "cohort",
+) -> InversionReport:
+    """Gradient inversion by a server behind secure aggregation: per tapped round, reconstructs every cohort
+    client's examples from the round's aggregate alone (see the module docstring).
+
+    Args:
+      experiment: the ``Experiment`` (or ``DeviceExperiment``) that produced the taps.
+      taps: ``Results.taps`` or a sequence of ``Tap``; each must hold the round's whole cohort (every client
+        ``round_participants`` names; tap every client) or ``ValueError`` names the round and who is missing.
+        Its messages serve only to form the aggregate the server sees.
+      key: PRNG key; the i-th attacked round uses ``fold_in(key, i)``, its k-th client (ascending ids)
+        ``fold_in(fold_in(key, i), k)`` as ``invert_taps`` uses its target key.
+      attack: as in ``invert_taps`` (default ``DEFAULT_ATTACK``); ``attack.distance=None`` picks the distance per
+        round (cosine when a cohort client adds local noise, else L2); "counts" labels are the cohort's label
+        multiset from the aggregate's output bias, "idlg" needs a cohort of one batch-1 client.
+      max_rounds: attack at most this many rounds (the rest go to ``skipped``).
+      psnr_threshold: dB, for ``InversionReport.fraction_above_threshold``.
+      mask_aware: train each client's simulation under its magnitude-pruning mask recomputed from the server
+        parameters (a random mask cannot be: the server sees no single message).
+      max_examples: skip rounds whose cohort holds more examples in all (the attack reconstructs all of them).
+      match: "cohort" (default) matches the N reconstructions to the cohort's N examples by one optimal
+        assignment, so an example recovered in another client's rows counts; "client" matches within each
+        client's rows only (which client held an example is not identifiable when clients share settings).
+
+    Returns:
+      ``InversionReport`` with one target per (round, cohort client), ``aggregate_of`` = the cohort size.
+    """
+    attack = DEFAULT_ATTACK if attack is None else attack
+    _check_attack(attack, psnr_threshold)
+    for name, value in (("max_rounds", max_rounds), ("max_examples", max_examples)):
+        if value < 1:
+            raise ValueError(f"{name}={value} must be >= 1.")
+    if match not in ("cohort", "client"):
+        raise ValueError(f"match={match!r}; choose 'cohort' or 'client'.")
+    counts = np.asarray(experiment.population.counts)
+    data_range = 1.0 if attack.box is None else float(attack.box[1] - attack.box[0])
+    targets: list[TargetInversion] = []
+    skipped: list[tuple[int, int, str]] = []
+    attacked = 0
+    for tap in _as_taps(taps):
+        ids, positions = _cohort_ids(experiment, tap)
+        total, r = int(counts[ids].sum()), int(tap.round)
+        reason = (f"max_rounds={max_rounds} reached" if attacked == max_rounds else
+                  f"the cohort holds {total} examples > max_examples={max_examples}" if total > max_examples else None)
+        if reason is None and attack.labels == "idlg" and total != 1:
+            raise ValueError(f"attack.labels='idlg' needs a cohort of one batch-1 client; round {r} aggregates "
+                             f"{total} examples: use labels='counts'.")
+        if reason is not None or total == 0:
+            skipped.extend((r, int(c), reason) for c in ids.tolist())
+            continue
+        view = _cohort_view(experiment, tap, ids, positions, attack, mask_aware)
+        x, y, loss = _attack_cohort(experiment, view, attack, jax.random.fold_in(key, attacked))
+        targets.extend(_cohort_inversions(experiment, view, x, y, loss, data_range, match))
+        attacked += 1
+    return InversionReport(targets=tuple(targets), psnr_threshold=float(psnr_threshold), attack=attack,
+                           skipped=tuple(skipped))

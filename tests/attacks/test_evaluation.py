@@ -66,3 +66,43 @@ def test_defense_points_expand_strengths_and_single_overrides():
 def test_cli_attack_eval_rejects_unknown_defense(capsys):
     assert cli.main(["attack-eval", "--defenses", "none,bogus"]) == 2
     assert "bogus" in capsys.readouterr().err
+
+
+def test_attribute_inference_and_reconstruction_beat_their_baselines_undefended_not_under_dp(tmp_path):
+    """The attribute population (client-specific shares of a sensitive input column): the server's attribute
+    inference beats the better message-free baseline and the eavesdropper's reconstruction beats the released
+    model, both with the interval's lower end above 0; DP-SGD at epsilon 1 removes both beyond the intervals."""
+    base = with_overrides(ExperimentConfig(), [
+        "data.dataset=attribute", "data.num_clients=20", "data.partition=natural", "model.name=mlp",
+        "model.hidden=[32]", "client.local_steps=20", "client.batch_size=16", "client.lr=0.1",
+        "server.clients_per_round=20", "run.rounds=5", "run.eval_every=5", "run.delta=1e-3"])
+    suite = evaluation.AttackSuite(threat_models=("server", "eavesdropper"), tap_clients=tuple(range(8)),
+                                   tap_from_round=1, inversion_targets=0, shadow_federations=0)
+    none, dp = evaluation.evaluate_defenses(
+        base, {"none": {}, "dpsgd": {"eps=1": {"client.dp_clip_norm": 1.0, "client.target_epsilon": 1.0}}},
+        suite, out_dir=str(tmp_path))
+    assert none["attack/attribute/num_examples"] == 8 * 64
+    assert none["attack/attribute/advantage_low"] > 0.05, none["attack/attribute/advantage"]
+    assert dp["attack/attribute/advantage_high"] < none["attack/attribute/advantage_low"]
+    assert none["attack/reconstruction/accuracy_gain_global_low"] > 0.05
+    assert dp["attack/reconstruction/accuracy_gain_global"] < none["attack/reconstruction/accuracy_gain_global_low"]
+    assert "attack/auc" not in none and not any(k.startswith("attack/loss_threshold") for k in none)
+    table = (tmp_path / "attack_eval.md").read_text()
+    assert "### eavesdropper" in table and "reconstruction/accuracy_gain_global" in table
+    assert "attribute/advantage" in table and "### participant" not in table
+
+
+def test_secure_aggregation_view_inverts_whole_cohorts_and_recovers_less_than_single_messages(tmp_path):
+    """Behind secure aggregation the server inverts the sum of a 4-client cohort (about 14 digits in all, one
+    full-batch step each): every cohort client is scored, and the median PSNR falls below that of inverting
+    each client's own message (the honest-but-curious server's view of the same run)."""
+    base = with_overrides(ExperimentConfig(), [
+        "data.partition=iid", "data.num_clients=400", "model.hidden=[64]", "client.local_steps=1",
+        "client.batch_size=8", "server.clients_per_round=4", "run.rounds=1", "run.eval_every=1"])
+    suite = evaluation.AttackSuite(threat_models=("server", "secure_aggregation"), pool_size=0, shadow_federations=0,
+                                   tap_clients=tuple(range(400)), tap_from_round=1, inversion_targets=4,
+                                   max_candidates=4)
+    record = evaluation.evaluate_defense(base, "none", {}, suite).record
+    assert record["attack/aggregate_inversion/targets"] == 4 == record["attack/inversion/targets"]
+    assert record["attack/aggregate_inversion/psnr_median"] < record["attack/inversion/psnr_median"] - 3.0, record
+    assert "### secure_aggregation" in evaluation.threat_model_tables([record])

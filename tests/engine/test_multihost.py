@@ -25,7 +25,8 @@ def _free_port() -> int:
 def test_two_processes_equal_one(tmp_path):
     port = _free_port()
     out = str(tmp_path / "multihost.npz")
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2", "JAX_PLATFORMS": "cpu",
+    env = {**os.environ, "JAX_PLATFORMS": "cpu",
+           "XLA_FLAGS": "--xla_force_host_platform_device_count=2 --xla_backend_optimization_level=0",
            "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
     workers = [subprocess.Popen([sys.executable, "-m", "tests.engine.multihost_worker", str(port), str(i), out],
                                 cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)

@@ -192,3 +192,14 @@ def test_attack_success_is_plotted_against_a_varying_defense_strength(tmp_path):
     assert "name" not in series  # not numeric
     written = write_report(records, str(tmp_path))
     assert os.path.getsize(written["attacks_vs_client_dp_noise_multiplier"]) > 0
+
+
+def test_numbers_in_exponent_form_are_floats_in_overrides_and_files(tmp_path):
+    from fedjaxpriv.config import ExperimentConfig, load_config, with_overrides
+
+    config = with_overrides(ExperimentConfig(), ["run.delta=1e-6", "client.lr=2E-2", "server.lr=1e0"])
+    assert (config.run.delta, config.client.lr, config.server.lr) == (1e-6, 0.02, 1.0)
+    path = tmp_path / "c.yaml"
+    path.write_text("run:\n  delta: 1e-7\nclient:\n  lr: [1e-1, 5e-2]\n")
+    loaded = load_config(str(path))
+    assert loaded.run.delta == 1e-7 and tuple(loaded.client.lr) == (0.1, 0.05)
