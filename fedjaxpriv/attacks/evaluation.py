@@ -27,7 +27,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-from typing import Any, Mapping, NamedTuple, Sequence
+from typing import Any, Callable, Mapping, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -90,12 +90,6 @@ THREAT_MODELS: dict[str, str] = {
 }
 # Evaluated unless chosen otherwise; secure aggregation taps every client and inverts whole cohorts (small ones).
 DEFAULT_THREAT_MODELS: tuple[str, ...] = ("server", "eavesdropper", "participant")
-# Which view each attack uses.
-ATTACK_VIEWS: dict[str, str] = {
-    "loss_threshold": "participant", "lira_online": "participant", "lira_offline": "participant",
-    "rmia": "participant", "passive": "server", "inversion": "server", "attribute": "server",
-    "reconstruction": "eavesdropper", "aggregate_inversion": "secure_aggregation",
-}
 # Summary metrics of the attribute and reconstruction attacks kept in a record (each with _low / _high where given).
 ATTRIBUTE_METRICS = ("accuracy", "accuracy_low", "accuracy_high", "baseline", "majority_accuracy", "global_accuracy",
                      "advantage", "advantage_low", "advantage_high", "share_error", "num_examples")
@@ -295,8 +289,8 @@ def model_attacks(experiment: Any, params: Any, pool: Dataset, members: np.ndarr
 def passive_attack(experiment: Any, taps: Mapping[int, Any],
                    suite: AttackSuite) -> tuple[Record, dict[str, tuple[np.ndarray, np.ndarray]]]:
     """Zari et al. passive attack on each tapped client of ``suite.tap_clients`` (members: its data; non-members:
-    the test set) over the rounds it took part in; scores of all targets pooled into one ROC. Returns (record, {"passive": (scores,
-    labels)})."""
+    the test set) over the rounds it took part in; scores of all targets pooled into one ROC. Returns (record,
+    {"passive": (scores, labels)})."""
     observed = [taps[r] for r in sorted(taps)]
     if not observed:
         return {}, {}
@@ -337,10 +331,146 @@ class DefenseResult:
     inversion: Any = None
 
 
+@dataclasses.dataclass(frozen=True)
+class AttackContext:
+    """What one defense point's run produced, as the attacks see it.
+
+    Attributes:
+      label: the defense point's label.
+      experiment: the run's ``Experiment`` (model, population, settings, mechanisms).
+      results: its ``Results``: ``params`` (the released global model), ``history``, ``taps`` {round: Tap}.
+      suite: the attack budgets.
+      pool: membership candidates [N]; members: bool [N], which of them the target trained on.
+      reference_points: examples no model trained on (RMIA's population), or None.
+      targets: the clients of ``suite.tap_clients`` that took part in some tapped round.
+    """
+
+    label: str
+    experiment: Any
+    results: Any
+    suite: AttackSuite
+    pool: Dataset
+    members: np.ndarray
+    reference_points: Dataset | None
+    targets: tuple[int, ...]
+
+
+class AttackOutcome(NamedTuple):
+    """An attack's result: ``metrics`` {metric: value} (``_low`` / ``_high`` suffixes for 95% intervals; a key
+    "<name>/<metric>" reports under another record name of the attack's ``names``), optional ``scores``
+    {name: (scores [M], labels [M])} for ROC curves and an optional ``inversion`` report for image grids."""
+
+    metrics: Mapping[str, float]
+    scores: Mapping[str, tuple[np.ndarray, np.ndarray]] = {}
+    inversion: Any = None
+
+
+@dataclasses.dataclass(frozen=True)
+class Attack:
+    """An attack ``attack-eval`` runs on every defense point: ``run(context) -> AttackOutcome`` (or None where
+    it does not apply), observing only what its ``view`` (a ``THREAT_MODELS`` name) sees. Its metrics land in
+    the record as ``attack/<name>/<metric>`` and in the table of its view.
+
+    Attributes:
+      name: record name (and table columns' prefix).
+      view: the threat model whose observations it uses; it runs only when the suite selects that view.
+      run: the attack.
+      names: every record name it reports under (default ``(name,)``).
+    """
+
+    name: str
+    view: str
+    run: Callable[[AttackContext], AttackOutcome | None]
+    names: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.view not in THREAT_MODELS:
+            raise ValueError(f"attack {self.name!r}: view={self.view!r} is not one of {list(THREAT_MODELS)}.")
+        if not self.names:
+            object.__setattr__(self, "names", (self.name,))
+
+    def record(self, outcome: AttackOutcome) -> Record:
+        """``attack/<name>/<metric>`` entries of an outcome (keys with a "/" name the record themselves)."""
+        return {f"attack/{k}" if "/" in k else f"attack/{self.name}/{k}": float(v)
+                for k, v in outcome.metrics.items()}
+
+
+def _membership_on_models(context: AttackContext) -> AttackOutcome:
+    suite = context.suite if len(context.pool) and context.reference_points is not None else dataclasses.replace(
+        context.suite, shadow_federations=0)
+    record, scores = model_attacks(context.experiment, context.results.params, context.pool, context.members,
+                                   suite, context.reference_points)
+    return AttackOutcome({k.removeprefix("attack/"): v for k, v in record.items()}, scores)
+
+
+def _passive(context: AttackContext) -> AttackOutcome | None:
+    record, scores = passive_attack(context.experiment, context.results.taps, context.suite)
+    return AttackOutcome({k.removeprefix("attack/passive/"): v for k, v in record.items()}, scores) if record else None
+
+
+def _inversion_config(suite: AttackSuite) -> Any:
+    return dataclasses.replace(inversion_eval.DEFAULT_ATTACK, num_iterations=suite.inversion_iterations)
+
+
+def _inversion(context: AttackContext) -> AttackOutcome | None:
+    suite = context.suite
+    if not (suite.inversion_targets and context.targets):
+        return None
+    report = inversion_eval.invert_taps(context.experiment, context.results.taps, key=jax.random.key(suite.seed + 2),
+                                        attack=_inversion_config(suite), max_targets=suite.inversion_targets,
+                                        psnr_threshold=suite.psnr_threshold, clients=context.targets)
+    return AttackOutcome(report.summary(), inversion=report) if report.targets else None
+
+
+def _attribute(context: AttackContext) -> AttackOutcome | None:
+    if not (context.targets and context.experiment.population.attributes.size):
+        return None  # a population without a sensitive attribute
+    inferred = attribute.attribute_attack_on_taps(context.experiment, context.results.taps, clients=context.targets)
+    return AttackOutcome({k: inferred[k] for k in ATTRIBUTE_METRICS})
+
+
+def _reconstruction(context: AttackContext) -> AttackOutcome | None:
+    if not context.targets:
+        return None
+    rebuilt = reconstruction.reconstruction_attack_on_taps(context.experiment, context.results.taps, context.targets,
+                                                           global_params=context.results.params)
+    return AttackOutcome({k: rebuilt[k] for k in RECONSTRUCTION_METRICS})
+
+
+def _aggregate_inversion(context: AttackContext) -> AttackOutcome | None:
+    suite = context.suite
+    if not (suite.inversion_targets and context.results.taps) or context.experiment.aggregation.clips:
+        return None  # under DP-FedAvg the server's view is a clipped, noised sum that taps do not record
+    report = inversion_eval.invert_aggregates(context.experiment, context.results.taps,
+                                              key=jax.random.key(suite.seed + 3), attack=_inversion_config(suite),
+                                              max_rounds=suite.aggregate_rounds, psnr_threshold=suite.psnr_threshold)
+    return AttackOutcome(report.summary()) if report.targets else None
+
+
+BUILTIN_ATTACKS: tuple[Attack, ...] = (
+    Attack("membership", "participant", _membership_on_models,
+           names=("loss_threshold", "lira_online", "lira_offline", "rmia")),
+    Attack("passive", "server", _passive),
+    Attack("inversion", "server", _inversion),
+    Attack("attribute", "server", _attribute),
+    Attack("reconstruction", "eavesdropper", _reconstruction),
+    Attack("aggregate_inversion", "secure_aggregation", _aggregate_inversion),
+)
+
+
+def attack_views(attacks: Sequence[Attack]) -> dict[str, str]:
+    """Record name -> view of every name the attacks report under (the tables' grouping)."""
+    return {n: a.view for a in attacks for n in a.names}
+
+
+ATTACK_VIEWS: dict[str, str] = attack_views(BUILTIN_ATTACKS)
+
+
 def evaluate_defense(base: ExperimentConfig, name: str, overrides: Mapping[str, Any],
-                     suite: AttackSuite = AttackSuite(), *, family: str | None = None,
-                     strength: str = "") -> DefenseResult:
-    """Trains ``base`` with one defense's overrides and runs the attack suite on what the run produced."""
+                     suite: AttackSuite = AttackSuite(), *, family: str | None = None, strength: str = "",
+                     attacks: Sequence[Attack] = BUILTIN_ATTACKS) -> DefenseResult:
+    """Trains ``base`` with one defense's overrides and runs every attack whose view the suite selects on what
+    the run produced (``attacks``: the built-in ones by default; add your own ``Attack``)."""
     from fedjaxpriv.experiment import build_experiment, partition_like
 
     texts = [f"{k}={_yaml(v)}" for k, v in overrides.items()]
@@ -356,14 +486,12 @@ def evaluate_defense(base: ExperimentConfig, name: str, overrides: Mapping[str, 
         clients = partition_like(config, Dataset(pool.x[members], pool.y[members]), config.run.seed)
         experiment = build_experiment(config, population=clients, num_classes=setup.num_classes,
                                       test=Dataset(pool.x[~members], pool.y[~members]))
-        model_suite = suite
     else:  # the config's own data: training examples against test examples, no shadow federations
         experiment = build_experiment(config)
         rng = np.random.default_rng(suite.seed)
         p = experiment.population
         pool, labels = _balanced_candidates(Dataset(p.x, p.y), experiment.test, suite.max_candidates, rng)
-        members, model_suite = labels.astype(bool), dataclasses.replace(suite, shadow_federations=0)
-        reference_points = None
+        members, reference_points = labels.astype(bool), None
     _say(f"[{name}] training the target federation")
     results = experiment.run(progress=False)
     epsilon, basis = final_epsilon(results.history)
@@ -373,50 +501,23 @@ def evaluate_defense(base: ExperimentConfig, name: str, overrides: Mapping[str, 
     if "cost_wall_time_s" in results.history[-1]:  # devices: simulated wall time and energy over the run
         record.update(wall_time_s=cumulative(results.history, "cost_wall_time_s"),
                       energy_j=cumulative(results.history, "cost_energy_j"))
-    scores: dict[str, tuple[np.ndarray, np.ndarray]] = {}
-    if "participant" in suite.threat_models:
-        _say(f"[{name}] membership inference on the global model" + (
-            f" with {model_suite.shadow_federations} shadow federations" if model_suite.shadow_federations else ""))
-        model_record, scores = model_attacks(experiment, results.params, pool, members, model_suite,
-                                             reference_points)
-        record.update(model_record)
-    server = "server" in suite.threat_models
-    if server:
-        _say(f"[{name}] passive membership inference on the tapped messages")
-        passive_record, passive_scores = passive_attack(experiment, results.taps, suite)
-        record.update(passive_record)
-        scores.update(passive_scores)
     observed = {int(c) for tap in results.taps.values() for c in tap.client_ids}
-    targets = [c for c in suite.tap_clients if c in observed]  # the attacks' targets that took part
+    context = AttackContext(label=name, experiment=experiment, results=results, suite=suite, pool=pool,
+                            members=members, reference_points=reference_points,
+                            targets=tuple(c for c in suite.tap_clients if c in observed))
+    scores: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     inverted = None
-    if server and suite.inversion_targets and targets:
-        _say(f"[{name}] gradient inversion of {suite.inversion_targets} tapped messages")
-        attack = dataclasses.replace(inversion_eval.DEFAULT_ATTACK, num_iterations=suite.inversion_iterations)
-        inverted = inversion_eval.invert_taps(experiment, results.taps, key=jax.random.key(suite.seed + 2),
-                                              attack=attack, max_targets=suite.inversion_targets,
-                                              psnr_threshold=suite.psnr_threshold, clients=targets)
-        if inverted.targets:
-            record.update(_prefixed("inversion", inverted.summary()))
-    if server and targets and experiment.population.attributes.size:
-        _say(f"[{name}] attribute inference on the tapped messages")
-        inferred = attribute.attribute_attack_on_taps(experiment, results.taps, clients=targets)
-        record.update(_prefixed("attribute", {k: inferred[k] for k in ATTRIBUTE_METRICS}))
-    if "eavesdropper" in suite.threat_models and targets:
-        _say(f"[{name}] local-model reconstruction by an eavesdropper holding the released model")
-        rebuilt = reconstruction.reconstruction_attack_on_taps(experiment, results.taps, targets,
-                                                               global_params=results.params)
-        record.update(_prefixed("reconstruction", {k: rebuilt[k] for k in RECONSTRUCTION_METRICS}))
-    if secure and suite.inversion_targets and results.taps:
-        if experiment.aggregation.clips:
-            _say(f"[{name}] no aggregate inversion: client-level DP noise is added after aggregation")
-        else:
-            _say(f"[{name}] gradient inversion of {suite.aggregate_rounds} round aggregate(s)")
-            attack = dataclasses.replace(inversion_eval.DEFAULT_ATTACK, num_iterations=suite.inversion_iterations)
-            aggregated = inversion_eval.invert_aggregates(experiment, results.taps, key=jax.random.key(suite.seed + 3),
-                                                          attack=attack, max_rounds=suite.aggregate_rounds,
-                                                          psnr_threshold=suite.psnr_threshold)
-            if aggregated.targets:
-                record.update(_prefixed("aggregate_inversion", aggregated.summary()))
+    for attack in attacks:
+        if attack.view not in suite.threat_models:
+            continue
+        _say(f"[{name}] {attack.name} ({attack.view}'s view)")
+        outcome = attack.run(context)
+        if outcome is None:
+            _say(f"[{name}] {attack.name}: does not apply to this run")
+            continue
+        record.update(attack.record(outcome))
+        scores.update(outcome.scores)
+        inverted = outcome.inversion if outcome.inversion is not None else inverted
     history = [dict(r) for r in results.history]
     history[-1].update({k: v for k, v in record.items() if k.startswith("attack/")})
     return DefenseResult(record, config, history, scores, inverted)
@@ -438,7 +539,8 @@ def _yaml(value: Any) -> str:
 
 
 def evaluate_defenses(base: ExperimentConfig, defenses: Mapping[str, Any] | None = None,
-                      suite: AttackSuite = AttackSuite(), out_dir: str | None = None) -> list[Record]:
+                      suite: AttackSuite = AttackSuite(), out_dir: str | None = None,
+                      attacks: Sequence[Attack] = BUILTIN_ATTACKS) -> list[Record]:
     """Every strength of every defense in turn (``DEFENSES`` by default): train, attack, tabulate.
 
     Args:
@@ -446,6 +548,7 @@ def evaluate_defenses(base: ExperimentConfig, defenses: Mapping[str, Any] | None
       defenses: family -> {strength: dotted overrides} (or -> dotted overrides for a single point, or a
         ``DEFENSES`` name).
       suite: the attacks.
+      attacks: the attacks run on every point (``BUILTIN_ATTACKS``; add your own ``Attack``).
       out_dir: if given, ``write_tables`` writes the tables, the privacy-utility frontier, log-log ROC curves and a
         ``results.jsonl`` store that ``fedjaxpriv report`` reads.
 
@@ -459,7 +562,8 @@ def evaluate_defenses(base: ExperimentConfig, defenses: Mapping[str, Any] | None
     for index, (family, strength, overrides) in enumerate(points):
         label = f"{family} {strength}".strip()
         _say(f"defense {index + 1}/{len(points)}: {label}")
-        results.append(evaluate_defense(base, label, overrides, suite, family=family, strength=strength))
+        results.append(evaluate_defense(base, label, overrides, suite, family=family, strength=strength,
+                                        attacks=attacks))
     records = [r.record for r in results]
     if out_dir is not None:
         store_records = [make_record(r.config, r.history, label=r.record["label"], overrides=dict(o))
@@ -469,7 +573,7 @@ def evaluate_defenses(base: ExperimentConfig, defenses: Mapping[str, Any] | None
             store.append(record)
         write_tables(records, out_dir, store_records=store_records,
                      scores={r.record["label"]: r.scores for r in results},
-                     inversions={r.record["label"]: r.inversion for r in results})
+                     inversions={r.record["label"]: r.inversion for r in results}, views=attack_views(attacks))
     return records
 
 
@@ -483,11 +587,12 @@ def _with_interval(record: Mapping[str, Any], key: str) -> str:
     return f"{value:.4g}"
 
 
-def threat_model_tables(records: Sequence[Mapping[str, Any]]) -> str:
-    """Markdown: one table per threat model with the attacks that use its view (95% intervals in brackets)."""
+def threat_model_tables(records: Sequence[Mapping[str, Any]], views: Mapping[str, str] = ATTACK_VIEWS) -> str:
+    """Markdown: one table per threat model with the attacks that use its view (``views``: record name -> view;
+    95% intervals in brackets)."""
     lines = []
     for threat, meaning in THREAT_MODELS.items():
-        attacks = [a for a, view in ATTACK_VIEWS.items() if view == threat
+        attacks = [a for a, view in views.items() if view == threat
                    and any(k.startswith(f"attack/{a}/") for r in records for k in r)]
         if not attacks:
             continue
@@ -517,7 +622,8 @@ def threat_model_tables(records: Sequence[Mapping[str, Any]]) -> str:
 
 def write_tables(records: Sequence[Record], out_dir: str, *, store_records: Sequence[Mapping[str, Any]] = (),
                  scores: Mapping[str, Mapping[str, tuple[np.ndarray, np.ndarray]]] | None = None,
-                 inversions: Mapping[str, Any] | None = None) -> dict[str, str]:
+                 inversions: Mapping[str, Any] | None = None,
+                 views: Mapping[str, str] = ATTACK_VIEWS) -> dict[str, str]:
     """Writes ``attack_eval.csv`` (every metric, full precision), ``attack_eval.md`` (one table per threat model,
     with intervals, and the epsilon bases), ``frontier.png`` (attack success against test accuracy and bytes, one
     curve per defense over its strengths), ``roc_<attack>.png`` (log-log ROC curves, one per defense point) and
@@ -530,7 +636,7 @@ def write_tables(records: Sequence[Record], out_dir: str, *, store_records: Sequ
     csv_path, md_path = os.path.join(out_dir, "attack_eval.csv"), os.path.join(out_dir, "attack_eval.md")
     write_csv(csv_path, records)
     with open(md_path, "w") as f:
-        f.write("# Defenses against attacks\n\n" + threat_model_tables(records) + basis_notes(records))
+        f.write("# Defenses against attacks\n\n" + threat_model_tables(records, views) + basis_notes(records))
     written = {"csv": csv_path, "markdown": md_path}
     frontier = plot_frontier(store_records, os.path.join(out_dir, "frontier.png")) if store_records else None
     if frontier:
@@ -543,5 +649,5 @@ def write_tables(records: Sequence[Record], out_dir: str, *, store_records: Sequ
     for attack in sorted({a for per_defense in (scores or {}).values() for a in per_defense}):
         curves = {label: per_defense[attack] for label, per_defense in (scores or {}).items() if attack in per_defense}
         written[f"roc_{attack}"] = plot_roc(curves, os.path.join(out_dir, f"roc_{attack}.png"),
-                                            title=f"{attack}: {ATTACK_VIEWS[attack]}'s view")
+                                            title=f"{attack}: {views.get(attack, 'unknown')}'s view")
     return written

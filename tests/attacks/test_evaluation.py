@@ -102,7 +102,32 @@ def test_secure_aggregation_view_inverts_whole_cohorts_and_recovers_less_than_si
     suite = evaluation.AttackSuite(threat_models=("server", "secure_aggregation"), pool_size=0, shadow_federations=0,
                                    tap_clients=tuple(range(400)), tap_from_round=1, inversion_targets=4,
                                    max_candidates=4)
-    record = evaluation.evaluate_defense(base, "none", {}, suite).record
+    record = evaluation.evaluate_defense(base, "none", {}, suite, attacks=(*evaluation.BUILTIN_ATTACKS, *USER_ATTACKS)
+                                         ).record
     assert record["attack/aggregate_inversion/targets"] == 4 == record["attack/inversion/targets"]
     assert record["attack/aggregate_inversion/psnr_median"] < record["attack/inversion/psnr_median"] - 3.0, record
-    assert "### secure_aggregation" in evaluation.threat_model_tables([record])
+    # A user's attack runs beside the built-in ones on the same run, in its view's table; one whose view is not
+    # selected does not run.
+    assert record["attack/released_model/accuracy"] == pytest.approx(record["test_accuracy"], abs=1e-6)
+    assert record["attack/released_model/taps"] == 1 and not any(k.startswith("attack/unselected") for k in record)
+    tables = evaluation.threat_model_tables([record], evaluation.attack_views(USER_ATTACKS))
+    assert "### server" in tables and "released_model/accuracy" in tables
+
+
+def _released_model(context):
+    """A user attack: re-evaluates the released model on the run's test set and counts the tapped rounds."""
+    from fedjaxpriv.evaluation import evaluate
+
+    test = context.experiment.test
+    return evaluation.AttackOutcome({"accuracy": evaluate(context.experiment.model.apply, context.results.params,
+                                                          test.x, test.y)["accuracy"],
+                                     "taps": len(context.results.taps)})
+
+
+USER_ATTACKS = (evaluation.Attack("released_model", "server", _released_model),
+                evaluation.Attack("unselected", "eavesdropper", _released_model))
+
+
+def test_attack_with_an_unknown_view_is_refused():
+    with pytest.raises(ValueError, match="view='cloud'"):
+        evaluation.Attack("mine", "cloud", _released_model)
