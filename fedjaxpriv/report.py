@@ -41,6 +41,25 @@ def attack_keys(records: Sequence[Record]) -> list[str]:
     return sorted({k for r in records for k in r["final"] if k.startswith("attack/")})
 
 
+# The metric of each attack that plots and markdown tables show (intervals and counts stay in the CSV).
+HEADLINE_ATTACK_METRICS = ("auc", "tpr@1%fpr", "psnr_median", "fraction_above_threshold", "advantage",
+                           "accuracy_gain_global")
+
+
+def is_headline(key: str) -> bool:
+    """Whether an ``attack/<name>/<metric>`` key is a headline metric; the membership attacks' "advantage"
+    (max TPR - FPR, implied by the ROC) is not, the attribute attack's (over its baseline) is."""
+    parts = key.split("/")
+    if len(parts) != 3 or parts[0] != "attack" or parts[2] not in HEADLINE_ATTACK_METRICS:
+        return False
+    return not (parts[2] == "advantage" and parts[1] != "attribute")
+
+
+def headline_attack_keys(records: Sequence[Record]) -> list[str]:
+    """``attack_keys`` restricted to the headline metrics."""
+    return [k for k in attack_keys(records) if is_headline(k)]
+
+
 def final_epsilon(record: Record) -> float:
     """The run's final epsilon: the largest of its example-, local- and client-level epsilons (nan without DP); each
     level's basis is in the summary table."""
@@ -80,7 +99,8 @@ def write_table(rows: Sequence[Mapping[str, Any]], out_dir: str, name: str = "su
         columns.extend(k for k in row if k not in columns)
     csv_path, md_path = os.path.join(out_dir, f"{name}.csv"), os.path.join(out_dir, f"{name}.md")
     write_csv(csv_path, rows)
-    shown = [k for k in columns if not k.endswith("_basis")]  # bases are long sentences: listed under the table
+    # Bases are long sentences (listed under the table); attack intervals and counts stay in the CSV.
+    shown = [k for k in columns if not k.endswith("_basis") and (not k.startswith("attack/") or is_headline(k))]
     lines = ["| " + " | ".join(shown) + " |", "|" + "---|" * len(shown)]
     lines += ["| " + " | ".join(_cell(row.get(k)) for k in shown) + " |" for row in rows]
     with open(md_path, "w") as f:
@@ -185,14 +205,19 @@ def plot_communication(records: Sequence[Record], path: str) -> str:
 
 
 def plot_attacks(records: Sequence[Record], path: str) -> str | None:
-    """One panel per attack metric: its final value per run (runs ordered as given)."""
-    keys = attack_keys(records)
+    """One panel per headline attack metric: its final value per run (runs ordered as given), with its 95%
+    interval where the run recorded one."""
+    keys = headline_attack_keys(records)
     if not keys:
         return None
     fig, axes = plt.subplots(len(keys), 1, figsize=(7, 2.6 * len(keys)), squeeze=False)
     for ax, key in zip(axes[:, 0], keys):
         having = [r for r in records if key in r["final"]]
-        ax.bar(range(len(having)), [as_float(r["final"][key]) for r in having])
+        values = np.array([as_float(r["final"][key]) for r in having])
+        low = np.array([as_float(r["final"].get(f"{key}_low", v)) for r, v in zip(having, values)])
+        high = np.array([as_float(r["final"].get(f"{key}_high", v)) for r, v in zip(having, values)])
+        errors = np.nan_to_num(np.stack([values - low, high - values]).clip(min=0))
+        ax.bar(range(len(having)), values, yerr=errors, capsize=3)
         ax.set_xticks(range(len(having)), [r["label"] for r in having], rotation=30, ha="right", fontsize=7)
         ax.set_ylabel(key.split("/", 1)[1], fontsize=8)
         ax.grid(alpha=0.3, axis="y")
@@ -210,7 +235,7 @@ def attack_strength_series(records: Sequence[Record]) -> dict[str, dict[str, lis
         if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
             continue
         series[field] = {key: sorted((float(v), as_float(r["final"][key])) for v, r in zip(values, attacked)
-                                     if key in r["final"]) for key in attack_keys(attacked)}
+                                     if key in r["final"]) for key in headline_attack_keys(attacked)}
     return series
 
 
@@ -242,7 +267,8 @@ def defense_family(record: Record) -> str:
 
 def frontier_metrics(records: Sequence[Record]) -> list[tuple[str, str]]:
     """(key, axis label) of the attack-success metrics the frontier shows: the membership AUC of the strongest
-    attack all attacked runs share, the passive attack's AUC and the inversion success rate."""
+    attack all attacked runs share, the passive attack's AUC, the inversion success rate, the attribute
+    inference advantage and the reconstruction's accuracy gain, those present."""
     attacked = [r for r in records if any(k.startswith("attack/") for k in r["final"])]
     chosen = []
     for attack in MEMBERSHIP_ATTACKS:
@@ -251,7 +277,10 @@ def frontier_metrics(records: Sequence[Record]) -> list[tuple[str, str]]:
             break
     for key, label in (("attack/passive/auc", "passive membership AUC (server's view)"),
                        ("attack/inversion/fraction_above_threshold",
-                        "inversion: fraction of examples above the PSNR threshold")):
+                        "inversion: fraction of examples above the PSNR threshold"),
+                       ("attack/attribute/advantage", "attribute inference: accuracy over its baseline"),
+                       ("attack/reconstruction/accuracy_gain_global",
+                        "reconstruction: accuracy gain over the released model")):
         if any(key in r["final"] for r in attacked):
             chosen.append((key, label))
     return chosen

@@ -141,7 +141,8 @@ def test_interrupted_run_resumes_from_its_checkpoint(sweep_store, tmp_path):
 def test_report_writes_plots_and_a_table_equal_to_the_store(sweep_store, tmp_path):
     root, points, _ = sweep_store
     records = ResultsStore(str(root / "store")).records()
-    records[0]["final"]["attack/dlg/psnr"] = 12.5  # attack keys are plotted when present
+    records[0]["final"]["attack/dlg/psnr_median"] = 12.5  # headline attack metrics are plotted when present
+    records[0]["final"]["attack/dlg/psnr_iqr"] = 3.0  # others only go to the CSV
     fake = tmp_path / "withattack"
     for r in records:
         ResultsStore(str(fake)).append(r)
@@ -160,9 +161,11 @@ def test_report_writes_plots_and_a_table_equal_to_the_store(sweep_store, tmp_pat
         assert float(row["test_accuracy"]) == r["final"]["test_accuracy"]
         assert float(row["test_loss"]) == r["final"]["test_loss"]
         assert float(row["bytes_uploaded"]) == sum(h["bytes_total"] for h in r["history"])
-    assert float(rows[records[0]["config_hash"]]["attack/dlg/psnr"]) == 12.5
+    assert float(rows[records[0]["config_hash"]]["attack/dlg/psnr_median"]) == 12.5
+    assert float(rows[records[0]["config_hash"]]["attack/dlg/psnr_iqr"]) == 3.0
     table = (out / "summary.md").read_text().splitlines()
     assert len(table) == 2 + len(records) and "client.lr" in table[0]
+    assert "attack/dlg/psnr_median" in table[0] and "psnr_iqr" not in table[0]
 
 
 def test_report_reads_run_directories(sweep_store, tmp_path):
@@ -185,7 +188,7 @@ def test_attack_success_is_plotted_against_a_varying_defense_strength(tmp_path):
     for noise, auc in ((2.0, 0.55), (0.0, 0.8), (1.0, 0.6)):
         config = with_overrides(ExperimentConfig(), [f"client.dp_noise_multiplier={noise}", "client.dp_clip_norm=1",
                                                      f"name=noise{noise}"])
-        history = [{"round": 1, "test_accuracy": 0.5, "attack/passive/auc": auc}]
+        history = [{"round": 1, "test_accuracy": 0.5, "attack/passive/auc": auc, "attack/passive/auc_low": auc - 0.1}]
         records.append(make_record(config, history, label=f"noise{noise}"))
     series = attack_strength_series(records)
     assert series["client.dp_noise_multiplier"] == {"attack/passive/auc": [(0.0, 0.8), (1.0, 0.6), (2.0, 0.55)]}
