@@ -316,11 +316,12 @@ class Experiment:
         return sample_cohort(self.config.run.seed, round_index, self.population.num_clients, s.clients_per_round,
                              s.client_sampling, self.cohort_slots)
 
-    def round_cohort(self, round_index: int) -> tuple[Cohort, int]:
+    def round_cohort(self, round_index: int, tracker: PrivacyTracker | None = None) -> tuple[Cohort, int]:
         """The cohort that trains in round ``round_index``: ``cohort`` without the clients whose privacy budget
-        (planned participations) is spent. Returns (cohort, number of sampled clients excluded by budgets)."""
+        (planned participations) is spent in ``tracker`` (default the run's own, ``privacy``). Returns (cohort,
+        number of sampled clients excluded by budgets)."""
         cohort = self.cohort(round_index)
-        allowed = self.privacy.allowed(cohort.ids)
+        allowed = (self.privacy if tracker is None else tracker).allowed(cohort.ids)
         skipped = int(np.sum(cohort.mask & ~allowed))
         return cohort._replace(mask=cohort.mask & allowed), skipped
 

@@ -34,7 +34,7 @@ import numpy as np
 from jax.flatten_util import ravel_pytree
 
 from fedjaxpriv.attacks.audit import clopper_pearson_interval
-from fedjaxpriv.attacks.membership import stack_taps
+from fedjaxpriv.attacks.membership import ordered_taps, stack_taps
 from fedjaxpriv.data.federated import Dataset, FederatedData, from_client_lists
 from fedjaxpriv.data.synthetic import SeedLike, as_generator
 
@@ -338,7 +338,7 @@ def attribute_attack_on_taps(experiment: Experiment, taps: Sequence[Tap] | dict[
     values_np = np.asarray(values, np.float32)
     if values_np.shape != (2,) or values_np[0] == values_np[1]:
         raise ValueError(f"values={tuple(values)} must be two distinct attribute values.")
-    observed = sorted(taps.values() if isinstance(taps, dict) else taps, key=lambda t: t.round)
+    observed = ordered_taps(taps)
     tapped = sorted({int(c) for tap in observed for c in tap.client_ids})
     targets = tapped if clients is None else [int(c) for c in clients]
     if not targets:

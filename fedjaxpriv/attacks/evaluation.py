@@ -291,7 +291,7 @@ def passive_attack(experiment: Any, taps: Mapping[int, Any],
     """Zari et al. passive attack on each tapped client of ``suite.tap_clients`` (members: its data; non-members:
     the test set) over the rounds it took part in; scores of all targets pooled into one ROC. Returns (record,
     {"passive": (scores, labels)})."""
-    observed = [taps[r] for r in sorted(taps)]
+    observed = membership.ordered_taps(taps)
     if not observed:
         return {}, {}
     rng = np.random.default_rng(suite.seed + 1)

@@ -59,7 +59,7 @@ import numpy as np
 import optax
 from scipy import optimize
 
-from fedjaxpriv.attacks import inversion, metrics
+from fedjaxpriv.attacks import inversion, membership, metrics
 from fedjaxpriv.client import dp, pruning
 from fedjaxpriv.privacy.tracking import UNLIMITED
 
@@ -277,11 +277,6 @@ class _Target:
     mask_aware: bool
 
 
-def _as_taps(taps: Mapping[int, Any] | Sequence[Any]) -> list[Any]:
-    items = list(taps.values()) if isinstance(taps, Mapping) else list(taps)
-    return sorted(items, key=lambda tap: int(tap.round))
-
-
 def _client_target(experiment: Any, tap: Any, position: int, attack: inversion.InversionConfig, mask_aware: bool,
                    index: int) -> _Target:
     """What the server knows about the client at ``position`` of ``tap`` (its message, mask, settings)."""
@@ -425,7 +420,7 @@ def invert_taps(
     for name, value in (("max_targets", max_targets), ("max_examples", max_examples), ("chunk_size", chunk_size)):
         if value < 1:
             raise ValueError(f"{name}={value} must be >= 1.")
-    targets, skipped = _collect(experiment, _as_taps(taps), attack, clients, max_targets, max_examples, mask_aware)
+    targets, skipped = _collect(experiment, membership.ordered_taps(taps), attack, clients, max_targets, max_examples, mask_aware)
     population = experiment.population
     counts = np.asarray(population.counts)
     if attack.labels == "idlg" and any(counts[t.client] != 1 for t in targets):
@@ -521,11 +516,10 @@ def round_participants(experiment: Any, round_number: int) -> np.ndarray:
     tracker = (experiment.new_privacy_tracker()
                if np.any(np.asarray(experiment.participation_budget) < UNLIMITED) else None)
     for index in range(0 if tracker is not None else round_number - 1, round_number):
-        cohort = experiment.cohort(index)
-        mask = cohort.mask if tracker is None else cohort.mask & tracker.allowed(cohort.ids)
+        cohort = experiment.round_cohort(index, tracker)[0] if tracker is not None else experiment.cohort(index)
         if tracker is not None and index < round_number - 1:
-            tracker.record_round(cohort.ids[mask])
-    ids = np.asarray(cohort.ids)[mask]
+            tracker.record_round(cohort.ids[cohort.mask])
+    ids = np.asarray(cohort.ids)[cohort.mask]
     return np.sort(ids[np.asarray(experiment.population.counts)[ids] > 0]).astype(np.int64)
 
 
@@ -824,7 +818,7 @@ def invert_aggregates(
     targets: list[TargetInversion] = []
     skipped: list[tuple[int, int, str]] = []
     attacked = 0
-    for tap in _as_taps(taps):
+    for tap in membership.ordered_taps(taps):
         ids, positions = _cohort_ids(experiment, tap)
         total, r = int(counts[ids].sum()), int(tap.round)
         reason = (f"max_rounds={max_rounds} reached" if attacked == max_rounds else

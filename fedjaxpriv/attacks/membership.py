@@ -268,6 +268,12 @@ def passive_scores(apply_fn: ApplyFn, server_params: Params, messages: Params, x
     return jnp.mean(jax.vmap(one_round)(server_params, messages), axis=0)
 
 
+def ordered_taps(taps: Mapping[int, Any] | Sequence[Any]) -> list[Any]:
+    """A run's taps (``Results.taps`` {round: Tap} or a sequence of ``Tap``) as a list in round order."""
+    items = list(taps.values()) if isinstance(taps, Mapping) else list(taps)
+    return sorted(items, key=lambda tap: int(tap.round))
+
+
 def stack_taps(taps: Sequence[Any], client: int) -> tuple[Params, Params]:
     """Server params and one client's messages over the tapped rounds it took part in, leaves [R, ...].
 

@@ -32,7 +32,7 @@ import numpy as np
 
 from fedjaxpriv import evaluation
 from fedjaxpriv.attacks.attribute import paired_advantage
-from fedjaxpriv.attacks.membership import stack_taps
+from fedjaxpriv.attacks.membership import ordered_taps, stack_taps
 
 if TYPE_CHECKING:
     from fedjaxpriv.experiment import Experiment, Tap
@@ -171,7 +171,7 @@ def reconstruction_attack_on_taps(experiment: Experiment, taps: Sequence[Tap] | 
     init = jax.tree_util.tree_map(np.asarray, experiment.initial_state.params)
     held = jax.tree_util.tree_map(np.asarray, global_params)
     global_round = experiment.config.run.rounds + 1 if global_round is None else int(global_round)
-    observed = sorted(taps.values() if isinstance(taps, dict) else taps, key=lambda t: t.round)
+    observed = ordered_taps(taps)
     targets = (sorted({int(c) for tap in observed for c in tap.client_ids}) if clients is None
                else [int(c) for c in clients])
     if not targets:
