@@ -41,7 +41,7 @@ import optax  # noqa: E402
 from fedjaxpriv import parallel  # noqa: E402
 from fedjaxpriv.client.local import LocalSpec, batch_loss, client_update  # noqa: E402
 from fedjaxpriv.client.settings import make_settings  # noqa: E402
-from fedjaxpriv.models import count_params, get_model  # noqa: E402
+from fedjaxpriv.models import get_model  # noqa: E402
 from fedjaxpriv.simulation import AggregationSpec, Population, build_round, init_server_state  # noqa: E402
 
 STEPS, BATCH, EXAMPLES, LR, POOL = 5, 16, 64, 0.05, 4096
@@ -215,15 +215,13 @@ def torch_loop_runner(work: Workload, threads: int) -> Callable[[], Any] | None:
 def auto_config(work: Workload) -> EngineConfig:
     """What ``Experiment`` picks for this workload on this backend."""
     model = get_model(work.model, work.input_shape, 10, **dict(work.model_kwargs))
-    num_params = count_params(model.init(jax.random.key(0)))
     mesh = parallel.local_mesh()
     devices = 1 if mesh is None else mesh.size
-    per_device = parallel.auto_chunk_size(-(-work.clients // devices), num_params)
-    strategy = parallel.auto_strategy(work.model, max_steps=STEPS, input_shape=work.input_shape)
-    return EngineConfig(strategy=strategy, chunk=1 if strategy == "host" else per_device * devices,
-                        unroll=STEPS if strategy == "host" else 1, devices=devices,
-                        conv_as_matmul=parallel.auto_conv_as_matmul(work.model, strategy=strategy),
-                        outer=parallel.auto_outer_product_grads(work.model, BATCH))
+    plan = parallel.plan(model.apply, model.init(jax.random.key(0)), jnp.zeros((BATCH, *work.input_shape)),
+                         max_steps=STEPS, max_batch=BATCH, num_clients=work.clients, mesh=mesh)
+    return EngineConfig(strategy=plan.strategy, chunk=1 if plan.strategy == "host" else plan.chunk_size,
+                        unroll=plan.unroll, devices=devices, conv_as_matmul=plan.conv_as_matmul,
+                        outer=plan.outer_product_grads)
 
 
 def explore_configs(work: Workload) -> list[EngineConfig]:

@@ -13,9 +13,12 @@ import argparse
 import json
 import os
 import sys
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 from fedjaxpriv.results import jsonable
+
+if TYPE_CHECKING:
+    from fedjaxpriv.config import ExperimentConfig
 
 
 def _build_parser() -> argparse.ArgumentParser:
@@ -44,7 +47,8 @@ def _build_parser() -> argparse.ArgumentParser:
     attack.add_argument("--config", help="base YAML or JSON config file (default: a setup where membership leaks)")
     attack.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.FIELD=VALUE",
                         help="override a field of the base config (repeatable)")
-    attack.add_argument("--defenses", default="none,pruning,quantization,topk,mixup,poisson,dpsgd,dpfedavg",
+    attack.add_argument("--defenses",
+                        default="none,pruning,quantization,topk,mixup,poisson,dpsgd,dpsgd_poisson,dpfedavg",
                         help="comma-separated built-in defenses (each run at several strengths), or a YAML file "
                              "{name: {field: value}} or {name: {strength: {field: value}}}")
     attack.add_argument("--shadow-federations", type=int, default=16,
@@ -70,14 +74,39 @@ def _build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _config(args: argparse.Namespace, defaults: Sequence[str] = ()) -> ExperimentConfig:
+    """The config of ``--config`` (or the defaults, with ``defaults`` overrides) and the ``--set`` overrides."""
+    from fedjaxpriv.config import ExperimentConfig, load_config, with_overrides
+
+    if args.config:
+        return load_config(args.config, args.overrides)
+    return with_overrides(ExperimentConfig(), [*defaults, *args.overrides])
+
+
+def _output_dir(path: str, flag: str = "--out") -> str:
+    """Creates the output directory ``path`` (before any work is done) and checks that files can be written in
+    it; raises ValueError saying why it cannot be used."""
+    import tempfile
+
+    if not path.strip():
+        raise ValueError(f"{flag}={path!r} is invalid; allowed: a directory path.")
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise ValueError(f"{flag}={path!r} is invalid: it is a file; allowed: a directory (new or existing).")
+    try:
+        os.makedirs(path, exist_ok=True)
+        tempfile.TemporaryFile(dir=path).close()
+    except OSError as error:
+        raise ValueError(f"{flag}={path!r} cannot be used as a directory to write in: "
+                         f"{error.strerror or error}.") from None
+    return path
+
+
 def _audit(args: argparse.Namespace) -> int:
     import dataclasses
 
     from fedjaxpriv.attacks.canary_audit import audit_canaries
-    from fedjaxpriv.config import ExperimentConfig, load_config, with_overrides
 
-    config = load_config(args.config, args.overrides) if args.config else with_overrides(ExperimentConfig(),
-                                                                                           args.overrides)
+    config = _config(args)
     result = audit_canaries(config, args.level, num_canaries=args.canaries, guess_fraction=args.guess_fraction)
     print(json.dumps({**jsonable(dataclasses.asdict(result)), "can_refute": result.can_refute,
                       "summary": result.describe()}, indent=2))
@@ -86,15 +115,11 @@ def _audit(args: argparse.Namespace) -> int:
 
 def _attack_eval(args: argparse.Namespace) -> int:
     from fedjaxpriv.attacks.evaluation import DEFENSES, MEMBERSHIP_BASE, AttackSuite, evaluate_defenses
-    from fedjaxpriv.config import ExperimentConfig, load_config, load_yaml, with_overrides
+    from fedjaxpriv.config import load_file
 
-    config = (load_config(args.config, args.overrides) if args.config
-              else with_overrides(ExperimentConfig(), [*MEMBERSHIP_BASE, *args.overrides]))
+    config = _config(args, MEMBERSHIP_BASE)
     if os.path.isfile(args.defenses):
-        with open(args.defenses) as f:
-            defenses = load_yaml(f) or {}
-        if not isinstance(defenses, dict):
-            raise ValueError(f"defenses file {args.defenses!r} must map names to config overrides.")
+        defenses = load_file(args.defenses, "defenses file")
     else:
         names = [n.strip() for n in args.defenses.split(",") if n.strip()]
         unknown = [n for n in names if n not in DEFENSES]
@@ -104,7 +129,7 @@ def _attack_eval(args: argparse.Namespace) -> int:
     suite = AttackSuite(shadow_federations=args.shadow_federations, pool_size=args.pool_size,
                         inversion_targets=args.inversion_targets,
                         threat_models=tuple(t.strip() for t in args.threat_models.split(",") if t.strip()))
-    records = evaluate_defenses(config, defenses, suite, out_dir=args.out)
+    records = evaluate_defenses(config, defenses, suite, out_dir=_output_dir(args.out))
     print(json.dumps({"out_dir": args.out, "defense_points": len(records),
                       **{k: os.path.join(args.out, v) for k, v in (("table", "attack_eval.md"),
                                                                     ("frontier", "frontier.png"))}}))
@@ -112,18 +137,17 @@ def _attack_eval(args: argparse.Namespace) -> int:
 
 
 def _sweep(args: argparse.Namespace) -> int:
-    from fedjaxpriv.config import load_yaml, parse_override
+    from fedjaxpriv.config import load_file, parse_override
     from fedjaxpriv.sweep import expand_grid, run_sweep
 
-    with open(args.grid) as f:
-        spec = load_yaml(f) or {}
-    if not isinstance(spec, dict):
-        raise ValueError(f"grid file {args.grid!r} must hold a mapping at top level.")
+    if args.jobs < 1:
+        raise ValueError(f"--jobs={args.jobs} is invalid; allowed: an integer >= 1.")
+    spec = load_file(args.grid, "grid file")
     if args.overrides:  # --set applies to every point: it joins the grid as a one-value axis
         grid = dict(spec.get("grid") or {})
         for text in args.overrides:
-            path, value = parse_override(text)
-            grid[".".join(path)] = [value]
+            key, value = parse_override(text)
+            grid[key] = [value]
         spec["grid"] = grid
     points = expand_grid(spec, os.path.dirname(os.path.abspath(args.grid)))
     if args.dry_run:
@@ -134,7 +158,7 @@ def _sweep(args: argparse.Namespace) -> int:
     def done(config_hash: str, error: str | None) -> None:
         print(f"{'FAILED' if error else 'done'} {config_hash}" + (f"\n{error}" if error else ""), flush=True)
 
-    summary = run_sweep(points, args.store, jobs=args.jobs, on_done=done)
+    summary = run_sweep(points, _output_dir(args.store, "--store"), jobs=args.jobs, on_done=done)
     print(json.dumps({"store": args.store, "points": len(points), "ran": len(summary.ran),
                       "skipped": len(summary.skipped), "failed": len(summary.failed)}))
     return 1 if summary.failed else 0
@@ -144,19 +168,18 @@ def _report(args: argparse.Namespace) -> int:
     from fedjaxpriv.report import write_report
     from fedjaxpriv.results import load_records
 
-    written = write_report(load_records(args.sources), args.out)
+    records = load_records(args.sources)
+    written = write_report(records, _output_dir(args.out))
     print(json.dumps(written, indent=2))
     return 0
 
 
 def _run(args: argparse.Namespace) -> int:
-    from fedjaxpriv.config import ExperimentConfig, load_config, with_overrides
-
-    config = load_config(args.config, args.overrides) if args.config else with_overrides(ExperimentConfig(),
-                                                                                           args.overrides)
+    config = _config(args)
     if args.print_config:
         print(json.dumps(config.to_dict(), indent=2, default=str))
         return 0
+    _output_dir(args.out)
     from fedjaxpriv.experiment import Experiment, build_experiment
 
     experiment = build_experiment(config)
@@ -169,7 +192,17 @@ def _run(args: argparse.Namespace) -> int:
         tqdm.write(f"round {record['round']:4d}  test_accuracy {record['test_accuracy']:.4f}  "
                    f"test_loss {record['test_loss']:.4f}  train_loss {record['train_loss']:.4f}")
 
-    results = experiment.run(args.out, resume=not args.no_resume, progress=not args.quiet, callbacks=[report])
+    from fedjaxpriv.guards import DivergenceError
+
+    try:
+        results = experiment.run(args.out, resume=not args.no_resume, progress=not args.quiet, callbacks=[report])
+    except DivergenceError as error:  # the diverged round's metrics as strict JSON, then the error on one line
+        print(json.dumps(jsonable({"out_dir": args.out, **error.record}), allow_nan=False))
+        print(f"fedjaxpriv: error: {error}", file=sys.stderr)
+        return 3
+    except KeyboardInterrupt as error:  # SIGINT or SIGTERM: the last finished round is checkpointed
+        print(f"fedjaxpriv: {error or 'interrupted'}; run the same command again to resume.", file=sys.stderr)
+        return 128 + getattr(error, "signum", 2)
     from fedjaxpriv.report import BASIS_KEYS, EPSILON_KEYS
 
     last = results.history[-1] if results.history else {}
@@ -194,6 +227,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _build_parser().parse_args(argv)
     if args.command != "sweep" or args.jobs == 1:  # sweep workers split the cores among themselves
         _one_device_per_core()
+    from fedjaxpriv.parallel import enable_compilation_cache
+
+    enable_compilation_cache()
     try:
         if args.command == "run":
             return _run(args)
@@ -205,8 +241,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _attack_eval(args)
         if args.command == "audit":
             return _audit(args)
-    except (ValueError, FileNotFoundError) as error:
-        print(f"fedjaxpriv: error: {error}", file=sys.stderr)
+    except (ValueError, OSError) as error:  # bad input or an unusable file: one line, no traceback
+        print(f"fedjaxpriv: error: {' '.join(str(error).split())}", file=sys.stderr)
         return 2
     return 1
 

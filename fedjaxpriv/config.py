@@ -1,10 +1,16 @@
 """Experiment configuration: frozen, keyword-only dataclasses validated on construction.
 
-Per-client numeric settings (``PerClient`` fields) accept a scalar (every client the same), a list of tier
+Every field declares its type and allowed range once (``knob``: a ``Rule`` in the field's metadata); one
+validator (``parse_value``) reads any value by that rule, so a dataclass built in Python, a YAML or JSON file
+and a ``--set section.field=value`` override are checked alike, and every error names the field, the value and
+what is allowed. Numbers are read as YAML 1.2 reads them (``1e-6``, ``inf``, ``.inf``, ``-inf``; JSON's
+``Infinity``); integers must be whole, booleans must be booleans, strings must be strings.
+
+Per-client numeric settings (``shape="per_client"``) accept a scalar (every client the same), a list of tier
 values (client ``i`` gets ``values[i % len(values)]``), or a list with one value per client. They become the
 per-client arrays of ``ClientSettings`` that local training reads, so heterogeneous clients run in one call.
 
-Configs load from YAML/JSON files and dotted overrides (``client.lr=0.05``) via ``from_dict``/``with_overrides``.
+Configs load from files (``load_config``) and dotted overrides (``with_overrides``).
 """
 
 from __future__ import annotations
@@ -14,9 +20,14 @@ import hashlib
 import json
 import math
 import re
-from typing import Any, Mapping, Sequence, Union
+from typing import Any, Iterable, Mapping, Sequence, Union
 
 PerClient = Union[float, int, tuple]
+Overrides = Union[Mapping[str, Any], Sequence[str]]
+
+INT_MAX = 2**31 - 1  # round numbers, client ids and counts live in int32 arrays
+SEED_MAX = 2**32 - 1  # jax.random.key and numpy generators both take any uint32 seed
+MAX_TIER_VALUES = 16
 
 
 def _check(condition: bool, field: str, value: Any, allowed: str) -> None:
@@ -32,58 +43,205 @@ def _values(value: PerClient) -> tuple[float, ...]:
     return tuple(value) if isinstance(value, (tuple, list)) else (value,)
 
 
-def _check_per_client(field: str, value: PerClient, low: float, high: float, *, low_open: bool = False,
-                      high_open: bool = False, allowed: str | None = None) -> None:
-    for v in _values(value):
-        ok = isinstance(v, (int, float)) and not isinstance(v, bool) and not math.isnan(v)
-        ok = ok and (v > low if low_open else v >= low) and (v < high if high_open else v <= high)
-        lo, hi = ("(" if low_open else "["), (")" if high_open else "]")
-        _check(ok, field, value, allowed or f"numbers in {lo}{low}, {high}{hi} (scalar or per-client list)")
+@dataclasses.dataclass(frozen=True)
+class Rule:
+    """How one config field is read and which values it allows.
 
+    Attributes:
+      kind: the type of a value (of each element for lists): int, float, bool, str or dict (a mapping).
+      low / high: numeric bounds, None for none; ``low_open`` / ``high_open`` exclude the bound itself. Floats
+        must be finite unless ``high`` is ``math.inf`` (closed), which admits inf.
+      choices: the allowed strings (empty: any string).
+      shape: "scalar"; "per_client" (a scalar, tier values or one value per client); "list" (a list; a scalar
+        is read as a one-element list).
+      optional: None (YAML ``null``) is allowed.
+      note: what special values mean, shown after the allowed values.
+    """
+
+    kind: type
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False
+    high_open: bool = False
+    choices: tuple[str, ...] = ()
+    shape: str = "scalar"
+    optional: bool = False
+    note: str = ""
+
+
+def knob(default: Any, kind: type, **rule: Any) -> Any:
+    """A dataclass field with its ``Rule`` (see ``Rule`` for the keywords)."""
+    return dataclasses.field(default=default, metadata={"rule": Rule(kind, **rule)})
+
+
+def _number_text(x: float) -> str:
+    return str(int(x)) if float(x).is_integer() and abs(x) < 1e16 else f"{x:g}"
+
+
+def _bounds_text(rule: Rule) -> str:
+    low, high = rule.low, rule.high
+    if low is not None and high is not None and high != math.inf:
+        return (f" in {'(' if rule.low_open else '['}{_number_text(low)}, "
+                f"{_number_text(high)}{')' if rule.high_open else ']'}")
+    text = "" if low is None else f" {'>' if rule.low_open else '>='} {_number_text(low)}"
+    if high is not None and high != math.inf:
+        text += f" {'<' if rule.high_open else '<='} {_number_text(high)}"
+    return text + (", or inf" if high == math.inf else "")
+
+
+def describe(rule: Rule) -> str:
+    """What a rule allows, in words (the ``allowed:`` part of an error)."""
+    if rule.kind is bool:
+        text = "true or false"
+    elif rule.kind is str:
+        text = f"one of {list(rule.choices)}" if rule.choices else "a string"
+    elif rule.kind is dict:
+        text = "a mapping"
+    elif rule.kind is int:
+        text = "an integer" + _bounds_text(rule)
+    else:
+        text = ("a number" if rule.high == math.inf else "a finite number") + _bounds_text(rule)
+    if rule.shape == "per_client":
+        text += ", or a list of them (tier values, or one per client)"
+    elif rule.shape == "list":
+        text = f"a list, each {text}"
+    if rule.note:
+        text += f" ({rule.note})"
+    return text + (", or null" if rule.optional else "")
+
+
+_INT_TEXT = re.compile(r"[-+]?[0-9][0-9_]*")
+
+
+def parse_number(text: str) -> int | float | None:
+    """A number written as YAML 1.2 or JSON write them (``12``, ``1e-6``, ``inf``, ``.inf``, ``-Infinity``), or
+    None if ``text`` is not one."""
+    text = text.strip()
+    if _INT_TEXT.fullmatch(text):
+        return int(text.replace("_", ""))
+    word = text.lower().replace(".inf", "inf").replace(".nan", "nan")
+    try:
+        return float(word)
+    except ValueError:
+        return None
+
+
+def _in_bounds(x: float, rule: Rule) -> bool:
+    if math.isnan(x) or (math.isinf(x) and not (x > 0 and rule.high == math.inf)):
+        return False
+    if rule.low is not None and not (x > rule.low if rule.low_open else x >= rule.low):
+        return False
+    return rule.high is None or (x < rule.high if rule.high_open else x <= rule.high)
+
+
+def _element(value: Any, rule: Rule) -> Any:
+    """One value read by ``rule.kind`` and checked against the rule; raises TypeError/ValueError if invalid."""
+    if rule.kind is bool:
+        if type(value).__name__ not in ("bool", "bool_"):
+            raise TypeError
+        return bool(value)
+    if rule.kind is str:
+        if not isinstance(value, str) or (rule.choices and value not in rule.choices):
+            raise TypeError
+        return value
+    if rule.kind is dict:
+        if not isinstance(value, Mapping):
+            raise TypeError
+        return dict(value)
+    if isinstance(value, str):
+        value = parse_number(value)
+    if value is None or type(value).__name__.startswith("bool") or not hasattr(value, "__float__"):
+        raise TypeError
+    if rule.kind is int:
+        if not float(value).is_integer():
+            raise ValueError
+        value = int(value)
+    else:
+        value = float(value)  # OverflowError (a ValueError's sibling) for ints beyond float range
+    if not _in_bounds(value, rule):
+        raise ValueError
+    return value
+
+
+def parse_value(field: str, value: Any, rule: Rule) -> Any:
+    """``value`` read and checked by ``rule``: ints to floats for float fields, whole floats to ints for int
+    fields, numbers in text form to numbers, lists to tuples.
+
+    Raises:
+      ValueError: ``"{field}={value!r} is invalid; allowed: ..."``.
+    """
+    if value is None and rule.optional:
+        return None
+    if hasattr(value, "tolist") and not isinstance(value, (str, bytes)):
+        value = value.tolist()  # NumPy arrays and scalars
+    try:
+        if value is None:
+            raise TypeError
+        if rule.shape == "scalar":
+            return _element(value, rule)
+        if isinstance(value, (list, tuple)):
+            if rule.shape == "per_client" and not value:
+                raise ValueError
+            return tuple(_element(v, rule) for v in value)
+        parsed = _element(value, rule)
+        return (parsed,) if rule.shape == "list" else parsed
+    except (TypeError, ValueError, OverflowError):
+        raise ValueError(f"{field}={value!r} is invalid; allowed: {describe(rule)}.") from None
+
+
+def _parse_fields(section: Any, prefix: str) -> None:
+    """Reads every field of a frozen config dataclass by its rule, in place."""
+    for f in dataclasses.fields(section):
+        rule = f.metadata.get("rule")
+        if rule is not None:
+            name = f"{prefix}.{f.name}" if prefix else f.name
+            object.__setattr__(section, f.name, parse_value(name, getattr(section, f.name), rule))
+
+
+_FRACTION = {"low": 0.0, "high": 1.0, "high_open": True}  # [0, 1)
+_POSITIVE = {"low": 0.0, "low_open": True}  # finite > 0
+_NONNEGATIVE = {"low": 0.0}  # finite >= 0
+_INF_OK = {"high": math.inf}  # inf allowed
 
 # Datasets generated with their own clients (``partition`` is ignored): "synthetic" (Li et al.'s
 # Synthetic(alpha, beta)) and "attribute" (tabular, with a binary sensitive attribute in the last input column and
 # client-specific group shares: ``attacks.attribute.attribute_population``).
 NATURAL_DATASETS: tuple[str, ...] = ("synthetic", "attribute")
+PARTITIONS = ("iid", "dirichlet", "shards", "quantity_skew", "natural")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class DataConfig:
     """Which data and how it is split into clients."""
 
-    dataset: str = "digits"
-    data_dir: str | None = None
-    download: bool = False
-    image_key: str = "image"
-    label_key: str = "label"
-    partition: str = "dirichlet"
-    num_clients: int = 50
-    dirichlet_alpha: float = 0.5
-    shards_per_client: int = 2
-    quantity_sigma: float = 1.0
-    synthetic_alpha: float = 1.0
-    synthetic_beta: float = 1.0
-    synthetic_max_size: int | None = 2000
+    dataset: str = knob("digits", str)
+    data_dir: str | None = knob(None, str, optional=True)
+    download: bool = knob(False, bool)
+    image_key: str = knob("image", str)
+    label_key: str = knob("label", str)
+    partition: str = knob("dirichlet", str, choices=PARTITIONS)
+    num_clients: int = knob(50, int, low=1, high=INT_MAX)
+    dirichlet_alpha: float = knob(0.5, float, **_POSITIVE)
+    shards_per_client: int = knob(2, int, low=1, high=INT_MAX)
+    # lognormal(0, sigma) size weights: beyond ~50 the largest weight overflows float64 for large populations
+    quantity_sigma: float = knob(1.0, float, low=0.0, high=50.0, note="0 = equal sizes")
+    synthetic_alpha: float = knob(1.0, float, **_NONNEGATIVE)
+    synthetic_beta: float = knob(1.0, float, **_NONNEGATIVE)
+    synthetic_max_size: int | None = knob(2000, int, low=1, high=INT_MAX, optional=True)
 
     def __post_init__(self) -> None:
-        _check_choice("data.partition", self.partition, ("iid", "dirichlet", "shards", "quantity_skew", "natural"))
-        _check(self.num_clients >= 1, "data.num_clients", self.num_clients, "an integer >= 1")
-        _check(self.dirichlet_alpha > 0, "data.dirichlet_alpha", self.dirichlet_alpha, "a number > 0")
-        _check(self.shards_per_client >= 1, "data.shards_per_client", self.shards_per_client, "an integer >= 1")
-        _check(self.quantity_sigma >= 0, "data.quantity_sigma", self.quantity_sigma, "a number >= 0")
-        _check(self.synthetic_alpha >= 0, "data.synthetic_alpha", self.synthetic_alpha, "a number >= 0")
-        _check(self.synthetic_beta >= 0, "data.synthetic_beta", self.synthetic_beta, "a number >= 0")
+        _parse_fields(self, "data")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class ModelConfig:
-    """Which model. ``hidden`` sets the MLP widths."""
+    """Which model. ``hidden`` sets the MLP widths (empty: no hidden layer)."""
 
-    name: str = "mlp"
-    hidden: tuple[int, ...] = (64,)
+    name: str = knob("mlp", str)
+    hidden: tuple[int, ...] = knob((64,), int, low=1, high=INT_MAX, shape="list")
 
     def __post_init__(self) -> None:
-        _check(all(int(h) >= 1 for h in self.hidden), "model.hidden", self.hidden, "positive layer widths")
+        _parse_fields(self, "model")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -109,40 +267,27 @@ class ClientConfig:
         sample-level epsilon after ``run.rounds`` rounds is at most this value (needs privacy accounting).
     """
 
-    local_steps: PerClient = 10
-    batch_size: PerClient = 16
-    lr: PerClient = 0.1
-    momentum: float = 0.0
-    prox_mu: PerClient = 0.0
-    sampling: str = "fixed"
-    mixup_alpha: PerClient = 0.0
-    prune_sparsity: PerClient = 0.0
-    prune_method: str = "magnitude"
-    prune_scope: str = "layer"
-    dp_clip_norm: PerClient = math.inf
-    dp_noise_multiplier: PerClient = 0.0
-    target_epsilon: PerClient | None = None
-    prune_begin_round: int = 0
-    prune_end_round: int = 0
+    local_steps: PerClient = knob(10, int, low=0, high=10**6, shape="per_client")
+    batch_size: PerClient = knob(16, int, low=1, high=10**6, shape="per_client")
+    lr: PerClient = knob(0.1, float, **_POSITIVE, shape="per_client")
+    momentum: float = knob(0.0, float, **_FRACTION)
+    prox_mu: PerClient = knob(0.0, float, **_NONNEGATIVE, shape="per_client")
+    sampling: str = knob("fixed", str, choices=("fixed", "poisson"))
+    mixup_alpha: PerClient = knob(0.0, float, **_NONNEGATIVE, shape="per_client", note="0 = off")
+    prune_sparsity: PerClient = knob(0.0, float, **_FRACTION, shape="per_client")
+    prune_method: str = knob("magnitude", str, choices=("magnitude", "random"))
+    prune_scope: str = knob("layer", str, choices=("layer", "global"))
+    dp_clip_norm: PerClient = knob(math.inf, float, **_POSITIVE, **_INF_OK, shape="per_client",
+                                   note="inf = no clipping")
+    dp_noise_multiplier: PerClient = knob(0.0, float, **_NONNEGATIVE, shape="per_client")
+    target_epsilon: PerClient | None = knob(None, float, **_POSITIVE, shape="per_client", optional=True)
+    prune_begin_round: int = knob(0, int, low=0, high=INT_MAX)
+    prune_end_round: int = knob(0, int, low=0, high=INT_MAX)
 
     def __post_init__(self) -> None:
-        _check(0 <= self.prune_begin_round <= self.prune_end_round, "client.prune_end_round", self.prune_end_round,
+        _parse_fields(self, "client")
+        _check(self.prune_begin_round <= self.prune_end_round, "client.prune_end_round", self.prune_end_round,
                f"an integer >= client.prune_begin_round={self.prune_begin_round} >= 0")
-        _check_per_client("client.local_steps", self.local_steps, 0, 10**6)
-        _check_per_client("client.batch_size", self.batch_size, 1, 10**6)
-        _check_per_client("client.lr", self.lr, 0, math.inf, low_open=True, high_open=True)
-        _check(0 <= self.momentum < 1, "client.momentum", self.momentum, "a number in [0, 1)")
-        _check_per_client("client.prox_mu", self.prox_mu, 0, math.inf, high_open=True)
-        _check_choice("client.sampling", self.sampling, ("fixed", "poisson"))
-        _check_per_client("client.mixup_alpha", self.mixup_alpha, 0, math.inf, high_open=True)
-        _check_per_client("client.prune_sparsity", self.prune_sparsity, 0, 1, high_open=True)
-        _check_choice("client.prune_method", self.prune_method, ("magnitude", "random"))
-        _check_choice("client.prune_scope", self.prune_scope, ("layer", "global"))
-        _check_per_client("client.dp_clip_norm", self.dp_clip_norm, 0, math.inf, low_open=True)
-        _check_per_client("client.dp_noise_multiplier", self.dp_noise_multiplier, 0, math.inf, high_open=True)
-        if self.target_epsilon is not None:
-            _check_per_client("client.target_epsilon", self.target_epsilon, 0, math.inf, low_open=True,
-                              high_open=True)
 
 
 MESSAGE_STAGES = ("prune", "topk", "randk", "clip", "noise", "round", "qsgd")
@@ -162,29 +307,24 @@ class MessageConfig:
       local_noise_multiplier: "noise": local DP Gaussian noise, std = multiplier x clip_norm.
       quant_bits: "round": unbiased stochastic rounding to 2^bits levels per tensor (0 = off).
       qsgd_levels: "qsgd": QSGD with s levels (0 = off).
+      error_feedback: each compressor stage (prune, topk, randk, round, qsgd) keeps the part of the message
+        it did not send and adds it to the client's next message (EF-SGD, Karimireddy et al. 2019); the
+        residual is kept per client from round to round. Clip and noise stages are never fed back.
     """
 
-    order: tuple[str, ...] = MESSAGE_STAGES
-    sparsity: PerClient = 0.0
-    topk_fraction: PerClient = 1.0
-    randk_fraction: PerClient = 1.0
-    clip_norm: PerClient = math.inf
-    local_noise_multiplier: PerClient = 0.0
-    quant_bits: PerClient = 0
-    qsgd_levels: PerClient = 0
+    order: tuple[str, ...] = knob(MESSAGE_STAGES, str, choices=MESSAGE_STAGES, shape="list")
+    sparsity: PerClient = knob(0.0, float, **_FRACTION, shape="per_client")
+    topk_fraction: PerClient = knob(1.0, float, low=0.0, high=1.0, low_open=True, shape="per_client")
+    randk_fraction: PerClient = knob(1.0, float, low=0.0, high=1.0, low_open=True, shape="per_client")
+    clip_norm: PerClient = knob(math.inf, float, **_POSITIVE, **_INF_OK, shape="per_client", note="inf = off")
+    local_noise_multiplier: PerClient = knob(0.0, float, **_NONNEGATIVE, shape="per_client")
+    quant_bits: PerClient = knob(0, int, low=0, high=32, shape="per_client", note="0 = off")
+    qsgd_levels: PerClient = knob(0, int, low=0, high=2**30, shape="per_client", note="0 = off")
+    error_feedback: bool = knob(False, bool)
 
     def __post_init__(self) -> None:
-        for stage in self.order:
-            _check_choice("message.order", stage, MESSAGE_STAGES)
+        _parse_fields(self, "message")
         _check(len(set(self.order)) == len(self.order), "message.order", self.order, "each stage at most once")
-        _check_per_client("message.sparsity", self.sparsity, 0, 1, high_open=True)
-        _check_per_client("message.topk_fraction", self.topk_fraction, 0, 1, low_open=True)
-        _check_per_client("message.randk_fraction", self.randk_fraction, 0, 1, low_open=True)
-        _check_per_client("message.clip_norm", self.clip_norm, 0, math.inf, low_open=True)
-        _check_per_client("message.local_noise_multiplier", self.local_noise_multiplier, 0, math.inf,
-                          high_open=True)
-        _check_per_client("message.quant_bits", self.quant_bits, 0, 32)
-        _check_per_client("message.qsgd_levels", self.qsgd_levels, 0, 2**30)
         noisy = any(v > 0 for v in _values(self.local_noise_multiplier))
         _check(not noisy or all(math.isfinite(v) for v in _values(self.clip_norm)), "message.clip_norm",
                self.clip_norm, "finite whenever message.local_noise_multiplier > 0")
@@ -204,9 +344,12 @@ class ServerConfig:
     """Client sampling, aggregation and the server optimizer.
 
     Attributes:
-      algorithm: "fedavg", "fedprox" (needs client.prox_mu > 0) or "fedsgd" (one full-batch gradient step
-        per client; the server applies the averaged gradient with ``lr``).
+      algorithm: "fedavg", "fedprox" (needs client.prox_mu > 0), "fedsgd" (one full-batch gradient step
+        per client; the server applies the averaged gradient with ``lr``) or "scaffold" (control variates that
+        correct each client's drift, Karimireddy et al. 2020; every client keeps one model-sized state, and sends
+        its change uncompressed beside its update).
       optimizer: "sgd" (FedAvg: lr 1), "momentum" (FedAvgM) or "adam" (FedAdam).
+      lr / momentum / adam_b1 / adam_b2 / adam_eps: the server optimizer's hyperparameters.
       clients_per_round: cohort size (uniform) or expected cohort size (Poisson).
       client_sampling: "uniform" (fixed size, without replacement) or "poisson".
       weighting: "examples" (by client data size) or "uniform".
@@ -224,49 +367,34 @@ class ServerConfig:
         central_noise_multiplier at 0).
     """
 
-    algorithm: str = "fedavg"
-    optimizer: str = "sgd"
-    lr: float = 1.0
-    momentum: float = 0.9
-    adam_b1: float = 0.9
-    adam_b2: float = 0.99
-    adam_eps: float = 1e-3
-    clients_per_round: int = 10
-    client_sampling: str = "uniform"
-    weighting: str = "examples"
-    central_clip_norm: float = math.inf
-    central_noise_multiplier: float = 0.0
-    adaptive_clip_quantile: float | None = None
-    adaptive_clip_lr: float = 0.2
-    clip_count_noise_multiplier: float | None = None
-    target_epsilon: float | None = None
+    algorithm: str = knob("fedavg", str, choices=("fedavg", "fedprox", "fedsgd", "scaffold"))
+    optimizer: str = knob("sgd", str, choices=("sgd", "momentum", "adam"))
+    lr: float = knob(1.0, float, **_POSITIVE)
+    momentum: float = knob(0.9, float, **_FRACTION)
+    adam_b1: float = knob(0.9, float, **_FRACTION)
+    adam_b2: float = knob(0.99, float, **_FRACTION)
+    adam_eps: float = knob(1e-3, float, **_POSITIVE)
+    clients_per_round: int = knob(10, int, low=1, high=INT_MAX)
+    client_sampling: str = knob("uniform", str, choices=("uniform", "poisson"))
+    weighting: str = knob("examples", str, choices=("examples", "uniform"))
+    central_clip_norm: float = knob(math.inf, float, **_POSITIVE, **_INF_OK, note="inf = no clipping")
+    central_noise_multiplier: float = knob(0.0, float, **_NONNEGATIVE)
+    adaptive_clip_quantile: float | None = knob(None, float, low=0.0, high=1.0, low_open=True, high_open=True,
+                                                optional=True, note="null = a fixed clip norm")
+    adaptive_clip_lr: float = knob(0.2, float, **_POSITIVE)
+    clip_count_noise_multiplier: float | None = knob(None, float, **_POSITIVE, optional=True,
+                                                     note="null = clients_per_round / 20")
+    target_epsilon: float | None = knob(None, float, **_POSITIVE, optional=True)
 
     def __post_init__(self) -> None:
+        _parse_fields(self, "server")
         if self.adaptive_clip_quantile is not None:
-            _check(0 < self.adaptive_clip_quantile < 1, "server.adaptive_clip_quantile",
-                   self.adaptive_clip_quantile, "a number in (0, 1), or null for a fixed clip norm")
             _check(math.isfinite(self.central_clip_norm), "server.central_clip_norm", self.central_clip_norm,
                    "a finite initial clip norm when server.adaptive_clip_quantile is set")
-        _check(self.adaptive_clip_lr > 0, "server.adaptive_clip_lr", self.adaptive_clip_lr, "a number > 0")
-        _check(self.clip_count_noise_multiplier is None or self.clip_count_noise_multiplier > 0,
-               "server.clip_count_noise_multiplier", self.clip_count_noise_multiplier,
-               "a number > 0, or null for clients_per_round / 20")
-        _check_choice("server.algorithm", self.algorithm, ("fedavg", "fedprox", "fedsgd"))
-        _check_choice("server.optimizer", self.optimizer, ("sgd", "momentum", "adam"))
-        _check(self.lr > 0, "server.lr", self.lr, "a number > 0")
-        _check(0 <= self.momentum < 1, "server.momentum", self.momentum, "a number in [0, 1)")
-        _check(self.clients_per_round >= 1, "server.clients_per_round", self.clients_per_round, "an integer >= 1")
-        _check_choice("server.client_sampling", self.client_sampling, ("uniform", "poisson"))
-        _check_choice("server.weighting", self.weighting, ("examples", "uniform"))
-        _check(self.central_clip_norm > 0, "server.central_clip_norm", self.central_clip_norm, "a number > 0")
-        _check(self.central_noise_multiplier >= 0, "server.central_noise_multiplier",
-               self.central_noise_multiplier, "a number >= 0")
         _check(self.central_noise_multiplier == 0 or math.isfinite(self.central_clip_norm),
                "server.central_clip_norm", self.central_clip_norm,
                "a finite clip norm whenever server.central_noise_multiplier > 0")
         if self.target_epsilon is not None:
-            _check(isinstance(self.target_epsilon, (int, float)) and 0 < self.target_epsilon < math.inf,
-                   "server.target_epsilon", self.target_epsilon, "a finite number > 0, or null")
             _check(math.isfinite(self.central_clip_norm), "server.central_clip_norm", self.central_clip_norm,
                    "a finite clip norm when server.target_epsilon is set")
             _check(self.central_noise_multiplier == 0, "server.central_noise_multiplier",
@@ -294,29 +422,22 @@ class RunConfig:
         clients taking part in that round send, and the server model they start from.
     """
 
-    rounds: int = 40
-    seed: int = 0
-    eval_every: int = 1
-    chunk_size: int = 0
-    num_devices: int = 0
-    strategy: str = "auto"
-    checkpoint_every: int = 10
-    delta: float = 1e-5
-    accountant: str = "rdp"
-    tap_clients: tuple[int, ...] = ()
-    tap_rounds: tuple[int, ...] = ()
+    rounds: int = knob(40, int, low=1, high=INT_MAX)
+    seed: int = knob(0, int, low=0, high=SEED_MAX)
+    eval_every: int = knob(1, int, low=1, high=INT_MAX)
+    chunk_size: int = knob(0, int, low=0, high=INT_MAX, note="0 = automatic")
+    num_devices: int = knob(0, int, low=0, high=INT_MAX, note="0 = all devices")
+    strategy: str = knob("auto", str, choices=("auto", "vmap", "loop", "host"))
+    checkpoint_every: int = knob(10, int, low=0, high=INT_MAX, note="0 = only at the end")
+    delta: float = knob(1e-5, float, low=0.0, high=1.0, low_open=True, high_open=True)
+    accountant: str = knob("rdp", str, choices=("rdp", "pld"))
+    tap_clients: tuple[int, ...] = knob((), int, low=0, high=INT_MAX, shape="list")
+    tap_rounds: tuple[int, ...] = knob((), int, low=1, high=INT_MAX, shape="list")
 
     def __post_init__(self) -> None:
-        _check_choice("run.accountant", self.accountant, ("rdp", "pld"))
-        _check(self.rounds >= 1, "run.rounds", self.rounds, "an integer >= 1")
-        _check(self.eval_every >= 1, "run.eval_every", self.eval_every, "an integer >= 1")
-        _check(self.chunk_size >= 0, "run.chunk_size", self.chunk_size, "an integer >= 0")
-        _check(self.num_devices >= 0, "run.num_devices", self.num_devices, "an integer >= 0 (0 = all devices)")
-        _check_choice("run.strategy", self.strategy, ("auto", "vmap", "loop", "host"))
-        _check(self.checkpoint_every >= 0, "run.checkpoint_every", self.checkpoint_every, "an integer >= 0")
-        _check(0 < self.delta < 1, "run.delta", self.delta, "a number in (0, 1)")
-        _check(all(int(r) >= 1 for r in self.tap_rounds), "run.tap_rounds", self.tap_rounds, "round numbers >= 1")
-        _check(all(int(c) >= 0 for c in self.tap_clients), "run.tap_clients", self.tap_clients, "client ids >= 0")
+        _parse_fields(self, "run")
+        _check(all(r <= self.rounds for r in self.tap_rounds), "run.tap_rounds", self.tap_rounds,
+               f"round numbers in [1, run.rounds={self.rounds}]")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -339,14 +460,14 @@ class DevicesConfig:
         built-in phone-to-laptop tiers (``fedjaxpriv.devices.DEFAULT_TIERS``).
     """
 
-    policy: str = "none"
-    jitter: float = 0.0
-    round_deadline_s: float = 1.0
-    stragglers: str = "drop"
-    max_local_steps: int = 100
-    train_memory_factor: float = 4.0
-    privacy_tiers: bool = False
-    tiers: tuple[Mapping[str, Any], ...] = ()
+    policy: str = knob("none", str, choices=("none", "uniform", "device_aware"))
+    jitter: float = knob(0.0, float, low=0.0, high=10.0)
+    round_deadline_s: float = knob(1.0, float, **_POSITIVE)
+    stragglers: str = knob("drop", str, choices=("drop", "fewer_steps"))
+    max_local_steps: int = knob(100, int, low=1, high=10**6)
+    train_memory_factor: float = knob(4.0, float, **_POSITIVE)
+    privacy_tiers: bool = knob(False, bool)
+    tiers: tuple[Mapping[str, Any], ...] = knob((), dict, shape="list", note="DeviceTier fields; empty = built-in")
 
     def device_tiers(self) -> tuple:
         """The tiers as ``DeviceTier`` objects (validated)."""
@@ -354,33 +475,39 @@ class DevicesConfig:
 
         if not self.tiers:
             return DEFAULT_TIERS
-        try:
-            tiers = tuple(DeviceTier(**dict(t)) for t in self.tiers)
-        except TypeError as error:
-            raise ValueError(f"devices.tiers={list(self.tiers)!r} is invalid: {error}; each tier takes the "
-                             "fields of DeviceTier.") from None
+        tiers = tuple(DeviceTier(**t) for t in self.tiers)
         check_tiers(tiers)
         return tiers
 
     def __post_init__(self) -> None:
-        _check_choice("devices.policy", self.policy, ("none", "uniform", "device_aware"))
-        _check(self.jitter >= 0, "devices.jitter", self.jitter, "a number >= 0")
-        _check(self.round_deadline_s > 0, "devices.round_deadline_s", self.round_deadline_s, "a number > 0")
-        _check_choice("devices.stragglers", self.stragglers, ("drop", "fewer_steps"))
-        _check(self.max_local_steps >= 1, "devices.max_local_steps", self.max_local_steps, "an integer >= 1")
-        _check(self.train_memory_factor > 0, "devices.train_memory_factor", self.train_memory_factor,
-               "a number > 0")
-        _check(all(isinstance(t, Mapping) for t in self.tiers), "devices.tiers", self.tiers,
-               "a list of mappings of DeviceTier fields")
+        _parse_fields(self, "devices")
+        object.__setattr__(self, "tiers", tuple(_tier(i, t) for i, t in enumerate(self.tiers)))
         if self.tiers:
             self.device_tiers()
+
+
+def _tier(index: int, tier: Mapping[str, Any]) -> dict[str, Any]:
+    """A ``devices.tiers`` entry read by ``DeviceTier``'s field types (a str name, numbers otherwise)."""
+    from fedjaxpriv.devices.profiles import DeviceTier
+
+    fields = {f.name: f for f in dataclasses.fields(DeviceTier)}
+    where = f"devices.tiers[{index}]"
+    unknown = sorted(set(tier) - set(fields))
+    if unknown:
+        raise ValueError(f"{where} has unknown field(s) {unknown}; allowed: {list(fields)}.")
+    missing = [n for n, f in fields.items()
+               if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING and n not in tier]
+    if missing:
+        raise ValueError(f"{where}={dict(tier)!r} is invalid; allowed: a mapping with at least {missing}.")
+    name_rule, number_rule = Rule(str), Rule(float, high=math.inf)
+    return {k: parse_value(f"{where}.{k}", v, name_rule if k == "name" else number_rule) for k, v in tier.items()}
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class ExperimentConfig:
     """A whole experiment: the same object drives notebooks, the CLI and sweeps."""
 
-    name: str = "default"
+    name: str = knob("default", str)
     data: DataConfig = DataConfig()
     model: ModelConfig = ModelConfig()
     client: ClientConfig = ClientConfig()
@@ -390,10 +517,23 @@ class ExperimentConfig:
     devices: DevicesConfig = DevicesConfig()
 
     def __post_init__(self) -> None:
+        _parse_fields(self, "")
+        for key, cls in _SECTIONS.items():
+            _check(isinstance(getattr(self, key), cls), key, getattr(self, key), f"a {cls.__name__}")
         if self.server.algorithm == "fedprox":
             _check(any(v > 0 for v in _values(self.client.prox_mu)), "client.prox_mu", self.client.prox_mu,
                    "a value > 0 when server.algorithm='fedprox'")
-        _check(all(int(c) < self.data.num_clients for c in self.run.tap_clients), "run.tap_clients",
+        if self.server.algorithm == "scaffold":  # the control-variate change is a second, unprotected release
+            central = (self.server.central_noise_multiplier > 0 or self.server.target_epsilon is not None
+                       or math.isfinite(self.server.central_clip_norm))
+            _check(not central, "server.algorithm", self.server.algorithm,
+                   "not 'scaffold' with client-level DP or clipping (server.central_clip_norm / "
+                   "central_noise_multiplier / target_epsilon): SCAFFOLD's control-variate change is sent beside "
+                   "the update and is neither clipped nor noised")
+            _check(all(v == 0 for v in _values(self.message.local_noise_multiplier)), "server.algorithm",
+                   self.server.algorithm, "not 'scaffold' with message.local_noise_multiplier > 0 (local DP would "
+                   "not cover the control-variate change)")
+        _check(all(c < self.data.num_clients for c in self.run.tap_clients), "run.tap_clients",
                self.run.tap_clients, f"client ids < data.num_clients={self.data.num_clients}")
         if self.data.partition == "natural" and self.data.dataset not in NATURAL_DATASETS:
             raise ValueError(f"data.partition='natural' needs a dataset with natural client ids {NATURAL_DATASETS}; "
@@ -405,11 +545,11 @@ class ExperimentConfig:
         for name, section in (("client", self.client), ("message", self.message)):
             for f in dataclasses.fields(section):
                 value = getattr(section, f.name)
-                if f.name == "order":
+                if f.metadata["rule"].shape != "per_client" or not isinstance(value, tuple):
                     continue
-                if isinstance(value, tuple) and len(value) not in (1, self.data.num_clients) and len(value) > 16:
-                    raise ValueError(f"{name}.{f.name} has {len(value)} values; give a scalar, up to 16 tier "
-                                     f"values, or exactly data.num_clients={self.data.num_clients} values.")
+                _check(len(value) <= MAX_TIER_VALUES or len(value) == self.data.num_clients, f"{name}.{f.name}",
+                       value, f"a scalar, up to {MAX_TIER_VALUES} tier values, or exactly data.num_clients="
+                              f"{self.data.num_clients} values (got {len(value)})")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -424,36 +564,47 @@ _SECTIONS = {"data": DataConfig, "model": ModelConfig, "client": ClientConfig, "
              "server": ServerConfig, "run": RunConfig, "devices": DevicesConfig}
 
 
-def _coerce(value: Any, current: Any) -> Any:
-    """Converts YAML/CLI values to the type of the current field value (lists become tuples)."""
-    if isinstance(value, list):
-        return tuple(value)
-    if isinstance(current, bool) and isinstance(value, str):
-        return value.lower() in ("1", "true", "yes", "on")
-    if isinstance(current, float) and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    return value
+def _rule_of(key: str) -> Rule:
+    """The rule of a dotted key (``section.field`` or ``name``); raises ValueError naming what exists."""
+    if key == "name":
+        return _FIELD_RULES[ExperimentConfig]["name"]
+    parts = key.split(".")
+    if len(parts) != 2 or not all(parts):
+        raise ValueError(f"override key {key!r} must be section.field (e.g. client.lr) or name.")
+    section, field = parts
+    if section not in _SECTIONS:
+        raise ValueError(f"unknown config section {section!r} in {key!r}; allowed: {['name', *_SECTIONS]}.")
+    rules = _FIELD_RULES[_SECTIONS[section]]
+    if field not in rules:
+        raise ValueError(f"unknown field(s) [{key!r}]; allowed: {sorted(f'{section}.{n}' for n in rules)}.")
+    return rules[field]
+
+
+_FIELD_RULES: dict[type, dict[str, Rule]] = {
+    cls: {f.name: f.metadata["rule"] for f in dataclasses.fields(cls) if "rule" in f.metadata}
+    for cls in (ExperimentConfig, *_SECTIONS.values())}
 
 
 def from_dict(raw: Mapping[str, Any], base: ExperimentConfig | None = None) -> ExperimentConfig:
-    """Builds a config from a nested mapping (as read from YAML/JSON), on top of ``base`` (the defaults)."""
+    """Builds a config from a nested mapping (as read from YAML/JSON), on top of ``base`` (the defaults).
+    Values are read by each field's rule (``parse_value``)."""
     base = base or ExperimentConfig()
+    if not isinstance(raw, Mapping):
+        raise ValueError(f"a config must be a mapping of sections, got {raw!r}.")
     unknown = set(raw) - set(_SECTIONS) - {"name"}
     if unknown:
-        raise ValueError(f"unknown config section(s) {sorted(unknown)}; allowed: {['name', *_SECTIONS]}.")
+        raise ValueError(f"unknown config section(s) {sorted(map(str, unknown))}; allowed: {['name', *_SECTIONS]}.")
     sections = {}
     for key, cls in _SECTIONS.items():
-        current = getattr(base, key)
-        given = raw.get(key) or {}
+        given = raw.get(key)
+        given = {} if given is None else given
         if not isinstance(given, Mapping):
             raise ValueError(f"config section {key!r} must be a mapping, got {given!r}.")
-        names = {f.name for f in dataclasses.fields(cls)}
-        bad = set(given) - names
+        bad = set(given) - set(_FIELD_RULES[cls])
         if bad:
             raise ValueError(f"unknown field(s) {sorted(f'{key}.{b}' for b in bad)}; allowed: "
-                             f"{sorted(f'{key}.{n}' for n in names)}.")
-        updates = {k: _coerce(v, getattr(current, k)) for k, v in given.items()}
-        sections[key] = dataclasses.replace(current, **updates)
+                             f"{sorted(f'{key}.{n}' for n in _FIELD_RULES[cls])}.")
+        sections[key] = dataclasses.replace(getattr(base, key), **given)
     return ExperimentConfig(name=raw.get("name", base.name), **sections)
 
 
@@ -466,42 +617,129 @@ _FLOAT = re.compile(r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
 
 
 def load_yaml(stream: Any) -> Any:
-    """``yaml.safe_load`` that reads numbers in exponent form (``1e-6``, ``2E5``) as floats, as YAML 1.2 does."""
+    """``yaml.safe_load`` that reads numbers as YAML 1.2 does: exponent forms (``1e-6``, ``2E5``) are floats and
+    integers are decimal (``010`` is 10, not YAML 1.1's octal 8; ``1:30`` is not 90).
+
+    Raises:
+      ValueError: the text is not valid YAML (the message gives the line and column).
+    """
     import yaml
 
     class Loader(yaml.SafeLoader):
         pass
 
+    int_tag = "tag:yaml.org,2002:int"
+    Loader.yaml_implicit_resolvers = {first: [(tag, regexp) for tag, regexp in resolvers if tag != int_tag]
+                                      for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+    Loader.add_implicit_resolver(int_tag, re.compile(r"^[-+]?[0-9][0-9_]*$"), list("-+0123456789"))
+    Loader.add_constructor(int_tag, lambda loader, node: int(loader.construct_scalar(node).replace("_", "")))
     Loader.add_implicit_resolver("tag:yaml.org,2002:float", _FLOAT, list("-+0123456789."))
-    return yaml.load(stream, Loader=Loader)
+    try:
+        return yaml.load(stream, Loader=Loader)
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(error, "problem", None) or str(error)
+        raise ValueError(f"invalid YAML{where}: {' '.join(str(problem).split())}") from None
 
 
-def parse_override(text: str) -> tuple[list[str], Any]:
-    """Parses ``section.field=value``; the value is read as YAML (numbers, lists, null, strings)."""
+def load_file(path: str, what: str = "config file") -> dict[str, Any]:
+    """A mapping read from a YAML file, or a JSON file if ``path`` ends in ``.json`` (where ``Infinity`` is a
+    number). An empty file is an empty mapping.
+
+    Raises:
+      ValueError: the file is missing or unreadable, is not valid YAML/JSON, or does not hold a mapping.
+    """
+    try:
+        with open(path) as f:
+            if path.endswith(".json"):
+                try:
+                    raw = json.load(f)
+                except json.JSONDecodeError as error:
+                    raise ValueError(f"{what} {path!r} is not valid JSON: {error}.") from None
+            else:
+                try:
+                    raw = load_yaml(f)
+                except ValueError as error:
+                    raise ValueError(f"{what} {path!r}: {error}.") from None
+    except (OSError, UnicodeDecodeError) as error:
+        reason = getattr(error, "strerror", None) or str(error)
+        raise ValueError(f"{what} {path!r} cannot be read: {reason}.") from None
+    raw = {} if raw is None else raw
+    if not isinstance(raw, Mapping):
+        raise ValueError(f"{what} {path!r} must hold a mapping at top level, got {type(raw).__name__}.")
+    return dict(raw)
+
+
+def _read_text(key: str, text: str, rule: Rule) -> Any:
+    """An override's text read for a field: strings verbatim (unless quoted or null), everything else as YAML."""
+    stripped = text.strip()
+    if rule.optional and stripped.lower() in ("", "null", "~", "none"):
+        return None
+    if rule.kind is str and rule.shape == "scalar" and not stripped[:1] in ("'", '"'):
+        return stripped
+    if rule.kind in (int, float) and stripped[:1] not in ("[", "{", "'", '"'):
+        number = parse_number(stripped)
+        return stripped if number is None else number
+    try:
+        return load_yaml(stripped)
+    except ValueError as error:
+        raise ValueError(f"{key}={text!r} is invalid ({error}); allowed: {describe(rule)}.") from None
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """``section.field=value`` as (dotted key, value read by the field's rule, e.g. ``1e-6`` a float).
+
+    Raises:
+      ValueError: no ``=``, an unknown key, or a value the field does not allow.
+    """
     if "=" not in text:
         raise ValueError(f"override {text!r} must look like section.field=value.")
     key, value = text.split("=", 1)
-    return key.strip().split("."), load_yaml(value)
+    key = key.strip()
+    rule = _rule_of(key)
+    return key, parse_value(key, _read_text(key, value, rule), rule)
 
 
-def with_overrides(config: ExperimentConfig, overrides: Sequence[str]) -> ExperimentConfig:
-    """Applies dotted ``section.field=value`` overrides to a config."""
+def with_overrides(config: ExperimentConfig, overrides: Overrides) -> ExperimentConfig:
+    """``config`` with dotted overrides applied together (cross-field checks see all of them at once).
+
+    Args:
+      config: the base config.
+      overrides: ``{"client.lr": 0.05, "name": "x"}`` (values as Python values; text is read as in a file)
+        or ``["client.lr=0.05", ...]`` (command-line form).
+
+    Raises:
+      ValueError: naming the field, the value and what is allowed.
+    """
+    items: Iterable[tuple[str, Any]]
+    if isinstance(overrides, Mapping):
+        items = [(str(k), v) for k, v in overrides.items()]
+    elif isinstance(overrides, str):
+        raise ValueError(f"overrides={overrides!r} is invalid; allowed: a mapping or a list of section.field=value.")
+    else:
+        items = [parse_override(text) for text in overrides]
     raw: dict[str, Any] = {}
-    for text in overrides:
-        path, value = parse_override(text)
-        if path == ["name"]:
+    for key, value in items:
+        rule = _rule_of(key)
+        if isinstance(value, str) and rule.kind is not str:
+            value = _read_text(key, value, rule)
+        if key == "name":
             raw["name"] = value
-            continue
-        if len(path) != 2:
-            raise ValueError(f"override key {'.'.join(path)!r} must be section.field (e.g. client.lr).")
-        raw.setdefault(path[0], {})[path[1]] = value
+        else:
+            section, field = key.split(".")
+            raw.setdefault(section, {})[field] = value
     return from_dict(raw, base=config)
 
 
-def load_config(path: str, overrides: Sequence[str] = ()) -> ExperimentConfig:
-    """Reads a YAML or JSON config file and applies overrides."""
-    with open(path) as f:
-        raw = load_yaml(f) or {}
-    if not isinstance(raw, Mapping):
-        raise ValueError(f"config file {path!r} must hold a mapping at top level.")
-    return with_overrides(from_dict(raw), overrides)
+def unwrap_saved(raw: Mapping[str, Any]) -> Mapping[str, Any]:
+    """The config inside a run directory's ``config.json`` (``{"config_hash": ..., "config": {...}}``); any
+    other mapping as it is."""
+    if set(raw) == {"config_hash", "config"} and isinstance(raw["config"], Mapping):
+        return raw["config"]
+    return raw
+
+
+def load_config(path: str, overrides: Overrides = ()) -> ExperimentConfig:
+    """Reads a YAML or JSON config file (a run directory's ``config.json`` included) and applies overrides."""
+    return with_overrides(from_dict(unwrap_saved(load_file(path))), overrides)

@@ -1,4 +1,4 @@
-"""Evaluation of the global model: test loss/accuracy and the per-client accuracy distribution."""
+"""Evaluation of the global model: test loss and the task's metrics, and the per-client metric distribution."""
 
 from __future__ import annotations
 
@@ -8,57 +8,68 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
 from fedjaxpriv.client.local import ApplyFn
+from fedjaxpriv.models.tasks import CLASSIFICATION, Task
 
 Params = Any
 
 
-@partial(jax.jit, static_argnums=(0,))
-def _batch_stats(apply_fn: ApplyFn, params: Params, x: jax.Array, y: jax.Array) -> tuple[jax.Array, jax.Array]:
+@partial(jax.jit, static_argnums=(0, 1))
+def _batch_stats(task: Task, apply_fn: ApplyFn, params: Params, x: jax.Array, y: jax.Array) -> dict[str, jax.Array]:
     logits = apply_fn(params, x)
-    loss = optax.softmax_cross_entropy_with_integer_labels(logits, y)
-    correct = (jnp.argmax(logits, axis=-1) == y).astype(jnp.float32)
-    return loss, correct
+    return {"loss": task.loss(logits, y), **task.metrics(logits, y)}
 
 
-def per_example_stats(apply_fn: ApplyFn, params: Params, x: np.ndarray, y: np.ndarray,
-                      batch_size: int = 1024) -> tuple[np.ndarray, np.ndarray]:
-    """Per-example loss [N] and correctness [N] (float32), in fixed-size padded batches (one compile)."""
+def per_example_metrics(apply_fn: ApplyFn, params: Params, x: np.ndarray, y: np.ndarray, batch_size: int = 1024, *,
+                        task: Task = CLASSIFICATION) -> dict[str, np.ndarray]:
+    """The task's per-example loss and metrics: {"loss": [N], metric: [N], ...}, in fixed-size padded batches
+    (one compile). x [N, ...], y [N, ...] the task's targets."""
     n = int(y.shape[0])
     batch = max(1, min(batch_size, n))
-    losses, corrects = [], []
+    parts: list[dict[str, np.ndarray]] = []
     for start in range(0, n, batch):
         xb, yb = x[start : start + batch], y[start : start + batch]
         pad = batch - yb.shape[0]
         if pad:
             xb = np.concatenate([xb, np.zeros((pad,) + xb.shape[1:], xb.dtype)])
-            yb = np.concatenate([yb, np.zeros((pad,), yb.dtype)])
-        loss, correct = _batch_stats(apply_fn, params, jnp.asarray(xb), jnp.asarray(yb))
-        losses.append(np.asarray(loss)[: batch - pad])
-        corrects.append(np.asarray(correct)[: batch - pad])
-    return np.concatenate(losses), np.concatenate(corrects)
+            yb = np.concatenate([yb, np.zeros((pad,) + yb.shape[1:], yb.dtype)])
+        stats = _batch_stats(task, apply_fn, params, jnp.asarray(xb), jnp.asarray(yb))
+        parts.append({k: np.asarray(v)[: batch - pad] for k, v in stats.items()})
+    return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
 
 
-def evaluate(apply_fn: ApplyFn, params: Params, x: np.ndarray, y: np.ndarray, batch_size: int = 1024) -> dict[str, float]:
-    """Mean loss and accuracy of ``params`` on (x [N, ...], y [N])."""
-    loss, correct = per_example_stats(apply_fn, params, x, y, batch_size)
-    return {"loss": float(np.mean(loss)), "accuracy": float(np.mean(correct))}
+def per_example_stats(apply_fn: ApplyFn, params: Params, x: np.ndarray, y: np.ndarray,
+                      batch_size: int = 1024) -> tuple[np.ndarray, np.ndarray]:
+    """Classification: per-example loss [N] and correctness [N] (float32)."""
+    stats = per_example_metrics(apply_fn, params, x, y, batch_size, task=CLASSIFICATION)
+    return stats["loss"], stats["accuracy"]
+
+
+def evaluate(apply_fn: ApplyFn, params: Params, x: np.ndarray, y: np.ndarray, batch_size: int = 1024, *,
+             task: Task = CLASSIFICATION) -> dict[str, float]:
+    """Mean loss and the task's mean metrics of ``params`` on (x [N, ...], y [N, ...]), e.g. {"loss", "accuracy"}."""
+    return {k: float(np.mean(v)) for k, v in per_example_metrics(apply_fn, params, x, y, batch_size, task=task).items()}
+
+
+def per_client_metric(apply_fn: ApplyFn, params: Params, x: np.ndarray, y: np.ndarray, offsets: np.ndarray,
+                      counts: np.ndarray, batch_size: int = 1024, *, task: Task = CLASSIFICATION,
+                      metric: str | None = None) -> np.ndarray:
+    """A metric (default the task's primary one) of the global model on each client's own examples: [C] (NaN for
+    empty clients). One pass over the flat population arrays, then a segment mean by client."""
+    values = per_example_metrics(apply_fn, params, x, y, batch_size, task=task)[metric or task.primary]
+    client_of_example = np.repeat(np.arange(counts.shape[0]), counts)
+    order = np.concatenate([np.arange(o, o + c) for o, c in zip(offsets, counts)]) if counts.sum() else np.zeros(0, int)
+    sums = np.bincount(client_of_example, weights=values[order], minlength=counts.shape[0])
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(counts > 0, sums / np.maximum(counts, 1), np.nan)
 
 
 def per_client_accuracy(apply_fn: ApplyFn, params: Params, x: np.ndarray, y: np.ndarray, offsets: np.ndarray,
                         counts: np.ndarray, batch_size: int = 1024) -> np.ndarray:
-    """Accuracy of the global model on each client's own examples: [C] (NaN for empty clients).
-
-    One pass over the flat population arrays, then a segment mean by client.
-    """
-    _, correct = per_example_stats(apply_fn, params, x, y, batch_size)
-    client_of_example = np.repeat(np.arange(counts.shape[0]), counts)
-    order = np.concatenate([np.arange(o, o + c) for o, c in zip(offsets, counts)]) if counts.sum() else np.zeros(0, int)
-    sums = np.bincount(client_of_example, weights=correct[order], minlength=counts.shape[0])
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return np.where(counts > 0, sums / np.maximum(counts, 1), np.nan)
+    """Classification accuracy of the global model on each client's own examples: [C] (NaN for empty clients)."""
+    return per_client_metric(apply_fn, params, x, y, offsets, counts, batch_size, task=CLASSIFICATION,
+                             metric="accuracy")
 
 
 def distribution_summary(values: np.ndarray, prefix: str) -> dict[str, float]:

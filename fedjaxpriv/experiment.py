@@ -11,7 +11,7 @@ import dataclasses
 import math
 import time
 import warnings
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -20,19 +20,23 @@ import numpy as np
 from fedjaxpriv import evaluation
 from fedjaxpriv.client.local import LocalSpec
 from fedjaxpriv.client.sampling import batch_slots, overflow_probability
-from fedjaxpriv.client.settings import ClientSettings, make_settings, per_client_array
+from fedjaxpriv.client.settings import ClientSettings, make_settings, per_client_array, with_extra
 from fedjaxpriv.config import ExperimentConfig
 from fedjaxpriv.data import Dataset, FederatedData, load_dataset, partition, synthetic_federated
-from fedjaxpriv.models import Model, count_params, get_model
-from fedjaxpriv.parallel import (auto_chunk_size, auto_conv_as_matmul, auto_outer_product_grads, auto_strategy,
-                                 local_mesh, replicate)
+from fedjaxpriv.guards import (LOSS_LIMIT, DivergenceError, Signals, divergence, divergence_message,
+                               pause_point)
+from fedjaxpriv.models import Model, ModelLike, as_model, count_params, get_model
+from fedjaxpriv.models.tasks import CLASSIFICATION, PerExampleLoss, Task, as_task, check_fits, describe
+from fedjaxpriv.parallel import Plan, local_mesh, plan as execution_plan, replicate
 from fedjaxpriv.privacy.calibration import calibrate_noise
 from fedjaxpriv.privacy.mechanisms import ClientLevelDpFedAvg, local_gaussian, round_up_float32
 from fedjaxpriv.privacy.tracking import PrivacyTracker, calibrate_targets, dpsgd_mechanism
 from fedjaxpriv.server import Cohort, max_cohort_size, sample_cohort, server_optimizer
+from fedjaxpriv.server.algorithms import FederatedAlgorithm, algorithm_for
 from fedjaxpriv.simulation import (AggregationSpec, Population, RoundOutput, ServerState, build_message_tap,
-                                   build_round, init_server_state)
-from fedjaxpriv.transforms.pipeline import make_message_fn
+                                   build_round, init_server_state, initial_client_states)
+from fedjaxpriv.transforms.base import MessageTransform
+from fedjaxpriv.transforms.pipeline import make_message_fn, message_pipeline
 
 Record = dict[str, Any]
 
@@ -117,8 +121,18 @@ def partition_like(config: ExperimentConfig, dataset: Dataset, seed: int) -> Fed
     return partition(dataset, data.partition, data.num_clients, seed, **kwargs)
 
 
-def model_for(config: ExperimentConfig, input_shape: Sequence[int], num_classes: int = 10) -> Model:
-    """The configured model for inputs of ``input_shape``."""
+USER_SUPPLIED = "user-supplied"
+
+
+def model_for(config: ExperimentConfig, input_shape: Sequence[int], num_classes: int = 10,
+              model: ModelLike | None = None, *, input_dtype: Any = np.float32) -> Model:
+    """The configured model for inputs of ``input_shape`` (``input_dtype``), or ``model`` — a Flax module, a
+    ``Model`` or a pure ``(init, apply)`` pair — as a ``Model`` (``models.as_model``)."""
+    if model is not None:
+        return as_model(model, input_shape, input_dtype)
+    if config.model.name.startswith(USER_SUPPLIED):
+        raise ValueError(f"model.name={config.model.name!r} records a model or loss its user passed in; pass them "
+                         "again (model=..., loss=...).")
     model_kwargs = {"hidden": tuple(config.model.hidden)} if config.model.name == "mlp" else {}
     return get_model(config.model.name, input_shape, num_classes, **model_kwargs)
 
@@ -175,9 +189,21 @@ def client_level_mechanism(config: ExperimentConfig, num_clients: int,
     return dataclasses.replace(mechanism, noise_multiplier=float(round_up_float32(np.array([z]))[0]))
 
 
+def recorded_config(config: ExperimentConfig, model: Model | None, task: Task) -> ExperimentConfig:
+    """The config as the run records it: ``model.name`` names a model passed in ("user-supplied <name>") and any
+    task but classification ("<model>; loss: <task>"), so the run never claims a model or loss that did not run."""
+    name = config.model.name if model is None else model.name
+    if task is not CLASSIFICATION:
+        name = f"{name}; loss: {describe(task)}"
+    if name == config.model.name:
+        return config
+    return dataclasses.replace(config, model=dataclasses.replace(config.model, name=name))
+
+
 def local_spec(config: ExperimentConfig, settings: ClientSettings, counts: np.ndarray, num_classes: int,
-               strategy: str, slots: int) -> LocalSpec:
-    """Static shapes and switches of local training for this population (``slots`` batch slots per step)."""
+               plan: Plan, slots: int, task: Task = CLASSIFICATION) -> LocalSpec:
+    """Static shapes and switches of local training for this population (``slots`` batch slots per step), with the
+    execution choices of ``plan``."""
     max_count = max(1, int(np.max(counts)))
     c = config.client
     uses_dp = bool(np.any(settings.dp_noise_multiplier > 0) or np.any(np.isfinite(settings.dp_clip_norm)))
@@ -187,9 +213,8 @@ def local_spec(config: ExperimentConfig, settings: ClientSettings, counts: np.nd
         num_classes=num_classes, per_example=uses_dp, mixup=bool(np.any(settings.mixup_alpha > 0)),
         prune=c.prune_method if np.any(settings.prune_sparsity > 0) else None, prune_scope=c.prune_scope,
         momentum=c.momentum, prox=bool(np.any(settings.prox_mu > 0)), poisson=bool(np.any(settings.poisson)),
-        conv_as_matmul=auto_conv_as_matmul(config.model.name, strategy=strategy),
-        outer_product_grads=auto_outer_product_grads(config.model.name, slots),
-        unroll=max_steps if strategy == "host" else 1)
+        conv_as_matmul=plan.conv_as_matmul, outer_product_grads=plan.outer_product_grads, unroll=plan.unroll,
+        task=task)
 
 
 def warn_about_delta(delta: float, counts: np.ndarray, sample_level: Any, client_level: Any) -> None:
@@ -215,22 +240,45 @@ class Experiment:
       population: the clients' data (``FederatedData``).
       test: the central test set.
       model: the pure model.
+      task: what the model predicts (loss, metrics, soft targets for mixup).
       settings: per-client settings arrays [C].
+      plan: the execution plan (strategy, chunk, lowering), chosen from the model's structure.
       spec: static local-training spec.
     """
 
     def __init__(self, config: ExperimentConfig, *, mesh: jax.sharding.Mesh | None = None,
                  population: FederatedData | None = None, test: Dataset | None = None,
                  num_classes: int | None = None, settings: ClientSettings | None = None,
-                 targets: np.ndarray | None = None) -> None:
+                 targets: np.ndarray | None = None, model: ModelLike | None = None,
+                 loss: Task | PerExampleLoss | str | None = None,
+                 message_transform: MessageTransform | None = None,
+                 algorithm: FederatedAlgorithm | None = None,
+                 extra_settings: Mapping[str, Any] | None = None) -> None:
         """Args:
           config: the experiment.
           mesh: devices to shard clients over (default: ``run.num_devices`` local devices).
           population / test / num_classes: the data, instead of loading ``config.data`` (all three together).
           settings: per-client settings [C] instead of the config's (noise still calibrated to ``targets``).
           targets: per-client target epsilons [C] (inf = none) instead of ``client.target_epsilon``.
+          message_transform: what each client applies to its update before sending it, instead of the chain
+            ``config.message`` describes (``transforms.pipeline.message_pipeline``): any ``MessageTransform``,
+            e.g. ``transforms.chain(...)``. Its strengths may name any ``ClientSettings`` field; its state is
+            kept per client from round to round, and its diagnostics land in the history as ``message/<name>``.
+          algorithm: the federated algorithm's client and server state (``server.algorithms``), instead of the
+            one ``server.algorithm`` names (FedAvg, or SCAFFOLD's control variates).
+          extra_settings: a user's own per-client strengths {name: scalar, tiers or one value per client}, added
+            to ``settings.extra`` so that a transform's strength can name them.
+          model: instead of ``config.model``: a stateless Flax module (initialised on the population's input
+            shape), a ``Model`` or a pure ``(init, apply)`` pair; ``config.model.name`` then records
+            "user-supplied <name>".
+          loss: the task (``models.tasks``: ``CLASSIFICATION`` by default, ``MULTI_LABEL``, ``NEXT_TOKEN``, or a
+            ``Task``) or a bare per-example loss ``(logits, targets) -> [B]``; the population's ``y`` holds the
+            task's targets.
+
+        Raises:
+          ValueError: before anything trains, when the model, the task and the data do not fit (input or output
+            shapes, a loss that is not per-example, mixup for a task without soft targets).
         """
-        self.config = config
         if population is None:
             population, test, num_classes = load_population(config)
         if test is None or num_classes is None:
@@ -238,54 +286,72 @@ class Experiment:
         if population.num_clients != config.data.num_clients:
             raise ValueError(f"population has {population.num_clients} clients but data.num_clients="
                              f"{config.data.num_clients}.")
+        if tuple(test.y.shape[1:]) != tuple(population.y.shape[1:]):
+            raise ValueError(f"test targets have shape {tuple(test.y.shape[1:])} per example but the population's "
+                             f"have {tuple(population.y.shape[1:])}.")
         self.population, self.test, self.num_classes = population, test, num_classes
         counts = population.counts
-        self.model: Model = model_for(config, population.input_shape, num_classes)
+        self.task = as_task(loss)
+        self.model: Model = model_for(config, population.input_shape, num_classes, model,
+                                      input_dtype=population.x.dtype)
+        self.config = config = recorded_config(config, None if model is None else self.model, self.task)
+        self.root_key = jax.random.key(config.run.seed)
+        params = self.model.init(jax.random.fold_in(self.root_key, 2**31 - 1))
+        check_fits(self.task, self.model.apply, params, population.input_shape, population.x.dtype,
+                   population.y.shape[1:], population.y.dtype, num_classes)
+        self.num_params = count_params(params)
         settings = settings if settings is not None else client_settings(config, counts)
+        if extra_settings:
+            settings = settings._replace(extra=with_extra(settings.extra, population.num_clients, extra_settings))
         s, r = config.server, config.run
         targets = target_epsilons(config, population.num_clients) if targets is None else np.asarray(targets)
         self.settings, self.participation_budget = calibrate_targets(
             settings, counts, targets, client_rate=s.clients_per_round / population.num_clients, rounds=r.rounds,
             delta=r.delta, accountant=r.accountant)
-        max_steps = int(np.max(self.settings.num_steps))
-        self.strategy = (r.strategy if r.strategy != "auto"
-                         else auto_strategy(config.model.name, max_steps=max_steps,
-                                            input_shape=population.input_shape))
         slots = batch_slots(self.settings, counts, self.settings.dp_noise_multiplier > 0)
-        self.spec = local_spec(config, self.settings, counts, num_classes, self.strategy, slots)
         if mesh is None:
             try:
                 mesh = local_mesh(r.num_devices)
             except ValueError as error:
                 raise ValueError(f"run.num_devices: {error}") from None
         self.mesh = mesh
-        self.server_tx = server_optimizer(s.optimizer, s.lr, momentum=s.momentum, b1=s.adam_b1, b2=s.adam_b2,
-                                          eps=s.adam_eps)
         self.cohort_slots = max_cohort_size(population.num_clients, s.clients_per_round, s.client_sampling,
                                             private=s.central_noise_multiplier > 0 or s.target_epsilon is not None)
+        self.plan = execution_plan(
+            self.model.apply, params, jax.ShapeDtypeStruct((slots, *population.input_shape), population.x.dtype),
+            max_steps=max(1, int(np.max(self.settings.num_steps))), max_batch=slots, num_clients=self.cohort_slots,
+            mesh=mesh, strategy=r.strategy, chunk_size=r.chunk_size)
+        self.strategy, self.chunk_size = self.plan.strategy, self.plan.chunk_size
+        self.spec = local_spec(config, self.settings, counts, num_classes, self.plan, slots, self.task)
+        self.server_tx = server_optimizer(s.optimizer, s.lr, momentum=s.momentum, b1=s.adam_b1, b2=s.adam_b2,
+                                          eps=s.adam_eps)
         # The run's DP mechanisms: each owns its JAX step and its accounting.
         self.sample_level = dpsgd_mechanism(self.settings, counts, slots)
-        self.local_dp = local_gaussian(self.settings.local_noise_multiplier, self.settings.update_clip_norm)
+        # Local DP is claimed only for the config's own chain, whose noise stage is the LocalGaussian mechanism;
+        # a transform passed in is not known to add that noise, so no local epsilon is claimed for it.
+        self.local_dp = (local_gaussian(self.settings.local_noise_multiplier, self.settings.update_clip_norm)
+                         if message_transform is None else None)
+        if message_transform is not None and np.any(self.settings.local_noise_multiplier > 0):
+            warnings.warn("message.local_noise_multiplier > 0 with a message_transform passed in: no local-DP "
+                          "epsilon is reported, since the transform's noise is not known to the accountant.",
+                          stacklevel=2)
         self.client_level = client_level_mechanism(config, population.num_clients, self.cohort_slots)
         self.aggregation = AggregationSpec(weighting=s.weighting, client_level=self.client_level)
         self.privacy = self.new_privacy_tracker()
         warn_about_delta(r.delta, counts, self.sample_level, self.client_level)
-        self.root_key = jax.random.key(r.seed)
-        params = self.model.init(jax.random.fold_in(self.root_key, 2**31 - 1))
-        self.num_params = count_params(params)
-        num_devices = 1 if mesh is None else mesh.size
-        per_device = r.chunk_size or auto_chunk_size(math.ceil(self.cohort_slots / num_devices), self.num_params)
-        self.chunk_size = per_device * num_devices
         c = config.client
         prune_schedule = ((c.prune_begin_round, c.prune_end_round) if c.prune_end_round > c.prune_begin_round
                           else None)
-        message_fn = make_message_fn(config.message.order, self.settings)
+        self.message_transform = (message_transform if message_transform is not None else message_pipeline(
+            config.message.order, self.settings, feedback=config.message.error_feedback)[0])
+        message_fn = make_message_fn(self.message_transform)
+        self.algorithm = algorithm if algorithm is not None else algorithm_for(s.algorithm)
         self.tap_fn = build_message_tap(self.model.apply, self.spec, message_fn=message_fn,
-                                        prune_schedule=prune_schedule)
+                                        prune_schedule=prune_schedule, algorithm=self.algorithm)
         self.round_fn = build_round(self.model.apply, self.spec, self.server_tx, self.aggregation,
                                     message_fn=message_fn,
                                     chunk_size=self.chunk_size, strategy=self.strategy, mesh=mesh,
-                                    prune_schedule=prune_schedule)
+                                    prune_schedule=prune_schedule, algorithm=self.algorithm)
         self._initial_params = params
         self.device_population = replicate(Population(*(jnp.asarray(a) for a in (
             population.x, population.y, population.offsets, population.counts))), mesh)
@@ -306,8 +372,14 @@ class Experiment:
     def initial_state(self) -> ServerState:
         """A fresh round-0 server state (a new copy each time: ``step`` donates the state it is given), replicated
         over the mesh as the round returns it, so that every round reuses one compiled program."""
-        return replicate(init_server_state(self._initial_params, self.server_tx, self.config.server.central_clip_norm),
-                         self.mesh)
+        return replicate(self.fresh_state(self._initial_params), self.mesh)
+
+    def fresh_state(self, params: Any) -> ServerState:
+        """A round-0 server state of this run from ``params`` (every client's states at their initial values)."""
+        client_state = initial_client_states(self.message_transform, self.algorithm, params,
+                                             self.population.num_clients)
+        return init_server_state(params, self.server_tx, self.config.server.central_clip_norm, client_state,
+                                 self.algorithm.server_init(params))
 
     # -- one round -------------------------------------------------------------------------------------------
     def cohort(self, round_index: int) -> Cohort:
@@ -357,6 +429,8 @@ class Experiment:
             "cohort_dropped": cohort.dropped,
             "clip_norm": float(state.clip_norm),
             "round_time_s": elapsed,
+            **{f"message/{name}": float(np.sum(np.where(real, value, 0.0)) / n)
+               for name, value in out.diagnostics.items()},
         }
         if skipped:
             record["budget_skipped"] = skipped
@@ -377,17 +451,24 @@ class Experiment:
                    messages=jax.tree_util.tree_map(np.asarray, messages))
 
     def evaluate(self, params: Any) -> Record:
-        """Central test loss/accuracy and the distribution of per-client accuracy."""
-        test = evaluation.evaluate(self.model.apply, params, self.test.x, self.test.y)
-        p = self.population
-        per_client = evaluation.per_client_accuracy(self.model.apply, params, p.x, p.y, p.offsets, p.counts)
-        return {"test_loss": test["loss"], "test_accuracy": test["accuracy"],
-                **evaluation.distribution_summary(per_client, "client_accuracy")}
+        """Central test loss and the task's metrics (``test_loss``, ``test_accuracy`` for classification) and the
+        distribution of its primary metric over clients (``client_accuracy_mean`` ...)."""
+        test = evaluation.evaluate(self.model.apply, params, self.test.x, self.test.y, task=self.task)
+        p, metric = self.population, self.task.primary
+        per_client = evaluation.per_client_metric(self.model.apply, params, p.x, p.y, p.offsets, p.counts,
+                                                  task=self.task, metric=metric)
+        return {**{f"test_{k}": v for k, v in test.items()},
+                **evaluation.distribution_summary(per_client, f"client_{metric}")}
 
     # -- the run loop ----------------------------------------------------------------------------------------
     def run(self, out_dir: str | None = None, *, resume: bool = True, progress: bool = True,
-            callbacks: Sequence[Callback] = (), rounds: int | None = None) -> Results:
+            callbacks: Sequence[Callback] = (), rounds: int | None = None,
+            loss_limit: float = LOSS_LIMIT) -> Results:
         """Runs (or resumes) the experiment.
+
+        A round is committed by appending its history record and then, when due, its checkpoint. SIGINT and
+        SIGTERM (``guards.Signals``) stop the run at the end of the round they arrive in, as ``RunInterrupted`` (a
+        ``KeyboardInterrupt``), after checkpointing it: the directory's latest checkpoint is its last record.
 
         Args:
           out_dir: directory for config.json, history.jsonl/csv and checkpoints (None: keep in memory).
@@ -396,58 +477,100 @@ class Experiment:
           progress: show a progress bar with the latest accuracy.
           callbacks: functions called as ``cb(experiment, record)`` after every round.
           rounds: stop after this many rounds (default ``config.run.rounds``).
+          loss_limit: a loss above it (or a non-finite loss or parameter) stops the run with ``DivergenceError``
+            (default ``guards.LOSS_LIMIT``, about 1.8e19).
+
+        Raises:
+          DivergenceError: training diverged; the diverged round's record ends the history (NaN as null); it is
+            never checkpointed, and the checkpoints of earlier rounds are kept.
+          RunDirectoryLocked: another process is writing ``out_dir``.
         """
         from fedjaxpriv.storage import RunStore
 
         total = rounds or self.config.run.rounds
-        store = RunStore(out_dir, self.config, fresh=not resume) if out_dir else None
-        state, history = self.initial_state, []
-        self.privacy = self.new_privacy_tracker()
-        if store is not None and resume:
-            restored = store.restore(state)
-            if restored is not None:
-                state, history, privacy_state = restored
-                self.privacy.restore(privacy_state)
-        start_round = int(state.round)
-        bar = _progress(range(start_round, total), progress, initial=start_round, total=total)
-        last_saved = start_round
+        signals = Signals()
+        signals.install()
+        store: RunStore | None = None
         try:
-            taps: dict[int, Tap] = {}
-            for r in bar:
-                cohort, skipped = self.round_cohort(r)
-                if r + 1 in self.config.run.tap_rounds and self.config.run.tap_clients:
-                    # Only what the observer can see: the tapped clients that take part in this round.
-                    sampled = set(cohort.ids[cohort.mask].tolist())
-                    tapped = [c for c in self.config.run.tap_clients if c in sampled]
-                    if tapped:
-                        taps[r + 1] = self.tap(state, tapped)
-                state, record = self.step(state, r, cohort)
-                if skipped:
-                    record["budget_skipped"] = skipped
-                if (r + 1) % self.config.run.eval_every == 0 or r + 1 == total:
-                    record.update(self.evaluate(state.params))
-                history.append(record)
+            with signals.deferred():  # the store is opened (locked, reconciled) whole or not at all
+                store = RunStore(out_dir, self.config, fresh=not resume) if out_dir else None
+                state, history = self.initial_state, []
+                self.privacy = self.new_privacy_tracker()
+                if store is not None and resume:
+                    restored = store.restore(state)
+                    if restored is not None:
+                        state, history, privacy_state = restored
+                        self.privacy.restore(privacy_state)
+            state, taps = self._run_rounds(state, history, store, signals, total, progress, callbacks, loss_limit)
+        finally:
+            try:
                 if store is not None:
-                    store.append(record)
+                    with signals.deferred():
+                        store.close(self.privacy.per_client())
+            finally:
+                signals.uninstall()
+        return Results(self.config, history, state.params, out_dir, taps)
+
+    def _run_rounds(self, state: ServerState, history: list[Record], store: Any, signals: Signals, total: int,
+                    progress: bool, callbacks: Sequence[Callback],
+                    loss_limit: float) -> tuple[ServerState, dict[int, Tap]]:
+        """The rounds after ``state``, each committed to ``history`` and ``store``; returns (state, taps).
+
+        From the step (which donates ``state``) to the commit, signals wait: the round finishes, then stops.
+        """
+        committed = int(state.round)  # rounds whose records are in the history (and history.jsonl)
+        saved = committed if store is not None else 0  # the round of the latest checkpoint
+        live = True  # whether ``state`` and ``self.privacy`` are those of round ``committed``
+        taps: dict[int, Tap] = {}
+        bar = _progress(range(committed, total), progress, initial=committed, total=total)
+        try:
+            for r in bar:
+                pause_point(signals, "train", r + 1)
+                cohort, skipped = self.round_cohort(r)
+                with signals.deferred():
+                    if r + 1 in self.config.run.tap_rounds and self.config.run.tap_clients:
+                        # Only what the observer can see: the tapped clients that take part in this round.
+                        sampled = set(cohort.ids[cohort.mask].tolist())
+                        tapped = [c for c in self.config.run.tap_clients if c in sampled]
+                        if tapped:
+                            taps[r + 1] = self.tap(state, tapped)
+                    live = False
+                    state, record = self.step(state, r, cohort)
+                    if skipped:
+                        record["budget_skipped"] = skipped
+                    if (r + 1) % self.config.run.eval_every == 0 or r + 1 == total:
+                        pause_point(signals, "evaluate", r + 1)
+                        record.update(self.evaluate(state.params))
+                    problem = divergence(record, state.params, loss_limit)
+                    history.append(record)
+                    if store is not None:
+                        store.append(record)
+                    if problem is not None:  # the diverged round is recorded, never checkpointed
+                        where = store.out_dir if store is not None else None
+                        raise DivergenceError(divergence_message(problem, r + 1, self.config, saved, where), r + 1,
+                                              record)
+                    committed, live = r + 1, True
                     every = self.config.run.checkpoint_every
-                    if (every and (r + 1) % every == 0) or r + 1 == total:
+                    if store is not None and ((every and (r + 1) % every == 0) or r + 1 == total):
+                        pause_point(signals, "checkpoint", r + 1)
                         store.save(state, self.privacy.state())
-                        last_saved = r + 1
+                        saved = r + 1
                 for callback in callbacks:
                     callback(self, record)
                 if hasattr(bar, "set_postfix") and "test_accuracy" in record:
                     bar.set_postfix(acc=f"{record['test_accuracy']:.4f}", loss=f"{record['train_loss']:.3f}")
         except KeyboardInterrupt:
-            # Save only a consistent round: its history record written and its privacy spend recorded.
-            finished = int(state.round)
-            consistent = len(history) == finished and (not self.privacy.active or self.privacy.rounds == finished)
-            if store is not None and finished > last_saved and consistent:
-                store.save(state, self.privacy.state())
+            # Make the latest checkpoint the history's last round: checkpoint the committed round, or, when an
+            # interrupt raised inside a round (not by a signal) has left its state donated, cut the history back
+            # to the latest checkpoint. A second signal waits until that is done.
+            with signals.deferred():
+                if store is not None and committed > saved:
+                    if live:
+                        store.save(state, self.privacy.state())
+                    else:
+                        store.truncate(saved)
             raise
-        finally:
-            if store is not None:
-                store.close(self.privacy.per_client())
-        return Results(self.config, history, state.params, out_dir, taps)
+        return state, taps
 
 
 def _progress(iterable: Iterable[int], enabled: bool, **kwargs: Any):

@@ -12,6 +12,10 @@ running sum: on XLA:CPU native convolutions inside compiled loops (``while``) ru
 slower than outside loops. ``conv_as_matmul`` rewrites a model's convolutions as patch extraction plus one
 matrix product, which stays fast inside loops and under ``vmap`` (where a vmapped convolution would become a
 slow grouped convolution on CPU); with it the compiled "loop" strategy matches the host loop for convnets.
+
+``plan`` makes these choices (strategy, chunk, unroll, lowering) from the model's structure as its jaxpr shows
+it (``model_structure``: does it convolve, on how large feature maps, does it have dense layers, how many
+parameters), never from its name, so a user's model is run like a built-in model of the same shape.
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ import functools
 import itertools
 import math
 import os
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -42,6 +46,28 @@ def make_mesh(num_devices: int | None = None) -> Mesh:
     if not 1 <= n <= len(devices):
         raise ValueError(f"num_devices={num_devices} must be in [1, {len(devices)}] (available devices).")
     return jax.make_mesh((n,), (CLIENT_AXIS,), axis_types=(jax.sharding.AxisType.Auto,), devices=devices[:n])
+
+
+CACHE_ENV = "FEDJAXPRIV_COMPILATION_CACHE"
+
+
+def enable_compilation_cache(path: str | None = None) -> str | None:
+    """Turns on JAX's persistent compilation cache, so that a second run of the same shapes (a resumed run,
+    the next sweep point) loads its compiled programs instead of compiling them again.
+
+    The directory is ``path``, else ``$FEDJAXPRIV_COMPILATION_CACHE`` ("off" turns the cache off), else
+    ``~/.cache/fedjaxpriv/jax``; a cache directory already set in JAX (``JAX_COMPILATION_CACHE_DIR``) is kept.
+    Programs that compile in under 0.5 s are not stored. Returns the directory in use, or None when off.
+    """
+    configured = jax.config.jax_compilation_cache_dir
+    if path is None and configured:
+        return configured
+    chosen = path or os.environ.get(CACHE_ENV) or os.path.join(os.path.expanduser("~"), ".cache", "fedjaxpriv", "jax")
+    if chosen.lower() == "off":
+        return None
+    jax.config.update("jax_compilation_cache_dir", chosen)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+    return chosen
 
 
 def host_cores() -> int:
@@ -167,23 +193,82 @@ def map_clients(fn: Callable[[Any], tuple[Any, Any]], inputs: Any, *, chunk_size
     return total, kept
 
 
-CONV_MODELS = ("cnn", "lenet", "resnet")
-
-
 HOST_MAX_STEPS = 16   # "host" unrolls every local step into the client's program; beyond this, compile time grows
 HOST_MIN_SPATIAL = 16  # native XLA:CPU convolutions are slow on tiny feature maps (see ``auto_strategy``)
 
 
-def auto_strategy(model_name: str, backend: str | None = None, max_steps: int = 1,
-                  input_shape: Sequence[int] = (28, 28, 1)) -> str:
-    """Picks the client-parallel strategy for a model on a backend.
+class ModelStructure(NamedTuple):
+    """What the execution plan needs to know about a model, read from its jaxpr (never from its name).
+
+    Attributes:
+      convolves: the model runs a convolution (``conv_general_dilated``).
+      conv_spatial: the largest spatial extent a convolution sees: over the model's convolutions, the max of
+        the smallest spatial side of the convolution's input (0 without convolutions).
+      dense: the model has a 2-D dense layer ``x [B, K] @ w [K, N]`` (``dense_grads_as_outer_products``
+        rewrites those).
+      num_params: scalars in the parameter pytree.
+    """
+
+    convolves: bool
+    conv_spatial: int
+    dense: bool
+    num_params: int
+
+
+def _sub_jaxprs(params: dict[str, Any]) -> list[Any]:
+    """The jaxprs nested in an equation's parameters (jit, custom derivatives, scan, while, cond branches)."""
+    found = []
+    for value in params.values():
+        for item in value if isinstance(value, (tuple, list)) else (value,):
+            if hasattr(item, "eqns"):
+                found.append(item)
+            elif hasattr(getattr(item, "jaxpr", None), "eqns"):
+                found.append(item.jaxpr)
+    return found
+
+
+def _scan_structure(jaxpr: Any) -> tuple[bool, int, bool]:
+    """(convolves, conv_spatial, dense) of a jaxpr and the jaxprs nested in it (see ``ModelStructure``)."""
+    convolves, spatial, dense = False, 0, False
+    for eqn in jaxpr.eqns:
+        if eqn.primitive is lax.conv_general_dilated_p:
+            lhs_spec = eqn.params["dimension_numbers"].lhs_spec
+            shape = eqn.invars[0].aval.shape
+            convolves = True
+            spatial = max(spatial, min((shape[d] for d in lhs_spec[2:]), default=0))
+        elif eqn.primitive is lax.dot_general_p:
+            a, b = (v.aval for v in eqn.invars)
+            dense = dense or (a.ndim == 2 and b.ndim == 2
+                              and eqn.params["dimension_numbers"] == (((1,), (0,)), ((), ())))
+        for sub in _sub_jaxprs(eqn.params):
+            c, s, d = _scan_structure(sub)
+            convolves, spatial, dense = convolves or c, max(spatial, s), dense or d
+    return convolves, spatial, dense
+
+
+def model_structure(apply_fn: Callable[[Any, jax.Array], Any], params: Any, example_input: Any) -> ModelStructure:
+    """Reads a model's structure from the jaxpr of ``apply_fn(params, example_input)``.
+
+    Args:
+      apply_fn: (params, x [B, ...]) -> logits.
+      params: parameter pytree (arrays or ``jax.ShapeDtypeStruct``).
+      example_input: a batch x [B, ...] (array or ``jax.ShapeDtypeStruct``), e.g. one local batch.
+    """
+    closed = jax.make_jaxpr(apply_fn)(params, example_input)
+    convolves, spatial, dense = _scan_structure(closed.jaxpr)
+    num_params = int(sum(np.prod(np.shape(leaf)) for leaf in jax.tree_util.tree_leaves(params)))
+    return ModelStructure(convolves=convolves, conv_spatial=int(spatial), dense=dense, num_params=num_params)
+
+
+def auto_strategy(structure: ModelStructure, backend: str | None = None, max_steps: int = 1) -> str:
+    """Picks the client-parallel strategy for a model (its ``ModelStructure``) on a backend.
 
     - "vmap" everywhere except convnets on CPU.
-    - convnets on CPU with inputs at least ``HOST_MIN_SPATIAL`` pixels on each side, up to ``HOST_MAX_STEPS``
-      local steps, in a single process: "host", one compiled call per client with its steps unrolled (native
-      convolutions, fast outside compiled loops), dispatched over the devices of the mesh so that one
-      client trains per CPU core (a native convolution step keeps ~1.3 of 2 cores busy, so two clients side
-      by side nearly double throughput).
+    - convnets on CPU whose convolutions see feature maps at least ``HOST_MIN_SPATIAL`` pixels on each side
+      (``conv_spatial``), up to ``HOST_MAX_STEPS`` local steps, in a single process: "host", one compiled call
+      per client with its steps unrolled (native convolutions, fast outside compiled loops), dispatched over the
+      devices of the mesh so that one client trains per CPU core (a native convolution step keeps ~1.3 of 2
+      cores busy, so two clients side by side nearly double throughput).
     - other convnets on CPU: "loop", one client per compiled loop iteration with ``conv_as_matmul``
       (native convolutions inside compiled loops are an order of magnitude slower on XLA:CPU, and a vmapped
       convolution becomes a slow grouped convolution).
@@ -195,19 +280,18 @@ def auto_strategy(model_name: str, backend: str | None = None, max_steps: int = 
     32x32x3 17.8 vs 21.4, but CNN on 8x8 digits 5.6 vs 1.0, hence ``HOST_MIN_SPATIAL``.
     """
     backend = backend or jax.default_backend()
-    if backend != "cpu" or model_name not in CONV_MODELS:
+    if backend != "cpu" or not structure.convolves:
         return "vmap"
-    spatial = list(input_shape[:-1]) or [0]
-    if max_steps <= HOST_MAX_STEPS and min(spatial) >= HOST_MIN_SPATIAL and jax.process_count() == 1:
+    if max_steps <= HOST_MAX_STEPS and structure.conv_spatial >= HOST_MIN_SPATIAL and jax.process_count() == 1:
         return "host"
     return "loop"
 
 
-def auto_conv_as_matmul(model_name: str, backend: str | None = None, strategy: str = "loop") -> bool:
+def auto_conv_as_matmul(structure: ModelStructure, backend: str | None = None, strategy: str = "loop") -> bool:
     """True for convnets on CPU run by a compiled strategy ("loop"/"vmap"): convolutions as patches x kernel
     matrix products (``conv_as_matmul``); "host" keeps native convolutions."""
     backend = backend or jax.default_backend()
-    return backend == "cpu" and model_name in CONV_MODELS and strategy != "host"
+    return backend == "cpu" and structure.convolves and strategy != "host"
 
 
 def auto_chunk_size(num_clients: int, num_params: int, backend: str | None = None,
@@ -465,10 +549,59 @@ def dense_grads_as_outer_products(apply_fn: Callable[..., Any]) -> Callable[...,
     return rewrite_model(apply_fn, convs=False, dense=True)
 
 
-def auto_outer_product_grads(model_name: str, max_batch: int, backend: str | None = None) -> bool:
-    """True on CPU for non-convolutional models with local batches of at most ``OUTER_PRODUCT_MAX_BATCH``."""
+def auto_outer_product_grads(structure: ModelStructure, max_batch: int, backend: str | None = None) -> bool:
+    """True on CPU for non-convolutional models with 2-D dense layers and local batches of at most
+    ``OUTER_PRODUCT_MAX_BATCH``."""
     backend = backend or jax.default_backend()
-    return backend == "cpu" and model_name not in CONV_MODELS and max_batch <= OUTER_PRODUCT_MAX_BATCH
+    return (backend == "cpu" and not structure.convolves and structure.dense
+            and max_batch <= OUTER_PRODUCT_MAX_BATCH)
+
+
+class Plan(NamedTuple):
+    """How the clients of a round run (execution only: results are the same, to float tolerance).
+
+    Attributes:
+      strategy: "vmap", "loop" or "host" (see ``auto_strategy``).
+      chunk_size: clients per chunk over all devices (a multiple of the device count).
+      unroll: scan unroll factor over local steps (every step for "host").
+      conv_as_matmul: run convolutions as matrix products (``conv_as_matmul``).
+      outer_product_grads: dense weight gradients as outer products (``dense_grads_as_outer_products``).
+      structure: the model structure the choices were made from.
+    """
+
+    strategy: str
+    chunk_size: int
+    unroll: int
+    conv_as_matmul: bool
+    outer_product_grads: bool
+    structure: ModelStructure
+
+
+def plan(apply_fn: Callable[[Any, jax.Array], Any], params: Any, example_input: Any, *, max_steps: int,
+         max_batch: int, num_clients: int, mesh: Mesh | None = None, backend: str | None = None,
+         strategy: str = "auto", chunk_size: int = 0) -> Plan:
+    """The execution plan of a round, chosen from the model's structure (``model_structure``).
+
+    Args:
+      apply_fn / params / example_input: the model, its parameters and an input batch [B, ...] (arrays or
+        ``jax.ShapeDtypeStruct``); only traced.
+      max_steps: local steps of the longest client.
+      max_batch: batch slots per local step.
+      num_clients: clients trained per round (the cohort's slots), over all devices.
+      mesh: the client mesh (None: one device).
+      backend: default ``jax.default_backend()``.
+      strategy: "auto" or a forced "vmap" / "loop" / "host".
+      chunk_size: clients per chunk per device (0: ``auto_chunk_size``).
+    """
+    structure = model_structure(apply_fn, params, example_input)
+    if strategy == "auto":
+        strategy = auto_strategy(structure, backend, max_steps=max_steps)
+    num_devices = 1 if mesh is None else mesh.size
+    per_device = chunk_size or auto_chunk_size(math.ceil(num_clients / num_devices), structure.num_params, backend)
+    return Plan(strategy=strategy, chunk_size=per_device * num_devices,
+                unroll=max_steps if strategy == "host" else 1,
+                conv_as_matmul=auto_conv_as_matmul(structure, backend, strategy=strategy),
+                outer_product_grads=auto_outer_product_grads(structure, max_batch, backend), structure=structure)
 
 
 def replicate(tree: Any, mesh: Mesh | None) -> Any:

@@ -11,12 +11,13 @@ interleave; a line cut short by a killed writer is skipped by readers and sealed
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import fcntl
 import json
 import math
 import os
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 
@@ -26,13 +27,15 @@ VERSIONED_PACKAGES = ("jax", "flax", "optax", "numpy", "fedjaxpriv")
 
 
 def jsonable(value: Any) -> Any:
-    """Converts numpy scalars/arrays, tuples and non-finite floats into plain JSON values ("inf", null)."""
+    """Converts numpy and JAX scalars/arrays, tuples and non-finite floats into plain JSON values: NaN becomes
+    null and +-infinity "inf" / "-inf" (strict JSON holds neither), so ``json.dumps(..., allow_nan=False)`` of the
+    result always succeeds for numeric data."""
     if isinstance(value, Mapping):
         return {str(k): jsonable(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
         return [jsonable(v) for v in value]
-    if isinstance(value, np.ndarray):
-        return jsonable(value.tolist())
+    if isinstance(value, np.ndarray) or (hasattr(value, "__array__") and hasattr(value, "dtype")):
+        return jsonable(np.asarray(value).tolist())
     if isinstance(value, (np.floating, np.integer, np.bool_)):
         value = value.item()
     if isinstance(value, float) and not math.isfinite(value):
@@ -119,7 +122,11 @@ def _parse_lines(data: bytes) -> list[Record]:
 
 
 class ResultsStore:
-    """An append-only JSON-lines file of run records.
+    """An append-only JSON-lines file of run records, and claims on the configs being run into it.
+
+    A claim (``claim``) is an exclusive ``flock`` on ``results.jsonl.claims/<config_hash>.lock``, decided under a
+    store-wide lock on ``results.jsonl.lock``: processes sharing a store run each config once, and a claim ends
+    with its process however that ends (the kernel drops the lock), so a killed run is claimable again.
 
     Attributes:
       path: the ``results.jsonl`` file (created on the first append).
@@ -164,6 +171,51 @@ class ResultsStore:
     def completed_hashes(self) -> set[str]:
         """Config hashes of the runs already in the store."""
         return {r["config_hash"] for r in self.records()}
+
+    def _claim_path(self, config_hash: str) -> str:
+        return os.path.join(f"{self.path}.claims", f"{config_hash}.lock")
+
+    @contextlib.contextmanager
+    def claim(self, config_hash: str) -> Iterator[str]:
+        """Claims a config for this process while the ``with`` block runs.
+
+        Yields:
+          "claimed" (run it and append its record inside the block), "done" (already in the store) or "busy"
+          (another live process holds the claim).
+        """
+        os.makedirs(f"{self.path}.claims", exist_ok=True)
+        store_lock = os.open(f"{self.path}.lock", os.O_RDWR | os.O_CREAT, 0o644)
+        claim = os.open(self._claim_path(config_hash), os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(store_lock, fcntl.LOCK_EX)
+            try:
+                fcntl.flock(claim, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                state = "done" if config_hash in self.completed_hashes() else "claimed"
+            except BlockingIOError:
+                state = "busy"
+            if state == "claimed":
+                os.ftruncate(claim, 0)
+                os.pwrite(claim, f"{os.getpid()}\n".encode(), 0)
+        finally:
+            os.close(store_lock)
+        try:
+            yield state
+        finally:
+            os.close(claim)  # releases the flock
+
+    def claim_holder(self, config_hash: str) -> int | None:
+        """The pid of the process holding the claim on a config, or None if nobody holds it."""
+        path = self._claim_path(config_hash)
+        if not os.path.exists(path):
+            return None
+        with open(path, "rb") as f:
+            try:
+                fcntl.flock(f.fileno(), fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except BlockingIOError:
+                text = f.read().strip()
+                return int(text) if text.isdigit() else -1
+            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+        return None
 
 
 def record_from_run_dir(run_dir: str) -> Record:

@@ -2,14 +2,32 @@
 
 Resuming restores the latest checkpoint and keeps the history records of the rounds it covers; rounds
 after it are recomputed (deterministically, since every key derives from the seed and the round).
+
+The directory stays resumable if the process dies at any instant:
+
+- one writer at a time: ``RunStore`` holds an exclusive ``fcntl.flock`` on ``.lock`` (holding the writer's PID)
+  from opening to ``close``; a second writer gets ``RunDirectoryLocked`` naming that PID;
+- ``config.json`` is written first and atomically (new file, fsync, rename); it identifies the run, so a directory
+  whose history or checkpoints have no matching ``config.json`` is refused, never adopted;
+- ``history.jsonl`` grows by whole records (one ``O_APPEND`` write of a line, then fsync) and only ever shrinks by
+  replacing it with a new file; a round's record is appended before its checkpoint is saved, so the history
+  covers every checkpoint; orbax writes a checkpoint into a temporary directory and renames it when complete;
+- ``restore`` reconciles what a crash can leave: a torn last line is dropped, rounds that break the sequence
+  1, 2, 3, ... are cut, temporary checkpoint directories are removed, a checkpoint the history does not cover is
+  deleted, an unreadable one is set aside (renamed ``<round>.unreadable``) and an older one used, each with a
+  warning; the history is then cut to the checkpoint's round.
 """
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import json
+import math
 import os
 import shutil
-from typing import Any
+import warnings
+from typing import Any, Iterable
 
 import jax
 import numpy as np
@@ -18,88 +36,337 @@ import orbax.checkpoint as ocp
 from fedjaxpriv.config import ExperimentConfig
 from fedjaxpriv.results import jsonable, write_csv
 
-
+Record = dict[str, Any]
+LOCK_FILE = ".lock"
+ORBAX_TMP_MARK = ".orbax-checkpoint-tmp"
+UNREADABLE_SUFFIX = ".unreadable"
+# JSON holds no NaN or infinity: ``jsonable`` writes them as null and "inf" / "-inf"; reading maps them back.
 _NON_FINITE = {"inf": float("inf"), "-inf": float("-inf")}
 
 
-def read_history(path: str) -> list[dict[str, Any]]:
-    """Reads a history.jsonl file (one record per round); the "inf" / "-inf" that JSON cannot hold become floats
-    again, so a resumed history equals the one that was written."""
+class RunDirectoryLocked(ValueError):
+    """Another process is writing the run directory."""
+
+
+# -- small file primitives -------------------------------------------------------------------------------------
+def fsync_dir(path: str) -> None:
+    """Makes the entries of directory ``path`` (created, renamed or removed files) durable."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write(path: str, text: str) -> None:
+    """Replaces ``path`` by a file holding ``text``: written to a new file, fsynced, renamed over ``path``. A
+    reader (or a process started after a crash) sees the old content or the new, never a mix."""
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fsync_dir(os.path.dirname(os.path.abspath(path)))
+
+
+def append_line(path: str, line: str) -> None:
+    """Appends one line with a single ``O_APPEND`` write, then fsyncs: a killed process leaves the line whole
+    or absent (a torn line needs a crash of the machine; ``read_history`` drops it)."""
+    data = line.encode()
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        if os.write(fd, data) != len(data):
+            raise OSError(errno.EIO, f"short write to {path}")
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def record_line(record: Record) -> str:
+    """A history record as one line of strict JSON (non-finite floats as null / "inf" / "-inf")."""
+    return json.dumps(jsonable(record), allow_nan=False) + "\n"
+
+
+# -- history ---------------------------------------------------------------------------------------------------
+def _decode(value: Any) -> Any:
+    if value is None:
+        return math.nan
+    return _NON_FINITE.get(value, value) if isinstance(value, str) else value
+
+
+def parse_history(lines: Iterable[str]) -> tuple[list[Record], list[str]]:
+    """The records of a history file that form the rounds 1, 2, ..., k, and what was dropped on the way.
+
+    A line that is not a JSON record ends the history (the last line: a torn append). A record of a round
+    already seen means the run was restarted from an earlier checkpoint: it replaces that round and everything
+    after it. A record that skips rounds ends the history. Values written as null / "inf" / "-inf" (NaN and
+    infinities) are floats again, so a resumed history equals the one that was written.
+
+    Returns:
+      (records, problems): ``records[i]["round"] == i + 1``; one message per irregularity found.
+    """
+    raw = [line for line in lines if line.strip()]
+    records: list[Record] = []
+    problems: list[str] = []
+    for number, line in enumerate(raw, 1):
+        try:
+            record = json.loads(line)
+            round_ = record["round"]
+            if not isinstance(round_, int) or isinstance(round_, bool):
+                raise TypeError("round is not an integer")
+        except (ValueError, TypeError, KeyError) as error:
+            where = "its last line" if number == len(raw) else f"line {number} of {len(raw)}"
+            problems.append(f"{where} is not a whole record ({type(error).__name__}: {error}); dropped it"
+                            + ("" if number == len(raw) else " and the lines after it"))
+            break
+        if round_ == len(records) + 1:
+            records.append({k: _decode(v) for k, v in record.items()})
+        elif 1 <= round_ <= len(records):
+            problems.append(f"line {number} repeats round {round_} after round {len(records)}; kept the later "
+                            f"records from round {round_} on")
+            records = records[:round_ - 1] + [{k: _decode(v) for k, v in record.items()}]
+        else:
+            problems.append(f"line {number} holds round {round_} after round {len(records)}; dropped it and the "
+                            "lines after it")
+            break
+    return records, problems
+
+
+def read_history(path: str, warn: bool = True) -> list[Record]:
+    """Reads a history.jsonl file (one record per round, rounds 1..k; see ``parse_history``), warning about
+    anything dropped when ``warn``."""
     if not os.path.exists(path):
         return []
-    with open(path) as f:
-        return [{k: _NON_FINITE.get(v, v) if isinstance(v, str) else v for k, v in json.loads(line).items()}
-                for line in f if line.strip()]
+    with open(path, errors="replace") as f:
+        records, problems = parse_history(f)
+    if warn:
+        for problem in problems:
+            warnings.warn(f"{path}: {problem}.", stacklevel=2)
+    return records
 
 
+# -- the lock --------------------------------------------------------------------------------------------------
+def lock_run_dir(out_dir: str) -> int:
+    """Takes the exclusive lock of a run directory; returns the lock file's descriptor (closing it releases).
+
+    Raises:
+      RunDirectoryLocked: another process holds it (the message names its PID).
+    """
+    fd = os.open(os.path.join(out_dir, LOCK_FILE), os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as error:
+        holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+        os.close(fd)
+        if error.errno not in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
+            raise
+        raise RunDirectoryLocked(f"{out_dir} is in use by another run (PID {holder}); wait for it to finish, or "
+                                 "write to another --out directory.") from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    return fd
+
+
+def unlock_run_dir(fd: int) -> None:
+    """Releases a lock taken by ``lock_run_dir`` (the file stays: removing it would race with a new writer)."""
+    try:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+    finally:
+        os.close(fd)
+
+
+# -- the store -------------------------------------------------------------------------------------------------
 class RunStore:
-    """The files of one run. Refuses to resume a directory written by a different config; ``fresh=True``
-    deletes what an earlier run left there (history, per-client table, checkpoints) and starts over."""
+    """The files of one run, locked for this process until ``close``. Refuses to resume a directory written by
+    a different config (or whose config.json is missing); ``fresh=True`` deletes what an earlier run left there
+    (checkpoints, history, per-client table, config) and starts over.
+
+    Attributes:
+      rounds: the number of records in history.jsonl (known after ``restore``, or 0 when ``fresh``).
+    """
 
     def __init__(self, out_dir: str, config: ExperimentConfig, max_to_keep: int = 2, fresh: bool = False) -> None:
         self.out_dir = os.path.abspath(out_dir)
         os.makedirs(self.out_dir, exist_ok=True)
         self.config = config
+        self.history_path = os.path.join(self.out_dir, "history.jsonl")
+        self.checkpoint_dir = os.path.join(self.out_dir, "checkpoints")
+        self.rounds: int | None = 0 if fresh else None
+        self._lock: int | None = lock_run_dir(self.out_dir)
+        try:
+            if fresh:
+                self._delete_run_files()
+            self._check_config()
+            self._remove_temporary_checkpoints()
+            self.manager = self._new_manager(max_to_keep)
+        except BaseException:
+            self._unlock()
+            raise
+
+    # -- opening ---------------------------------------------------------------------------------------------
+    def _delete_run_files(self) -> None:
+        # config.json last: until it goes, the directory still names the run its other files belong to.
+        shutil.rmtree(self.checkpoint_dir, ignore_errors=True)
+        for name in ("history.jsonl", "history.csv", "clients.csv", "config.json"):
+            if os.path.exists(os.path.join(self.out_dir, name)):
+                os.remove(os.path.join(self.out_dir, name))
+
+    def _check_config(self) -> None:
         config_path = os.path.join(self.out_dir, "config.json")
-        if fresh:
-            for name in ("config.json", "history.jsonl", "history.csv", "clients.csv"):
-                if os.path.exists(os.path.join(self.out_dir, name)):
-                    os.remove(os.path.join(self.out_dir, name))
-            shutil.rmtree(os.path.join(self.out_dir, "checkpoints"), ignore_errors=True)
-        if os.path.exists(config_path):
+        expected = self.config.config_hash()
+        if not os.path.exists(config_path):
+            if self._has_run_files():
+                raise ValueError(f"{self.out_dir} holds history.jsonl or checkpoints but no config.json, so the "
+                                 "config that wrote them cannot be checked; move them away, or start over "
+                                 "with --no-resume (resume=False).")
+            atomic_write(config_path, json.dumps({"config_hash": expected, "config": self.config.to_dict()},
+                                                 indent=2, default=str))
+            return
+        try:
             with open(config_path) as f:
                 previous = json.load(f)
-            if previous.get("config_hash") != config.config_hash():
-                raise ValueError(f"{self.out_dir} holds a run of a different config (hash "
-                                 f"{previous.get('config_hash')} != {config.config_hash()}); choose another --out "
-                                 "directory or delete it.")
-        else:
-            with open(config_path, "w") as f:
-                json.dump({"config_hash": config.config_hash(), "config": config.to_dict()}, f, indent=2,
-                          default=str)
-        self.history_path = os.path.join(self.out_dir, "history.jsonl")
-        self.manager = ocp.CheckpointManager(
-            os.path.join(self.out_dir, "checkpoints"),
+            found = previous.get("config_hash")
+        except (OSError, ValueError, AttributeError) as error:
+            raise ValueError(f"{config_path} is unreadable ({error}); it names the config of the run stored "
+                             "there: restore it, or start over with --no-resume (resume=False).") from None
+        if found != expected:
+            raise ValueError(f"{self.out_dir} holds a run of a different config (hash {found} != {expected}); "
+                             "choose another --out directory or delete it.")
+
+    def _has_run_files(self) -> bool:
+        has_history = os.path.exists(self.history_path) and os.path.getsize(self.history_path) > 0
+        return has_history or (os.path.isdir(self.checkpoint_dir) and bool(os.listdir(self.checkpoint_dir)))
+
+    def _remove_temporary_checkpoints(self) -> None:
+        """Removes checkpoints a killed writer left half-written (safe: this process holds the lock)."""
+        if not os.path.isdir(self.checkpoint_dir):
+            return
+        for name in os.listdir(self.checkpoint_dir):
+            if ORBAX_TMP_MARK in name:
+                shutil.rmtree(os.path.join(self.checkpoint_dir, name), ignore_errors=True)
+
+    def _new_manager(self, max_to_keep: int) -> ocp.CheckpointManager:
+        return ocp.CheckpointManager(
+            self.checkpoint_dir,
             options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
                                                  enable_async_checkpointing=False))
 
-    def restore(self, template: Any) -> tuple[Any, list[dict[str, Any]], dict[str, Any]] | None:
-        """(state, history up to the checkpoint, privacy state saved with it) from the latest checkpoint, or None
-        if there is none."""
-        step = self.manager.latest_step()
-        if step is None:
-            if os.path.exists(self.history_path):
-                os.remove(self.history_path)
+    # -- resuming --------------------------------------------------------------------------------------------
+    def restore(self, template: Any) -> tuple[Any, list[Record], dict[str, Any]] | None:
+        """(state, history up to the checkpoint, privacy state saved with it) from the latest checkpoint that
+        the history covers and that can be read, or None (the history is then emptied: the run starts over).
+        Every fallback warns."""
+        history, problems = [], []
+        if os.path.exists(self.history_path):
+            with open(self.history_path, errors="replace") as f:
+                history, problems = parse_history(f)
+        for problem in problems:
+            warnings.warn(f"{self.history_path}: {problem}.", stacklevel=2)
+        restored, step = None, 0
+        for candidate in sorted(self.manager.all_steps(), reverse=True):
+            if candidate > len(history):
+                warnings.warn(f"{self.checkpoint_dir}: the checkpoint of round {candidate} is ahead of "
+                              f"history.jsonl (rounds 1..{len(history)}); deleted it, the rounds after "
+                              f"{len(history)} are recomputed.", stacklevel=2)
+                self.manager.delete(candidate)
+                continue
+            try:
+                restored, step = self._read_checkpoint(candidate, template), candidate
+                break
+            except Exception as error:  # noqa: BLE001 -- whatever fails to read, the checkpoint is unusable
+                aside = self._set_aside(candidate)
+                warnings.warn(f"{self.checkpoint_dir}: the checkpoint of round {candidate} is unreadable "
+                              f"({type(error).__name__}: {str(error)[:200]}); moved it to {aside} and fell back "
+                              "to an older one.", stacklevel=2)
+        if restored is None and history:
+            warnings.warn(f"{self.out_dir}: no usable checkpoint for history.jsonl's rounds 1..{len(history)}; "
+                          "starting over from round 0.", stacklevel=2)
+        if problems or len(history) > step:
+            self._truncate_history(history[:step])
+        self.rounds = step
+        if restored is None:
             return None
-        abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, template)
-        restored = self.manager.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract), privacy=ocp.args.JsonRestore()))
-        state, privacy = restored["state"], dict(restored["privacy"])
-        history = [r for r in read_history(self.history_path) if r["round"] <= step]
-        with open(self.history_path, "w") as f:
-            for record in history:
-                f.write(json.dumps(jsonable(record)) + "\n")
-        return state, history, privacy
+        return restored["state"], history[:step], dict(restored["privacy"])
 
-    def append(self, record: dict[str, Any]) -> None:
-        with open(self.history_path, "a") as f:
-            f.write(json.dumps(jsonable(record)) + "\n")
-            f.flush()
+    def _read_checkpoint(self, step: int, template: Any) -> Any:
+        abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, template)
+        return self.manager.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(abstract), privacy=ocp.args.JsonRestore()))
+
+    def _set_aside(self, step: int) -> str:
+        source = os.path.join(self.checkpoint_dir, str(step))
+        target, n = source + UNREADABLE_SUFFIX, 1
+        while os.path.exists(target):
+            target, n = f"{source}{UNREADABLE_SUFFIX}-{n}", n + 1
+        os.replace(source, target)
+        self.manager.reload()
+        return target
+
+    def _truncate_history(self, records: list[Record]) -> None:
+        atomic_write(self.history_path, "".join(record_line(r) for r in records))
+
+    # -- writing ---------------------------------------------------------------------------------------------
+    def append(self, record: Record) -> None:
+        """Appends the record of the next round (``rounds + 1``) to history.jsonl, durably."""
+        if self.rounds is None:
+            raise RuntimeError("call RunStore.restore before appending to a resumed run's history.")
+        if record["round"] != self.rounds + 1:
+            raise ValueError(f"history.jsonl holds rounds 1..{self.rounds}: round {record['round']} cannot "
+                             "follow.")
+        append_line(self.history_path, record_line(record))
+        self.rounds += 1
+
+    def truncate(self, rounds: int) -> None:
+        """Cuts history.jsonl back to its first ``rounds`` records (atomically)."""
+        if self.rounds is None or not 0 <= rounds <= self.rounds:
+            raise ValueError(f"cannot cut history.jsonl (rounds 1..{self.rounds}) to {rounds} rounds.")
+        self._truncate_history(read_history(self.history_path)[:rounds])
+        self.rounds = rounds
 
     def save(self, state: Any, privacy: dict[str, Any]) -> None:
         """Checkpoints the server state and the privacy spent so far (``PrivacyTracker.state``) under the round
-        number (the number of finished rounds): a resumed run continues both from the same round."""
-        self.manager.save(int(state.round), args=ocp.args.Composite(
+        number (the number of finished rounds): a resumed run continues both from the same round. The round's
+        history record must be written first; saving a round already saved does nothing."""
+        step = int(state.round)
+        if self.rounds is None or step > self.rounds:
+            raise ValueError(f"round {step} cannot be checkpointed before its history record (history.jsonl "
+                             f"holds rounds 1..{self.rounds}).")
+        if step in self.manager.all_steps():
+            return
+        self._remove_temporary_checkpoints()  # a save cut short in this process (without deferred signals)
+        self.manager.save(step, args=ocp.args.Composite(
             state=ocp.args.StandardSave(state), privacy=ocp.args.JsonSave(privacy)), force=True)
         self.manager.wait_until_finished()
 
+    def latest_checkpoint(self) -> int | None:
+        """The round of the latest checkpoint (None if there is none)."""
+        return self.manager.latest_step()
+
     def close(self, per_client: dict[str, np.ndarray] | None = None) -> None:
-        """Finishes the run files: history.csv, and clients.csv with per-client arrays (e.g. epsilons)."""
-        self.manager.close()
-        history = read_history(self.history_path)
-        if history:
-            write_csv(os.path.join(self.out_dir, "history.csv"), history)
-        if per_client:
-            num_clients = len(next(iter(per_client.values())))
-            rows = [{"client": i, **{k: v[i] for k, v in per_client.items()}} for i in range(num_clients)]
-            write_csv(os.path.join(self.out_dir, "clients.csv"), rows)
+        """Finishes the run files (history.csv, and clients.csv with per-client arrays, e.g. epsilons) and
+        releases the directory's lock. Calling it again does nothing."""
+        if self._lock is None:
+            return
+        try:
+            self.manager.close()
+            history = read_history(self.history_path, warn=False)
+            if history:
+                _write_csv_atomically(os.path.join(self.out_dir, "history.csv"), history)
+            if per_client:
+                num_clients = len(next(iter(per_client.values())))
+                rows = [{"client": i, **{k: v[i] for k, v in per_client.items()}} for i in range(num_clients)]
+                _write_csv_atomically(os.path.join(self.out_dir, "clients.csv"), rows)
+        finally:
+            self._unlock()
+
+    def _unlock(self) -> None:
+        if self._lock is not None:
+            lock, self._lock = self._lock, None
+            unlock_run_dir(lock)
+
+
+def _write_csv_atomically(path: str, rows: list[Record]) -> None:
+    tmp = f"{path}.tmp-{os.getpid()}"
+    write_csv(tmp, rows)
+    os.replace(tmp, path)

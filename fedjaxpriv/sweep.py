@@ -14,6 +14,10 @@ A grid file (YAML)::
 
 expands to ``variants x grid x zip groups x seeds`` points (in that nesting order, last fastest). Each
 point runs in ``STORE/runs/<config_hash>``; a finished run appends one record to ``STORE/results.jsonl``.
+
+A point is run by whoever claims it through the store (``ResultsStore.claim``), so any number of sweep processes
+can share one store: each point runs once, in one process at a time. A sweep waits for the points that other
+live sweeps are running, and takes over those whose runner died. Workers die with their sweep process.
 Rerunning skips configs already in the store and resumes interrupted ones from their checkpoints.
 """
 
@@ -24,11 +28,13 @@ import dataclasses
 import itertools
 import multiprocessing
 import os
+import signal
+import threading
+import time
 import traceback
 from typing import Any, Callable, Mapping, Sequence
 
-
-from fedjaxpriv.config import ExperimentConfig, from_dict, load_yaml
+from fedjaxpriv.config import ExperimentConfig, from_dict, load_file, unwrap_saved, with_overrides
 from fedjaxpriv.parallel import host_cores, use_cpu_cores
 from fedjaxpriv.results import ResultsStore, make_record
 
@@ -56,28 +62,12 @@ class SweepPoint:
 
 @dataclasses.dataclass(frozen=True)
 class SweepSummary:
-    """What ``run_sweep`` did: config hashes run now, skipped (already stored) and failed (with errors)."""
+    """What ``run_sweep`` did: config hashes run now, skipped (already stored, or recorded by another sweep
+    meanwhile) and failed (with errors)."""
 
     ran: list[str]
     skipped: list[str]
     failed: dict[str, str]
-
-
-def _set_dotted(raw: dict[str, Any], key: str, value: Any) -> None:
-    if key == "name":
-        raw["name"] = value
-        return
-    parts = key.split(".")
-    if len(parts) != 2:
-        raise ValueError(f"grid key {key!r} must be section.field (e.g. client.lr) or name.")
-    section = raw.setdefault(parts[0], {})
-    if not isinstance(section, dict):
-        raise ValueError(f"config section {parts[0]!r} must be a mapping, got {section!r}.")
-    section[parts[1]] = value
-
-
-def _deep_copy(raw: Mapping[str, Any]) -> dict[str, Any]:
-    return {k: (_deep_copy(v) if isinstance(v, Mapping) else v) for k, v in raw.items()}
 
 
 def _format_value(value: Any) -> str:
@@ -139,20 +129,16 @@ def expand_grid(spec: Mapping[str, Any], base_dir: str = ".") -> list[SweepPoint
         raise ValueError(f"unknown grid file key(s) {sorted(unknown)}; allowed: {list(GRID_KEYS)}.")
     base = spec.get("base") or {}
     if isinstance(base, str):
-        path = base if os.path.isabs(base) else os.path.join(base_dir, base)
-        with open(path) as f:
-            base = load_yaml(f) or {}
+        base = load_file(base if os.path.isabs(base) else os.path.join(base_dir, base), "base config file")
     if not isinstance(base, Mapping):
         raise ValueError(f"base={base!r} is invalid; allowed: a config mapping or a path to a config file.")
+    base_config = from_dict(unwrap_saved(base))
     points, seen = [], set()
     for combo in itertools.product(*_grid_lists(spec)):
         overrides: dict[str, Any] = {}
         for part in combo:
             overrides.update(part)
-        raw = _deep_copy(base)
-        for key, value in overrides.items():
-            _set_dotted(raw, key, value)
-        config = from_dict(raw)
+        config = with_overrides(base_config, overrides)
         if config.config_hash() in seen:
             continue
         seen.add(config.config_hash())
@@ -169,11 +155,7 @@ def expand_grid(spec: Mapping[str, Any], base_dir: str = ".") -> list[SweepPoint
 
 def load_grid(path: str) -> list[SweepPoint]:
     """Reads a grid YAML file and expands it (``base`` paths are relative to the file)."""
-    with open(path) as f:
-        spec = load_yaml(f) or {}
-    if not isinstance(spec, Mapping):
-        raise ValueError(f"grid file {path!r} must hold a mapping at top level.")
-    return expand_grid(spec, os.path.dirname(os.path.abspath(path)))
+    return expand_grid(load_file(path, "grid file"), os.path.dirname(os.path.abspath(path)))
 
 
 def run_dir_for(store_dir: str, point: SweepPoint) -> str:
@@ -183,43 +165,83 @@ def run_dir_for(store_dir: str, point: SweepPoint) -> str:
 
 def run_point(config_dict: Mapping[str, Any], run_dir: str, store_path: str, label: str,
               overrides: Mapping[str, Any]) -> str:
-    """Runs (or resumes) one point and appends its record to the store. Executed in a worker process.
+    """Claims one point, runs (or resumes) it and appends its record to the store. Executed in a worker process
+    (or in the sweep process when it runs one job).
 
     Returns:
-      The config hash.
+      "ran", "done" (already in the store) or "busy" (another process is running it).
     """
-    from fedjaxpriv.experiment import build_experiment
-
     config = from_dict(config_dict)
-    results = build_experiment(config).run(run_dir, resume=True, progress=False)
-    ResultsStore(store_path).append(make_record(config, results.history, run_dir=run_dir, label=label,
-                                                overrides=overrides))
-    return config.config_hash()
+    store = ResultsStore(store_path)
+    with store.claim(config.config_hash()) as state:
+        if state != "claimed":
+            return state
+        from fedjaxpriv.experiment import build_experiment
+        from fedjaxpriv.parallel import enable_compilation_cache
+
+        enable_compilation_cache()  # every point of a sweep shares its compiled programs with the others
+        results = build_experiment(config).run(run_dir, resume=True, progress=False)
+        store.append(make_record(config, results.history, run_dir=run_dir, label=label, overrides=overrides))
+    return "ran"
+
+
+def _die_with_parent(parent_pid: int) -> None:
+    """Ends this process when ``parent_pid`` (the sweep that started it) dies, SIGKILL included: the kernel's
+    parent-death signal where there is one (Linux), and a thread watching the parent pid as a backstop."""
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+    def watch() -> None:
+        while os.getppid() == parent_pid:
+            time.sleep(0.5)
+        os._exit(1)
+
+    if os.getppid() != parent_pid:  # the parent died before the signal was armed
+        os._exit(1)
+    threading.Thread(target=watch, name="parent-watch", daemon=True).start()
+
+
+def _init_worker(cores: int, parent_pid: int) -> None:
+    _die_with_parent(parent_pid)
+    use_cpu_cores(cores)
 
 
 def run_sweep(points: Sequence[SweepPoint], store_dir: str, *, jobs: int = 1,
-              on_done: Callable[[str, str | None], None] | None = None) -> SweepSummary:
-    """Runs the points not yet in ``STORE/results.jsonl``, ``jobs`` at a time.
+              on_done: Callable[[str, str | None], None] | None = None, poll_s: float = 0.5) -> SweepSummary:
+    """Runs the points not yet in ``STORE/results.jsonl``, ``jobs`` at a time, claiming each through the store.
 
     Args:
       points: from ``expand_grid``/``load_grid``.
       store_dir: directory of the results store and the run directories.
       jobs: worker processes (spawned); 1 runs in this process.
-      on_done: called as ``on_done(config_hash, error_or_None)`` as each run finishes.
+      on_done: called as ``on_done(config_hash, error_or_None)`` as each run of this sweep finishes.
+      poll_s: how often points that other processes are running are tried again.
 
     Returns:
-      A ``SweepSummary``; failed runs keep their partial run directory and rerun on the next call.
+      A ``SweepSummary``, once every point is in the store or failed; failed runs keep their partial run
+      directory and rerun on the next call.
     """
     if jobs < 1:
         raise ValueError(f"jobs={jobs} is invalid; allowed: an integer >= 1.")
     store = ResultsStore(os.path.join(store_dir, "results.jsonl"))
     done = store.completed_hashes()
-    todo = [p for p in points if p.config_hash not in done]
     skipped = [p.config_hash for p in points if p.config_hash in done]
+    queue = [p for p in points if p.config_hash not in done]
     ran: list[str] = []
     failed: dict[str, str] = {}
+    busy: list[SweepPoint] = []
 
-    def finish(point: SweepPoint, error: str | None) -> None:
+    def settle(point: SweepPoint, state: str | None, error: str | None) -> None:
+        if state == "busy":
+            busy.append(point)
+            return
+        if state == "done":
+            skipped.append(point.config_hash)
+            return
         if error:
             failed[point.config_hash] = error
         else:
@@ -227,21 +249,33 @@ def run_sweep(points: Sequence[SweepPoint], store_dir: str, *, jobs: int = 1,
         if on_done is not None:
             on_done(point.config_hash, error)
 
-    args = [(p.config.to_dict(), run_dir_for(store_dir, p), store.path, p.label, p.overrides) for p in todo]
-    if jobs == 1:
-        for point, arg in zip(todo, args):
-            try:
-                run_point(*arg)
-                finish(point, None)
-            except Exception:  # one failed run must not stop the sweep
-                finish(point, traceback.format_exc())
-        return SweepSummary(ran, skipped, failed)
-    context = multiprocessing.get_context("spawn")
-    cores_each = max(1, host_cores() // jobs)
-    with concurrent.futures.ProcessPoolExecutor(max_workers=jobs, mp_context=context, initializer=use_cpu_cores,
-                                                initargs=(cores_each,)) as pool:
-        futures = {pool.submit(run_point, *arg): point for point, arg in zip(todo, args)}
-        for future in concurrent.futures.as_completed(futures):
-            error = future.exception()
-            finish(futures[future], None if error is None else "".join(traceback.format_exception(error)))
+    def args(p: SweepPoint) -> tuple:
+        return p.config.to_dict(), run_dir_for(store_dir, p), store.path, p.label, p.overrides
+
+    pool = None
+    if jobs > 1 and queue:
+        pool = concurrent.futures.ProcessPoolExecutor(
+            max_workers=jobs, mp_context=multiprocessing.get_context("spawn"), initializer=_init_worker,
+            initargs=(max(1, host_cores() // jobs), os.getpid()))
+    try:
+        while queue:
+            if pool is None:
+                for point in queue:
+                    try:
+                        settle(point, run_point(*args(point)), None)
+                    except Exception:  # one failed run must not stop the sweep
+                        settle(point, None, traceback.format_exc())
+            else:
+                futures = {pool.submit(run_point, *args(p)): p for p in queue}
+                for future in concurrent.futures.as_completed(futures):
+                    error = future.exception()
+                    settle(futures[future], None if error else future.result(),
+                           error and "".join(traceback.format_exception(error)))
+            queue = list(busy)  # points other processes are running: try again until they are stored
+            busy.clear()
+            if queue:
+                time.sleep(poll_s)
+    finally:
+        if pool is not None:
+            pool.shutdown(cancel_futures=True)
     return SweepSummary(ran, skipped, failed)

@@ -4,9 +4,29 @@ XLA's backend (LLVM) optimisation level 0: tests compile hundreds of small progr
 the suite (a warm compilation cache runs a test file in a third of the time). Level 0 compiles fastest; the few
 training-heavy tests run slower, but the whole suite is faster (on 2 cores: 596 s at level 0, 687 s at level 1).
 Values are compared with tolerances, never with a figure taken at another level.
+
+JAX's persistent compilation cache is shared by the test processes of a run (workers and the subprocesses they
+start): files that build the same programs compile them once. It lives in a fresh directory per test session
+unless FEDJAXPRIV_TEST_CACHE names one.
 """
 
 import os
+import shutil
+import tempfile
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+_SESSION_CACHE = None
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    # xdist workers inherit the controller's environment, so the controller's choice is every worker's.
+    _SESSION_CACHE = None if os.environ.get("FEDJAXPRIV_TEST_CACHE") else tempfile.mkdtemp(
+        prefix="fedjaxpriv-test-jax-cache-")
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = os.environ.get("FEDJAXPRIV_TEST_CACHE") or _SESSION_CACHE
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """The process that made the session's cache directory removes it."""
+    del session, exitstatus
+    if _SESSION_CACHE is not None:
+        shutil.rmtree(_SESSION_CACHE, ignore_errors=True)

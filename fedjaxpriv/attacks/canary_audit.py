@@ -204,6 +204,10 @@ def audit_local_level(config: ExperimentConfig, *, num_canaries: int = 1000, gue
     from fedjaxpriv.simulation import init_server_state
 
     _check(num_canaries, guess_fraction, beta)
+    if config.message.error_feedback or config.server.algorithm == "scaffold":
+        raise ValueError("message.error_feedback=True and server.algorithm='scaffold' cannot be audited here: the "
+                         "audit replays each tapped message alone, and both make a message depend on the client's "
+                         "earlier ones.")
     population, test, num_classes, canaries, alternative, coins = _draw(config, num_canaries)
     first = population.num_clients
     ids = list(range(first, first + num_canaries))

@@ -239,7 +239,9 @@ def model_attacks(experiment: Any, params: Any, pool: Dataset, members: np.ndarr
 
     The target and each shadow federation serve in turn as the attacked model, with all the others as
     references; their scores are pooled into one ROC over (S + 1) x N (candidate, model) pairs, so that the
-    smallest resolvable FPR is about 1 / ((S + 1) N / 2). Without shadows only the target is scored.
+    smallest resolvable FPR is about 1 / ((S + 1) N / 2). The AUC intervals resample candidates (a cluster
+    bootstrap: a candidate's scores under the models share its difficulty). Without shadows only the target is
+    scored.
 
     Returns:
       (``attack/<name>/<metric>`` record, {attack name: (pooled scores, labels)} for ROC curves).
@@ -266,23 +268,23 @@ def model_attacks(experiment: Any, params: Any, pool: Dataset, members: np.ndarr
     if models >= 3:
         confidence = candidates["logit_confidence"]
         for name, online in (("lira_online", True), ("lira_offline", False)):
-            pooled[name] = np.stack([np.asarray(membership.lira_scores(
-                confidence[t], np.delete(confidence, t, 0), np.delete(inclusion, t, 0), online=online,
-                global_variance=models < 64)) for t in range(models)]).ravel(), labels
+            pooled[name] = membership.leave_one_out_lira(confidence, inclusion, online=online,
+                                                         global_variance=models < 64).ravel(), labels
         if population is not None and len(population):
             def probabilities(loss: np.ndarray) -> np.ndarray:  # p(y|x) in float64, kept off 0 (float32 exp underflows)
                 return np.maximum(np.exp(-loss.astype(np.float64)), 1e-300)
 
             points = probabilities(statistics(population)["loss"])
             probs = probabilities(candidates["loss"])
-            pooled["rmia"] = np.stack([membership.rmia_scores(
-                probs[t], np.delete(probs, t, 0), points[t], np.delete(points, t, 0),
-                reference_in=np.delete(inclusion, t, 0)) for t in range(models)]).ravel(), labels
+            pooled["rmia"] = membership.leave_one_out_rmia(probs, inclusion, points).ravel(), labels
+    candidate = np.tile(np.arange(inclusion.shape[1]), inclusion.shape[0])  # of each pooled (model, candidate)
     out: Record = {}
     for name, (scores, truth) in list(pooled.items()):
+        groups = candidate[np.isfinite(np.asarray(scores, np.float64))]
         scores, truth, dropped = membership.finite_scores(scores, truth)
         pooled[name] = (scores, truth)
-        out.update(_prefixed(name, {**attack_metrics(scores, truth), "dropped": dropped}))
+        out.update(_prefixed(name, {**attack_metrics(scores, truth, groups=groups if models > 1 else None),
+                                    "dropped": dropped}))
     return out, pooled
 
 
@@ -304,7 +306,8 @@ def passive_attack(experiment: Any, taps: Mapping[int, Any],
         if labels.size == 0:
             continue
         all_scores.append(np.asarray(membership.passive_scores(experiment.model.apply, server, messages,
-                                                               candidates.x, candidates.y)))
+                                                               candidates.x, candidates.y,
+                                                               loss=experiment.task.loss)))
         all_labels.append(labels)
     if not all_scores:
         return {}, {}
@@ -468,26 +471,28 @@ ATTACK_VIEWS: dict[str, str] = attack_views(BUILTIN_ATTACKS)
 
 def evaluate_defense(base: ExperimentConfig, name: str, overrides: Mapping[str, Any],
                      suite: AttackSuite = AttackSuite(), *, family: str | None = None, strength: str = "",
-                     attacks: Sequence[Attack] = BUILTIN_ATTACKS) -> DefenseResult:
+                     attacks: Sequence[Attack] = BUILTIN_ATTACKS,
+                     parts: Mapping[str, Any] | None = None) -> DefenseResult:
     """Trains ``base`` with one defense's overrides and runs every attack whose view the suite selects on what
-    the run produced (``attacks``: the built-in ones by default; add your own ``Attack``)."""
+    the run produced (``attacks``: the built-in ones by default; add your own ``Attack``). ``parts`` go to the
+    ``Experiment`` in place of what the config builds (``model=``, ``loss=``, ``message_transform=``,
+    ``extra_settings=``); the shadow federations replay the run with the same parts."""
     from fedjaxpriv.experiment import build_experiment, partition_like
 
-    texts = [f"{k}={_yaml(v)}" for k, v in overrides.items()]
     rounds = base.run.rounds
     secure = "secure_aggregation" in suite.threat_models  # the aggregate needs every cohort client's message
     tapped = list(range(base.data.num_clients)) if secure else list(suite.tap_clients)
-    taps = [f"run.tap_clients={tapped}",
-            f"run.tap_rounds={list(range(min(suite.tap_from_round, rounds), rounds + 1))}"]
-    config = with_overrides(base, [*texts, *taps, f"name={name}"])
+    config = with_overrides(base, {**overrides, "run.tap_clients": tapped,
+                                   "run.tap_rounds": list(range(min(suite.tap_from_round, rounds), rounds + 1)),
+                                   "name": name})
     if suite.pool_size and config.data.dataset not in NATURAL_DATASETS:
         setup = membership_setup(config, suite.pool_size, suite.seed)
         pool, members, reference_points = setup.pool, setup.members, setup.population
         clients = partition_like(config, Dataset(pool.x[members], pool.y[members]), config.run.seed)
         experiment = build_experiment(config, population=clients, num_classes=setup.num_classes,
-                                      test=Dataset(pool.x[~members], pool.y[~members]))
+                                      test=Dataset(pool.x[~members], pool.y[~members]), **(parts or {}))
     else:  # the config's own data: training examples against test examples, no shadow federations
-        experiment = build_experiment(config)
+        experiment = build_experiment(config, **(parts or {}))
         rng = np.random.default_rng(suite.seed)
         p = experiment.population
         pool, labels = _balanced_candidates(Dataset(p.x, p.y), experiment.test, suite.max_candidates, rng)
@@ -530,17 +535,10 @@ def _say(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
-def _yaml(value: Any) -> str:
-    if isinstance(value, (list, tuple)):
-        return "[" + ", ".join(_yaml(v) for v in value) + "]"
-    if isinstance(value, float) and math.isinf(value):
-        return ".inf"
-    return "null" if value is None else str(value)
-
-
 def evaluate_defenses(base: ExperimentConfig, defenses: Mapping[str, Any] | None = None,
                       suite: AttackSuite = AttackSuite(), out_dir: str | None = None,
-                      attacks: Sequence[Attack] = BUILTIN_ATTACKS) -> list[Record]:
+                      attacks: Sequence[Attack] = BUILTIN_ATTACKS,
+                      parts: Mapping[str, Any] | None = None) -> list[Record]:
     """Every strength of every defense in turn (``DEFENSES`` by default): train, attack, tabulate.
 
     Args:
@@ -549,6 +547,8 @@ def evaluate_defenses(base: ExperimentConfig, defenses: Mapping[str, Any] | None
         ``DEFENSES`` name).
       suite: the attacks.
       attacks: the attacks run on every point (``BUILTIN_ATTACKS``; add your own ``Attack``).
+      parts: ``Experiment`` keyword arguments used at every point instead of what the config builds
+        (``model=``, ``loss=``, ``message_transform=``, ``extra_settings=``).
       out_dir: if given, ``write_tables`` writes the tables, the privacy-utility frontier, log-log ROC curves and a
         ``results.jsonl`` store that ``fedjaxpriv report`` reads.
 
@@ -563,7 +563,7 @@ def evaluate_defenses(base: ExperimentConfig, defenses: Mapping[str, Any] | None
         label = f"{family} {strength}".strip()
         _say(f"defense {index + 1}/{len(points)}: {label}")
         results.append(evaluate_defense(base, label, overrides, suite, family=family, strength=strength,
-                                        attacks=attacks))
+                                        attacks=attacks, parts=parts))
     records = [r.record for r in results]
     if out_dir is not None:
         store_records = [make_record(r.config, r.history, label=r.record["label"], overrides=dict(o))

@@ -33,6 +33,7 @@ import numpy as np
 
 from fedjaxpriv.attacks.audit import clopper_pearson_interval
 from fedjaxpriv.attacks.metrics import bootstrap_auc, roc_auc, roc_counts
+from fedjaxpriv.models.tasks import CLASSIFICATION
 
 Params = Any
 ApplyFn = Callable[[Params, jax.Array], jax.Array]
@@ -46,8 +47,8 @@ RMIA_OFFLINE_A = 0.33
 
 
 def example_loss(logits: jax.Array, labels: jax.Array) -> jax.Array:
-    """Cross-entropy of each example: logits [N, K], int labels [N] -> [N] (nats)."""
-    return jax.nn.logsumexp(logits, axis=-1) - jnp.take_along_axis(logits, labels[:, None], axis=-1)[:, 0]
+    """Cross-entropy of each example (the classification task's loss): logits [N, K], int labels [N] -> [N] (nats)."""
+    return CLASSIFICATION.loss(logits, labels)
 
 
 def logit_confidence(logits: jax.Array, labels: jax.Array) -> jax.Array:
@@ -133,7 +134,7 @@ def lira_scores(target_confidence: jax.Array, shadow_confidence: jax.Array, shad
     Returns:
       [N] scores, higher = more likely a member. NaN for a candidate without "in" shadows (online) or without
       "out" shadows (online and offline): its Gaussians are undefined. ``attack_metrics`` rejects NaN, so drop
-      them first with ``finite_scores``; ``shadow.balanced_inclusion`` gives every candidate both kinds.
+      them first with ``finite_scores``.
     """
     shadow_in = shadow_in.astype(bool)
     has_out = jnp.any(~shadow_in, axis=0)
@@ -233,6 +234,42 @@ def rmia_scores(target_probs: np.ndarray, reference_probs: np.ndarray, populatio
     return np.where(defined, dominated / population.size, np.nan)
 
 
+# -- every model attacked in turn, the others as its references ---------------------------------------------
+
+
+def leave_one_out_lira(confidence: np.ndarray, inclusion: np.ndarray, *, online: bool = True,
+                       global_variance: bool = True) -> np.ndarray:
+    """LiRA scores of every model in turn against the other M - 1 as shadows: [M, N] -> [M, N].
+
+    Pooling these over (model, candidate) pairs resolves FPRs down to about 1 / (M N / 2). The pooled ROC is
+    unbiased when the models' memberships of a candidate are independent (``shadow.balanced_inclusion``);
+    candidates without an "in" or "out" reference get NaN (``lira_scores``).
+
+    Args:
+      confidence: [M, N] logit-scaled confidence of each candidate under each model.
+      inclusion: [M, N] bool, True where model m trained on candidate n.
+      online, global_variance: as in ``lira_scores``.
+    """
+    confidence, inclusion = np.asarray(confidence), np.asarray(inclusion, bool)
+    return np.stack([np.asarray(lira_scores(confidence[t], np.delete(confidence, t, 0), np.delete(inclusion, t, 0),
+                                            online=online, global_variance=global_variance))
+                     for t in range(confidence.shape[0])])
+
+
+def leave_one_out_rmia(probs: np.ndarray, inclusion: np.ndarray, population_probs: np.ndarray) -> np.ndarray:
+    """Online RMIA scores of every model in turn against the other M - 1 as references: [M, N] -> [M, N].
+
+    Args:
+      probs: [M, N] p(x|theta_m) of each candidate under each model.
+      inclusion: [M, N] bool, True where model m trained on candidate n.
+      population_probs: [M, Z] p(z|theta_m) of population points no model trained on.
+    """
+    probs, inclusion, population_probs = np.asarray(probs), np.asarray(inclusion, bool), np.asarray(population_probs)
+    return np.stack([rmia_scores(probs[t], np.delete(probs, t, 0), population_probs[t],
+                                 np.delete(population_probs, t, 0), reference_in=np.delete(inclusion, t, 0))
+                     for t in range(probs.shape[0])])
+
+
 # -- passive FL attack (Zari et al.) ------------------------------------------------------------------------
 
 
@@ -240,18 +277,20 @@ def _add_message(server_params: Params, message: Params) -> Params:
     return jax.tree_util.tree_map(lambda p, m: p + m.astype(p.dtype), server_params, message)
 
 
-@functools.partial(jax.jit, static_argnums=(0,), static_argnames=("statistic",))
+@functools.partial(jax.jit, static_argnums=(0,), static_argnames=("statistic", "loss"))
 def passive_scores(apply_fn: ApplyFn, server_params: Params, messages: Params, x: jax.Array, y: jax.Array,
-                   statistic: str = "loss_drop") -> jax.Array:
+                   statistic: str = "loss_drop", loss: Callable[[jax.Array, jax.Array], jax.Array] = example_loss
+                   ) -> jax.Array:
     """Zari et al. passive scores of N candidates for ONE target client observed over R rounds.
 
     Args:
       apply_fn: the model.
       server_params: global models the client started from, leaves [R, ...].
       messages: the client's messages (updates) in those rounds, leaves [R, ...].
-      x: [N, ...] candidates; y: [N] labels.
+      x: [N, ...] candidates; y: [N] labels (the targets of ``loss``).
       statistic: "loss_drop": mean over rounds of ``loss(server) - loss(server + message)``;
         "local_loss": mean over rounds of ``-loss(server + message)`` (the client's local models only).
+      loss: the per-example loss ``(logits, targets) -> [N]`` (e.g. ``Experiment.task.loss``).
 
     Returns:
       [N] scores, higher = more likely in the client's data. ``jax.vmap`` over clients for many targets.
@@ -260,10 +299,10 @@ def passive_scores(apply_fn: ApplyFn, server_params: Params, messages: Params, x
         raise ValueError(f"statistic={statistic!r}; allowed: 'loss_drop' or 'local_loss'.")
 
     def one_round(params: Params, message: Params) -> jax.Array:
-        after = example_loss(apply_fn(_add_message(params, message), x).astype(jnp.float32), y)
+        after = loss(apply_fn(_add_message(params, message), x).astype(jnp.float32), y)
         if statistic == "local_loss":
             return -after
-        return example_loss(apply_fn(params, x).astype(jnp.float32), y) - after
+        return loss(apply_fn(params, x).astype(jnp.float32), y) - after
 
     return jnp.mean(jax.vmap(one_round)(server_params, messages), axis=0)
 
@@ -319,13 +358,15 @@ def fpr_key(fpr: float) -> str:
 
 
 def attack_metrics(scores: np.ndarray, labels: np.ndarray, fprs: Sequence[float] = LOW_FPRS, *,
-                   alpha: float = 0.05, bootstrap: int = 1000, seed: int = 0) -> dict[str, float]:
+                   alpha: float = 0.05, bootstrap: int = 1000, seed: int = 0,
+                   groups: np.ndarray | None = None) -> dict[str, float]:
     """Membership-inference metrics with (1 - alpha) confidence intervals.
 
     Keys:
       ``num_members``, ``num_nonmembers``; ``min_resolvable_fpr = 1 / num_nonmembers``.
       ``auc`` (ties count 1/2) and ``auc_low``, ``auc_high``: percentile interval of ``bootstrap`` stratified
-        resamples (members and non-members resampled separately; NaN when ``bootstrap=0``).
+        resamples (members and non-members resampled separately), or of resampled ``groups`` when given (a
+        cluster bootstrap, for scores that are not independent); NaN when ``bootstrap=0``.
       ``advantage``: membership advantage ``max_t TPR(t) - FPR(t)`` (Yeom et al. 2018) of the best threshold t;
         ``balanced_accuracy = (1 + advantage) / 2``: the accuracy of that threshold on a balanced prior. Both
         pick t on these scores (optimistic).
@@ -342,6 +383,9 @@ def attack_metrics(scores: np.ndarray, labels: np.ndarray, fprs: Sequence[float]
       alpha: miscoverage of every interval, in (0, 1).
       bootstrap: number of AUC resamples (0 skips the AUC interval).
       seed: seed of the resampling.
+      groups: optional ``[N]`` integer group of each score, e.g. the candidate of each (model, candidate) pair
+        of a pooled attack: the AUC interval then resamples whole groups (``metrics.bootstrap_auc``). The TPR
+        intervals still treat the members' scores as independent.
     """
     if not 0.0 < alpha < 1.0:
         raise ValueError(f"alpha={alpha} must lie in (0, 1).")
@@ -358,7 +402,7 @@ def attack_metrics(scores: np.ndarray, labels: np.ndarray, fprs: Sequence[float]
            "min_resolvable_fpr": 1.0 / nonmembers, "auc": roc_auc(scores, labels),
            "auc_low": np.nan, "auc_high": np.nan, "advantage": advantage, "balanced_accuracy": (1.0 + advantage) / 2}
     if bootstrap:
-        resampled = bootstrap_auc(scores, labels, int(bootstrap), seed)
+        resampled = bootstrap_auc(scores, labels, int(bootstrap), seed, groups=groups)
         out["auc_low"], out["auc_high"] = (float(q) for q in np.quantile(resampled, [alpha / 2, 1 - alpha / 2]))
     # The rates are nondecreasing, so the best point with FPR <= f is the last one.
     hits = true_positives[np.searchsorted(fpr, targets, side="right") - 1]

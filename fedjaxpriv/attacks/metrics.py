@@ -275,8 +275,13 @@ BOOTSTRAP_CHUNK_ELEMENTS = 1 << 22
 
 
 def bootstrap_auc(scores: np.ndarray, labels: np.ndarray, num_resamples: int = 1000, seed: int = 0,
-                  chunk_elements: int = BOOTSTRAP_CHUNK_ELEMENTS) -> np.ndarray:
-    """AUCs of stratified bootstrap resamples: members and non-members are each resampled with replacement.
+                  chunk_elements: int = BOOTSTRAP_CHUNK_ELEMENTS, groups: np.ndarray | None = None) -> np.ndarray:
+    """AUCs of bootstrap resamples: stratified (members and non-members each resampled with replacement), or,
+    with ``groups``, of whole groups (a cluster bootstrap).
+
+    Scores that share a source of variation are not independent: pooled over models, the scores of one candidate
+    under every model share its difficulty. Resampling candidates (``groups`` = the candidate of each score)
+    keeps that dependence, so the interval is not narrower than the data support.
 
     Args:
       scores: ``[N]`` finite attack scores.
@@ -285,6 +290,8 @@ def bootstrap_auc(scores: np.ndarray, labels: np.ndarray, num_resamples: int = 1
       seed: members and non-members draw from two streams spawned from it, so the result does not depend
         on ``chunk_elements``.
       chunk_elements: resamples are processed in chunks of about this many ``[B, N]`` entries (memory bound).
+      groups: optional ``[N]`` integer group of each score; groups are resampled with replacement, each
+        bringing all its scores (a resample without a member or a non-member is drawn again).
 
     Returns:
       ``[B]`` resampled AUCs; ``np.quantile(out, [alpha / 2, 1 - alpha / 2])`` is the percentile interval.
@@ -292,6 +299,8 @@ def bootstrap_auc(scores: np.ndarray, labels: np.ndarray, num_resamples: int = 1
     scores, labels = _validate_scores(scores, labels)
     if num_resamples < 1:
         raise ValueError(f"num_resamples={num_resamples} must be >= 1.")
+    if groups is not None:
+        return _cluster_bootstrap_auc(scores, labels, groups, num_resamples, seed, chunk_elements)
     members, nonmembers = np.flatnonzero(labels), np.flatnonzero(~labels)
     member_rng, nonmember_rng = (np.random.default_rng(s) for s in np.random.SeedSequence(seed).spawn(2))
     chunk = max(1, chunk_elements // scores.size)
@@ -304,4 +313,32 @@ def bootstrap_auc(scores: np.ndarray, labels: np.ndarray, num_resamples: int = 1
             flat = (picks + scores.size * np.arange(rows)[:, None]).ravel()
             counts += np.bincount(flat, minlength=rows * scores.size).reshape(rows, scores.size)
         out.append(resampled_auc(scores, labels, counts))
+    return np.concatenate(out)
+
+
+def _cluster_bootstrap_auc(scores: np.ndarray, labels: np.ndarray, groups: np.ndarray, num_resamples: int,
+                           seed: int, chunk_elements: int) -> np.ndarray:
+    """``bootstrap_auc`` over whole groups (see there)."""
+    groups = np.asarray(groups).ravel()
+    if groups.shape != scores.shape or not np.issubdtype(groups.dtype, np.integer):
+        raise ValueError(f"groups must be [{scores.size}] integers; got shape {groups.shape}, dtype {groups.dtype}.")
+    ids, index = np.unique(groups, return_inverse=True)
+    if ids.size < 2:
+        raise ValueError(f"groups holds {ids.size} group; a cluster bootstrap needs at least 2.")
+    has_member = np.bincount(index, weights=labels, minlength=ids.size) > 0
+    has_nonmember = np.bincount(index, weights=~labels, minlength=ids.size) > 0
+    rng = np.random.default_rng(seed)
+    chunk = max(1, chunk_elements // max(scores.size, ids.size))
+    out: list[np.ndarray] = []
+    done = 0
+    while done < num_resamples:
+        rows = min(chunk, num_resamples - done)
+        picks = rng.integers(0, ids.size, size=(rows, ids.size))
+        usable = has_member[picks].any(axis=1) & has_nonmember[picks].any(axis=1)
+        picks = picks[usable]
+        multiplicity = np.zeros((picks.shape[0], ids.size), np.int64)
+        np.add.at(multiplicity, (np.arange(picks.shape[0])[:, None], picks), 1)
+        if picks.shape[0]:
+            out.append(resampled_auc(scores, labels, multiplicity[:, index]))
+        done += picks.shape[0]
     return np.concatenate(out)

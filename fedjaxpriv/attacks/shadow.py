@@ -42,19 +42,25 @@ class ShadowModels(NamedTuple):
 
 
 def balanced_inclusion(key: jax.Array, num_shadows: int, num_examples: int) -> np.ndarray:
-    """[S, N] bool: each example is in a uniformly random half of the shadows (exactly S/2 for even S).
+    """[S, N] bool: each shadow holds a uniformly random half of the examples, independently of the others
+    (Carlini et al. 2022's design; for odd N the halves alternate between floor and ceil of N / 2).
 
-    Marginally every shadow holds each example with probability 1/2, as LiRA needs, and every example has
-    both "in" and "out" shadows (S >= 2).
+    Every shadow trains on as many examples as the target (which holds half the pool), and the shadows'
+    memberships of an example are independent coin flips: an example's count of "in" shadows is binomial, not
+    fixed. A fixed count (every example in exactly S/2 shadows) biases leave-one-out pooling below chance:
+    when the attacked model holds the example its references hold it one time fewer, so the "in" mean is
+    estimated from fewer models exactly when the example is a member. With few shadows some examples have no
+    "in" or no "out" reference; their scores are NaN and ``membership.finite_scores`` drops and counts them
+    (independently of membership, since the references' coins are independent of the attacked model's).
     """
     if num_shadows < 2:
         raise ValueError(f"num_shadows={num_shadows} must be >= 2 (each example needs in and out shadows).")
-    if num_examples < 1:
-        raise ValueError(f"num_examples={num_examples} must be >= 1.")
-    ranks = np.asarray(jax.vmap(lambda k: jax.random.permutation(k, num_shadows))(
-        jax.random.split(key, num_examples)))          # [N, S]
-    half = num_shadows // 2 + (np.arange(num_examples) % 2) * (num_shadows % 2)
-    return (ranks < half[:, None]).T
+    if num_examples < 2:
+        raise ValueError(f"num_examples={num_examples} must be >= 2 (each shadow holds a half of them).")
+    ranks = np.asarray(jax.vmap(lambda k: jax.random.permutation(k, num_examples))(
+        jax.random.split(key, num_shadows)))           # [S, N]
+    half = num_examples // 2 + (np.arange(num_shadows) % 2) * (num_examples % 2)
+    return ranks < half[:, None]
 
 
 def shadow_population(pool: Dataset, inclusion: np.ndarray) -> FederatedData:
@@ -136,7 +142,7 @@ def train_shadows(model: Model, pool: Dataset, num_shadows: int, key: jax.Array,
     Args:
       model: the architecture of the target.
       pool: the candidate examples ``Dataset(x [N, ...], y [N])``.
-      num_shadows: S (16-64 typical; even S puts every example in exactly S/2 shadows).
+      num_shadows: S (16-64 typical).
       key: PRNG key for the halves, the initialisations and the batches.
       steps: local SGD steps per shadow (match the target's total training).
       batch_size: examples per step.
@@ -203,7 +209,7 @@ def train_shadow_federations(experiment: Any, pool: Dataset, num_shadows: int, k
     from fedjaxpriv.client.sampling import batch_slots
     from fedjaxpriv.experiment import partition_like
     from fedjaxpriv.server import sample_cohort
-    from fedjaxpriv.simulation import Population, build_round, init_server_state
+    from fedjaxpriv.simulation import Population, build_round
     from fedjaxpriv.transforms.pipeline import make_message_fn
 
     config = experiment.config
@@ -227,8 +233,8 @@ def train_shadow_federations(experiment: Any, pool: Dataset, num_shadows: int, k
     prune_schedule = ((c.prune_begin_round, c.prune_end_round) if c.prune_end_round > c.prune_begin_round
                       else None)
     round_fn = build_round(experiment.model.apply, spec, experiment.server_tx, experiment.aggregation,
-                           message_fn=make_message_fn(config.message.order, target), chunk_size=experiment.chunk_size,
-                           strategy=strategy, prune_schedule=prune_schedule)
+                           message_fn=make_message_fn(experiment.message_transform), chunk_size=experiment.chunk_size,
+                           strategy=strategy, prune_schedule=prune_schedule, algorithm=experiment.algorithm)
     x, y, offsets, counts = _join_populations(populations)
     shared_x, shared_y = jnp.asarray(x), jnp.asarray(y)
     # Federations differ in their state, client slices, settings, cohort and keys; the examples are shared.
@@ -246,8 +252,8 @@ def train_shadow_federations(experiment: Any, pool: Dataset, num_shadows: int, k
             return jax.tree_util.tree_map(lambda *a: jnp.stack(a), *outputs)
     offsets, counts = jnp.asarray(offsets), jnp.asarray(counts)
     stacked_settings = jax.tree_util.tree_map(lambda *a: jnp.asarray(np.stack(a)), *settings)
-    initial = [init_server_state(experiment.model.init(jax.random.fold_in(key, 10 + s)), experiment.server_tx,
-                                 config.server.central_clip_norm) for s in range(num_shadows)]
+    initial = [experiment.fresh_state(experiment.model.init(jax.random.fold_in(key, 10 + s)))
+               for s in range(num_shadows)]
     state = jax.tree_util.tree_map(lambda *a: jnp.stack(a), *initial)
     root_keys = jax.random.split(jax.random.fold_in(key, 2), num_shadows)
     s = config.server

@@ -17,7 +17,7 @@ import optax
 from fedjaxpriv.client import mixup as mixup_lib, pruning
 from fedjaxpriv.client.sampling import sample_batch
 from fedjaxpriv.client.settings import ClientSettings
-from fedjaxpriv.models.losses import soft_cross_entropy
+from fedjaxpriv.models.tasks import CLASSIFICATION, PerExampleLoss, Task
 from fedjaxpriv.parallel import rewrite_model
 from fedjaxpriv.privacy.mechanisms import SampleLevelDpSgd
 
@@ -33,7 +33,7 @@ class LocalSpec:
       max_steps: scan length; each client runs its own ``num_steps`` <= max_steps.
       max_batch: batch slots per step.
       max_count: largest client size (static bound for sampling).
-      num_classes: label classes.
+      num_classes: label classes (the size of the task's soft targets, e.g. one-hot width).
       per_example: compute per-example gradients (needed by DP-SGD clipping).
       mixup: enable mixup (per-client alpha; 0 disables it for that client).
       prune: None, "magnitude" or "random" masks (per-client sparsity; 0 disables it).
@@ -46,6 +46,8 @@ class LocalSpec:
         fast on CPU inside loops and under vmap, see ``parallel.conv_as_matmul``).
       outer_product_grads: dense layers' weight gradients as sums of per-example outer products (execution
         only; fast on CPU for small batches, see ``parallel.dense_grads_as_outer_products``).
+      task: what the model predicts: the loss trained on (``Task.training_loss`` on ``Task.training_targets``);
+        default softmax cross-entropy on integer labels.
     """
 
     max_steps: int
@@ -62,6 +64,12 @@ class LocalSpec:
     conv_as_matmul: bool = False
     outer_product_grads: bool = False
     poisson: bool = True
+    task: Task = CLASSIFICATION
+
+    def __post_init__(self) -> None:
+        if self.mixup and not self.task.mixable:
+            raise ValueError(f"client.mixup_alpha > 0 needs a task with soft targets; task {self.task.name!r} has "
+                             "none (give it soft_targets and soft_loss, or set client.mixup_alpha=0).")
 
 
 class ClientOutput(NamedTuple):
@@ -87,37 +95,44 @@ def _tree_where(condition: jax.Array, new: Any, old: Any) -> Any:
     return jax.tree_util.tree_map(lambda a, b: jnp.where(condition, a, b), new, old)
 
 
-def batch_loss(apply_fn: ApplyFn, params: Params, x: jax.Array, targets: jax.Array, mask: jax.Array) -> jax.Array:
-    """Mean soft-label cross-entropy over real examples. x [B, ...], targets [B, K], mask [B] -> scalar."""
-    per_example = soft_cross_entropy(apply_fn(params, x), targets)
+def batch_loss(apply_fn: ApplyFn, params: Params, x: jax.Array, targets: jax.Array, mask: jax.Array,
+               loss: PerExampleLoss = CLASSIFICATION.training_loss) -> jax.Array:
+    """Mean per-example ``loss`` over real examples. x [B, ...], targets [B, ...], mask [B] -> scalar.
+
+    The default is the classification training loss: soft-label cross-entropy, targets [B, K].
+    """
+    per_example = loss(apply_fn(params, x), targets)
     weights = mask.astype(per_example.dtype)
     return jnp.sum(per_example * weights) / jnp.maximum(jnp.sum(weights), 1.0)
 
 
-def _per_example_grads(apply_fn: ApplyFn, params: Params, x: jax.Array, targets: jax.Array) -> Params:
+def _per_example_grads(apply_fn: ApplyFn, params: Params, x: jax.Array, targets: jax.Array,
+                       loss: PerExampleLoss) -> Params:
     """Gradients of each example's loss: pytree like params with a leading batch axis [B, ...]."""
 
     def example_loss(p: Params, xi: jax.Array, ti: jax.Array) -> jax.Array:
-        return soft_cross_entropy(apply_fn(p, xi[None]), ti[None])[0]
+        return loss(apply_fn(p, xi[None]), ti[None])[0]
 
     return jax.vmap(jax.grad(example_loss), in_axes=(None, 0, 0))(params, x, targets)
 
 
 def client_update(spec: LocalSpec, apply_fn: ApplyFn, server_params: Params, data_x: jax.Array,
                   data_y: jax.Array, offset: jax.Array, count: jax.Array, settings: ClientSettings,
-                  key: jax.Array) -> ClientOutput:
+                  key: jax.Array, correction: Params | None = None) -> ClientOutput:
     """Trains one client from the server model.
 
     Args:
       spec: static switches and shapes.
-      apply_fn: model function (params, x [B, ...]) -> logits [B, K].
+      apply_fn: model function (params, x [B, ...]) -> logits (the shape ``spec.task`` expects).
       server_params: the global model.
       data_x: [T, ...] the population's flat features (shared, not per client).
-      data_y: [T] int labels.
+      data_y: [T, ...] the flat targets ([T] int labels for classification).
       offset: int32 scalar, the client's first example in the flat arrays.
       count: int32 scalar, the client's number of examples.
       settings: this client's row of ``ClientSettings`` (scalars).
       key: the client's PRNG key for this round.
+      correction: pytree like params added to every step's gradient (after DP-SGD's clipping and noise), e.g.
+        SCAFFOLD's c - c_i; None: none.
 
     Returns:
       ``ClientOutput`` with the model delta.
@@ -137,6 +152,7 @@ def client_update(spec: LocalSpec, apply_fn: ApplyFn, server_params: Params, dat
     optimizer = optax.sgd(settings.lr, momentum=spec.momentum or None)
     opt_state = optimizer.init(start_params)
     denominator = SampleLevelDpSgd.denominator(settings.batch_size, count)
+    loss_fn = spec.task.training_loss
 
     def step(carry, t):
         params, opt_state = carry
@@ -147,16 +163,18 @@ def client_update(spec: LocalSpec, apply_fn: ApplyFn, server_params: Params, dat
         active = t < settings.num_steps
         rows = offset + idx
         x = jnp.take(data_x, rows, axis=0, mode="clip")
-        targets = jax.nn.one_hot(jnp.take(data_y, rows, axis=0, mode="clip"), spec.num_classes)
+        targets = spec.task.training_targets(jnp.take(data_y, rows, axis=0, mode="clip"), spec.num_classes)
         if spec.mixup:
             x, targets, _ = mixup_lib.mixup(mix_key, x, targets, bmask, settings.mixup_alpha)
         if spec.per_example:
-            loss = batch_loss(apply_fn, params, x, targets, bmask)
-            grads = _per_example_grads(apply_fn, params, x, targets)
+            loss = batch_loss(apply_fn, params, x, targets, bmask, loss_fn)
+            grads = _per_example_grads(apply_fn, params, x, targets, loss_fn)
             grads = SampleLevelDpSgd.noisy_gradient(grads, bmask, settings.dp_clip_norm,
                                                     settings.dp_noise_multiplier, noise_key, denominator)
         else:
-            loss, grads = jax.value_and_grad(batch_loss, argnums=1)(apply_fn, params, x, targets, bmask)
+            loss, grads = jax.value_and_grad(batch_loss, argnums=1)(apply_fn, params, x, targets, bmask, loss_fn)
+        if correction is not None:
+            grads = jax.tree_util.tree_map(lambda g, c: g + c.astype(g.dtype), grads, correction)
         if spec.prox:
             grads = jax.tree_util.tree_map(lambda g, p, p0: g + settings.prox_mu * (p - p0), grads, params,
                                            start_params)

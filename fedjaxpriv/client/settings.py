@@ -33,6 +33,8 @@ class ClientSettings(NamedTuple):
       local_noise_multiplier: float32 local-DP Gaussian noise on the update, std = multiplier x clip.
       quant_bits: int32 stochastic-rounding bits per coordinate of the update (0 = off).
       quant_levels: int32 QSGD levels s (0 = off).
+      extra: a user's own per-client strengths, {name: float32 [C]}, read by name like any field (a message
+        transform's strength ``"my_strength"`` reads ``extra["my_strength"]``).
     """
 
     num_steps: np.ndarray
@@ -52,6 +54,7 @@ class ClientSettings(NamedTuple):
     local_noise_multiplier: np.ndarray
     quant_bits: np.ndarray
     quant_levels: np.ndarray
+    extra: dict[str, np.ndarray] = {}
 
 
 _DTYPES = {"num_steps": np.int32, "batch_size": np.int32, "poisson": bool, "quant_bits": np.int32,
@@ -71,10 +74,12 @@ def per_client_array(field: str, value: float | int | Sequence[float], num_clien
     return expanded.astype(dtype)
 
 
-def make_settings(num_clients: int, counts: np.ndarray, **fields: float | Sequence[float]) -> ClientSettings:
+def make_settings(num_clients: int, counts: np.ndarray, *, extra: dict[str, float | Sequence[float]] | None = None,
+                  **fields: float | Sequence[float]) -> ClientSettings:
     """Builds ``ClientSettings`` [C] from scalars/tiers/lists; unspecified fields take neutral defaults.
 
-    ``sample_rate`` defaults to batch_size / count (clipped to (0, 1]) for each client.
+    ``sample_rate`` defaults to batch_size / count (clipped to (0, 1]) for each client. ``extra`` adds a user's
+    own per-client strengths (scalar, tiers or one value per client, as float32).
     """
     defaults = dict(num_steps=1, batch_size=16, lr=0.1, prox_mu=0.0, poisson=False, sample_rate=None,
                     mixup_alpha=0.0, prune_sparsity=0.0, dp_clip_norm=math.inf, dp_noise_multiplier=0.0,
@@ -88,9 +93,25 @@ def make_settings(num_clients: int, counts: np.ndarray, **fields: float | Sequen
     if merged["sample_rate"] is None:
         counts = np.asarray(counts, np.float64)
         arrays["sample_rate"] = np.clip(arrays["batch_size"] / np.maximum(counts, 1.0), 1e-12, 1.0).astype(np.float32)
-    settings = ClientSettings(**arrays)
+    settings = ClientSettings(**arrays, extra=with_extra({}, num_clients, extra or {}))
     validate_settings(settings)
     return settings
+
+
+def with_extra(current: dict[str, np.ndarray], num_clients: int,
+               extra: dict[str, float | Sequence[float]]) -> dict[str, np.ndarray]:
+    """``current`` extra strengths plus ``extra`` expanded to float32 [C]; a name that is a built-in field or is
+    not finite is an error."""
+    out = dict(current)
+    for name, value in extra.items():
+        if not isinstance(name, str) or not name.isidentifier() or name in ClientSettings._fields:
+            raise ValueError(f"extra client setting name {name!r} must be an identifier other than the built-in "
+                             f"fields {list(ClientSettings._fields)}.")
+        values = per_client_array(name, value, num_clients)
+        if not np.all(np.isfinite(values)):
+            raise ValueError(f"extra client setting {name}={value!r} must be finite numbers.")
+        out[name] = values
+    return out
 
 
 def validate_settings(settings: ClientSettings) -> None:

@@ -188,8 +188,8 @@ def quantity_skew(dataset: Dataset, num_clients: int, seed: Seed, sigma: float =
       attributes: optional [N] per-example attribute.
     """
     _check_num_clients(num_clients, len(dataset))
-    if not sigma >= 0:
-        raise ValueError(f"sigma={sigma} must be >= 0.")
+    if not 0 <= sigma < np.inf:
+        raise ValueError(f"sigma={sigma!r} is invalid; allowed: a finite number >= 0.")
     if min_size < 0 or min_size * num_clients > len(dataset):
         raise ValueError(f"min_size={min_size} must be in [0, N / num_clients = {len(dataset) // num_clients}].")
     rng = np.random.default_rng(seed)

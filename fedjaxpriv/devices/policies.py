@@ -301,9 +301,8 @@ class DeviceExperiment(Experiment):
         profiles = sample_profiles(config.data.num_clients, config.run.seed, tiers=d.device_tiers(), jitter=d.jitter)
         if not d.privacy_tiers:
             profiles = profiles._replace(target_epsilon=np.full(profiles.num_clients, np.inf))
-        input_shape = (kwargs["population"] if kwargs.get("population") is not None
-                       else load_population(config)[0]).input_shape
-        model = model_for(config, input_shape)
+        population = kwargs["population"] if kwargs.get("population") is not None else load_population(config)[0]
+        model = model_for(config, population.input_shape, model=kwargs.get("model"), input_dtype=population.x.dtype)
         policy = DevicePolicy(kind=d.policy, num_params=count_params(model.init(jax.random.key(0))),
                               round_deadline_s=d.round_deadline_s, stragglers=d.stragglers,
                               max_local_steps=d.max_local_steps, train_memory_factor=d.train_memory_factor,

@@ -24,7 +24,7 @@ class Model(NamedTuple):
       apply: (params, x [B, *input_shape]) -> logits [B, num_classes].
       input_shape: per-example input shape, e.g. (28, 28, 1).
       num_classes: number of output classes.
-      name: registry name.
+      name: registry name ("user-supplied <name>" for a model passed in, see ``as_model``).
     """
 
     init: Callable[[jax.Array], Params]
@@ -154,7 +154,15 @@ def get_model(name: str, input_shape: Sequence[int], num_classes: int, **kwargs:
     if name in _NEEDS_IMAGE and len(input_shape) != 3:
         raise ValueError(f"model {name!r} needs image inputs (H, W, C); got input_shape={input_shape}.")
     module = _MODULES[name](num_classes=num_classes, **kwargs)
-    dummy = jnp.zeros((1,) + input_shape, jnp.float32)
+    init, apply = module_functions(module, input_shape)
+    return Model(init=init, apply=apply, input_shape=input_shape, num_classes=num_classes, name=name)
+
+
+def module_functions(module: nn.Module, input_shape: Sequence[int], input_dtype: Any = jnp.float32
+                     ) -> tuple[Callable[[jax.Array], Params], Callable[[Params, jax.Array], jax.Array]]:
+    """A stateless Flax module as pure ``(init, apply)``: init traces it on one zero example of
+    ``input_shape`` / ``input_dtype``; apply maps (params, x [B, *input_shape]) -> its output."""
+    dummy = jnp.zeros((1,) + tuple(int(d) for d in input_shape), jax.dtypes.canonicalize_dtype(input_dtype))
 
     def init(key: jax.Array) -> Params:
         return module.init(key, dummy)["params"]
@@ -162,7 +170,63 @@ def get_model(name: str, input_shape: Sequence[int], num_classes: int, **kwargs:
     def apply(params: Params, x: jax.Array) -> jax.Array:
         return module.apply({"params": params}, x)
 
-    return Model(init=init, apply=apply, input_shape=input_shape, num_classes=num_classes, name=name)
+    return init, apply
+
+
+ModelLike = Any  # a Model, a Flax nn.Module, or a pair (init: key -> params, apply: (params, x) -> logits)
+
+
+def as_model(model: ModelLike, input_shape: Sequence[int], input_dtype: Any = jnp.float32) -> Model:
+    """A user's model as a pure ``Model`` for examples of ``input_shape`` / ``input_dtype``.
+
+    Args:
+      model: a ``Model`` (its functions kept, its input shape checked); a stateless Flax ``nn.Module`` mapping x [B, ...] to
+        logits (initialised on one zero example); or a pair ``(init, apply)`` of pure functions,
+        ``init: key -> params`` and ``apply: (params, x [B, ...]) -> logits``.
+      input_shape / input_dtype: one example's features (the population's).
+
+    Returns:
+      the ``Model``; ``num_classes`` is the size of its output's last axis and ``name`` is "user-supplied <name>"
+      (the class or function name), so that nothing records a built-in model that did not run.
+
+    Raises:
+      TypeError: ``model`` is none of these. ValueError: the model cannot take ``input_shape`` inputs, or the
+      module holds mutable state (e.g. BatchNorm statistics) besides its parameters.
+    """
+    input_shape = tuple(int(d) for d in input_shape)
+    if isinstance(model, Model):
+        if tuple(model.input_shape) != input_shape:
+            raise ValueError(f"model {model.name!r} takes inputs of shape {tuple(model.input_shape)} but the data's "
+                             f"examples have shape {input_shape}.")
+        return model._replace(name=f"user-supplied {model.name}")
+    if isinstance(model, nn.Module):
+        dummy = jax.ShapeDtypeStruct((1,) + input_shape, input_dtype)
+        try:
+            variables = jax.eval_shape(model.init, jax.random.key(0), dummy)
+        except Exception as error:  # noqa: BLE001 - any tracing failure means the module does not take these inputs
+            raise ValueError(f"module {type(model).__qualname__} cannot be initialised on inputs of shape "
+                             f"{dummy.shape} ({dummy.dtype}): {type(error).__name__}: {error}") from error
+        state = sorted(set(variables) - {"params"})
+        if state:
+            raise ValueError(f"module {type(model).__qualname__} holds mutable state {state} besides its params; "
+                             "models must be stateless (use GroupNorm or LayerNorm instead of BatchNorm).")
+        init, apply = module_functions(model, input_shape, input_dtype)
+        name = type(model).__qualname__
+    elif isinstance(model, tuple) and len(model) == 2 and all(callable(f) for f in model):
+        init, apply = model
+        name = getattr(apply, "__qualname__", None) or type(apply).__qualname__
+    else:
+        raise TypeError(f"model={model!r} must be a Model, a flax.linen Module or a pair (init, apply) of functions.")
+    dummy = jax.ShapeDtypeStruct((1,) + input_shape, input_dtype)
+    try:
+        out = jax.eval_shape(apply, jax.eval_shape(init, jax.random.key(0)), dummy)
+    except Exception as error:  # noqa: BLE001
+        raise ValueError(f"model {name} cannot run on inputs of shape {dummy.shape} ({dummy.dtype}): "
+                         f"{type(error).__name__}: {error}") from error
+    if not isinstance(out, jax.ShapeDtypeStruct) or out.ndim < 2:
+        raise ValueError(f"model {name} must return one array of logits [B, ..., K]; it returned {out!r}.")
+    return Model(init=init, apply=apply, input_shape=input_shape, num_classes=int(out.shape[-1]),
+                 name=f"user-supplied {name}")
 
 
 def count_params(params: Params) -> int:

@@ -8,6 +8,7 @@ from fedjaxpriv.transforms.base import (
     identity,
     resolve,
 )
+from fedjaxpriv.transforms.feedback import error_feedback
 from fedjaxpriv.transforms.privacy import add_local_noise, clip_update
 from fedjaxpriv.transforms.quantize import qsgd, stochastic_rounding
 from fedjaxpriv.transforms.sparsify import prune_message, random_k, top_k
@@ -21,6 +22,7 @@ __all__ = [
     "resolve",
     "add_local_noise",
     "clip_update",
+    "error_feedback",
     "qsgd",
     "stochastic_rounding",
     "prune_message",

@@ -23,7 +23,8 @@ replaces the previous positions, it does not add to them) and other side informa
 the cost of the message as the previous stage left it (``None``: a dense float32 message). Each transform
 returns the cost after itself in ``stats`` under the keys ``"bits"``, ``"wire_values"``,
 ``"wire_value_bits"``, ``"wire_index_bits"`` and ``"wire_side_bits"`` (int32 scalars), so :func:`chain` threads it from stage to
-stage. Other stats keys are transform diagnostics (float32 scalars) named ``"<transform>/<quantity>"``.
+stage; a transform that returns none of them leaves the cost as it was (``wire_after``). Other stats keys are
+transform diagnostics (float32 scalars) named ``"<transform>/<quantity>"``.
 No entropy coding is assumed anywhere. Counts are int32: a message must cost less than 2^31 bits.
 """
 
@@ -70,6 +71,22 @@ class Wire(NamedTuple):
         return cls(*(jnp.asarray(stats[name], jnp.int32) for name in WIRE_KEYS[1:]))
 
 
+def wire_after(stats: Mapping[str, jax.Array], before: Wire) -> Wire:
+    """The wire cost a transform reports in ``stats``, or ``before`` when it reports none (a transform that
+    does not change what is sent need not cost it).
+
+    Raises:
+      ValueError: ``stats`` holds some of the wire keys but not all of them.
+    """
+    present = [name for name in WIRE_KEYS[1:] if name in stats]
+    if not present:
+        return before
+    if len(present) != len(WIRE_KEYS) - 1:
+        raise ValueError(f"transform stats hold wire keys {present} but not all of {list(WIRE_KEYS[1:])}; return "
+                         "all of them (``Wire.as_stats``) or none.")
+    return Wire.from_stats(stats)
+
+
 def num_coordinates(tree: PyTree) -> int:
     """Static number of scalars in a pytree."""
     return int(sum(jnp.size(leaf) for leaf in jax.tree_util.tree_leaves(tree)))
@@ -87,7 +104,8 @@ def select_wire(condition: jax.Array, if_true: Wire, if_false: Wire) -> Wire:
 
 
 def lookup(name: str, settings: Settings) -> Any:
-    """Field ``name`` of ``settings`` (``settings[name]`` for mappings, else ``settings.name``).
+    """Field ``name`` of ``settings``: ``settings[name]`` for mappings, else ``settings.name``, else
+    ``settings.extra[name]`` (a user's own strengths in ``ClientSettings.extra``).
 
     Raises:
       ValueError: the field is missing.
@@ -96,9 +114,14 @@ def lookup(name: str, settings: Settings) -> Any:
         if name not in settings:
             raise ValueError(f"settings has no field {name!r}; fields: {sorted(settings)}.")
         return settings[name]
-    if not hasattr(settings, name):
-        raise ValueError(f"settings of type {type(settings).__name__} has no field {name!r}.")
-    return getattr(settings, name)
+    if hasattr(settings, name):
+        return getattr(settings, name)
+    extra = getattr(settings, "extra", None)
+    if isinstance(extra, Mapping) and name in extra:
+        return extra[name]
+    known = [*getattr(settings, "_fields", ()), *(extra or {})]
+    raise ValueError(f"settings of type {type(settings).__name__} has no field {name!r}"
+                     + (f"; fields: {sorted(known)}." if known else "."))
 
 
 def resolve(strength: Strength, settings: Settings, dtype: Any = jnp.float32) -> jax.Array:
@@ -180,7 +203,7 @@ def chain(*transforms: MessageTransform) -> MessageTransform:
         for i, (transform, stage_state) in enumerate(zip(transforms, state)):
             message, stage_state, stats = transform.update(message, stage_state, jax.random.fold_in(key, i), settings, wire)
             new_states.append(stage_state)
-            wire = Wire.from_stats(stats)
+            wire = wire_after(stats, wire)
             for name, value in stats.items():
                 if name in WIRE_KEYS:
                     continue

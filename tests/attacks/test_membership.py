@@ -33,7 +33,8 @@ def test_lira_scores_match_scipy_reference():
     rng = np.random.default_rng(1)
     num_shadows, n = 12, 30
     inclusion = shadow.balanced_inclusion(jax.random.key(0), num_shadows, n)
-    assert np.all(inclusion.sum(axis=0) == num_shadows // 2)
+    assert np.all(inclusion.sum(axis=1) == n // 2)
+    assert np.all(inclusion.any(axis=0) & (~inclusion).any(axis=0))
     conf = rng.normal(size=(num_shadows, n)) + 2.0 * inclusion
     target = rng.normal(size=n) + 1.0
     online = np.asarray(membership.lira_scores(target, conf, inclusion, online=True))
@@ -73,6 +74,41 @@ def test_vectorized_shadows_equal_python_loop():
         shadow.balanced_inclusion(key, 1, 10)
 
 
+def _null_pooled_lira_aucs(shadow_inclusion, num_examples: int, replications: int) -> np.ndarray:
+    """AUCs of pooled leave-one-out LiRA (target + S shadows) where no model's confidence depends on membership."""
+    from sklearn.metrics import roc_auc_score
+
+    rng = np.random.default_rng(7)
+    aucs = []
+    for r in range(replications):
+        target = np.zeros(num_examples, bool)
+        target[rng.choice(num_examples, num_examples // 2, replace=False)] = True
+        inclusion = np.concatenate([target[None], shadow_inclusion(r)])
+        confidence = 3.0 * rng.normal(size=num_examples) + rng.normal(size=inclusion.shape)
+        scores = membership.leave_one_out_lira(confidence, inclusion, online=True).ravel()
+        finite = np.isfinite(scores)
+        aucs.append(roc_auc_score(inclusion.ravel()[finite], scores[finite]))
+    return np.asarray(aucs)
+
+
+def test_pooled_lira_is_at_chance_without_signal_with_few_shadows():
+    """Target + 4 shadows, confidences independent of membership: the pooled AUC is 0.5 within 4 standard errors
+    of the mean over replications. Shadows that hold every example exactly twice (a fixed count per example)
+    fail the same check, below chance, which shows the check has the power to see the bias."""
+    num_shadows, n, reps = 4, 400, 24
+    independent = _null_pooled_lira_aucs(
+        lambda r: shadow.balanced_inclusion(jax.random.key(100 + r), num_shadows, n), n, reps)
+    error = independent.std(ddof=1) / np.sqrt(reps)
+    assert abs(independent.mean() - 0.5) < 4 * error, (independent.mean(), error)
+
+    def fixed_count(r: int) -> np.ndarray:
+        ranks = np.argsort(np.random.default_rng(r).random((n, num_shadows)), axis=1)
+        return (ranks < num_shadows // 2).T
+
+    fixed = _null_pooled_lira_aucs(fixed_count, n, reps)
+    assert fixed.mean() < 0.5 - 4 * fixed.std(ddof=1) / np.sqrt(reps), fixed.mean()
+
+
 def test_lira_beats_loss_threshold_at_low_fpr():
     """On an overfit FL model, LiRA's TPR at 1% FPR exceeds the loss attack's by > 3 binomial std errors."""
     train, test = load_digits()
@@ -96,10 +132,13 @@ def test_lira_beats_loss_threshold_at_low_fpr():
     target_conf = membership.stacked_logit_confidence(apply, jax.tree_util.tree_map(lambda a: a[None], target),
                                                       pool.x, pool.y)[0]
     shadow_conf = membership.stacked_logit_confidence(apply, shadows.params, pool.x, pool.y)
-    lira = membership.attack_metrics(np.asarray(membership.lira_scores(
-        target_conf, shadow_conf, shadows.inclusion, online=True, global_variance=True)), labels)
-    offline = membership.attack_metrics(np.asarray(membership.lira_scores(
-        target_conf, shadow_conf, shadows.inclusion, online=False, global_variance=True)), labels)
+    def metrics(scores: jax.Array) -> dict:  # a candidate all 16 shadows hold (or none does) has no score
+        return membership.attack_metrics(*membership.finite_scores(np.asarray(scores), labels)[:2])
+
+    lira = metrics(membership.lira_scores(target_conf, shadow_conf, shadows.inclusion, online=True,
+                                          global_variance=True))
+    offline = metrics(membership.lira_scores(target_conf, shadow_conf, shadows.inclusion, online=False,
+                                             global_variance=True))
     loss = membership.attack_metrics(membership.loss_threshold_scores(apply, target, pool.x, pool.y), labels)
     n = int(member.sum())
     margin = 3 * np.hypot(membership.tpr_standard_error(lira["tpr@1%fpr"], n),

@@ -19,7 +19,7 @@ def _experiment(**client):
     return Experiment(config, population=partition_like(config, members, 0), test=members, num_classes=10), pool
 
 
-def test_vectorized_federations_equal_one_at_a_time_and_each_example_is_in_half():
+def test_vectorized_federations_equal_one_at_a_time_and_each_holds_half_the_pool():
     experiment, pool = _experiment(mixup_alpha=0.5)
     together = shadow.train_shadow_federations(experiment, pool, 4, jax.random.key(0))
     singly = shadow.train_shadow_federations(experiment, pool, 4, jax.random.key(0), vectorize=False)
@@ -27,7 +27,8 @@ def test_vectorized_federations_equal_one_at_a_time_and_each_example_is_in_half(
         assert a.shape[0] == 4
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=2e-5)
     np.testing.assert_array_equal(together.inclusion, singly.inclusion)
-    assert np.all(together.inclusion.sum(0) == 2)
+    assert np.all(together.inclusion.sum(1) == len(pool) // 2)
+    assert not np.array_equal(together.inclusion[0], together.inclusion[1])
     # Different halves and initialisations give different models; replaying zero rounds returns the fresh
     # initialisations, which the two rounds moved.
     kernel = np.asarray(jax.tree_util.tree_leaves(together.params)[-1])

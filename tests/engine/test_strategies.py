@@ -95,8 +95,10 @@ def test_outer_product_dense_grads_match_native_to_second_order_and_skip_large_b
 
     assert uses_outer_products(parallel.OUTER_PRODUCT_MAX_BATCH)
     assert not uses_outer_products(parallel.OUTER_PRODUCT_MAX_BATCH + 1)  # left to the matrix product
-    assert parallel.auto_outer_product_grads("mlp", 16, "cpu") and not parallel.auto_outer_product_grads("mlp", 64, "cpu")
-    assert not parallel.auto_outer_product_grads("cnn", 16, "cpu") and not parallel.auto_outer_product_grads("mlp", 16, "gpu")
+    mlp, cnn = _structure("mlp", (8, 8, 1)), _structure("cnn")
+    assert parallel.auto_outer_product_grads(mlp, 16, "cpu") and not parallel.auto_outer_product_grads(mlp, 64, "cpu")
+    assert not parallel.auto_outer_product_grads(cnn, 16, "cpu")
+    assert not parallel.auto_outer_product_grads(mlp, 16, "gpu")
 
 
 def test_conv_as_matmul_stride_one_gradients_any_padding_and_vmap():
@@ -200,14 +202,24 @@ def optax_norm(tree):
     return jnp.sqrt(sum(jnp.sum(leaf**2) for leaf in jax.tree_util.tree_leaves(tree)))
 
 
+def _structure(name, shape=(28, 28, 1)):
+    """A built-in model's structure as ``parallel.model_structure`` reads it from its jaxpr."""
+    kwargs = {"hidden": (32, 16)} if name == "mlp" else {}
+    model = get_model(name, shape, 10, **kwargs)
+    return parallel.model_structure(model.apply, jax.eval_shape(model.init, jax.random.key(0)),
+                                    jax.ShapeDtypeStruct((16, *shape), jnp.float32))
+
+
 def test_auto_choices_per_backend_and_memory_bound():
-    assert parallel.auto_conv_as_matmul("cnn", "cpu") and parallel.auto_conv_as_matmul("resnet", "cpu")
-    assert not parallel.auto_conv_as_matmul("cnn", "gpu") and not parallel.auto_conv_as_matmul("mlp", "cpu")
-    assert parallel.auto_strategy("cnn", "cpu") == "host" and parallel.auto_strategy("lenet", "cpu", max_steps=16) == "host"
-    assert parallel.auto_strategy("cnn", "cpu", max_steps=17) == "loop"  # too many steps to unroll
-    assert parallel.auto_strategy("cnn", "cpu", input_shape=(8, 8, 1)) == "loop"  # tiny feature maps
-    assert not parallel.auto_conv_as_matmul("cnn", "cpu", strategy="host")
-    assert parallel.auto_strategy("mlp", "cpu") == "vmap" and parallel.auto_strategy("cnn", "gpu") == "vmap"
+    cnn, mlp = _structure("cnn"), _structure("mlp")
+    assert parallel.auto_conv_as_matmul(cnn, "cpu") and parallel.auto_conv_as_matmul(_structure("resnet"), "cpu")
+    assert not parallel.auto_conv_as_matmul(cnn, "gpu") and not parallel.auto_conv_as_matmul(mlp, "cpu")
+    assert parallel.auto_strategy(cnn, "cpu") == "host"
+    assert parallel.auto_strategy(_structure("lenet"), "cpu", max_steps=16) == "host"
+    assert parallel.auto_strategy(cnn, "cpu", max_steps=17) == "loop"  # too many steps to unroll
+    assert parallel.auto_strategy(_structure("cnn", (8, 8, 1)), "cpu") == "loop"  # tiny feature maps
+    assert not parallel.auto_conv_as_matmul(cnn, "cpu", strategy="host")
+    assert parallel.auto_strategy(mlp, "cpu") == "vmap" and parallel.auto_strategy(cnn, "gpu") == "vmap"
     for num_params in (10_000, 1_663_370, 50_000_000):
         chunk = parallel.auto_chunk_size(1000, num_params, "cpu", budget_bytes=5e8)
         assert 1 <= chunk <= 128 and (chunk == 1 or chunk * 8 * 4 * num_params <= 5e8)

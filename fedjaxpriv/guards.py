@@ -1,0 +1,134 @@
+"""What stops a run cleanly: divergence, interrupt signals, and the pause points that tests stop a run at.
+
+- ``divergence`` finds a non-finite or absurdly large loss, or non-finite server parameters; the run loop raises
+  ``DivergenceError`` (a ``ValueError``: the command line prints it on one line) before checkpointing that state.
+- ``Signals`` turns SIGINT and SIGTERM into ``RunInterrupted`` (a ``KeyboardInterrupt``) and holds them back while a
+  round runs and is committed (its history record and checkpoint written): the run stops between rounds, never
+  with a state the step has donated, a round evaluated but unrecorded, or a checkpoint half-written.
+- ``pause_point`` is a test hook: with ``FEDJAXPRIV_PAUSE_AT=<point>:<round>:<marker file>`` in the environment the
+  run creates the marker file when it reaches ``point`` ("train", "evaluate" or "checkpoint") of round ``round``
+  and waits there (up to a minute) for a signal, so a test can interrupt or kill it exactly at that point.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import threading
+import time
+from typing import Any, Iterator, Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+# A finite loss above sqrt(float32 max) ~ 1.8e19 counts as divergence: squaring numbers of that size (squared
+# norms for clipping and update norms, Adam's second moments, squared errors) overflows float32, so the run is a
+# step away from inf/NaN; the library's losses start near log(num_classes) (2.3 for 10 classes), so no run that
+# still trains comes within many orders of magnitude of it.
+LOSS_LIMIT = float(np.sqrt(np.finfo(np.float32).max))
+LOSS_KEYS = ("train_loss", "test_loss")
+PAUSE_ENV = "FEDJAXPRIV_PAUSE_AT"
+PAUSE_POINTS = ("train", "evaluate", "checkpoint")
+
+
+class DivergenceError(ValueError):
+    """Training diverged. Attributes: ``round`` (1-based), ``record`` (that round's history record)."""
+
+    def __init__(self, message: str, round_: int, record: Mapping[str, Any]) -> None:
+        super().__init__(message)
+        self.round, self.record = round_, dict(record)
+
+
+class RunInterrupted(KeyboardInterrupt):
+    """A run stopped by a signal (``signum``: SIGINT or SIGTERM)."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(f"interrupted by {signal.Signals(signum).name}")
+        self.signum = signum
+
+
+@jax.jit
+def _all_finite(tree: Any) -> jax.Array:
+    leaves = [x for x in jax.tree_util.tree_leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)]
+    return jnp.all(jnp.array([jnp.all(jnp.isfinite(x)) for x in leaves] or [True]))
+
+
+def divergence(record: Mapping[str, Any], params: Any, loss_limit: float = LOSS_LIMIT) -> str | None:
+    """What shows that training diverged (losses in ``record`` that are not finite or exceed ``loss_limit`` in
+    magnitude; non-finite ``params``), or None."""
+    problems = [f"{key}={record[key]:g}" for key in LOSS_KEYS
+                if key in record and not abs(float(record[key])) <= loss_limit]
+    if not bool(_all_finite(params)):
+        problems.append("the server parameters are not finite")
+    return ", ".join(problems) or None
+
+
+def divergence_message(problem: str, round_: int, config: Any, saved: int, out_dir: str | None) -> str:
+    """One line: the round, what diverged, what was kept, and the knobs that usually cause it."""
+    c, s, m = config.client, config.server, config.message
+    kept = (f"the last good checkpoint (round {saved}) is kept in {out_dir}" if out_dir and saved
+            else "no checkpoint was saved")
+    return (f"training diverged in round {round_}: {problem} (losses beyond {LOSS_LIMIT:.3g} count as divergence); "
+            f"{kept}. Lower client.lr (now {c.lr}) or server.lr (now {s.lr}, optimizer {s.optimizer}), or bound "
+            f"the updates with message.clip_norm (now {m.clip_norm}), client.dp_clip_norm (now {c.dp_clip_norm}) "
+            f"or server.central_clip_norm (now {s.central_clip_norm}).")
+
+
+class Signals:
+    """SIGINT and SIGTERM raise ``RunInterrupted`` while installed; inside ``deferred()`` they are held back and
+    raised when the block ends. Installs only in the main thread, and only over the default handlers (a signal
+    that is ignored, or handled by someone else, stays so)."""
+
+    def __init__(self) -> None:
+        self.pending: int | None = None
+        self._depth = 0
+        self._previous: dict[int, Any] = {}
+
+    def install(self) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            return
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            if signal.getsignal(signum) in (signal.SIG_DFL, signal.default_int_handler):
+                self._previous[signum] = signal.signal(signum, self._handle)
+
+    def uninstall(self) -> None:
+        while self._previous:
+            signum, handler = self._previous.popitem()
+            signal.signal(signum, handler)
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        del frame
+        if self._depth:
+            self.pending = signum
+            return
+        raise RunInterrupted(signum)
+
+    @contextlib.contextmanager
+    def deferred(self) -> Iterator[None]:
+        """A block that signals do not cut: one that arrives meanwhile is raised when the block is done."""
+        self._depth += 1
+        try:
+            yield
+        finally:
+            self._depth -= 1
+        if not self._depth and self.pending is not None:
+            signum, self.pending = self.pending, None
+            raise RunInterrupted(signum)
+
+
+def pause_point(signals: Signals, point: str, round_: int) -> None:
+    """The test hook described in the module docstring; does nothing unless ``FEDJAXPRIV_PAUSE_AT`` names this
+    point and round."""
+    spec = os.environ.get(PAUSE_ENV)
+    if not spec:
+        return
+    name, number, marker = spec.split(":", 2)
+    if name != point or int(number) != round_:
+        return
+    with open(marker, "w") as f:
+        f.write(f"{os.getpid()}\n")
+    deadline = time.monotonic() + 60.0
+    while signals.pending is None and time.monotonic() < deadline:
+        time.sleep(0.005)  # a signal outside a deferred block raises out of here

@@ -1,0 +1,473 @@
+"""Config inputs as a user types them: every invalid one is a ValueError naming the field, the value and what is
+allowed; valid edge cases are read exactly; the command line turns expected errors into one line on stderr."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from typing import Any, NamedTuple
+
+import numpy as np
+import pytest
+
+from fedjaxpriv.config import ClientConfig, ExperimentConfig, from_dict, load_config, with_overrides
+
+
+class Case(NamedTuple):
+    """One input: ``how`` is "set" (command-line overrides), "map" (a mapping of dotted overrides), "dict"
+    (``from_dict``), or "yaml"/"json" (a config file's text); ``fragment`` must be in the error."""
+
+    how: str
+    given: Any
+    fragment: str
+
+
+def S(text: str | list[str], fragment: str) -> Case:
+    return Case("set", text, fragment)
+
+
+FIN = "a finite number"
+POS = f"{FIN} > 0"
+NONNEG = f"{FIN} >= 0"
+FRAC = f"{FIN} in [0, 1)"
+PC = ", or a list of them (tier values, or one per client)"
+BOOL = "allowed: true or false"
+STR = "allowed: a string"
+INT = "an integer in [1, 2147483647]"
+
+
+def bad(field: str, shown: str, allowed: str) -> str:
+    return f"{field}={shown} is invalid; allowed: {allowed}"
+
+
+INVALID: list[Case] = [
+    # data
+    Case("dict", {"data": {"dataset": 5}}, bad("data.dataset", "5", "a string")),
+    Case("dict", {"data": {"data_dir": 7}}, bad("data.data_dir", "7", "a string, or null")),
+    Case("dict", {"data": {"image_key": None}}, bad("data.image_key", "None", "a string")),
+    Case("dict", {"data": {"label_key": ["label"]}}, "data.label_key=['label'] is invalid; " + STR),
+    S("data.download=maybe", "data.download='maybe' is invalid; " + BOOL),
+    S("data.download=2", "data.download=2 is invalid; " + BOOL),
+    S("data.download=0", "data.download=0 is invalid; " + BOOL),
+    S("data.download=null", "data.download=None is invalid; " + BOOL),
+    S("data.download=[true]", "data.download=[True] is invalid; " + BOOL),
+    S("data.partition=random", "data.partition='random' is invalid; allowed: one of ['iid', 'dirichlet'"),
+    S("data.partition=IID", "data.partition='IID' is invalid; allowed: one of"),
+    S("data.partition=", "data.partition='' is invalid; allowed: one of"),
+    S("data.num_clients=0", bad("data.num_clients", "0", INT)),
+    S("data.num_clients=-1", bad("data.num_clients", "-1", INT)),
+    S("data.num_clients=2.5", bad("data.num_clients", "2.5", INT)),
+    S("data.num_clients=true", bad("data.num_clients", "'true'", INT)),
+    S("data.num_clients=abc", bad("data.num_clients", "'abc'", INT)),
+    S("data.num_clients=inf", bad("data.num_clients", "inf", INT)),
+    S("data.num_clients=1e10", bad("data.num_clients", "10000000000.0", INT)),
+    S("data.num_clients=null", bad("data.num_clients", "'null'", INT)),
+    S("data.num_clients=[5]", bad("data.num_clients", "[5]", INT)),
+    S("data.dirichlet_alpha=0", bad("data.dirichlet_alpha", "0", POS)),
+    S("data.dirichlet_alpha=-1", bad("data.dirichlet_alpha", "-1", POS)),
+    S("data.dirichlet_alpha=inf", bad("data.dirichlet_alpha", "inf", POS)),
+    S("data.dirichlet_alpha=.nan", bad("data.dirichlet_alpha", "nan", POS)),
+    S("data.dirichlet_alpha=true", bad("data.dirichlet_alpha", "'true'", POS)),
+    S("data.dirichlet_alpha=abc", bad("data.dirichlet_alpha", "'abc'", POS)),
+    S("data.shards_per_client=0", bad("data.shards_per_client", "0", INT)),
+    S("data.shards_per_client=1.5", bad("data.shards_per_client", "1.5", INT)),
+    S("data.quantity_sigma=inf", bad("data.quantity_sigma", "inf", f"{FIN} in [0, 50]")),
+    S("data.quantity_sigma=.inf", bad("data.quantity_sigma", "inf", f"{FIN} in [0, 50]")),
+    S("data.quantity_sigma=-0.1", bad("data.quantity_sigma", "-0.1", f"{FIN} in [0, 50]")),
+    S("data.quantity_sigma=51", bad("data.quantity_sigma", "51", f"{FIN} in [0, 50]")),
+    S("data.quantity_sigma=nan", bad("data.quantity_sigma", "nan", f"{FIN} in [0, 50]")),
+    S("data.synthetic_alpha=-1", bad("data.synthetic_alpha", "-1", NONNEG)),
+    S("data.synthetic_alpha=inf", bad("data.synthetic_alpha", "inf", NONNEG)),
+    S("data.synthetic_beta=-1e-3", bad("data.synthetic_beta", "-0.001", NONNEG)),
+    S("data.synthetic_beta=NaN", bad("data.synthetic_beta", "nan", NONNEG)),
+    S("data.synthetic_max_size=0", bad("data.synthetic_max_size", "0", INT + ", or null")),
+    S("data.synthetic_max_size=2.5", bad("data.synthetic_max_size", "2.5", INT + ", or null")),
+    S("data.synthetic_max_size=inf", bad("data.synthetic_max_size", "inf", INT + ", or null")),
+    # model
+    S("model.hidden=[0]", bad("model.hidden", "[0]", "a list, each " + INT)),
+    S("model.hidden=[-1]", bad("model.hidden", "[-1]", "a list, each " + INT)),
+    S("model.hidden=[2.5]", bad("model.hidden", "[2.5]", "a list, each " + INT)),
+    S("model.hidden=[true]", bad("model.hidden", "[True]", "a list, each " + INT)),
+    S("model.hidden=[abc]", bad("model.hidden", "['abc']", "a list, each " + INT)),
+    S("model.hidden=0", bad("model.hidden", "0", "a list, each " + INT)),
+    S("model.hidden=[64, inf]", bad("model.hidden", "[64, 'inf']", "a list, each " + INT)),
+    Case("dict", {"model": {"name": 3}}, "model.name=3 is invalid; " + STR),
+    # client
+    S("client.local_steps=2.5", bad("client.local_steps", "2.5", "an integer in [0, 1000000]" + PC)),
+    S("client.local_steps=-1", bad("client.local_steps", "-1", "an integer in [0, 1000000]")),
+    S("client.local_steps=1e7", bad("client.local_steps", "10000000.0", "an integer in [0, 1000000]")),
+    S("client.local_steps=true", bad("client.local_steps", "'true'", "an integer in [0, 1000000]")),
+    S("client.local_steps=abc", bad("client.local_steps", "'abc'", "an integer in [0, 1000000]")),
+    S("client.local_steps=[1, 2.5]", bad("client.local_steps", "[1, 2.5]", "an integer in [0, 1000000]")),
+    S("client.local_steps=[]", bad("client.local_steps", "[]", "an integer in [0, 1000000]")),
+    S("client.local_steps=inf", bad("client.local_steps", "inf", "an integer in [0, 1000000]")),
+    S("client.local_steps=null", bad("client.local_steps", "'null'", "an integer in [0, 1000000]")),
+    S("client.local_steps=[[1]]", bad("client.local_steps", "[[1]]", "an integer in [0, 1000000]")),
+    S("client.batch_size=0", bad("client.batch_size", "0", "an integer in [1, 1000000]")),
+    S("client.batch_size=0.5", bad("client.batch_size", "0.5", "an integer in [1, 1000000]")),
+    S("client.batch_size=[0, 4]", bad("client.batch_size", "[0, 4]", "an integer in [1, 1000000]")),
+    S("client.batch_size=true", bad("client.batch_size", "'true'", "an integer in [1, 1000000]")),
+    S("client.lr=0", bad("client.lr", "0", POS + PC)),
+    S("client.lr=-0.1", bad("client.lr", "-0.1", POS)),
+    S("client.lr=inf", bad("client.lr", "inf", POS)),
+    S("client.lr=nan", bad("client.lr", "nan", POS)),
+    S("client.lr=.nan", bad("client.lr", "nan", POS)),
+    S("client.lr=[0.1, 0]", bad("client.lr", "[0.1, 0]", POS)),
+    S("client.lr=[0.1, inf]", bad("client.lr", "[0.1, 'inf']", POS)),
+    S("client.lr=true", bad("client.lr", "'true'", POS)),
+    S("client.lr=abc", bad("client.lr", "'abc'", POS)),
+    S("client.lr=", bad("client.lr", "''", POS)),
+    S("client.lr=[]", bad("client.lr", "[]", POS)),
+    S("client.lr=[0.1,", "client.lr='[0.1,' is invalid (invalid YAML"),
+    S("client.lr={a: 1}", bad("client.lr", "{'a': 1}", POS)),
+    S("client.momentum=1", bad("client.momentum", "1", FRAC)),
+    S("client.momentum=-0.1", bad("client.momentum", "-0.1", FRAC)),
+    S("client.momentum=inf", bad("client.momentum", "inf", FRAC)),
+    S("client.momentum=true", bad("client.momentum", "'true'", FRAC)),
+    S("client.momentum=[0.5]", bad("client.momentum", "[0.5]", FRAC)),
+    S("client.prox_mu=-1", bad("client.prox_mu", "-1", NONNEG)),
+    S("client.prox_mu=inf", bad("client.prox_mu", "inf", NONNEG)),
+    S("client.sampling=random", "client.sampling='random' is invalid; allowed: one of ['fixed', 'poisson']"),
+    S("client.sampling=Fixed", "client.sampling='Fixed' is invalid; allowed: one of ['fixed', 'poisson']"),
+    S("client.mixup_alpha=-1", bad("client.mixup_alpha", "-1", NONNEG)),
+    S("client.mixup_alpha=inf", bad("client.mixup_alpha", "inf", NONNEG)),
+    S("client.prune_sparsity=1", bad("client.prune_sparsity", "1", FRAC)),
+    S("client.prune_sparsity=-0.1", bad("client.prune_sparsity", "-0.1", FRAC)),
+    S("client.prune_sparsity=[0.5, 1.0]", bad("client.prune_sparsity", "[0.5, 1.0]", FRAC)),
+    S("client.prune_method=l1", "client.prune_method='l1' is invalid; allowed: one of ['magnitude', 'random']"),
+    S("client.prune_scope=network", "client.prune_scope='network' is invalid; allowed: one of ['layer', 'global']"),
+    S("client.dp_clip_norm=0", bad("client.dp_clip_norm", "0", "a number > 0, or inf")),
+    S("client.dp_clip_norm=-1", bad("client.dp_clip_norm", "-1", "a number > 0, or inf")),
+    S("client.dp_clip_norm=nan", bad("client.dp_clip_norm", "nan", "a number > 0, or inf")),
+    S("client.dp_clip_norm=-inf", bad("client.dp_clip_norm", "-inf", "a number > 0, or inf")),
+    S("client.dp_clip_norm=true", bad("client.dp_clip_norm", "'true'", "a number > 0, or inf")),
+    S("client.dp_noise_multiplier=-1", bad("client.dp_noise_multiplier", "-1", NONNEG)),
+    S("client.dp_noise_multiplier=inf", bad("client.dp_noise_multiplier", "inf", NONNEG)),
+    S("client.target_epsilon=0", bad("client.target_epsilon", "0", POS)),
+    S("client.target_epsilon=inf", bad("client.target_epsilon", "inf", POS)),
+    S("client.target_epsilon=[1, -1]", bad("client.target_epsilon", "[1, -1]", POS)),
+    S("client.prune_begin_round=-1", bad("client.prune_begin_round", "-1", "an integer in [0, 2147483647]")),
+    S("client.prune_begin_round=1.5", bad("client.prune_begin_round", "1.5", "an integer in [0, 2147483647]")),
+    S("client.prune_end_round=true", bad("client.prune_end_round", "'true'", "an integer in [0, 2147483647]")),
+    S(["client.prune_begin_round=5", "client.prune_end_round=2"],
+      "client.prune_end_round=2 is invalid; allowed: an integer >= client.prune_begin_round=5"),
+    S(["data.num_clients=20", "client.lr=[" + ", ".join(["0.1"] * 17) + "]"],
+      "up to 16 tier values, or exactly data.num_clients=20 values (got 17)"),
+    # message
+    S("message.order=[clip, foo]", "message.order=['clip', 'foo'] is invalid; allowed: a list, each one of"),
+    S("message.order=[clip, clip]", "message.order=('clip', 'clip') is invalid; allowed: each stage at most once"),
+    S("message.order=foo", "message.order='foo' is invalid; allowed: a list, each one of"),
+    S("message.order=[1]", "message.order=[1] is invalid; allowed: a list, each one of"),
+    S("message.sparsity=1", bad("message.sparsity", "1", FRAC)),
+    S("message.topk_fraction=0", bad("message.topk_fraction", "0", f"{FIN} in (0, 1]")),
+    S("message.topk_fraction=1.5", bad("message.topk_fraction", "1.5", f"{FIN} in (0, 1]")),
+    S("message.randk_fraction=0", bad("message.randk_fraction", "0", f"{FIN} in (0, 1]")),
+    S("message.randk_fraction=-0.5", bad("message.randk_fraction", "-0.5", f"{FIN} in (0, 1]")),
+    S("message.clip_norm=0", bad("message.clip_norm", "0", "a number > 0, or inf")),
+    S("message.clip_norm=-1", bad("message.clip_norm", "-1", "a number > 0, or inf")),
+    S("message.local_noise_multiplier=-1", bad("message.local_noise_multiplier", "-1", NONNEG)),
+    S("message.local_noise_multiplier=1", "message.clip_norm=inf is invalid; allowed: finite whenever"),
+    S(["message.local_noise_multiplier=1", "message.clip_norm=1", "message.order=[noise, clip]"],
+      "allowed: 'clip' before 'noise'"),
+    S("message.quant_bits=33", bad("message.quant_bits", "33", "an integer in [0, 32]")),
+    S("message.quant_bits=2.5", bad("message.quant_bits", "2.5", "an integer in [0, 32]")),
+    S("message.quant_bits=-1", bad("message.quant_bits", "-1", "an integer in [0, 32]")),
+    S("message.quant_bits=true", bad("message.quant_bits", "'true'", "an integer in [0, 32]")),
+    S("message.qsgd_levels=-1", bad("message.qsgd_levels", "-1", "an integer in [0, 1073741824]")),
+    S("message.qsgd_levels=1.5", bad("message.qsgd_levels", "1.5", "an integer in [0, 1073741824]")),
+    S("message.qsgd_levels=2147483648", bad("message.qsgd_levels", "2147483648", "an integer in [0, 1073741824]")),
+    # server
+    S("server.algorithm=fedadam", "server.algorithm='fedadam' is invalid; allowed: one of ['fedavg'"),
+    S("server.optimizer=adagrad", "server.optimizer='adagrad' is invalid; allowed: one of ['sgd'"),
+    S("server.lr=0", bad("server.lr", "0", POS)),
+    S("server.lr=inf", bad("server.lr", "inf", POS)),
+    S("server.lr=-1", bad("server.lr", "-1", POS)),
+    S("server.lr=nan", bad("server.lr", "nan", POS)),
+    S("server.lr=[1.0]", bad("server.lr", "[1.0]", POS)),
+    S("server.momentum=1", bad("server.momentum", "1", FRAC)),
+    S("server.adam_b1=1", bad("server.adam_b1", "1", FRAC)),
+    S("server.adam_b1=-0.1", bad("server.adam_b1", "-0.1", FRAC)),
+    S("server.adam_b1=1.5", bad("server.adam_b1", "1.5", FRAC)),
+    S("server.adam_b2=1", bad("server.adam_b2", "1", FRAC)),
+    S("server.adam_b2=inf", bad("server.adam_b2", "inf", FRAC)),
+    S("server.adam_eps=0", bad("server.adam_eps", "0", POS)),
+    S("server.adam_eps=-1e-8", bad("server.adam_eps", "-1e-08", POS)),
+    S("server.adam_eps=inf", bad("server.adam_eps", "inf", POS)),
+    S("server.clients_per_round=0", bad("server.clients_per_round", "0", INT)),
+    S("server.clients_per_round=2.5", bad("server.clients_per_round", "2.5", INT)),
+    S("server.clients_per_round=51", "server.clients_per_round=51 is invalid; allowed: at most data.num_clients=50"),
+    S("server.client_sampling=random", "server.client_sampling='random' is invalid; allowed: one of"),
+    S("server.weighting=size", "server.weighting='size' is invalid; allowed: one of ['examples', 'uniform']"),
+    S("server.central_clip_norm=0", bad("server.central_clip_norm", "0", "a number > 0, or inf")),
+    S("server.central_clip_norm=-1", bad("server.central_clip_norm", "-1", "a number > 0, or inf")),
+    S("server.central_noise_multiplier=-1", bad("server.central_noise_multiplier", "-1", NONNEG)),
+    S("server.central_noise_multiplier=inf", bad("server.central_noise_multiplier", "inf", NONNEG)),
+    S("server.central_noise_multiplier=1", "server.central_clip_norm=inf is invalid; allowed: a finite clip norm"),
+    S("server.adaptive_clip_quantile=0", bad("server.adaptive_clip_quantile", "0", f"{FIN} in (0, 1)")),
+    S("server.adaptive_clip_quantile=1", bad("server.adaptive_clip_quantile", "1", f"{FIN} in (0, 1)")),
+    S("server.adaptive_clip_quantile=0.5", "server.central_clip_norm=inf is invalid; allowed: a finite initial"),
+    S("server.adaptive_clip_lr=0", bad("server.adaptive_clip_lr", "0", POS)),
+    S("server.adaptive_clip_lr=-1", bad("server.adaptive_clip_lr", "-1", POS)),
+    S("server.clip_count_noise_multiplier=0", bad("server.clip_count_noise_multiplier", "0", POS)),
+    S("server.clip_count_noise_multiplier=-1", bad("server.clip_count_noise_multiplier", "-1", POS)),
+    S("server.target_epsilon=0", bad("server.target_epsilon", "0", POS)),
+    S("server.target_epsilon=inf", bad("server.target_epsilon", "inf", POS)),
+    S("server.target_epsilon=2", "server.central_clip_norm=inf is invalid; allowed: a finite clip norm when"),
+    S("server.algorithm=fedprox", "client.prox_mu=0.0 is invalid; allowed: a value > 0 when"),
+    # run
+    S("run.rounds=0", bad("run.rounds", "0", INT)),
+    S("run.rounds=true", bad("run.rounds", "'true'", INT)),
+    S("run.rounds=2.5", bad("run.rounds", "2.5", INT)),
+    S("run.rounds=-1", bad("run.rounds", "-1", INT)),
+    S("run.rounds=1e10", bad("run.rounds", "10000000000.0", INT)),
+    S("run.rounds=abc", bad("run.rounds", "'abc'", INT)),
+    S("run.seed=-1", bad("run.seed", "-1", "an integer in [0, 4294967295]")),
+    S("run.seed=4294967296", bad("run.seed", "4294967296", "an integer in [0, 4294967295]")),
+    S("run.seed=99999999999999999999", bad("run.seed", "99999999999999999999", "an integer in [0, 4294967295]")),
+    S("run.seed=1.5", bad("run.seed", "1.5", "an integer in [0, 4294967295]")),
+    S("run.seed=true", bad("run.seed", "'true'", "an integer in [0, 4294967295]")),
+    S("run.eval_every=0", bad("run.eval_every", "0", INT)),
+    S("run.chunk_size=-1", bad("run.chunk_size", "-1", "an integer in [0, 2147483647]")),
+    S("run.num_devices=-1", bad("run.num_devices", "-1", "an integer in [0, 2147483647]")),
+    S("run.strategy=gpu", "run.strategy='gpu' is invalid; allowed: one of ['auto', 'vmap', 'loop', 'host']"),
+    S("run.checkpoint_every=-1", bad("run.checkpoint_every", "-1", "an integer in [0, 2147483647]")),
+    S("run.checkpoint_every=1.5", bad("run.checkpoint_every", "1.5", "an integer in [0, 2147483647]")),
+    S("run.delta=0", bad("run.delta", "0", f"{FIN} in (0, 1)")),
+    S("run.delta=1", bad("run.delta", "1", f"{FIN} in (0, 1)")),
+    S("run.delta=-1e-5", bad("run.delta", "-1e-05", f"{FIN} in (0, 1)")),
+    S("run.delta=inf", bad("run.delta", "inf", f"{FIN} in (0, 1)")),
+    S("run.delta=nan", bad("run.delta", "nan", f"{FIN} in (0, 1)")),
+    S("run.accountant=gdp", "run.accountant='gdp' is invalid; allowed: one of ['rdp', 'pld']"),
+    S("run.tap_clients=[-1]", bad("run.tap_clients", "[-1]", "a list, each an integer in [0, 2147483647]")),
+    S("run.tap_clients=[1.5]", bad("run.tap_clients", "[1.5]", "a list, each an integer in [0, 2147483647]")),
+    S("run.tap_clients=[50]", "run.tap_clients=(50,) is invalid; allowed: client ids < data.num_clients=50"),
+    S("run.tap_rounds=[0]", bad("run.tap_rounds", "[0]", "a list, each " + INT)),
+    S("run.tap_rounds=[true]", bad("run.tap_rounds", "[True]", "a list, each " + INT)),
+    S("run.tap_rounds=[41]", "run.tap_rounds=(41,) is invalid; allowed: round numbers in [1, run.rounds=40]"),
+    # devices
+    S("devices.policy=fast", "devices.policy='fast' is invalid; allowed: one of ['none', 'uniform', 'device_aware']"),
+    S("devices.jitter=-1", bad("devices.jitter", "-1", f"{FIN} in [0, 10]")),
+    S("devices.jitter=11", bad("devices.jitter", "11", f"{FIN} in [0, 10]")),
+    S("devices.round_deadline_s=0", bad("devices.round_deadline_s", "0", POS)),
+    S("devices.round_deadline_s=inf", bad("devices.round_deadline_s", "inf", POS)),
+    S("devices.stragglers=wait", "devices.stragglers='wait' is invalid; allowed: one of ['drop', 'fewer_steps']"),
+    S("devices.max_local_steps=0", bad("devices.max_local_steps", "0", "an integer in [1, 1000000]")),
+    S("devices.max_local_steps=1.5", bad("devices.max_local_steps", "1.5", "an integer in [1, 1000000]")),
+    S("devices.train_memory_factor=0", bad("devices.train_memory_factor", "0", POS)),
+    S("devices.privacy_tiers=maybe", "devices.privacy_tiers='maybe' is invalid; " + BOOL),
+    S("devices.privacy_tiers=1", "devices.privacy_tiers=1 is invalid; " + BOOL),
+    S("devices.tiers=[1]", "devices.tiers=[1] is invalid; allowed: a list, each a mapping"),
+    S("devices.tiers=[{name: a, probability: 1, speed: 3}]", "devices.tiers[0] has unknown field(s) ['speed']"),
+    S("devices.tiers=[{name: a}]", "devices.tiers[0]={'name': 'a'} is invalid; allowed: a mapping with at least"),
+    S("devices.tiers=[{name: a, probability: 1, flops_per_s: abc, memory_bytes: 1, uplink_bps: 1}]",
+      "devices.tiers[0].flops_per_s='abc' is invalid; allowed: a number"),
+    S("devices.tiers=[{name: 3, probability: 1, flops_per_s: 1, memory_bytes: 1, uplink_bps: 1}]",
+      "devices.tiers[0].name=3 is invalid; allowed: a string"),
+    # keys
+    S("client.nonexistent=1", "unknown field(s) ['client.nonexistent']; allowed: ["),
+    S("clients.lr=0.1", "unknown config section 'clients' in 'clients.lr'; allowed: ['name', 'data'"),
+    S("lr=0.1", "override key 'lr' must be section.field (e.g. client.lr) or name"),
+    S("client.lr", "override 'client.lr' must look like section.field=value"),
+    S("a.b.c=1", "override key 'a.b.c' must be section.field"),
+    S("client.=1", "override key 'client.' must be section.field"),
+    Case("map", {"client.lr": "abc"}, bad("client.lr", "'abc'", POS)),
+    Case("map", {"run.rounds": 2.5}, bad("run.rounds", "2.5", INT)),
+    Case("map", {"data.download": "maybe"}, "data.download='maybe' is invalid; " + BOOL),
+    Case("map", {"client.nonexistent": 1}, "unknown field(s) ['client.nonexistent']"),
+    # mappings and files
+    Case("dict", {"name": 5}, "name=5 is invalid; " + STR),
+    Case("dict", {"client": 5}, "config section 'client' must be a mapping, got 5"),
+    Case("dict", {"clients": {}}, "unknown config section(s) ['clients']; allowed: ['name', 'data'"),
+    Case("dict", {"client": {"lr": 0.1, "speed": 1}}, "unknown field(s) ['client.speed']"),
+    Case("dict", {"run": {"rounds": np.float64(2.5)}}, bad("run.rounds", "2.5", INT)),
+    Case("yaml", "client:\n  lr: [0.1,\n", "invalid YAML at line 3, column 1"),
+    Case("yaml", "client: {lr: 0.1\n", "invalid YAML at line 2"),
+    Case("yaml", "- 1\n- 2\n", "must hold a mapping at top level, got list"),
+    Case("yaml", "run:\n  rounds: true\n", bad("run.rounds", "True", INT)),
+    Case("yaml", "data:\n  download: maybe\n", "data.download='maybe' is invalid; " + BOOL),
+    Case("yaml", "client:\n  local_steps: 2.5\n", bad("client.local_steps", "2.5", "an integer in [0, 1000000]")),
+    Case("yaml", "data:\n  dataset: 5\n", "data.dataset=5 is invalid; " + STR),
+    Case("yaml", "server:\n  lr: .inf\n", bad("server.lr", "inf", POS)),
+    Case("yaml", "server:\n  adam_b2: 1.0\n", bad("server.adam_b2", "1.0", FRAC)),
+    Case("json", "{bad json", "is not valid JSON"),
+    Case("json", '{"client": {"lr": NaN}}', bad("client.lr", "nan", POS)),
+    Case("json", '{"client": {"lr": -Infinity}}', bad("client.lr", "-inf", POS)),
+    Case("json", '{"run": {"rounds": 2.5}}', bad("run.rounds", "2.5", INT)),
+    Case("json", '[1, 2]', "must hold a mapping at top level, got list"),
+    Case("json", '{"config_hash": "x", "config": {"run": {"seed": -1}}}', bad("run.seed", "-1", "an integer in [0, ")),
+    Case("missing", "nothing.yaml", "cannot be read: No such file or directory"),
+]
+
+
+def _apply(case: Case, tmp_path) -> ExperimentConfig:
+    if case.how == "set":
+        return with_overrides(ExperimentConfig(), [case.given] if isinstance(case.given, str) else case.given)
+    if case.how == "map":
+        return with_overrides(ExperimentConfig(), case.given)
+    if case.how == "dict":
+        return from_dict(case.given)
+    path = tmp_path / (case.given if case.how == "missing" else f"config.{case.how}")
+    if case.how != "missing":
+        path.write_text(case.given)
+    return load_config(str(path))
+
+
+def test_the_table_is_large_and_covers_every_field():
+    assert len(INVALID) >= 150
+    named = " ".join(c.fragment for c in INVALID)
+    for section in ("data", "model", "client", "message", "server", "run", "devices"):
+        fields = ExperimentConfig().to_dict()[section]
+        missing = [f for f in fields if f"{section}.{f}" not in named and f != "error_feedback"]
+        assert not missing, f"no invalid input for {section}: {missing}"
+
+
+@pytest.mark.parametrize("case", INVALID, ids=[f"{i}-{c.how}" for i, c in enumerate(INVALID)])
+def test_invalid_input_is_a_clear_error(case, tmp_path):
+    with pytest.raises(ValueError) as error:
+        _apply(case, tmp_path)
+    message = str(error.value)
+    assert case.fragment in message
+    assert "\n" not in message
+
+
+VALID: list[tuple[Case, str, Any]] = [
+    (S("client.lr=1e-2", ""), "client.lr", 0.01),
+    (S("run.delta=1e-6", ""), "run.delta", 1e-6),
+    (S("server.lr=1E3", ""), "server.lr", 1000.0),
+    (S("client.lr=1", ""), "client.lr", 1.0),
+    (S("client.dp_clip_norm=inf", ""), "client.dp_clip_norm", math.inf),
+    (S("client.dp_clip_norm=.inf", ""), "client.dp_clip_norm", math.inf),
+    (S("client.dp_clip_norm=Infinity", ""), "client.dp_clip_norm", math.inf),
+    (S("server.central_clip_norm=+inf", ""), "server.central_clip_norm", math.inf),
+    (S("client.local_steps=2.0", ""), "client.local_steps", 2),
+    (S("client.local_steps=0", ""), "client.local_steps", 0),
+    (S("client.lr=[0.1, 1e-2]", ""), "client.lr", (0.1, 0.01)),
+    (S("message.quant_bits=[4, 8.0]", ""), "message.quant_bits", (4, 8)),
+    (S("client.dp_clip_norm=[1, inf]", ""), "client.dp_clip_norm", (1.0, math.inf)),
+    (S("data.download=true", ""), "data.download", True),
+    (S("data.download=false", ""), "data.download", False),
+    (S("name=2024", ""), "name", "2024"),
+    (S("name='quoted name'", ""), "name", "quoted name"),
+    (S("data.data_dir=null", ""), "data.data_dir", None),
+    (S("data.data_dir=/tmp/data dir", ""), "data.data_dir", "/tmp/data dir"),
+    (S("server.target_epsilon=null", ""), "server.target_epsilon", None),
+    (S("client.target_epsilon=[1, 8]", ""), "client.target_epsilon", (1.0, 8.0)),
+    (S("run.seed=4294967295", ""), "run.seed", 4294967295),
+    (S("run.seed=1_000", ""), "run.seed", 1000),
+    (S("client.local_steps=010", ""), "client.local_steps", 10),  # decimal, as in YAML 1.2 (not octal 8)
+    (Case("yaml", "client:\n  local_steps: 010\n", ""), "client.local_steps", 10),
+    (S("client.lr= 5e-2 ", ""), "client.lr", 0.05),
+    (S("server.adam_b2=0.999", ""), "server.adam_b2", 0.999),
+    (S("server.adam_b1=0", ""), "server.adam_b1", 0.0),
+    (S("message.topk_fraction=1", ""), "message.topk_fraction", 1.0),
+    (S("message.order=[]", ""), "message.order", ()),
+    (S("message.order=clip", ""), "message.order", ("clip",)),
+    (S("model.hidden=[]", ""), "model.hidden", ()),
+    (S("model.hidden=128", ""), "model.hidden", (128,)),
+    (S("run.tap_clients=[0, 49]", ""), "run.tap_clients", (0, 49)),
+    (S("data.quantity_sigma=0", ""), "data.quantity_sigma", 0.0),
+    (S("data.quantity_sigma=50", ""), "data.quantity_sigma", 50.0),
+    (S(["data.num_clients=20", "client.lr=[" + ", ".join(["0.1"] * 20) + "]"], ""), "client.lr", (0.1,) * 20),
+    (S("client.lr=[0.1, 0.2, 0.3]", ""), "client.lr", (0.1, 0.2, 0.3)),
+    (Case("map", {"client.lr": "1e-3", "run.rounds": 3.0}, ""), "client.lr", 0.001),
+    (Case("map", {"client.lr": [0.05, "1e-1"]}, ""), "client.lr", (0.05, 0.1)),
+    (Case("dict", {"client": {"local_steps": np.array([1, 2])}}, ""), "client.local_steps", (1, 2)),
+    (Case("yaml", "run:\n  delta: 1e-7\n", ""), "run.delta", 1e-7),
+    (Case("yaml", "client:\n  dp_clip_norm: Infinity\n", ""), "client.dp_clip_norm", math.inf),
+    (Case("yaml", "client:\n  lr: 5e-1\n", ""), "client.lr", 0.5),
+    (Case("json", '{"client": {"dp_clip_norm": Infinity, "lr": 1e-2}}', ""), "client.dp_clip_norm", math.inf),
+    (Case("json", '{"config_hash": "abc", "config": {"run": {"rounds": 3}}}', ""), "run.rounds", 3),
+    (Case("yaml", "", ""), "run.rounds", 40),
+]
+
+
+def _get(config: ExperimentConfig, dotted: str) -> Any:
+    value: Any = config
+    for part in dotted.split("."):
+        value = getattr(value, part)
+    return value
+
+
+@pytest.mark.parametrize("case,field,expected", VALID, ids=[f"{i}-{v[1]}" for i, v in enumerate(VALID)])
+def test_valid_edge_case_is_read_exactly(case, field, expected, tmp_path):
+    value = _get(_apply(case, tmp_path), field)
+    assert value == expected
+    assert type(value) is type(expected)
+    if isinstance(expected, tuple):
+        assert [type(v) for v in value] == [type(v) for v in expected]
+
+
+def test_enough_valid_edge_cases():
+    assert len(VALID) >= 20
+
+
+def test_python_construction_is_checked_by_the_same_rules():
+    with pytest.raises(ValueError, match=r"client.local_steps=2.5 is invalid; allowed: an integer"):
+        ClientConfig(local_steps=2.5)
+    assert ClientConfig(lr=1, local_steps=3.0).lr == 1.0 and type(ClientConfig(local_steps=3.0).local_steps) is int
+
+
+def test_same_meaning_same_hash():
+    written = with_overrides(ExperimentConfig(), ["client.lr=[1, 2]", "client.local_steps=4.0"])
+    typed = with_overrides(ExperimentConfig(), {"client.lr": (1.0, 2.0), "client.local_steps": 4})
+    assert written.config_hash() == typed.config_hash()
+
+
+def test_a_run_directory_config_loads_back(tmp_path):
+    from fedjaxpriv.storage import RunStore
+
+    config = with_overrides(ExperimentConfig(), ["client.dp_clip_norm=2", "message.clip_norm=inf",
+                                                 "client.lr=[0.1, 1e-2]", "run.delta=1e-7", "name=saved"])
+    RunStore(str(tmp_path / "run"), config).close()  # writes config.json as every run does
+    loaded = load_config(str(tmp_path / "run" / "config.json"))
+    assert loaded == config and loaded.config_hash() == config.config_hash()
+
+
+# -- command line ------------------------------------------------------------------------------------------------
+
+def _cli(*args: str, cwd) -> subprocess.CompletedProcess:
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONWARNINGS": "ignore"}
+    return subprocess.run([sys.executable, "-m", "fedjaxpriv.cli", *args], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=120, check=False)
+
+
+def _assert_one_line_error(result: subprocess.CompletedProcess, fragment: str) -> None:
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert result.returncode != 0, result.stdout
+    assert "Traceback" not in result.stderr
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("fedjaxpriv: error: ") and fragment in lines[0]
+
+
+def test_cli_bad_yaml_missing_file_and_bad_values(tmp_path):
+    (tmp_path / "bad.yaml").write_text("client:\n  lr: [0.1,\n")
+    _assert_one_line_error(_cli("run", "--config", "bad.yaml", cwd=tmp_path), "invalid YAML at line 3")
+    _assert_one_line_error(_cli("run", "--config", "absent.yaml", cwd=tmp_path), "cannot be read")
+    _assert_one_line_error(_cli("sweep", "bad.yaml", cwd=tmp_path), "grid file 'bad.yaml': invalid YAML")
+    _assert_one_line_error(_cli("run", "--set", "run.seed=99999999999999999999", cwd=tmp_path),
+                           "run.seed=99999999999999999999 is invalid")
+    _assert_one_line_error(_cli("run", "--set", "client.local_steps=2.5", cwd=tmp_path),
+                           "client.local_steps=2.5 is invalid")
+
+
+def test_cli_unusable_output_directories(tmp_path):
+    (tmp_path / "afile").write_text("x")
+    tiny = ["--set", "run.rounds=1", "--set", "data.num_clients=4", "--set", "server.clients_per_round=2"]
+    _assert_one_line_error(_cli("run", *tiny, "--out", "afile", cwd=tmp_path), "--out='afile' is invalid: it is a file")
+    _assert_one_line_error(_cli("run", *tiny, "--out", "afile/sub", cwd=tmp_path), "cannot be used as a directory")
+    _assert_one_line_error(_cli("run", *tiny, "--out", "", cwd=tmp_path), "--out='' is invalid")
+    _assert_one_line_error(_cli("report", "missing", cwd=tmp_path), "neither a results store")
+    assert os.listdir(tmp_path) == ["afile"]  # nothing trained, nothing written
+
+
+def test_cli_print_config_round_trips(tmp_path):
+    printed = _cli("run", "--print-config", "--set", "run.delta=1e-7", "--set", "client.lr=[0.1, 1e-2]", cwd=tmp_path)
+    assert printed.returncode == 0, printed.stderr
+    (tmp_path / "my.yaml").write_text(printed.stdout)
+    again = _cli("run", "--config", "my.yaml", "--print-config", cwd=tmp_path)
+    assert again.returncode == 0, again.stderr
+    assert again.stdout == printed.stdout
+    assert json.loads(printed.stdout.replace("Infinity", "1e999"))["client"]["dp_clip_norm"] == math.inf

@@ -1,0 +1,102 @@
+"""Sweep processes sharing one store: every point runs once, a killed sweep's points are taken over, its workers
+die with it, and a rerun completes exactly the missing points with clean histories."""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+
+import pytest
+
+from fedjaxpriv.results import ResultsStore
+from fedjaxpriv.sweep import load_grid
+
+BASE = {"data": {"num_clients": 4}, "model": {"name": "logreg"}, "client": {"local_steps": 1, "batch_size": 8},
+        "server": {"clients_per_round": 2}, "run": {"rounds": 2, "checkpoint_every": 1, "eval_every": 2}}
+pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+
+
+def _sweep(grid: str, store: str, jobs: int = 1) -> subprocess.Popen:
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONWARNINGS": "ignore"}
+    return subprocess.Popen([sys.executable, "-m", "fedjaxpriv.cli", "sweep", grid, "--store", store,
+                             "--jobs", str(jobs)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _wait_for(condition, timeout: float = 60.0, what: str = "") -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)
+
+
+def _holders(store: ResultsStore, hashes: list[str]) -> set[int]:
+    return {pid for h in hashes if (pid := store.claim_holder(h)) is not None}
+
+
+def _descendants(pid: int) -> set[int]:
+    found: set[int] = set()
+    for path in glob.glob(f"/proc/{pid}/task/*/children"):
+        with open(path) as f:
+            for child in map(int, f.read().split()):
+                found |= {child} | _descendants(child)
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    except FileNotFoundError:
+        return False
+
+
+def _check_store(store: ResultsStore, hashes: list[str]) -> None:
+    records = store.records()
+    counts = Counter(r["config_hash"] for r in records)
+    assert counts == Counter(hashes), counts  # every point recorded exactly once, nothing else
+    for r in records:
+        assert [h["round"] for h in r["history"]] == [1, 2]
+
+
+def _grid(path, lrs: list[float]) -> tuple[str, list[str]]:
+    path.write_text(json.dumps({"base": BASE, "grid": {"client.lr": lrs}}))
+    return str(path), [p.config_hash for p in load_grid(str(path))]
+
+
+def test_concurrent_sweeps_kill_and_rerun(tmp_path):
+    store_dir = str(tmp_path / "store")
+    store = ResultsStore(os.path.join(store_dir, "results.jsonl"))
+    shared, shared_hashes = _grid(tmp_path / "shared.yaml", [0.05, 0.1, 0.2])
+    wider, hashes = _grid(tmp_path / "wider.yaml", [0.3, 0.4, 0.05, 0.1, 0.2])
+
+    # Three sweeps on one store: two over the shared points, one with two workers over those and two more. The
+    # third is killed while one of its workers runs a point: its workers die with it.
+    victim = _sweep(wider, store_dir, jobs=2)
+    others = [_sweep(shared, store_dir), _sweep(shared, store_dir)]
+    _wait_for(lambda: _holders(store, hashes) & _descendants(victim.pid), timeout=120,
+              what="a worker of the third sweep to claim a point")
+    workers = _descendants(victim.pid)
+    victim.send_signal(signal.SIGKILL)
+    victim.wait()
+    _wait_for(lambda: not any(_alive(pid) for pid in workers), timeout=10, what="the workers to die")
+    for sweep in others:
+        out, err = sweep.communicate(timeout=300)
+        assert sweep.returncode == 0, err
+        assert json.loads(out.splitlines()[-1])["failed"] == 0
+    _check_store(store, shared_hashes)
+
+    # A rerun of the killed sweep runs exactly the points still missing (resuming any it had begun).
+    missing = set(hashes) - store.completed_hashes()
+    assert missing
+    rerun = _sweep(wider, store_dir)
+    out, err = rerun.communicate(timeout=300)
+    assert rerun.returncode == 0, err
+    summary = json.loads(out.splitlines()[-1])
+    assert (summary["ran"], summary["skipped"], summary["failed"]) == (len(missing), 5 - len(missing), 0)
+    _check_store(store, hashes)
