@@ -179,10 +179,19 @@ def _run(args: argparse.Namespace) -> int:
     if args.print_config:
         print(json.dumps(config.to_dict(), indent=2, default=str))
         return 0
+    created = not os.path.exists(args.out)
     _output_dir(args.out)
     from fedjaxpriv.experiment import Experiment, build_experiment
 
-    experiment = build_experiment(config)
+    try:
+        experiment = build_experiment(config)
+    except Exception:
+        if created:  # a run that could not start leaves no empty directory behind
+            try:
+                os.rmdir(args.out)
+            except OSError:
+                pass
+        raise
 
     def report(_: Experiment, record: dict) -> None:
         if args.quiet or "test_accuracy" not in record:

@@ -460,6 +460,9 @@ def test_cli_unusable_output_directories(tmp_path):
     _assert_one_line_error(_cli("run", *tiny, "--out", "afile/sub", cwd=tmp_path), "cannot be used as a directory")
     _assert_one_line_error(_cli("run", *tiny, "--out", "", cwd=tmp_path), "--out='' is invalid")
     _assert_one_line_error(_cli("report", "missing", cwd=tmp_path), "neither a results store")
+    # A dataset that does not exist fails while the experiment is built, and leaves no empty --out behind.
+    _assert_one_line_error(_cli("run", *tiny, "--set", "data.dataset=no_such_dataset", "--out", "new", cwd=tmp_path),
+                           "no_such_dataset")
     assert os.listdir(tmp_path) == ["afile"]  # nothing trained, nothing written
 
 
