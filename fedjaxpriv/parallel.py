@@ -57,7 +57,8 @@ def enable_compilation_cache(path: str | None = None) -> str | None:
 
     The directory is ``path``, else ``$FEDJAXPRIV_COMPILATION_CACHE`` ("off" turns the cache off), else
     ``~/.cache/fedjaxpriv/jax``; a cache directory already set in JAX (``JAX_COMPILATION_CACHE_DIR``) is kept.
-    Programs that compile in under 0.5 s are not stored. Returns the directory in use, or None when off.
+    Programs that compile in under 0.1 s are not stored. The directory grows with every new program shape (a few
+    kB to MB each; delete it to clear it). Returns the directory in use, or None when off.
     """
     configured = jax.config.jax_compilation_cache_dir
     if path is None and configured:
@@ -66,7 +67,7 @@ def enable_compilation_cache(path: str | None = None) -> str | None:
     if chosen.lower() == "off":
         return None
     jax.config.update("jax_compilation_cache_dir", chosen)
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.1)
     return chosen
 
 
