@@ -2,6 +2,7 @@
 
     fedjaxpriv run [--config FILE] [--set section.field=value ...] [--out DIR]
     fedjaxpriv sweep GRID.yaml [--jobs N] [--store DIR] [--set section.field=value ...] [--dry-run]
+                     [--wait-limit SECONDS]
     fedjaxpriv report STORE_OR_RUN_DIR [...] [--out DIR]
     fedjaxpriv attack-eval [--config FILE] [--set ...] [--defenses none,dpsgd,...|FILE.yaml] [--out DIR]
     fedjaxpriv audit [--config FILE] [--set ...] [--level example|local|client] [--canaries M]
@@ -21,8 +22,15 @@ if TYPE_CHECKING:
     from fedjaxpriv.config import ExperimentConfig
 
 
+class _Parser(argparse.ArgumentParser):
+    """Usage errors on one line, as every other error of the command line (exit status 2)."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def _build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="fedjaxpriv", description="Federated learning privacy simulator.")
+    parser = _Parser(prog="fedjaxpriv", description="Federated learning privacy simulator.")
     commands = parser.add_subparsers(dest="command", required=True)
     run = commands.add_parser("run", help="run one experiment (default: FedAvg on the embedded digits data)")
     run.add_argument("--config", help="YAML or JSON config file")
@@ -39,6 +47,8 @@ def _build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.FIELD=VALUE",
                        help="override a field of every config of the grid (repeatable)")
     sweep.add_argument("--dry-run", action="store_true", help="list the expanded configs and exit")
+    sweep.add_argument("--wait-limit", type=float, default=None, metavar="SECONDS",
+                       help="give up on a point another process has been running this long (default: wait)")
     report = commands.add_parser("report", help="plots and a summary table from results stores or run dirs")
     report.add_argument("sources", nargs="+", help="results store (dir or results.jsonl) or run directories")
     report.add_argument("--out", default="report", help="output directory for PNGs and summary.md/csv")
@@ -142,6 +152,8 @@ def _sweep(args: argparse.Namespace) -> int:
 
     if args.jobs < 1:
         raise ValueError(f"--jobs={args.jobs} is invalid; allowed: an integer >= 1.")
+    if args.wait_limit is not None and not args.wait_limit >= 0:
+        raise ValueError(f"--wait-limit={args.wait_limit} is invalid; allowed: a number of seconds >= 0.")
     spec = load_file(args.grid, "grid file")
     if args.overrides:  # --set applies to every point: it joins the grid as a one-value axis
         grid = dict(spec.get("grid") or {})
@@ -158,7 +170,12 @@ def _sweep(args: argparse.Namespace) -> int:
     def done(config_hash: str, error: str | None) -> None:
         print(f"{'FAILED' if error else 'done'} {config_hash}" + (f"\n{error}" if error else ""), flush=True)
 
-    summary = run_sweep(points, _output_dir(args.store, "--store"), jobs=args.jobs, on_done=done)
+    def wait(config_hash: str, holder: int | None) -> None:
+        print(f"waiting {config_hash}: another process (PID {holder if holder and holder > 0 else 'unknown'}) "
+              "is running it", flush=True)
+
+    summary = run_sweep(points, _output_dir(args.store, "--store"), jobs=args.jobs, on_done=done,
+                        wait_limit_s=args.wait_limit, on_wait=wait)
     print(json.dumps({"store": args.store, "points": len(points), "ran": len(summary.ran),
                       "skipped": len(summary.skipped), "failed": len(summary.failed)}))
     return 1 if summary.failed else 0

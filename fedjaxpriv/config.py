@@ -207,6 +207,8 @@ _INF_OK = {"high": math.inf}  # inf allowed
 # Synthetic(alpha, beta)) and "attribute" (tabular, with a binary sensitive attribute in the last input column and
 # client-specific group shares: ``attacks.attribute.attribute_population``).
 NATURAL_DATASETS: tuple[str, ...] = ("synthetic", "attribute")
+# ``model.name`` of a run whose model or loss its user passed in (``Experiment(model=..., loss=...)``).
+USER_SUPPLIED = "user-supplied"
 PARTITIONS = ("iid", "dirichlet", "shards", "quantity_skew", "natural")
 
 
@@ -535,6 +537,15 @@ class ExperimentConfig:
                    "not cover the control-variate change)")
         _check(all(c < self.data.num_clients for c in self.run.tap_clients), "run.tap_clients",
                self.run.tap_clients, f"client ids < data.num_clients={self.data.num_clients}")
+        from fedjaxpriv.data.sources import DATASET_NAMES_TEXT, is_known_dataset
+        from fedjaxpriv.models.core import MODEL_NAMES
+
+        _check(self.data.dataset in NATURAL_DATASETS or is_known_dataset(self.data.dataset), "data.dataset",
+               self.data.dataset, f"{DATASET_NAMES_TEXT}, or one generated with its own clients "
+                                  f"{list(NATURAL_DATASETS)}")
+        built_in = self.model.name.split("; loss: ")[0]  # a run with another task records "<model>; loss: <task>"
+        _check(built_in in MODEL_NAMES or built_in.startswith(USER_SUPPLIED), "model.name",
+               self.model.name, f"one of {list(MODEL_NAMES)} (or pass your own model to Experiment(model=...))")
         if self.data.partition == "natural" and self.data.dataset not in NATURAL_DATASETS:
             raise ValueError(f"data.partition='natural' needs a dataset with natural client ids {NATURAL_DATASETS}; "
                              f"data.dataset={self.data.dataset!r} has none: use iid, dirichlet, shards or "

@@ -21,7 +21,7 @@ from fedjaxpriv import evaluation
 from fedjaxpriv.client.local import LocalSpec
 from fedjaxpriv.client.sampling import batch_slots, overflow_probability
 from fedjaxpriv.client.settings import ClientSettings, make_settings, per_client_array, with_extra
-from fedjaxpriv.config import ExperimentConfig
+from fedjaxpriv.config import USER_SUPPLIED, ExperimentConfig
 from fedjaxpriv.data import Dataset, FederatedData, load_dataset, partition, synthetic_federated
 from fedjaxpriv.guards import (LOSS_LIMIT, DivergenceError, Signals, divergence, divergence_message,
                                pause_point)
@@ -119,9 +119,6 @@ def partition_like(config: ExperimentConfig, dataset: Dataset, seed: int) -> Fed
     elif data.partition == "quantity_skew":
         kwargs["sigma"] = data.quantity_sigma
     return partition(dataset, data.partition, data.num_clients, seed, **kwargs)
-
-
-USER_SUPPLIED = "user-supplied"
 
 
 def model_for(config: ExperimentConfig, input_shape: Sequence[int], num_classes: int = 10,
@@ -340,18 +337,18 @@ class Experiment:
         self.privacy = self.new_privacy_tracker()
         warn_about_delta(r.delta, counts, self.sample_level, self.client_level)
         c = config.client
-        prune_schedule = ((c.prune_begin_round, c.prune_end_round) if c.prune_end_round > c.prune_begin_round
-                          else None)
+        self.prune_schedule = ((c.prune_begin_round, c.prune_end_round) if c.prune_end_round > c.prune_begin_round
+                               else None)
         self.message_transform = (message_transform if message_transform is not None else message_pipeline(
             config.message.order, self.settings, feedback=config.message.error_feedback)[0])
-        message_fn = make_message_fn(self.message_transform)
+        self.message_fn = make_message_fn(self.message_transform)
         self.algorithm = algorithm if algorithm is not None else algorithm_for(s.algorithm)
-        self.tap_fn = build_message_tap(self.model.apply, self.spec, message_fn=message_fn,
-                                        prune_schedule=prune_schedule, algorithm=self.algorithm)
+        self.tap_fn = build_message_tap(self.model.apply, self.spec, message_fn=self.message_fn,
+                                        prune_schedule=self.prune_schedule, algorithm=self.algorithm)
         self.round_fn = build_round(self.model.apply, self.spec, self.server_tx, self.aggregation,
-                                    message_fn=message_fn,
+                                    message_fn=self.message_fn,
                                     chunk_size=self.chunk_size, strategy=self.strategy, mesh=mesh,
-                                    prune_schedule=prune_schedule, algorithm=self.algorithm)
+                                    prune_schedule=self.prune_schedule, algorithm=self.algorithm)
         self._initial_params = params
         self.device_population = replicate(Population(*(jnp.asarray(a) for a in (
             population.x, population.y, population.offsets, population.counts))), mesh)
@@ -418,19 +415,22 @@ class Experiment:
         elapsed = time.perf_counter() - start
         real = cohort.mask & (out.weight > 0)
         n = max(int(real.sum()), 1)
+
+        def total(per_client: np.ndarray) -> float:  # over the clients that took part
+            return float(np.sum(np.where(real, per_client, 0.0)))
+
         record: Record = {
             "round": round_index + 1,
             "participants": int(real.sum()),
-            "train_loss": float(np.sum(np.where(real, out.loss, 0.0)) / n),
-            "local_steps_mean": float(np.sum(np.where(real, out.steps, 0.0)) / n),
-            "update_norm_mean": float(np.sum(np.where(real, out.update_norm, 0.0)) / n),
-            "bytes_per_client": float(np.sum(np.where(real, out.bits, 0.0)) / n / 8.0),
-            "bytes_total": float(np.sum(np.where(real, out.bits, 0.0)) / 8.0),
+            "train_loss": total(out.loss) / n,
+            "local_steps_mean": total(out.steps) / n,
+            "update_norm_mean": total(out.update_norm) / n,
+            "bytes_per_client": total(out.bits) / n / 8.0,
+            "bytes_total": total(out.bits) / 8.0,
             "cohort_dropped": cohort.dropped,
             "clip_norm": float(state.clip_norm),
             "round_time_s": elapsed,
-            **{f"message/{name}": float(np.sum(np.where(real, value, 0.0)) / n)
-               for name, value in out.diagnostics.items()},
+            **{f"message/{name}": total(value) / n for name, value in out.diagnostics.items()},
         }
         if skipped:
             record["budget_skipped"] = skipped

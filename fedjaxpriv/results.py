@@ -21,6 +21,8 @@ from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 
+from fedjaxpriv import locks
+
 Record = dict[str, Any]
 STORE_FILE = "results.jsonl"
 VERSIONED_PACKAGES = ("jax", "flax", "optax", "numpy", "fedjaxpriv")
@@ -185,37 +187,26 @@ class ResultsStore:
         """
         os.makedirs(f"{self.path}.claims", exist_ok=True)
         store_lock = os.open(f"{self.path}.lock", os.O_RDWR | os.O_CREAT, 0o644)
-        claim = os.open(self._claim_path(config_hash), os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(store_lock, fcntl.LOCK_EX)
-            try:
-                fcntl.flock(claim, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                state = "done" if config_hash in self.completed_hashes() else "claimed"
-            except BlockingIOError:
+            claim = locks.try_lock(self._claim_path(config_hash))
+            if claim is None:
                 state = "busy"
-            if state == "claimed":
-                os.ftruncate(claim, 0)
-                os.pwrite(claim, f"{os.getpid()}\n".encode(), 0)
+            elif config_hash in self.completed_hashes():
+                state = "done"
+            else:
+                state = "claimed"
         finally:
             os.close(store_lock)
         try:
             yield state
         finally:
-            os.close(claim)  # releases the flock
+            if claim is not None:
+                locks.release(claim)
 
     def claim_holder(self, config_hash: str) -> int | None:
-        """The pid of the process holding the claim on a config, or None if nobody holds it."""
-        path = self._claim_path(config_hash)
-        if not os.path.exists(path):
-            return None
-        with open(path, "rb") as f:
-            try:
-                fcntl.flock(f.fileno(), fcntl.LOCK_SH | fcntl.LOCK_NB)
-            except BlockingIOError:
-                text = f.read().strip()
-                return int(text) if text.isdigit() else -1
-            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
-        return None
+        """The pid of the process holding the claim on a config (-1 if it has not written it yet), or None."""
+        return locks.holder(self._claim_path(config_hash))
 
 
 def record_from_run_dir(run_dir: str) -> Record:

@@ -5,7 +5,7 @@ after it are recomputed (deterministically, since every key derives from the see
 
 The directory stays resumable if the process dies at any instant:
 
-- one writer at a time: ``RunStore`` holds an exclusive ``fcntl.flock`` on ``.lock`` (holding the writer's PID)
+- one writer at a time: ``RunStore`` holds an exclusive ``locks.try_lock`` on ``.lock`` (holding the writer's PID)
   from opening to ``close``; a second writer gets ``RunDirectoryLocked`` naming that PID;
 - ``config.json`` is written first and atomically (new file, fsync, rename); it identifies the run, so a directory
   whose history or checkpoints have no matching ``config.json`` is refused, never adopted;
@@ -21,7 +21,6 @@ The directory stays resumable if the process dies at any instant:
 from __future__ import annotations
 
 import errno
-import fcntl
 import json
 import math
 import os
@@ -33,6 +32,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from fedjaxpriv import locks
 from fedjaxpriv.config import ExperimentConfig
 from fedjaxpriv.results import jsonable, write_csv
 
@@ -148,32 +148,18 @@ def read_history(path: str, warn: bool = True) -> list[Record]:
 
 # -- the lock --------------------------------------------------------------------------------------------------
 def lock_run_dir(out_dir: str) -> int:
-    """Takes the exclusive lock of a run directory; returns the lock file's descriptor (closing it releases).
+    """Takes the exclusive lock of a run directory; returns the lock file's descriptor (``locks.release`` it).
 
     Raises:
       RunDirectoryLocked: another process holds it (the message names its PID).
     """
-    fd = os.open(os.path.join(out_dir, LOCK_FILE), os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError as error:
-        holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
-        os.close(fd)
-        if error.errno not in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
-            raise
-        raise RunDirectoryLocked(f"{out_dir} is in use by another run (PID {holder}); wait for it to finish, or "
-                                 "write to another --out directory.") from None
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    path = os.path.join(out_dir, LOCK_FILE)
+    fd = locks.try_lock(path)
+    if fd is None:
+        pid = locks.holder(path)
+        raise RunDirectoryLocked(f"{out_dir} is in use by another run (PID {pid if pid and pid > 0 else 'unknown'}); "
+                                 "wait for it to finish, or write to another --out directory.")
     return fd
-
-
-def unlock_run_dir(fd: int) -> None:
-    """Releases a lock taken by ``lock_run_dir`` (the file stays: removing it would race with a new writer)."""
-    try:
-        fcntl.flock(fd, fcntl.LOCK_UN)
-    finally:
-        os.close(fd)
 
 
 # -- the store -------------------------------------------------------------------------------------------------
@@ -363,7 +349,7 @@ class RunStore:
     def _unlock(self) -> None:
         if self._lock is not None:
             lock, self._lock = self._lock, None
-            unlock_run_dir(lock)
+            locks.release(lock)
 
 
 def _write_csv_atomically(path: str, rows: list[Record]) -> None:

@@ -211,7 +211,9 @@ def _init_worker(cores: int, parent_pid: int) -> None:
 
 
 def run_sweep(points: Sequence[SweepPoint], store_dir: str, *, jobs: int = 1,
-              on_done: Callable[[str, str | None], None] | None = None, poll_s: float = 0.5) -> SweepSummary:
+              on_done: Callable[[str, str | None], None] | None = None, poll_s: float = 0.5,
+              wait_limit_s: float | None = None,
+              on_wait: Callable[[str, int | None], None] | None = None) -> SweepSummary:
     """Runs the points not yet in ``STORE/results.jsonl``, ``jobs`` at a time, claiming each through the store.
 
     Args:
@@ -220,6 +222,9 @@ def run_sweep(points: Sequence[SweepPoint], store_dir: str, *, jobs: int = 1,
       jobs: worker processes (spawned); 1 runs in this process.
       on_done: called as ``on_done(config_hash, error_or_None)`` as each run of this sweep finishes.
       poll_s: how often points that other processes are running are tried again.
+      wait_limit_s: how long to wait for a point another process is running before counting it as failed
+        (a holder that hangs while alive keeps its claim); None waits until it is stored.
+      on_wait: called as ``on_wait(config_hash, holder_pid)`` when a point is first found held by another process.
 
     Returns:
       A ``SweepSummary``, once every point is in the store or failed; failed runs keep their partial run
@@ -227,6 +232,8 @@ def run_sweep(points: Sequence[SweepPoint], store_dir: str, *, jobs: int = 1,
     """
     if jobs < 1:
         raise ValueError(f"jobs={jobs} is invalid; allowed: an integer >= 1.")
+    if wait_limit_s is not None and not wait_limit_s >= 0:
+        raise ValueError(f"wait_limit_s={wait_limit_s} is invalid; allowed: seconds >= 0, or None to wait.")
     store = ResultsStore(os.path.join(store_dir, "results.jsonl"))
     done = store.completed_hashes()
     skipped = [p.config_hash for p in points if p.config_hash in done]
@@ -234,11 +241,20 @@ def run_sweep(points: Sequence[SweepPoint], store_dir: str, *, jobs: int = 1,
     ran: list[str] = []
     failed: dict[str, str] = {}
     busy: list[SweepPoint] = []
+    waiting_since: dict[str, float] = {}
 
     def settle(point: SweepPoint, state: str | None, error: str | None) -> None:
         if state == "busy":
-            busy.append(point)
-            return
+            first = point.config_hash not in waiting_since
+            since = waiting_since.setdefault(point.config_hash, time.monotonic())
+            holder = store.claim_holder(point.config_hash)
+            if first and on_wait is not None:
+                on_wait(point.config_hash, holder)
+            if wait_limit_s is None or time.monotonic() - since < wait_limit_s:
+                busy.append(point)
+                return
+            state, error = None, (f"another process (PID {holder if holder and holder > 0 else 'unknown'}) held "
+                                  f"this point for more than wait_limit_s={wait_limit_s} s; it is not in the store")
         if state == "done":
             skipped.append(point.config_hash)
             return

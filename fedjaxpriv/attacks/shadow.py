@@ -210,7 +210,6 @@ def train_shadow_federations(experiment: Any, pool: Dataset, num_shadows: int, k
     from fedjaxpriv.experiment import partition_like
     from fedjaxpriv.server import sample_cohort
     from fedjaxpriv.simulation import Population, build_round
-    from fedjaxpriv.transforms.pipeline import make_message_fn
 
     config = experiment.config
     inclusion = balanced_inclusion(jax.random.fold_in(key, 0), num_shadows, len(pool))
@@ -229,12 +228,9 @@ def train_shadow_federations(experiment: Any, pool: Dataset, num_shadows: int, k
                                max_count=max(experiment.spec.max_count, *(max(1, p.max_count) for p in populations)),
                                unroll=1)
     strategy = "vmap" if experiment.strategy == "host" else experiment.strategy
-    c = config.client
-    prune_schedule = ((c.prune_begin_round, c.prune_end_round) if c.prune_end_round > c.prune_begin_round
-                      else None)
     round_fn = build_round(experiment.model.apply, spec, experiment.server_tx, experiment.aggregation,
-                           message_fn=make_message_fn(experiment.message_transform), chunk_size=experiment.chunk_size,
-                           strategy=strategy, prune_schedule=prune_schedule, algorithm=experiment.algorithm)
+                           message_fn=experiment.message_fn, chunk_size=experiment.chunk_size, strategy=strategy,
+                           prune_schedule=experiment.prune_schedule, algorithm=experiment.algorithm)
     x, y, offsets, counts = _join_populations(populations)
     shared_x, shared_y = jnp.asarray(x), jnp.asarray(y)
     # Federations differ in their state, client slices, settings, cohort and keys; the examples are shared.

@@ -26,6 +26,7 @@ _TFDS_NAMES = {
 }
 _TFDS_WITH_CONFIGS = ("emnist",)
 DATASET_NAMES: tuple[str, ...] = ("digits",) + tuple(_TFDS_NAMES)
+DATASET_NAMES_TEXT = f"one of {list(DATASET_NAMES)}, 'emnist/<config>' or '{TFDS_PREFIX}<tfds name>'"
 
 DIGITS_NUM_TEST = 360
 DIGITS_SPLIT_SEED = 0
@@ -69,6 +70,11 @@ def load_digits() -> tuple[Dataset, Dataset]:
     return Dataset(x[train_idx], y[train_idx]), Dataset(x[test_idx], y[test_idx])
 
 
+def is_known_dataset(name: str) -> bool:
+    """Whether ``load_dataset`` accepts ``name`` (without loading anything)."""
+    return name == "digits" or _resolve_tfds_name(name) is not None
+
+
 def _resolve_tfds_name(name: str) -> str | None:
     """The tfds name for a registered or ``tfds:``-prefixed name, or None when the name is unknown."""
     if name.startswith(TFDS_PREFIX) and len(name) > len(TFDS_PREFIX):
@@ -106,8 +112,7 @@ def load_dataset(name: str, data_dir: str | None = None, download: bool = False,
     else:
         tfds_name = _resolve_tfds_name(name)
         if tfds_name is None:
-            raise ValueError(f"unknown dataset name {name!r}; allowed: {list(DATASET_NAMES)}, 'emnist/<config>' "
-                             f"or '{TFDS_PREFIX}<tfds name>'.")
+            raise ValueError(f"unknown dataset name {name!r}; allowed: {DATASET_NAMES_TEXT}.")
         train, test, num_classes = tfds_source.load_tfds(tfds_name, data_dir, download, image_key=image_key,
                                                          label_key=label_key)
     info = DatasetInfo(name=name, input_shape=tuple(int(d) for d in train.x.shape[1:]), num_classes=num_classes,

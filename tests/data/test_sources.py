@@ -44,5 +44,5 @@ def test_registry_and_info_are_frozen():
 
 @pytest.mark.parametrize("name", ["mnist_digits", "", "tfds:", "cifar10/extra"])
 def test_unknown_names_raise_with_the_allowed_list(name):
-    with pytest.raises(ValueError, match="allowed: \\['digits', 'mnist'"):
+    with pytest.raises(ValueError, match="allowed: one of \\['digits', 'mnist'"):
         load_dataset(name)

@@ -70,7 +70,7 @@ def test_bad_config_names_the_field(override, field):
 
 
 def test_unknown_dataset_fails_before_training():
-    with pytest.raises(ValueError, match="unknown dataset name 'mnist3'"):
+    with pytest.raises(ValueError, match="data.dataset='mnist3' is invalid; allowed: one of"):
         Experiment(with_overrides(ExperimentConfig(), ["data.dataset=mnist3"]))
 
 

@@ -46,6 +46,10 @@ def bad(field: str, shown: str, allowed: str) -> str:
 INVALID: list[Case] = [
     # data
     Case("dict", {"data": {"dataset": 5}}, bad("data.dataset", "5", "a string")),
+    S("data.dataset=mnsit", "data.dataset='mnsit' is invalid; allowed: one of ['digits', 'mnist'"),
+    S("data.dataset=tfds:", "data.dataset='tfds:' is invalid; allowed: one of"),
+    S("model.name=resnet50", "model.name='resnet50' is invalid; allowed: one of ['logreg', 'mlp', 'cnn'"),
+    S("model.name=MLP", "model.name='MLP' is invalid; allowed: one of"),
     Case("dict", {"data": {"data_dir": 7}}, bad("data.data_dir", "7", "a string, or null")),
     Case("dict", {"data": {"image_key": None}}, bad("data.image_key", "None", "a string")),
     Case("dict", {"data": {"label_key": ["label"]}}, "data.label_key=['label'] is invalid; " + STR),
@@ -460,10 +464,20 @@ def test_cli_unusable_output_directories(tmp_path):
     _assert_one_line_error(_cli("run", *tiny, "--out", "afile/sub", cwd=tmp_path), "cannot be used as a directory")
     _assert_one_line_error(_cli("run", *tiny, "--out", "", cwd=tmp_path), "--out='' is invalid")
     _assert_one_line_error(_cli("report", "missing", cwd=tmp_path), "neither a results store")
-    # A dataset that does not exist fails while the experiment is built, and leaves no empty --out behind.
-    _assert_one_line_error(_cli("run", *tiny, "--set", "data.dataset=no_such_dataset", "--out", "new", cwd=tmp_path),
-                           "no_such_dataset")
+    # A tfds dataset that is not prepared fails while the experiment is built, and leaves no empty --out behind.
+    _assert_one_line_error(_cli("run", *tiny, "--set", "data.dataset=tfds:no_such_dataset", "--set",
+                                f"data.data_dir={tmp_path / 'tfds'}", "--out", "new", cwd=tmp_path),
+                           "tfds dataset 'no_such_dataset' is not prepared")
     assert os.listdir(tmp_path) == ["afile"]  # nothing trained, nothing written
+
+
+def test_cli_usage_errors_are_one_line(tmp_path):
+    _assert_one_line_error(_cli(cwd=tmp_path), "required: command (see fedjaxpriv --help)")
+    _assert_one_line_error(_cli("frobnicate", cwd=tmp_path), "invalid choice: 'frobnicate'")
+    _assert_one_line_error(_cli("run", "--bogus", cwd=tmp_path), "unrecognized arguments: --bogus")
+    result = _cli("sweep", "grid.yaml", "--jobs", "x", cwd=tmp_path)
+    assert result.returncode == 2 and result.stderr.strip() == (
+        "fedjaxpriv sweep: error: argument --jobs: invalid int value: 'x' (see fedjaxpriv sweep --help)")
 
 
 def test_cli_print_config_round_trips(tmp_path):

@@ -100,3 +100,32 @@ def test_concurrent_sweeps_kill_and_rerun(tmp_path):
     summary = json.loads(out.splitlines()[-1])
     assert (summary["ran"], summary["skipped"], summary["failed"]) == (len(missing), 5 - len(missing), 0)
     _check_store(store, hashes)
+
+
+def test_a_hung_claim_holder_is_named_and_given_up_after_the_wait_limit(tmp_path):
+    from fedjaxpriv.sweep import run_sweep
+
+    store_dir = str(tmp_path / "store")
+    store = ResultsStore(os.path.join(store_dir, "results.jsonl"))
+    grid, (held, free) = _grid(tmp_path / "grid.yaml", [0.05, 0.1])
+    os.makedirs(f"{store.path}.claims")
+    # A live process that holds one point's claim and never finishes it.
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from fedjaxpriv import locks; "
+                               "assert locks.try_lock(sys.argv[1]) is not None; print('held', flush=True); "
+                               "time.sleep(600)", store._claim_path(held)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        assert store.claim_holder(held) == holder.pid
+        waited: list[tuple[str, int | None]] = []
+        start = time.monotonic()
+        summary = run_sweep(load_grid(grid), store_dir, wait_limit_s=1.0, poll_s=0.1,
+                            on_wait=lambda h, pid: waited.append((h, pid)))
+        assert time.monotonic() - start < 120
+    finally:
+        holder.kill()
+        holder.wait()
+    assert waited == [(held, holder.pid)]  # named once, with its PID
+    assert summary.ran == [free] and list(summary.failed) == [held]
+    assert f"PID {holder.pid}" in summary.failed[held] and "wait_limit_s=1.0" in summary.failed[held]
+    assert [r["config_hash"] for r in store.records()] == [free]
+    assert store.claim_holder(held) is None  # the kernel released the dead holder's claim
