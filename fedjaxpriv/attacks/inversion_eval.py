@@ -409,8 +409,9 @@ def invert_taps(
       mask_aware: recompute the client's pruning mask from the server parameters (True, what the server can
         do) or ignore it (False: the attacker simulates the unpruned model).
       max_examples: skip clients with more examples (the attack reconstructs all of them).
-      chunk_size: targets per compiled call (a shorter chunk is padded), so repeated calls with other taps or
-        clients reuse one compiled attack per batch size.
+      chunk_size: at most this many targets per compiled call. A shorter chunk is padded to the next power of
+        two (at most ``chunk_size``), so repeated calls with other taps or clients reuse a few compiled attacks
+        per batch size and padding at most doubles the work.
 
     Returns:
       ``InversionReport``; ``report.summary()`` gives the flat metrics, ``report.save_grid(path)`` a picture.
@@ -433,7 +434,8 @@ def invert_taps(
                                     batch_size=batch_size, local_steps=int(experiment.spec.max_steps))
         for start in range(0, len(group), chunk_size):
             chunk = group[start:start + chunk_size]
-            padded = chunk + [chunk[-1]] * (chunk_size - len(chunk))
+            width = min(chunk_size, 1 << (len(chunk) - 1).bit_length())
+            padded = chunk + [chunk[-1]] * (width - len(chunk))
             out = inversion.invert_batch(  # the distance is per target, so one compiled attack serves all choices
                 dataclasses.replace(attack, distance=None), spec, experiment.model.apply,
                 _stack([t.server_params for t in padded]), _stack([t.message for t in padded]),

@@ -32,7 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from fedjaxpriv.attacks.audit import clopper_pearson_interval
-from fedjaxpriv.attacks.metrics import bootstrap_auc, roc_auc, roc_counts
+from fedjaxpriv.attacks.metrics import bootstrap_auc, bootstrap_tpr_at_fpr, roc_auc, roc_counts
 from fedjaxpriv.models.tasks import CLASSIFICATION
 
 Params = Any
@@ -371,10 +371,12 @@ def attack_metrics(scores: np.ndarray, labels: np.ndarray, fprs: Sequence[float]
         ``balanced_accuracy = (1 + advantage) / 2``: the accuracy of that threshold on a balanced prior. Both
         pick t on these scores (optimistic).
       ``tpr@{100 f:g}%fpr`` for each f in ``fprs`` (e.g. ``tpr@0.1%fpr``): the highest TPR over thresholds
-        whose FPR is <= f, with ``..._low``, ``..._high`` its Clopper-Pearson interval over the members. The
-        interval is for that threshold's TPR given the threshold (chosen on the non-members only); it leaves
-        out the FPR's own sampling noise and holds per key, not jointly. When f < 1 / num_nonmembers no
-        threshold has FPR f, and all three are NaN.
+        whose FPR is <= f, with ``..._low``, ``..._high`` its Clopper-Pearson interval over the members: the
+        interval of that threshold's TPR given the threshold (chosen on the non-members only), leaving out the
+        FPR's own sampling noise. With ``groups`` (and ``bootstrap`` > 0) the scores are not independent, and
+        the interval is widened to also hold the percentile interval of the cluster bootstrap, in which each
+        resample chooses its own threshold (``metrics.bootstrap_tpr_at_fpr``). Intervals hold per key, not
+        jointly. When f < 1 / num_nonmembers no threshold has FPR f, and all three are NaN.
 
     Args:
       scores: ``[N]`` finite scores (higher = member); drop NaN ones first with ``finite_scores``.
@@ -384,8 +386,8 @@ def attack_metrics(scores: np.ndarray, labels: np.ndarray, fprs: Sequence[float]
       bootstrap: number of AUC resamples (0 skips the AUC interval).
       seed: seed of the resampling.
       groups: optional ``[N]`` integer group of each score, e.g. the candidate of each (model, candidate) pair
-        of a pooled attack: the AUC interval then resamples whole groups (``metrics.bootstrap_auc``). The TPR
-        intervals still treat the members' scores as independent.
+        of a pooled attack: the AUC and TPR intervals then resample whole groups (``metrics.bootstrap_auc``,
+        ``metrics.bootstrap_tpr_at_fpr``).
     """
     if not 0.0 < alpha < 1.0:
         raise ValueError(f"alpha={alpha} must lie in (0, 1).")
@@ -407,6 +409,10 @@ def attack_metrics(scores: np.ndarray, labels: np.ndarray, fprs: Sequence[float]
     # The rates are nondecreasing, so the best point with FPR <= f is the last one.
     hits = true_positives[np.searchsorted(fpr, targets, side="right") - 1]
     low, high = clopper_pearson_interval(hits, members, alpha)
+    if bootstrap and groups is not None:  # dependent scores: the cluster bootstrap's interval as well
+        resampled_tpr = bootstrap_tpr_at_fpr(scores, labels, targets, int(bootstrap), seed, groups=groups)
+        boot_low, boot_high = np.quantile(resampled_tpr, [alpha / 2, 1 - alpha / 2], axis=0)
+        low, high = np.minimum(low, boot_low), np.maximum(high, boot_high)
     for target, k, lo, hi in zip(targets, hits, low, high):
         resolvable = target >= 1.0 / nonmembers
         key = fpr_key(float(target))

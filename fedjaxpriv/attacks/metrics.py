@@ -2,12 +2,14 @@
 
 Reconstruction metrics (``mse``, ``psnr``, ``ssim``) are pure JAX functions of ONE image pair, so they run
 inside jitted attacks and ``jax.vmap`` over batches and targets. Score metrics (``roc_curve``, ``auc``,
-``roc_auc``, ``tpr_at_fpr``, ``membership_advantage``, ``bootstrap_auc``) run on the host over attack scores
+``roc_auc``, ``tpr_at_fpr``, ``membership_advantage``, ``bootstrap_auc``, ``bootstrap_tpr_at_fpr``) run on the host over attack scores
 (scikit-learn for the ROC), where label 1 marks a member (positive) and a higher score means "more likely a
 member".
 """
 
 from __future__ import annotations
+
+from typing import Iterator
 
 import jax
 import jax.numpy as jnp
@@ -271,13 +273,108 @@ def resampled_auc(scores: np.ndarray, labels: np.ndarray, counts: np.ndarray) ->
     return np.sum(positive_counts * twice_wins, axis=1) / (2.0 * positive_total * negative_total)
 
 
+def resampled_tpr_at_fpr(scores: np.ndarray, labels: np.ndarray, counts: np.ndarray,
+                         fpr: float | np.ndarray) -> np.ndarray:
+    """``tpr_at_fpr`` of each reweighting of the examples (e.g. bootstrap resamples), the threshold chosen anew
+    in each: row b counts example n ``counts[b, n]`` times.
+
+    Args:
+      scores: ``[N]`` finite attack scores.
+      labels: ``[N]`` 1 for members.
+      counts: ``[B, N]`` (or ``[N]``) nonnegative integers; every row needs a positive total in each class.
+      fpr: scalar or ``[F]`` target false-positive rates in [0, 1].
+
+    Returns:
+      ``[B, F]`` TPRs (``[B]`` for a scalar ``fpr``); a row of all ones gives ``tpr_at_fpr`` exactly.
+    """
+    scores, labels = _validate_scores(scores, labels)
+    counts = np.asarray(counts)
+    counts = counts[None] if counts.ndim == 1 else counts
+    if counts.ndim != 2 or counts.shape[1] != scores.size:
+        raise ValueError(f"counts {counts.shape} must be [B, {scores.size}] (one row per resample).")
+    targets = np.asarray(fpr, np.float64)
+    if np.any(~((targets >= 0) & (targets <= 1))):
+        raise ValueError(f"fpr={fpr} must lie in [0, 1].")
+    order = np.argsort(-scores, kind="stable")
+    descending = scores[order]
+    ends = np.flatnonzero(np.r_[descending[1:] != descending[:-1], True])  # last of each run of equal scores
+    weights, members = counts[:, order].astype(np.int64), labels[order]
+    true_positives = np.cumsum(weights * members, axis=1)[:, ends]  # [B, K] at the K distinct thresholds
+    false_positives = np.cumsum(weights * ~members, axis=1)[:, ends]
+    positives, negatives = true_positives[:, -1:], false_positives[:, -1:]
+    if np.any(positives == 0) or np.any(negatives == 0):
+        raise ValueError("every row of counts needs at least one member and one non-member.")
+    rates = false_positives / negatives
+    # The rates are nondecreasing along a row: the qualifying thresholds are a prefix; none means TPR 0.
+    qualifying = np.sum(rates[:, :, None] <= targets.ravel()[None, None], axis=1)  # [B, F]
+    hits = np.take_along_axis(true_positives, np.maximum(qualifying - 1, 0), axis=1)
+    out = np.where(qualifying > 0, hits, 0) / positives
+    return out.reshape(out.shape[:1] + targets.shape)
+
+
 BOOTSTRAP_CHUNK_ELEMENTS = 1 << 22
+
+
+def bootstrap_counts(labels: np.ndarray, num_resamples: int, seed: int = 0,
+                     chunk_elements: int = BOOTSTRAP_CHUNK_ELEMENTS,
+                     groups: np.ndarray | None = None) -> Iterator[np.ndarray]:
+    """Bootstrap resamples as multiplicities, in chunks: stratified (members and non-members each resampled with
+    replacement, so every resample keeps the class sizes), or, with ``groups``, of whole groups (a cluster
+    bootstrap; a resample without a member or a non-member is drawn again).
+
+    Args:
+      labels: ``[N]`` booleans, True for members.
+      num_resamples: B >= 1 in all.
+      seed: stratified draws come from two streams (members, non-members) spawned from it, so they do not depend
+        on ``chunk_elements``.
+      chunk_elements: about this many ``[rows, N]`` entries per chunk (memory bound).
+      groups: optional ``[N]`` integer group of each score.
+
+    Yields:
+      ``[rows, N]`` int64 multiplicities, B rows in all.
+    """
+    if num_resamples < 1:
+        raise ValueError(f"num_resamples={num_resamples} must be >= 1.")
+    labels = np.asarray(labels, bool).ravel()
+    size = labels.size
+    if groups is None:
+        members, nonmembers = np.flatnonzero(labels), np.flatnonzero(~labels)
+        member_rng, nonmember_rng = (np.random.default_rng(s) for s in np.random.SeedSequence(seed).spawn(2))
+        chunk = max(1, chunk_elements // size)
+        for start in range(0, num_resamples, chunk):
+            rows = min(chunk, num_resamples - start)
+            counts = np.zeros((rows, size), np.int64)
+            for group, rng in ((members, member_rng), (nonmembers, nonmember_rng)):
+                picks = group[rng.integers(0, group.size, size=(rows, group.size))]     # [rows, n_group]
+                flat = (picks + size * np.arange(rows)[:, None]).ravel()
+                counts += np.bincount(flat, minlength=rows * size).reshape(rows, size)
+            yield counts
+        return
+    groups = np.asarray(groups).ravel()
+    if groups.shape != labels.shape or not np.issubdtype(groups.dtype, np.integer):
+        raise ValueError(f"groups must be [{size}] integers; got shape {groups.shape}, dtype {groups.dtype}.")
+    ids, index = np.unique(groups, return_inverse=True)
+    if ids.size < 2:
+        raise ValueError(f"groups holds {ids.size} group; a cluster bootstrap needs at least 2.")
+    has_member = np.bincount(index, weights=labels, minlength=ids.size) > 0
+    has_nonmember = np.bincount(index, weights=~labels, minlength=ids.size) > 0
+    rng = np.random.default_rng(seed)
+    chunk = max(1, chunk_elements // max(size, ids.size))
+    done = 0
+    while done < num_resamples:
+        rows = min(chunk, num_resamples - done)
+        picks = rng.integers(0, ids.size, size=(rows, ids.size))
+        picks = picks[has_member[picks].any(axis=1) & has_nonmember[picks].any(axis=1)]
+        multiplicity = np.zeros((picks.shape[0], ids.size), np.int64)
+        np.add.at(multiplicity, (np.arange(picks.shape[0])[:, None], picks), 1)
+        if picks.shape[0]:
+            yield multiplicity[:, index]
+        done += picks.shape[0]
 
 
 def bootstrap_auc(scores: np.ndarray, labels: np.ndarray, num_resamples: int = 1000, seed: int = 0,
                   chunk_elements: int = BOOTSTRAP_CHUNK_ELEMENTS, groups: np.ndarray | None = None) -> np.ndarray:
-    """AUCs of bootstrap resamples: stratified (members and non-members each resampled with replacement), or,
-    with ``groups``, of whole groups (a cluster bootstrap).
+    """AUCs of bootstrap resamples (``bootstrap_counts``): stratified, or, with ``groups``, of whole groups.
 
     Scores that share a source of variation are not independent: pooled over models, the scores of one candidate
     under every model share its difficulty. Resampling candidates (``groups`` = the candidate of each score)
@@ -286,59 +383,26 @@ def bootstrap_auc(scores: np.ndarray, labels: np.ndarray, num_resamples: int = 1
     Args:
       scores: ``[N]`` finite attack scores.
       labels: ``[N]`` 1 for members.
-      num_resamples: B >= 1.
-      seed: members and non-members draw from two streams spawned from it, so the result does not depend
-        on ``chunk_elements``.
-      chunk_elements: resamples are processed in chunks of about this many ``[B, N]`` entries (memory bound).
-      groups: optional ``[N]`` integer group of each score; groups are resampled with replacement, each
-        bringing all its scores (a resample without a member or a non-member is drawn again).
+      num_resamples, seed, chunk_elements, groups: as ``bootstrap_counts``.
 
     Returns:
       ``[B]`` resampled AUCs; ``np.quantile(out, [alpha / 2, 1 - alpha / 2])`` is the percentile interval.
     """
     scores, labels = _validate_scores(scores, labels)
-    if num_resamples < 1:
-        raise ValueError(f"num_resamples={num_resamples} must be >= 1.")
-    if groups is not None:
-        return _cluster_bootstrap_auc(scores, labels, groups, num_resamples, seed, chunk_elements)
-    members, nonmembers = np.flatnonzero(labels), np.flatnonzero(~labels)
-    member_rng, nonmember_rng = (np.random.default_rng(s) for s in np.random.SeedSequence(seed).spawn(2))
-    chunk = max(1, chunk_elements // scores.size)
-    out = []
-    for start in range(0, num_resamples, chunk):
-        rows = min(chunk, num_resamples - start)
-        counts = np.zeros((rows, scores.size), np.int64)
-        for group, rng in ((members, member_rng), (nonmembers, nonmember_rng)):
-            picks = group[rng.integers(0, group.size, size=(rows, group.size))]     # [rows, n_group]
-            flat = (picks + scores.size * np.arange(rows)[:, None]).ravel()
-            counts += np.bincount(flat, minlength=rows * scores.size).reshape(rows, scores.size)
-        out.append(resampled_auc(scores, labels, counts))
-    return np.concatenate(out)
+    return np.concatenate([resampled_auc(scores, labels, counts)
+                           for counts in bootstrap_counts(labels, num_resamples, seed, chunk_elements, groups)])
 
 
-def _cluster_bootstrap_auc(scores: np.ndarray, labels: np.ndarray, groups: np.ndarray, num_resamples: int,
-                           seed: int, chunk_elements: int) -> np.ndarray:
-    """``bootstrap_auc`` over whole groups (see there)."""
-    groups = np.asarray(groups).ravel()
-    if groups.shape != scores.shape or not np.issubdtype(groups.dtype, np.integer):
-        raise ValueError(f"groups must be [{scores.size}] integers; got shape {groups.shape}, dtype {groups.dtype}.")
-    ids, index = np.unique(groups, return_inverse=True)
-    if ids.size < 2:
-        raise ValueError(f"groups holds {ids.size} group; a cluster bootstrap needs at least 2.")
-    has_member = np.bincount(index, weights=labels, minlength=ids.size) > 0
-    has_nonmember = np.bincount(index, weights=~labels, minlength=ids.size) > 0
-    rng = np.random.default_rng(seed)
-    chunk = max(1, chunk_elements // max(scores.size, ids.size))
-    out: list[np.ndarray] = []
-    done = 0
-    while done < num_resamples:
-        rows = min(chunk, num_resamples - done)
-        picks = rng.integers(0, ids.size, size=(rows, ids.size))
-        usable = has_member[picks].any(axis=1) & has_nonmember[picks].any(axis=1)
-        picks = picks[usable]
-        multiplicity = np.zeros((picks.shape[0], ids.size), np.int64)
-        np.add.at(multiplicity, (np.arange(picks.shape[0])[:, None], picks), 1)
-        if picks.shape[0]:
-            out.append(resampled_auc(scores, labels, multiplicity[:, index]))
-        done += picks.shape[0]
-    return np.concatenate(out)
+def bootstrap_tpr_at_fpr(scores: np.ndarray, labels: np.ndarray, fpr: float | np.ndarray,
+                         num_resamples: int = 1000, seed: int = 0, chunk_elements: int = BOOTSTRAP_CHUNK_ELEMENTS,
+                         groups: np.ndarray | None = None) -> np.ndarray:
+    """``tpr_at_fpr`` of bootstrap resamples (``bootstrap_counts``), the threshold chosen anew in each, so the
+    spread includes the threshold's own noise (from the non-members) and, with ``groups``, the dependence
+    between scores of one group.
+
+    Returns:
+      ``[B, F]`` TPRs (``[B]`` for a scalar ``fpr``).
+    """
+    scores, labels = _validate_scores(scores, labels)
+    return np.concatenate([resampled_tpr_at_fpr(scores, labels, counts, fpr)
+                           for counts in bootstrap_counts(labels, num_resamples, seed, chunk_elements, groups)])

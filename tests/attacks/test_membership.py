@@ -237,6 +237,43 @@ def test_clopper_pearson_tpr_interval_covers_the_tpr_of_the_chosen_threshold():
         assert 0.9 < width_ratio[f] < 1.25, (f, width_ratio[f])  # exact but not vacuous: close to Wald's width
 
 
+def test_pooled_tpr_interval_covers_dependent_scores_that_clopper_pearson_does_not():
+    """Pooled scores of 5 models on 100 candidates share each candidate's difficulty d ~ N(0, 0.25) and its
+    vulnerability v ~ N(0.5, 9) (a member's score is shifted by v). The population rule at 10% FPR is
+    'score >= sqrt(1.25) z_0.9', with TPR P[N(0.5, 10.25) >= that]. Over 60 replications the interval with
+    ``groups`` (Clopper-Pearson widened by the cluster bootstrap, each resample choosing its threshold) covers
+    it at least 51 times (P(<= 50 | 0.95) < 1e-3); Clopper-Pearson alone, which treats the ~250 member pairs
+    as independent and the threshold as fixed, falls short of that bar."""
+    rng = np.random.default_rng(3)
+    models, candidates, shift, f = 5, 100, 0.5, 0.1
+    expected = stats.norm.sf((np.sqrt(1.25) * stats.norm.isf(f) - shift) / np.sqrt(10.25))
+    groups = np.tile(np.arange(candidates), models)
+    covered = {"pooled": 0, "independent": 0}
+    for _ in range(60):
+        difficulty, vulnerability = 0.5 * rng.normal(size=candidates), shift + 3.0 * rng.normal(size=candidates)
+        labels = rng.random((models, candidates)) < 0.5
+        scores = (difficulty[None] + vulnerability[None] * labels + rng.normal(size=labels.shape)).ravel()
+        labels = labels.ravel().astype(int)
+        for name, g in (("pooled", groups), ("independent", None)):
+            got = membership.attack_metrics(scores, labels, (f,), bootstrap=400, seed=1, groups=g)
+            covered[name] += got["tpr@10%fpr_low"] <= expected <= got["tpr@10%fpr_high"]
+            assert got["tpr@10%fpr"] == metrics.tpr_at_fpr(scores, labels, f)
+    assert covered["pooled"] >= 51 > covered["independent"], covered
+
+
+def test_resampled_tpr_equals_tpr_of_the_repeated_scores():
+    rng = np.random.default_rng(0)
+    scores, labels = np.round(3 * rng.normal(size=300)) / 3, (rng.random(300) < 0.4).astype(int)  # many ties
+    counts = rng.integers(0, 3, size=(20, 300))
+    fprs = np.array([0.0, 0.01, 0.1, 0.5, 1.0])
+    got = metrics.resampled_tpr_at_fpr(scores, labels, counts, fprs)
+    for row, c in zip(got, counts):
+        repeated = np.repeat(np.arange(300), c)
+        np.testing.assert_array_equal(row, metrics.tpr_at_fpr(scores[repeated], labels[repeated], fprs))
+    np.testing.assert_array_equal(metrics.resampled_tpr_at_fpr(scores, labels, np.ones(300, int), fprs)[0],
+                                  metrics.tpr_at_fpr(scores, labels, fprs))
+
+
 def test_bootstrap_auc_interval_covers_theory_and_shrinks_like_root_n():
     mu, alpha = 1.0, 0.05
     auc = stats.norm.cdf(mu / np.sqrt(2))
