@@ -349,7 +349,10 @@ class ServerConfig:
       algorithm: "fedavg", "fedprox" (needs client.prox_mu > 0), "fedsgd" (one full-batch gradient step
         per client; the server applies the averaged gradient with ``lr``) or "scaffold" (control variates that
         correct each client's drift, Karimireddy et al. 2020; every client keeps one model-sized state, and sends
-        its change uncompressed beside its update).
+        its change uncompressed beside its update) or "ditto" (FedAvg plus a personal model per client, trained
+        on the client's loss plus ``ditto_lambda / 2 ||v - w||^2`` around the global model w and never sent, Li
+        et al. 2021; the run reports the personal models' accuracy on test data mixed as each client's labels).
+      ditto_lambda: Ditto's proximal weight (0: purely local personal models).
       optimizer: "sgd" (FedAvg: lr 1), "momentum" (FedAvgM) or "adam" (FedAdam).
       lr / momentum / adam_b1 / adam_b2 / adam_eps: the server optimizer's hyperparameters.
       clients_per_round: cohort size (uniform) or expected cohort size (Poisson).
@@ -369,7 +372,8 @@ class ServerConfig:
         central_noise_multiplier at 0).
     """
 
-    algorithm: str = knob("fedavg", str, choices=("fedavg", "fedprox", "fedsgd", "scaffold"))
+    algorithm: str = knob("fedavg", str, choices=("fedavg", "fedprox", "fedsgd", "scaffold", "ditto"))
+    ditto_lambda: float = knob(1.0, float, **_NONNEGATIVE)
     optimizer: str = knob("sgd", str, choices=("sgd", "momentum", "adam"))
     lr: float = knob(1.0, float, **_POSITIVE)
     momentum: float = knob(0.9, float, **_FRACTION)

@@ -80,3 +80,62 @@ def distribution_summary(values: np.ndarray, prefix: str) -> dict[str, float]:
     q10, q50, q90 = np.percentile(v, [10, 50, 90])
     return {f"{prefix}_mean": float(v.mean()), f"{prefix}_std": float(v.std()), f"{prefix}_p10": float(q10),
             f"{prefix}_p50": float(q50), f"{prefix}_p90": float(q90)}
+
+
+@partial(jax.jit, static_argnums=(0, 4))
+def _models_correct(apply_fn: ApplyFn, models: Params, x: jax.Array, y: jax.Array, chunk: int) -> jax.Array:
+    """[M, N] correctness (float32) of M models (leaves [M, ...]) on the same N examples, ``chunk`` at a time."""
+    return jax.lax.map(lambda p: (jnp.argmax(apply_fn(p, x), -1) == y).astype(jnp.float32), models,
+                       batch_size=chunk)
+
+
+def label_mix_accuracy(correct: np.ndarray, y: np.ndarray, label_counts: np.ndarray) -> np.ndarray:
+    """Accuracy of each model on test data mixed as its client's labels: ``sum_k p_c(k) acc_c(k)``, with
+    ``p_c`` client c's label distribution over the classes the test set holds and ``acc_c(k)`` model c's
+    accuracy on the test examples of class k. Under label skew (Dirichlet, shards) this is the expected
+    accuracy on a test set drawn like the client's data.
+
+    Args:
+      correct: ``[C, N]`` (or ``[N]``, one model for all clients) correctness on the test set.
+      y: ``[N]`` test labels.
+      label_counts: ``[C, K]`` each client's training examples per class.
+
+    Returns:
+      ``[C]`` accuracies (NaN for a client without examples of a class the test set holds).
+    """
+    label_counts = np.asarray(label_counts, np.float64)
+    num_classes = label_counts.shape[1]
+    in_test = np.bincount(y, minlength=num_classes)[:num_classes]
+    correct = np.broadcast_to(np.asarray(correct, np.float64), (label_counts.shape[0], y.shape[0]))
+    per_class = np.stack([correct[:, y == k].mean(axis=1) if in_test[k] else np.zeros(correct.shape[0])
+                          for k in range(num_classes)], axis=1)                                   # [C, K]
+    weights = np.where(in_test > 0, label_counts, 0.0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.sum(weights * per_class, axis=1) / weights.sum(axis=1)
+
+
+def personal_metrics(apply_fn: ApplyFn, personal: Params, global_params: Params, x: np.ndarray, y: np.ndarray,
+                     label_counts: np.ndarray, client_counts: np.ndarray, chunk: int = 32) -> dict[str, float]:
+    """Personal models against the global model, each on test data mixed as its client's labels
+    (``label_mix_accuracy``).
+
+    Keys: ``personal_test_accuracy`` and ``global_test_accuracy_client_mix`` (means over clients weighted by
+    their examples), and the distribution of the personal accuracy over clients (``client_personal_accuracy_*``).
+
+    Args:
+      personal: the personal models, leaves ``[C, ...]``.
+      global_params: the global model.
+      x, y: the test set, ``[N, ...]`` and ``[N]`` labels.
+      label_counts: ``[C, K]`` each client's training examples per class.
+      client_counts: ``[C]`` each client's examples.
+      chunk: personal models evaluated at once.
+    """
+    x, y = jnp.asarray(x), np.asarray(y)
+    personal_correct = np.asarray(_models_correct(apply_fn, personal, x, jnp.asarray(y), chunk))
+    global_correct = per_example_stats(apply_fn, global_params, np.asarray(x), y)[1]
+    mine, theirs = (label_mix_accuracy(c, y, label_counts) for c in (personal_correct, global_correct))
+    weights = np.where(np.isnan(mine), 0.0, np.asarray(client_counts, np.float64))
+    total = max(weights.sum(), 1.0)
+    return {"personal_test_accuracy": float(np.nansum(weights * mine) / total),
+            "global_test_accuracy_client_mix": float(np.nansum(weights * theirs) / total),
+            **distribution_summary(mine, "client_personal_accuracy")}

@@ -342,7 +342,7 @@ class Experiment:
         self.message_transform = (message_transform if message_transform is not None else message_pipeline(
             config.message.order, self.settings, feedback=config.message.error_feedback)[0])
         self.message_fn = make_message_fn(self.message_transform)
-        self.algorithm = algorithm if algorithm is not None else algorithm_for(s.algorithm)
+        self.algorithm = algorithm if algorithm is not None else algorithm_for(s.algorithm, ditto_lambda=s.ditto_lambda)
         self.tap_fn = build_message_tap(self.model.apply, self.spec, message_fn=self.message_fn,
                                         prune_schedule=self.prune_schedule, algorithm=self.algorithm)
         self.round_fn = build_round(self.model.apply, self.spec, self.server_tx, self.aggregation,
@@ -450,15 +450,24 @@ class Experiment:
                    server_params=jax.tree_util.tree_map(np.asarray, state.params),
                    messages=jax.tree_util.tree_map(np.asarray, messages))
 
-    def evaluate(self, params: Any) -> Record:
+    def evaluate(self, params: Any, state: ServerState | None = None) -> Record:
         """Central test loss and the task's metrics (``test_loss``, ``test_accuracy`` for classification) and the
-        distribution of its primary metric over clients (``client_accuracy_mean`` ...)."""
+        distribution of its primary metric over clients (``client_accuracy_mean`` ...). With ``state``, an
+        algorithm's personal models (Ditto) too: ``evaluation.personal_metrics`` (classification)."""
         test = evaluation.evaluate(self.model.apply, params, self.test.x, self.test.y, task=self.task)
         p, metric = self.population, self.task.primary
         per_client = evaluation.per_client_metric(self.model.apply, params, p.x, p.y, p.offsets, p.counts,
                                                   task=self.task, metric=metric)
-        return {**{f"test_{k}": v for k, v in test.items()},
-                **evaluation.distribution_summary(per_client, f"client_{metric}")}
+        record = {**{f"test_{k}": v for k, v in test.items()},
+                  **evaluation.distribution_summary(per_client, f"client_{metric}")}
+        if state is not None and self.algorithm.personal_params is not None and self.task is CLASSIFICATION:
+            k = self.num_classes
+            label_counts = np.stack([np.bincount(np.asarray(p.y[o:o + c], np.int64), minlength=k)[:k]
+                                     for o, c in zip(p.offsets, p.counts)])
+            record.update(evaluation.personal_metrics(
+                self.model.apply, self.algorithm.personal_params(state.client_state.algorithm), params,
+                self.test.x, self.test.y, label_counts, p.counts))
+        return record
 
     # -- the run loop ----------------------------------------------------------------------------------------
     def run(self, out_dir: str | None = None, *, resume: bool = True, progress: bool = True,
@@ -540,7 +549,7 @@ class Experiment:
                         record["budget_skipped"] = skipped
                     if (r + 1) % self.config.run.eval_every == 0 or r + 1 == total:
                         pause_point(signals, "evaluate", r + 1)
-                        record.update(self.evaluate(state.params))
+                        record.update(self.evaluate(state.params, state))
                     problem = divergence(record, state.params, loss_limit)
                     history.append(record)
                     if store is not None:

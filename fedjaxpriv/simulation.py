@@ -205,6 +205,14 @@ def client_message(spec: LocalSpec, apply_fn: ApplyFn, message_fn: MessageFn, al
                                                kept.message)
     extra, algorithm_state = algorithm.client_finish(out.delta, out.steps, row["settings"].lr,
                                                      state.algorithm_state, kept.algorithm)
+    if algorithm.personal_update is not None:  # training the client keeps to itself (e.g. Ditto's model)
+        personal_key = jax.random.fold_in(client_key, 2)
+
+        def train(start: Params, prox: tuple[Params, jax.Array] | None = None) -> Any:
+            return client_update(spec, apply_fn, start, population.x, population.y, row["offset"], row["count"],
+                                 row["settings"], personal_key, prox=prox)
+
+        algorithm_state = algorithm.personal_update(train, state.params, state.algorithm_state, algorithm_state)
     extra_bits = 32.0 * sum(leaf.size for leaf in jax.tree_util.tree_leaves(extra))
     stats = {**stats, "bits": stats["bits"] + extra_bits}
     return message, extra, ClientStates(message_state, algorithm_state), stats, out

@@ -118,13 +118,14 @@ def _per_example_grads(apply_fn: ApplyFn, params: Params, x: jax.Array, targets:
 
 def client_update(spec: LocalSpec, apply_fn: ApplyFn, server_params: Params, data_x: jax.Array,
                   data_y: jax.Array, offset: jax.Array, count: jax.Array, settings: ClientSettings,
-                  key: jax.Array, correction: Params | None = None) -> ClientOutput:
-    """Trains one client from the server model.
+                  key: jax.Array, correction: Params | None = None,
+                  prox: tuple[Params, jax.Array] | None = None) -> ClientOutput:
+    """Trains one client from the server model (or from any start, e.g. its personal model).
 
     Args:
       spec: static switches and shapes.
       apply_fn: model function (params, x [B, ...]) -> logits (the shape ``spec.task`` expects).
-      server_params: the global model.
+      server_params: the model training starts from (the global model, for the message).
       data_x: [T, ...] the population's flat features (shared, not per client).
       data_y: [T, ...] the flat targets ([T] int labels for classification).
       offset: int32 scalar, the client's first example in the flat arrays.
@@ -133,6 +134,8 @@ def client_update(spec: LocalSpec, apply_fn: ApplyFn, server_params: Params, dat
       key: the client's PRNG key for this round.
       correction: pytree like params added to every step's gradient (after DP-SGD's clipping and noise), e.g.
         SCAFFOLD's c - c_i; None: none.
+      prox: ``(centre, mu)``: the proximal term ``mu / 2 ||params - centre||^2`` in place of FedProx's
+        (``settings.prox_mu`` around the start), e.g. Ditto's personal objective around the global model.
 
     Returns:
       ``ClientOutput`` with the model delta.
@@ -175,7 +178,10 @@ def client_update(spec: LocalSpec, apply_fn: ApplyFn, server_params: Params, dat
             loss, grads = jax.value_and_grad(batch_loss, argnums=1)(apply_fn, params, x, targets, bmask, loss_fn)
         if correction is not None:
             grads = jax.tree_util.tree_map(lambda g, c: g + c.astype(g.dtype), grads, correction)
-        if spec.prox:
+        if prox is not None:
+            centre, mu = prox
+            grads = jax.tree_util.tree_map(lambda g, p, p0: g + mu * (p - p0.astype(p.dtype)), grads, params, centre)
+        elif spec.prox:
             grads = jax.tree_util.tree_map(lambda g, p, p0: g + settings.prox_mu * (p - p0), grads, params,
                                            start_params)
         if weight_mask is not None:

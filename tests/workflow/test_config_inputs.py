@@ -185,6 +185,8 @@ INVALID: list[Case] = [
     S("message.qsgd_levels=2147483648", bad("message.qsgd_levels", "2147483648", "an integer in [0, 1073741824]")),
     # server
     S("server.algorithm=fedadam", "server.algorithm='fedadam' is invalid; allowed: one of ['fedavg'"),
+    S("server.ditto_lambda=-0.5", bad("server.ditto_lambda", "-0.5", NONNEG)),
+    S("server.ditto_lambda=inf", bad("server.ditto_lambda", "inf", NONNEG)),
     S("server.optimizer=adagrad", "server.optimizer='adagrad' is invalid; allowed: one of ['sgd'"),
     S("server.lr=0", bad("server.lr", "0", POS)),
     S("server.lr=inf", bad("server.lr", "inf", POS)),
