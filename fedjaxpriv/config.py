@@ -16,10 +16,12 @@ Configs load from files (``load_config``) and dotted overrides (``with_overrides
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import math
 import re
+import warnings
 from typing import Any, Iterable, Mapping, Sequence, Union
 
 PerClient = Union[float, int, tuple]
@@ -569,9 +571,23 @@ class ExperimentConfig:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+    def non_default(self) -> dict[str, Any]:
+        """The fields that differ from the defaults, as a nested mapping (``name`` and each section that has any)."""
+        mine, defaults = self.to_dict(), _default_dict()
+        out: dict[str, Any] = {}
+        for key, value in mine.items():
+            if isinstance(value, dict):
+                changed = {k: v for k, v in value.items() if defaults[key].get(k) != v or k not in defaults[key]}
+                if changed:
+                    out[key] = changed
+            elif value != defaults.get(key):
+                out[key] = value
+        return out
+
     def config_hash(self) -> str:
-        """A short stable hash of the configuration (for result stores and run directories)."""
-        text = json.dumps(self.to_dict(), sort_keys=True, default=str)
+        """A short stable hash of the fields that differ from the defaults (for result stores and run
+        directories): a release that only adds fields (at defaults that keep the old behaviour) keeps every hash."""
+        text = json.dumps(self.non_default(), sort_keys=True, default=str)
         return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
@@ -600,15 +616,30 @@ _FIELD_RULES: dict[type, dict[str, Rule]] = {
     for cls in (ExperimentConfig, *_SECTIONS.values())}
 
 
-def from_dict(raw: Mapping[str, Any], base: ExperimentConfig | None = None) -> ExperimentConfig:
+@functools.lru_cache(maxsize=1)
+def _default_dict() -> dict[str, Any]:
+    return ExperimentConfig().to_dict()
+
+
+def from_dict(raw: Mapping[str, Any], base: ExperimentConfig | None = None, *,
+              unknown: str = "error") -> ExperimentConfig:
     """Builds a config from a nested mapping (as read from YAML/JSON), on top of ``base`` (the defaults).
-    Values are read by each field's rule (``parse_value``)."""
+    Values are read by each field's rule (``parse_value``).
+
+    Args:
+      unknown: what an unknown section or field is: "error" (a typo in what the user wrote) or "warn" (a saved
+        config written by a version with other fields: it is dropped with a warning that names it).
+    """
+    if unknown not in ("error", "warn"):
+        raise ValueError(f"unknown={unknown!r} is invalid; allowed: 'error' or 'warn'.")
     base = base or ExperimentConfig()
     if not isinstance(raw, Mapping):
         raise ValueError(f"a config must be a mapping of sections, got {raw!r}.")
-    unknown = set(raw) - set(_SECTIONS) - {"name"}
-    if unknown:
-        raise ValueError(f"unknown config section(s) {sorted(map(str, unknown))}; allowed: {['name', *_SECTIONS]}.")
+    dropped: list[str] = []
+    extra = set(raw) - set(_SECTIONS) - {"name"}
+    if extra and unknown == "error":
+        raise ValueError(f"unknown config section(s) {sorted(map(str, extra))}; allowed: {['name', *_SECTIONS]}.")
+    dropped += sorted(map(str, extra))
     sections = {}
     for key, cls in _SECTIONS.items():
         given = raw.get(key)
@@ -616,10 +647,13 @@ def from_dict(raw: Mapping[str, Any], base: ExperimentConfig | None = None) -> E
         if not isinstance(given, Mapping):
             raise ValueError(f"config section {key!r} must be a mapping, got {given!r}.")
         bad = set(given) - set(_FIELD_RULES[cls])
-        if bad:
+        if bad and unknown == "error":
             raise ValueError(f"unknown field(s) {sorted(f'{key}.{b}' for b in bad)}; allowed: "
                              f"{sorted(f'{key}.{n}' for n in _FIELD_RULES[cls])}.")
-        sections[key] = dataclasses.replace(getattr(base, key), **given)
+        dropped += sorted(f"{key}.{b}" for b in bad)
+        sections[key] = dataclasses.replace(getattr(base, key), **{k: v for k, v in given.items() if k not in bad})
+    if dropped:
+        warnings.warn(f"ignoring config field(s) this version does not have: {dropped}.", stacklevel=2)
     return ExperimentConfig(name=raw.get("name", base.name), **sections)
 
 
@@ -756,5 +790,8 @@ def unwrap_saved(raw: Mapping[str, Any]) -> Mapping[str, Any]:
 
 
 def load_config(path: str, overrides: Overrides = ()) -> ExperimentConfig:
-    """Reads a YAML or JSON config file (a run directory's ``config.json`` included) and applies overrides."""
-    return with_overrides(from_dict(unwrap_saved(load_file(path))), overrides)
+    """Reads a YAML or JSON config file (a run directory's ``config.json`` included: fields this version does
+    not have are dropped with a warning) and applies overrides."""
+    raw = load_file(path)
+    inner = unwrap_saved(raw)
+    return with_overrides(from_dict(inner, unknown="warn" if inner is not raw else "error"), overrides)

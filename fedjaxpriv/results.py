@@ -225,7 +225,7 @@ def record_from_run_dir(run_dir: str) -> Record:
             for key, value in section.items():
                 if value in ("inf", "Infinity"):
                     section[key] = math.inf
-    config = from_dict(raw)
+    config = from_dict(raw, unknown="warn")
     history = read_history(os.path.join(run_dir, "history.jsonl"))
     label = os.path.basename(os.path.normpath(run_dir))
     return make_record(config, history, run_dir=run_dir, label=label)

@@ -33,7 +33,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from fedjaxpriv import locks
-from fedjaxpriv.config import ExperimentConfig
+from fedjaxpriv.config import ExperimentConfig, from_dict
 from fedjaxpriv.results import jsonable, write_csv
 
 Record = dict[str, Any]
@@ -216,6 +216,11 @@ class RunStore:
         except (OSError, ValueError, AttributeError) as error:
             raise ValueError(f"{config_path} is unreadable ({error}); it names the config of the run stored "
                              "there: restore it, or start over with --no-resume (resume=False).") from None
+        if found != expected and isinstance(previous.get("config"), dict):
+            try:  # a hash written by a version with another hash or other fields: the config itself decides
+                found = from_dict(previous["config"], unknown="warn").config_hash()
+            except ValueError:
+                pass
         if found != expected:
             raise ValueError(f"{self.out_dir} holds a run of a different config (hash {found} != {expected}); "
                              "choose another --out directory or delete it.")

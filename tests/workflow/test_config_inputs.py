@@ -422,6 +422,41 @@ def test_same_meaning_same_hash():
     assert written.config_hash() == typed.config_hash()
 
 
+def test_the_hash_covers_only_values_that_differ_from_the_defaults():
+    config = with_overrides(ExperimentConfig(), ["client.lr=0.05", "name=x", "client.dp_clip_norm=2"])
+    assert config.non_default() == {"name": "x", "client": {"lr": 0.05, "dp_clip_norm": 2.0}}
+    # Written down once: a release that adds fields (at defaults that keep the old behaviour) keeps this hash,
+    # so finished sweep points stay finished.
+    assert config.config_hash() == "f5f62cfc8d74"
+    assert with_overrides(config, ["client.lr=0.1"]).config_hash() != config.config_hash()
+    assert with_overrides(config, ["server.lr=1.0"]).config_hash() == config.config_hash()  # 1.0 is the default
+
+
+def test_a_run_directory_from_a_version_with_other_fields_loads_and_resumes(tmp_path):
+    import json
+
+    from fedjaxpriv.storage import RunStore
+
+    config = with_overrides(ExperimentConfig(), ["client.lr=0.05", "run.rounds=3"])
+    RunStore(str(tmp_path / "run"), config).close()
+    path = tmp_path / "run" / "config.json"
+    saved = json.loads(path.read_text())
+    saved["config"]["client"]["future_knob"] = 3  # fields this version does not have, and another hash scheme
+    saved["config"]["tracking"] = {"sink": "tensorboard"}
+    saved["config_hash"] = "0123456789ab"
+    path.write_text(json.dumps(saved))
+    with pytest.warns(UserWarning, match=r"does not have: \['tracking', 'client.future_knob'\]"):
+        assert load_config(str(path)) == config
+    with pytest.warns(UserWarning, match="client.future_knob"):
+        RunStore(str(tmp_path / "run"), config).close()  # resumes: the saved config decides, not its old hash
+    with pytest.raises(ValueError, match="holds a run of a different config"), pytest.warns(UserWarning):
+        RunStore(str(tmp_path / "run"), with_overrides(config, ["client.lr=0.1"]))
+    # What the user writes is still checked strictly: a typo is an error, not a warning.
+    (tmp_path / "mine.yaml").write_text("client:\n  future_knob: 3\n")
+    with pytest.raises(ValueError, match=r"unknown field\(s\) \['client.future_knob'\]"):
+        load_config(str(tmp_path / "mine.yaml"))
+
+
 def test_a_run_directory_config_loads_back(tmp_path):
     from fedjaxpriv.storage import RunStore
 
