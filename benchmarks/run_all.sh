@@ -5,3 +5,4 @@ cd "$(dirname "$0")/.."
 python benchmarks/bench_engine.py "$@"
 python benchmarks/bench_attacks.py
 python benchmarks/bench_membership.py
+python benchmarks/bench_defenses.py

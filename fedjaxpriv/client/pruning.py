@@ -2,8 +2,8 @@
 
 A mask is a pytree with the structure of the params whose leaves are float32 arrays of 0s and 1s.
 Only kernels/weights (leaves with ``ndim >= 2``) are prunable; biases and normalization scales always get
-a mask of ones. Sparsity is a traced scalar, so the number of pruned entries is computed with ranks
-(argsort), never with a Python integer: ``k = floor(sparsity * n)`` evaluated in float32.
+a mask of ones. Sparsity is a traced scalar, so the number of pruned entries is never a Python integer:
+``k = floor(sparsity * n)`` evaluated in float32, and the k lowest scores are found by ``keep_above_rank``.
 
 References:
   Zhu, Gupta. "To prune, or not to prune: exploring the efficacy of pruning for model compression".
@@ -32,16 +32,36 @@ def num_pruned(sparsity: jax.Array | float, size: int) -> jax.Array:
     return jnp.clip(jnp.floor(product), 0, size).astype(jnp.int32)
 
 
-def ranks(scores: jax.Array) -> jax.Array:
-    """Rank of each entry of a flat array in ascending order; ties broken by index (stable)."""
-    order = jnp.argsort(scores, stable=True)
-    return jnp.zeros(scores.shape, jnp.int32).at[order].set(jnp.arange(scores.size, dtype=jnp.int32))
+def _order_keys(scores: jax.Array) -> jax.Array:
+    """uint32 keys of a flat float array with the order of the values, as XLA compares them: -0.0 and +0.0
+    alike (and subnormals, which XLA's CPU flushes to zero, too); no NaNs."""
+    x = scores.reshape(-1).astype(jnp.float32)
+    x = jnp.where(x == 0, jnp.float32(0.0), x)  # -0.0 -> +0.0 (XLA simplifies x + 0.0 away)
+    bits = jax.lax.bitcast_convert_type(x, jnp.uint32)
+    return jnp.where((bits >> 31) == 1, ~bits, bits | jnp.uint32(0x80000000))
 
 
 def keep_above_rank(scores: jax.Array, num_removed: jax.Array) -> jax.Array:
-    """Float32 mask (shape of ``scores``) that zeroes exactly the ``num_removed`` lowest scores."""
-    flat_ranks = ranks(scores.reshape(-1))
-    return (flat_ranks >= num_removed).astype(jnp.float32).reshape(scores.shape)
+    """Float32 mask (shape of ``scores``) that zeroes exactly the ``num_removed`` lowest scores, ties broken by
+    index (the lower index goes first), as a stable argsort would rank them.
+
+    Without sorting: the ``num_removed``-th lowest score is found by bisection over its 32-bit key (32 counting
+    passes, exact), then the ties at it are taken in index order. On CPU, vmapped over 64 clients of 32k
+    entries, this is 10x faster than argsort ranks.
+    """
+    keys = _order_keys(scores)
+    m = jnp.asarray(num_removed, jnp.int32)
+
+    def halve(_, bounds):  # the smallest key v with #(keys <= v) >= m lies in [lo, hi]
+        lo, hi = bounds
+        mid = lo + (hi - lo) // 2
+        enough = jnp.sum(keys <= mid, dtype=jnp.int32) >= m
+        return jnp.where(enough, lo, mid + 1), jnp.where(enough, mid, hi)
+
+    threshold, _ = jax.lax.fori_loop(0, 32, halve, (jnp.uint32(0), jnp.uint32(0xFFFFFFFF)))
+    below, tied = keys < threshold, keys == threshold
+    removed = below | (tied & (jnp.cumsum(tied, dtype=jnp.int32) <= m - jnp.sum(below, dtype=jnp.int32)))
+    return (~removed).astype(jnp.float32).reshape(scores.shape)
 
 
 def _check_scope(scope: str) -> None:

@@ -1,7 +1,8 @@
 """Sparsifying message transforms: top-k, random-k and pruning masks, with per-client traced strengths.
 
 The number of kept entries of a leaf with n entries is ``k = clip(ceil(fraction * n), 0, n)`` evaluated
-in float32 and applied through ranks, so ``fraction`` may differ between vmapped clients.
+in float32 and applied through ``pruning.keep_above_rank`` (exact, ties by index, no sort), so ``fraction``
+may differ between vmapped clients.
 """
 
 from __future__ import annotations

@@ -9,6 +9,7 @@ import pytest
 from fedjaxpriv.client.pruning import (
     apply_mask,
     iterative_sparsity,
+    keep_above_rank,
     magnitude_mask,
     mask_sparsity,
     random_mask,
@@ -139,3 +140,19 @@ def test_vmap_over_clients_with_different_sparsities_equals_loop():
         ):
             for b, s in zip(jax.tree_util.tree_leaves(batched), jax.tree_util.tree_leaves(single)):
                 np.testing.assert_array_equal(np.asarray(b[c]), np.asarray(s))
+
+
+def test_keep_above_rank_removes_exactly_the_lowest_as_a_stable_argsort_ranks_them():
+    """Scores with many ties, signed zeros, negatives and extreme magnitudes; every count from 0 to n: the kept
+    set equals NumPy's stable-argsort ranks >= num_removed (a sort-free bisection must agree exactly)."""
+    rng = np.random.default_rng(0)
+    pools = [rng.normal(size=97), np.round(rng.normal(size=97) * 2) / 2,
+             np.where(rng.random(97) < 0.4, -0.0, 0.0) + (rng.random(97) < 0.2) * rng.normal(size=97),
+             rng.choice([-3e38, -2e-38, 0.0, 1e-37, 7.0, 3e38], size=97)]  # normal floats (XLA's CPU flushes subnormals)
+    select = jax.jit(keep_above_rank)
+    for scores in pools:
+        scores = scores.astype(np.float32)
+        ranks = np.empty(scores.size, int)
+        ranks[np.argsort(scores, kind="stable")] = np.arange(scores.size)
+        for m in range(scores.size + 1):
+            np.testing.assert_array_equal(np.asarray(select(jnp.asarray(scores), m)), (ranks >= m).astype(np.float32))
