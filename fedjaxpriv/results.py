@@ -2,7 +2,8 @@
 
 A record holds everything needed to compare runs later without their run directories::
 
-    {"config_hash", "label", "overrides", "config", "seed", "versions", "final", "history", "run_dir", "finished_at"}
+    {"config_hash", "label", "overrides", "config", "seed", "versions", "sessions", "final", "history", "run_dir",
+     "finished_at"}
 
 ``final`` maps every metric to its last recorded value; ``history`` is the list of per-round records.
 Writers append a whole record with one ``os.write`` under an exclusive ``fcntl`` lock, so lines never
@@ -25,7 +26,7 @@ from fedjaxpriv import locks
 
 Record = dict[str, Any]
 STORE_FILE = "results.jsonl"
-VERSIONED_PACKAGES = ("jax", "flax", "optax", "numpy", "fedjaxpriv")
+VERSIONED_PACKAGES = ("jax", "jaxlib", "flax", "optax", "dp-accounting", "numpy", "orbax-checkpoint", "fedjaxpriv")
 
 
 def jsonable(value: Any) -> Any:
@@ -66,7 +67,7 @@ def as_float(value: Any) -> float:
 
 
 def package_versions() -> dict[str, str]:
-    """Versions of the packages that determine a run's numbers."""
+    """Versions of the packages that determine a run's numbers (dp-accounting decides every epsilon)."""
     from importlib import metadata
 
     versions = {}
@@ -76,6 +77,38 @@ def package_versions() -> dict[str, str]:
         except metadata.PackageNotFoundError:
             versions[name] = "unknown"
     return versions
+
+
+def code_revision() -> str | None:
+    """The git commit of the fedjaxpriv source this process runs (``+dirty`` with uncommitted changes), or None
+    when it is not a git checkout (an installed wheel) or git is absent."""
+    import subprocess
+
+    here = os.path.dirname(os.path.abspath(__file__))
+    try:
+        commit = subprocess.run(["git", "-C", here, "rev-parse", "HEAD"], capture_output=True, text=True,
+                                timeout=10, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", here, "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=10, check=True).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return f"{commit}+dirty" if dirty else commit or None
+
+
+def run_environment() -> dict[str, Any]:
+    """What produced a run, recorded when it starts: package versions, backend, device kind and count, process
+    count, Python, the code revision, the command line and the start time (UTC)."""
+    import platform
+    import sys
+
+    import jax
+
+    devices = jax.devices()
+    return {"versions": package_versions(), "backend": jax.default_backend(),
+            "device_kind": devices[0].device_kind if devices else "none", "device_count": len(devices),
+            "process_count": jax.process_count(), "python": platform.python_version(),
+            "code_revision": code_revision(), "command": list(sys.argv),
+            "started_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
 
 
 def final_metrics(history: Sequence[Mapping[str, Any]]) -> Record:
@@ -93,20 +126,38 @@ def cumulative(history: Sequence[Mapping[str, Any]], key: str) -> float:
 
 def make_record(config: Any, history: Sequence[Mapping[str, Any]], *, run_dir: str | None = None,
                 label: str | None = None, overrides: Mapping[str, Any] | None = None) -> Record:
-    """Builds a store record for a finished run of ``config`` (an ``ExperimentConfig``)."""
+    """Builds a store record for a finished run of ``config`` (an ``ExperimentConfig``). With ``run_dir``, its
+    ``run.json`` (``storage.RunStore``) gives the versions and the sessions that produced the run; without one,
+    the versions are this process's."""
     history = [jsonable(dict(r)) for r in history]
+    sessions = read_sessions(run_dir) if run_dir is not None else []
     return {
         "config_hash": config.config_hash(),
         "label": label or config.name,
         "overrides": jsonable(dict(overrides or {})),
         "config": jsonable(config.to_dict()),
         "seed": config.run.seed,
-        "versions": package_versions(),
+        "versions": sessions[-1]["versions"] if sessions else package_versions(),
+        "sessions": sessions,
         "final": final_metrics(history),
         "history": history,
         "run_dir": None if run_dir is None else os.path.abspath(run_dir),
         "finished_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
+
+
+RUN_INFO_FILE = "run.json"
+
+
+def read_sessions(run_dir: str) -> list[dict[str, Any]]:
+    """The sessions recorded in a run directory's ``run.json`` (one per start or resume: ``run_environment``
+    plus ``first_round`` and, once it closed, ``ended_at``); [] when there is none or it is unreadable."""
+    try:
+        with open(os.path.join(run_dir, RUN_INFO_FILE)) as f:
+            sessions = json.load(f).get("sessions", [])
+    except (OSError, ValueError, AttributeError):
+        return []
+    return [s for s in sessions if isinstance(s, dict) and isinstance(s.get("versions"), dict)]
 
 
 def _parse_lines(data: bytes) -> list[Record]:

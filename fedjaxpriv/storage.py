@@ -20,6 +20,7 @@ The directory stays resumable if the process dies at any instant:
 
 from __future__ import annotations
 
+import datetime
 import errno
 import json
 import math
@@ -34,7 +35,7 @@ import orbax.checkpoint as ocp
 
 from fedjaxpriv import locks
 from fedjaxpriv.config import ExperimentConfig, from_dict
-from fedjaxpriv.results import jsonable, write_csv
+from fedjaxpriv.results import RUN_INFO_FILE, jsonable, read_sessions, run_environment, write_csv
 
 Record = dict[str, Any]
 LOCK_FILE = ".lock"
@@ -186,6 +187,7 @@ class RunStore:
             self._check_config()
             self._remove_temporary_checkpoints()
             self.manager = self._new_manager(max_to_keep)
+            self._record_session(run_environment())
         except BaseException:
             self._unlock()
             raise
@@ -194,7 +196,7 @@ class RunStore:
     def _delete_run_files(self) -> None:
         # config.json last: until it goes, the directory still names the run its other files belong to.
         shutil.rmtree(self.checkpoint_dir, ignore_errors=True)
-        for name in ("history.jsonl", "history.csv", "clients.csv", "config.json"):
+        for name in ("history.jsonl", "history.csv", "clients.csv", RUN_INFO_FILE, "config.json"):
             if os.path.exists(os.path.join(self.out_dir, name)):
                 os.remove(os.path.join(self.out_dir, name))
 
@@ -348,8 +350,20 @@ class RunStore:
                 num_clients = len(next(iter(per_client.values())))
                 rows = [{"client": i, **{k: v[i] for k, v in per_client.items()}} for i in range(num_clients)]
                 _write_csv_atomically(os.path.join(self.out_dir, "clients.csv"), rows)
+            ended = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+            self._record_session({"ended_at": ended, "last_round": len(history)}, update_last=True)
         finally:
             self._unlock()
+
+    def _record_session(self, fields: Record, update_last: bool = False) -> None:
+        """Adds a session to run.json (or updates the last one), atomically; an unreadable run.json is replaced."""
+        sessions = read_sessions(self.out_dir)
+        if update_last and sessions:
+            sessions[-1].update(fields)
+        elif not update_last:
+            sessions.append(fields)
+        atomic_write(os.path.join(self.out_dir, RUN_INFO_FILE),
+                     json.dumps({"sessions": jsonable(sessions)}, indent=2))
 
     def _unlock(self) -> None:
         if self._lock is not None:

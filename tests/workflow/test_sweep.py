@@ -111,7 +111,9 @@ def test_two_job_sweep_writes_one_record_per_config_and_rerun_skips(sweep_store)
     for r in records:
         assert len(r["history"]) == 2 and r["final"]["round"] == 2
         assert r["final"]["test_accuracy"] == r["history"][-1]["test_accuracy"]
-        assert set(r["versions"]) == {"jax", "flax", "optax", "numpy", "fedjaxpriv"}
+        assert set(r["versions"]) == {"jax", "jaxlib", "flax", "optax", "dp-accounting", "numpy", "orbax-checkpoint",
+                                      "fedjaxpriv"}
+        assert len(r["sessions"]) == 1 and r["sessions"][0]["last_round"] == 2
         assert os.path.exists(os.path.join(r["run_dir"], "history.jsonl"))
         assert r["run_dir"].endswith(r["config_hash"])
     size = os.path.getsize(store.path)
