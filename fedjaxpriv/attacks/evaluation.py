@@ -291,7 +291,9 @@ def model_attacks(experiment: Any, params: Any, pool: Dataset, members: np.ndarr
 def passive_attack(experiment: Any, taps: Mapping[int, Any],
                    suite: AttackSuite) -> tuple[Record, dict[str, tuple[np.ndarray, np.ndarray]]]:
     """Zari et al. passive attack on each tapped client of ``suite.tap_clients`` (members: its data; non-members:
-    the test set) over the rounds it took part in; scores of all targets pooled into one ROC. Returns (record,
+    the test set) over the rounds it took part in; scores of all targets pooled into one ROC. Its intervals
+    resample candidates within the tapped clients: they are conditional on those clients (with the default 4,
+    too few to resample clients themselves), not on a population of clients. Returns (record,
     {"passive": (scores, labels)})."""
     observed = membership.ordered_taps(taps)
     if not observed:

@@ -17,9 +17,19 @@ def _run(tmp_path, out: str, cache: str) -> tuple[dict, list[str]]:
     return json.loads(done.stdout.strip().splitlines()[-1]), sorted(os.listdir(tmp_path / cache))
 
 
+def _program(entry: str) -> str:
+    """The program name of a cache entry ``<name>-<key hash>-cache``."""
+    return entry.rsplit("-", 2)[0]
+
+
 def test_second_run_reuses_the_cached_programs(tmp_path):
     first, stored = _run(tmp_path, "a", "cache")
     assert stored, "the first run stored no compiled program"
     second, again = _run(tmp_path, "b", "cache")
-    assert again == stored  # every program came from the cache
+    # The round (seconds to compile) is found under the same key: no second round program is stored. Small
+    # programs that compiled in under the cache's 0.1 s threshold the first time may cross it the second time
+    # on a loaded machine and be added; nothing the first run stored is lost.
+    rounds = [e for e in stored if _program(e) == "jit_round_fn"]
+    assert rounds and [e for e in again if _program(e) == "jit_round_fn"] == rounds
+    assert set(stored) <= set(again)
     assert {k: v for k, v in second.items() if k != "out_dir"} == {k: v for k, v in first.items() if k != "out_dir"}

@@ -3,11 +3,14 @@ allowed; valid edge cases are read exactly; the command line turns expected erro
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import math
 import os
 import subprocess
 import sys
+import warnings
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -469,10 +472,21 @@ def test_a_run_directory_config_loads_back(tmp_path):
 
 # -- command line ------------------------------------------------------------------------------------------------
 
-def _cli(*args: str, cwd) -> subprocess.CompletedProcess:
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONWARNINGS": "ignore"}
-    return subprocess.run([sys.executable, "-m", "fedjaxpriv.cli", *args], cwd=cwd, env=env, capture_output=True,
-                          text=True, timeout=120, check=False)
+def _cli(*args: str, cwd, in_process: bool = True) -> subprocess.CompletedProcess:
+    """``fedjaxpriv ARGS`` run from ``cwd``: through ``cli.main`` in this process (an exception it lets through
+    fails the test), or as a real process (``in_process=False``)."""
+    if not in_process:
+        env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONWARNINGS": "ignore"}
+        return subprocess.run([sys.executable, "-m", "fedjaxpriv.cli", *args], cwd=cwd, env=env, capture_output=True,
+                              text=True, timeout=120, check=False)
+    from fedjaxpriv import cli
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.chdir(cwd), contextlib.redirect_stdout(out), contextlib.redirect_stderr(err), \
+            warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        code = cli.main(list(args))
+    return subprocess.CompletedProcess(["fedjaxpriv", *args], code, out.getvalue(), err.getvalue())
 
 
 def _assert_one_line_error(result: subprocess.CompletedProcess, fragment: str) -> None:
@@ -485,7 +499,8 @@ def _assert_one_line_error(result: subprocess.CompletedProcess, fragment: str) -
 
 def test_cli_bad_yaml_missing_file_and_bad_values(tmp_path):
     (tmp_path / "bad.yaml").write_text("client:\n  lr: [0.1,\n")
-    _assert_one_line_error(_cli("run", "--config", "bad.yaml", cwd=tmp_path), "invalid YAML at line 3")
+    _assert_one_line_error(_cli("run", "--config", "bad.yaml", cwd=tmp_path, in_process=False),
+                           "invalid YAML at line 3")  # a real process: nothing but the line reaches stderr
     _assert_one_line_error(_cli("run", "--config", "absent.yaml", cwd=tmp_path), "cannot be read")
     _assert_one_line_error(_cli("sweep", "bad.yaml", cwd=tmp_path), "grid file 'bad.yaml': invalid YAML")
     _assert_one_line_error(_cli("run", "--set", "run.seed=99999999999999999999", cwd=tmp_path),
@@ -508,13 +523,20 @@ def test_cli_unusable_output_directories(tmp_path):
     assert os.listdir(tmp_path) == ["afile"]  # nothing trained, nothing written
 
 
-def test_cli_usage_errors_are_one_line(tmp_path):
-    _assert_one_line_error(_cli(cwd=tmp_path), "required: command (see fedjaxpriv --help)")
-    _assert_one_line_error(_cli("frobnicate", cwd=tmp_path), "invalid choice: 'frobnicate'")
-    _assert_one_line_error(_cli("run", "--bogus", cwd=tmp_path), "unrecognized arguments: --bogus")
-    result = _cli("sweep", "grid.yaml", "--jobs", "x", cwd=tmp_path)
-    assert result.returncode == 2 and result.stderr.strip() == (
-        "fedjaxpriv sweep: error: argument --jobs: invalid int value: 'x' (see fedjaxpriv sweep --help)")
+@pytest.mark.parametrize("argv,expected", [
+    ([], "fedjaxpriv: error: the following arguments are required: command (see fedjaxpriv --help)"),
+    (["frobnicate"], "fedjaxpriv: error: argument command: invalid choice: 'frobnicate'"),
+    (["run", "--bogus"], "fedjaxpriv: error: unrecognized arguments: --bogus (see fedjaxpriv --help)"),
+    (["sweep", "grid.yaml", "--jobs", "x"],
+     "fedjaxpriv sweep: error: argument --jobs: invalid int value: 'x' (see fedjaxpriv sweep --help)"),
+])
+def test_cli_usage_errors_are_one_line(argv, expected, capsys):
+    from fedjaxpriv import cli
+
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(argv)
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and len(err.strip().splitlines()) == 1 and err.startswith(expected), err
 
 
 def test_cli_print_config_round_trips(tmp_path):

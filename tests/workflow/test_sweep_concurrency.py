@@ -109,10 +109,12 @@ def test_a_hung_claim_holder_is_named_and_given_up_after_the_wait_limit(tmp_path
     store = ResultsStore(os.path.join(store_dir, "results.jsonl"))
     grid, (held, free) = _grid(tmp_path / "grid.yaml", [0.05, 0.1])
     os.makedirs(f"{store.path}.claims")
-    # A live process that holds one point's claim and never finishes it.
-    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from fedjaxpriv import locks; "
-                               "assert locks.try_lock(sys.argv[1]) is not None; print('held', flush=True); "
-                               "time.sleep(600)", store._claim_path(held)], stdout=subprocess.PIPE, text=True)
+    # A live process that holds one point's claim as a sweep worker does (flock, its PID in the file) and never
+    # finishes it; plain Python, so that it starts at once.
+    holder = subprocess.Popen([sys.executable, "-c", "import fcntl, os, sys, time; "
+                               "fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT); fcntl.flock(fd, fcntl.LOCK_EX); "
+                               "os.write(fd, f'{os.getpid()}\\n'.encode()); print('held', flush=True); time.sleep(600)",
+                               store._claim_path(held)], stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "held"
         assert store.claim_holder(held) == holder.pid
