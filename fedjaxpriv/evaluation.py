@@ -119,8 +119,9 @@ def personal_metrics(apply_fn: ApplyFn, personal: Params, global_params: Params,
     """Personal models against the global model, each on test data mixed as its client's labels
     (``label_mix_accuracy``).
 
-    Keys: ``personal_test_accuracy`` and ``global_test_accuracy_client_mix`` (means over clients weighted by
-    their examples), and the distribution of the personal accuracy over clients (``client_personal_accuracy_*``).
+    Keys: ``personal_test_accuracy`` and ``global_test_accuracy_client_mix`` (means over all clients weighted by
+    their examples; a client that never took part still holds the initial model), and the distribution of the
+    personal accuracy over clients (``client_personal_accuracy_*``).
 
     Args:
       personal: the personal models, leaves ``[C, ...]``.
