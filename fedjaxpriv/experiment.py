@@ -445,7 +445,12 @@ class Experiment:
         if ids.ndim != 1 or ids.size == 0 or ids.min() < 0 or ids.max() >= self.population.num_clients:
             raise ValueError(f"client_ids={client_ids!r} must be a non-empty list of ids in "
                              f"[0, {self.population.num_clients}).")
-        messages = self.tap_fn(state, self.device_population, self.device_settings, jnp.asarray(ids), self.root_key)
+        # Padded to the run's tap width, so that every round's tap reuses one compiled program whoever takes part.
+        width = max(ids.size, len(self.config.run.tap_clients))
+        padded = np.concatenate([ids, np.full(width - ids.size, ids[-1], np.int32)])
+        messages = self.tap_fn(state, self.device_population, self.device_settings, jnp.asarray(padded),
+                               self.root_key)
+        messages = jax.tree_util.tree_map(lambda leaf: leaf[:ids.size], messages)
         return Tap(round=int(state.round) + 1, client_ids=ids,
                    server_params=jax.tree_util.tree_map(np.asarray, state.params),
                    messages=jax.tree_util.tree_map(np.asarray, messages))
