@@ -86,6 +86,10 @@ def code_revision() -> str | None:
 
     here = os.path.dirname(os.path.abspath(__file__))
     try:
+        top = subprocess.run(["git", "-C", here, "rev-parse", "--show-toplevel"], capture_output=True, text=True,
+                             timeout=10, check=True).stdout.strip()
+        if os.path.realpath(os.path.join(top, "fedjaxpriv")) != os.path.realpath(here):
+            return None  # installed inside some other repository: its commit is not this code's
         commit = subprocess.run(["git", "-C", here, "rev-parse", "HEAD"], capture_output=True, text=True,
                                 timeout=10, check=True).stdout.strip()
         dirty = subprocess.run(["git", "-C", here, "status", "--porcelain", "--untracked-files=no"],
