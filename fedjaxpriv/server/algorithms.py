@@ -112,7 +112,6 @@ SCAFFOLD = FederatedAlgorithm(
     client_finish=_scaffold_client_finish, server_finish=_scaffold_server_finish)
 
 
-
 def ditto(lam: float) -> FederatedAlgorithm:
     """Ditto (Li et al. 2021): FedAvg's global model, and a personal model v_k per client, trained (when the
     client takes part) by the client's own local training from v_k on ``F_k(v) + lam / 2 ||v - w||^2``, w the
