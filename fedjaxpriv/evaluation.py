@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from fedjaxpriv.client.local import ApplyFn
+from fedjaxpriv.models.losses import accuracy_per_example
 from fedjaxpriv.models.tasks import CLASSIFICATION, Task
 
 Params = Any
@@ -85,7 +86,7 @@ def distribution_summary(values: np.ndarray, prefix: str) -> dict[str, float]:
 @partial(jax.jit, static_argnums=(0, 4))
 def _models_correct(apply_fn: ApplyFn, models: Params, x: jax.Array, y: jax.Array, chunk: int) -> jax.Array:
     """[M, N] correctness (float32) of M models (leaves [M, ...]) on the same N examples, ``chunk`` at a time."""
-    return jax.lax.map(lambda p: (jnp.argmax(apply_fn(p, x), -1) == y).astype(jnp.float32), models,
+    return jax.lax.map(lambda p: accuracy_per_example(apply_fn(p, x), y).astype(jnp.float32), models,
                        batch_size=chunk)
 
 

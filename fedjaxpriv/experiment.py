@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import time
 import warnings
@@ -466,13 +467,17 @@ class Experiment:
         record = {**{f"test_{k}": v for k, v in test.items()},
                   **evaluation.distribution_summary(per_client, f"client_{metric}")}
         if state is not None and self.algorithm.personal_params is not None and self.task is CLASSIFICATION:
-            k = self.num_classes
-            label_counts = np.stack([np.bincount(np.asarray(p.y[o:o + c], np.int64), minlength=k)[:k]
-                                     for o, c in zip(p.offsets, p.counts)])
             record.update(evaluation.personal_metrics(
                 self.model.apply, self.algorithm.personal_params(state.client_state.algorithm), params,
-                self.test.x, self.test.y, label_counts, p.counts))
+                self.test.x, self.test.y, self.client_label_counts, p.counts))
         return record
+
+    @functools.cached_property
+    def client_label_counts(self) -> np.ndarray:
+        """``[C, K]`` each client's training examples per class (classification), computed once."""
+        p, k = self.population, self.num_classes
+        return np.stack([np.bincount(np.asarray(p.y[o:o + c], np.int64), minlength=k)[:k]
+                         for o, c in zip(p.offsets, p.counts)])
 
     # -- the run loop ----------------------------------------------------------------------------------------
     def run(self, out_dir: str | None = None, *, resume: bool = True, progress: bool = True,
