@@ -32,7 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from fedjaxpriv.attacks.audit import clopper_pearson_interval
-from fedjaxpriv.attacks.metrics import bootstrap_auc, bootstrap_tpr_at_fpr, roc_auc, roc_counts
+from fedjaxpriv.attacks.metrics import bootstrap_counts, resampled_auc, resampled_tpr_at_fpr, roc_auc, roc_counts
 from fedjaxpriv.models.tasks import CLASSIFICATION
 
 Params = Any
@@ -403,16 +403,20 @@ def attack_metrics(scores: np.ndarray, labels: np.ndarray, fprs: Sequence[float]
     out = {"num_members": float(members), "num_nonmembers": float(nonmembers),
            "min_resolvable_fpr": 1.0 / nonmembers, "auc": roc_auc(scores, labels),
            "auc_low": np.nan, "auc_high": np.nan, "advantage": advantage, "balanced_accuracy": (1.0 + advantage) / 2}
-    if bootstrap:
-        resampled = bootstrap_auc(scores, labels, int(bootstrap), seed, groups=groups)
-        out["auc_low"], out["auc_high"] = (float(q) for q in np.quantile(resampled, [alpha / 2, 1 - alpha / 2]))
     # The rates are nondecreasing, so the best point with FPR <= f is the last one.
     hits = true_positives[np.searchsorted(fpr, targets, side="right") - 1]
     low, high = clopper_pearson_interval(hits, members, alpha)
-    if bootstrap and groups is not None:  # dependent scores: the cluster bootstrap's interval as well
-        resampled_tpr = bootstrap_tpr_at_fpr(scores, labels, targets, int(bootstrap), seed, groups=groups)
-        boot_low, boot_high = np.quantile(resampled_tpr, [alpha / 2, 1 - alpha / 2], axis=0)
-        low, high = np.minimum(low, boot_low), np.maximum(high, boot_high)
+    if bootstrap:  # one set of resamples for the AUC and, for dependent scores, the TPRs
+        aucs, tprs = [], []
+        for counts in bootstrap_counts(np.asarray(labels).ravel() == 1, int(bootstrap), seed, groups=groups):
+            aucs.append(resampled_auc(scores, labels, counts))
+            if groups is not None:
+                tprs.append(resampled_tpr_at_fpr(scores, labels, counts, targets))
+        quantiles = [alpha / 2, 1 - alpha / 2]
+        out["auc_low"], out["auc_high"] = (float(q) for q in np.quantile(np.concatenate(aucs), quantiles))
+        if groups is not None:  # dependent scores: the cluster bootstrap's interval as well
+            boot_low, boot_high = np.quantile(np.concatenate(tprs), quantiles, axis=0)
+            low, high = np.minimum(low, boot_low), np.maximum(high, boot_high)
     for target, k, lo, hi in zip(targets, hits, low, high):
         resolvable = target >= 1.0 / nonmembers
         key = fpr_key(float(target))
