@@ -12,13 +12,13 @@ from fedjaxpriv.data import FederatedData, load_dataset, partition, synthetic_fe
 from fedjaxpriv.experiment import Experiment, Results, Tap, run
 from fedjaxpriv.models import get_model
 from fedjaxpriv.models.tasks import CLASSIFICATION, MULTI_LABEL, NEXT_TOKEN, Task
-from fedjaxpriv.server.algorithms import FEDAVG, SCAFFOLD, FederatedAlgorithm
+from fedjaxpriv.server.algorithms import FEDAVG, SCAFFOLD, FederatedAlgorithm, ditto, dp_fedavg, fedprox, fedsgd
 from fedjaxpriv.transforms import MessageTransform, chain, error_feedback
 from fedjaxpriv.parallel import make_mesh, map_clients, use_cpu_cores
 
 __all__ = [
     "CLASSIFICATION", "ClientSettings", "Experiment", "ExperimentConfig", "FEDAVG", "FederatedAlgorithm",
     "FederatedData", "MULTI_LABEL", "MessageTransform", "NEXT_TOKEN", "Results", "SCAFFOLD", "Tap", "Task", "chain",
-    "error_feedback", "from_dict", "get_model", "load_config", "load_dataset", "make_mesh", "make_settings",
+    "ditto", "dp_fedavg", "error_feedback", "fedprox", "fedsgd", "from_dict", "get_model", "load_config", "load_dataset", "make_mesh", "make_settings",
     "map_clients", "partition", "run", "synthetic_federated", "use_cpu_cores", "with_overrides",
 ]

@@ -33,7 +33,7 @@ from fedjaxpriv.privacy.calibration import calibrate_noise
 from fedjaxpriv.privacy.mechanisms import ClientLevelDpFedAvg, local_gaussian, round_up_float32
 from fedjaxpriv.privacy.tracking import PrivacyTracker, calibrate_targets, dpsgd_mechanism
 from fedjaxpriv.server import Cohort, max_cohort_size, sample_cohort, server_optimizer
-from fedjaxpriv.server.algorithms import FederatedAlgorithm, algorithm_for
+from fedjaxpriv.server.algorithms import FederatedAlgorithm, algorithm_for, dp_fedavg
 from fedjaxpriv.simulation import (AggregationSpec, Population, RoundOutput, ServerState, build_message_tap,
                                    build_round, init_server_state, initial_client_states)
 from fedjaxpriv.transforms.base import MessageTransform
@@ -136,8 +136,14 @@ def model_for(config: ExperimentConfig, input_shape: Sequence[int], num_classes:
 
 
 def client_settings(config: ExperimentConfig, counts: np.ndarray) -> ClientSettings:
-    """Per-client settings arrays [C] from the config (FedSGD: one full-batch step with lr 1), before any noise
-    is calibrated to a target epsilon (``Experiment`` does that, with ``privacy.tracking.calibrate_targets``)."""
+    """Per-client settings arrays [C] from the config, as ``server.algorithm`` trains them (FedSGD: one
+    full-batch step with lr 1), before any noise is calibrated to a target epsilon (``Experiment`` does that, with
+    ``privacy.tracking.calibrate_targets``)."""
+    return run_algorithm(config, None).settings_for(configured_settings(config, counts), counts)
+
+
+def configured_settings(config: ExperimentConfig, counts: np.ndarray) -> ClientSettings:
+    """Per-client settings arrays [C] as ``config.client`` and ``config.message`` give them."""
     c = config.client
     fields: dict[str, Any] = dict(
         num_steps=c.local_steps, batch_size=c.batch_size, lr=c.lr, prox_mu=c.prox_mu,
@@ -147,9 +153,43 @@ def client_settings(config: ExperimentConfig, counts: np.ndarray) -> ClientSetti
     fields.update(message_sparsity=m.sparsity, topk_fraction=m.topk_fraction, randk_fraction=m.randk_fraction,
                   update_clip_norm=m.clip_norm, local_noise_multiplier=m.local_noise_multiplier,
                   quant_bits=m.quant_bits, quant_levels=m.qsgd_levels)
-    if config.server.algorithm == "fedsgd":
-        fields.update(num_steps=1, batch_size=max(1, int(np.max(counts))), lr=1.0, poisson=False)
     return make_settings(len(counts), counts, **fields)
+
+
+def run_algorithm(config: ExperimentConfig, algorithm: FederatedAlgorithm | None) -> FederatedAlgorithm:
+    """The algorithm passed in, else the one ``server.algorithm`` names (client-level DP from the config is added
+    once the run knows its cohort, ``dp_fedavg``)."""
+    s = config.server
+    return algorithm if algorithm is not None else algorithm_for(s.algorithm, ditto_lambda=s.ditto_lambda)
+
+
+def check_client_level(mechanism: ClientLevelDpFedAvg | None, num_clients: int, clients_per_round: int,
+                       client_sampling: str, cohort_slots: int) -> None:
+    """Raises ValueError when a client-level mechanism passed in describes another population or cohort than the
+    run's, or charges less than the run's chance of a Poisson cohort overflowing its ``cohort_slots``: its
+    accounting would not be the run's."""
+    if mechanism is None:
+        return
+    poisson = client_sampling == "poisson"
+    expected = {"num_clients": num_clients, "expected_cohort": clients_per_round, "poisson": poisson}
+    for field, value in expected.items():
+        if getattr(mechanism, field) != value:
+            raise ValueError(f"the client-level mechanism has {field}={getattr(mechanism, field)!r} but the run has "
+                             f"{value!r} (data.num_clients, server.clients_per_round, server.client_sampling); "
+                             "allowed: the run's own values.")
+    truncation = cohort_truncation(num_clients, clients_per_round, poisson, cohort_slots)
+    if mechanism.cohort_truncation_probability < truncation:
+        raise ValueError(f"the client-level mechanism has cohort_truncation_probability="
+                         f"{mechanism.cohort_truncation_probability:g} but the run's Poisson cohort overflows its "
+                         f"{cohort_slots} slots with probability {truncation:g}; allowed: >= {truncation:g}.")
+
+
+def cohort_truncation(num_clients: int, clients_per_round: int, poisson: bool, cohort_slots: int) -> float:
+    """Per round, the probability that a Poisson cohort (rate K / C, one client added) overflows its static
+    ``cohort_slots`` (0 for fixed-size cohorts); DP-FedAvg charges it to delta."""
+    if not poisson:
+        return 0.0
+    return float(overflow_probability(num_clients + 1, clients_per_round / num_clients, cohort_slots))
 
 
 def target_epsilons(config: ExperimentConfig, num_clients: int) -> np.ndarray:
@@ -168,8 +208,7 @@ def client_level_mechanism(config: ExperimentConfig, num_clients: int,
     if not (s.central_noise_multiplier > 0 or math.isfinite(s.central_clip_norm)):
         return None
     poisson = s.client_sampling == "poisson"
-    rate = s.clients_per_round / num_clients
-    truncation = float(overflow_probability(num_clients + 1, rate, cohort_slots)) if poisson else 0.0
+    truncation = cohort_truncation(num_clients, s.clients_per_round, poisson, cohort_slots)
     count_noise = (s.clip_count_noise_multiplier if s.clip_count_noise_multiplier is not None
                    else s.clients_per_round / 20.0)
     mechanism = ClientLevelDpFedAvg(noise_multiplier=float(s.central_noise_multiplier), num_clients=num_clients,
@@ -298,10 +337,12 @@ class Experiment:
         check_fits(self.task, self.model.apply, params, population.input_shape, population.x.dtype,
                    population.y.shape[1:], population.y.dtype, num_classes)
         self.num_params = count_params(params)
-        settings = settings if settings is not None else client_settings(config, counts)
+        s, r = config.server, config.run
+        self.algorithm = run_algorithm(config, algorithm)
+        settings = self.algorithm.settings_for(settings if settings is not None else configured_settings(config, counts),
+                                               counts)
         if extra_settings:
             settings = settings._replace(extra=with_extra(settings.extra, population.num_clients, extra_settings))
-        s, r = config.server, config.run
         targets = target_epsilons(config, population.num_clients) if targets is None else np.asarray(targets)
         self.settings, self.participation_budget = calibrate_targets(
             settings, counts, targets, client_rate=s.clients_per_round / population.num_clients, rounds=r.rounds,
@@ -314,7 +355,8 @@ class Experiment:
                 raise ValueError(f"run.num_devices: {error}") from None
         self.mesh = mesh
         self.cohort_slots = max_cohort_size(population.num_clients, s.clients_per_round, s.client_sampling,
-                                            private=s.central_noise_multiplier > 0 or s.target_epsilon is not None)
+                                            private=(s.central_noise_multiplier > 0 or s.target_epsilon is not None
+                                                     or self.algorithm.client_level is not None))
         self.plan = execution_plan(
             self.model.apply, params, jax.ShapeDtypeStruct((slots, *population.input_shape), population.x.dtype),
             max_steps=max(1, int(np.max(self.settings.num_steps))), max_batch=slots, num_clients=self.cohort_slots,
@@ -333,7 +375,16 @@ class Experiment:
             warnings.warn("message.local_noise_multiplier > 0 with a message_transform passed in: no local-DP "
                           "epsilon is reported, since the transform's noise is not known to the accountant.",
                           stacklevel=2)
-        self.client_level = client_level_mechanism(config, population.num_clients, self.cohort_slots)
+        configured = client_level_mechanism(config, population.num_clients, self.cohort_slots)
+        if configured is not None:
+            if self.algorithm.client_level is not None:
+                raise ValueError(f"algorithm {self.algorithm.name!r} brings its own client-level DP, and the config "
+                                 "asks for it too (server.central_clip_norm / central_noise_multiplier / "
+                                 "target_epsilon): give one of them.")
+            self.algorithm = dp_fedavg(configured, s.central_clip_norm, self.algorithm)
+        self.client_level = self.algorithm.client_level
+        check_client_level(self.client_level, population.num_clients, s.clients_per_round, s.client_sampling,
+                           self.cohort_slots)
         self.aggregation = AggregationSpec(weighting=s.weighting, client_level=self.client_level)
         self.privacy = self.new_privacy_tracker()
         warn_about_delta(r.delta, counts, self.sample_level, self.client_level)
@@ -343,7 +394,6 @@ class Experiment:
         self.message_transform = (message_transform if message_transform is not None else message_pipeline(
             config.message.order, self.settings, feedback=config.message.error_feedback)[0])
         self.message_fn = make_message_fn(self.message_transform)
-        self.algorithm = algorithm if algorithm is not None else algorithm_for(s.algorithm, ditto_lambda=s.ditto_lambda)
         self.tap_fn = build_message_tap(self.model.apply, self.spec, message_fn=self.message_fn,
                                         prune_schedule=self.prune_schedule, algorithm=self.algorithm)
         self.round_fn = build_round(self.model.apply, self.spec, self.server_tx, self.aggregation,
@@ -376,7 +426,7 @@ class Experiment:
         """A round-0 server state of this run from ``params`` (every client's states at their initial values)."""
         client_state = initial_client_states(self.message_transform, self.algorithm, params,
                                              self.population.num_clients)
-        return init_server_state(params, self.server_tx, self.config.server.central_clip_norm, client_state,
+        return init_server_state(params, self.server_tx, self.algorithm.clip_norm, client_state,
                                  self.algorithm.server_init(params))
 
     # -- one round -------------------------------------------------------------------------------------------

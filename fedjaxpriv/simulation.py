@@ -235,6 +235,10 @@ def build_round(apply_fn: ApplyFn, spec: LocalSpec, server_tx: optax.GradientTra
     def one_client(state: ServerState, population: Population, base_key: jax.Array, row: dict[str, Any]):
         message, extra, client_state, stats, out = client_message(spec, apply_fn, message_fn, algorithm, state,
                                                                   population, base_key, row)    # steps 3-4
+        if aggregation.clips and jax.tree_util.tree_leaves(extra):
+            raise ValueError(f"algorithm {algorithm.name!r} sends an extra message beside its update, which "
+                             "client-level DP would release unclipped and un-noised; allowed with client-level DP: "
+                             "an algorithm without an extra message.")
         participates = row["mask"] & (row["count"] > 0)
         weighted, weight, norm = aggregation.contribution(message, state.clip_norm, out.num_examples,
                                                           participates)                         # step 5

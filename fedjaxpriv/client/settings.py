@@ -98,6 +98,16 @@ def make_settings(num_clients: int, counts: np.ndarray, *, extra: dict[str, floa
     return settings
 
 
+def replace_settings(settings: ClientSettings, counts: np.ndarray,
+                     **fields: float | Sequence[float]) -> ClientSettings:
+    """``settings`` with ``fields`` replaced (scalars, tiers or one value per client, as in ``make_settings``),
+    validated; ``sample_rate`` follows a new ``batch_size`` (batch_size / count) unless given."""
+    current = {name: getattr(settings, name) for name in ClientSettings._fields if name != "extra"}
+    if "batch_size" in fields and "sample_rate" not in fields:
+        current.pop("sample_rate")
+    return make_settings(len(current["lr"]), counts, extra=settings.extra, **{**current, **fields})
+
+
 def with_extra(current: dict[str, np.ndarray], num_clients: int,
                extra: dict[str, float | Sequence[float]]) -> dict[str, np.ndarray]:
     """``current`` extra strengths plus ``extra`` expanded to float32 [C]; a name that is a built-in field or is

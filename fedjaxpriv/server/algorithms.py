@@ -17,22 +17,40 @@ ONE client or of the server, vmapped like everything else:
   with the proximal term ``mu / 2 ||params - centre||^2``; and ``personal_params(client_states) -> params``
   (leaves ``[C, ...]``), the personal models the run evaluates.
 
-FedAvg, FedProx and FedSGD keep no state (``FEDAVG``; FedProx's proximal term and FedSGD's single full-batch
-step are local-training settings); SCAFFOLD keeps control variates; Ditto (``ditto(lam)``) keeps a personal
+Two more optional parts change the round without state:
+
+* ``local_settings(settings, counts) -> settings``: the per-client settings ``[C]`` the algorithm trains with
+  (host side, before noise is calibrated): FedProx's proximal weight, FedSGD's single full-batch step;
+* ``client_level``: the server's client-level mechanism (``privacy.mechanisms.ClientLevelDpFedAvg``): clip each
+  message, add central noise to the sum, divide by the expected cohort; its events are what the run accounts.
+
+``FEDAVG`` keeps nothing; ``fedprox(mu)``, ``fedsgd()`` and ``dp_fedavg(mechanism)`` are FedAvg with other
+local settings or another aggregation; SCAFFOLD keeps control variates; Ditto (``ditto(lam)``) keeps a personal
 model per client.
 
 References:
   Karimireddy, Kale, Mohri, Reddi, Stich, Suresh. "SCAFFOLD: Stochastic Controlled Averaging for Federated
   Learning". ICML 2020.
+  Li, Sahu, Zaheer, Sanjabi, Talwalkar, Smith. "Federated Optimization in Heterogeneous Networks" (FedProx).
+  MLSys 2020.
+  McMahan, Ramage, Talwar, Zhang. "Learning Differentially Private Recurrent Language Models" (DP-FedAvg).
+  ICLR 2018.
   Li, Hu, Beirami, Smith. "Ditto: Fair and Robust Federated Learning Through Personalization". ICML 2021.
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable, NamedTuple
+import math
+from typing import TYPE_CHECKING, Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
+
+from fedjaxpriv.client.settings import ClientSettings, replace_settings
+
+if TYPE_CHECKING:
+    from fedjaxpriv.privacy.mechanisms import ClientLevelDpFedAvg
 
 Params = Any
 
@@ -51,6 +69,11 @@ class FederatedAlgorithm(NamedTuple):
       personal_update: ``(train, server_params, server_state, client_state) -> new client state``: training
         the client keeps to itself (None: none).
       personal_params: ``client_states -> personal models`` (leaves ``[C, ...]``; None: no personal models).
+      local_settings: ``(settings [C], counts [C]) -> settings [C]``, the local training the algorithm asks of
+        each client (None: the settings as given).
+      client_level: client-level DP of the aggregate (DP-FedAvg; None: the plain weighted mean).
+      clip_norm: the initial client-level clip norm (L2, update units; inf: no clipping), adapted from round to
+        round by an adaptive ``client_level``.
     """
 
     name: str
@@ -61,6 +84,13 @@ class FederatedAlgorithm(NamedTuple):
     server_finish: Callable[[Any, Any, jax.Array, int], Any]
     personal_update: Callable[..., Any] | None = None
     personal_params: Callable[[Any], Params] | None = None
+    local_settings: Callable[[ClientSettings, np.ndarray], ClientSettings] | None = None
+    client_level: ClientLevelDpFedAvg | None = None
+    clip_norm: float = math.inf
+
+    def settings_for(self, settings: ClientSettings, counts: np.ndarray) -> ClientSettings:
+        """The per-client settings this algorithm trains with, from ``settings`` [C] and example counts [C]."""
+        return settings if self.local_settings is None else self.local_settings(settings, counts)
 
 
 def _none(params: Params) -> tuple:
@@ -136,16 +166,59 @@ def ditto(lam: float) -> FederatedAlgorithm:
         personal_update=personal_update, personal_params=lambda personal: personal)
 
 
+def fedprox(mu: float | None = None) -> FederatedAlgorithm:
+    """FedProx (Li et al. 2020): FedAvg whose local objective adds ``mu / 2 ||w - w_t||^2``, w_t the round's
+    global model.
+
+    Args:
+      mu: every client's proximal weight, >= 0; None keeps each client's ``prox_mu`` setting (``client.prox_mu``,
+        which may differ per client).
+    """
+    if mu is None:
+        return FEDAVG._replace(name="fedprox")
+    if not mu >= 0:
+        raise ValueError(f"fedprox mu={mu} is invalid; allowed: a number >= 0.")
+    return FEDAVG._replace(name="fedprox",
+                           local_settings=lambda settings, counts: replace_settings(settings, counts, prox_mu=mu))
+
+
+def _one_full_batch_step(settings: ClientSettings, counts: np.ndarray) -> ClientSettings:
+    """FedSGD's local training: one step of lr 1 on every example the client holds (a fixed batch of the largest
+    client's size), so that the message is minus the client's full-batch gradient."""
+    return replace_settings(settings, counts, num_steps=1, batch_size=max(1, int(np.max(counts))), lr=1.0,
+                            poisson=False)
+
+
+def fedsgd() -> FederatedAlgorithm:
+    """FedSGD (McMahan et al. 2017): each client sends minus its full-batch gradient; the server optimizer
+    applies the mean with its own learning rate."""
+    return FEDAVG._replace(name="fedsgd", local_settings=_one_full_batch_step)
+
+
+def dp_fedavg(mechanism: ClientLevelDpFedAvg, clip_norm: float,
+              base: FederatedAlgorithm | None = None) -> FederatedAlgorithm:
+    """DP-FedAvg (McMahan et al. 2018): ``base`` (FedAvg by default) whose server clips each client's message to
+    ``clip_norm`` (L2; the initial value under adaptive clipping), adds Gaussian noise to the sum and divides by
+    the expected cohort, as ``mechanism`` describes; the run accounts ``mechanism``'s events. An algorithm with an
+    extra message (SCAFFOLD) is refused: that message would be released unclipped and un-noised."""
+    if not (math.isfinite(clip_norm) and clip_norm > 0):
+        raise ValueError(f"dp_fedavg clip_norm={clip_norm} is invalid; allowed: a finite number > 0.")
+    base = FEDAVG if base is None else base
+    if base.name == "scaffold":
+        raise ValueError("dp_fedavg(base=SCAFFOLD) is invalid: its control-variate change would be a second, "
+                         "unprotected release; allowed: an algorithm without an extra message.")
+    return base._replace(name="dp_fedavg" if base.name == "fedavg" else f"dp_{base.name}", client_level=mechanism,
+                         clip_norm=float(clip_norm))
+
+
 ALGORITHM_NAMES: tuple[str, ...] = ("fedavg", "fedprox", "fedsgd", "scaffold", "ditto")
 
 
 def algorithm_for(name: str, *, ditto_lambda: float = 1.0) -> FederatedAlgorithm:
-    """The algorithm ``server.algorithm`` names (FedProx and FedSGD are FedAvg's round with other local
-    settings); ``ditto_lambda`` is Ditto's proximal weight (``server.ditto_lambda``)."""
+    """The algorithm ``server.algorithm`` names (FedProx reads each client's ``prox_mu`` setting);
+    ``ditto_lambda`` is Ditto's proximal weight (``server.ditto_lambda``). Client-level DP is added by the run
+    from the config (``dp_fedavg``)."""
     if name not in ALGORITHM_NAMES:
         raise ValueError(f"server.algorithm={name!r} is invalid; allowed: one of {list(ALGORITHM_NAMES)}.")
-    if name == "scaffold":
-        return SCAFFOLD
-    if name == "ditto":
-        return ditto(ditto_lambda)
-    return FEDAVG
+    return {"fedavg": FEDAVG, "fedprox": fedprox(), "fedsgd": fedsgd(), "scaffold": SCAFFOLD,
+            "ditto": ditto(ditto_lambda)}[name]

@@ -9,6 +9,8 @@ import pytest
 from fedjaxpriv.config import from_dict
 from fedjaxpriv.experiment import Experiment
 from fedjaxpriv.models import cross_entropy
+from fedjaxpriv.privacy.mechanisms import ClientLevelDpFedAvg
+from fedjaxpriv.server import algorithms
 
 
 def _leaves(tree):
@@ -78,3 +80,74 @@ def test_synthetic_population_trains():
     results = exp.run(progress=False)
     # 10 classes: an untrained model is near chance; FedAvg on Synthetic(0.5, 0.5) learns well above it.
     assert first < 0.3 and results.final("test_accuracy") > 0.55
+
+
+def _fedavg_config(**sections):
+    base = {"data": {"num_clients": 6, "partition": "iid"}, "model": {"name": "logreg"},
+            "client": {"local_steps": 2, "batch_size": 8}, "server": {"clients_per_round": 3},
+            "run": {"rounds": 2}}
+    for name, fields in sections.items():
+        base[name] = {**base.get(name, {}), **fields}
+    return from_dict(base)
+
+
+def _two_rounds(exp):
+    state = exp.initial_state
+    for r in range(2):
+        state, _ = exp.step(state, r)
+    return _leaves(state.params)
+
+
+@pytest.mark.parametrize("name", ["fedsgd", "fedprox"])
+def test_algorithm_constructors_train_exactly_as_the_config_names(name):
+    """``fedsgd()`` / ``fedprox(mu)`` passed to a FedAvg config train bit for bit as ``server.algorithm`` does."""
+    named = (_fedavg_config(server={"algorithm": "fedsgd"}) if name == "fedsgd" else
+             _fedavg_config(server={"algorithm": "fedprox"}, client={"prox_mu": 0.7}))
+    passed = algorithms.fedsgd() if name == "fedsgd" else algorithms.fedprox(0.7)
+    by_name, by_value = Experiment(named), Experiment(_fedavg_config(), algorithm=passed)
+    np.testing.assert_array_equal(by_value.settings.num_steps, by_name.settings.num_steps)
+    np.testing.assert_array_equal(by_value.settings.prox_mu, by_name.settings.prox_mu)
+    for got, want in zip(_two_rounds(by_value), _two_rounds(by_name)):
+        np.testing.assert_array_equal(got, want)
+
+
+def test_dp_fedavg_passed_in_is_the_configured_mechanism_and_its_accounting():
+    """A DP-FedAvg mechanism passed as ``dp_fedavg(mechanism)`` trains and accounts as the config's own."""
+    configured = Experiment(_fedavg_config(server={"central_clip_norm": 0.5, "central_noise_multiplier": 1.1}))
+    passed = Experiment(_fedavg_config(), algorithm=algorithms.dp_fedavg(configured.client_level, 0.5))
+    assert passed.aggregation == configured.aggregation and passed.cohort_slots == configured.cohort_slots
+    states = []
+    for exp in (configured, passed):
+        state = exp.initial_state
+        for r in range(2):
+            state, _ = exp.step(state, r)
+        states.append(state)
+    for got, want in zip(_leaves(states[1].params), _leaves(states[0].params)):
+        np.testing.assert_array_equal(got, want)
+    assert passed.privacy.client_level_epsilon() == configured.privacy.client_level_epsilon() > 0
+
+
+def test_algorithm_errors_name_what_is_wrong():
+    mechanism = Experiment(_fedavg_config(server={"central_clip_norm": 0.5,
+                                                  "central_noise_multiplier": 1.1})).client_level
+    with pytest.raises(ValueError, match="control-variate"):
+        algorithms.dp_fedavg(mechanism, 0.5, algorithms.SCAFFOLD)
+    with pytest.raises(ValueError, match=r"clip_norm=inf"):
+        algorithms.dp_fedavg(mechanism, float("inf"))
+    with pytest.raises(ValueError, match=r"mu=-1"):
+        algorithms.fedprox(-1.0)
+    with pytest.raises(ValueError, match=r"num_clients=6 but the run has 5"):
+        Experiment(_fedavg_config(data={"num_clients": 5}), algorithm=algorithms.dp_fedavg(mechanism, 0.5))
+    with pytest.raises(ValueError, match="give one of them"):
+        Experiment(_fedavg_config(server={"central_clip_norm": 0.5}), algorithm=algorithms.dp_fedavg(mechanism, 0.5))
+    # 100 clients, 10 expected per round: the static slots are fewer than C + 1, so a cohort can overflow them.
+    unpadded = ClientLevelDpFedAvg(noise_multiplier=1.0, num_clients=100, expected_cohort=10, poisson=True)
+    with pytest.raises(ValueError, match=r"cohort_truncation_probability=0 but the run's Poisson cohort"):
+        Experiment(_fedavg_config(data={"num_clients": 100}, server={"client_sampling": "poisson",
+                                                                     "clients_per_round": 10}),
+                   algorithm=algorithms.dp_fedavg(unpadded, 0.5))
+    chatty = algorithms.FEDAVG._replace(name="chatty", client_finish=lambda delta, steps, lr, server, client: (
+        jax.tree_util.tree_map(jnp.zeros_like, delta), client))
+    exp = Experiment(_fedavg_config(), algorithm=algorithms.dp_fedavg(mechanism, 0.5, chatty))
+    with pytest.raises(ValueError, match="'dp_chatty' sends an extra message"):
+        exp.step(exp.initial_state, 0)
