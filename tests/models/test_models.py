@@ -47,10 +47,17 @@ def test_every_model_fits_a_small_batch(name):
         return optax.apply_updates(params, updates), state
 
     initial = float(loss_fn(params))
-    for _ in range(150):
-        params, state = step(params, state)
-    assert float(loss_fn(params)) < 0.5 * initial
-    assert float(accuracy(model.apply(params, x), y)) == 1.0
+
+    def fitted(params):
+        return float(loss_fn(params)) < 0.5 * initial and float(accuracy(model.apply(params, x), y)) == 1.0
+
+    # Up to 150 Adam steps, checked every 10 (each model here fits within 10-20; XLA level 0 makes steps slow).
+    for _ in range(15):
+        if fitted(params):
+            break
+        for _ in range(10):
+            params, state = step(params, state)
+    assert fitted(params)
 
 
 def test_bad_model_arguments_are_named():
