@@ -1,6 +1,6 @@
 """Report: plots and a summary table from results-store records (``fedjaxpriv report``).
 
-Files written to the output directory:
+Files written to the output directory (one panel per dataset; every series has its own colour and marker):
 
 * ``accuracy_vs_rounds.png``: test accuracy per evaluated round, one line per run;
 * ``epsilon_vs_rounds.png``: example-level (``epsilon_max``), local (``local_epsilon_max``) and client-level
@@ -8,8 +8,11 @@ Files written to the output directory:
 * ``privacy_utility.png``: final accuracy against final epsilon (runs without DP at the right, "no DP");
 * ``communication_vs_accuracy.png``: final accuracy against total bytes uploaded (log scale);
 * ``attacks.png``: every ``attack/<name>/<metric>`` key found in the records' final metrics, per run;
+* ``attacks_vs_<field>.png``: each headline attack metric against a varying config field (numeric fields on a
+  numeric axis, categorical ones and seeds on a categorical axis);
 * ``frontier.png``: the privacy-utility frontier, attack success (with its interval) against accuracy and
-  bytes, one curve per defense family (``defense_family``) over its strengths;
+  bytes, one curve per defense family (``defense_family``) over its strengths, each point labelled with its
+  strength;
 * ``summary.md`` / ``summary.csv``: one row per run with the config fields that vary and final metrics; every
   epsilon's basis (level, neighbouring relation, sampling, accountant, delta) is a CSV column and is listed
   under the markdown table.
@@ -17,6 +20,7 @@ Files written to the output directory:
 
 from __future__ import annotations
 
+import json
 import math
 import os
 from typing import Any, Mapping, Sequence
@@ -25,7 +29,11 @@ import matplotlib
 import numpy as np
 
 matplotlib.use("Agg")
+import matplotlib.collections  # noqa: E402
+import matplotlib.patches  # noqa: E402
+import matplotlib.patheffects  # noqa: E402
 import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.text  # noqa: E402
 
 from fedjaxpriv.results import as_float, cumulative, flatten, varying_fields, write_csv  # noqa: E402
 
@@ -130,6 +138,30 @@ def _series(record: Record, key: str) -> tuple[list[float], list[float]]:
     return [p[0] for p in points], [p[1] for p in points]
 
 
+# Series styles: a colour and a marker per series; (colour, marker) pairs repeat only after 90 series.
+PALETTE = plt.cm.tab10.colors
+MARKERS = ("o", "s", "^", "D", "v", "P", "X", "<", ">")
+
+
+def series_style(index: int) -> dict[str, Any]:
+    """Colour and marker of the ``index``-th series of a panel (tab10 colours, a 9-marker cycle)."""
+    return {"color": PALETTE[index % len(PALETTE)], "marker": MARKERS[index % len(MARKERS)]}
+
+
+def dataset_of(record: Record) -> str:
+    """The record's ``data.dataset`` ("" when its config names none)."""
+    data = record.get("config", {}).get("data", {})
+    return str(data.get("dataset") or "") if isinstance(data, Mapping) else ""
+
+
+def by_dataset(records: Sequence[Record]) -> dict[str, list[Record]]:
+    """Records grouped by ``dataset_of``, datasets in order of first appearance."""
+    groups: dict[str, list[Record]] = {}
+    for record in records:
+        groups.setdefault(dataset_of(record), []).append(record)
+    return groups
+
+
 def _save(fig: plt.Figure, path: str) -> str:
     fig.tight_layout()
     fig.savefig(path, dpi=100)
@@ -137,10 +169,14 @@ def _save(fig: plt.Figure, path: str) -> str:
     return path
 
 
-def _axes() -> tuple[plt.Figure, plt.Axes]:
-    fig, ax = plt.subplots(figsize=(9, 4.5))
-    ax.set_prop_cycle(color=plt.cm.tab20.colors)
-    return fig, ax
+def _panels(names: Sequence[str], width: float = 9.0, height: float = 4.5) -> tuple[plt.Figure, list[plt.Axes]]:
+    """One panel per dataset, stacked; each titled with its dataset when there are several."""
+    fig, axes = plt.subplots(len(names), 1, figsize=(width, height * len(names)), squeeze=False)
+    panels = list(axes[:, 0])
+    if len(names) > 1:
+        for ax, name in zip(panels, names):
+            ax.set_title(f"dataset: {name or '(unnamed)'}", fontsize=9)
+    return fig, panels
 
 
 def _legend(ax: plt.Axes, count: int) -> None:
@@ -149,109 +185,412 @@ def _legend(ax: plt.Axes, count: int) -> None:
 
 
 def plot_metric_vs_rounds(records: Sequence[Record], keys: Sequence[str], ylabel: str, path: str) -> str | None:
-    """Lines of ``keys`` against round, one per run and key; None (no file) if no record has the keys."""
-    fig, ax = _axes()
-    lines = 0
-    for record in records:
-        for key in keys:
-            rounds, values = _series(record, key)
-            if rounds:
-                suffix = f" ({key})" if len(keys) > 1 else ""
-                ax.plot(rounds, values, marker="." if len(rounds) < 30 else None, label=record["label"] + suffix)
-                lines += 1
-    if not lines:
-        plt.close(fig)
+    """Lines of ``keys`` against round, one per run and key, one panel per dataset; None (no file) if no record
+    has the keys."""
+    panels: dict[str, list[tuple[list[float], list[float], str]]] = {}
+    for dataset, group in by_dataset(records).items():
+        for record in group:
+            for key in keys:
+                rounds, values = _series(record, key)
+                if rounds:
+                    suffix = f" ({key})" if len(keys) > 1 else ""
+                    panels.setdefault(dataset, []).append((rounds, values, record["label"] + suffix))
+    if not panels:
         return None
-    ax.set_xlabel("round")
-    ax.set_ylabel(ylabel)
-    ax.grid(alpha=0.3)
-    _legend(ax, lines)
+    fig, axes = _panels(list(panels))
+    for ax, lines in zip(axes, panels.values()):
+        for index, (rounds, values, label) in enumerate(lines):
+            ax.plot(rounds, values, markevery=max(1, len(rounds) // 12), markersize=4, label=label,
+                    **series_style(index))
+        ax.set_xlabel("round")
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+        _legend(ax, len(lines))
     return _save(fig, path)
 
 
 def plot_privacy_utility(records: Sequence[Record], path: str) -> str:
-    """Final test accuracy against final epsilon; runs without DP sit at the right, above "no DP"."""
-    fig, ax = _axes()
-    points = [(final_epsilon(r), as_float(r["final"].get("test_accuracy")), r["label"]) for r in records]
-    finite = [e for e, _, _ in points if not math.isnan(e)]
-    no_dp_x = 2.0 * max(finite) if finite else 1.0
-    for eps, acc, label in points:
-        private = not math.isnan(eps)
-        ax.scatter([eps if private else no_dp_x], [acc], marker="o" if private else "s", label=label)
-    ax.set_xscale("log")
-    if len(finite) < len(points):
-        ax.axvline(no_dp_x / 1.4, color="gray", linewidth=0.8, linestyle=":")
-        ax.annotate("no DP", (no_dp_x, 0.0), xycoords=("data", "axes fraction"), xytext=(0, 4),
-                    textcoords="offset points", ha="center", fontsize=8)
-    ax.set_xlabel("epsilon (final, largest of example/local/client level; log scale; bases in summary.md)")
-    ax.set_ylabel("final test accuracy")
-    ax.grid(alpha=0.3)
-    _legend(ax, len(points))
+    """Final test accuracy against final epsilon, one panel per dataset; runs without DP (hollow markers) sit at
+    the right, above "no DP"."""
+    groups = by_dataset(records)
+    fig, axes = _panels(list(groups))
+    for ax, group in zip(axes, groups.values()):
+        points = [(final_epsilon(r), as_float(r["final"].get("test_accuracy")), r["label"]) for r in group]
+        finite = [e for e, _, _ in points if not math.isnan(e)]
+        no_dp_x = 2.0 * max(finite) if finite else 1.0
+        for index, (eps, acc, label) in enumerate(points):
+            style = series_style(index)
+            private = not math.isnan(eps)
+            ax.scatter([eps if private else no_dp_x], [acc], marker=style["marker"], label=label,
+                       facecolors=style["color"] if private else "none", edgecolors=style["color"])
+        ax.set_xscale("log")
+        if len(finite) < len(points):
+            ax.axvline(no_dp_x / 1.4, color="gray", linewidth=0.8, linestyle=":")
+            ax.annotate("no DP", (no_dp_x, 0.0), xycoords=("data", "axes fraction"), xytext=(0, 4),
+                        textcoords="offset points", ha="center", fontsize=8)
+        ax.set_xlabel("epsilon (final, largest of example/local/client level; log scale; bases in summary.md)")
+        ax.set_ylabel("final test accuracy")
+        ax.grid(alpha=0.3)
+        _legend(ax, len(points))
     return _save(fig, path)
 
 
 def plot_communication(records: Sequence[Record], path: str) -> str:
-    """Final test accuracy against total bytes uploaded by clients over the run."""
-    fig, ax = _axes()
-    for record in records:
-        ax.scatter([max(cumulative(record["history"], "bytes_total"), 1.0)],
-                   [as_float(record["final"].get("test_accuracy"))], label=record["label"])
-    ax.set_xscale("log")
-    ax.set_xlabel("bytes uploaded (total over rounds)")
-    ax.set_ylabel("final test accuracy")
-    ax.grid(alpha=0.3)
-    _legend(ax, len(records))
+    """Final test accuracy against total bytes uploaded by clients over the run, one panel per dataset."""
+    groups = by_dataset(records)
+    fig, axes = _panels(list(groups))
+    for ax, group in zip(axes, groups.values()):
+        for index, record in enumerate(group):
+            ax.scatter([max(cumulative(record["history"], "bytes_total"), 1.0)],
+                       [as_float(record["final"].get("test_accuracy"))], label=record["label"], **series_style(index))
+        ax.set_xscale("log")
+        ax.set_xlabel("bytes uploaded (total over rounds)")
+        ax.set_ylabel("final test accuracy")
+        ax.grid(alpha=0.3)
+        _legend(ax, len(group))
     return _save(fig, path)
 
 
 def plot_attacks(records: Sequence[Record], path: str) -> str | None:
     """One panel per headline attack metric: its final value per run (runs ordered as given), with its 95%
-    interval where the run recorded one."""
+    interval where the run recorded one; bars are coloured by dataset when there are several. The figure widens
+    with the number of runs so that the run labels do not overlap."""
     keys = headline_attack_keys(records)
     if not keys:
         return None
-    fig, axes = plt.subplots(len(keys), 1, figsize=(7, 2.6 * len(keys)), squeeze=False)
+    datasets = list(by_dataset(records))
+    count = max(sum(key in r["final"] for r in records) for key in keys)
+    width = min(max(7.0, 0.25 * count + 2.0), 40.0)
+    fig, axes = plt.subplots(len(keys), 1, figsize=(width, 2.8 * len(keys)), squeeze=False)
     for ax, key in zip(axes[:, 0], keys):
         having = [r for r in records if key in r["final"]]
         values = np.array([as_float(r["final"][key]) for r in having])
         low = np.array([as_float(r["final"].get(f"{key}_low", v)) for r, v in zip(having, values)])
         high = np.array([as_float(r["final"].get(f"{key}_high", v)) for r, v in zip(having, values)])
         errors = np.nan_to_num(np.stack([values - low, high - values]).clip(min=0))
-        ax.bar(range(len(having)), values, yerr=errors, capsize=3)
-        ax.set_xticks(range(len(having)), [r["label"] for r in having], rotation=30, ha="right", fontsize=7)
+        colors = [PALETTE[datasets.index(dataset_of(r)) % len(PALETTE)] for r in having]
+        ax.bar(range(len(having)), values, yerr=errors, capsize=3, color=colors)
+        ax.set_xticks(range(len(having)), [r["label"] for r in having], rotation=45, ha="right",
+                      rotation_mode="anchor", fontsize=7)
+        ax.set_xlim(-0.6, len(having) - 0.4)
         ax.set_ylabel(key.split("/", 1)[1], fontsize=8)
         ax.grid(alpha=0.3, axis="y")
+        if len(datasets) > 1:
+            ax.legend(handles=[matplotlib.patches.Patch(color=PALETTE[i % len(PALETTE)], label=name or "(unnamed)")
+                               for i, name in enumerate(datasets)], fontsize=7, title="dataset",
+                      title_fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     return _save(fig, path)
+
+
+# Numeric config fields that name things rather than measure them: plotted on categorical axes.
+CATEGORICAL_NUMBER_FIELDS = ("run.seed",)
 
 
 def attack_strength_series(records: Sequence[Record]) -> dict[str, dict[str, list[tuple[float, float]]]]:
     """Attack success against defense strength: for every numeric config field that varies between the
     records with attack metrics, ``{field: {attack metric: [(field value, final metric), ...]}}`` sorted by
-    the field value (e.g. a grid over ``client.dp_noise_multiplier``)."""
+    the field value (e.g. a grid over ``client.dp_noise_multiplier``); identifiers such as ``run.seed`` are in
+    ``attack_category_series`` instead."""
     attacked = [r for r in records if any(k.startswith("attack/") for k in r["final"])]
     series: dict[str, dict[str, list[tuple[float, float]]]] = {}
     for field in varying_fields(attacked) if len(attacked) > 1 else []:
         values = [flatten(r["config"]).get(field) for r in attacked]
-        if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
+        if field in CATEGORICAL_NUMBER_FIELDS or not all(
+                isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
             continue
         series[field] = {key: sorted((float(v), as_float(r["final"][key])) for v, r in zip(values, attacked)
                                      if key in r["final"]) for key in headline_attack_keys(attacked)}
     return series
 
 
+def attack_category_series(records: Sequence[Record]) -> dict[str, dict[str, list[tuple[str, float]]]]:
+    """Attack success against a categorical config field: for every varying field whose values are all strings or
+    booleans (and the fields in ``CATEGORICAL_NUMBER_FIELDS``), ``{field: {attack metric: [(value as text, final
+    metric), ...]}}`` in record order; ``name`` (free text, already in every label) is left out."""
+    attacked = [r for r in records if any(k.startswith("attack/") for k in r["final"])]
+    series: dict[str, dict[str, list[tuple[str, float]]]] = {}
+    for field in varying_fields(attacked) if len(attacked) > 1 else []:
+        values = [flatten(r["config"]).get(field) for r in attacked]
+        if field == "name" or not (field in CATEGORICAL_NUMBER_FIELDS or all(isinstance(v, (str, bool))
+                                                                               for v in values)):
+            continue
+        series[field] = {key: [(str(v), as_float(r["final"][key])) for v, r in zip(values, attacked)
+                               if key in r["final"]] for key in headline_attack_keys(attacked)}
+    return series
+
+
+def _strength_figure(field: str, per_dataset: Mapping[str, Mapping[str, Sequence[tuple[Any, float]]]],
+                     categorical: bool) -> plt.Figure:
+    """Panels (one per attack metric, shared x) of attack success against ``field``, one series per dataset.
+    Categorical values sit at evenly spaced ticks, unjoined; numeric values repeated (seeds, other varying knobs)
+    are shown as points joined through their mean; a positive field spanning 100x or more is on a log axis."""
+    keys = list(dict.fromkeys(k for by_key in per_dataset.values() for k, points in by_key.items() if points))
+    xs_all = [x for by_key in per_dataset.values() for points in by_key.values() for x, _ in points]
+    categories = list(dict.fromkeys(xs_all)) if categorical else []
+    several = len(per_dataset) > 1
+    fig, axes = plt.subplots(len(keys), 1, figsize=(6.0 + 1.6 * several, 2.4 * len(keys)), squeeze=False,
+                             sharex=True)
+    for ax, key in zip(axes[:, 0], keys):
+        for index, (dataset, by_key) in enumerate(per_dataset.items()):
+            points = list(by_key.get(key, ()))
+            if not points:
+                continue
+            style = dict(series_style(index), label=(dataset or "(unnamed)") if several else None)
+            ys = np.array([p[1] for p in points], np.float64)
+            if categorical:
+                shift = 0.12 * (index - (len(per_dataset) - 1) / 2) if several else 0.0
+                ax.plot([categories.index(p[0]) + shift for p in points], ys, linestyle="none", **style)
+                continue
+            xs = np.array([p[0] for p in points], np.float64)
+            unique = np.unique(xs)
+            if len(unique) < len(xs):
+                ax.plot(xs, ys, linestyle="none", alpha=0.5, color=style["color"], marker=style["marker"],
+                        markersize=4)
+                means = [float(np.mean(ys[(xs == u) & np.isfinite(ys)])) if np.isfinite(ys[xs == u]).any()
+                         else math.nan for u in unique]
+                ax.plot(unique, means, **style)
+            else:
+                ax.plot(xs, ys, **style)
+        ax.set_ylabel(key.split("/", 1)[1], fontsize=8)
+        ax.grid(alpha=0.3)
+        if several:
+            ax.legend(fontsize=7, title="dataset", title_fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    bottom = axes[-1, 0]
+    if categorical:
+        rotate = len(categories) > 4 or max((len(c) for c in categories), default=0) > 10
+        bottom.set_xticks(range(len(categories)), categories, rotation=30 if rotate else 0,
+                          ha="right" if rotate else "center", rotation_mode="anchor", fontsize=8)
+        bottom.set_xlim(-0.5, len(categories) - 0.5)
+    elif xs_all and min(xs_all) > 0 and max(xs_all) >= 100 * min(xs_all):
+        bottom.set_xscale("log")
+    bottom.set_xlabel(field)
+    return fig
+
+
 def plot_attacks_vs_strength(records: Sequence[Record], out_dir: str) -> dict[str, str]:
-    """One PNG per numeric varying field: each attack metric against that field's value."""
+    """One PNG per varying config field: each attack metric against that field's value (numeric fields on a
+    numeric axis, categorical ones on a categorical axis), one series per dataset."""
+    numeric: dict[str, dict[str, Any]] = {}
+    categorical: dict[str, dict[str, Any]] = {}
+    for dataset, group in by_dataset(records).items():
+        for field, by_key in attack_strength_series(group).items():
+            numeric.setdefault(field, {})[dataset] = by_key
+        for field, by_key in attack_category_series(group).items():
+            categorical.setdefault(field, {})[dataset] = by_key
     written = {}
-    for field, by_key in attack_strength_series(records).items():
-        fig, axes = plt.subplots(len(by_key), 1, figsize=(6, 2.4 * len(by_key)), squeeze=False)
-        for ax, (key, points) in zip(axes[:, 0], by_key.items()):
-            ax.plot([p[0] for p in points], [p[1] for p in points], marker="o")
-            ax.set_ylabel(key.split("/", 1)[1], fontsize=8)
-            ax.grid(alpha=0.3)
-        axes[-1, 0].set_xlabel(field)
-        name = f"attacks_vs_{field.replace('.', '_')}"
-        written[name] = _save(fig, os.path.join(out_dir, f"{name}.png"))
+    for fields, is_categorical in ((numeric, False), (categorical, True)):
+        for field, per_dataset in fields.items():
+            if not any(points for by_key in per_dataset.values() for points in by_key.values()):
+                continue
+            name = f"attacks_vs_{field.replace('.', '_')}"
+            written[name] = _save(_strength_figure(field, per_dataset, is_categorical),
+                                  os.path.join(out_dir, f"{name}.png"))
     return written
+
+
+# -- labels that do not overlap ------------------------------------------------------------------------------
+LABEL_GAPS_PT = (2.0, 5.0, 9.0, 14.0, 20.0, 28.0, 38.0, 50.0, 65.0)  # label-to-marker gaps tried, in points
+LABEL_ANGLES_DEG = (45.0, 135.0, -45.0, -135.0, 0.0, 180.0, 90.0, -90.0,
+                    22.5, 157.5, -22.5, -157.5, 67.5, 112.5, -67.5, -112.5)  # directions tried, in this order
+LEADER_FROM_PT = 9.0  # labels at least this far from their marker get a leader line
+LABEL_PAD_PX = 1.5  # clearance kept around placed labels, in pixels
+CROSSING_COST_PT = 10.0  # a candidate crossing a line costs as much as moving this much farther
+LEADER_CROSSING_COST_PT = 30.0  # a leader crossing a label, marker or leader costs this much
+AMBIGUITY_COST_PT = 15.0  # a label nearer another point than its own costs this much (and gets a leader)
+LABEL_CROWDING_PT = 40.0  # points with more neighbours this close are labelled first
+
+
+def _marker_boxes(ax: plt.Axes) -> tuple[np.ndarray, np.ndarray]:
+    """Display boxes ``(x0, y0, x1, y1)`` in pixels of every marker drawn on ``ax`` (lines and scatters), and
+    whether each marks a data point (error-bar caps do not)."""
+    px = ax.figure.dpi / 72.0
+    boxes, is_point = [], []
+    for line in ax.lines:
+        marker = line.get_marker()
+        if marker in (None, "", " ", "none", "None"):
+            continue
+        xy = np.asarray(line.get_xydata(), np.float64).reshape(-1, 2)
+        half = (line.get_markersize() + line.get_markeredgewidth()) / 2.0 * px
+        for x, y in line.get_transform().transform(xy) if len(xy) else ():
+            boxes.append((x - half, y - half, x + half, y + half))
+            is_point.append(marker not in ("|", "_", 0, 1, 2, 3))
+    for collection in ax.collections:
+        if isinstance(collection, matplotlib.collections.PathCollection):
+            sizes = collection.get_sizes()
+            offsets = collection.get_offset_transform().transform(collection.get_offsets())
+            for index, (x, y) in enumerate(offsets):
+                half = math.sqrt(sizes[index % len(sizes)] if len(sizes) else 36.0) / 2.0 * px
+                boxes.append((x - half, y - half, x + half, y + half))
+                is_point.append(True)
+    array, flags = np.array(boxes, np.float64).reshape(-1, 4), np.array(is_point, bool)
+    finite = np.isfinite(array).all(axis=1)
+    return array[finite], flags[finite]
+
+
+def _line_segments(ax: plt.Axes) -> np.ndarray:
+    """Display segments ``(x0, y0, x1, y1)`` in pixels of every drawn line on ``ax`` (curves and error bars)."""
+    segments = []
+    for line in ax.lines:
+        if line.get_linestyle() in ("None", "none", "", " "):
+            continue
+        xy = line.get_transform().transform(np.asarray(line.get_xydata(), np.float64).reshape(-1, 2))
+        segments.extend(np.concatenate([xy[i], xy[i + 1]]) for i in range(len(xy) - 1))
+    for collection in ax.collections:
+        if isinstance(collection, matplotlib.collections.LineCollection):
+            transform = collection.get_transform()
+            for path in collection.get_segments():
+                xy = transform.transform(np.asarray(path, np.float64))
+                segments.extend(np.concatenate([xy[i], xy[i + 1]]) for i in range(len(xy) - 1))
+    array = np.array(segments, np.float64).reshape(-1, 4)
+    return array[np.isfinite(array).all(axis=1)]
+
+
+def _overlaps(boxes: np.ndarray, others: np.ndarray) -> np.ndarray:
+    """Total overlap area (pixels squared) of each of ``boxes`` with ``others`` (all ``(x0, y0, x1, y1)``)."""
+    boxes, others = boxes[:, None, :], others[None, :, :]
+    w = np.minimum(boxes[..., 2], others[..., 2]) - np.maximum(boxes[..., 0], others[..., 0])
+    h = np.minimum(boxes[..., 3], others[..., 3]) - np.maximum(boxes[..., 1], others[..., 1])
+    return np.sum(np.clip(w, 0, None) * np.clip(h, 0, None), axis=1)
+
+
+def _hits(boxes: np.ndarray, segments: np.ndarray) -> np.ndarray:
+    """``[i, j]``: whether segment ``j`` passes through box ``i`` (both ``(x0, y0, x1, y1)``; Liang-Barsky)."""
+    boxes, segments = boxes[:, None, :], segments[None, :, :]
+    x0, y0 = segments[..., 0], segments[..., 1]
+    dx, dy = segments[..., 2] - x0, segments[..., 3] - y0
+    shape = (boxes.shape[0], segments.shape[1])
+    low, high, hit = np.zeros(shape), np.ones(shape), np.ones(shape, bool)
+    for p, q in ((-dx, x0 - boxes[..., 0]), (dx, boxes[..., 2] - x0), (-dy, y0 - boxes[..., 1]),
+                 (dy, boxes[..., 3] - y0)):
+        p, q = np.broadcast_to(p, shape), np.broadcast_to(q, shape)
+        parallel = p == 0
+        hit &= ~(parallel & (q < 0))
+        t = q / np.where(parallel, 1.0, p)
+        low = np.where(~parallel & (p < 0), np.maximum(low, t), low)
+        high = np.where(~parallel & (p > 0), np.minimum(high, t), high)
+    return hit & (low <= high)
+
+
+def _crossing_counts(segments: np.ndarray, others: np.ndarray) -> np.ndarray:
+    """For each of ``segments``, how many of ``others`` cross it properly (all ``(x0, y0, x1, y1)``)."""
+    a, b = segments[:, None, :2], segments[:, None, 2:]
+    c, d = others[None, :, :2], others[None, :, 2:]
+
+    def side(p: np.ndarray, q: np.ndarray, r: np.ndarray) -> np.ndarray:
+        return np.sign((q[..., 0] - p[..., 0]) * (r[..., 1] - p[..., 1])
+                       - (q[..., 1] - p[..., 1]) * (r[..., 0] - p[..., 0]))
+
+    return np.sum((side(a, b, c) * side(a, b, d) < 0) & (side(c, d, a) * side(c, d, b) < 0), axis=1)
+
+
+def _box_distances(boxes: np.ndarray, points: np.ndarray) -> np.ndarray:
+    """``[i, j]``: distance in pixels from point ``j`` to box ``i`` ``(x0, y0, x1, y1)`` (0 inside)."""
+    nearest = np.clip(points[None, :, :], boxes[:, None, :2], boxes[:, None, 2:])
+    return np.hypot(*(nearest - points[None, :, :]).transpose(2, 0, 1))
+
+
+# (gap in points, direction in degrees) of the label spots tried, nearest first; the 8 main directions only at
+# the two smallest gaps.
+LABEL_CANDIDATES = tuple((gap, angle) for index, gap in enumerate(LABEL_GAPS_PT)
+                         for angle in (LABEL_ANGLES_DEG[:8] if index < 2 else LABEL_ANGLES_DEG))
+
+
+def _candidate_boxes(point: np.ndarray, size: tuple[float, float], clearance: np.ndarray,
+                     angles: np.ndarray) -> np.ndarray:
+    """Label boxes ``(x0, y0, x1, y1)`` of ``size`` (pixels) on the side ``angles`` (degrees) of ``point``, each
+    ``clearance`` pixels clear of the square around it: aligned at their near corner or edge midpoint, so they never
+    cover the point."""
+    ux, uy = np.cos(np.radians(angles)), np.sin(np.radians(angles))
+    scale = clearance / np.maximum(np.abs(ux), np.abs(uy))
+    anchor_x, anchor_y = point[0] + ux * scale, point[1] + uy * scale
+    w, h = size
+    x0 = np.where(ux > 0.3, anchor_x, np.where(ux < -0.3, anchor_x - w, anchor_x - w / 2))
+    y0 = np.where(uy > 0.3, anchor_y, np.where(uy < -0.3, anchor_y - h, anchor_y - h / 2))
+    return np.column_stack([x0, y0, x0 + w, y0 + h])
+
+
+def place_labels(ax: plt.Axes, xs: Sequence[float], ys: Sequence[float], texts: Sequence[str],
+                 colors: Sequence[Any], renderer: Any = None, *, fontsize: float = 7.0,
+                 marker_size: float = 6.0) -> list[matplotlib.text.Annotation]:
+    """Writes ``texts[i]`` next to the data point ``(xs[i], ys[i])`` in ``colors[i]``, clear of the other labels,
+    of the texts and markers already on ``ax`` and of a ``marker_size``-point square around each labelled point,
+    inside the axes.
+
+    Call it once the figure's layout is final (it freezes the axes limits): positions are offsets in points from
+    each point. Each label takes, among the free spots of ``LABEL_CANDIDATES``, the one of least cost: its gap,
+    plus penalties for crossing drawn lines, for sitting nearer another point than its own, and for a leader
+    crossing labels, markers or leaders. Labels placed ``LEADER_FROM_PT`` or farther away or nearer another point,
+    and labels with no free spot (then the spot of least overlap inside the axes, the farthest among equals), get
+    a thin leader line to their point: an empty-text annotation with the same ``xy``. Points are labelled most
+    crowded first.
+
+    Returns:
+      The labels in input order (``label.xy`` is the point; none is dropped).
+    """
+    fig = ax.figure
+    renderer = renderer or fig.canvas.get_renderer()
+    ax.set_xlim(ax.get_xlim())
+    ax.set_ylim(ax.get_ylim())
+    px = fig.dpi / 72.0
+    points = ax.transData.transform(np.column_stack([np.asarray(xs, np.float64), np.asarray(ys, np.float64)]))
+    own = marker_size / 2.0 * px
+    drawn, is_point = _marker_boxes(ax)
+    texts_there = [t.get_window_extent(renderer) for t in ax.texts if t.get_text() and t.get_visible()]
+    markers = np.concatenate([drawn, np.column_stack([points - own, points + own]),
+                              np.array([[e.x0, e.y0, e.x1, e.y1] for e in texts_there]).reshape(-1, 4)])
+    centres = np.concatenate([(drawn[is_point, :2] + drawn[is_point, 2:]) / 2.0, points])
+    segments = _line_segments(ax)
+    frame = ax.get_window_extent(renderer)
+    inner = np.array([frame.x0, frame.y0, frame.x1, frame.y1]) + LABEL_PAD_PX * np.array([1, 1, -1, -1])
+    pad = LABEL_PAD_PX * np.array([-1.0, -1.0, 1.0, 1.0])
+    gaps = np.array([gap for gap, _ in LABEL_CANDIDATES])
+    angles = np.array([angle for _, angle in LABEL_CANDIDATES])
+    distances = np.hypot(*(points[:, None, :] - points[None, :, :]).transpose(2, 0, 1))
+    crowding = np.sum(distances < LABEL_CROWDING_PT * px, axis=1)
+    placed = np.zeros((0, 4))
+    leaders = np.zeros((0, 4))
+    labels: list[Any] = [None] * len(points)
+    for i in sorted(range(len(points)), key=lambda i: -crowding[i]):
+        point = points[i]
+        label = ax.annotate(texts[i], (xs[i], ys[i]), xytext=(0, 0), textcoords="offset points", ha="center",
+                            va="center", fontsize=fontsize, color=colors[i], zorder=5,
+                            path_effects=[matplotlib.patheffects.withStroke(linewidth=2, foreground="white")])
+        labels[i] = label
+        extent = label.get_window_extent(renderer)
+        boxes = _candidate_boxes(point, (extent.width, extent.height), own + gaps * px, angles)
+        blocked = np.concatenate([markers, placed])
+        inside = np.all(boxes[:, :2] + pad[:2] >= inner[:2], axis=1) & np.all(boxes[:, 2:] + pad[2:] <= inner[2:],
+                                                                               axis=1)
+        overlap = _overlaps(boxes + pad, blocked)
+        free = inside & (overlap <= 0)
+        if free.any():
+            others = centres[np.hypot(*(centres - point).T) > own]
+            ambiguous = (_box_distances(boxes, others).min(axis=1) < _box_distances(boxes, point[None])[:, 0]
+                         if len(others) else np.zeros(len(boxes), bool))
+            leader_needed = (gaps >= LEADER_FROM_PT) | ambiguous
+            lines = np.concatenate([segments, leaders])
+            ends = np.clip(point, boxes[:, :2], boxes[:, 2:])
+            candidate_leaders = np.column_stack([np.broadcast_to(point, ends.shape), ends])
+            apart = ~np.all((blocked[:, :2] <= point) & (point <= blocked[:, 2:]), axis=1)  # not under the point
+            leader_crossings = (_hits(blocked[apart], candidate_leaders).sum(axis=0)
+                                + _crossing_counts(candidate_leaders, leaders))
+            cost = (gaps + CROSSING_COST_PT * _hits(boxes, lines).sum(axis=1) + AMBIGUITY_COST_PT * ambiguous
+                    + LEADER_CROSSING_COST_PT * leader_crossings * leader_needed)
+            choice = int(np.argmin(np.where(free, cost, np.inf)))
+            needs_leader = bool(leader_needed[choice])
+        else:
+            choice, needs_leader = int(np.lexsort((-gaps, overlap, ~inside))[0]), True
+        box = boxes[choice]
+        label.xyann = tuple(((box[:2] + box[2:]) / 2.0 - point) / px)
+        extent = label.get_window_extent(renderer)
+        placed = np.concatenate([placed, [np.array([extent.x0, extent.y0, extent.x1, extent.y1]) + pad]])
+        if needs_leader:
+            end = np.clip(point, [extent.x0, extent.y0], [extent.x1, extent.y1])
+            ax.annotate("", (xs[i], ys[i]), xytext=tuple((end - point) / px), textcoords="offset points", zorder=4,
+                        arrowprops={"arrowstyle": "-", "color": colors[i], "lw": 0.6, "alpha": 0.8, "shrinkA": 0,
+                                    "shrinkB": marker_size / 2.0})
+            leaders = np.concatenate([leaders, [np.concatenate([point, end])]])
+    return labels
 
 
 # Membership attacks in order of preference for the frontier (the first one every attacked run has).
@@ -286,48 +625,121 @@ def frontier_metrics(records: Sequence[Record]) -> list[tuple[str, str]]:
     return chosen
 
 
-def plot_frontier(records: Sequence[Record], path: str) -> str | None:
-    """The privacy-utility frontier: attack success (x, with its 95% interval) against final test accuracy (top
-    row) and bytes uploaded (bottom row), one curve per defense family through its strengths; None (no file)
-    without attack metrics."""
+def frontier_styles(families: Sequence[str]) -> dict[str, dict[str, Any]]:
+    """Colour, marker and marker size (points) of each defense family's frontier curve: a large black star for
+    "none" (undefended), ``series_style`` for the others in order, so no two families share a (colour, marker)."""
+    styles: dict[str, dict[str, Any]] = {}
+    for family in dict.fromkeys(families):
+        if family == "none":
+            styles[family] = {"color": "black", "marker": "*", "markersize": 12.0}
+        else:
+            styles[family] = {**series_style(sum(f != "none" for f in styles)), "markersize": 6.0}
+    return styles
+
+
+def frontier_groups(records: Sequence[Record]) -> dict[str, list[Record]]:
+    """Records split into blocks of frontier rows: by dataset and by the config fields (seeds and ``name`` aside)
+    in which runs with the same label differ, such as a second sweep with more rounds; keys are the blocks'
+    titles, e.g. "dataset=digits, rounds=20" ("" for a single block)."""
+    same_label: dict[str, list[Record]] = {}
+    for record in records:
+        same_label.setdefault(str(record.get("label")), []).append(record)
+    context = sorted({f for same in same_label.values() if len(same) > 1 for f in varying_fields(same)}
+                     - {"run.seed", "name", "data.dataset"})
+    several = len(by_dataset(records)) > 1
+    blocks: dict[tuple[Any, ...], list[Record]] = {}
+    for record in records:
+        flat = flatten(record.get("config", {}))
+        blocks.setdefault((dataset_of(record), *(json.dumps(flat.get(f)) for f in context)), []).append(record)
+    if len(blocks) == 1:
+        return {"": list(records)}
+    names = [f.rsplit(".", 1)[-1] for f in context]
+    return {", ".join(([f"dataset={key[0] or '(unnamed)'}"] if several else []) +
+                      [f"{name}={value}" for name, value in zip(names, key[1:])]): group
+            for key, group in blocks.items()}
+
+
+FRONTIER_PANEL_IN = (4.6, 3.6)  # width, height of one frontier panel, in inches
+FRONTIER_LEGEND_IN = 2.0  # width kept for the legend at the right, in inches
+
+
+def frontier_figure(records: Sequence[Record]) -> plt.Figure | None:
+    """The figure ``plot_frontier`` saves (laid out, labels placed), or None without attack metrics. Columns are
+    attack metrics; per block of ``frontier_groups``, a row of test accuracy and a row of bytes uploaded."""
     metrics = frontier_metrics(records)
     if not metrics:
         return None
-    families: dict[str, list[Record]] = {}
-    for record in records:
-        if any(k in record["final"] for k, _ in metrics):
+    attacked = [r for r in records if any(k in r["final"] for k, _ in metrics)]
+    styles = frontier_styles([defense_family(r) for r in attacked])
+    groups = frontier_groups(attacked)
+    width = FRONTIER_PANEL_IN[0] * len(metrics) + FRONTIER_LEGEND_IN + 0.2
+    fig, axes = plt.subplots(2 * len(groups), len(metrics), squeeze=False,
+                             figsize=(width, FRONTIER_PANEL_IN[1] * 2 * len(groups)))
+    pending: list[tuple[plt.Axes, list[tuple[float, float, str, Any, float]]]] = []  # labels to place
+    for block, (title, group) in enumerate(groups.items()):
+        families: dict[str, list[Record]] = {}
+        for record in group:
             families.setdefault(defense_family(record), []).append(record)
-    fig, axes = plt.subplots(2, len(metrics), figsize=(4.6 * len(metrics) + 2.2, 7.2), squeeze=False)
-    colors = plt.cm.tab10.colors
-    for column, (key, label) in enumerate(metrics):
-        for index, (family, members) in enumerate(families.items()):
-            points = [(as_float(r["final"].get(key)), as_float(r["final"].get(f"{key}_low")),
-                       as_float(r["final"].get(f"{key}_high")), as_float(r["final"].get("test_accuracy")),
-                       max(cumulative(r["history"], "bytes_total"), 1.0)) for r in members if key in r["final"]]
-            if not points:
-                continue
-            x, low, high, accuracy, sent = (np.array(v, np.float64) for v in zip(*points))
-            error = np.where(np.isnan(low), 0.0, np.stack([x - low, high - x]))
-            style = dict(color=colors[index % len(colors)], marker="*" if family == "none" else "o",
-                         markersize=11 if family == "none" else 5, capsize=2, lw=1.2, label=family)
-            strengths = [str(r.get("label", ""))[len(family):].strip(" ,") for r in members if key in r["final"]]
-            for row, y in enumerate((accuracy, sent)):
-                axes[row, column].errorbar(x, y, xerr=np.maximum(error, 0.0), **style)
-                for xi, yi, text in zip(x, y, strengths):
-                    if text:
-                        axes[row, column].annotate(text, (xi, yi), xytext=(3, 3), textcoords="offset points",
-                                                   fontsize=6, color=style["color"])
-        axes[0, column].set(xlabel=label, ylabel="final test accuracy")
-        axes[1, column].set(xlabel=label, ylabel="bytes uploaded (total)", yscale="log")
-        for row in range(2):
-            axes[row, column].grid(alpha=0.3)
-    handles, names = axes[0, 0].get_legend_handles_labels()
-    width = 4.6 * len(metrics) + 2.2
-    fig.tight_layout(rect=(0, 0, 1 - 2.0 / width, 0.95))
-    fig.legend(handles, names, loc="center left", bbox_to_anchor=(1 - 1.95 / width, 0.5), fontsize=8,
-               title="defense")
+        if title:
+            axes[2 * block, 0].set_title(title, loc="left", fontsize=9)
+        for column, (key, label) in enumerate(metrics):
+            cells = [axes[2 * block, column], axes[2 * block + 1, column]]
+            to_label: list[list[tuple[float, float, str, Any, float]]] = [[], []]
+            for family, members in families.items():
+                members = [r for r in members if key in r["final"]]
+                if not members:
+                    continue
+                style = styles[family]
+                x = np.array([as_float(r["final"][key]) for r in members])
+                low = np.array([as_float(r["final"].get(f"{key}_low")) for r in members])
+                high = np.array([as_float(r["final"].get(f"{key}_high")) for r in members])
+                error = np.maximum(np.nan_to_num(np.stack([x - low, high - x])), 0.0)
+                accuracy = np.array([as_float(r["final"].get("test_accuracy")) for r in members])
+                sent = np.array([max(cumulative(r["history"], "bytes_total"), 1.0) for r in members])
+                strengths = [str(r.get("label", ""))[len(family):].strip(" ,") for r in members]
+                for ax, y, cell in zip(cells, (accuracy, sent), to_label):
+                    ax.errorbar(x, y, xerr=error, capsize=2, lw=1.2, label=family,
+                                zorder=2.5 if family == "none" else 3.0, **style)
+                    cell.extend((xi, yi, text, style["color"], style["markersize"]) for xi, yi, text
+                                in zip(x, y, strengths) if text and math.isfinite(xi) and math.isfinite(yi))
+            cells[0].set(xlabel=label, ylabel="final test accuracy")
+            cells[1].set(xlabel=label, ylabel="bytes uploaded (total)", yscale="log")
+            for ax, cell in zip(cells, to_label):
+                if not ax.lines:
+                    ax.set_yscale("linear")
+                    ax.set_xticks([])
+                    ax.set_yticks([])
+                    ax.text(0.5, 0.5, "no run here has this metric", transform=ax.transAxes, ha="center",
+                            va="center", fontsize=8, color="gray")
+                    continue
+                ax.margins(x=0.08, y=0.12)  # room for the labels of points at the edges
+                ax.grid(alpha=0.3)
+                if cell:
+                    pending.append((ax, cell))
+    handles: dict[str, Any] = {}
+    for ax in axes.flat:
+        for handle, name in zip(*ax.get_legend_handles_labels()):
+            handles.setdefault(name, handle)
+    fig.tight_layout(rect=(0, 0, 1 - FRONTIER_LEGEND_IN / width, 0.96))
+    fig.legend(list(handles.values()), list(handles), loc="center left", fontsize=8, title="defense",
+               bbox_to_anchor=(1 - (FRONTIER_LEGEND_IN - 0.05) / width, 0.5))
     fig.suptitle("Privacy-utility frontier: each defense over its strengths, 95% intervals (lower attack success "
                  "is better)", fontsize=10)
+    renderer = fig.canvas.get_renderer()
+    for ax, cell in pending:
+        xs, ys, texts, colors, sizes = zip(*cell)
+        place_labels(ax, xs, ys, texts, colors, renderer, marker_size=max(sizes))
+    return fig
+
+
+def plot_frontier(records: Sequence[Record], path: str) -> str | None:
+    """The privacy-utility frontier: attack success (x, with its 95% interval) against final test accuracy and
+    bytes uploaded (a row each per dataset or repeated sweep, ``frontier_groups``), one curve per defense family
+    through its strengths (``frontier_styles``), each strength labelled next to its point (``place_labels``); None
+    (no file) without attack metrics."""
+    fig = frontier_figure(records)
+    if fig is None:
+        return None
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
