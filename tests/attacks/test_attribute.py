@@ -100,6 +100,7 @@ def test_paired_advantage_is_the_exact_mcnemar_interval():
         attribute.paired_advantage(correct, baseline[:-1])
 
 
+@pytest.mark.slow
 def test_match_updates_recovers_attributes_from_exact_gradient_messages():
     """At the run's global models, messages that are -c_r times the summed loss gradient of a client's examples
     with their true attributes give the attributes back; messages of pure noise give no confident guess."""
@@ -156,6 +157,7 @@ def test_attack_on_client_models_beats_majority_baseline():
     assert np.mean(majority == true_majority) >= 0.75
 
 
+@pytest.mark.slow
 def test_server_attack_on_taps_beats_both_baselines_without_dp(attacks):
     out = attacks[False]
     assert out["num_clients"] == len(TARGETS) and out["num_examples"] == 64 * len(TARGETS)
@@ -165,6 +167,7 @@ def test_server_attack_on_taps_beats_both_baselines_without_dp(attacks):
     assert out["matching_advantage_low"] > 0.1 and out["share_error"] < 0.08, out
 
 
+@pytest.mark.slow
 def test_dp_sgd_removes_the_advantage(attacks):
     results = attribute_run(True)[1]
     assert results.history[-1]["epsilon_max"] <= 1.0 + 1e-6

@@ -27,6 +27,7 @@ def test_largest_certifiable_epsilon_is_the_all_correct_bound():
                                                                                      rel=1e-9)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sampling", ["fixed", "poisson"])
 def test_example_level_audit_of_dpsgd_stays_below_the_clients_epsilon(sampling):
     """Canaries in client 0 (replace-one slots for fixed-size batches, in/out for Poisson), DP-SGD calibrated to
@@ -48,6 +49,7 @@ def _local_config(noise):
                       "server": {"clients_per_round": 10}, "run": {"rounds": 1, "eval_every": 1, "checkpoint_every": 0}})
 
 
+@pytest.mark.slow
 def test_local_audit_of_message_noise_has_power_and_stays_below_the_local_epsilon():
     """1000 one-example canary clients, each message seen by the server and scored by the exact likelihood ratio
     of the two messages the client could have sent: noise z = 4 (epsilon 2.17 per message) leaves a positive but

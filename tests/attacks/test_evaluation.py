@@ -20,6 +20,7 @@ SUITE = evaluation.AttackSuite(pool_size=200, shadow_federations=4, tap_clients=
                                inversion_iterations=100)
 
 
+@pytest.mark.slow
 def test_membership_leaks_undefended_and_dp_closes_it_beyond_the_intervals(tmp_path):
     records = evaluation.evaluate_defenses(
         BASE, {"none": {}, "dpsgd": {"eps=4": {"client.dp_clip_norm": 1.0, "client.target_epsilon": 4.0}}},
@@ -73,6 +74,7 @@ def test_cli_attack_eval_rejects_unknown_defense(capsys):
     assert "bogus" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_attribute_inference_and_reconstruction_beat_their_baselines_undefended_not_under_dp(tmp_path):
     """The attribute population (client-specific shares of a sensitive input column): the server's attribute
     inference beats the better message-free baseline and the eavesdropper's reconstruction beats the released
@@ -97,6 +99,7 @@ def test_attribute_inference_and_reconstruction_beat_their_baselines_undefended_
     assert "attribute/advantage" in table and "### participant" not in table
 
 
+@pytest.mark.slow
 def test_secure_aggregation_view_inverts_whole_cohorts_and_recovers_less_than_single_messages(tmp_path):
     """Behind secure aggregation the server inverts the sum of a 4-client cohort (about 14 digits in all, one
     full-batch step each): every cohort client is scored, and the median PSNR falls below that of inverting

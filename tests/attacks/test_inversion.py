@@ -41,6 +41,7 @@ def _psnr_per_target(result, images):
     return np.asarray(jax.vmap(metrics.psnr)(result.x[:, 0], jnp.asarray(images)))
 
 
+@pytest.mark.slow
 def test_idlg_recovers_every_batch1_label():
     """iDLG (Zhao et al. 2020): 100% label accuracy for batch 1, for gradients and for FedAvg updates."""
     per_model, num_models = 64, 4
@@ -68,6 +69,7 @@ def test_idlg_recovers_every_batch1_label():
         np.testing.assert_array_equal(from_update, labels[:, 0])
 
 
+@pytest.mark.slow
 def test_last_layer_kernel_follows_module_order_in_a_12_layer_mlp():
     """Flax names the 12 Dense layers Dense_0 ... Dense_11; as strings Dense_9 sorts last, not the output layer."""
     model = get_model("mlp", (64,), 10, hidden=(32,) * 11)
@@ -99,6 +101,7 @@ def test_label_counts_hand_values():
     assert not np.array_equal(wrong_scale, expected)
 
 
+@pytest.mark.slow
 def test_batched_line_search_dlg_recovers_logistic_regression_inputs(setup):
     model = get_model("logreg", (64,), 10)
     params = model.init(jax.random.key(7))
@@ -113,6 +116,7 @@ def test_batched_line_search_dlg_recovers_logistic_regression_inputs(setup):
     np.testing.assert_array_equal(result.y[:, 0], setup["labels"])
 
 
+@pytest.mark.slow
 def test_dlg_recovers_batch1_images(setup):
     result = inversion.invert_batch(DLG, SPEC, setup["model"].apply, setup["params"], setup["targets"], setup["keys"])
     psnrs = _psnr_per_target(result, setup["images"])
@@ -157,6 +161,7 @@ def test_dlg_fails_on_noisy_gradient(setup):
     assert np.all(psnrs < 15.0), psnrs
 
 
+@pytest.mark.slow
 def test_vmapped_attack_equals_one_target_at_a_time(setup):
     """Default DLG (L-BFGS with the batched line search, soft labels) on logistic regression over flat inputs.
 
@@ -183,6 +188,7 @@ def test_vmapped_attack_equals_one_target_at_a_time(setup):
     assert float(jnp.max(jnp.abs(rolled.x - batched.x))) > 0.05
 
 
+@pytest.mark.slow
 def test_inverting_gradients_recovers_fedavg_updates_with_per_target_lr(setup):
     """Geiping et al.'s multi-step setting: the update after 3 local SGD steps, lr differing per client."""
     spec = inversion.TargetSpec(input_shape=SHAPE, num_classes=10, batch_size=1, local_steps=3)

@@ -61,6 +61,7 @@ def _median_psnr(report, group):
     return float(np.median(report.select(clients=GROUPS[group]).psnr))
 
 
+@pytest.mark.slow
 def test_undefended_multi_step_updates_are_reconstructed(run, tmp_path):
     report = run["report"].select(clients=GROUPS["none"])
     assert len(report.targets) == 4
@@ -80,6 +81,7 @@ def test_undefended_multi_step_updates_are_reconstructed(run, tmp_path):
     assert matplotlib.image.imread(str(path))[..., :3].std() > 0.05
 
 
+@pytest.mark.slow
 def test_full_batch_simulation_reproduces_the_tapped_messages(run):
     """The evaluation regime is exact: 4 full-batch SGD steps on a client's true examples (under its pruning
     mask recomputed from the server parameters) give the message the library's pipeline produced."""
@@ -96,6 +98,7 @@ def test_full_batch_simulation_reproduces_the_tapped_messages(run):
             np.testing.assert_allclose(got, want, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_sparsification_quantization_and_local_noise_degrade_reconstruction(run):
     report = run["report"]
     same_images = float(np.median(report.select(clients=SAME_DATA).psnr))
@@ -108,6 +111,7 @@ def test_sparsification_quantization_and_local_noise_degrade_reconstruction(run)
     assert all(t.distance == "l2" for t in report.select(clients=GROUPS["qsgd"]).targets)
 
 
+@pytest.mark.slow
 def test_mask_aware_attacker_defeats_client_pruning(run):
     aware = run["report"].select(clients=GROUPS["client_prune"])
     assert all(t.mask_aware and t.exact for t in aware.targets)
@@ -119,6 +123,7 @@ def test_mask_aware_attacker_defeats_client_pruning(run):
     assert np.median(aware.psnr) > np.median(unaware.psnr) + 10.0
 
 
+@pytest.mark.slow
 def test_a_target_reconstructs_the_same_in_a_smaller_chunk(run):
     """Targets of a call are padded to a power of two: two targets run in a chunk of 2 (the fixture's 16 ran in
     chunks of 8), each with its own key, and give the same reconstructions (up to float reordering over hundreds of iterations)."""
@@ -129,6 +134,7 @@ def test_a_target_reconstructs_the_same_in_a_smaller_chunk(run):
         np.testing.assert_allclose(a.reconstructions, b.reconstructions, atol=1e-3)  # pixels in [0, 1]
 
 
+@pytest.mark.slow
 def test_clipping_alone_does_not_fool_the_cosine_objective(run):
     report = run["report"]
     clipped, same_images = report.select(clients=GROUPS["clip"]), report.select(clients=SAME_DATA)
@@ -186,6 +192,7 @@ def test_summary_is_uncapped_and_handles_exact_reconstructions():
     assert low.summary()["psnr_iqr"] == pytest.approx(10.0) and low.fraction_above_threshold == 0.5
 
 
+@pytest.mark.slow
 def test_invalid_arguments_raise(run):
     experiment, taps = run["experiment"], run["taps"]
     known = dataclasses.replace(inversion_eval.DEFAULT_ATTACK, labels="known")
@@ -238,6 +245,7 @@ def cohort():
             "aggregate": aggregate}
 
 
+@pytest.mark.slow
 def test_aggregate_of_a_single_client_is_attacked_as_its_message(cohort):
     """A cohort of one (client 0's data, the same seed, hence the same model and message as in the 4-client
     round, since a message depends only on the seed, round, id and model): the aggregate is (n m) / n = m
@@ -264,6 +272,7 @@ def test_aggregate_of_a_single_client_is_attacked_as_its_message(cohort):
     np.testing.assert_array_equal(a.predicted_labels, s.predicted_labels)
 
 
+@pytest.mark.slow
 def test_secure_aggregation_of_four_clients_hides_much_but_not_all(cohort):
     """K = 4 clients of one example: each message alone is recovered to ~100 dB, the aggregate (for FedSGD
     with example weights: the mean gradient of the 4 examples, a batch-4 gradient) much less well, yet far
@@ -285,6 +294,7 @@ def test_secure_aggregation_of_four_clients_hides_much_but_not_all(cohort):
     assert aggregate.label_accuracy == 1.0
 
 
+@pytest.mark.slow
 def test_aggregate_needs_the_whole_cohort_and_is_what_the_server_applies(cohort):
     experiment, tap = cohort["experiment"], cohort["tap"]
     partial = Tap(round=1, client_ids=tap.client_ids[[0, 1, 3]], server_params=tap.server_params,

@@ -54,6 +54,7 @@ def test_lira_scores_match_scipy_reference():
     np.testing.assert_allclose(pooled, ref_pooled, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.slow
 def test_vectorized_shadows_equal_python_loop():
     """All shadows in one call equal one call per shadow (same keys), and each fits its own half."""
     train, _ = load_digits()
@@ -109,6 +110,7 @@ def test_pooled_lira_is_at_chance_without_signal_with_few_shadows():
     assert fixed.mean() < 0.5 - 4 * fixed.std(ddof=1) / np.sqrt(reps), fixed.mean()
 
 
+@pytest.mark.slow
 def test_lira_beats_loss_threshold_at_low_fpr():
     """On an overfit FL model, LiRA's TPR at 1% FPR exceeds the loss attack's by > 3 binomial std errors."""
     train, test = load_digits()

@@ -2,6 +2,7 @@
 
 import jax
 import numpy as np
+import pytest
 
 from fedjaxpriv.attacks import shadow
 from fedjaxpriv.config import from_dict
@@ -19,6 +20,7 @@ def _experiment(**client):
     return Experiment(config, population=partition_like(config, members, 0), test=members, num_classes=10), pool
 
 
+@pytest.mark.slow
 def test_vectorized_federations_equal_one_at_a_time_and_each_holds_half_the_pool():
     experiment, pool = _experiment(mixup_alpha=0.5)
     together = shadow.train_shadow_federations(experiment, pool, 4, jax.random.key(0))

@@ -4,6 +4,7 @@ adaptive clipping, vmap."""
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from scipy import stats
 
 from fedjaxpriv.client.dp import adaptive_clip_update, clip_per_example
@@ -130,6 +131,7 @@ def test_adaptive_clip_count_noise_std_by_ks():
     assert stats.kstest(log_ratio, stats.norm(0, 1.1 * sigma).cdf).pvalue < 1e-4
 
 
+@pytest.mark.slow
 def test_vmap_over_clients_with_different_strengths_equals_loop():
     clients = 4
     grads = jax.jit(jax.vmap(_grads))(jax.random.split(jax.random.key(9), clients))

@@ -68,6 +68,7 @@ def test_partner_is_uniform_over_real_rows_by_chi_square():
     assert stats.chisquare(counts[:5], wrong).pvalue < 1e-6
 
 
+@pytest.mark.slow
 def test_vmap_over_clients_with_different_alphas_equals_loop():
     x, y = _batch()
     alphas = jnp.array([0.0, 0.2, 1.0, 5.0])

@@ -66,6 +66,7 @@ def test_ties_are_broken_deterministically_with_exact_count():
         magnitude_mask(params, 0.5, scope="row")
 
 
+@pytest.mark.slow
 def test_random_mask_exact_count_and_uniform_positions():
     sparsity, draws = 0.3, 400
     kernel = {"kernel": jnp.zeros((10, 12))}
@@ -89,6 +90,7 @@ def test_mask_sparsity_reports_exact_fractions():
         np.testing.assert_allclose(float(fraction), want, rtol=1e-6)
 
 
+@pytest.mark.slow
 def test_masked_sgd_keeps_pruned_weights_at_zero():
     mask = magnitude_mask(PARAMS, 0.5)
     params = apply_mask(PARAMS, mask)

@@ -153,6 +153,7 @@ def test_alpha_never_changes_labels_and_beta_and_iid_order_heterogeneity():
     assert spread[0] < 0.01 < spread[1] < 1.0 < 10.0 < spread[2]
 
 
+@pytest.mark.slow
 def test_hundred_thousand_clients():
     train, test = synthetic_federated(0, num_clients=100_000, dim=8, size_mean=0.0, size_sigma=0.5, size_offset=4,
                                       max_size=12)

@@ -17,6 +17,7 @@ def _leaves(tree):
     return [np.asarray(x) for x in jax.tree_util.tree_leaves(tree)]
 
 
+@pytest.mark.slow
 def test_fedsgd_round_is_one_full_batch_gradient_step():
     config = from_dict({"data": {"num_clients": 6, "partition": "iid"}, "model": {"name": "logreg"},
                         "server": {"algorithm": "fedsgd", "clients_per_round": 6, "lr": 0.5},
@@ -31,6 +32,7 @@ def test_fedsgd_round_is_one_full_batch_gradient_step():
         np.testing.assert_allclose(got, want, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_fedprox_local_steps_match_manual_proximal_sgd():
     lr, mu = 0.3, 2.0
     config = from_dict({"data": {"num_clients": 4, "partition": "iid"}, "model": {"name": "logreg"},
@@ -49,6 +51,7 @@ def test_fedprox_local_steps_match_manual_proximal_sgd():
         np.testing.assert_allclose(got, want, atol=1e-5)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("optimizer", ["adam", "momentum"])
 def test_server_optimizer_applies_optax_to_the_pseudo_gradient(optimizer):
     config = from_dict({"data": {"num_clients": 5, "partition": "iid"}, "model": {"name": "logreg"},
@@ -70,6 +73,7 @@ def test_server_optimizer_applies_optax_to_the_pseudo_gradient(optimizer):
         np.testing.assert_allclose(got, want, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_synthetic_population_trains():
     config = from_dict({"data": {"dataset": "synthetic", "num_clients": 30, "synthetic_alpha": 0.5,
                                  "synthetic_beta": 0.5, "synthetic_max_size": 300},

@@ -22,6 +22,7 @@ def _flat(tree) -> np.ndarray:
     return np.concatenate([np.ravel(np.asarray(leaf)) for leaf in jax.tree_util.tree_leaves(tree)])
 
 
+@pytest.mark.slow
 def test_feedback_residual_equals_the_tap_reference_and_waits_for_absent_clients():
     """Round by round, a participant's residual becomes delta + e - sent, where delta is its uncompressed update
     (the same client, keys and global model without the compressor) and sent its tapped message; a client
@@ -52,6 +53,7 @@ def test_feedback_residual_equals_the_tap_reference_and_waits_for_absent_clients
             np.mean(np.linalg.norm(residuals[ids], axis=1)), rel=1e-4)
 
 
+@pytest.mark.slow
 def test_feedback_top_k_reaches_an_accuracy_plain_top_k_does_not():
     """Karimireddy et al. 2019 (EF-SGD): top-k at 1% of coordinates stalls without error feedback and nearly
     matches dense training with it. Margins: 3 binomial standard errors of the difference on the test set."""
@@ -70,6 +72,7 @@ def test_feedback_top_k_reaches_an_accuracy_plain_top_k_does_not():
     assert feedback > dense.final("test_accuracy") - 0.1, (feedback, dense.final("test_accuracy"))
 
 
+@pytest.mark.slow
 def test_resumed_run_carries_the_client_state(tmp_path):
     config = _config("server.clients_per_round=5", "run.rounds=4", "run.eval_every=4", "run.checkpoint_every=2",
                      "message.topk_fraction=0.05", "message.error_feedback=true")
@@ -98,6 +101,7 @@ def _scale_and_count(strength: str) -> MessageTransform:
     return MessageTransform(init, update)
 
 
+@pytest.mark.slow
 def test_user_transform_with_its_own_strength_state_and_diagnostics():
     """A user-written stateful transform reading a user-added per-client strength, chained with a built-in
     one: its state counts each client's rounds exactly, its diagnostic is the cohort's mean strength, and a

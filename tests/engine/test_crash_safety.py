@@ -154,6 +154,7 @@ def test_torn_or_corrupt_lines_end_the_history_with_a_reason():
     assert len(records) == 1 and "line 2 of 3" in problems[0]
 
 
+@pytest.mark.slow
 def test_torn_last_line_is_dropped_and_the_uncovered_checkpoint_recomputed(experiment, reference, finished):
     path = finished / "history.jsonl"
     text = path.read_text()
@@ -167,6 +168,7 @@ def test_torn_last_line_is_dropped_and_the_uncovered_checkpoint_recomputed(exper
     assert checkpoint_steps(finished) == [9, 12]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kept", [10, 7, 0])
 def test_history_shorter_than_the_checkpoints_falls_back_or_starts_over(experiment, reference, finished, kept):
     keep_lines(finished, kept)
@@ -178,6 +180,7 @@ def test_history_shorter_than_the_checkpoints_falls_back_or_starts_over(experime
     assert_same_run(results, reference)
 
 
+@pytest.mark.slow
 def test_repeated_rounds_resume_from_the_checkpoint_they_cover(experiment, reference, finished):
     lines = (finished / "history.jsonl").read_text().splitlines(keepends=True)
     (finished / "history.jsonl").write_text("".join(lines + lines[9:]))  # rounds 1..12, 10, 11, 12
@@ -186,6 +189,7 @@ def test_repeated_rounds_resume_from_the_checkpoint_they_cover(experiment, refer
     assert_same_run(results, reference)
 
 
+@pytest.mark.slow
 def test_corrupt_latest_checkpoint_falls_back_to_the_previous_one(experiment, reference, finished):
     for root, _, files in os.walk(finished / "checkpoints" / "12"):
         for name in files:
@@ -197,6 +201,7 @@ def test_corrupt_latest_checkpoint_falls_back_to_the_previous_one(experiment, re
     assert checkpoint_steps(finished) == [9, 12] and (finished / "checkpoints" / "12.unreadable").is_dir()
 
 
+@pytest.mark.slow
 def test_half_written_checkpoint_is_removed_and_its_round_recomputed(experiment, reference, finished):
     # A writer killed while saving round 12 leaves orbax's temporary directory and the history of round 12.
     tmp = finished / "checkpoints" / "12.orbax-checkpoint-tmp-1700000000"
@@ -206,6 +211,7 @@ def test_half_written_checkpoint_is_removed_and_its_round_recomputed(experiment,
     assert_same_run(results, reference)
 
 
+@pytest.mark.slow
 def test_missing_unreadable_or_foreign_config_is_refused(experiment, finished):
     config_path = finished / "config.json"
     original = config_path.read_text()
@@ -222,6 +228,7 @@ def test_missing_unreadable_or_foreign_config_is_refused(experiment, finished):
     assert history_rounds(finished) == list(range(1, ROUNDS + 1)) and checkpoint_steps(finished) == [9, 12]
 
 
+@pytest.mark.slow
 def test_a_second_writer_is_refused_naming_the_holder(experiment, finished):
     store = RunStore(str(finished), experiment.config)
     try:
@@ -233,6 +240,7 @@ def test_a_second_writer_is_refused_naming_the_holder(experiment, finished):
 
 
 # -- interrupts and divergence in this process -----------------------------------------------------------------
+@pytest.mark.slow
 @pytest.mark.parametrize("where,call", [("annotate", 8), ("evaluate", 2)])
 def test_a_signal_inside_the_step_or_evaluation_stops_after_the_round(experiment, reference, tmp_path,
                                                                        monkeypatch, where, call):
@@ -257,6 +265,7 @@ def test_a_signal_inside_the_step_or_evaluation_stops_after_the_round(experiment
     assert_same_run(resume(experiment, tmp_path / "run"), reference)
 
 
+@pytest.mark.slow
 def test_an_exception_inside_a_round_cuts_the_history_back_to_the_checkpoint(experiment, reference, tmp_path,
                                                                              monkeypatch):
     """A KeyboardInterrupt raised in round 8's step (not by a signal) leaves no state of round 7 to save."""
@@ -399,6 +408,7 @@ def lines_at_least(run_dir, count: int):
     (signal.SIGTERM, "train:5", 4),  # before round 5's step
     (signal.SIGINT, None, None),  # whenever history.jsonl holds 5 rounds (most likely inside a step)
 ])
+@pytest.mark.slow
 def test_signal_leaves_a_consistent_directory_that_resumes_exactly(experiment, reference, fork_server, config_file,
                                                                    tmp_path, signum, pause, rounds_left):
     run_dir = tmp_path / "run"

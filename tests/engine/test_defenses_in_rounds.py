@@ -28,6 +28,7 @@ def _param_count(params):
     return sum(leaf.size for leaf in jax.tree_util.tree_leaves(params))
 
 
+@pytest.mark.slow
 def test_pruned_weights_stay_zero_and_are_not_sent():
     exp = Experiment(from_dict({**BASE, "client": {"prune_sparsity": 0.5, "local_steps": 4}, "run": {"rounds": 1}}))
     params = exp.initial_state.params
@@ -76,6 +77,7 @@ def test_adaptive_clip_norm_follows_the_geometric_rule():
     np.testing.assert_allclose(float(state.clip_norm), 0.05 * math.exp(-0.5 * (below - 0.3)), rtol=1e-6)
 
 
+@pytest.mark.slow
 def test_recorded_sample_level_epsilon_matches_the_accountant():
     config = from_dict({**BASE, "client": {"dp_clip_norm": 1.0, "dp_noise_multiplier": [1.0, 2.0],
                                            "sampling": "poisson", "local_steps": 3},
@@ -94,6 +96,7 @@ def test_recorded_sample_level_epsilon_matches_the_accountant():
     assert results.final("epsilon_unamplified_max") == pytest.approx(max(plain), rel=1e-9)
 
 
+@pytest.mark.slow
 def test_recorded_client_level_epsilon_matches_dpfedavg():
     config = from_dict({**BASE, "server": {"clients_per_round": 5, "client_sampling": "poisson",
                                            "central_clip_norm": 0.5, "central_noise_multiplier": 1.2},
@@ -102,6 +105,7 @@ def test_recorded_client_level_epsilon_matches_dpfedavg():
     assert results.final("client_level_epsilon") == pytest.approx(dpfedavg_epsilon(0.5, 1.2, 3, 1e-5), rel=1e-9)
 
 
+@pytest.mark.slow
 def test_personalized_targets_are_met():
     config = from_dict({**BASE, "client": {"dp_clip_norm": 1.0, "target_epsilon": [1.0, 4.0],
                                            "sampling": "poisson", "local_steps": 2},
@@ -115,6 +119,7 @@ def test_personalized_targets_are_met():
     assert np.all(eps <= targets + 1e-9)
 
 
+@pytest.mark.slow
 def test_tapped_messages_are_the_messages_aggregated_in_the_round():
     """With server SGD at lr 1 and example weighting, the new model is params + the weighted mean of the
     cohort's messages: the tap of the cohort reproduces it exactly."""

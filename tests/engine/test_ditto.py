@@ -35,6 +35,7 @@ def digits():
     return load_digits()
 
 
+@pytest.mark.slow
 def test_ditto_global_model_is_fedavg_and_personal_models_descend_the_proximal_objective(digits):
     """Every client holds 16 examples and trains on all of them each step (batch 16), so local training is
     deterministic: v <- v - lr (grad F_k(v) + lam (v - w)) three times per round from the client's own v, w the
@@ -82,6 +83,7 @@ def test_label_mix_accuracy_is_the_accuracy_on_a_test_set_drawn_like_the_client(
     np.testing.assert_allclose(label_mix_accuracy(correct[0], y, counts), [0.75 * 0.5 + 0.25 * 2 / 3, 1.0])
 
 
+@pytest.mark.slow
 def test_ditto_personal_models_beat_the_global_model_under_label_skew():
     """Two label shards per client (20 clients, half taking part each round): after 15 rounds the personal models
     reach 0.97 on test data mixed as their clients' labels where the global model reaches 0.80; the global model

@@ -17,6 +17,7 @@ from fedjaxpriv.parallel import use_cpu_cores
 SHORT = {"data": {"num_clients": 20}, "run": {"rounds": 6, "eval_every": 3}, "server": {"clients_per_round": 5}}
 
 
+@pytest.mark.slow
 def test_fedavg_on_digits_reaches_90_percent():
     config = from_dict({"data": {"num_clients": 30, "partition": "dirichlet", "dirichlet_alpha": 0.5},
                         "client": {"local_steps": 10, "batch_size": 16, "lr": 0.1},
@@ -26,12 +27,14 @@ def test_fedavg_on_digits_reaches_90_percent():
     assert 0.0 <= results.final("client_accuracy_p10") <= results.final("client_accuracy_p90") <= 1.0
 
 
+@pytest.mark.slow
 def test_rounds_never_recompile():
     experiment = Experiment(from_dict(SHORT))
     experiment.run(progress=False)
     assert experiment.round_fn._cache_size() == 1
 
 
+@pytest.mark.slow
 def test_interrupted_run_resumes_to_the_same_result(tmp_path):
     config = from_dict({**SHORT, "run": {"rounds": 6, "eval_every": 1, "checkpoint_every": 2}})
     full = Experiment(config).run(str(tmp_path / "full"), progress=False)
@@ -80,6 +83,7 @@ def test_dp_noise_without_clip_is_rejected():
         Experiment(config)
 
 
+@pytest.mark.slow
 def test_cli_runs_and_writes_history(tmp_path, capsys):
     out = tmp_path / "run"
     code = cli_main(["run", "--quiet", "--out", str(out), "--set", "run.rounds=2", "--set", "data.num_clients=10",
@@ -105,6 +109,7 @@ def test_no_resume_starts_over_in_the_same_directory(tmp_path):
     assert rounds == [1, 2] and [r["round"] for r in results.history] == [1, 2]
 
 
+@pytest.mark.slow
 def test_clients_are_sharded_over_all_devices_by_default_with_the_same_result():
     if jax.device_count() < 2:
         pytest.skip("needs several devices (tests/conftest.py sets 8 CPU devices)")
@@ -120,6 +125,7 @@ def test_clients_are_sharded_over_all_devices_by_default_with_the_same_result():
         Experiment(from_dict({**SHORT, "run": {"num_devices": jax.device_count() + 1}}))
 
 
+@pytest.mark.slow
 def test_use_cpu_cores_sets_the_device_count_before_jax_starts_and_refuses_after():
     code = ("import jax\nfrom fedjaxpriv.parallel import use_cpu_cores\n"
             "print(use_cpu_cores(3), len(jax.devices('cpu')))\n"

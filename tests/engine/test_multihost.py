@@ -7,7 +7,9 @@ import sys
 
 import jax
 import numpy as np
+import pytest
 
+from fedjaxpriv import distributed
 from fedjaxpriv.config import from_dict
 from fedjaxpriv.experiment import Experiment
 
@@ -22,6 +24,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_two_processes_equal_one(tmp_path):
     port = _free_port()
     out = str(tmp_path / "multihost.npz")
@@ -40,3 +43,12 @@ def test_two_processes_equal_one(tmp_path):
     for i, leaf in enumerate(leaves):
         np.testing.assert_allclose(saved[f"arr_{i}"], leaf, atol=2e-5)
     assert float(saved["accuracy"]) == single.final("test_accuracy")
+
+
+def test_initialize_refuses_bad_process_counts_before_connecting():
+    """Bad counts are named before ``jax.distributed`` is touched; a single process is the main one."""
+    with pytest.raises(ValueError, match=r"num_processes=0 must be >= 1"):
+        distributed.initialize("127.0.0.1:1", num_processes=0, process_id=0)
+    with pytest.raises(ValueError, match=r"process_id=2 must be in \[0, 2\)"):
+        distributed.initialize("127.0.0.1:1", num_processes=2, process_id=2)
+    assert distributed.is_main_process() and not jax.distributed.is_initialized()

@@ -31,6 +31,7 @@ def _reference(event, relation=Relation.ADD_OR_REMOVE_ONE):
         event).get_epsilon(DELTA)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sampling", ["fixed", "poisson"])
 def test_recorded_example_level_epsilon_is_the_event_that_ran(sampling, tmp_path):
     """Each client's epsilon equals dp_accounting on the event its local training runs: fixed-size batches of
@@ -64,6 +65,7 @@ def test_recorded_example_level_epsilon_is_the_event_that_ran(sampling, tmp_path
     assert rows[0]["epsilon_basis"] == basis and float(rows[0]["epsilon"]) == pytest.approx(per_client["epsilon"][0])
 
 
+@pytest.mark.slow
 def test_local_noise_gets_its_own_epsilon_per_client():
     config = _config(message={"clip_norm": 0.5, "local_noise_multiplier": [4.0, 0.0]})
     exp = Experiment(config)
@@ -81,6 +83,7 @@ def test_local_noise_gets_its_own_epsilon_per_client():
     assert "local" in results.final("local_epsilon_basis")
 
 
+@pytest.mark.slow
 def test_targets_are_promises_at_full_participation():
     """Every client takes part every round (so it reaches its planned participations): each ends within 2% below
     its target; the stricter tier gets more noise."""
@@ -96,6 +99,7 @@ def test_targets_are_promises_at_full_participation():
     assert np.all(sigma[0::2] > sigma[1::2])
 
 
+@pytest.mark.slow
 def test_a_spent_budget_keeps_the_client_out_of_later_rounds():
     config = _config(client={"dp_clip_norm": 1.0, "target_epsilon": 3.0, "local_steps": 2},
                      run={"rounds": 6, "eval_every": 6})
@@ -109,6 +113,7 @@ def test_a_spent_budget_keeps_the_client_out_of_later_rounds():
     assert np.all(exp.privacy.per_client()["epsilon"] <= 3.0)
 
 
+@pytest.mark.slow
 def test_resumed_private_run_spends_exactly_what_an_uninterrupted_one_does(tmp_path):
     config = _config(client={"dp_clip_norm": 1.0, "dp_noise_multiplier": 1.2, "sampling": "poisson"},
                      message={"clip_norm": 1.0, "local_noise_multiplier": 3.0},
@@ -133,6 +138,7 @@ def test_resumed_private_run_spends_exactly_what_an_uninterrupted_one_does(tmp_p
         assert [r[key] for r in resumed_results.history] == [r[key] for r in full_results.history], key
 
 
+@pytest.mark.slow
 def test_taps_hold_only_clients_that_took_part():
     config = _config(run={"rounds": 4, "eval_every": 4, "tap_rounds": [1, 2, 3, 4], "tap_clients": list(range(10))})
     exp = Experiment(config)
@@ -171,6 +177,7 @@ def test_delta_above_one_over_n_or_c_warns_naming_it():
         Experiment(_config(client={"dp_clip_norm": 1.0, "dp_noise_multiplier": 1.0}))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("server", [{"client_sampling": "uniform"},
                                     {"client_sampling": "poisson", "adaptive_clip_quantile": 0.5,
                                      "clip_count_noise_multiplier": 2.0}])

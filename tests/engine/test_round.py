@@ -66,6 +66,7 @@ def reference(hetero):
     return state.params
 
 
+@pytest.mark.slow
 def test_vectorized_round_equals_per_client_loop(hetero, reference):
     population, (model, spec, settings, params, pop) = hetero
     # Reference: an explicit Python loop over clients, same keys, weighted mean by example count.
@@ -89,6 +90,7 @@ def test_vectorized_round_equals_per_client_loop(hetero, reference):
     assert moved > 1e-2
 
 
+@pytest.mark.slow
 def test_zero_steps_client_sends_exact_zero(hetero):
     _, (model, spec, settings, params, pop) = hetero
     row = jax.tree_util.tree_map(lambda a: a[1], settings)  # client 1 has num_steps=0 but DP noise and mixup on
@@ -99,6 +101,7 @@ def test_zero_steps_client_sends_exact_zero(hetero):
     assert float(out.steps) == 0.0
 
 
+@pytest.mark.slow
 def test_padded_cohort_slots_change_nothing(hetero, reference):
     _, (model, spec, settings, params, pop) = hetero
     padded_ids = np.concatenate([IDS, [0, 9, 0, 11]]).astype(np.int32)
@@ -108,6 +111,7 @@ def test_padded_cohort_slots_change_nothing(hetero, reference):
     assert np.all(np.asarray(out.weight)[8:] == 0.0) and np.all(np.asarray(out.bits)[8:] == 0.0)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("chunk_size,strategy", [(1, "vmap"), (3, "vmap"), (8, "loop"), (1, "host")])
 def test_result_independent_of_chunking_and_strategy(hetero, reference, chunk_size, strategy):
     _, (model, spec, settings, params, pop) = hetero
@@ -116,6 +120,7 @@ def test_result_independent_of_chunking_and_strategy(hetero, reference, chunk_si
     _assert_trees_close(other.params, reference, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_sharded_over_eight_devices_equals_one_device(hetero, reference):
     if jax.device_count() < 8:
         pytest.skip("needs XLA_FLAGS=--xla_force_host_platform_device_count=8 (set in tests/conftest.py)")
@@ -126,6 +131,7 @@ def test_sharded_over_eight_devices_equals_one_device(hetero, reference):
     assert len(out.loss.sharding.device_set) == 8
 
 
+@pytest.mark.slow
 def test_outer_product_weight_grads_round_equals_reference(hetero, reference):
     """The CPU lowering of dense weight gradients (per-example DP gradients included) changes no result."""
     _, (model, spec, settings, params, pop) = hetero
@@ -134,6 +140,7 @@ def test_outer_product_weight_grads_round_equals_reference(hetero, reference):
     _assert_trees_close(state.params, reference, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_host_round_over_eight_devices_equals_one_device(hetero, reference):
     if jax.device_count() < 8:
         pytest.skip("needs XLA_FLAGS=--xla_force_host_platform_device_count=8 (set in tests/conftest.py)")
@@ -146,6 +153,7 @@ def test_host_round_over_eight_devices_equals_one_device(hetero, reference):
     assert len(state.params["Dense_0"]["kernel"].sharding.device_set) == 8
 
 
+@pytest.mark.slow
 def test_central_dp_noise_has_the_configured_std(digits_population):
     """DP-FedAvg: with every update clipped to zero-length (lr tiny), the new params minus old are pure noise."""
     population, _, info = digits_population
@@ -166,6 +174,7 @@ def test_central_dp_noise_has_the_configured_std(digits_population):
     assert abs(noise.mean()) < 6.0 * expected_std / math.sqrt(n)
 
 
+@pytest.mark.slow
 def test_removing_one_client_moves_the_clipped_sum_by_at_most_the_clip_norm(hetero):
     """DP-FedAvg sensitivity: with noise off, dropping any one client from the cohort changes the (fixed
     denominator) mean by at most clip / expected_cohort, and some client reaches that bound."""

@@ -20,6 +20,7 @@ def _config(*overrides: str) -> ExperimentConfig:
     return with_overrides(ExperimentConfig(), [*BASE, *overrides])
 
 
+@pytest.mark.slow
 def test_scaffold_rounds_equal_a_per_client_loop_of_the_paper_updates():
     """Three rounds with partial participation and heterogeneous local steps: the global model, the server
     control variate c and every client's c_i equal a Python loop over clients of Karimireddy et al.'s
@@ -66,6 +67,7 @@ def test_scaffold_rounds_equal_a_per_client_loop_of_the_paper_updates():
     assert record["bytes_per_client"] == 2 * 4 * experiment.num_params
 
 
+@pytest.mark.slow
 def test_scaffold_beats_fedavg_when_every_client_holds_one_label():
     """Karimireddy et al. 2020: with heterogeneous clients and many local steps, FedAvg drifts and SCAFFOLD
     corrects it. One digit class per client, 20 local steps, half the clients per round, 20 rounds: SCAFFOLD's
@@ -80,6 +82,7 @@ def test_scaffold_beats_fedavg_when_every_client_holds_one_label():
     assert accuracy > fedavg + margin, (accuracy, fedavg, margin)
 
 
+@pytest.mark.slow
 def test_scaffold_state_survives_resume(tmp_path):
     config = _config("run.rounds=4", "run.eval_every=4", "run.checkpoint_every=2")
     full = Experiment(config).run(progress=False)

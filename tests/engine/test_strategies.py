@@ -23,6 +23,7 @@ def _assert_trees_close(a, b, atol, rtol=0.0):
         np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=atol, rtol=rtol)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name,shape,check_grads", [("cnn", (8, 8, 2), True), ("lenet", (8, 8, 1), True)])
 def test_conv_as_matmul_matches_native_values_and_gradients(name, shape, check_grads):
     model = get_model(name, shape, 10)
@@ -42,6 +43,7 @@ def test_conv_as_matmul_matches_native_values_and_gradients(name, shape, check_g
                         jax.jit(jax.grad(functools.partial(loss, model.apply)))(params), atol=5e-5, rtol=1e-4)
 
 
+@pytest.mark.slow
 def test_conv_as_matmul_second_derivatives_match_native():
     """Gradient matching (as in gradient inversion) differentiates the gradient: the stride-1 convolutions'
     own backward rule must be differentiable too. McMahan CNN: stride-1 convolutions."""
@@ -64,6 +66,7 @@ def test_conv_as_matmul_second_derivatives_match_native():
                                rtol=1e-4)
 
 
+@pytest.mark.slow
 def test_outer_product_dense_grads_match_native_to_second_order_and_skip_large_batches():
     model = get_model("mlp", (8, 8, 1), 10, hidden=(32, 16))
     params = model.init(jax.random.key(0))
@@ -101,6 +104,7 @@ def test_outer_product_dense_grads_match_native_to_second_order_and_skip_large_b
     assert not parallel.auto_outer_product_grads(mlp, 16, "gpu")
 
 
+@pytest.mark.slow
 def test_conv_as_matmul_stride_one_gradients_any_padding_and_vmap():
     """The flipped-kernel input gradient with asymmetric, wider-than-kernel and negative-effective padding,
     NCHW layouts, vmapped over per-client kernels: equal to the native convolution's gradients."""
@@ -158,6 +162,7 @@ def _one_client(spec, apply_fn, shared, row):
     return (weighted, out.num_examples), out.loss
 
 
+@pytest.mark.slow
 def test_host_loop_equals_compiled_vmap(digits_population):
     population, _, info = digits_population
     model, settings, pop, params = _client_problem(population, info)
@@ -180,6 +185,7 @@ def test_host_loop_equals_compiled_vmap(digits_population):
         jax.jit(lambda s, r: parallel.map_clients_host(fn, s, r))(shared, rows)
 
 
+@pytest.mark.slow
 def test_unrolled_conv_as_matmul_round_equals_default_round(digits_population):
     population, _, info = digits_population
     model, settings, pop, params = _client_problem(population, info, "lenet")

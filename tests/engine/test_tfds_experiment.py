@@ -9,6 +9,7 @@ from fedjaxpriv.experiment import Experiment
 tfds_test = pytest.importorskip("tests.data.test_tfds_source")
 
 
+@pytest.mark.slow
 def test_experiment_trains_on_a_local_tfds_dataset(tmp_path):
     data_dir = str(tmp_path / "tfds")
     builder = tfds_test.TinyColorImages(data_dir=data_dir, file_format="array_record")

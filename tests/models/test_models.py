@@ -29,6 +29,7 @@ def test_init_is_a_pure_function_of_the_key():
     assert not all(np.array_equal(x, y) for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(c)))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", MODEL_NAMES)
 def test_every_model_fits_a_small_batch(name):
     model = get_model(name, (8, 8, 1), 4)

@@ -104,6 +104,7 @@ def test_a_user_mcmahan_cnn_gets_the_builtin_cnn_plan():
     assert user.name == "user-supplied UserMcMahanCNN" and user.num_classes == 10
 
 
+@pytest.mark.slow
 def test_user_flax_convnet_trains_exactly_like_the_builtin_one(tmp_path):
     config = _config(model={"name": "lenet"})
     builtin = Experiment(config)
@@ -163,6 +164,7 @@ def _multi_label_data(seed=0, clients=4, per_client=48, dim=8, labels=4):
     return population, Dataset(*draw(400))
 
 
+@pytest.mark.slow
 def test_multi_label_task_trains_and_reports_its_metrics():
     population, test = _multi_label_data()
     config = _config(model={"name": "mlp", "hidden": [16]}, client={"local_steps": 5, "lr": 0.5},
@@ -196,6 +198,7 @@ class TinyTokenModel(nn.Module):
         return nn.Dense(self.vocab)(nn.Embed(self.vocab, 8)(tokens))
 
 
+@pytest.mark.slow
 def test_next_token_task_with_a_user_model_and_padding():
     """Each next token is the current one plus 1 (mod 7); the targets' last position is padding (-1)."""
     vocab, length, clients, per_client = 7, 6, 4, 16
@@ -224,6 +227,7 @@ def test_next_token_task_with_a_user_model_and_padding():
     np.testing.assert_allclose(tasks.NEXT_TOKEN.metrics(logits, tokens)["token_accuracy"], [1.0, 0.5])
 
 
+@pytest.mark.slow
 def test_a_bare_loss_function_trains_and_reports_its_loss():
     def hinge(logits, labels):  # the multi-class (Crammer-Singer) hinge loss, [B]
         true = jnp.take_along_axis(logits, labels[:, None], axis=-1)[:, 0]

@@ -78,6 +78,7 @@ def _exact_profile_epsilon(p_means, q_means, weights, std, delta):
     return optimize.brentq(gap, 0.0, 50.0, xtol=1e-9)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("z", [1.0, 2.0, 4.0])
 def test_brute_force_tiny_fixed_batch_case_lies_between_poisson_figure_and_ours(z):
     """n = 4 examples, batches of 2 without replacement, one step. Replacing example 0 (clipped gradient +C) by one
@@ -97,6 +98,7 @@ def test_brute_force_tiny_fixed_batch_case_lies_between_poisson_figure_and_ours(
         assert max(poisson_figure, poisson_pld) < exact <= ours, (z, delta, poisson_figure, exact, ours)
 
 
+@pytest.mark.slow
 def test_mixup_inside_a_dpsgd_batch_moves_the_clipped_sum_beyond_2c_and_within_4c():
     """The sensitivity the mechanism claims with mixup (4C replace-one) is needed and sufficient: replacing one
     example changes two mixed examples, each clipped to C."""

@@ -33,6 +33,7 @@ def test_chain_equals_stages_applied_by_hand_with_folded_keys():
     assert set(stats) >= {"top_k/sq_error", "qsgd/sq_error", "clip/norm", "clip/clipped"}
 
 
+@pytest.mark.slow
 def test_noise_after_compression_makes_the_message_dense_again():
     transform = chain(prune_message(sparsity="p"), qsgd("s"), clip_update("c"), add_local_noise("z", "c"))
     settings = {"p": 0.5, "s": 2, "c": 1.0, "z": 1.0}

@@ -45,6 +45,7 @@ def test_top_k_with_feedback_sends_a_dropped_coordinate_later():
     assert sent_second[:3] == [0.0, 0.0, 0.0] and max(sent_second) == pytest.approx(1.2, abs=1e-6)
 
 
+@pytest.mark.slow
 def test_feedback_is_a_pass_through_when_nothing_is_dropped():
     transform = error_feedback(chain(top_k("f"), clip_update(100.0)))
     message = _messages(1)[0]

@@ -43,6 +43,7 @@ def test_qsgd_unbiased_and_variance_exact_and_within_bound(levels):
         np.testing.assert_allclose(grid, np.round(grid), atol=1e-4)
 
 
+@pytest.mark.slow
 def test_qsgd_bits_counted_exactly_and_zero_levels_is_off():
     transform = qsgd("s")
     state = transform.init(MESSAGE)
@@ -98,6 +99,7 @@ def test_stochastic_rounding_bits_and_off_values():
             np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("transform, field, values", [(qsgd("x"), "x", [0, 1, 7, 64]), (stochastic_rounding("x"), "x", [0, 2, 5, 32])])
 def test_vmap_over_clients_with_different_precision_equals_loop(transform, field, values):
     clients = len(values)

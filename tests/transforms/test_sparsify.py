@@ -33,6 +33,7 @@ def test_top_k_keeps_exactly_the_k_largest_and_counts_bits(fraction):
     assert int(stats["bits"]) == expected_bits
 
 
+@pytest.mark.slow
 def test_top_k_off_at_fraction_one():
     out, _, stats = top_k("f").update(MESSAGE, (), jax.random.key(0), {"f": 1.0})
     assert int(stats["bits"]) == 107 * 32 and int(stats["wire_index_bits"]) == 0
@@ -40,6 +41,7 @@ def test_top_k_off_at_fraction_one():
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
+@pytest.mark.slow
 def test_random_k_exact_count_and_unbiased_scaling():
     fraction, draws = 0.25, 2000
     transform = random_k("f", unbiased=True)
@@ -87,6 +89,7 @@ def test_bad_configuration_raises():
         top_k("missing").update(MESSAGE, (), jax.random.key(0), {"f": 0.5})
 
 
+@pytest.mark.slow
 def test_vmap_over_clients_with_different_fractions_equals_loop():
     fractions = jnp.array([1.0, 0.5, 0.05, 0.3])
     keys = jax.random.split(jax.random.key(2), 4)

@@ -6,6 +6,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 
 def _run(tmp_path, out: str, cache: str) -> tuple[dict, list[str]]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("JAX_COMPILATION_CACHE")}
@@ -22,6 +24,7 @@ def _program(entry: str) -> str:
     return entry.rsplit("-", 2)[0]
 
 
+@pytest.mark.slow
 def test_second_run_reuses_the_cached_programs(tmp_path):
     first, stored = _run(tmp_path, "a", "cache")
     assert stored, "the first run stored no compiled program"

@@ -18,6 +18,7 @@ def test_none_builds_a_plain_experiment():
     assert type(build_experiment(with_overrides(ExperimentConfig(), ["data.num_clients=10"]))) is Experiment
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("policy", ["uniform", "device_aware"])
 def test_config_policy_sets_settings_and_removes_stragglers(policy):
     exp = build_experiment(_config(policy))

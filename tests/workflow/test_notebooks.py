@@ -9,6 +9,7 @@ from nbclient import NotebookClient
 NOTEBOOKS = os.path.join(os.path.dirname(__file__), "..", "..", "notebooks")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["01_quickstart.ipynb", "02_defense_vs_attack.ipynb", "03_your_own_parts.ipynb"])
 def test_notebook_runs(name, tmp_path):
     notebook = nbformat.read(os.path.join(NOTEBOOKS, name), as_version=4)

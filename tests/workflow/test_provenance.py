@@ -5,6 +5,7 @@ import json
 import re
 
 import jax
+import pytest
 
 from fedjaxpriv.config import ExperimentConfig, with_overrides
 from fedjaxpriv.experiment import Experiment
@@ -14,6 +15,7 @@ TINY = ["data.num_clients=4", "model.name=logreg", "client.local_steps=1", "clie
         "server.clients_per_round=2", "run.checkpoint_every=1", "run.eval_every=1"]
 
 
+@pytest.mark.slow
 def test_run_json_records_each_session_and_records_read_it(tmp_path):
     out = str(tmp_path / "run")
     config = with_overrides(ExperimentConfig(), [*TINY, "run.rounds=2"])

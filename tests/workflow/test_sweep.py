@@ -61,6 +61,7 @@ def _append_many(path: str, writer: int, count: int) -> None:
         store.append({"config_hash": f"{writer}-{i}", "payload": [writer * 1000 + i] * 20000})
 
 
+@pytest.mark.slow
 def test_concurrent_appends_stay_intact(tmp_path):
     path = str(tmp_path / "results.jsonl")
     context = multiprocessing.get_context("spawn")
@@ -101,6 +102,7 @@ def sweep_store(tmp_path_factory):
     return root, points, summary
 
 
+@pytest.mark.slow
 def test_two_job_sweep_writes_one_record_per_config_and_rerun_skips(sweep_store):
     root, points, summary = sweep_store
     assert summary.failed == {}
@@ -122,6 +124,7 @@ def test_two_job_sweep_writes_one_record_per_config_and_rerun_skips(sweep_store)
     assert os.path.getsize(store.path) == size  # nothing ran, nothing appended
 
 
+@pytest.mark.slow
 def test_interrupted_run_resumes_from_its_checkpoint(sweep_store, tmp_path):
     root, points, _ = sweep_store
     point = points[1]
@@ -140,6 +143,7 @@ def test_interrupted_run_resumes_from_its_checkpoint(sweep_store, tmp_path):
     assert resumed["final"]["test_accuracy"] == pytest.approx(reference["final"]["test_accuracy"], abs=1e-6)
 
 
+@pytest.mark.slow
 def test_report_writes_plots_and_a_table_equal_to_the_store(sweep_store, tmp_path):
     root, points, _ = sweep_store
     records = ResultsStore(str(root / "store")).records()
@@ -170,6 +174,7 @@ def test_report_writes_plots_and_a_table_equal_to_the_store(sweep_store, tmp_pat
     assert "attack/dlg/psnr_median" in table[0] and "psnr_iqr" not in table[0]
 
 
+@pytest.mark.slow
 def test_report_reads_run_directories(sweep_store, tmp_path):
     root, points, _ = sweep_store
     run_dir = root / "store" / "runs" / points[0].config_hash

@@ -69,6 +69,7 @@ def _grid(path, lrs: list[float]) -> tuple[str, list[str]]:
     return str(path), [p.config_hash for p in load_grid(str(path))]
 
 
+@pytest.mark.slow
 def test_concurrent_sweeps_kill_and_rerun(tmp_path):
     store_dir = str(tmp_path / "store")
     store = ResultsStore(os.path.join(store_dir, "results.jsonl"))
