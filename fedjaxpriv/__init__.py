@@ -6,15 +6,58 @@ The curated entry points; submodules hold the rest (``fedjaxpriv.client``, ``tra
 
 __version__ = "0.1.0"
 
-from fedjaxpriv.client.settings import ClientSettings, make_settings
-from fedjaxpriv.config import ExperimentConfig, from_dict, load_config, with_overrides
-from fedjaxpriv.data import FederatedData, load_dataset, partition, synthetic_federated
-from fedjaxpriv.experiment import Experiment, Results, Tap, run
-from fedjaxpriv.models import get_model
-from fedjaxpriv.models.tasks import CLASSIFICATION, MULTI_LABEL, NEXT_TOKEN, Task
-from fedjaxpriv.server.algorithms import FEDAVG, SCAFFOLD, FederatedAlgorithm, ditto, dp_fedavg, fedprox, fedsgd
-from fedjaxpriv.transforms import MessageTransform, chain, error_feedback
-from fedjaxpriv.parallel import make_mesh, map_clients, use_cpu_cores
+import importlib
+from typing import Any
+
+# The curated names, imported on first use (PEP 562): ``import fedjaxpriv`` and the command line's ``--help``
+# stay fast, and JAX loads only when something that needs it is touched.
+_EXPORTS: dict[str, str] = {
+    "CLASSIFICATION": "fedjaxpriv.models.tasks",
+    "ClientSettings": "fedjaxpriv.client.settings",
+    "Experiment": "fedjaxpriv.experiment",
+    "ExperimentConfig": "fedjaxpriv.config",
+    "FEDAVG": "fedjaxpriv.server.algorithms",
+    "FederatedAlgorithm": "fedjaxpriv.server.algorithms",
+    "FederatedData": "fedjaxpriv.data",
+    "MULTI_LABEL": "fedjaxpriv.models.tasks",
+    "MessageTransform": "fedjaxpriv.transforms",
+    "NEXT_TOKEN": "fedjaxpriv.models.tasks",
+    "Results": "fedjaxpriv.experiment",
+    "SCAFFOLD": "fedjaxpriv.server.algorithms",
+    "Tap": "fedjaxpriv.experiment",
+    "Task": "fedjaxpriv.models.tasks",
+    "chain": "fedjaxpriv.transforms",
+    "ditto": "fedjaxpriv.server.algorithms",
+    "dp_fedavg": "fedjaxpriv.server.algorithms",
+    "error_feedback": "fedjaxpriv.transforms",
+    "fedprox": "fedjaxpriv.server.algorithms",
+    "fedsgd": "fedjaxpriv.server.algorithms",
+    "from_dict": "fedjaxpriv.config",
+    "get_model": "fedjaxpriv.models",
+    "load_config": "fedjaxpriv.config",
+    "load_dataset": "fedjaxpriv.data",
+    "make_mesh": "fedjaxpriv.parallel",
+    "make_settings": "fedjaxpriv.client.settings",
+    "map_clients": "fedjaxpriv.parallel",
+    "partition": "fedjaxpriv.data",
+    "run": "fedjaxpriv.experiment",
+    "synthetic_federated": "fedjaxpriv.data",
+    "use_cpu_cores": "fedjaxpriv.parallel",
+    "with_overrides": "fedjaxpriv.config",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'fedjaxpriv' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_EXPORTS[name]), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))
+
 
 __all__ = [
     "CLASSIFICATION", "ClientSettings", "Experiment", "ExperimentConfig", "FEDAVG", "FederatedAlgorithm",

@@ -14,6 +14,7 @@ import argparse
 import json
 import os
 import sys
+import time
 from typing import TYPE_CHECKING, Sequence
 
 from fedjaxpriv.results import jsonable
@@ -31,6 +32,8 @@ class _Parser(argparse.ArgumentParser):
 
 def _build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="fedjaxpriv", description="Federated learning privacy simulator.")
+    parser.add_argument("--verbose", action="store_true",
+                        help="let XLA's own log lines (e.g. its slow-compilation banner) through to the terminal")
     commands = parser.add_subparsers(dest="command", required=True)
     run = commands.add_parser("run", help="run one experiment (default: FedAvg on the embedded digits data)")
     run.add_argument("--config", help="YAML or JSON config file")
@@ -191,6 +194,14 @@ def _report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _say(args: argparse.Namespace, text: str) -> None:
+    """A progress line on stderr (nothing under --quiet)."""
+    if not getattr(args, "quiet", False):
+        from tqdm.auto import tqdm
+
+        tqdm.write(f"fedjaxpriv: {text}", file=sys.stderr)
+
+
 def _run(args: argparse.Namespace) -> int:
     config = _config(args)
     if args.print_config:
@@ -198,6 +209,10 @@ def _run(args: argparse.Namespace) -> int:
         return 0
     created = not os.path.exists(args.out)
     _output_dir(args.out)
+    d, m = config.data, config.model
+    _say(args, f"building {d.dataset} over {d.num_clients} clients ({d.partition} partition), model {m.name}, "
+               f"{config.run.rounds} rounds into {args.out}")
+    started = time.perf_counter()
     from fedjaxpriv.experiment import Experiment, build_experiment
 
     try:
@@ -210,7 +225,18 @@ def _run(args: argparse.Namespace) -> int:
                 pass
         raise
 
+    import jax
+
+    devices = experiment.mesh.devices.size
+    _say(args, f"built in {time.perf_counter() - started:.1f} s: {experiment.num_params:,} parameters, strategy "
+               f"{experiment.strategy} (chunks of {experiment.chunk_size} clients), {devices} "
+               f"{jax.default_backend()} device{'s' if devices != 1 else ''}; compiling the round")
+    first = [time.perf_counter()]
+
     def report(_: Experiment, record: dict) -> None:
+        if first:
+            _say(args, f"round {record['round']} done in {time.perf_counter() - first.pop():.1f} s (compilation "
+                       "included; later rounds reuse the compiled program)")
         if args.quiet or "test_accuracy" not in record:
             return
         from tqdm.auto import tqdm
@@ -251,6 +277,8 @@ def _one_device_per_core(num_devices: int | None = None) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _build_parser().parse_args(argv)
+    if not args.verbose:  # XLA's C++ log lines (read when JAX starts), unless the user chose a level
+        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     if args.command != "sweep" or args.jobs == 1:  # sweep workers split the cores among themselves
         _one_device_per_core()
     from fedjaxpriv.parallel import enable_compilation_cache

@@ -1,0 +1,26 @@
+"""The command line answers at once and says what it builds before the long work starts."""
+
+import subprocess
+import sys
+
+from fedjaxpriv import cli
+
+
+def test_help_imports_no_numerical_library():
+    """``fedjaxpriv --help`` (the package and its command line) loads neither JAX, Flax nor dp-accounting."""
+    code = ("import sys, fedjaxpriv, fedjaxpriv.cli\n"
+            "print(sorted(m for m in ('jax', 'jaxlib', 'flax', 'optax', 'dp_accounting', 'scipy') if m in sys.modules))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "[]"
+
+
+def test_run_says_what_it_builds_then_when_the_first_round_is_compiled(tmp_path, capsys):
+    out = tmp_path / "run"
+    code = cli.main(["run", "--out", str(out), "--set", "data.num_clients=4", "--set", "model.hidden=[8]",
+                     "--set", "server.clients_per_round=2", "--set", "run.rounds=2"])
+    assert code == 0
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("fedjaxpriv: ")]
+    assert lines[0] == (f"fedjaxpriv: building digits over 4 clients (dirichlet partition), model mlp, 2 rounds "
+                        f"into {out}")
+    assert lines[1].startswith("fedjaxpriv: built in ") and "strategy " in lines[1] and "compiling" in lines[1]
+    assert lines[2].startswith("fedjaxpriv: round 1 done in ") and len(lines) == 3
