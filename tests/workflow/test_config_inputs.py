@@ -490,7 +490,8 @@ def _cli(*args: str, cwd, in_process: bool = True) -> subprocess.CompletedProces
 
 
 def _assert_one_line_error(result: subprocess.CompletedProcess, fragment: str) -> None:
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    # The error is one line; ``run`` may have said what it was building before the error stopped it.
+    lines = [line for line in result.stderr.splitlines() if line.strip() and not line.startswith("fedjaxpriv: building ")]
     assert result.returncode != 0, result.stdout
     assert "Traceback" not in result.stderr
     assert len(lines) == 1, result.stderr
