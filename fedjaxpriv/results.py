@@ -18,11 +18,14 @@ import fcntl
 import json
 import math
 import os
+import uuid
+import warnings
 from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 
 from fedjaxpriv import locks
+from fedjaxpriv.files import atomic_write
 
 Record = dict[str, Any]
 STORE_FILE = "results.jsonl"
@@ -164,7 +167,8 @@ def read_sessions(run_dir: str) -> list[dict[str, Any]]:
     return [s for s in sessions if isinstance(s, dict) and isinstance(s.get("versions"), dict)]
 
 
-def _parse_lines(data: bytes) -> list[Record]:
+def _parse_lines(data: bytes, require_hash: bool = True) -> list[Record]:
+    """The intact JSON objects of a JSON-lines file (with a ``config_hash`` when ``require_hash``)."""
     records = []
     for line in data.split(b"\n"):
         if not line.strip():
@@ -173,13 +177,19 @@ def _parse_lines(data: bytes) -> list[Record]:
             record = json.loads(line)
         except json.JSONDecodeError:
             continue  # a record cut short by a killed writer
-        if isinstance(record, dict) and "config_hash" in record:
+        if isinstance(record, dict) and ("config_hash" in record or not require_hash):
             records.append(record)
     return records
 
 
 class ResultsStore:
-    """An append-only JSON-lines file of run records, and claims on the configs being run into it.
+    """An append-only JSON-lines file of run summaries, each run's history in a file of its own, and claims on
+    the configs being run into it.
+
+    A record's ``history`` (one dict per round) is written to ``results.jsonl.histories/<config_hash>-<id>.jsonl``
+    before its summary line, which names the file (``history_file``, relative to the store) and the number of
+    rounds (``history_rounds``): a sweep's start (``completed_hashes``) and ``to_frame`` read the summaries only,
+    and ``records()`` reads the histories too. Records written with their history inline are read as they are.
 
     A claim (``claim``) is an exclusive ``flock`` on ``results.jsonl.claims/<config_hash>.lock``, decided under a
     store-wide lock on ``results.jsonl.lock``: processes sharing a store run each config once, and a claim ends
@@ -195,9 +205,18 @@ class ResultsStore:
         self.path = os.path.abspath(path)
 
     def append(self, record: Mapping[str, Any]) -> None:
-        """Appends one record atomically: one write of one line under an exclusive lock."""
-        line = (json.dumps(jsonable(record), sort_keys=True) + "\n").encode()
+        """Appends one record atomically: its history to a file of its own (written whole, then renamed into
+        place), then its summary as one write of one line under an exclusive lock."""
+        summary = dict(record)
         os.makedirs(os.path.dirname(self.path), exist_ok=True)
+        if "history" in summary:
+            history = summary.pop("history")
+            name = f"{os.path.basename(self.path)}.histories/{summary['config_hash']}-{uuid.uuid4().hex[:8]}.jsonl"
+            path = os.path.join(os.path.dirname(self.path), name)
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            atomic_write(path, "".join(json.dumps(jsonable(r), sort_keys=True) + "\n" for r in history))
+            summary.update(history_file=name, history_rounds=len(history))
+        line = (json.dumps(jsonable(summary), sort_keys=True) + "\n").encode()
         fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
@@ -213,8 +232,9 @@ class ResultsStore:
             fcntl.flock(fd, fcntl.LOCK_UN)
             os.close(fd)
 
-    def records(self) -> list[Record]:
-        """All intact records, in the order they were written."""
+    def records(self, history: bool = True) -> list[Record]:
+        """All intact records, in the order they were written; with ``history`` False, the summaries only (no
+        ``history`` key unless it was written inline)."""
         if not os.path.exists(self.path):
             return []
         with open(self.path, "rb") as f:
@@ -223,11 +243,44 @@ class ResultsStore:
                 data = f.read()
             finally:
                 fcntl.flock(f.fileno(), fcntl.LOCK_UN)
-        return _parse_lines(data)
+        records = _parse_lines(data)
+        if history:
+            for record in records:
+                if "history_file" in record and "history" not in record:
+                    record["history"] = self._read_history(record)
+        return records
+
+    def _read_history(self, record: Record) -> list[Record]:
+        path = os.path.join(os.path.dirname(self.path), record["history_file"])
+        try:
+            with open(path, "rb") as f:
+                return _parse_lines(f.read(), require_hash=False)
+        except OSError as error:
+            warnings.warn(f"results store {self.path}: the history of run {record['config_hash']} is unreadable "
+                          f"({error.strerror}: {path}); it is read as empty.", stacklevel=3)
+            return []
 
     def completed_hashes(self) -> set[str]:
-        """Config hashes of the runs already in the store."""
-        return {r["config_hash"] for r in self.records()}
+        """Config hashes of the runs already in the store (from the summaries alone)."""
+        return {r["config_hash"] for r in self.records(history=False)}
+
+    def to_frame(self) -> Any:
+        """The store as a pandas DataFrame, one row per run: ``config_hash``, ``label``, ``seed``, ``run_dir``,
+        ``finished_at``, ``history_rounds``, every override (dotted config field) and every final metric (the
+        last value of each history key, ``final``). Needs pandas (``pip install "fedjaxpriv[frame]"``)."""
+        try:
+            import pandas
+        except ImportError:
+            raise ModuleNotFoundError('ResultsStore.to_frame needs pandas: pip install "fedjaxpriv[frame]" (or '
+                                      'pandas).') from None
+        rows = []
+        for record in self.records(history=False):
+            row = {key: record.get(key) for key in ("config_hash", "label", "seed", "run_dir", "finished_at")}
+            row["history_rounds"] = record.get("history_rounds", len(record.get("history", [])))
+            row.update(record.get("overrides", {}))
+            row.update(record.get("final", {}))
+            rows.append(row)
+        return pandas.DataFrame(rows)
 
     def _claim_path(self, config_hash: str) -> str:
         return os.path.join(f"{self.path}.claims", f"{config_hash}.lock")

@@ -34,6 +34,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from fedjaxpriv import locks
+from fedjaxpriv.files import atomic_write, fsync_dir
 from fedjaxpriv.config import ExperimentConfig, from_dict
 from fedjaxpriv.results import RUN_INFO_FILE, jsonable, read_sessions, run_environment, write_csv
 
@@ -47,28 +48,6 @@ _NON_FINITE = {"inf": float("inf"), "-inf": float("-inf")}
 
 class RunDirectoryLocked(ValueError):
     """Another process is writing the run directory."""
-
-
-# -- small file primitives -------------------------------------------------------------------------------------
-def fsync_dir(path: str) -> None:
-    """Makes the entries of directory ``path`` (created, renamed or removed files) durable."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def atomic_write(path: str, text: str) -> None:
-    """Replaces ``path`` by a file holding ``text``: written to a new file, fsynced, renamed over ``path``. A
-    reader (or a process started after a crash) sees the old content or the new, never a mix."""
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fsync_dir(os.path.dirname(os.path.abspath(path)))
 
 
 def append_line(path: str, line: str) -> None:
