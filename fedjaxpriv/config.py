@@ -24,6 +24,8 @@ import re
 import warnings
 from typing import Any, Iterable, Mapping, Sequence, Union
 
+from fedjaxpriv.sinks import SINK_NAMES
+
 PerClient = Union[float, int, tuple]
 Overrides = Union[Mapping[str, Any], Sequence[str]]
 
@@ -428,6 +430,9 @@ class RunConfig:
       accountant: "rdp" or "pld" (dp_accounting).
       tap_clients / tap_rounds: attack taps: in each listed round (1-based), record the messages that the listed
         clients taking part in that round send, and the server model they start from.
+      log: where the per-round records go (``fedjaxpriv.sinks``): "jsonl" (the run directory's history.jsonl/csv,
+        always on and always listed), "tensorboard" (event files in <out>/tensorboard/) and "wandb" (an offline
+        W&B run in <out>/wandb/); given in any order, kept once each in this order.
     """
 
     rounds: int = knob(40, int, low=1, high=INT_MAX)
@@ -441,9 +446,12 @@ class RunConfig:
     accountant: str = knob("rdp", str, choices=("rdp", "pld"))
     tap_clients: tuple[int, ...] = knob((), int, low=0, high=INT_MAX, shape="list")
     tap_rounds: tuple[int, ...] = knob((), int, low=1, high=INT_MAX, shape="list")
+    log: tuple[str, ...] = knob(("jsonl",), str, choices=SINK_NAMES, shape="list", note="jsonl is always on")
 
     def __post_init__(self) -> None:
         _parse_fields(self, "run")
+        # One spelling per set of sinks (order and repeats do not matter; jsonl is always on), so one hash.
+        object.__setattr__(self, "log", tuple(n for n in SINK_NAMES if n == "jsonl" or n in self.log))
         _check(all(r <= self.rounds for r in self.tap_rounds), "run.tap_rounds", self.tap_rounds,
                f"round numbers in [1, run.rounds={self.rounds}]")
 
@@ -586,10 +594,18 @@ class ExperimentConfig:
 
     def config_hash(self) -> str:
         """A short stable hash of the fields that differ from the defaults (for result stores and run
-        directories): a release that only adds fields (at defaults that keep the old behaviour) keeps every hash."""
-        text = json.dumps(self.non_default(), sort_keys=True, default=str)
+        directories): a release that only adds fields (at defaults that keep the old behaviour) keeps every hash.
+        ``UNHASHED_FIELDS`` (where a run reports, not what it computes) are left out."""
+        fields = self.non_default()
+        for section, key in UNHASHED_FIELDS:
+            fields.get(section, {}).pop(key, None)
+        text = json.dumps({k: v for k, v in fields.items() if v != {}}, sort_keys=True, default=str)
         return hashlib.sha256(text.encode()).hexdigest()[:12]
 
+
+# Fields that choose where a run reports, not what it computes: a run resumed or a sweep point rerun with other
+# logging sinks is the same run.
+UNHASHED_FIELDS: tuple[tuple[str, str], ...] = (("run", "log"),)
 
 _SECTIONS = {"data": DataConfig, "model": ModelConfig, "client": ClientConfig, "message": MessageConfig,
              "server": ServerConfig, "run": RunConfig, "devices": DevicesConfig}

@@ -531,7 +531,7 @@ class Experiment:
 
     # -- the run loop ----------------------------------------------------------------------------------------
     def run(self, out_dir: str | None = None, *, resume: bool = True, progress: bool = True,
-            callbacks: Sequence[Callback] = (), rounds: int | None = None,
+            callbacks: Sequence[Callback] = (), sinks: Sequence[Any] = (), rounds: int | None = None,
             loss_limit: float = LOSS_LIMIT) -> Results:
         """Runs (or resumes) the experiment.
 
@@ -545,6 +545,9 @@ class Experiment:
             the earlier run's files there and starts over.
           progress: show a progress bar with the latest accuracy.
           callbacks: functions called as ``cb(experiment, record)`` after every round.
+          sinks: the user's own logging sinks (``fedjaxpriv.sinks.Sink``: ``write(round, record)``, ``close()``),
+            besides those ``run.log`` names; each gets every round of this session once (before the callbacks) and
+            is closed when the run ends, fails or is interrupted.
           rounds: stop after this many rounds (default ``config.run.rounds``).
           loss_limit: a loss above it (or a non-finite loss or parameter) stops the run with ``DivergenceError``
             (default ``guards.LOSS_LIMIT``, about 1.8e19).
@@ -553,10 +556,16 @@ class Experiment:
           DivergenceError: training diverged; the diverged round's record ends the history (NaN as null); it is
             never checkpointed, and the checkpoints of earlier rounds are kept.
           RunDirectoryLocked: another process is writing ``out_dir``.
+          ValueError: before anything is written, a ``run.log`` sink that cannot log (its package missing, its
+            directory unwritable: ``sinks.check_sinks``) or a sink passed in that is not a ``Sink``.
         """
+        from fedjaxpriv.sinks import check_sinks, check_user_sinks, close_sinks, open_sinks, sink_callback
         from fedjaxpriv.storage import RunStore
 
         total = rounds or self.config.run.rounds
+        check_user_sinks(sinks)
+        logs = check_sinks(self.config.run.log, out_dir)
+        writers: list[Any] = list(sinks)  # closed in the end, whatever happens; the configured ones join them
         signals = Signals()
         signals.install()
         store: RunStore | None = None
@@ -570,14 +579,20 @@ class Experiment:
                     if restored is not None:
                         state, history, privacy_state = restored
                         self.privacy.restore(privacy_state)
+                writers[:0] = open_sinks(logs, out_dir, self.config, first_round=len(history) + 1)
+            callbacks = [*map(sink_callback, writers), *callbacks]
             state, taps = self._run_rounds(state, history, store, signals, total, progress, callbacks, loss_limit)
         finally:
             try:
-                if store is not None:
-                    with signals.deferred():
-                        store.close(self.privacy.per_client())
+                with signals.deferred():
+                    close_sinks(writers)
             finally:
-                signals.uninstall()
+                try:
+                    if store is not None:
+                        with signals.deferred():
+                            store.close(self.privacy.per_client())
+                finally:
+                    signals.uninstall()
         return Results(self.config, history, state.params, out_dir, taps)
 
     def _run_rounds(self, state: ServerState, history: list[Record], store: Any, signals: Signals, total: int,

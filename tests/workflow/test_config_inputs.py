@@ -227,6 +227,8 @@ INVALID: list[Case] = [
     S("server.target_epsilon=2", "server.central_clip_norm=inf is invalid; allowed: a finite clip norm when"),
     S("server.algorithm=fedprox", "client.prox_mu=0.0 is invalid; allowed: a value > 0 when"),
     # run
+    S("run.log=[jsonl,mlflow]", bad("run.log", "['jsonl', 'mlflow']", "a list, each one of ['jsonl', 'tensorboard', "
+                                                                      "'wandb'] (jsonl is always on)")),
     S("run.rounds=0", bad("run.rounds", "0", INT)),
     S("run.rounds=true", bad("run.rounds", "'true'", INT)),
     S("run.rounds=2.5", bad("run.rounds", "2.5", INT)),
