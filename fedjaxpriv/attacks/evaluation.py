@@ -25,8 +25,12 @@ Canary audits beside the accountant live in ``fedjaxpriv.attacks.canary_audit``.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import math
 import os
+import pickle
+import warnings
 from typing import Any, Callable, Mapping, NamedTuple, Sequence
 
 import jax
@@ -36,7 +40,8 @@ import numpy as np
 from fedjaxpriv.attacks import attribute, inversion_eval, membership, reconstruction, shadow
 from fedjaxpriv.config import NATURAL_DATASETS, ExperimentConfig, with_overrides
 from fedjaxpriv.data.federated import Dataset
-from fedjaxpriv.results import cumulative
+from fedjaxpriv.files import atomic_write
+from fedjaxpriv.results import cumulative, jsonable
 
 Record = dict[str, Any]
 
@@ -537,6 +542,33 @@ def _say(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
+POINTS_DIR = "points"
+
+
+def point_key(base: ExperimentConfig, label: str, overrides: Mapping[str, Any], suite: AttackSuite,
+              attacks: Sequence[Attack]) -> str:
+    """A short hash of everything one defense point's result depends on: the base config, the label, the
+    overrides, the suite and the attacks' names and views."""
+    text = json.dumps([base.config_hash(), label, jsonable(dict(overrides)), repr(suite),
+                       [(a.name, a.view, getattr(a.run, "__qualname__", "")) for a in attacks]],
+                      sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _read_point(path: str) -> DefenseResult | None:
+    """A point kept by an earlier evaluation into the same directory (None: none, or unreadable)."""
+    try:
+        with open(path, "rb") as f:
+            kept = pickle.load(f)
+    except FileNotFoundError:
+        return None
+    except Exception as error:  # a file cut short or from another version: evaluate the point again
+        warnings.warn(f"{path}: unreadable kept defense point ({type(error).__name__}); evaluating it again.",
+                      stacklevel=2)
+        return None
+    return kept if isinstance(kept, DefenseResult) else None
+
+
 def evaluate_defenses(base: ExperimentConfig, defenses: Mapping[str, Any] | None = None,
                       suite: AttackSuite = AttackSuite(), out_dir: str | None = None,
                       attacks: Sequence[Attack] = BUILTIN_ATTACKS,
@@ -560,19 +592,34 @@ def evaluate_defenses(base: ExperimentConfig, defenses: Mapping[str, Any] | None
     from fedjaxpriv.results import ResultsStore, make_record
 
     points = defense_points(DEFENSES if defenses is None else defenses)
+    # Each finished point is kept in out_dir/points/ as it finishes, so an interrupted evaluation resumes after
+    # its last finished point (parts passed in are code, not values: their points are not kept).
+    kept_dir = os.path.join(out_dir, POINTS_DIR) if out_dir is not None and parts is None else None
+    store = ResultsStore(out_dir) if out_dir is not None else None
     results = []
     for index, (family, strength, overrides) in enumerate(points):
         label = f"{family} {strength}".strip()
-        _say(f"defense {index + 1}/{len(points)}: {label}")
-        results.append(evaluate_defense(base, label, overrides, suite, family=family, strength=strength,
-                                        attacks=attacks, parts=parts))
+        path = None
+        if kept_dir is not None:
+            path = os.path.join(kept_dir, f"{point_key(base, label, overrides, suite, attacks)}.pkl")
+        result = _read_point(path) if path is not None else None
+        fresh = result is None
+        if not fresh:
+            _say(f"defense {index + 1}/{len(points)}: {label} (finished earlier: {path})")
+        else:
+            _say(f"defense {index + 1}/{len(points)}: {label}")
+            result = evaluate_defense(base, label, overrides, suite, family=family, strength=strength,
+                                      attacks=attacks, parts=parts)
+            if path is not None:
+                os.makedirs(kept_dir, exist_ok=True)
+                atomic_write(path, pickle.dumps(result))
+        if store is not None and (fresh or result.config.config_hash() not in store.completed_hashes()):
+            store.append(make_record(result.config, result.history, label=label, overrides=dict(overrides)))
+        results.append(result)
     records = [r.record for r in results]
     if out_dir is not None:
-        store_records = [make_record(r.config, r.history, label=r.record["label"], overrides=dict(o))
-                         for r, (_, _, o) in zip(results, points)]
-        store = ResultsStore(out_dir)
-        for record in store_records:
-            store.append(record)
+        latest = {r["config_hash"]: r for r in store.records()}
+        store_records = [latest[r.config.config_hash()] for r in results]
         write_tables(records, out_dir, store_records=store_records,
                      scores={r.record["label"]: r.scores for r in results},
                      inversions={r.record["label"]: r.inversion for r in results}, views=attack_views(attacks))

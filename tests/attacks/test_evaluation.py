@@ -2,6 +2,7 @@
 passive MIA and inversion on the run's taps, the tables per threat model, the frontier, ROC curves, CLI."""
 
 import csv
+import json
 import os
 
 import numpy as np
@@ -139,3 +140,37 @@ USER_ATTACKS = (evaluation.Attack("released_model", "server", _released_model),
 def test_attack_with_an_unknown_view_is_refused():
     with pytest.raises(ValueError, match="view='cloud'"):
         evaluation.Attack("mine", "cloud", _released_model)
+
+
+@pytest.mark.slow
+def test_an_interrupted_evaluation_resumes_after_its_last_finished_point(tmp_path, monkeypatch):
+    """Each point is kept as it finishes: a rerun into the same directory evaluates only the points not kept,
+    gives the same records and stores each point once."""
+    base = with_overrides(ExperimentConfig(), ["data.num_clients=4", "model.hidden=[8]", "server.clients_per_round=2",
+                                               "run.rounds=2", "client.local_steps=2", "run.eval_every=2"])
+    suite = evaluation.AttackSuite(pool_size=0, shadow_federations=0, inversion_targets=0, max_candidates=20,
+                                   threat_models=("participant", "server"))
+    first = {"none": {}, "pruning": {"sparsity=0.5": {"client.prune_sparsity": 0.5}}}
+    original, evaluated = evaluation.evaluate_defense, []
+
+    def counted(base, name, *args, **kwargs):
+        evaluated.append(name)
+        if name == "stop":
+            raise KeyboardInterrupt("interrupted")
+        return original(base, name, *args, **kwargs)
+
+    monkeypatch.setattr(evaluation, "evaluate_defense", counted)
+    with pytest.raises(KeyboardInterrupt):
+        evaluation.evaluate_defenses(base, {**first, "stop": {}}, suite, out_dir=str(tmp_path))
+    assert evaluated == ["none", "pruning sparsity=0.5", "stop"]
+    again = evaluation.evaluate_defenses(base, first, suite, out_dir=str(tmp_path))
+    assert evaluated == ["none", "pruning sparsity=0.5", "stop"]  # nothing evaluated twice
+    assert [r["label"] for r in again] == ["none", "pruning sparsity=0.5"]
+    assert not np.isnan(again[0]["attack/loss_threshold/auc"])
+    assert [r["label"] for r in load_records([str(tmp_path)])] == ["none", "pruning sparsity=0.5"]
+    with_more = evaluation.evaluate_defenses(base, {**first, "mixup": {"client.mixup_alpha": 1.0}}, suite,
+                                             out_dir=str(tmp_path))
+    assert evaluated[3:] == ["mixup"]
+    assert json.dumps(with_more[:2], sort_keys=True) == json.dumps(again, sort_keys=True)  # NaN-safe equality
+    assert [r["label"] for r in load_records([str(tmp_path)])] == ["none", "pruning sparsity=0.5", "mixup"]
+    assert os.path.getsize(tmp_path / "frontier.png") > 10_000
