@@ -546,10 +546,11 @@ POINTS_DIR = "points"
 
 
 def point_key(base: ExperimentConfig, label: str, overrides: Mapping[str, Any], suite: AttackSuite,
-              attacks: Sequence[Attack]) -> str:
+              attacks: Sequence[Attack], code: str | None = None) -> str:
     """A short hash of everything one defense point's result depends on: the base config, the label, the
-    overrides, the suite and the attacks' names and views."""
-    text = json.dumps([base.config_hash(), label, jsonable(dict(overrides)), repr(suite),
+    overrides, the suite, the attacks' names and views, and the code that computes it (``code``: the package's
+    version and git revision, so that a point kept by other code is evaluated again)."""
+    text = json.dumps([code, base.config_hash(), label, jsonable(dict(overrides)), repr(suite),
                        [(a.name, a.view, getattr(a.run, "__qualname__", "")) for a in attacks]],
                       sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
@@ -589,19 +590,20 @@ def evaluate_defenses(base: ExperimentConfig, defenses: Mapping[str, Any] | None
     Returns:
       one record per defense point.
     """
-    from fedjaxpriv.results import ResultsStore, make_record
+    from fedjaxpriv.results import ResultsStore, code_revision, make_record, package_versions
 
     points = defense_points(DEFENSES if defenses is None else defenses)
     # Each finished point is kept in out_dir/points/ as it finishes, so an interrupted evaluation resumes after
     # its last finished point (parts passed in are code, not values: their points are not kept).
     kept_dir = os.path.join(out_dir, POINTS_DIR) if out_dir is not None and parts is None else None
     store = ResultsStore(out_dir) if out_dir is not None else None
+    code = f"{package_versions().get('fedjaxpriv')} {code_revision()}" if kept_dir is not None else None
     results = []
     for index, (family, strength, overrides) in enumerate(points):
         label = f"{family} {strength}".strip()
         path = None
         if kept_dir is not None:
-            path = os.path.join(kept_dir, f"{point_key(base, label, overrides, suite, attacks)}.pkl")
+            path = os.path.join(kept_dir, f"{point_key(base, label, overrides, suite, attacks, code)}.pkl")
         result = _read_point(path) if path is not None else None
         fresh = result is None
         if not fresh:
