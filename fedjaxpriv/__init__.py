@@ -59,9 +59,4 @@ def __dir__() -> list[str]:
     return sorted(set(globals()) | set(_EXPORTS))
 
 
-__all__ = [
-    "CLASSIFICATION", "ClientSettings", "Experiment", "ExperimentConfig", "FEDAVG", "FederatedAlgorithm",
-    "FederatedData", "MULTI_LABEL", "MessageTransform", "NEXT_TOKEN", "Results", "SCAFFOLD", "Tap", "Task", "chain",
-    "ditto", "dp_fedavg", "error_feedback", "fedprox", "fedsgd", "from_dict", "get_model", "load_config", "load_dataset", "make_mesh", "make_settings",
-    "map_clients", "partition", "run", "synthetic_federated", "use_cpu_cores", "with_overrides",
-]
+__all__ = sorted(_EXPORTS)
