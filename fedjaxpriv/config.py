@@ -315,7 +315,8 @@ class MessageConfig:
       qsgd_levels: "qsgd": QSGD with s levels (0 = off).
       error_feedback: each compressor stage (prune, topk, randk, round, qsgd) keeps the part of the message
         it did not send and adds it to the client's next message (EF-SGD, Karimireddy et al. 2019); the
-        residual is kept per client from round to round. Clip and noise stages are never fed back.
+        residual is kept per client from round to round. Clip and noise stages are never fed back. With local
+        noise, no active compressor may sit between 'clip' and 'noise' (``local_dp_order_problem``).
     """
 
     order: tuple[str, ...] = knob(MESSAGE_STAGES, str, choices=MESSAGE_STAGES, shape="list")
@@ -334,15 +335,40 @@ class MessageConfig:
         noisy = any(v > 0 for v in _values(self.local_noise_multiplier))
         _check(not noisy or all(math.isfinite(v) for v in _values(self.clip_norm)), "message.clip_norm",
                self.clip_norm, "finite whenever message.local_noise_multiplier > 0")
-        if noisy:  # local DP holds only for noise added to a message of norm <= clip_norm
-            order = list(self.order)
-            _check("clip" in order and "noise" in order and order.index("clip") < order.index("noise"),
-                   "message.order", self.order, "'clip' before 'noise' when message.local_noise_multiplier > 0 (noise "
-                   "added before clipping is scaled down with the message and voids the local DP guarantee)")
-            between = order[order.index("clip") + 1:order.index("noise")]
-            _check(all(stage in NORM_NONINCREASING_STAGES for stage in between), "message.order", self.order,
-                   f"only {list(NORM_NONINCREASING_STAGES)} between 'clip' and 'noise' (they never increase the "
-                   "norm; rounding and QSGD can, which would void the clip norm that the noise is scaled to)")
+        if noisy:
+            on = {"prune": any(v > 0 for v in _values(self.sparsity)),
+                  "topk": any(v < 1 for v in _values(self.topk_fraction)),
+                  "randk": any(v < 1 for v in _values(self.randk_fraction))}
+            active = tuple(stage for stage in self.order if on.get(stage, True))
+            problem = local_dp_order_problem(active, self.error_feedback)
+            _check(problem is None, "message.order", self.order, problem or "")
+
+
+def local_dp_order_problem(order: Sequence[str], error_feedback: bool) -> str | None:
+    """Why a chain of message stages with local noise would not keep the sensitivity it is accounted with
+    (``privacy.mechanisms.LocalGaussian``: every noised message has norm <= clip_norm), or None when it does.
+
+    ``order`` lists the stages that run, first to last, with 'noise' among them. What reaches 'noise' must be the
+    output of 'clip' followed only by stages that never increase the norm and carry no state: noise added before
+    clipping is scaled down with the message; rounding and QSGD can increase the norm; and a compressor with error
+    feedback adds back, after clipping, the residual it kept from earlier rounds (two clients' messages then differ
+    by far more than 2 clip_norm). Stages before 'clip' (fed back or not) and after 'noise' (post-processing) are
+    free.
+    """
+    order = list(order)
+    if "clip" not in order or "noise" not in order or order.index("clip") > order.index("noise"):
+        return ("'clip' before 'noise' when message.local_noise_multiplier > 0 (noise added before clipping is "
+                "scaled down with the message and voids the local DP guarantee)")
+    between = order[order.index("clip") + 1:order.index("noise")]
+    if not all(stage in NORM_NONINCREASING_STAGES for stage in between):
+        return (f"only {list(NORM_NONINCREASING_STAGES)} between 'clip' and 'noise' (they never increase the norm; "
+                "rounding and QSGD can, which would void the clip norm that the noise is scaled to)")
+    if error_feedback and between:
+        return (f"no compressor between 'clip' and 'noise' with message.error_feedback=true (got {between}: error "
+                "feedback adds the residual it kept back after clipping, so the noised message is no longer bounded "
+                "by message.clip_norm); put them before 'clip' (fed back before clipping) or after 'noise', or set "
+                "message.error_feedback=false")
+    return None
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

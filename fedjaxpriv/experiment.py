@@ -20,7 +20,7 @@ import numpy as np
 
 from fedjaxpriv import evaluation
 from fedjaxpriv.client.local import LocalSpec
-from fedjaxpriv.client.sampling import batch_slots, overflow_probability
+from fedjaxpriv.client.sampling import overflow_probability
 from fedjaxpriv.client.settings import ClientSettings, make_settings, per_client_array, with_extra
 from fedjaxpriv.config import USER_SUPPLIED, ExperimentConfig
 from fedjaxpriv.data import Dataset, FederatedData, load_dataset, partition, synthetic_federated
@@ -31,7 +31,7 @@ from fedjaxpriv.models.tasks import CLASSIFICATION, PerExampleLoss, Task, as_tas
 from fedjaxpriv.parallel import Plan, local_mesh, plan as execution_plan, replicate
 from fedjaxpriv.privacy.calibration import calibrate_noise
 from fedjaxpriv.privacy.mechanisms import ClientLevelDpFedAvg, local_gaussian, round_up_float32
-from fedjaxpriv.privacy.tracking import PrivacyTracker, calibrate_targets, dpsgd_mechanism
+from fedjaxpriv.privacy.tracking import PrivacyTracker, calibrate_targets, dp_batch_slots, dpsgd_mechanism
 from fedjaxpriv.server import Cohort, max_cohort_size, sample_cohort, server_optimizer
 from fedjaxpriv.server.algorithms import FederatedAlgorithm, algorithm_for, dp_fedavg
 from fedjaxpriv.simulation import (AggregationSpec, Population, RoundOutput, ServerState, build_message_tap,
@@ -347,7 +347,8 @@ class Experiment:
         self.settings, self.participation_budget = calibrate_targets(
             settings, counts, targets, client_rate=s.clients_per_round / population.num_clients, rounds=r.rounds,
             delta=r.delta, accountant=r.accountant)
-        slots = batch_slots(self.settings, counts, self.settings.dp_noise_multiplier > 0)
+        planned = np.minimum(self.participation_budget, r.rounds) * np.asarray(self.settings.num_steps, np.int64)
+        slots = dp_batch_slots(self.settings, counts, planned_steps=planned, delta=r.delta, accountant=r.accountant)
         if mesh is None:
             try:
                 mesh = local_mesh(r.num_devices)

@@ -77,21 +77,22 @@ def poisson_slots(population: np.ndarray | int, rate: np.ndarray | float, tail: 
     """
     n = np.atleast_1d(np.asarray(population, np.int64)) + 1
     q = np.broadcast_to(np.asarray(rate, np.float64), n.shape)
-    slots = np.minimum(np.nan_to_num(stats.binom.isf(tail, n, q), nan=0.0), n).astype(np.int64)
-    for _ in range(64):  # isf is a floating-point search: step up until the tail bound holds exactly
-        over = overflow_probability(n, q, slots) > tail
-        if not np.any(over):
-            break
-        slots = np.where(over, slots + 1, slots)
-    return int(slots.max(initial=0))
+    # Bisection on the survival function, which stays accurate far below the tails where binom.isf gives up.
+    low, high = np.zeros(n.shape, np.int64), n.copy()  # P[X > n] = 0 <= tail, so the answer is in [0, n]
+    while np.any(low < high):
+        middle = (low + high) // 2
+        fits = overflow_probability(n, q, middle) <= tail
+        high, low = np.where(fits, middle, high), np.where(fits, low, middle + 1)
+    return int(high.max(initial=0))
 
 
-def batch_slots(settings, counts: np.ndarray, private: np.ndarray) -> int:
+def batch_slots(settings, counts: np.ndarray, private: np.ndarray, tail: float = DP_OVERFLOW_TAIL) -> int:
     """Static batch slots per local step for a population (``ClientSettings`` [C], data sizes [C]).
 
     Fixed-size batches need ``min(batch_size, n)``; Poisson batches of clients without DP get the mean plus 7
-    binomial std devs; Poisson batches of DP clients (``private`` [C] bool) get ``poisson_slots``, whose overflow
-    probability is charged to their delta (at most the largest client plus one, the add-one neighbour).
+    binomial std devs; Poisson batches of DP clients (``private`` [C] bool) get ``poisson_slots`` at overflow
+    probability ``tail`` per step, which is charged to their delta (at most the largest client plus one, the
+    add-one neighbour; ``privacy.tracking.dp_batch_slots`` sizes ``tail`` so that the charge stays small).
     """
     counts = np.asarray(counts, np.int64)
     max_count = max(1, int(counts.max(initial=0)))
@@ -105,5 +106,5 @@ def batch_slots(settings, counts: np.ndarray, private: np.ndarray) -> int:
     slots = min(slots, max_count)
     dp = poisson & np.asarray(private, bool)
     if np.any(dp):  # up to max_count + 1: the add-one neighbour of the largest client must fit too
-        slots = max(slots, poisson_slots(counts[dp], rates[dp]))
+        slots = max(slots, poisson_slots(counts[dp], rates[dp], tail))
     return int(slots)

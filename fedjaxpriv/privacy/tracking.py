@@ -43,6 +43,39 @@ def dpsgd_mechanism(settings: ClientSettings, counts: np.ndarray, slots: int,
                               np.asarray(settings.mixup_alpha) > 0, truncation)
 
 
+# Share of delta that the overflow of Poisson batches may take over a run's planned steps (``dp_batch_slots``).
+OVERFLOW_DELTA_SHARE = 0.01
+
+
+def dp_batch_slots(settings: ClientSettings, counts: np.ndarray, *, planned_steps: np.ndarray, delta: float,
+                   accountant: str = "rdp") -> int:
+    """``batch_slots`` with the Poisson batches of DP clients sized so that their overflow charge stays finite.
+
+    A batch that overflows its slots is charged to delta as ``n p (1 + e^eps)`` over n steps (the coupling in
+    ``composition``), which grows with e^eps: at small noise multipliers the default tail of 1e-16 per step
+    gives an infinite epsilon. Here the tail per step is at most ``OVERFLOW_DELTA_SHARE * delta /
+    (2 n (1 + e^eps))``, with eps the untruncated epsilon at delta / 2 of each client's ``planned_steps`` [C]
+    (so the charge of a run that keeps to its plan is at most 1 % of delta); where e^eps overflows, the slots
+    hold the whole client plus one and the batch cannot overflow. Clients with more steps than planned are
+    still accounted soundly (their charge is computed from the slots that run), only less tightly.
+    """
+    private = np.asarray(settings.dp_noise_multiplier) > 0
+    slots = batch_slots(settings, counts, private)
+    mechanism = dpsgd_mechanism(settings, counts, slots)
+    steps = np.asarray(planned_steps, np.int64)
+    if mechanism is None or not mechanism.poisson or not np.any(steps[mechanism.private] > 0):
+        return slots
+    events, ids, _ = mechanism.step_events()
+    eps = EventAccountant(events, delta / 2, accountant=accountant).epsilons(ids, steps)
+    members = mechanism.private & (steps > 0)
+    worst = float(np.max(eps[members]))
+    with np.errstate(over="ignore"):
+        tail = OVERFLOW_DELTA_SHARE * delta / (2.0 * float(np.max(steps[members])) * (1.0 + np.exp(worst)))
+    if tail >= float(np.max(mechanism.truncation_probabilities[members])):
+        return slots
+    return batch_slots(settings, counts, private, tail=tail)  # tail 0: slots n + 1, no overflow possible
+
+
 def participation_plan(client_rate: float, rounds: int, tail_probability: float = PARTICIPATION_TAIL) -> int:
     """Participations a calibrated budget covers: every round when all clients take part each round, else the
     count that Binomial(rounds, client_rate) exceeds with probability at most ``tail_probability``."""
@@ -123,8 +156,13 @@ class PrivacyTracker:
         if sample_level is not None:
             events, self._example_ids, truncation = sample_level.step_events()
             self._example = EventAccountant(events, delta, truncation_probabilities=truncation, **kwargs)
+            # Without amplification the overflow still matters: a batch truncated to its slots can drop an example
+            # when one is added, so the same truncation charge applies.
             steps_plain, self._example_plain_ids, _ = sample_level.step_events(amplified=False)
-            self._example_plain = EventAccountant(steps_plain, delta, **kwargs)
+            plain_truncation = np.zeros(len(steps_plain))
+            np.maximum.at(plain_truncation, self._example_plain_ids, sample_level.truncation_probabilities)
+            self._example_plain = EventAccountant(steps_plain, delta, truncation_probabilities=plain_truncation,
+                                                  **kwargs)
         if local is not None:
             events, self._local_ids = local.message_events()
             self._local = EventAccountant(events, delta, **kwargs)
@@ -132,7 +170,9 @@ class PrivacyTracker:
             self._client = EventAccountant([client_level.round_event()], delta,
                                            truncation_probabilities=[client_level.cohort_truncation_probability],
                                            **kwargs)
-            self._client_plain = EventAccountant([client_level.round_event(amplified=False)], delta, **kwargs)
+            self._client_plain = EventAccountant([client_level.round_event(amplified=False)], delta,
+                                                 truncation_probabilities=[client_level.cohort_truncation_probability],
+                                                 **kwargs)
 
     @property
     def client_private(self) -> bool:
@@ -158,8 +198,13 @@ class PrivacyTracker:
         self.dp_steps[ids] += self.steps_per_round[ids]
 
     # -- epsilons ------------------------------------------------------------------------------------------
-    def example_epsilons(self, amplified: bool = True) -> np.ndarray:
-        """Example-level epsilon per client [C] (inf for clients without noise that ran steps)."""
+    # Each level with sampling has two valid bounds for every client: amplified by the sampling, and composed
+    # without it. The reported epsilon is, per client, the smaller of the two, with the basis of the one chosen.
+    def example_epsilons(self, amplified: bool | None = None) -> np.ndarray:
+        """Example-level epsilon per client [C] (inf for clients without noise that ran steps): ``None``, the
+        smaller of the amplified and unamplified bounds; True / False, that bound alone."""
+        if amplified is None:
+            return np.minimum(self.example_epsilons(True), self.example_epsilons(False))
         if amplified:
             return self._example.epsilons(self._example_ids, self.dp_steps)
         return self._example_plain.epsilons(self._example_plain_ids, self.dp_steps)
@@ -167,23 +212,68 @@ class PrivacyTracker:
     def local_epsilons(self) -> np.ndarray:
         return self._local.epsilons(self._local_ids, self.participations)
 
+    def client_level_epsilons(self, amplified: bool | None = None) -> np.ndarray:
+        """Client-level epsilon per client [C]: amplified by client sampling over the rounds run (the same for
+        every client), unamplified over the rounds the client took part in, or (``None``) the smaller of the two."""
+        if amplified is None:
+            return np.minimum(self.client_level_epsilons(True), self.client_level_epsilons(False))
+        if amplified:
+            return np.full(self.num_clients, self._client.epsilon(0, self.rounds))
+        return self._client_plain.epsilons(np.zeros(self.num_clients, np.int64), self.participations)
+
     def client_level_epsilon(self) -> float:
-        return self._client.epsilon(0, self.rounds)
+        """The run's client-level epsilon: the largest over the clients of the smaller of the two bounds."""
+        return float(self.client_level_epsilons().max(initial=0.0))
 
     def client_level_epsilons_unamplified(self) -> np.ndarray:
-        return self._client_plain.epsilons(np.zeros(self.num_clients, np.int64), self.participations)
+        return self.client_level_epsilons(amplified=False)
+
+    def _chosen_bases(self, mechanism: Any, amplified: np.ndarray, plain: np.ndarray) -> np.ndarray:
+        """Per client [C], the basis line of the smaller bound (amplified where it is not larger)."""
+        lines = [mechanism.basis(self.accountant_name, self.delta, amplified=a).describe() for a in (True, False)]
+        return np.where(amplified <= plain, lines[0], lines[1]).astype(object)
+
+    def _level_bases(self) -> dict[str, np.ndarray]:
+        """Per level with two bounds, the basis of each client's reported epsilon [C] (object strings)."""
+        out: dict[str, np.ndarray] = {}
+        if self.sample_level is not None:
+            out["epsilon"] = self._chosen_bases(self.sample_level, self.example_epsilons(True),
+                                                self.example_epsilons(False))
+        if self.client_private:
+            out["client_level_epsilon"] = self._chosen_bases(self.client_level, self.client_level_epsilons(True),
+                                                             self.client_level_epsilons(False))
+        return out
+
+    @staticmethod
+    def _basis_of_max(eps: np.ndarray, bases: np.ndarray, members: np.ndarray) -> str:
+        """The basis of the largest epsilon among ``members`` (of the first client without any)."""
+        index = np.flatnonzero(members)
+        return str(bases[index[np.argmax(eps[index])]] if index.size else bases[0])
+
+    @staticmethod
+    def _basis_of_mean(bases: np.ndarray, members: np.ndarray) -> str:
+        chosen = sorted(set(bases[members].tolist())) if np.any(members) else [str(bases[0])]
+        if len(chosen) == 1:
+            return chosen[0]
+        return "mean over clients of the smaller of two bounds, per client: " + " | ".join(chosen)
 
     def bases(self) -> dict[str, str]:
         """The basis line of every epsilon the tracker reports, by history key."""
         out: dict[str, str] = {}
+        took_part = self.participations > 0
+        chosen = self._level_bases()
         if self.sample_level is not None:
-            out["epsilon_basis"] = self.sample_level.basis(self.accountant_name, self.delta).describe()
+            private = self.sample_level.private & took_part
+            eps = self.example_epsilons()
+            out["epsilon_basis"] = self._basis_of_max(eps, chosen["epsilon"], private)
+            out["epsilon_mean_basis"] = self._basis_of_mean(chosen["epsilon"], private)
             out["epsilon_unamplified_basis"] = self.sample_level.basis(self.accountant_name, self.delta,
                                                                        amplified=False).describe()
         if self.local is not None:
             out["local_epsilon_basis"] = self.local.basis(self.accountant_name, self.delta).describe()
         if self.client_private:
-            out["client_level_epsilon_basis"] = self.client_level.basis(self.accountant_name, self.delta).describe()
+            out["client_level_epsilon_basis"] = self._basis_of_max(
+                self.client_level_epsilons(), chosen["client_level_epsilon"], np.ones(self.num_clients, bool))
             out["client_level_epsilon_unamplified_basis"] = self.client_level.basis(
                 self.accountant_name, self.delta, amplified=False).describe()
         return out
@@ -213,25 +303,29 @@ class PrivacyTracker:
         return record
 
     def per_client(self) -> dict[str, np.ndarray]:
-        """Per-client arrays for ``clients.csv`` (empty without any mechanism)."""
+        """Per-client arrays for ``clients.csv`` (empty without any mechanism); every epsilon column has a basis
+        column beside it, per client where the bound chosen differs between clients."""
         if not (self.sample_level is not None or self.local is not None or self.client_private):
             return {}
         out: dict[str, np.ndarray] = {"participations": self.participations.copy()}
-        bases = self.bases()
+        bases, chosen = self.bases(), self._level_bases()
+        full = lambda key: np.full(self.num_clients, bases[key], object)  # noqa: E731
         if self.sample_level is not None:
             out.update(dp_steps=self.dp_steps.copy(), sample_rate=self.sample_level.sample_rates.copy(),
                        noise_multiplier=self.sample_level.noise_multipliers.copy(),
-                       epsilon=self.example_epsilons(), epsilon_unamplified=self.example_epsilons(amplified=False),
-                       epsilon_basis=np.full(self.num_clients, bases["epsilon_basis"], object))
+                       epsilon=self.example_epsilons(), epsilon_basis=chosen["epsilon"],
+                       epsilon_unamplified=self.example_epsilons(amplified=False),
+                       epsilon_unamplified_basis=full("epsilon_unamplified_basis"))
         if np.any(self.max_participations < UNLIMITED):
             out["max_participations"] = np.where(self.max_participations < UNLIMITED, self.max_participations, -1)
         if self.local is not None:
             out.update(local_noise_multiplier=self.local.noise_multipliers.copy(), local_epsilon=self.local_epsilons(),
-                       local_epsilon_basis=np.full(self.num_clients, bases["local_epsilon_basis"], object))
+                       local_epsilon_basis=full("local_epsilon_basis"))
         if self.client_private:
-            out.update(client_level_epsilon_unamplified=self.client_level_epsilons_unamplified(),
-                       client_level_epsilon_unamplified_basis=np.full(
-                           self.num_clients, bases["client_level_epsilon_unamplified_basis"], object))
+            out.update(client_level_epsilon=self.client_level_epsilons(),
+                       client_level_epsilon_basis=chosen["client_level_epsilon"],
+                       client_level_epsilon_unamplified=self.client_level_epsilons_unamplified(),
+                       client_level_epsilon_unamplified_basis=full("client_level_epsilon_unamplified_basis"))
         return out
 
     # -- resume ---------------------------------------------------------------------------------------------

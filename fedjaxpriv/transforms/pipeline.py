@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from fedjaxpriv.client.settings import ClientSettings
-from fedjaxpriv.config import MESSAGE_STAGES
+from fedjaxpriv.config import MESSAGE_STAGES, local_dp_order_problem
 from fedjaxpriv.transforms.base import FLOAT_BITS, WIRE_KEYS, MessageTransform, Wire, chain, wire_after
 from fedjaxpriv.transforms.feedback import error_feedback
 from fedjaxpriv.transforms.privacy import add_local_noise, clip_update
@@ -42,11 +42,20 @@ if tuple(_STAGES) != MESSAGE_STAGES:
 def message_pipeline(order: Sequence[str], settings: ClientSettings, *,
                      feedback: bool = False) -> tuple[MessageTransform, tuple[str, ...]]:
     """The chain of the stages in ``order`` that are on for at least one client, and their names; with
-    ``feedback`` each compressor stage carries its own error-feedback residual (``feedback.error_feedback``)."""
+    ``feedback`` each compressor stage carries its own error-feedback residual (``feedback.error_feedback``).
+
+    Raises ValueError when local noise is on and the stages before it would not bound the noised message by the
+    clip norm the noise is scaled to (``config.local_dp_order_problem``).
+    """
     unknown = [name for name in order if name not in _STAGES]
     if unknown:
         raise ValueError(f"unknown message stage(s) {unknown}; allowed: {list(_STAGES)}.")
     active = tuple(name for name in order if _STAGES[name][1](settings))
+    if "noise" in active:  # the same rule as the config's, on the stages these settings switch on
+        problem = local_dp_order_problem(active, feedback)
+        if problem is not None:
+            raise ValueError(f"message stages {list(active)} (feedback={feedback}) cannot carry local DP: allowed "
+                             f"are orders with {problem}.")
 
     def stage(name: str) -> MessageTransform:
         transform = _STAGES[name][0]()
