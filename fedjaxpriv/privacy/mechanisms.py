@@ -119,14 +119,16 @@ class SampleLevelDpSgd:
 
     def step_events(self, amplified: bool = True) -> tuple[list[dp_accounting.DpEvent], np.ndarray, np.ndarray]:
         """Distinct one-step events, each client's event index [C], and each event's truncation probability
-        (one event per distinct (rate or data and batch size, noise, sensitivity), so 10^5 clients are cheap)."""
+        (one event per distinct (rate or data and batch size, noise, sensitivity), so 10^5 clients are cheap).
+        The truncation applies with or without amplification: a batch truncated to its slots can drop an example
+        when one is added, so both bounds are charged for it."""
         sensitivities = self.sensitivities
         columns = [self.noise_multipliers, sensitivities, self.sample_rates, self.counts, self.batch_sizes]
         rows, ids = np.unique(np.stack(columns, axis=1).astype(np.float64), axis=0, return_inverse=True)
         ids = np.reshape(ids, -1).astype(np.int64)
         events = [self._event(float(z), float(f), float(q), int(n), int(b), amplified) for z, f, q, n, b in rows]
         truncation = np.zeros(len(events))
-        np.maximum.at(truncation, ids, self.truncation_probabilities if amplified else 0.0)
+        np.maximum.at(truncation, ids, self.truncation_probabilities)
         return events, ids, truncation
 
     def sampling(self, amplified: bool = True) -> str:

@@ -156,11 +156,7 @@ class PrivacyTracker:
         if sample_level is not None:
             events, self._example_ids, truncation = sample_level.step_events()
             self._example = EventAccountant(events, delta, truncation_probabilities=truncation, **kwargs)
-            # Without amplification the overflow still matters: a batch truncated to its slots can drop an example
-            # when one is added, so the same truncation charge applies.
-            steps_plain, self._example_plain_ids, _ = sample_level.step_events(amplified=False)
-            plain_truncation = np.zeros(len(steps_plain))
-            np.maximum.at(plain_truncation, self._example_plain_ids, sample_level.truncation_probabilities)
+            steps_plain, self._example_plain_ids, plain_truncation = sample_level.step_events(amplified=False)
             self._example_plain = EventAccountant(steps_plain, delta, truncation_probabilities=plain_truncation,
                                                   **kwargs)
         if local is not None:
@@ -257,11 +253,12 @@ class PrivacyTracker:
             return chosen[0]
         return "mean over clients of the smaller of two bounds, per client: " + " | ".join(chosen)
 
-    def bases(self) -> dict[str, str]:
-        """The basis line of every epsilon the tracker reports, by history key."""
+    def bases(self, chosen: dict[str, np.ndarray] | None = None) -> dict[str, str]:
+        """The basis line of every epsilon the tracker reports, by history key (``chosen``: ``_level_bases()``,
+        when the caller has it already)."""
         out: dict[str, str] = {}
         took_part = self.participations > 0
-        chosen = self._level_bases()
+        chosen = self._level_bases() if chosen is None else chosen
         if self.sample_level is not None:
             private = self.sample_level.private & took_part
             eps = self.example_epsilons()
@@ -308,7 +305,8 @@ class PrivacyTracker:
         if not (self.sample_level is not None or self.local is not None or self.client_private):
             return {}
         out: dict[str, np.ndarray] = {"participations": self.participations.copy()}
-        bases, chosen = self.bases(), self._level_bases()
+        chosen = self._level_bases()
+        bases = self.bases(chosen)
         full = lambda key: np.full(self.num_clients, bases[key], object)  # noqa: E731
         if self.sample_level is not None:
             out.update(dp_steps=self.dp_steps.copy(), sample_rate=self.sample_level.sample_rates.copy(),

@@ -100,3 +100,25 @@ def test_poisson_dpsgd_at_a_small_noise_multiplier_gets_a_finite_sound_epsilon()
         low, high = accountant.get_epsilon(DELTA), accountant.get_epsilon(0.99 * DELTA)
         assert low * (1 - 1e-7) <= sized.example_epsilons(amplified=True)[client] <= high  # RDP sums: 1e-8 rel.
         assert np.isfinite(low) and low > 10  # a regime where e^eps matters
+
+
+def test_the_unamplified_poisson_bound_is_charged_for_truncation_too():
+    """A batch truncated to its slots can drop an example when one is added, so the plain Gaussian bound pays the
+    same n p (1 + e^eps(delta / 2)) as the amplified one: computed here with dp_accounting."""
+    z, steps, p = 10.0, 200, 1e-12
+    mechanism = sample_level_dpsgd(np.array([z]), np.array([True]), np.array([0.05]), np.array([8]),
+                                   np.array([160]), np.array([False]), np.array([p]))
+    tracker = PrivacyTracker(num_clients=1, steps_per_round=np.array([steps]), delta=DELTA, sample_level=mechanism)
+    tracker.record_round(np.array([0]))
+    gaussian = dp_accounting.GaussianDpEvent(z)
+
+    def plain(delta):
+        accountant = dp_rdp.RdpAccountant(list(INTEGER_ORDERS))
+        accountant.compose(dp_accounting.SelfComposedDpEvent(gaussian, steps))
+        return accountant.get_epsilon(delta)
+
+    charge = steps * p * (1 + np.exp(plain(DELTA / 2)))
+    assert charge > 1e-3 * DELTA  # large enough to move the epsilon
+    reported = tracker.example_epsilons(amplified=False)[0]
+    assert reported == pytest.approx(plain(DELTA - charge), rel=1e-8)
+    assert reported > plain(DELTA) * (1 + 1e-6)
