@@ -8,7 +8,7 @@ One command, one process::
 Workload: every client runs DP-SGD with batch ``--batch`` over its own data, so its per-step sampling rate
 is ``batch / size``; client sizes are lognormal and ``--rates`` distinct sizes (hence rates) are drawn.
 Rows:
-  Poisson curves   one-step RDP of the Poisson-subsampled Gaussian at ``INTEGER_ORDERS`` for every rate:
+  Poisson curves   one-step RDP of the Poisson-subsampled Gaussian at ``DEFAULT_ORDERS`` for every rate:
                    ``RdpAccountant.compose(PoissonSampledDpEvent)`` per rate vs one ``poisson_gaussian_rdp``.
   SWOR curves      the same for fixed-size batches without replacement (``SampledWithoutReplacementDpEvent``,
                    replace-one) vs one ``swor_gaussian_rdp``.
@@ -45,7 +45,7 @@ from dp_accounting import rdp as dp_rdp  # noqa: E402
 
 from fedjaxpriv.privacy import rdp  # noqa: E402
 
-ORDERS = list(rdp.INTEGER_ORDERS)
+ORDERS = list(rdp.DEFAULT_ORDERS)
 
 
 def median_seconds(run: Callable[[], Any], repeats: int) -> float:
@@ -129,7 +129,8 @@ def main() -> None:
     load = tuple(round(v, 2) for v in os.getloadavg())
     print(f"{versions} cores={os.cpu_count()} pinned={pinned} load(1,5,15 min)={load}")
     print(f"{args.rates} distinct rates batch {args.batch} / size (sizes {sizes.min()}..{sizes.max()}, "
-          f"q {q.min():.2e}..{q.max():.2e}), sigma {args.sigma}, {len(ORDERS)} integer orders 2..{ORDERS[-1]}; "
+          f"q {q.min():.2e}..{q.max():.2e}), sigma {args.sigma}, {len(ORDERS)} orders "
+          f"{ORDERS[0]:g}..{ORDERS[-1]:g} (dp_accounting defaults); "
           f"{args.clients} (group, steps) rows, steps 1..1000, delta {args.delta}\n")
 
     rows = []

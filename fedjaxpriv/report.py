@@ -4,8 +4,10 @@ Files written to the output directory (one panel per dataset; every series has i
 
 * ``accuracy_vs_rounds.png``: test accuracy per evaluated round, one line per run;
 * ``epsilon_vs_rounds.png``: example-level (``epsilon_max``), local (``local_epsilon_max``) and client-level
-  (``client_level_epsilon``) epsilon per round, for runs that track privacy;
-* ``privacy_utility.png``: final accuracy against final epsilon (runs without DP at the right, "no DP");
+  (``client_level_epsilon``) epsilon per round, for runs that track privacy, one panel per level (levels are
+  never mixed on one axis), each panel naming the basis its runs share;
+* ``privacy_utility.png``: final accuracy against final epsilon, one panel per level and dataset (runs without
+  DP at that level at the right, "no DP");
 * ``communication_vs_accuracy.png``: final accuracy against total bytes uploaded (log scale);
 * ``attacks.png``: every ``attack/<name>/<metric>`` key found in the records' final metrics, per run;
 * ``attacks_vs_<field>.png``: each headline attack metric against a varying config field (numeric fields on a
@@ -23,6 +25,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import textwrap
 from typing import Any, Mapping, Sequence
 
 import matplotlib
@@ -40,6 +43,8 @@ from fedjaxpriv.results import as_float, cumulative, flatten, varying_fields, wr
 Record = Mapping[str, Any]
 EPSILON_KEYS = ("epsilon_max", "local_epsilon_max", "client_level_epsilon")
 BASIS_KEYS = tuple(f"{key.removesuffix('_max')}_basis" for key in EPSILON_KEYS)
+LEVEL_OF_EPSILON = dict(zip(EPSILON_KEYS, ("example", "local", "client")))
+BASIS_OF_EPSILON = dict(zip(EPSILON_KEYS, BASIS_KEYS))
 SUMMARY_METRICS = ("test_accuracy", "test_loss", "client_accuracy_p10", *EPSILON_KEYS, "round", "cost_wall_time_s",
                    "cost_energy_j", *BASIS_KEYS)
 
@@ -68,12 +73,25 @@ def headline_attack_keys(records: Sequence[Record]) -> list[str]:
     return [k for k in attack_keys(records) if is_headline(k)]
 
 
-def final_epsilon(record: Record) -> float:
-    """The run's final epsilon: the largest of its example-, local- and client-level epsilons (nan without DP); each
-    level's basis is in the summary table."""
-    values = [as_float(record["final"][k]) for k in EPSILON_KEYS if k in record["final"]]
-    values = [v for v in values if not math.isnan(v) and v > 0]
-    return max(values) if values else math.nan
+def final_epsilon(record: Record, key: str) -> float:
+    """The run's final epsilon at one level (``key`` in ``EPSILON_KEYS``); nan where the run has no DP there."""
+    value = as_float(record["final"].get(key, math.nan))
+    return value if value > 0 else math.nan
+
+
+def epsilon_levels(records: Sequence[Record]) -> list[str]:
+    """The ``EPSILON_KEYS`` at which some record has a final epsilon, in that order."""
+    return [key for key in EPSILON_KEYS if any(not math.isnan(final_epsilon(r, key)) for r in records)]
+
+
+def _basis_note(records: Sequence[Record], key: str) -> str:
+    """The basis the runs with an epsilon at ``key``'s level share, wrapped to a few lines (its level dropped,
+    since the axis names it), or where their different bases are listed."""
+    bases = sorted({str(r["final"].get(BASIS_OF_EPSILON[key]) or "") for r in records
+                    if not math.isnan(final_epsilon(r, key))} - {""})
+    if len(bases) == 1:
+        return "\n".join(textwrap.wrap(bases[0].split("; ", 1)[-1], 90))
+    return f"(runs differ in basis: see the {BASIS_OF_EPSILON[key]} lists in summary.md)"
 
 
 def summary_rows(records: Sequence[Record]) -> list[dict[str, Any]]:
@@ -169,14 +187,16 @@ def _save(fig: plt.Figure, path: str) -> str:
     return path
 
 
-def _panels(names: Sequence[str], width: float = 9.0, height: float = 4.5) -> tuple[plt.Figure, list[plt.Axes]]:
-    """One panel per dataset, stacked; each titled with its dataset when there are several."""
-    fig, axes = plt.subplots(len(names), 1, figsize=(width, height * len(names)), squeeze=False)
-    panels = list(axes[:, 0])
+def _panels(names: Sequence[str], width: float = 9.0, height: float = 4.5, columns: int = 1
+            ) -> tuple[plt.Figure, list[plt.Axes]]:
+    """One row of panels per dataset, stacked, ``columns`` panels per row (row-major list); each titled with its
+    dataset when there are several."""
+    fig, axes = plt.subplots(len(names), columns, figsize=(width * columns, height * len(names)), squeeze=False)
     if len(names) > 1:
-        for ax, name in zip(panels, names):
-            ax.set_title(f"dataset: {name or '(unnamed)'}", fontsize=9)
-    return fig, panels
+        for row, name in zip(axes, names):
+            for ax in row:
+                ax.set_title(f"dataset: {name or '(unnamed)'}", fontsize=9)
+    return fig, list(axes.ravel())
 
 
 def _legend(ax: plt.Axes, count: int) -> None:
@@ -209,30 +229,65 @@ def plot_metric_vs_rounds(records: Sequence[Record], keys: Sequence[str], ylabel
     return _save(fig, path)
 
 
-def plot_privacy_utility(records: Sequence[Record], path: str) -> str:
-    """Final test accuracy against final epsilon, one panel per dataset; runs without DP (hollow markers) sit at
-    the right, above "no DP"."""
+def plot_epsilon_vs_rounds(records: Sequence[Record], path: str) -> str | None:
+    """Epsilon against round, one line per run, one panel per level (columns) and dataset (rows); each panel's
+    y axis names its level and the basis its runs share; a run keeps its colour and marker across a row, whose
+    legend is at its right. None (no file) if no run tracks privacy."""
+    keys = [key for key in EPSILON_KEYS if any(_series(r, key)[0] for r in records)]
+    if not keys:
+        return None
     groups = by_dataset(records)
-    fig, axes = _panels(list(groups))
-    for ax, group in zip(axes, groups.values()):
-        points = [(final_epsilon(r), as_float(r["final"].get("test_accuracy")), r["label"]) for r in group]
-        finite = [e for e, _, _ in points if not math.isnan(e)]
-        no_dp_x = 2.0 * max(finite) if finite else 1.0
-        for index, (eps, acc, label) in enumerate(points):
-            style = series_style(index)
-            private = not math.isnan(eps)
-            ax.scatter([eps if private else no_dp_x], [acc], marker=style["marker"], label=label,
-                       facecolors=style["color"] if private else "none", edgecolors=style["color"])
-        ax.set_xscale("log")
-        if len(finite) < len(points):
-            ax.axvline(no_dp_x / 1.4, color="gray", linewidth=0.8, linestyle=":")
-            ax.annotate("no DP", (no_dp_x, 0.0), xycoords=("data", "axes fraction"), xytext=(0, 4),
-                        textcoords="offset points", ha="center", fontsize=8)
-        ax.set_xlabel("epsilon (final, largest of example/local/client level; log scale; bases in summary.md)")
-        ax.set_ylabel("final test accuracy")
-        ax.grid(alpha=0.3)
-        _legend(ax, len(points))
+    fig, axes = _panels(list(groups), width=6.0, columns=len(keys))
+    for group, ax_row in zip(groups.values(), _rows(axes, len(keys))):
+        handles: dict[str, Any] = {}
+        for ax, key in zip(ax_row, keys):
+            for index, record in enumerate(group):
+                rounds, values = _series(record, key)
+                if rounds:
+                    (handles[record["label"]],) = ax.plot(rounds, values, markevery=max(1, len(rounds) // 12),
+                                                          markersize=4, label=record["label"], **series_style(index))
+            ax.set_xlabel(f"round\n{_basis_note(group, key)}", fontsize=7)
+            ax.set_ylabel(f"{LEVEL_OF_EPSILON[key]}-level epsilon")
+            ax.grid(alpha=0.3)
+        if handles:
+            ax_row[-1].legend(handles=list(handles.values()), fontsize=7, loc="upper left",
+                              bbox_to_anchor=(1.01, 1.0), ncol=1 if len(handles) <= 24 else 2)
     return _save(fig, path)
+
+
+def plot_privacy_utility(records: Sequence[Record], path: str) -> str:
+    """Final test accuracy against final epsilon, one panel per privacy level (columns) and dataset (rows); runs
+    without DP at a panel's level (hollow markers) sit at the right, above "no DP". Each x axis names its level
+    and the basis its runs share; the legend is at the right of each row."""
+    groups = by_dataset(records)
+    keys = epsilon_levels(records) or [EPSILON_KEYS[0]]
+    fig, axes = _panels(list(groups), width=6.0 if len(keys) > 1 else 9.0, columns=len(keys))
+    for group, ax_row in zip(groups.values(), _rows(axes, len(keys))):
+        for ax, key in zip(ax_row, keys):
+            points = [(final_epsilon(r, key), as_float(r["final"].get("test_accuracy")), r["label"]) for r in group]
+            finite = [e for e, _, _ in points if not math.isnan(e)]
+            no_dp_x = 2.0 * max(finite) if finite else 1.0
+            for index, (eps, acc, label) in enumerate(points):
+                style = series_style(index)
+                private = not math.isnan(eps)
+                ax.scatter([eps if private else no_dp_x], [acc], marker=style["marker"], label=label,
+                           facecolors=style["color"] if private else "none", edgecolors=style["color"])
+            ax.set_xscale("log")
+            if len(finite) < len(points):
+                ax.axvline(no_dp_x / 1.4, color="gray", linewidth=0.8, linestyle=":")
+                ax.annotate("no DP", (no_dp_x, 0.0), xycoords=("data", "axes fraction"), xytext=(0, 4),
+                            textcoords="offset points", ha="center", fontsize=8)
+            ax.set_xlabel(f"{LEVEL_OF_EPSILON[key]}-level epsilon (final, log scale)\n{_basis_note(group, key)}",
+                          fontsize=7)
+            ax.set_ylabel("final test accuracy")
+            ax.grid(alpha=0.3)
+        _legend(ax_row[-1], len(group))
+    return _save(fig, path)
+
+
+def _rows(axes: Sequence[plt.Axes], columns: int) -> list[list[plt.Axes]]:
+    """A row-major panel list cut into rows of ``columns``."""
+    return [list(axes[i:i + columns]) for i in range(0, len(axes), columns)]
 
 
 def plot_communication(records: Sequence[Record], path: str) -> str:
@@ -760,8 +815,7 @@ def write_report(records: Sequence[Record], out_dir: str) -> dict[str, str]:
     written: dict[str, str | None] = {
         "accuracy_vs_rounds": plot_metric_vs_rounds(records, ["test_accuracy"], "test accuracy",
                                                     os.path.join(out_dir, "accuracy_vs_rounds.png")),
-        "epsilon_vs_rounds": plot_metric_vs_rounds(records, list(EPSILON_KEYS), "epsilon",
-                                                   os.path.join(out_dir, "epsilon_vs_rounds.png")),
+        "epsilon_vs_rounds": plot_epsilon_vs_rounds(records, os.path.join(out_dir, "epsilon_vs_rounds.png")),
         "privacy_utility": plot_privacy_utility(records, os.path.join(out_dir, "privacy_utility.png")),
         "communication_vs_accuracy": plot_communication(records,
                                                         os.path.join(out_dir, "communication_vs_accuracy.png")),

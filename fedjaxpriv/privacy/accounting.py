@@ -56,6 +56,7 @@ from dp_accounting import rdp as dp_rdp
 from scipy import stats
 
 from fedjaxpriv.privacy import rdp as rdp_lib
+from fedjaxpriv.privacy.composition import DEFAULT_PLD_DISCRETIZATION
 
 
 class _DropUnconvergedOrderWarnings(logging.Filter):
@@ -79,11 +80,9 @@ LEGACY_RDP_ORDERS: tuple[float, ...] = tuple(
 )
 # Moments accountant of Abadi et al. 2016: moments lambda = 1..32, i.e. RDP orders 2..33.
 MOMENTS_ACCOUNTANT_ORDERS: tuple[float, ...] = tuple(float(a) for a in range(2, 34))
-# The orders every accountant of the package uses by default: integers 2..1024, computed exactly and vectorized
-# (``fedjaxpriv.privacy.rdp``); a subset of dp_accounting's default orders, so epsilons are at most a few percent
-# larger than with its fractional orders, never smaller.
-DEFAULT_RDP_ORDERS: tuple[float, ...] = tuple(float(a) for a in rdp_lib.INTEGER_ORDERS)
-DEFAULT_PLD_DISCRETIZATION = 1e-4
+# The orders every accountant of the package uses by default: dp_accounting's defaults (fractional ones included),
+# computed vectorized by ``fedjaxpriv.privacy.rdp``.
+DEFAULT_RDP_ORDERS: tuple[float, ...] = rdp_lib.DEFAULT_ORDERS
 
 
 # ----------------------------------------------------------------------------- validation

@@ -27,7 +27,7 @@ class EpsilonBasis:
       level: "example", "client" or "local" (see ``LEVEL_MEANING``).
       relation: the neighbouring datasets, e.g. "add/remove one example".
       sampling: how the protected unit is sampled and what is claimed from it.
-      accountant: accountant and conversion, e.g. "RDP (integer orders 2-1024), improved conversion".
+      accountant: accountant and conversion, e.g. "RDP (orders 1.1-1024), improved conversion".
       delta: the delta of the guarantee (including any part charged to sampling truncation).
     """
 
@@ -49,7 +49,7 @@ class EpsilonBasis:
 
 def describe_accountant(accountant: str, conversion: str, orders: Sequence[float] | None = None,
                         pld_discretization: float | None = None) -> str:
-    """Names the accountant and its conversion, e.g. "RDP (orders 2-1024), improved conversion (Balle et al.
+    """Names the accountant and its conversion, e.g. "RDP (orders 1.1-1024), improved conversion (Balle et al.
     2020)" or "PLD (dp_accounting, pessimistic, discretization 0.0001)"."""
     if accountant == "pld":
         step = "" if pld_discretization is None else f", discretization {pld_discretization:g}"

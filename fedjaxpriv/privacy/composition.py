@@ -6,7 +6,8 @@ rounds it took part in. ``EventAccountant`` takes the distinct one-step events o
 ``epsilons(groups, counts)`` for any number of (event, count) pairs:
 
 * ``accountant="rdp"``: the one-step RDP curves of all events come from ``fedjaxpriv.privacy.rdp`` in one
-  vectorized call (integer orders; other orders fall back to dp_accounting's ``RdpAccountant``), an
+  vectorized call per kind (dp_accounting's default orders, fractional ones included; other events fall
+  back to dp_accounting's ``RdpAccountant``), an
   ``n``-fold composition is ``n`` times the curve (exact for RDP), and the conversion to epsilon is
   vectorized too.
 * ``accountant="pld"``: dp_accounting's ``PLDAccountant`` (pessimistic) per distinct (event, count).
@@ -55,12 +56,11 @@ def _gaussian_multiplier(event: dp_accounting.DpEvent) -> Optional[float]:
 def rdp_curves(events: Sequence[dp_accounting.DpEvent], orders: Sequence[float]) -> np.ndarray:
     """One-step RDP curves [G, A] (nats) of the events at ``orders``.
 
-    Gaussian, Poisson-sampled Gaussian and sampled-without-replacement Gaussian events at integer orders are
-    computed in one vectorized call per kind; anything else through dp_accounting's ``RdpAccountant``.
+    Gaussian, Poisson-sampled Gaussian and sampled-without-replacement Gaussian events are computed in one
+    vectorized call per kind; anything else through dp_accounting's ``RdpAccountant``. Orders must be > 1.
     """
     orders = tuple(orders)
     curves = np.full((len(events), len(orders)), np.nan)
-    integer = all(float(a).is_integer() and a >= 2 for a in orders)
     rows: dict[str, list[tuple[int, float, float]]] = {"gaussian": [], "poisson": [], "swor": []}
     multipliers = np.ones(len(events))
     for index, event in enumerate(events):
@@ -75,7 +75,7 @@ def rdp_curves(events: Sequence[dp_accounting.DpEvent], orders: Sequence[float])
         elif isinstance(event, dp_accounting.SampledWithoutReplacementDpEvent):
             kind, sigma = "swor", _gaussian_multiplier(event.event)
             q = event.sample_size / event.source_dataset_size
-        if kind is None or sigma is None or not integer:
+        if kind is None or sigma is None:
             accountant = dp_rdp.RdpAccountant(list(orders), neighboring_relation=event_relation([event]))
             curves[index] = accountant.compose(event).rdp
             continue
@@ -116,7 +116,7 @@ class EventAccountant:
           delta: target delta in (0, 1).
           accountant: "rdp" or "pld".
           conversion: RDP -> DP conversion, "improved" or "classic" (RDP only).
-          orders: RDP orders (default ``rdp.INTEGER_ORDERS``).
+          orders: RDP orders (default ``rdp.DEFAULT_ORDERS``, dp_accounting's defaults).
           pld_discretization: PLD value discretisation interval.
           truncation_probabilities: [G] per-step probability that the implemented mechanism departs from the
             accounted one (sampling truncation); charged to delta (see the module docstring).
@@ -133,7 +133,7 @@ class EventAccountant:
         self.delta = float(delta)
         self.accountant = accountant
         self.conversion = conversion
-        self.orders = tuple(rdp_lib.INTEGER_ORDERS if orders is None else orders)
+        self.orders = tuple(rdp_lib.DEFAULT_ORDERS if orders is None else orders)
         self.pld_discretization = pld_discretization
         if accountant == "pld" and self.relation == NeighboringRelation.REPLACE_ONE:
             raise ValueError("accountant='pld' cannot account fixed-size sampling without replacement "

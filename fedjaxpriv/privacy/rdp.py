@@ -1,19 +1,26 @@
-"""Vectorized Renyi DP of subsampled Gaussian mechanisms at integer orders, and RDP -> epsilon.
+"""Vectorized Renyi DP of subsampled Gaussian mechanisms at any orders > 1, and RDP -> epsilon.
 
 NumPy + SciPy only. Every function works on many rows at once (one row per (sample rate, noise
 multiplier) pair, or one row per RDP curve), so per-client accounting over thousands of distinct rates is
-a handful of array operations instead of one Python loop per curve. The values are those of
-``dp_accounting.rdp.RdpAccountant`` at integer orders (to floating-point rounding):
+a handful of array operations instead of one Python loop per curve. The default orders are
+dp_accounting's own defaults (``DEFAULT_ORDERS``: 1.1-10.9 in steps of 0.1, 11-63, 128, 256, 512, 1024),
+and the values are those of ``dp_accounting.rdp.RdpAccountant`` (to floating-point rounding):
 
 * ``poisson_gaussian_rdp``: one step of the Poisson-subsampled Gaussian mechanism, add/remove-one
-  neighbours (Mironov, Talwar, Zhang 2019, integer orders):
+  neighbours (Mironov, Talwar, Zhang 2019). Integer orders:
   ``A_a = sum_i C(a, i) q^i (1-q)^(a-i) exp((i^2 - i) / (2 sigma^2))``, ``rdp = log(A_a) / (a - 1)``.
   Because the binomial weights sum to one, ``A_a = 1 + sum_{i>=2} C(a, i) q^i (1-q)^(a-i) expm1(.)``;
   the sum is taken in log space and added to 1 with ``log1p``, which keeps tiny RDP values accurate.
+  Fractional orders: the two infinite series of Sec. 3.3 of that paper (the integrals of A_a below and
+  above z0 = sigma^2 log(1/q - 1) + 1/2), summed term by term for all (row, order) cells at once until
+  dp_accounting's own stopping rule holds (both terms decreasing and e^30 below the running sum); a
+  cell that has not stopped after ``FRACTIONAL_MAX_TERMS`` terms is ``inf``, as dp_accounting makes it.
 * ``swor_gaussian_rdp``: one step of the Gaussian mechanism on a fixed-size sample drawn without
   replacement, replace-one neighbours: the Theorem 27 bound of Wang, Balle, Kasiviswanathan 2019 as
   dp_accounting evaluates it (forward differences of ``exp(cgf)`` for orders <= 256, the cruder
-  ``2 exp(cgf(i-1))`` term for larger orders).
+  ``2 exp(cgf(i-1))`` term for larger orders); at a fractional order a, the linear interpolation of
+  the cumulant ``(a - 1) rdp(a)`` between floor(a) and ceil(a) (Corollary 10 there; the cumulant at order
+  1 is 0).
 * ``epsilons_from_rdp``: the improved conversion of Balle et al. 2020 (Prop. 12) exactly as
   ``dp_accounting.rdp.compute_epsilon`` applies it, or the classic conversion of Mironov 2017.
 
@@ -28,10 +35,17 @@ from collections.abc import Sequence
 from typing import NamedTuple, Union
 
 import numpy as np
+from dp_accounting.rdp import rdp_privacy_accountant as _dp_rdp
 from numpy.typing import ArrayLike
 from scipy import special
 
-INTEGER_ORDERS: tuple[int, ...] = tuple(range(2, 65)) + (72, 80, 96, 128, 160, 192, 256, 384, 512, 1024)
+# dp_accounting's default RDP orders: what ``RdpAccountant()`` uses, and what this package accounts with.
+DEFAULT_ORDERS: tuple[float, ...] = tuple(float(a) for a in _dp_rdp.DEFAULT_RDP_ORDERS)
+
+# Terms of the fractional-order series before a cell gives up (``inf``); dp_accounting's limit.
+FRACTIONAL_MAX_TERMS = 1000
+# The fractional series stops once both terms decrease and are this far (nats) below the running sum.
+_FRACTIONAL_STOP_GAP = 30.0
 
 CONVERSIONS: tuple[str, ...] = ("improved", "classic")
 
@@ -44,7 +58,7 @@ _BLOCK_ELEMENTS = 1 << 21
 _LOG2 = math.log(2.0)
 _LOG4 = math.log(4.0)
 
-OrdersLike = Union[Sequence[int], np.ndarray]
+OrdersLike = Union[Sequence[float], np.ndarray]
 
 
 # ----------------------------------------------------------------------------- validation
@@ -75,18 +89,26 @@ def _check_noise_multipliers(noise_multipliers: ArrayLike) -> np.ndarray:
     return sigma
 
 
-def _check_integer_orders(orders: OrdersLike) -> tuple[int, ...]:
-    """Returns the orders as a tuple of ints; raises ValueError unless all are integers >= 2."""
+def _check_orders(orders: OrdersLike) -> tuple[float, ...]:
+    """Returns the orders as a tuple of floats; raises ValueError unless all are finite and > 1."""
     array = np.asarray(orders)
     if array.ndim != 1 or array.size == 0:
         raise ValueError(f"orders={orders!r} is not allowed: it must be a non-empty 1-D sequence.")
     checked = []
     for order in array.tolist():
         value = float(order) if isinstance(order, (int, float)) and not isinstance(order, bool) else math.nan
-        if not (math.isfinite(value) and value.is_integer() and value >= 2):
-            raise ValueError(f"order {order!r} is not allowed: orders must be integers >= 2.")
-        checked.append(int(value))
+        if not (math.isfinite(value) and value > 1.0):
+            raise ValueError(f"order {order!r} is not allowed: RDP orders must be finite and > 1.")
+        checked.append(value)
     return tuple(checked)
+
+
+def _split_orders(orders: tuple[float, ...]) -> tuple[np.ndarray, tuple[int, ...], np.ndarray, np.ndarray]:
+    """(integer-order columns, those orders as ints, fractional-order columns, those orders) of ``orders``."""
+    integer = np.array([a.is_integer() for a in orders], dtype=bool)
+    array = np.asarray(orders, dtype=np.float64)
+    return (np.flatnonzero(integer), tuple(int(a) for a in array[integer]), np.flatnonzero(~integer),
+            array[~integer])
 
 
 def _check_delta(delta: float) -> float:
@@ -176,16 +198,16 @@ def _rdp_rows(q: np.ndarray, sigma_index: np.ndarray, terms: _Terms, sigma_table
     return out
 
 
-def _assemble(q: np.ndarray, sigma: np.ndarray, alphas: tuple[int, ...], shape: tuple[int, ...],
+def _assemble(q: np.ndarray, sigma: np.ndarray, orders: tuple[float, ...], shape: tuple[int, ...],
               subsampled) -> np.ndarray:
     """Fills q == 1 rows with the Gaussian RDP a / (2 sigma^2) and the others with ``subsampled``."""
-    orders = np.asarray(alphas, dtype=np.float64)
-    out = np.empty((q.size, orders.size))
+    alphas = np.asarray(orders, dtype=np.float64)
+    out = np.empty((q.size, alphas.size))
     full = q == 1.0
-    out[full] = orders / (2.0 * sigma[full, None] ** 2)
+    out[full] = alphas / (2.0 * sigma[full, None] ** 2)
     if not full.all():
         out[~full] = subsampled(q[~full], sigma[~full])
-    return out.reshape(shape + (orders.size,))
+    return out.reshape(shape + (alphas.size,))
 
 
 # ----------------------------------------------------------------------------- Poisson sampling
@@ -199,28 +221,99 @@ def _log_expm1_table(sigmas: np.ndarray, max_index: int) -> np.ndarray:
         return exponent + np.log(-np.expm1(-exponent))
 
 
+def _poisson_integer_rdp(q: np.ndarray, sigma: np.ndarray, alphas: tuple[int, ...]) -> np.ndarray:
+    """RDP at integer orders >= 2 of rows with q < 1: [G] -> [G, A]."""
+    terms = _terms(alphas)
+    unique, inverse = np.unique(sigma, return_inverse=True)
+    table = _log_expm1_table(unique, max(alphas))                         # [S, max_order + 1]
+    return _rdp_rows(q, inverse.ravel(), terms, table, terms.index, poisson=True)
+
+
+def _fractional_terms(q: np.ndarray, sigma: np.ndarray, alpha: np.ndarray, i: np.ndarray
+                      ) -> tuple[np.ndarray, np.ndarray]:
+    """Log terms i of the two series of A_alpha at fractional alpha: cells [C] x indices [T] -> 2 x [C, T].
+
+    With j = alpha - i and z0 = sigma^2 log(1/q - 1) + 1/2 (|C(alpha, i)| by log-gamma):
+      s0 = log|C(alpha, i)| + i log q + j log(1-q) + (i^2 - i) / (2 sigma^2) + log Phi((z0 - i) / sigma)
+      s1 = log|C(alpha, i)| + j log q + i log(1-q) + (j^2 - j) / (2 sigma^2) + log Phi((j - z0) / sigma)
+    """
+    q, sigma, alpha = q[:, None], sigma[:, None], alpha[:, None]
+    log_q, log_1mq = np.log(q), np.log1p(-q)
+    two_var = 2.0 * sigma**2
+    z0 = sigma**2 * np.log(1.0 / q - 1.0) + 0.5
+    j = alpha - i
+    log_coef = special.gammaln(alpha + 1.0) - special.gammaln(i + 1.0) - special.gammaln(j + 1.0)
+    s0 = log_coef + i * log_q + j * log_1mq + (i * i - i) / two_var + special.log_ndtr((z0 - i) / sigma)
+    s1 = log_coef + j * log_q + i * log_1mq + (j * j - j) / two_var + special.log_ndtr((j - z0) / sigma)
+    return s0, s1
+
+
+def _poisson_fractional_log_a(q: np.ndarray, sigma: np.ndarray, alpha: np.ndarray) -> np.ndarray:
+    """log(A_alpha) of cells (q < 1, sigma, fractional alpha > 1): [C] -> [C], ``inf`` where it never stops.
+
+    Terms are taken in chunks of growing length for the cells still running; within a chunk the running
+    sum is a cumulative logaddexp, and a cell's value is the running sum at the first index where
+    dp_accounting's rule holds (s0 and s1 both below their previous terms, and both more than
+    ``_FRACTIONAL_STOP_GAP`` below the running sum), so the same terms are summed as there.
+    """
+    cells = q.size
+    out = np.full(cells, np.inf)
+    total = np.full(cells, -np.inf)
+    last0 = np.full(cells, -np.inf)
+    last1 = np.full(cells, -np.inf)
+    running = np.arange(cells)
+    start, length = 0, 16
+    while running.size and start < FRACTIONAL_MAX_TERMS:
+        stop = min(start + length, FRACTIONAL_MAX_TERMS)
+        i = np.arange(start, stop, dtype=np.float64)
+        block = max(1, _BLOCK_ELEMENTS // i.size)
+        finished = np.zeros(running.size, dtype=bool)
+        for lo in range(0, running.size, block):
+            rows = running[lo:lo + block]
+            s0, s1 = _fractional_terms(q[rows], sigma[rows], alpha[rows], i)
+            summed = np.logaddexp.accumulate(np.concatenate([total[rows, None], np.logaddexp(s0, s1)], axis=1),
+                                             axis=1)[:, 1:]
+            previous0 = np.concatenate([last0[rows, None], s0[:, :-1]], axis=1)
+            previous1 = np.concatenate([last1[rows, None], s1[:, :-1]], axis=1)
+            stops = (s0 < previous0) & (s1 < previous1) & (np.maximum(s0, s1) < summed - _FRACTIONAL_STOP_GAP)
+            stopped = stops.any(axis=1)
+            first = np.argmax(stops, axis=1)
+            out[rows[stopped]] = summed[stopped, first[stopped]]
+            finished[lo:lo + block] = stopped
+            total[rows], last0[rows], last1[rows] = summed[:, -1], s0[:, -1], s1[:, -1]
+        running = running[~finished]
+        start, length = stop, 2 * length
+    return out
+
+
 def poisson_gaussian_rdp(sample_rates: ArrayLike, noise_multipliers: ArrayLike,
-                         orders: OrdersLike = INTEGER_ORDERS) -> np.ndarray:
+                         orders: OrdersLike = DEFAULT_ORDERS) -> np.ndarray:
     """RDP (nats) of one step of the Poisson-subsampled Gaussian mechanism, add/remove-one neighbours.
 
     Args:
       sample_rates: float64 [G] (or anything broadcastable with ``noise_multipliers``), q in (0, 1].
       noise_multipliers: float64 [G], sigma > 0 and finite (noise std / L2 sensitivity).
-      orders: integer RDP orders >= 2, [A].
+      orders: RDP orders > 1, [A] (integer and fractional; default dp_accounting's defaults).
 
     Returns:
       float64 [G, A] (in general ``broadcast shape + (A,)``). Rows with q == 1 are the plain Gaussian
       mechanism ``a / (2 sigma^2)``. Equals dp_accounting's ``RdpAccountant(orders)`` composed with
-      ``PoissonSampledDpEvent(q, GaussianDpEvent(sigma))``.
+      ``PoissonSampledDpEvent(q, GaussianDpEvent(sigma))``, ``inf`` at the same fractional orders.
     """
-    alphas = _check_integer_orders(orders)
+    alphas = _check_orders(orders)
     q, sigma, shape = _broadcast_rows(sample_rates, noise_multipliers)
-    terms = _terms(alphas)
+    integer_columns, integer_orders, fractional_columns, fractional_orders = _split_orders(alphas)
 
     def subsampled(q_rows: np.ndarray, sigma_rows: np.ndarray) -> np.ndarray:
-        unique, inverse = np.unique(sigma_rows, return_inverse=True)
-        table = _log_expm1_table(unique, max(alphas))                     # [S, max_order + 1]
-        return _rdp_rows(q_rows, inverse.ravel(), terms, table, terms.index, poisson=True)
+        out = np.empty((q_rows.size, len(alphas)))
+        if integer_orders:
+            out[:, integer_columns] = _poisson_integer_rdp(q_rows, sigma_rows, integer_orders)
+        if fractional_orders.size:
+            cell_alpha = np.tile(fractional_orders, q_rows.size)
+            log_a = _poisson_fractional_log_a(np.repeat(q_rows, fractional_orders.size),
+                                              np.repeat(sigma_rows, fractional_orders.size), cell_alpha)
+            out[:, fractional_columns] = (log_a / (cell_alpha - 1.0)).reshape(q_rows.size, -1)
+        return out
 
     return _assemble(q, sigma, alphas, shape, subsampled)
 
@@ -291,16 +384,17 @@ def _swor_term_table(sigmas: np.ndarray, alphas: tuple[int, ...]) -> np.ndarray:
 
 
 def swor_gaussian_rdp(sample_rates: ArrayLike, noise_multipliers: ArrayLike,
-                      orders: OrdersLike = INTEGER_ORDERS) -> np.ndarray:
+                      orders: OrdersLike = DEFAULT_ORDERS) -> np.ndarray:
     """RDP (nats) of one step of the Gaussian mechanism on a sample of m = q n drawn without replacement.
 
     Replace-one neighbours; the Theorem 27 bound of Wang, Balle, Kasiviswanathan 2019 as dp_accounting
-    computes it, including its Stirling-branch bound for orders > 256.
+    computes it, including its Stirling-branch bound for orders > 256, and at fractional orders the
+    interpolation of the cumulant between the neighbouring integer orders.
 
     Args:
       sample_rates: float64 [G] (or anything broadcastable with ``noise_multipliers``), q = m / n in (0, 1].
       noise_multipliers: float64 [G], sigma > 0 and finite (noise std / replace-one L2 sensitivity).
-      orders: integer RDP orders >= 2, [A].
+      orders: RDP orders > 1, [A] (integer and fractional; default dp_accounting's defaults).
 
     Returns:
       float64 [G, A] (in general ``broadcast shape + (A,)``); rows with q == 1 are ``a / (2 sigma^2)``.
@@ -312,17 +406,39 @@ def swor_gaussian_rdp(sample_rates: ArrayLike, noise_multipliers: ArrayLike,
     in float64; for sigma above about 10 cancellation makes them (and so the bound at large q and orders)
     larger than their exact values, i.e. the bound is looser, not smaller.
     """
-    alphas = _check_integer_orders(orders)
+    alphas = _check_orders(orders)
     q, sigma, shape = _broadcast_rows(sample_rates, noise_multipliers)
-    terms = _terms(alphas)
+    integer_columns, integer_orders, fractional_columns, fractional_orders = _split_orders(alphas)
+    floors = np.floor(fractional_orders).astype(np.int64)
+    # Integer orders needed: the requested ones and both neighbours of every fractional one (order 1 has
+    # cumulant 0 and is not computed).
+    needed = tuple(sorted(set(integer_orders) | {int(a) for a in np.concatenate([floors, floors + 1]) if a >= 2}))
+    position = {a: k for k, a in enumerate(needed)}
 
     def subsampled(q_rows: np.ndarray, sigma_rows: np.ndarray) -> np.ndarray:
-        unique, inverse = np.unique(sigma_rows, return_inverse=True)
-        table = _swor_term_table(unique, alphas).reshape(unique.size, -1)  # [S, 2 (max_order + 1)]
-        columns = terms.stirling * (max(alphas) + 1) + terms.index
-        return _rdp_rows(q_rows, inverse.ravel(), terms, table, columns, poisson=False)
+        out = np.empty((q_rows.size, len(alphas)))
+        if needed:
+            integer_rdp = _swor_integer_rdp(q_rows, sigma_rows, needed)
+            out[:, integer_columns] = integer_rdp[:, [position[a] for a in integer_orders]]
+            cumulant = integer_rdp * (np.asarray(needed, dtype=np.float64) - 1.0)      # (a - 1) rdp(a)
+            cumulant = np.concatenate([np.zeros((q_rows.size, 1)), cumulant], axis=1)  # column 0: order 1
+            at = {1: 0, **{a: k + 1 for k, a in enumerate(needed)}}
+            low = cumulant[:, [at[int(a)] for a in floors]]
+            high = cumulant[:, [at[int(a) + 1] for a in floors]]
+            t = fractional_orders - floors
+            out[:, fractional_columns] = ((1.0 - t) * low + t * high) / (fractional_orders - 1.0)
+        return out
 
     return _assemble(q, sigma, alphas, shape, subsampled)
+
+
+def _swor_integer_rdp(q: np.ndarray, sigma: np.ndarray, alphas: tuple[int, ...]) -> np.ndarray:
+    """Theorem 27 RDP at integer orders >= 2 of rows with q < 1: [G] -> [G, A]."""
+    terms = _terms(alphas)
+    unique, inverse = np.unique(sigma, return_inverse=True)
+    table = _swor_term_table(unique, alphas).reshape(unique.size, -1)      # [S, 2 (max_order + 1)]
+    columns = terms.stirling * (max(alphas) + 1) + terms.index
+    return _rdp_rows(q, inverse.ravel(), terms, table, columns, poisson=False)
 
 
 # ----------------------------------------------------------------------------- conversion

@@ -22,10 +22,10 @@ from fedjaxpriv.client.settings import ClientSettings
 from fedjaxpriv.privacy.accounting import participation_bound
 from fedjaxpriv.privacy.basis import describe_accountant
 from fedjaxpriv.privacy.calibration import calibrate_noise
-from fedjaxpriv.privacy.composition import EventAccountant
+from fedjaxpriv.privacy.composition import DEFAULT_PLD_DISCRETIZATION, EventAccountant
 from fedjaxpriv.privacy.mechanisms import (ClientLevelDpFedAvg, LocalGaussian, SampleLevelDpSgd, round_up_float32,
                                            sample_level_dpsgd)
-from fedjaxpriv.privacy.rdp import INTEGER_ORDERS
+from fedjaxpriv.privacy.rdp import DEFAULT_ORDERS
 
 PARTICIPATION_TAIL = 1e-3
 UNLIMITED = np.iinfo(np.int64).max
@@ -144,8 +144,9 @@ class PrivacyTracker:
         self.num_clients = int(num_clients)
         self.steps_per_round = np.asarray(steps_per_round, np.int64)
         self.delta = float(delta)
-        self.accountant_name = describe_accountant(accountant, conversion, INTEGER_ORDERS if accountant == "rdp"
-                                                   else None)
+        self.accountant_name = describe_accountant(
+            accountant, conversion, DEFAULT_ORDERS if accountant == "rdp" else None,
+            DEFAULT_PLD_DISCRETIZATION if accountant == "pld" else None)
         kwargs = dict(accountant=accountant, conversion=conversion)
         self.sample_level, self.client_level, self.local = sample_level, client_level, local
         self.max_participations = (np.full(self.num_clients, UNLIMITED, np.int64) if max_participations is None

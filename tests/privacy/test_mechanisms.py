@@ -22,7 +22,6 @@ from fedjaxpriv.client.sampling import DP_OVERFLOW_TAIL, overflow_probability, p
 from fedjaxpriv.privacy.composition import EventAccountant
 from fedjaxpriv.privacy.mechanisms import (ClientLevelDpFedAvg, LocalGaussian, round_up_float32,
                                            sample_level_dpsgd)
-from fedjaxpriv.privacy.rdp import INTEGER_ORDERS
 from fedjaxpriv.privacy.tracking import PrivacyTracker
 
 DELTA = 1e-5
@@ -35,7 +34,7 @@ def _dpsgd(z, poisson, rate, batch, count, mixup=False, truncation=0.0):
 
 
 def _reference(event, relation=Relation.ADD_OR_REMOVE_ONE, delta=DELTA):
-    accountant = dp_accounting.rdp.RdpAccountant(list(INTEGER_ORDERS), neighboring_relation=relation)
+    accountant = dp_accounting.rdp.RdpAccountant(neighboring_relation=relation)
     return accountant.compose(event).get_epsilon(delta)
 
 

@@ -9,7 +9,6 @@ import pytest
 from scipy import stats
 
 from fedjaxpriv.client.settings import make_settings
-from fedjaxpriv.privacy.rdp import INTEGER_ORDERS
 from fedjaxpriv.devices import (DeviceTier, DevicePolicy, apply_policy, availability, profiles_from_tiers,
                                 round_cost, sample_profiles, straggler_mask)
 
@@ -43,8 +42,7 @@ def test_device_aware_policy_maps_a_known_device_exactly():
     assert s.dp_noise_multiplier[1] == 0 and math.isinf(s.dp_clip_norm[1]) and s.dp_clip_norm[0] == 1.0
     event = dp_accounting.SelfComposedDpEvent(dp_accounting.SampledWithoutReplacementDpEvent(
         64, 16, dp_accounting.GaussianDpEvent(float(s.dp_noise_multiplier[0]) / 2)), 128)
-    accountant = dp_accounting.rdp.RdpAccountant(list(INTEGER_ORDERS),
-                                                 neighboring_relation=dp_accounting.NeighboringRelation.REPLACE_ONE)
+    accountant = dp_accounting.rdp.RdpAccountant(neighboring_relation=dp_accounting.NeighboringRelation.REPLACE_ONE)
     epsilon = accountant.compose(event).get_epsilon(1e-5)
     assert 0.98 * 2.0 <= epsilon <= 2.0
     assert s.lr.tolist() == base_settings().lr.tolist()  # fields the policy does not own are kept

@@ -263,3 +263,38 @@ def test_attack_bars_leave_room_for_every_run_label(tmp_path, monkeypatch):
     height = ticks[0].get_fontsize() * fig.dpi / 72.0
     assert spacing.min() * np.sin(rotation) >= 1.2 * height  # parallel rotated labels do not touch
     plt.close(fig)
+
+
+def _private(label: str, accuracy: float, **final) -> dict:
+    history = [{"round": r, **{k: v * r / 3 for k, v in final.items() if not k.endswith("_basis")}} for r in (1, 2, 3)]
+    return {"label": label, "config_hash": label, "config": {"data": {"dataset": "digits"}},
+            "final": {"test_accuracy": accuracy, **final}, "history": history}
+
+
+def test_privacy_levels_never_share_an_axis(tmp_path, monkeypatch):
+    example_basis = ("example-level (one example of one client), against the server; neighbours: replace one "
+                     "example; sampling: fixed-size batches; accountant: RDP; delta=1e-05")
+    records = [_private("dpsgd", 0.8, epsilon_max=3.0, epsilon_basis=example_basis),
+               _private("dpfedavg", 0.7, client_level_epsilon=40.0, client_level_epsilon_basis="client; b"),
+               _private("dpfedavg2", 0.6, client_level_epsilon=20.0, client_level_epsilon_basis="client; c"),
+               _private("none", 0.9)]
+    figures = []
+    monkeypatch.setattr(report, "_save", lambda fig, path: figures.append(fig) or path)
+    report.plot_privacy_utility(records, str(tmp_path / "p.png"))
+    report.plot_epsilon_vs_rounds(records, str(tmp_path / "e.png"))
+    utility, rounds = figures
+    example, client = utility.axes
+    assert example.get_xlabel().startswith("example-level") and "replace one example" in example.get_xlabel()
+    assert client.get_xlabel().startswith("client-level") and "runs differ in basis" in client.get_xlabel()
+    # Each panel plots its own level's epsilon; runs without DP at that level are hollow at "no DP".
+    xs = [[float(c.get_offsets()[0][0]) for c in ax.collections] for ax in (example, client)]
+    assert xs == [[3.0, 6.0, 6.0, 6.0], [80.0, 40.0, 20.0, 80.0]]
+    hollow = [[c.get_facecolors().size == 0 or c.get_facecolors()[0][3] == 0 for c in ax.collections]
+              for ax in (example, client)]
+    assert hollow == [[False, True, True, True], [True, False, False, True]]
+    example_rounds, client_rounds = rounds.axes
+    assert example_rounds.get_ylabel() == "example-level epsilon" and "replace one" in example_rounds.get_xlabel()
+    assert [list(line.get_ydata()) for line in example_rounds.lines] == [[1.0, 2.0, 3.0]]
+    assert [line.get_ydata()[-1] for line in client_rounds.lines] == [40.0, 20.0]
+    for fig in figures:
+        plt.close(fig)
