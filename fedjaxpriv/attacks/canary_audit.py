@@ -19,7 +19,13 @@ Levels audited, each against the epsilon the run's tracker reports for the audit
 * ``"local"``: m canary clients with one example each (local DP on messages); the server sees their messages
   and scores each canary by the Gaussian log-likelihood ratio of the two messages the client could have sent
   (computed exactly, with the round's keys, from the tapped server model).
-* ``"client"``: m canary clients (DP-FedAvg); the observer sees the final global model.
+* ``"client"``: m one-example canary clients (DP-FedAvg); the observer sees every round's global model and
+  clip norm (what the client-level epsilon covers) and knows every client's data and local-training randomness,
+  but not the cohorts nor the server's noise. Each round it recomputes the clipped update every client could
+  send (a canary's with and without its canary) from the round's global model and regresses the model's change
+  on them (least squares): without noise the change is exactly the sum of the cohort's updates, so the
+  regression shows which version of each canary took part; a canary's score is its coefficient (in minus out)
+  summed over rounds.
 
 ``max_certifiable_epsilon`` (every guess correct) is stated next to every result: an audit whose largest
 certifiable epsilon is below the accountant's cannot refute it, whatever the accounting does.
@@ -145,13 +151,19 @@ def _grown_population(config: ExperimentConfig, num_clients: int) -> list[str]:
     return [f"data.num_clients={num_clients}", f"server.clients_per_round={max(1, round(rate * num_clients))}"]
 
 
-def _finish(level, experiment, results, found, coins, accountant_epsilon, basis_key, beta, delta) -> CanaryAudit:
+def _flat(tree: Any, rows: int) -> np.ndarray:
+    """A pytree with leaves [rows, ...] as one float64 matrix [rows, total size]."""
+    return np.concatenate([np.asarray(leaf, np.float64).reshape(rows, -1) for leaf in jax.tree_util.tree_leaves(tree)],
+                          axis=1)
+
+
+def _finish(level, experiment, test_accuracy, found, coins, accountant_epsilon, basis_key, beta, delta) -> CanaryAudit:
     basis = experiment.privacy.bases().get(basis_key, "")
     return CanaryAudit(level=level, empirical_epsilon=float(found.epsilon),
                        max_certifiable_epsilon=max_certifiable_epsilon(coins.size, found.num_guesses, beta, delta),
                        accountant_epsilon=float(accountant_epsilon), basis=basis, num_canaries=int(coins.size),
                        num_guesses=int(found.num_guesses), num_correct=int(found.num_correct),
-                       test_accuracy=float(results.final("test_accuracy")))
+                       test_accuracy=float(test_accuracy))
 
 
 def audit_example_level(config: ExperimentConfig, *, num_canaries: int = 1000, client: int = 0,
@@ -189,7 +201,8 @@ def audit_example_level(config: ExperimentConfig, *, num_canaries: int = 1000, c
     found = _one_run(scores, coins, np.ones(num_canaries, bool), guess_fraction, beta, config.run.delta)
     per_client = experiment.privacy.per_client()
     accountant = float(per_client["epsilon"][client]) if "epsilon" in per_client else np.inf
-    return _finish("example", experiment, results, found, coins, accountant, "epsilon_basis", beta, config.run.delta)
+    return _finish("example", experiment, results.final("test_accuracy"), found, coins, accountant, "epsilon_basis",
+                   beta, config.run.delta)
 
 
 def audit_local_level(config: ExperimentConfig, *, num_canaries: int = 1000, guess_fraction: float = 0.1,
@@ -235,8 +248,7 @@ def audit_local_level(config: ExperimentConfig, *, num_canaries: int = 1000, gue
         tapped = jnp.asarray(tap.client_ids)
         candidates = {side: replay.tap_fn(state, replay.device_population, replay.device_settings, tapped,
                                           replay.root_key) for side, replay in replays.items()}
-        flat = {name: np.concatenate([np.asarray(leaf).reshape(len(tap.client_ids), -1)
-                                      for leaf in jax.tree_util.tree_leaves(tree)], axis=1)
+        flat = {name: _flat(tree, len(tap.client_ids))
                 for name, tree in (("sent", tap.messages), ("in", candidates[True]), ("out", candidates[False]))}
         variance = np.where(noise_std[tap.client_ids] > 0, noise_std[tap.client_ids] ** 2, 1.0)  # no noise: distances
         log_ratio = (np.sum(flat["sent"] * (flat["in"] - flat["out"]), axis=1)
@@ -250,33 +262,102 @@ def audit_local_level(config: ExperimentConfig, *, num_canaries: int = 1000, gue
     per_client = experiment.privacy.per_client()
     accountant = (float(np.max(per_client["local_epsilon"][first:][observed])) if "local_epsilon" in per_client
                   else np.inf)
-    return _finish("local", experiment, results, found, coins, accountant, "local_epsilon_basis", beta,
-                   config.run.delta)
+    return _finish("local", experiment, results.final("test_accuracy"), found, coins, accountant,
+                   "local_epsilon_basis", beta, config.run.delta)
+
+
+def _clipped(updates: np.ndarray, clip_norm: float) -> np.ndarray:
+    """Each row scaled to norm at most ``clip_norm`` (DP-FedAvg's client-level clip): [N, P] -> [N, P]."""
+    norms = np.linalg.norm(updates, axis=1, keepdims=True)
+    return updates * np.minimum(1.0, clip_norm / np.maximum(norms, 1e-30))
+
+
+# Largest regression (model parameters x candidate updates) solved by least squares; larger audits score each
+# canary by the inner product of the model's change with its update difference instead.
+_REGRESSION_ELEMENTS = 1 << 25
+
+
+def _round_scores(change: np.ndarray, known: np.ndarray, inside: np.ndarray, outside: np.ndarray | None,
+                  ridge: float) -> np.ndarray:
+    """One round's canary scores: coefficients (in minus out) of the change of the clipped-update sum [P]
+    regressed on the known clients' updates [N, P] and the canaries' two candidate updates [m, P] each (``outside``
+    None: an absent canary sends nothing); the inner product with the difference when the regression is too large.
+
+    ``ridge`` = noise variance / prior variance of a coefficient: 0 (no noise) is least squares; with noise the
+    ridge estimate keeps the noise from being amplified along the updates' near-dependent directions.
+    """
+    design = np.concatenate([known, inside] + ([] if outside is None else [outside]), axis=0)   # [N + m (+ m), P]
+    m = inside.shape[0]
+    if design.size > _REGRESSION_ELEMENTS:
+        difference = inside if outside is None else inside - outside
+        return difference @ change
+    if ridge > 0:
+        gram = design @ design.T
+        gram[np.diag_indices_from(gram)] += ridge
+        coefficients = np.linalg.solve(gram, design @ change)
+    else:
+        coefficients = np.linalg.lstsq(design.T, change, rcond=None)[0]
+    start = known.shape[0]
+    score = coefficients[start:start + m]
+    return score if outside is None else score - coefficients[start + m:]
 
 
 def audit_client_level(config: ExperimentConfig, *, num_canaries: int = 1000, guess_fraction: float = 0.1,
                        beta: float = 0.05) -> CanaryAudit:
     """Audits DP-FedAvg: ``num_canaries`` one-example canary clients join the population (sampled at the config's
-    rate). With Poisson client
-    sampling (add/remove) an absent canary client keeps no data; with a fixed cohort (replace-one) it holds the
-    alternative label. Scored on the final global model."""
+    rate). With Poisson client sampling (add/remove) an absent canary client keeps no data; with a fixed cohort
+    (replace-one) it holds the alternative label. Scored from every round's global model by regressing its change
+    on the updates the clients could have sent (module docstring)."""
     from fedjaxpriv.experiment import Experiment
 
     _check(num_canaries, guess_fraction, beta)
+    s = config.server
+    if config.message.error_feedback or s.algorithm not in ("fedavg", "fedprox", "fedsgd") or s.optimizer != "sgd":
+        raise ValueError(f"server.algorithm={s.algorithm!r}, server.optimizer={s.optimizer!r}, message.error_feedback="
+                         f"{config.message.error_feedback} cannot be audited at client level; allowed: fedavg, fedprox "
+                         "or fedsgd with the sgd server optimizer and no error feedback (the audit replays each "
+                         "round's updates from the global model alone and reads the model's change as their sum).")
     population, test, num_classes, canaries, alternative, coins = _draw(config, num_canaries)
     replace = config.server.client_sampling != "poisson"
+    first = population.num_clients
     empty_x = np.zeros((0, *population.input_shape), np.float32)
-    xs = [canaries.x[i][None] if (coins[i] or replace) else empty_x for i in range(num_canaries)]
-    ys = [np.array([canaries.y[i] if coins[i] else alternative[i]], np.int32) if (coins[i] or replace)
-          else np.zeros(0, np.int32) for i in range(num_canaries)]
-    data = _with_canary_clients(population, xs, ys)
-    audited_config = with_overrides(config, _grown_population(config, data.num_clients))
-    experiment = Experiment(audited_config, population=data, test=test, num_classes=num_classes)
-    results = experiment.run(progress=False)
-    scores = _model_scores(experiment.model.apply, results.params, canaries, alternative, replace)
+    options = {True: ([x[None] for x in canaries.x], [y[None] for y in canaries.y]),
+               False: ([x[None] for x in canaries.x], [a[None] for a in alternative]) if replace
+               else ([empty_x] * num_canaries, [np.zeros(0, np.int32)] * num_canaries)}
+    chosen = tuple([options[bool(c)][part][i] for i, c in enumerate(coins)] for part in (0, 1))
+    audited_config = with_overrides(config, _grown_population(config, first + num_canaries))
+
+    def build(clients: tuple[list[np.ndarray], list[np.ndarray]]) -> Any:
+        return Experiment(audited_config, population=_with_canary_clients(population, *clients), test=test,
+                          num_classes=num_classes)
+
+    experiment = build(chosen)
+    replays = {side: build(options[side]) for side in ((True, False) if replace else (True,))}
+    known_ids, canary_ids = jnp.arange(first), jnp.arange(first, first + num_canaries)
+
+    def updates(run: Any, state: Any, ids: jax.Array) -> np.ndarray:
+        messages = run.tap_fn(state, run.device_population, run.device_settings, ids, run.root_key)
+        return _clipped(_flat(messages, int(ids.size)), float(state.clip_norm))
+
+    mechanism = experiment.client_level
+    rate = audited_config.server.clients_per_round / experiment.population.num_clients
+    state = experiment.initial_state
+    scores = np.zeros(num_canaries)
+    for round_index in range(config.run.rounds):
+        before, clip_norm = _flat(state.params, 1)[0], float(state.clip_norm)
+        known = updates(experiment, state, known_ids)
+        inside = updates(replays[True], state, canary_ids)
+        outside = updates(replays[False], state, canary_ids) if replace else None
+        state, _ = experiment.step(state, round_index)
+        # With client-level clipping the server's mean is (clipped sum + N(0, (z C)^2)) / K, K the expected cohort.
+        denominator = mechanism.expected_cohort if mechanism is not None else 1.0
+        noise_std = mechanism.noise_multiplier * clip_norm if mechanism is not None else 0.0
+        change = (_flat(state.params, 1)[0] - before) * denominator
+        scores += _round_scores(change, known, inside, outside, noise_std**2 / (rate * (1.0 - rate) or 1.0))
     found = _one_run(scores, coins, np.ones(num_canaries, bool), guess_fraction, beta, config.run.delta)
-    accountant = float(results.final("client_level_epsilon")) if experiment.privacy.client_private else np.inf
-    return _finish("client", experiment, results, found, coins, accountant, "client_level_epsilon_basis", beta,
+    accountant = experiment.privacy.client_level_epsilon() if experiment.privacy.client_private else np.inf
+    accuracy = float(experiment.evaluate(state.params, state)["test_accuracy"])
+    return _finish("client", experiment, accuracy, found, coins, accountant, "client_level_epsilon_basis", beta,
                    config.run.delta)
 
 
