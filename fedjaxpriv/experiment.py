@@ -31,7 +31,8 @@ from fedjaxpriv.models.tasks import CLASSIFICATION, PerExampleLoss, Task, as_tas
 from fedjaxpriv.parallel import Plan, local_mesh, plan as execution_plan, replicate
 from fedjaxpriv.privacy.calibration import calibrate_noise
 from fedjaxpriv.privacy.mechanisms import ClientLevelDpFedAvg, local_gaussian, round_up_float32
-from fedjaxpriv.privacy.tracking import PrivacyTracker, calibrate_targets, dp_batch_slots, dpsgd_mechanism
+from fedjaxpriv.privacy.tracking import (PrivacyTracker, calibrate_targets, dp_batch_slots, dp_cohort_slots,
+                                         dpsgd_mechanism)
 from fedjaxpriv.server import Cohort, max_cohort_size, sample_cohort, server_optimizer
 from fedjaxpriv.server.algorithms import FederatedAlgorithm, algorithm_for, dp_fedavg
 from fedjaxpriv.simulation import (AggregationSpec, Population, RoundOutput, ServerState, build_message_tap,
@@ -358,6 +359,12 @@ class Experiment:
         self.cohort_slots = max_cohort_size(population.num_clients, s.clients_per_round, s.client_sampling,
                                             private=(s.central_noise_multiplier > 0 or s.target_epsilon is not None
                                                      or self.algorithm.client_level is not None))
+        if s.client_sampling == "poisson" and self.algorithm.client_level is None:
+            # The config's DP-FedAvg, untruncated (C + 1 slots cannot overflow), sizes the slots from delta.
+            untruncated = client_level_mechanism(config, population.num_clients, population.num_clients + 1)
+            if untruncated is not None and untruncated.private:
+                self.cohort_slots = max(self.cohort_slots, dp_cohort_slots(untruncated, r.rounds, r.delta,
+                                                                           r.accountant))
         self.plan = execution_plan(
             self.model.apply, params, jax.ShapeDtypeStruct((slots, *population.input_shape), population.x.dtype),
             max_steps=max(1, int(np.max(self.settings.num_steps))), max_batch=slots, num_clients=self.cohort_slots,

@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from fedjaxpriv.client.sampling import batch_slots, overflow_probability
+from fedjaxpriv.client.sampling import DP_OVERFLOW_TAIL, batch_slots, overflow_probability
 from fedjaxpriv.client.settings import ClientSettings
 from fedjaxpriv.privacy.accounting import participation_bound
 from fedjaxpriv.privacy.basis import describe_accountant
@@ -26,6 +26,7 @@ from fedjaxpriv.privacy.composition import DEFAULT_PLD_DISCRETIZATION, EventAcco
 from fedjaxpriv.privacy.mechanisms import (ClientLevelDpFedAvg, LocalGaussian, SampleLevelDpSgd, round_up_float32,
                                            sample_level_dpsgd)
 from fedjaxpriv.privacy.rdp import DEFAULT_ORDERS
+from fedjaxpriv.server.sampling import max_cohort_size
 
 PARTICIPATION_TAIL = 1e-3
 UNLIMITED = np.iinfo(np.int64).max
@@ -74,6 +75,22 @@ def dp_batch_slots(settings: ClientSettings, counts: np.ndarray, *, planned_step
     if tail >= float(np.max(mechanism.truncation_probabilities[members])):
         return slots
     return batch_slots(settings, counts, private, tail=tail)  # tail 0: slots n + 1, no overflow possible
+
+
+def dp_cohort_slots(mechanism: ClientLevelDpFedAvg, rounds: int, delta: float, accountant: str = "rdp") -> int:
+    """Static slots of a Poisson cohort under DP-FedAvg (``mechanism`` untruncated), sized like ``dp_batch_slots``.
+
+    A cohort that overflows its slots is charged to delta as ``R p (1 + e^eps)`` over R rounds; with the default
+    tail of 1e-16 per round a client-level epsilon above about 20 would become infinite. Here the tail per round
+    is at most ``OVERFLOW_DELTA_SHARE * delta / (2 R (1 + e^eps))``, eps the mechanism's epsilon at delta / 2
+    over ``rounds``, so the charge is at most 1 % of delta; where e^eps overflows, the slots hold the whole
+    population plus one and the cohort cannot overflow.
+    """
+    eps = EventAccountant([mechanism.round_event()], delta / 2, accountant=accountant).epsilon(0, max(1, rounds))
+    with np.errstate(over="ignore"):
+        tail = OVERFLOW_DELTA_SHARE * delta / (2.0 * max(1, rounds) * (1.0 + np.exp(eps)))
+    return max_cohort_size(mechanism.num_clients, mechanism.expected_cohort, "poisson", private=True,
+                           tail=min(float(tail), DP_OVERFLOW_TAIL))
 
 
 def participation_plan(client_rate: float, rounds: int, tail_probability: float = PARTICIPATION_TAIL) -> int:

@@ -7,7 +7,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from fedjaxpriv.client.sampling import poisson_slots
+from fedjaxpriv.client.sampling import DP_OVERFLOW_TAIL, poisson_slots
 
 
 class Cohort(NamedTuple):
@@ -26,16 +26,16 @@ class Cohort(NamedTuple):
 
 
 def max_cohort_size(num_clients: int, clients_per_round: int, mode: str, tail_sigmas: float = 7.0,
-                    private: bool = False) -> int:
+                    private: bool = False, tail: float = DP_OVERFLOW_TAIL) -> int:
     """Static cohort slots: exact for uniform sampling; for Poisson sampling mean + ``tail_sigmas`` std devs, or,
     when the round is client-level private (``private``), the smallest count that a cohort of the population
-    plus one client exceeds with probability at most ``DP_OVERFLOW_TAIL`` (charged to delta; up to C + 1 slots,
-    since the neighbouring population has C + 1 clients)."""
+    plus one client exceeds with probability at most ``tail`` (charged to delta; up to C + 1 slots, since the
+    neighbouring population has C + 1 clients; ``privacy.tracking.dp_cohort_slots`` sizes ``tail``)."""
     if mode == "uniform":
         return clients_per_round
     p = clients_per_round / num_clients
     if private:
-        return poisson_slots(num_clients, p)
+        return poisson_slots(num_clients, p, tail)
     std = math.sqrt(num_clients * p * (1 - p))
     return int(min(num_clients, math.ceil(clients_per_round + tail_sigmas * std + 1)))
 

@@ -187,3 +187,26 @@ def test_client_level_target_is_met_within_two_percent(server):
     assert 0.98 * 4.0 <= results.final("client_level_epsilon") <= 4.0
     with pytest.raises(ValueError, match=r"server\.central_noise_multiplier"):
         _config(server={"central_clip_norm": 1.0, "target_epsilon": 4.0, "central_noise_multiplier": 1.0})
+
+
+@pytest.mark.parametrize("noise, finite_before", [(0.5, True), (0.3, False)])
+def test_poisson_cohorts_at_small_noise_get_a_finite_client_level_epsilon(noise, finite_before):
+    """DP-FedAvg with Poisson cohorts (rate 3/30, 20 rounds): the cohort slots are sized from delta, so the overflow
+    charge takes at most 1 % of delta; the reported epsilon lies between dp_accounting's epsilon of the untruncated
+    mechanism at delta and at 0.99 delta. At z = 0.3 (epsilon 56) the old 1e-16 tail per round gave inf."""
+    rounds, rate = 20, 0.1
+    config = from_dict({"data": {"num_clients": 30}, "model": {"hidden": [8]},
+                        "server": {"clients_per_round": 3, "client_sampling": "poisson", "central_clip_norm": 1.0,
+                                   "central_noise_multiplier": noise},
+                        "run": {"rounds": rounds, "eval_every": rounds, "checkpoint_every": 0}})
+    exp = Experiment(config)
+    for r in range(rounds):
+        cohort = exp.cohort(r)
+        exp.privacy.record_round(cohort.ids[cohort.mask])
+    event = dp_accounting.SelfComposedDpEvent(
+        dp_accounting.PoissonSampledDpEvent(rate, dp_accounting.GaussianDpEvent(noise)), rounds)
+    accountant = dp_accounting.rdp.RdpAccountant().compose(event)
+    untruncated, with_charge = accountant.get_epsilon(DELTA), accountant.get_epsilon(0.99 * DELTA)
+    assert untruncated <= exp.privacy.client_level_epsilon() <= with_charge
+    old_charge = rounds * 1e-16 * (1 + math.exp(accountant.get_epsilon(DELTA / 2)))
+    assert (old_charge <= DELTA / 2) == finite_before
