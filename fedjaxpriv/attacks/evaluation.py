@@ -41,6 +41,7 @@ from fedjaxpriv.attacks import attribute, inversion_eval, membership, reconstruc
 from fedjaxpriv.config import NATURAL_DATASETS, ExperimentConfig, with_overrides
 from fedjaxpriv.data.federated import Dataset
 from fedjaxpriv.files import atomic_write
+from fedjaxpriv.privacy.basis import level_of
 from fedjaxpriv.results import cumulative, jsonable
 
 Record = dict[str, Any]
@@ -508,7 +509,8 @@ def evaluate_defense(base: ExperimentConfig, name: str, overrides: Mapping[str, 
     results = experiment.run(progress=False)
     epsilon, basis = final_epsilon(results.history)
     record: Record = {"label": name, "defense": family or name, "strength": strength,
-                      "test_accuracy": results.final("test_accuracy"), "epsilon": epsilon, "epsilon_basis": basis,
+                      "test_accuracy": results.final("test_accuracy"), "epsilon": epsilon,
+                      "epsilon_level": level_of(basis), "epsilon_basis": basis,
                       "bytes_uploaded": cumulative(results.history, "bytes_total")}
     if "cost_wall_time_s" in results.history[-1]:  # devices: simulated wall time and energy over the run
         record.update(wall_time_s=cumulative(results.history, "cost_wall_time_s"),
@@ -659,7 +661,7 @@ def threat_model_tables(records: Sequence[Mapping[str, Any]], views: Mapping[str
         for r in records:
             epsilon = r.get("epsilon", math.inf)
             cells = [str(r.get("defense", "")), str(r.get("strength", "")), f"{r.get('test_accuracy', math.nan):.3f}",
-                     "no DP" if not math.isfinite(epsilon) else f"{epsilon:.2f}",
+                     "no DP" if not math.isfinite(epsilon) else f"{epsilon:.2f} ({r.get('epsilon_level') or '?'})",
                      *[_with_interval(r, c) for c in columns]]
             lines.append("| " + " | ".join(cells) + " |")
         resolvable = {a: min((r.get(f"attack/{a}/min_resolvable_fpr", math.inf) for r in records), default=math.inf)

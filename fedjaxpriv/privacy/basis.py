@@ -47,6 +47,12 @@ class EpsilonBasis:
                 f"accountant: {self.accountant}; delta={self.delta:g}")
 
 
+def level_of(line: str) -> str:
+    """The level ("example", "client" or "local") of a basis line written by ``EpsilonBasis.describe``; "" when
+    the line names none."""
+    return next((level for level, meaning in LEVEL_MEANING.items() if line.startswith(meaning)), "")
+
+
 def describe_accountant(accountant: str, conversion: str, orders: Sequence[float] | None = None,
                         pld_discretization: float | None = None) -> str:
     """Names the accountant and its conversion, e.g. "RDP (orders 1.1-1024), improved conversion (Balle et al.

@@ -286,6 +286,7 @@ class PrivacyTracker:
                                                                        amplified=False).describe()
         if self.local is not None:
             out["local_epsilon_basis"] = self.local.basis(self.accountant_name, self.delta).describe()
+            out["local_epsilon_mean_basis"] = out["local_epsilon_basis"]  # one basis for every client
         if self.client_private:
             out["client_level_epsilon_basis"] = self._basis_of_max(
                 self.client_level_epsilons(), chosen["client_level_epsilon"], np.ones(self.num_clients, bool))

@@ -49,11 +49,13 @@ def test_membership_leaks_undefended_and_dp_closes_it_beyond_the_intervals(tmp_p
     assert none["attack/inversion/psnr_median"] > dp["attack/inversion/psnr_median"]
     assert none["epsilon"] == np.inf and 0.98 * 4.0 <= dp["epsilon"] <= 4.0
     assert "replace one example" in dp["epsilon_basis"] and none["bytes_uploaded"] > 0
+    assert dp["epsilon_level"] == "example" and none["epsilon_level"] == ""
     with open(tmp_path / "attack_eval.csv") as f:
         rows = list(csv.DictReader(f))
     assert [r["label"] for r in rows] == ["none", "dpsgd eps=4"]
     table = (tmp_path / "attack_eval.md").read_text()
     assert "### participant" in table and "### server" in table and "epsilon_basis" in table
+    assert f"| {dp['epsilon']:.2f} (example) |" in table
     stored = load_records([str(tmp_path)])
     assert [r["label"] for r in stored] == ["none", "dpsgd eps=4"]
     assert stored[0]["final"]["attack/passive/auc"] == pytest.approx(none["attack/passive/auc"])

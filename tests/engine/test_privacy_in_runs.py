@@ -210,3 +210,28 @@ def test_poisson_cohorts_at_small_noise_get_a_finite_client_level_epsilon(noise,
     assert untruncated <= exp.privacy.client_level_epsilon() <= with_charge
     old_charge = rounds * 1e-16 * (1 + math.exp(accountant.get_epsilon(DELTA / 2)))
     assert (old_charge <= DELTA / 2) == finite_before
+
+
+def test_every_epsilon_in_history_and_clients_csv_has_a_basis_of_its_own_level(tmp_path):
+    config = _config(client={"dp_clip_norm": 1.0, "dp_noise_multiplier": 1.0},
+                     message={"clip_norm": 1.0, "local_noise_multiplier": 1.0},
+                     server={"central_clip_norm": 1.0, "central_noise_multiplier": 1.0})
+    results = Experiment(config).run(str(tmp_path), progress=False)
+    levels = {"epsilon": "example-level", "local_epsilon": "local (", "client_level_epsilon": "client-level"}
+
+    def level_of(key):
+        return levels[max((k for k in levels if key.startswith(k)), key=len)]
+
+    last = results.history[-1]
+    epsilons = [k for k in last if "epsilon" in k and not k.endswith("_basis")]
+    assert len(epsilons) == 7
+    for key in epsilons:
+        basis = last[key.removesuffix("_max") + "_basis"]
+        assert basis.startswith(level_of(key)), (key, basis)
+    with open(tmp_path / "clients.csv") as f:
+        rows = list(csv.DictReader(f))
+    columns = [k for k in rows[0] if "epsilon" in k and not k.endswith("_basis")]
+    assert len(columns) == 5
+    for row in rows:
+        for key in columns:
+            assert row[f"{key}_basis"].startswith(level_of(key)), (key, row[f"{key}_basis"])

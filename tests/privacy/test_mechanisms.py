@@ -264,3 +264,11 @@ def test_float32_noise_is_rounded_up():
     rounded = round_up_float32(values)
     assert rounded.dtype == np.float32 and np.all(rounded.astype(np.float64) >= values)
     assert np.all(np.nextafter(rounded, np.float32(0)).astype(np.float64) < values)
+
+
+def test_basis_lines_name_their_level():
+    from fedjaxpriv.privacy.basis import LEVELS, EpsilonBasis, level_of
+
+    for level in LEVELS:
+        assert level_of(EpsilonBasis(level, "r", "s", "a", 1e-5).describe()) == level
+    assert level_of("") == "" and level_of("RDP, delta=1e-5") == ""
