@@ -124,8 +124,9 @@ class AttackSuite:
       tap_from_round: first observed round (1-based).
       max_candidates: members (and as many non-members) scored per client by the passive attack.
       inversion_targets: (round, client) messages from the run's taps that gradient inversion attacks
-        (``inversion_eval.invert_taps``: the server's knowledge of masks, clip norms and step counts, cosine
-        distance for clipped or noised messages; 0 = skip inversion).
+        (``inversion_eval.invert_taps``: the server's knowledge of masks and step counts, every received
+        coordinate matched, the strongest of the L2 and cosine attackers, with and without the mask, reported
+        with the one that won; 0 = skip inversion).
       inversion_iterations: optimisation steps of the inversion.
       psnr_threshold: dB above which an example counts as reconstructed.
       aggregate_rounds: rounds whose cohort aggregate the secure-aggregation attack inverts
@@ -371,7 +372,7 @@ class AttackOutcome(NamedTuple):
     "<name>/<metric>" reports under another record name of the attack's ``names``), optional ``scores``
     {name: (scores [M], labels [M])} for ROC curves and an optional ``inversion`` report for image grids."""
 
-    metrics: Mapping[str, float]
+    metrics: Mapping[str, float | str]
     scores: Mapping[str, tuple[np.ndarray, np.ndarray]] = {}
     inversion: Any = None
 
@@ -401,8 +402,9 @@ class Attack:
             object.__setattr__(self, "names", (self.name,))
 
     def record(self, outcome: AttackOutcome) -> Record:
-        """``attack/<name>/<metric>`` entries of an outcome (keys with a "/" name the record themselves)."""
-        return {f"attack/{k}" if "/" in k else f"attack/{self.name}/{k}": float(v)
+        """``attack/<name>/<metric>`` entries of an outcome (keys with a "/" name the record themselves); numbers as
+        floats, text (which attacker won) as it is."""
+        return {f"attack/{k}" if "/" in k else f"attack/{self.name}/{k}": v if isinstance(v, str) else float(v)
                 for k, v in outcome.metrics.items()}
 
 
@@ -430,7 +432,8 @@ def _inversion(context: AttackContext) -> AttackOutcome | None:
     report = inversion_eval.invert_taps(context.experiment, context.results.taps, key=jax.random.key(suite.seed + 2),
                                         attack=_inversion_config(suite), max_targets=suite.inversion_targets,
                                         psnr_threshold=suite.psnr_threshold, clients=context.targets)
-    return AttackOutcome(report.summary(), inversion=report) if report.targets else None
+    return AttackOutcome({**report.summary(), "attacker": report.attacker()}, inversion=report) if report.targets \
+        else None
 
 
 def _attribute(context: AttackContext) -> AttackOutcome | None:
@@ -632,6 +635,8 @@ def evaluate_defenses(base: ExperimentConfig, defenses: Mapping[str, Any] | None
 
 def _with_interval(record: Mapping[str, Any], key: str) -> str:
     value = record.get(key)
+    if isinstance(value, str):
+        return value
     if value is None or not isinstance(value, (int, float)) or math.isnan(value):
         return "n/a" if key in record else ""
     low, high = record.get(f"{key}_low"), record.get(f"{key}_high")
@@ -651,7 +656,7 @@ def threat_model_tables(records: Sequence[Mapping[str, Any]], views: Mapping[str
             continue
         columns = []
         for attack in attacks:
-            metrics_present = [m for m in ("auc", "tpr@0.1%fpr", "tpr@1%fpr", "psnr_median", "psnr_iqr",
+            metrics_present = [m for m in ("auc", "tpr@0.1%fpr", "tpr@1%fpr", "psnr_median", "psnr_iqr", "attacker",
                                            "fraction_above_threshold", "label_accuracy", "accuracy", "baseline",
                                            "advantage", "relative_l2_global", "accuracy_gain_global")
                                if any(f"attack/{attack}/{m}" in r for r in records)]

@@ -368,6 +368,23 @@ def cosine_distance(message: Params, target: Params) -> jax.Array:
     return 1.0 - _flat_dot(message, target) / jnp.maximum(norms, tiny)
 
 
+def unsent_excess(message: Params, target: Params, support: Params, bound: Params, relative: bool) -> jax.Array:
+    """``sum relu(|m_i| - b_i)^2`` over the coordinates outside ``support`` (0/1 pytree): how far the simulated
+    message exceeds what the unsent coordinates of the target can hold. ``relative``: both sides are first
+    divided by their norms over the support (for the scale-free cosine objective)."""
+    def outside(tree: Params) -> Params:
+        return jax.tree_util.tree_map(lambda leaf, keep: leaf * (1.0 - keep.astype(leaf.dtype)), tree, support)
+
+    tiny = jnp.finfo(jnp.float32).tiny
+    scale_m = jnp.sqrt(jnp.maximum(_flat_dot(restrict(message, support), restrict(message, support)), tiny))
+    scale_t = jnp.sqrt(jnp.maximum(_flat_dot(target, target), tiny))
+    m_scale, b_scale = (1.0 / scale_m, 1.0 / scale_t) if relative else (1.0, 1.0)
+    excess = jax.tree_util.tree_map(
+        lambda m, b: jnp.where(jnp.isfinite(b), jax.nn.relu(jnp.abs(m) * m_scale - b * b_scale), 0.0),
+        outside(message), bound)
+    return _flat_dot(excess, excess)
+
+
 def total_variation(x: jax.Array) -> jax.Array:
     """Anisotropic total variation of images ``[B, H, W, C]``: mean |vertical diff| + mean |horizontal diff|."""
     return jnp.mean(jnp.abs(x[:, 1:] - x[:, :-1])) + jnp.mean(jnp.abs(x[:, :, 1:] - x[:, :, :-1]))
@@ -546,6 +563,7 @@ def invert_one(
     *,
     mask: Params | None = None,
     support: Params | None = None,
+    unsent_bound: Params | None = None,
     num_steps: jax.Array | None = None,
     scale_invariant: jax.Array | None = None,
 ) -> InversionResult:
@@ -562,7 +580,10 @@ def invert_one(
       local_lr: the victim's local SGD step size (traced scalar; used when ``spec.local_steps >= 1``).
       mask: the pruning mask the victim trained under, if the server knows it (see ``simulate_message``).
       support: 0/1 pytree of the message coordinates to match (e.g. those a sparsifier sent); the rest of
-        both messages is ignored. Default: all.
+        both messages is ignored, unless ``unsent_bound`` bounds them. Default: all.
+      unsent_bound: pytree like ``params`` of bounds on the magnitude of the true update where ``support`` is 0
+        (e.g. a magnitude sparsifier drops only entries below the smallest one it sends; ``inf``: no bound).
+        The simulated message pays the squared excess over the bound there (``unsent_excess``). Default: none.
       num_steps: traced local steps of the victim (``<= spec.local_steps``; default ``spec.local_steps``).
       scale_invariant: traced bool choosing the distance per target (True: cosine, False: l2); default
         ``config.default_distance`` for every target.
@@ -618,6 +639,10 @@ def invert_one(
         message = simulate_message(spec, apply, params, z["x"], label_probs(z), local_lr, mask=mask,
                                    num_steps=None if num_steps is None else steps)
         value = distance(restrict(message, support))
+        if unsent_bound is not None:
+            value = value + jnp.where(scale_invariant,
+                                      unsent_excess(message, target, support, unsent_bound, relative=True),
+                                      unsent_excess(message, target, support, unsent_bound, relative=False))
         if config.method == "inverting_gradients" and config.tv_weight > 0:
             value = value + config.tv_weight * total_variation(z["x"])
         return value
@@ -643,6 +668,7 @@ def invert_batch(
     *,
     masks: Params | None = None,
     supports: Params | None = None,
+    unsent_bounds: Params | None = None,
     num_steps: jax.Array | None = None,
     scale_invariant: jax.Array | None = None,
 ) -> InversionResult:
@@ -656,7 +682,8 @@ def invert_batch(
         ``keys[t]`` and its own inputs, not on T or its position.
       labels: ``[T, B]`` int labels when ``config.labels == "known"``.
       local_lr: scalar or ``[T]`` local step sizes.
-      masks, supports: per-target ``[T, ...]`` pruning masks and matched coordinates (see ``invert_one``).
+      masks, supports, unsent_bounds: per-target ``[T, ...]`` pruning masks, matched coordinates and bounds on
+        the unmatched ones (see ``invert_one``).
       num_steps: ``[T]`` local steps per target.
       scale_invariant: ``[T]`` bools, cosine (True) or l2 (False) per target.
 
@@ -667,17 +694,18 @@ def invert_batch(
     local_lr = jnp.broadcast_to(jnp.asarray(local_lr, jnp.float32), (num_targets,))
 
     def one(p: Params, target: Params, key: jax.Array, lab: jax.Array | None, lr: jax.Array, mask: Params | None,
-            support: Params | None, steps: jax.Array | None, invariant: jax.Array | None) -> InversionResult:
+            support: Params | None, bound: Params | None, steps: jax.Array | None,
+            invariant: jax.Array | None) -> InversionResult:
         return invert_one(config, spec, apply, p, target, key, lab, lr, mask=mask, support=support,
-                          num_steps=steps, scale_invariant=invariant)
+                          unsent_bound=bound, num_steps=steps, scale_invariant=invariant)
 
     def axis(value: Any) -> int | None:
         return None if value is None else 0
 
     in_axes = (0 if params_per_target else None, 0, 0, axis(labels), 0, axis(masks), axis(supports),
-               axis(num_steps), axis(scale_invariant))
-    return jax.vmap(one, in_axes=in_axes)(params, targets, keys, labels, local_lr, masks, supports, num_steps,
-                                          scale_invariant)
+               axis(unsent_bounds), axis(num_steps), axis(scale_invariant))
+    return jax.vmap(one, in_axes=in_axes)(params, targets, keys, labels, local_lr, masks, supports, unsent_bounds,
+                                          num_steps, scale_invariant)
 
 
 # ----------------------------------------------------------------------------------------------------------

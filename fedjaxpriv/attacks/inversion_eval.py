@@ -10,10 +10,14 @@ The attacker knows what the server knows:
 * its pruning mask: magnitude masks are recomputed from the server parameters with the client's sparsity
   (and the round's sparsity under an iterative schedule), exactly as ``client.local.client_update`` does;
   random masks are read off the zeros of the message's prunable leaves;
-* which coordinates were sent: under a sparsifier (``message.sparsity``, top-k, random-k) only the nonzero
-  coordinates of the message are matched, as the sparse encoding names them;
-* whether the message's scale is known: clipped (finite clip norm and a message norm at the clip; within a
-  factor 2 with a quantizer) or noised messages are matched with the scale-invariant cosine, others with L2.
+* every coordinate it received: the nonzero ones are matched, and the zeros bound the true update (a magnitude
+  sparsifier or a quantizer zeroes only entries below the smallest one it sends, an unsparsified message's
+  zeros are exact; after random-k a zero says nothing), so a defense that leaves the message unchanged leaves
+  the attack unchanged;
+* nothing about the message's scale: the attack runs with L2 matching and with the scale-free cosine (and,
+  for pruned clients, with and without the mask), and the strongest of these attackers is reported per group
+  of clients with the same public settings (``InversionReport.attacker`` names it), so a clip that only
+  rescales the message is not credited as protection.
 
 Regime. The attacker simulates the client's local training on its candidate inputs as ``num_steps``
 full-batch SGD steps over all n examples (``inversion.simulate_message``). This is EXACT when the client
@@ -69,8 +73,6 @@ Params = Any
 # counts from the output bias; on 8x8 digits (pixels in [0, 1]) a TV weight of 1e-6 (1e-4 blurs the strokes).
 DEFAULT_ATTACK = inversion.InversionConfig(method="inverting_gradients", num_iterations=1000, learning_rate=0.1,
                                            tv_weight=1e-6, labels="counts")
-# A clipped message has norm clip_norm up to float error; a smaller one was not scaled.
-CLIP_TOLERANCE = 1e-3
 
 
 @dataclasses.dataclass(frozen=True)
@@ -171,6 +173,12 @@ class InversionReport:
         values = [t.example_psnr for t in self.targets]
         return float(np.mean(np.concatenate(values) > self.psnr_threshold)) if values else math.nan
 
+    def attacker(self) -> str:
+        """The attackers that won, e.g. "l2 (6 targets); cosine, mask-aware (2 targets)" ("" without targets)."""
+        names = [t.distance + (", mask-aware" if t.mask_aware else "") for t in self.targets]
+        return "; ".join(f"{name} ({names.count(name)} target{'s' if names.count(name) > 1 else ''})"
+                         for name in dict.fromkeys(names))
+
     def select(self, clients: Sequence[int] | None = None, rounds: Sequence[int] | None = None) -> "InversionReport":
         """The report restricted to some clients and/or rounds."""
         kept = tuple(t for t in self.targets if (clients is None or t.client in clients)
@@ -239,20 +247,6 @@ def _sparsified(row: Any) -> bool:
     return bool(row.message_sparsity > 0 or row.topk_fraction < 1 or row.randk_fraction < 1)
 
 
-def _scale_unknown(message: Params, row: Any) -> bool:
-    """Noised, or possibly clipped (finite clip norm and a message norm at it; within a factor 2 when a
-    quantizer, which perturbs the norm, may follow the clip): the message's norm says nothing about the
-    update's."""
-    if row.local_noise_multiplier > 0:
-        return True
-    clip = float(row.update_clip_norm)
-    if not math.isfinite(clip):
-        return False
-    quantized = bool(row.quant_levels > 0 or 0 < row.quant_bits < 32)
-    tolerance = 0.5 if quantized else CLIP_TOLERANCE
-    return float(optax.tree.norm(message)) >= (1.0 - tolerance) * clip
-
-
 def _exact(experiment: Any, row: Any, count: int, pruned: bool, mask_aware: bool) -> bool:
     """Whether full-batch SGD over the client's n examples is exactly its local training."""
     return bool(not row.poisson and row.batch_size >= count and row.mixup_alpha == 0
@@ -270,11 +264,29 @@ class _Target:
     message: Params
     mask: Params
     support: Params
+    unsent_bound: Params
     lr: float
     num_steps: int
     scale_invariant: bool
     exact: bool
     mask_aware: bool
+
+
+def _sent_and_bounds(message: Params, row: Any) -> tuple[Params, Params]:
+    """The coordinates the server received (the message's nonzero entries, 0/1) and, for each leaf, a bound on
+    the magnitude of the true update where nothing arrived: a magnitude sparsifier (top-k, message pruning) or
+    a quantizer zeroes only entries below the smallest one it sends, and an unsparsified message's zeros are
+    exact, so the bound is the leaf's smallest nonzero magnitude (0 for an all-zero leaf); a random sparsifier
+    (random-k) drops entries of any size, so there is no bound (inf)."""
+    random_drop = bool(row.randk_fraction < 1)
+
+    def bound(leaf: np.ndarray) -> np.ndarray:
+        sent = np.abs(leaf[leaf != 0])
+        value = np.inf if random_drop else (float(sent.min()) if sent.size else 0.0)
+        return np.full(np.shape(leaf), value, np.float32)
+
+    support = jax.tree_util.tree_map(lambda m: (m != 0).astype(np.float32), message)
+    return support, jax.tree_util.tree_map(bound, message)
 
 
 def _client_target(experiment: Any, tap: Any, position: int, attack: inversion.InversionConfig, mask_aware: bool,
@@ -293,15 +305,14 @@ def _client_target(experiment: Any, tap: Any, position: int, attack: inversion.I
     if not mask_aware:
         mask = None
     ones = jax.tree_util.tree_map(lambda leaf: np.ones(np.shape(leaf), np.float32), message)
-    support = jax.tree_util.tree_map(lambda m: (m != 0).astype(np.float32), message) if _sparsified(row) else ones
-    if mask is not None:
-        support = jax.tree_util.tree_map(np.multiply, support, mask)
-    invariant = attack.distance == "cosine" if attack.distance is not None else _scale_unknown(message, row)
+    # Every coordinate the server received is matched; the zeros bound the true update (``_sent_and_bounds``).
+    support, unsent_bound = _sent_and_bounds(message, row)
+    invariant = attack.distance == "cosine"  # each attacker sets its own (``invert_taps``)
     return _Target(
         round=r, client=client, index=index, server_params=server, message=message,
-        mask=ones if mask is None else mask, support=support, lr=float(row.lr), num_steps=int(row.num_steps),
-        scale_invariant=bool(invariant), exact=_exact(experiment, row, count, pruned, mask is not None) and mask_known,
-        mask_aware=mask is not None)
+        mask=ones if mask is None else mask, support=support, unsent_bound=unsent_bound, lr=float(row.lr),
+        num_steps=int(row.num_steps), scale_invariant=bool(invariant),
+        exact=_exact(experiment, row, count, pruned, mask is not None) and mask_known, mask_aware=mask is not None)
 
 
 def _collect(experiment: Any, taps: list[Any], attack: inversion.InversionConfig, clients: Sequence[int] | None,
@@ -380,53 +391,11 @@ def _check_attack(attack: inversion.InversionConfig, psnr_threshold: float) -> N
         raise ValueError(f"psnr_threshold={psnr_threshold} must be a finite number of dB.")
 
 
-def invert_taps(
-    experiment: Any,
-    taps: Mapping[int, Any] | Sequence[Any],
-    *,
-    key: jax.Array,
-    attack: inversion.InversionConfig | None = None,
-    max_targets: int = 8,
-    psnr_threshold: float = 20.0,
-    clients: Sequence[int] | None = None,
-    mask_aware: bool = True,
-    max_examples: int = 64,
-    chunk_size: int = 8,
-) -> InversionReport:
-    """Reconstructs the examples behind the tapped messages of a run (see the module docstring).
-
-    Args:
-      experiment: the ``Experiment`` (or ``DeviceExperiment``) that produced the taps.
-      taps: ``Results.taps`` (round -> ``Tap``) or a sequence of ``Tap``; targets are taken round by round in
-        tap order, only from the clients each tap holds (those that took part).
-      key: PRNG key of the attack; target i uses ``fold_in(key, i)``.
-      attack: the attack (default ``DEFAULT_ATTACK``). With ``attack.distance=None`` the distance is chosen per
-        target (cosine for clipped or noised messages, else L2). Labels must be "counts" (any batch), "soft",
-        or "idlg" (batch-1 clients only); "known" is refused.
-      max_targets: at most this many (round, client) targets; the rest are listed in ``skipped``.
-      psnr_threshold: dB, for ``InversionReport.fraction_above_threshold``.
-      clients: attack only these client ids (default: every tapped client).
-      mask_aware: recompute the client's pruning mask from the server parameters (True, what the server can
-        do) or ignore it (False: the attacker simulates the unpruned model).
-      max_examples: skip clients with more examples (the attack reconstructs all of them).
-      chunk_size: at most this many targets per compiled call. A shorter chunk is padded to the next power of
-        two (at most ``chunk_size``), so repeated calls with other taps or clients reuse a few compiled attacks
-        per batch size and padding at most doubles the work.
-
-    Returns:
-      ``InversionReport``; ``report.summary()`` gives the flat metrics, ``report.save_grid(path)`` a picture.
-    """
-    attack = DEFAULT_ATTACK if attack is None else attack
-    _check_attack(attack, psnr_threshold)
-    for name, value in (("max_targets", max_targets), ("max_examples", max_examples), ("chunk_size", chunk_size)):
-        if value < 1:
-            raise ValueError(f"{name}={value} must be >= 1.")
-    targets, skipped = _collect(experiment, membership.ordered_taps(taps), attack, clients, max_targets, max_examples, mask_aware)
+def _invert_targets(experiment: Any, targets: Sequence[_Target], attack: inversion.InversionConfig, key: jax.Array,
+                    chunk_size: int, data_range: float) -> dict[int, TargetInversion]:
+    """Attacks every target (its own distance, mask and support) and scores it: {target index: result}."""
     population = experiment.population
     counts = np.asarray(population.counts)
-    if attack.labels == "idlg" and any(counts[t.client] != 1 for t in targets):
-        raise ValueError("attack.labels='idlg' needs batch-1 clients; use labels='counts' for larger ones.")
-    data_range = 1.0 if attack.box is None else float(attack.box[1] - attack.box[0])
     results: dict[int, TargetInversion] = {}
     for batch_size in sorted({int(counts[t.client]) for t in targets}):
         group = [t for t in targets if counts[t.client] == batch_size]
@@ -442,6 +411,7 @@ def invert_taps(
                 jnp.stack([jax.random.fold_in(key, t.index) for t in padded]),
                 local_lr=jnp.asarray([t.lr for t in padded], jnp.float32), params_per_target=True,
                 masks=_stack([t.mask for t in padded]), supports=_stack([t.support for t in padded]),
+                unsent_bounds=_stack([t.unsent_bound for t in padded]),
                 num_steps=jnp.asarray([t.num_steps for t in padded], jnp.int32),
                 scale_invariant=jnp.asarray([t.scale_invariant for t in padded]))
             xs, ys, losses = (np.asarray(a) for a in out)
@@ -454,6 +424,93 @@ def invert_taps(
                     labels=labels, predicted_labels=ys[i][order], example_psnr=psnr, example_ssim=ssim,
                     psnr=batch_psnr, ssim=float(np.mean(ssim)), distance="cosine" if t.scale_invariant else "l2",
                     exact=t.exact, mask_aware=t.mask_aware, loss=float(losses[i]))
+    return results
+
+
+def _settings_key(settings: Any, client: int) -> tuple:
+    """A client's public settings (every per-client field), to group the targets an attacker treats alike."""
+    return tuple(tuple(np.ravel(np.asarray(leaf)[client]).tolist()) for leaf in jax.tree_util.tree_leaves(settings))
+
+
+def _strength(results: Sequence[TargetInversion], threshold: float) -> tuple[float, float]:
+    """How well an attacker did on some targets: (median batch PSNR, fraction of examples above ``threshold``)."""
+    psnr = _quantile(np.array([t.psnr for t in results]), 0.5)
+    above = float(np.mean(np.concatenate([t.example_psnr for t in results]) > threshold))
+    return (-math.inf if math.isnan(psnr) else psnr), above
+
+
+def invert_taps(
+    experiment: Any,
+    taps: Mapping[int, Any] | Sequence[Any],
+    *,
+    key: jax.Array,
+    attack: inversion.InversionConfig | None = None,
+    max_targets: int = 8,
+    psnr_threshold: float = 20.0,
+    clients: Sequence[int] | None = None,
+    mask_aware: bool | None = None,
+    max_examples: int = 64,
+    chunk_size: int = 8,
+) -> InversionReport:
+    """Reconstructs the examples behind the tapped messages of a run (see the module docstring).
+
+    The strongest of several attackers is reported: each matching distance (L2 and the scale-free cosine, or
+    only ``attack.distance`` when it is set) and, for clients that pruned, with and without the pruning mask.
+    For every group of targets with the same public settings (each defense of attack-eval is one), the attacker
+    with the highest median PSNR (then fraction above the threshold) wins; each target records the distance
+    and mask use that won, and ``InversionReport.attacker`` says which. Every coordinate the server received
+    is matched, and the zeros bound the true update (``_sent_and_bounds``): a message that a defense leaves
+    unchanged is attacked exactly as without it.
+
+    Args:
+      experiment: the ``Experiment`` (or ``DeviceExperiment``) that produced the taps.
+      taps: ``Results.taps`` (round -> ``Tap``) or a sequence of ``Tap``; targets are taken round by round in
+        tap order, only from the clients each tap holds (those that took part).
+      key: PRNG key of the attack; target i uses ``fold_in(key, i)`` in every attacker.
+      attack: the attack (default ``DEFAULT_ATTACK``). Labels must be "counts" (any batch), "soft", or "idlg"
+        (batch-1 clients only); "known" is refused.
+      max_targets: at most this many (round, client) targets; the rest are listed in ``skipped``.
+      psnr_threshold: dB, for ``InversionReport.fraction_above_threshold``.
+      clients: attack only these client ids (default: every tapped client).
+      mask_aware: only the attacker that recomputes the client's pruning mask from the server parameters
+        (True, what the server can do) or only the one that simulates the unpruned model (False); default both.
+      max_examples: skip clients with more examples (the attack reconstructs all of them).
+      chunk_size: at most this many targets per compiled call. A shorter chunk is padded to the next power of
+        two (at most ``chunk_size``), so repeated calls with other taps or clients reuse a few compiled attacks
+        per batch size and padding at most doubles the work.
+
+    Returns:
+      ``InversionReport``; ``report.summary()`` gives the flat metrics, ``report.save_grid(path)`` a picture.
+    """
+    attack = DEFAULT_ATTACK if attack is None else attack
+    _check_attack(attack, psnr_threshold)
+    for name, value in (("max_targets", max_targets), ("max_examples", max_examples), ("chunk_size", chunk_size)):
+        if value < 1:
+            raise ValueError(f"{name}={value} must be >= 1.")
+    ordered = membership.ordered_taps(taps)
+    aware, skipped = _collect(experiment, ordered, attack, clients, max_targets, max_examples, True)
+    counts = np.asarray(experiment.population.counts)
+    if attack.labels == "idlg" and any(counts[t.client] != 1 for t in aware):
+        raise ValueError("attack.labels='idlg' needs batch-1 clients; use labels='counts' for larger ones.")
+    unaware = _collect(experiment, ordered, attack, clients, max_targets, max_examples, False)[0]
+    masks = [True, False] if mask_aware is None else [bool(mask_aware)]
+    if not any(t.mask_aware for t in aware):
+        masks = [False]  # no client pruned: the two attackers are one
+    distances = [attack.distance] if attack.distance is not None else ["l2", "cosine"]
+    data_range = 1.0 if attack.box is None else float(attack.box[1] - attack.box[0])
+    attempts: dict[tuple[str, bool], dict[int, TargetInversion]] = {}
+    for distance in distances:
+        for use_mask in masks:
+            chosen = [dataclasses.replace(t, scale_invariant=distance == "cosine") for t in
+                      (aware if use_mask else unaware)]
+            attempts[(distance, use_mask)] = _invert_targets(experiment, chosen, attack, key, chunk_size, data_range)
+    groups: dict[tuple, list[int]] = {}
+    for t in aware:
+        groups.setdefault(_settings_key(experiment.settings, t.client), []).append(t.index)
+    results: dict[int, TargetInversion] = {}
+    for indices in groups.values():
+        best = max(attempts, key=lambda k: _strength([attempts[k][i] for i in indices], psnr_threshold))
+        results.update({i: attempts[best][i] for i in indices})
     return InversionReport(targets=tuple(results[i] for i in sorted(results)), psnr_threshold=float(psnr_threshold),
                            attack=attack, skipped=tuple(skipped))
 

@@ -47,6 +47,7 @@ def test_membership_leaks_undefended_and_dp_closes_it_beyond_the_intervals(tmp_p
     # recovered above 20 dB without defense, none through DP-SGD noise.
     assert none["attack/inversion/fraction_above_threshold"] > 0.0 == dp["attack/inversion/fraction_above_threshold"]
     assert none["attack/inversion/psnr_median"] > dp["attack/inversion/psnr_median"]
+    assert none["attack/inversion/attacker"].split(" (")[0] in ("l2", "cosine"), none["attack/inversion/attacker"]
     assert none["epsilon"] == np.inf and 0.98 * 4.0 <= dp["epsilon"] <= 4.0
     assert "replace one example" in dp["epsilon_basis"] and none["bytes_uploaded"] > 0
     assert dp["epsilon_level"] == "example" and none["epsilon_level"] == ""
@@ -55,7 +56,7 @@ def test_membership_leaks_undefended_and_dp_closes_it_beyond_the_intervals(tmp_p
     assert [r["label"] for r in rows] == ["none", "dpsgd eps=4"]
     table = (tmp_path / "attack_eval.md").read_text()
     assert "### participant" in table and "### server" in table and "epsilon_basis" in table
-    assert f"| {dp['epsilon']:.2f} (example) |" in table
+    assert f"| {dp['epsilon']:.2f} (example) |" in table and none["attack/inversion/attacker"] in table
     stored = load_records([str(tmp_path)])
     assert [r["label"] for r in stored] == ["none", "dpsgd eps=4"]
     assert stored[0]["final"]["attack/passive/auc"] == pytest.approx(none["attack/passive/auc"])

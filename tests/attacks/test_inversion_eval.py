@@ -107,8 +107,6 @@ def test_sparsification_quantization_and_local_noise_degrade_reconstruction(run)
         defended = report.select(clients=GROUPS[group])
         assert np.all(defended.psnr < 13.0), (group, defended.psnr)
         assert defended.fraction_above_threshold == 0.0, group
-    assert all(t.distance == "cosine" for t in report.select(clients=GROUPS["noise"]).targets)
-    assert all(t.distance == "l2" for t in report.select(clients=GROUPS["qsgd"]).targets)
 
 
 @pytest.mark.slow
@@ -239,7 +237,8 @@ def cohort():
     experiment = _fedsgd_experiment(train, test, AGG_CLIENTS)
     tap = experiment.tap(experiment.initial_state, list(range(AGG_CLIENTS)))
     key = jax.random.key(0)
-    single = inversion_eval.invert_taps(experiment, [tap], key=jax.random.fold_in(key, 0), attack=AGG_ATTACK)
+    single = inversion_eval.invert_taps(experiment, [tap], key=jax.random.fold_in(key, 0),
+                                        attack=dataclasses.replace(AGG_ATTACK, distance="l2"))
     aggregate = inversion_eval.invert_aggregates(experiment, [tap], key=key, attack=AGG_ATTACK)
     return {"train": train, "test": test, "experiment": experiment, "tap": tap, "key": key, "single": single,
             "aggregate": aggregate}
@@ -250,8 +249,9 @@ def test_aggregate_of_a_single_client_is_attacked_as_its_message(cohort):
     """A cohort of one (client 0's data, the same seed, hence the same model and message as in the 4-client
     round, since a message depends only on the seed, round, id and model): the aggregate is (n m) / n = m
     exactly (n = 1), and its client draws its dummy inputs from fold_in(fold_in(key, 0), 0) as client 0 does in
-    ``invert_taps`` under fold_in(key, 0), so both attacks optimise the same objective from the same start and
-    only the rounding of two differently compiled programs separates them. Both end near 100 dB (measured
+    ``invert_taps`` under fold_in(key, 0), so both attacks optimise the same L2 objective from the same start
+    (the single attack also bounds the message's zero coordinates by its smallest nonzero magnitude, which the
+    true update meets) and only that and the rounding of two differently compiled programs separate them. Both end near 100 dB (measured
     97.9 dB each), where the last decayed Adam steps and rounding decide the digits, so PSNR is compared capped
     at 60 dB, above any imperfect reconstruction here (the 4-client aggregate gives 42-59 dB)."""
     experiment = _fedsgd_experiment(cohort["train"], cohort["test"], 1)
@@ -306,3 +306,41 @@ def test_aggregate_needs_the_whole_cohort_and_is_what_the_server_applies(cohort)
     for got, new, old in zip(jax.tree_util.tree_leaves(inversion_eval.server_aggregate(experiment, tap)),
                              jax.tree_util.tree_leaves(state.params), jax.tree_util.tree_leaves(tap.server_params)):
         np.testing.assert_allclose(got, np.asarray(new) - old, atol=1e-6)
+
+
+def _one_example_clients(**knobs):
+    """Four one-example digits clients, one full-batch local step (a FedSGD message), the given defense knobs."""
+    train, test, _ = load_dataset("digits")
+    population = from_client_lists([train.x[c:c + 1] for c in range(4)], [train.y[c:c + 1] for c in range(4)])
+    client = {"local_steps": 1, "batch_size": 1, "lr": 0.1, **knobs.get("client", {})}
+    config = ExperimentConfig(
+        data=DataConfig(dataset="digits", num_clients=4), model=ModelConfig(name="mlp", hidden=(64,)),
+        client=ClientConfig(**client), message=MessageConfig(**knobs.get("message", {})),
+        server=ServerConfig(clients_per_round=4), run=RunConfig(rounds=1, checkpoint_every=0))
+    experiment = Experiment(config, population=population, test=test, num_classes=10)
+    taps = {1: experiment.tap(experiment.initial_state, [0, 1, 2, 3])}
+    return experiment, taps
+
+
+def _flat_messages(taps):
+    return np.concatenate([np.asarray(leaf).reshape(4, -1) for leaf in jax.tree_util.tree_leaves(taps[1].messages)], 1)
+
+
+def test_a_defense_that_leaves_the_message_unchanged_leaves_the_attack_unchanged():
+    """Message pruning at 10 % zeroes entries that are zero already (ReLU units that did not fire: about 70 % of
+    this MLP's message), so every message is bit-identical to the undefended one, and so is every attack figure.
+    A per-example clip without noise rescales the message: the scale-free attacker recovers the examples."""
+    plain, plain_taps = _one_example_clients()
+    noop, noop_taps = _one_example_clients(message={"sparsity": 0.1})
+    assert (_flat_messages(plain_taps) == 0).mean() > 0.5
+    np.testing.assert_array_equal(_flat_messages(noop_taps), _flat_messages(plain_taps))
+    attack = dataclasses.replace(inversion_eval.DEFAULT_ATTACK, num_iterations=300)
+    before = inversion_eval.invert_taps(plain, plain_taps, key=jax.random.key(0), attack=attack)
+    after = inversion_eval.invert_taps(noop, noop_taps, key=jax.random.key(0), attack=attack)
+    np.testing.assert_array_equal(after.psnr, before.psnr)
+    assert after.summary() == before.summary() and after.attacker() == before.attacker()
+    assert np.median(before.psnr) > 40.0, before.psnr
+    clipped, clipped_taps = _one_example_clients(client={"dp_clip_norm": 0.01, "dp_noise_multiplier": 0.0})
+    rescaled = inversion_eval.invert_taps(clipped, clipped_taps, key=jax.random.key(0), attack=attack)
+    assert np.median(rescaled.psnr) > 40.0 and rescaled.attacker() == "cosine (4 targets)", (
+        rescaled.psnr, rescaled.attacker())
