@@ -62,14 +62,15 @@ def test_local_audit_of_message_noise_has_power_and_stays_below_the_local_epsilo
         plain.max_certifiable_epsilon)
 
 
-def _client_config(noise, sampling="uniform"):
+def _client_config(noise, sampling="uniform", rounds=3):
     return from_dict({"data": {"num_clients": 10, "partition": "iid"}, "model": {"hidden": [32]},
                       "client": {"local_steps": 5, "batch_size": 16, "lr": 0.5},
                       "server": {"clients_per_round": 5, "central_clip_norm": 1.0, "central_noise_multiplier": noise,
                                  "client_sampling": sampling},
-                      "run": {"rounds": 3, "eval_every": 3, "checkpoint_every": 0}})
+                      "run": {"rounds": rounds, "eval_every": rounds, "checkpoint_every": 0}})
 
 
+@pytest.mark.slow
 def test_client_level_audit_of_dpfedavg_has_power_and_stays_below_the_client_level_epsilon():
     """Fixed cohorts (replace one client), 1000 one-example canary clients, 3 rounds: with z = 4 the audit stays
     below the reported epsilon (3.11); without noise the models' changes show every guessed canary (200 of 200
@@ -80,6 +81,14 @@ def test_client_level_audit_of_dpfedavg_has_power_and_stays_below_the_client_lev
     plain = canary_audit.audit_client_level(_client_config(0.0), num_canaries=M)
     assert plain.accountant_epsilon == np.inf and plain.num_correct == plain.num_guesses == 200, plain.describe()
     assert plain.empirical_epsilon == pytest.approx(plain.max_certifiable_epsilon) and plain.empirical_epsilon > 4
+
+
+def test_client_level_audit_without_noise_reads_every_guessed_canary():
+    """The fast version of the power check: 200 canary clients, 2 rounds, no noise: 40 of 40 guesses right, the
+    most 200 canaries can certify (2.55)."""
+    plain = canary_audit.audit_client_level(_client_config(0.0, rounds=2), num_canaries=200)
+    assert plain.num_correct == plain.num_guesses == 40, plain.describe()
+    assert plain.empirical_epsilon == pytest.approx(canary_audit.max_certifiable_epsilon(200, 40, 0.05, 1e-5))
 
 
 @pytest.mark.slow
