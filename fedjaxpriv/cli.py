@@ -74,6 +74,9 @@ def _build_parser() -> argparse.ArgumentParser:
                         help="observers to evaluate: server (every message), eavesdropper (one client's link), "
                              "participant (the global models), secure_aggregation (each round's cohort sum: taps "
                              "every client; small cohorts)")
+    attack.add_argument("--aggregate-max-examples", type=int, default=64,
+                        help="secure_aggregation: invert cohorts of at most this many examples in all (the attack "
+                             "reconstructs them all at once; the default preset's cohort holds 300)")
     attack.add_argument("--out", default="attack_eval", help="output directory (tables, plot, results.jsonl)")
     audit = commands.add_parser("audit", help="canary audit of a run: empirical epsilon beside the accountant's")
     audit.add_argument("--config", help="YAML or JSON config file of the audited run")
@@ -140,7 +143,7 @@ def _attack_eval(args: argparse.Namespace) -> int:
             raise ValueError(f"unknown defense(s) {unknown}; allowed: {sorted(DEFENSES)} or a YAML file.")
         defenses = {n: DEFENSES[n] for n in names}
     suite = AttackSuite(shadow_federations=args.shadow_federations, pool_size=args.pool_size,
-                        inversion_targets=args.inversion_targets,
+                        inversion_targets=args.inversion_targets, aggregate_max_examples=args.aggregate_max_examples,
                         threat_models=tuple(t.strip() for t in args.threat_models.split(",") if t.strip()))
     records = evaluate_defenses(config, defenses, suite, out_dir=_output_dir(args.out))
     print(json.dumps({"out_dir": args.out, "defense_points": len(records),

@@ -130,7 +130,9 @@ class AttackSuite:
       inversion_iterations: optimisation steps of the inversion.
       psnr_threshold: dB above which an example counts as reconstructed.
       aggregate_rounds: rounds whose cohort aggregate the secure-aggregation attack inverts
-        (``inversion_eval.invert_aggregates``; cohorts of at most 64 examples in all).
+        (``inversion_eval.invert_aggregates``).
+      aggregate_max_examples: the secure-aggregation attack inverts cohorts of at most this many examples in all
+        (it reconstructs every one of them at once).
       seed: seed of the attacks' own randomness (pool halves, shadows, candidates).
     """
 
@@ -144,6 +146,7 @@ class AttackSuite:
     inversion_iterations: int = 300
     psnr_threshold: float = 20.0
     aggregate_rounds: int = 1
+    aggregate_max_examples: int = 64
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -155,7 +158,7 @@ class AttackSuite:
             raise ValueError(f"shadow_federations={self.shadow_federations}; allowed: 0 (off) or >= 2.")
         if self.pool_size != 0 and self.pool_size < 20:
             raise ValueError(f"pool_size={self.pool_size}; allowed: 0 (the config's data) or >= 20.")
-        for name in ("max_candidates", "tap_from_round"):
+        for name in ("max_candidates", "tap_from_round", "aggregate_max_examples"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 1.")
         if self.aggregate_rounds < 1:
@@ -379,27 +382,35 @@ class AttackOutcome(NamedTuple):
 
 @dataclasses.dataclass(frozen=True)
 class Attack:
-    """An attack ``attack-eval`` runs on every defense point: ``run(context) -> AttackOutcome`` (or None where
-    it does not apply), observing only what its ``view`` (a ``THREAT_MODELS`` name) sees. Its metrics land in
-    the record as ``attack/<name>/<metric>`` and in the table of its view.
+    """An attack ``attack-eval`` runs on every defense point: ``run(context) -> AttackOutcome`` (or a string
+    saying why it does not apply to this run), observing only what its ``view`` (a ``THREAT_MODELS`` name)
+    sees. Its metrics land in the record as ``attack/<name>/<metric>`` and in the table of its view; where it
+    does not apply, ``attack/<name>/n/a`` holds the reason and the table says "n/a: <reason>".
 
     Attributes:
       name: record name (and table columns' prefix).
       view: the threat model whose observations it uses; it runs only when the suite selects that view.
       run: the attack.
       names: every record name it reports under (default ``(name,)``).
+      check: ``check(config, suite) -> reason | None``: why the attack cannot apply to a defense point's config,
+        known before training (the reason names the knob that makes it apply); None: it may apply.
     """
 
     name: str
     view: str
-    run: Callable[[AttackContext], AttackOutcome | None]
+    run: Callable[[AttackContext], AttackOutcome | str]
     names: tuple[str, ...] = ()
+    check: Callable[[ExperimentConfig, AttackSuite], str | None] | None = None
 
     def __post_init__(self) -> None:
         if self.view not in THREAT_MODELS:
             raise ValueError(f"attack {self.name!r}: view={self.view!r} is not one of {list(THREAT_MODELS)}.")
         if not self.names:
             object.__setattr__(self, "names", (self.name,))
+
+    def not_applicable(self, reason: str) -> Record:
+        """The record entries of a point where the attack does not apply: ``attack/<name>/n/a`` = reason."""
+        return {f"attack/{name}/n/a": reason for name in self.names}
 
     def record(self, outcome: AttackOutcome) -> Record:
         """``attack/<name>/<metric>`` entries of an outcome (keys with a "/" name the record themselves); numbers as
@@ -416,59 +427,103 @@ def _membership_on_models(context: AttackContext) -> AttackOutcome:
     return AttackOutcome({k.removeprefix("attack/"): v for k, v in record.items()}, scores)
 
 
-def _passive(context: AttackContext) -> AttackOutcome | None:
+NO_TARGETS = "no client of suite.tap_clients took part in a tapped round (raise run.rounds or lower tap_from_round)"
+
+
+def _passive(context: AttackContext) -> AttackOutcome | str:
     record, scores = passive_attack(context.experiment, context.results.taps, context.suite)
-    return AttackOutcome({k.removeprefix("attack/passive/"): v for k, v in record.items()}, scores) if record else None
+    if not record:
+        return NO_TARGETS
+    return AttackOutcome({k.removeprefix("attack/passive/"): v for k, v in record.items()}, scores)
 
 
 def _inversion_config(suite: AttackSuite) -> Any:
     return dataclasses.replace(inversion_eval.DEFAULT_ATTACK, num_iterations=suite.inversion_iterations)
 
 
-def _inversion(context: AttackContext) -> AttackOutcome | None:
+def _skipped_inversion(config: ExperimentConfig, suite: AttackSuite) -> str | None:
+    del config
+    return "skipped (inversion_targets=0, --inversion-targets)" if suite.inversion_targets == 0 else None
+
+
+def _inversion(context: AttackContext) -> AttackOutcome | str:
     suite = context.suite
-    if not (suite.inversion_targets and context.targets):
-        return None
+    if not context.targets:
+        return NO_TARGETS
     report = inversion_eval.invert_taps(context.experiment, context.results.taps, key=jax.random.key(suite.seed + 2),
                                         attack=_inversion_config(suite), max_targets=suite.inversion_targets,
                                         psnr_threshold=suite.psnr_threshold, clients=context.targets)
-    return AttackOutcome({**report.summary(), "attacker": report.attacker()}, inversion=report) if report.targets \
-        else None
+    if not report.targets:
+        return "every tapped message was skipped: " + "; ".join(sorted({why for _, _, why in report.skipped}))
+    return AttackOutcome({**report.summary(), "attacker": report.attacker()}, inversion=report)
 
 
-def _attribute(context: AttackContext) -> AttackOutcome | None:
-    if not (context.targets and context.experiment.population.attributes.size):
-        return None  # a population without a sensitive attribute
+def _attribute(context: AttackContext) -> AttackOutcome | str:
+    if not context.experiment.population.attributes.size:
+        return "the population has no sensitive attribute (data.dataset with attributes, e.g. 'attribute')"
+    if not context.targets:
+        return NO_TARGETS
     inferred = attribute.attribute_attack_on_taps(context.experiment, context.results.taps, clients=context.targets)
     return AttackOutcome({k: inferred[k] for k in ATTRIBUTE_METRICS})
 
 
-def _reconstruction(context: AttackContext) -> AttackOutcome | None:
+def _reconstruction(context: AttackContext) -> AttackOutcome | str:
     if not context.targets:
-        return None
+        return NO_TARGETS
     rebuilt = reconstruction.reconstruction_attack_on_taps(context.experiment, context.results.taps, context.targets,
                                                            global_params=context.results.params)
     return AttackOutcome({k: rebuilt[k] for k in RECONSTRUCTION_METRICS})
 
 
-def _aggregate_inversion(context: AttackContext) -> AttackOutcome | None:
+def _cohort_examples(config: ExperimentConfig, suite: AttackSuite) -> int | None:
+    """The examples of one round's cohort when known from the config alone: with a membership pool split
+    evenly (iid) over the clients, clients_per_round clients of pool_size / 2 / num_clients examples each."""
+    d, s = config.data, config.server
+    if not suite.pool_size or d.partition != "iid" or d.dataset in NATURAL_DATASETS:
+        return None
+    return s.clients_per_round * (suite.pool_size // 2 // d.num_clients)
+
+
+def _aggregate_check(config: ExperimentConfig, suite: AttackSuite) -> str | None:
+    """Why the secure-aggregation attack cannot apply to a config (None: it may)."""
+    s = config.server
+    if s.central_noise_multiplier > 0 or s.target_epsilon is not None or math.isfinite(s.central_clip_norm):
+        return ("the server sees DP-FedAvg's clipped, noised sum, which the taps do not record (a run without "
+                "server.central_clip_norm / central_noise_multiplier / target_epsilon)")
+    skipped = _skipped_inversion(config, suite)
+    if skipped:
+        return skipped
+    total = _cohort_examples(config, suite)
+    if total is not None and total > suite.aggregate_max_examples:
+        return (f"a cohort holds {total} examples > aggregate_max_examples={suite.aggregate_max_examples} (raise "
+                f"--aggregate-max-examples to {total}, or lower server.clients_per_round or --pool-size)")
+    return None
+
+
+def _aggregate_inversion(context: AttackContext) -> AttackOutcome | str:
     suite = context.suite
-    if not (suite.inversion_targets and context.results.taps) or context.experiment.aggregation.clips:
-        return None  # under DP-FedAvg the server's view is a clipped, noised sum that taps do not record
+    reason = _aggregate_check(context.experiment.config, suite)
+    if reason:
+        return reason
+    if not context.results.taps:
+        return NO_TARGETS
     report = inversion_eval.invert_aggregates(context.experiment, context.results.taps,
                                               key=jax.random.key(suite.seed + 3), attack=_inversion_config(suite),
-                                              max_rounds=suite.aggregate_rounds, psnr_threshold=suite.psnr_threshold)
-    return AttackOutcome(report.summary()) if report.targets else None
+                                              max_rounds=suite.aggregate_rounds, psnr_threshold=suite.psnr_threshold,
+                                              max_examples=suite.aggregate_max_examples)
+    if not report.targets:
+        return "every tapped round was skipped: " + "; ".join(sorted({why for _, _, why in report.skipped}))
+    return AttackOutcome(report.summary())
 
 
 BUILTIN_ATTACKS: tuple[Attack, ...] = (
     Attack("membership", "participant", _membership_on_models,
            names=("loss_threshold", "lira_online", "lira_offline", "rmia")),
     Attack("passive", "server", _passive),
-    Attack("inversion", "server", _inversion),
+    Attack("inversion", "server", _inversion, check=_skipped_inversion),
     Attack("attribute", "server", _attribute),
     Attack("reconstruction", "eavesdropper", _reconstruction),
-    Attack("aggregate_inversion", "secure_aggregation", _aggregate_inversion),
+    Attack("aggregate_inversion", "secure_aggregation", _aggregate_inversion, check=_aggregate_check),
 )
 
 
@@ -527,10 +582,14 @@ def evaluate_defense(base: ExperimentConfig, name: str, overrides: Mapping[str, 
     for attack in attacks:
         if attack.view not in suite.threat_models:
             continue
-        _say(f"[{name}] {attack.name} ({attack.view}'s view)")
-        outcome = attack.run(context)
-        if outcome is None:
-            _say(f"[{name}] {attack.name}: does not apply to this run")
+        reason = attack.check(config, suite) if attack.check is not None else None
+        if reason is None:
+            _say(f"[{name}] {attack.name} ({attack.view}'s view)")
+            outcome = attack.run(context)
+            reason = outcome if isinstance(outcome, str) else None
+        if reason is not None:
+            _say(f"[{name}] {attack.name}: n/a: {reason}")
+            record.update(attack.not_applicable(reason))
             continue
         record.update(attack.record(outcome))
         scores.update(outcome.scores)
@@ -548,6 +607,28 @@ def _say(message: str) -> None:
 
 
 POINTS_DIR = "points"
+
+
+def check_threat_models(base: ExperimentConfig, points: Sequence[tuple[str, str, Mapping[str, Any]]],
+                        suite: AttackSuite, attacks: Sequence[Attack]) -> None:
+    """Raises ValueError, before anything trains, when a threat model the suite selects has no attack that can
+    apply at any defense point, naming each reason (and so the knob that makes it apply)."""
+    reasons: dict[str, list[str]] = {view: [] for view in suite.threat_models}
+    applies = set()
+    for _, _, overrides in points:
+        config = with_overrides(base, overrides)
+        for attack in attacks:
+            if attack.view in reasons:
+                reason = attack.check(config, suite) if attack.check is not None else None
+                if reason is None:
+                    applies.add(attack.view)
+                elif f"{attack.name}: {reason}" not in reasons[attack.view]:
+                    reasons[attack.view].append(f"{attack.name}: {reason}")
+    for view, why in reasons.items():
+        if view not in applies:
+            because = "; ".join(why) or "no attack observes it"
+            raise ValueError(f"threat model {view!r} was asked for, but nothing can attack it at any defense "
+                             f"point: {because}.")
 
 
 def point_key(base: ExperimentConfig, label: str, overrides: Mapping[str, Any], suite: AttackSuite,
@@ -598,6 +679,7 @@ def evaluate_defenses(base: ExperimentConfig, defenses: Mapping[str, Any] | None
     from fedjaxpriv.results import ResultsStore, code_revision, make_record, package_versions
 
     points = defense_points(DEFENSES if defenses is None else defenses)
+    check_threat_models(base, points, suite, attacks)
     # Each finished point is kept in out_dir/points/ as it finishes, so an interrupted evaluation resumes after
     # its last finished point (parts passed in are code, not values: their points are not kept).
     kept_dir = os.path.join(out_dir, POINTS_DIR) if out_dir is not None and parts is None else None
@@ -645,6 +727,15 @@ def _with_interval(record: Mapping[str, Any], key: str) -> str:
     return f"{value:.4g}"
 
 
+def _cell(record: Mapping[str, Any], attack: str, key: str, first: bool) -> str:
+    """A table cell: the metric ``key`` (with its interval), or where ``attack`` did not apply to the point
+    "n/a: <reason>" in its ``first`` column and "n/a" in the others."""
+    reason = record.get(f"attack/{attack}/n/a")
+    if reason is None:
+        return _with_interval(record, key)
+    return f"n/a: {reason}" if first else "n/a"
+
+
 def threat_model_tables(records: Sequence[Mapping[str, Any]], views: Mapping[str, str] = ATTACK_VIEWS) -> str:
     """Markdown: one table per threat model with the attacks that use its view (``views``: record name -> view;
     95% intervals in brackets)."""
@@ -660,14 +751,15 @@ def threat_model_tables(records: Sequence[Mapping[str, Any]], views: Mapping[str
                                            "fraction_above_threshold", "label_accuracy", "accuracy", "baseline",
                                            "advantage", "relative_l2_global", "accuracy_gain_global")
                                if any(f"attack/{attack}/{m}" in r for r in records)]
-            columns += [f"attack/{attack}/{m}" for m in metrics_present]
-        header = ["defense", "strength", "test accuracy", "epsilon", *[c.removeprefix("attack/") for c in columns]]
+            # An attack that applied nowhere still gets a column, which says why.
+            columns += [(attack, f"attack/{attack}/{m}", i == 0) for i, m in enumerate(metrics_present or ["n/a"])]
+        header = ["defense", "strength", "test accuracy", "epsilon", *[c.removeprefix("attack/") for _, c, _ in columns]]
         lines += [f"### {threat}: {meaning}", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
         for r in records:
             epsilon = r.get("epsilon", math.inf)
             cells = [str(r.get("defense", "")), str(r.get("strength", "")), f"{r.get('test_accuracy', math.nan):.3f}",
                      "no DP" if not math.isfinite(epsilon) else f"{epsilon:.2f} ({r.get('epsilon_level') or '?'})",
-                     *[_with_interval(r, c) for c in columns]]
+                     *[_cell(r, *column) for column in columns]]
             lines.append("| " + " | ".join(cells) + " |")
         resolvable = {a: min((r.get(f"attack/{a}/min_resolvable_fpr", math.inf) for r in records), default=math.inf)
                       for a in attacks}

@@ -1,8 +1,10 @@
 """Defense-vs-attack evaluation: membership inference where membership leaks (with shadow federations),
 passive MIA and inversion on the run's taps, the tables per threat model, the frontier, ROC curves, CLI."""
 
+import dataclasses
 import csv
 import json
+import math
 import os
 
 import numpy as np
@@ -177,3 +179,31 @@ def test_an_interrupted_evaluation_resumes_after_its_last_finished_point(tmp_pat
     assert json.dumps(with_more[:2], sort_keys=True) == json.dumps(again, sort_keys=True)  # NaN-safe equality
     assert [r["label"] for r in load_records([str(tmp_path)])] == ["none", "pruning sparsity=0.5", "mixup"]
     assert os.path.getsize(tmp_path / "frontier.png") > 10_000
+
+
+def test_a_threat_model_nothing_can_attack_is_an_error_before_training_naming_the_knob():
+    """At the default preset a cohort holds 10 clients x 30 examples: over the secure-aggregation attack's cap;
+    and DP-FedAvg points hide the aggregate. Both are found from the configs alone, before any training."""
+    base = with_overrides(ExperimentConfig(), list(evaluation.MEMBERSHIP_BASE))
+    suite = evaluation.AttackSuite(threat_models=("secure_aggregation",))
+    points = evaluation.defense_points({"none": {}, "dpfedavg": "dpfedavg"})
+    with pytest.raises(ValueError, match=r"'secure_aggregation'.*300 examples > aggregate_max_examples=64 \(raise "
+                                         r"--aggregate-max-examples to 300.*DP-FedAvg's clipped, noised sum"):
+        evaluation.check_threat_models(base, points, suite, evaluation.BUILTIN_ATTACKS)
+    evaluation.check_threat_models(base, points, dataclasses.replace(suite, aggregate_max_examples=300),
+                                   evaluation.BUILTIN_ATTACKS)  # applies to the undefended point: no error
+    with pytest.raises(ValueError, match="'secure_aggregation'.*no attack observes it"):
+        evaluation.check_threat_models(base, points, suite, USER_ATTACKS)
+
+
+def test_tables_say_why_an_attack_did_not_apply():
+    attack = evaluation.Attack("inversion", "server", _released_model)
+    records = [{"defense": "none", "strength": "", "test_accuracy": 0.9, "epsilon": math.inf,
+                "attack/inversion/psnr_median": 31.5, "attack/inversion/fraction_above_threshold": 0.5},
+               {"defense": "topk", "strength": "0.1", "test_accuracy": 0.8, "epsilon": math.inf,
+                **attack.not_applicable("skipped (inversion_targets=0, --inversion-targets)")}]
+    table = evaluation.threat_model_tables(records, {"inversion": "server"}).splitlines()
+    assert "| none |  | 0.900 | no DP | 31.5 | 0.5 |" in table
+    assert "| topk | 0.1 | 0.800 | no DP | n/a: skipped (inversion_targets=0, --inversion-targets) | n/a |" in table
+    only = evaluation.threat_model_tables(records[1:], {"inversion": "server"}).splitlines()
+    assert "| defense | strength | test accuracy | epsilon | inversion/n/a |" in only
