@@ -256,32 +256,45 @@ def plot_epsilon_vs_rounds(records: Sequence[Record], path: str) -> str | None:
 
 
 def plot_privacy_utility(records: Sequence[Record], path: str) -> str:
-    """Final test accuracy against final epsilon, one panel per privacy level (columns) and dataset (rows); runs
-    without DP at a panel's level (hollow markers) sit at the right, above "no DP". Each x axis names its level
-    and the basis its runs share; the legend is at the right of each row."""
+    """Final test accuracy against final epsilon, one panel per privacy level (columns) and dataset (rows). Runs
+    without DP at a panel's level (hollow markers) sit apart, in a narrow "no DP" strip at the panel's right, not
+    on the epsilon axis. Each x axis names its level and the basis its runs share; the legend is at the right
+    of each row."""
     groups = by_dataset(records)
     keys = epsilon_levels(records) or [EPSILON_KEYS[0]]
-    fig, axes = _panels(list(groups), width=6.0 if len(keys) > 1 else 9.0, columns=len(keys))
+    fig, axes = _panels(list(groups), width=6.5 if len(keys) > 1 else 9.0, columns=len(keys))
     for group, ax_row in zip(groups.values(), _rows(axes, len(keys))):
+        strips = False
         for ax, key in zip(ax_row, keys):
             points = [(final_epsilon(r, key), as_float(r["final"].get("test_accuracy")), r["label"]) for r in group]
-            finite = [e for e, _, _ in points if not math.isnan(e)]
-            no_dp_x = 2.0 * max(finite) if finite else 1.0
             for index, (eps, acc, label) in enumerate(points):
-                style = series_style(index)
-                private = not math.isnan(eps)
-                ax.scatter([eps if private else no_dp_x], [acc], marker=style["marker"], label=label,
-                           facecolors=style["color"] if private else "none", edgecolors=style["color"])
+                if not math.isnan(eps):
+                    style = series_style(index)
+                    ax.scatter([eps], [acc], marker=style["marker"], label=label, color=style["color"])
             ax.set_xscale("log")
-            if len(finite) < len(points):
-                ax.axvline(no_dp_x / 1.4, color="gray", linewidth=0.8, linestyle=":")
-                ax.annotate("no DP", (no_dp_x, 0.0), xycoords=("data", "axes fraction"), xytext=(0, 4),
-                            textcoords="offset points", ha="center", fontsize=8)
             ax.set_xlabel(f"{LEVEL_OF_EPSILON[key]}-level epsilon (final, log scale)\n{_basis_note(group, key)}",
                           fontsize=7)
             ax.set_ylabel("final test accuracy")
             ax.grid(alpha=0.3)
-        _legend(ax_row[-1], len(group))
+            without = [(index, acc, label) for index, (eps, acc, label) in enumerate(points) if math.isnan(eps)]
+            if without:
+                strips = True
+                strip = ax.inset_axes((1.02, 0.0, 0.07, 1.0), sharey=ax)
+                for index, acc, label in without:
+                    style = series_style(index)
+                    strip.scatter([0.0], [acc], marker=style["marker"], label=label, facecolors="none",
+                                  edgecolors=style["color"])
+                strip.set_xlim(-1.0, 1.0)
+                strip.set_xticks([0.0], ["no DP"], fontsize=7)
+                strip.tick_params(axis="y", labelleft=False)
+                strip.grid(alpha=0.3, axis="y")
+        handles = {}  # a run's filled marker where it has an epsilon somewhere, else its hollow one
+        for axis in [*ax_row, *(child for ax in ax_row for child in ax.child_axes)]:
+            for handle, label in zip(*axis.get_legend_handles_labels()):
+                handles.setdefault(label, handle)
+        ordered = [handles[r["label"]] for r in group if r["label"] in handles]
+        ax_row[-1].legend(handles=ordered, fontsize=7, loc="upper left", bbox_to_anchor=(1.12 if strips else 1.01, 1.0),
+                          ncol=1 if len(ordered) <= 24 else 2)
     return _save(fig, path)
 
 
@@ -341,21 +354,79 @@ def plot_attacks(records: Sequence[Record], path: str) -> str | None:
 CATEGORICAL_NUMBER_FIELDS = ("run.seed",)
 
 
-def attack_strength_series(records: Sequence[Record]) -> dict[str, dict[str, list[tuple[float, float]]]]:
-    """Attack success against defense strength: for every numeric config field that varies between the
-    records with attack metrics, ``{field: {attack metric: [(field value, final metric), ...]}}`` sorted by
-    the field value (e.g. a grid over ``client.dp_noise_multiplier``); identifiers such as ``run.seed`` are in
+IDENTIFIER_FIELDS = ("run.seed", "name", "data.dataset")
+
+
+def _default_config() -> dict[str, Any]:
+    """Every config field's default, flattened (a defense knob at its default is off)."""
+    from fedjaxpriv.config import ExperimentConfig
+    from fedjaxpriv.results import jsonable
+
+    return flatten(jsonable(ExperimentConfig().to_dict()))
+
+
+def _at_default(value: Any, default: Any) -> bool:
+    return json.dumps(value, sort_keys=True, default=str) == json.dumps(default, sort_keys=True, default=str)
+
+
+def undefended(records: Sequence[Record]) -> list[Record]:
+    """The reference runs: those whose varying config fields (identifiers aside) are all at their defaults."""
+    defaults = _default_config()
+    fields = [f for f in varying_fields(records) if f not in IDENTIFIER_FIELDS] if len(records) > 1 else []
+    return [r for r in records
+            if all(_at_default(flatten(r["config"]).get(f), defaults.get(f)) for f in fields)]
+
+
+def attack_strength_series(records: Sequence[Record]) -> dict[str, dict[str, dict[str, list[tuple[float, float]]]]]:
+    """Attack success against defense strength, one series per defense: for every numeric config field that
+    varies between the records with attack metrics, ``{field: {series: {attack metric: [(field value, final
+    metric), ...]}}}`` sorted by the field value (e.g. a grid over ``client.dp_noise_multiplier``). A series holds
+    the runs that differ only in that field (and identifiers such as ``run.seed``), so combinations with other
+    defenses are series of their own; it is named by its runs' common defense family (``defense_family``), else
+    by its other non-default fields, else by the field. A run with the field at its default (the knob off) is
+    not a point: the undefended run is the reference (``undefended``). Identifiers are in
     ``attack_category_series`` instead."""
     attacked = [r for r in records if any(k.startswith("attack/") for k in r["final"])]
-    series: dict[str, dict[str, list[tuple[float, float]]]] = {}
-    for field in varying_fields(attacked) if len(attacked) > 1 else []:
-        values = [flatten(r["config"]).get(field) for r in attacked]
+    defaults = _default_config()
+    keys = headline_attack_keys(attacked)
+    varying = varying_fields(attacked) if len(attacked) > 1 else []
+    flats = [flatten(r["config"]) for r in attacked]
+    series: dict[str, dict[str, dict[str, list[tuple[float, float]]]]] = {}
+    for field in varying:
+        values = [flat.get(field) for flat in flats]
         if field in CATEGORICAL_NUMBER_FIELDS or not all(
                 isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
             continue
-        series[field] = {key: sorted((float(v), as_float(r["final"][key])) for v, r in zip(values, attacked)
-                                     if key in r["final"]) for key in headline_attack_keys(attacked)}
+        others = [f for f in varying if f != field and f not in IDENTIFIER_FIELDS]
+        groups: dict[tuple, list[int]] = {}
+        for index, (value, flat) in enumerate(zip(values, flats)):
+            if not _at_default(value, defaults.get(field)):
+                key = tuple(json.dumps(flat.get(f), sort_keys=True, default=str) for f in others)
+                groups.setdefault(key, []).append(index)
+        by_series: dict[str, dict[str, list[tuple[float, float]]]] = {}
+        for members in groups.values():
+            families = {defense_family(attacked[i]) for i in members}
+            settings = [f"{f}={flats[members[0]].get(f)}" for f in others
+                        if not _at_default(flats[members[0]].get(f), defaults.get(f))]
+            name = families.pop() if len(families) == 1 else (", ".join(settings) or field)
+            by_series[name] = {key: sorted((float(values[i]), as_float(attacked[i]["final"][key])) for i in members
+                                           if key in attacked[i]["final"]) for key in keys}
+        if by_series:
+            series[field] = by_series
     return series
+
+
+def reference_levels(records: Sequence[Record]) -> dict[str, float]:
+    """The undefended runs' mean final value of every headline attack metric (``undefended``)."""
+    attacked = [r for r in records if any(k.startswith("attack/") for k in r["final"])]
+    reference = undefended(attacked)
+    out = {}
+    for key in headline_attack_keys(attacked):
+        values = [as_float(r["final"][key]) for r in reference if key in r["final"]]
+        values = [v for v in values if not math.isnan(v)]
+        if values:
+            out[key] = float(np.mean(values))
+    return out
 
 
 def attack_category_series(records: Sequence[Record]) -> dict[str, dict[str, list[tuple[str, float]]]]:
@@ -374,18 +445,32 @@ def attack_category_series(records: Sequence[Record]) -> dict[str, dict[str, lis
     return series
 
 
+def _has_numbers(points: Sequence[tuple[Any, float]]) -> bool:
+    """Whether some point's value is a number (not NaN)."""
+    return any(not math.isnan(as_float(y)) for _, y in points)
+
+
 def _strength_figure(field: str, per_dataset: Mapping[str, Mapping[str, Sequence[tuple[Any, float]]]],
-                     categorical: bool) -> plt.Figure:
-    """Panels (one per attack metric, shared x) of attack success against ``field``, one series per dataset.
-    Categorical values sit at evenly spaced ticks, unjoined; numeric values repeated (seeds, other varying knobs)
-    are shown as points joined through their mean; a positive field spanning 100x or more is on a log axis."""
-    keys = list(dict.fromkeys(k for by_key in per_dataset.values() for k, points in by_key.items() if points))
+                     categorical: bool, references: Mapping[str, Mapping[str, float]] | None = None,
+                     title: str = "dataset") -> plt.Figure:
+    """Panels (one per attack metric, shared x) of attack success against ``field``, one series per entry of
+    ``per_dataset`` (datasets, or defense families: ``title`` names them), and each reference level
+    (``references``: {name: {metric: value}}) as a dashed horizontal line. Categorical values sit at evenly
+    spaced ticks, unjoined; numeric values repeated (seeds, other varying knobs) are shown as points joined
+    through their mean; a positive field spanning 100x or more is on a log axis."""
+    # Metrics with no number anywhere (e.g. a TPR the sample cannot resolve) get no panel.
+    keys = list(dict.fromkeys(k for by_key in per_dataset.values() for k, points in by_key.items()
+                              if _has_numbers(points)))
     xs_all = [x for by_key in per_dataset.values() for points in by_key.values() for x, _ in points]
     categories = list(dict.fromkeys(xs_all)) if categorical else []
-    several = len(per_dataset) > 1
+    references = references or {}
+    several = len(per_dataset) > 1 or bool(references)
     fig, axes = plt.subplots(len(keys), 1, figsize=(6.0 + 1.6 * several, 2.4 * len(keys)), squeeze=False,
                              sharex=True)
     for ax, key in zip(axes[:, 0], keys):
+        for line, (name, levels) in enumerate(references.items()):
+            if key in levels:
+                ax.axhline(levels[key], color="gray", linewidth=1.0, linestyle=("--", ":", "-.")[line % 3], label=name)
         for index, (dataset, by_key) in enumerate(per_dataset.items()):
             points = list(by_key.get(key, ()))
             if not points:
@@ -409,7 +494,7 @@ def _strength_figure(field: str, per_dataset: Mapping[str, Mapping[str, Sequence
         ax.set_ylabel(key.split("/", 1)[1], fontsize=8)
         ax.grid(alpha=0.3)
         if several:
-            ax.legend(fontsize=7, title="dataset", title_fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+            ax.legend(fontsize=7, title=title, title_fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     bottom = axes[-1, 0]
     if categorical:
         rotate = len(categories) > 4 or max((len(c) for c in categories), default=0) > 10
@@ -423,23 +508,33 @@ def _strength_figure(field: str, per_dataset: Mapping[str, Mapping[str, Sequence
 
 
 def plot_attacks_vs_strength(records: Sequence[Record], out_dir: str) -> dict[str, str]:
-    """One PNG per varying config field: each attack metric against that field's value (numeric fields on a
-    numeric axis, categorical ones on a categorical axis), one series per dataset."""
+    """One PNG per varying config field: each attack metric against that field's value. Numeric fields: one
+    series per defense family that turns the knob on (per dataset when there are several), the undefended run
+    as a dashed reference line and never as a point at "off"; categorical fields on a categorical axis, one
+    series per dataset."""
     numeric: dict[str, dict[str, Any]] = {}
+    references: dict[str, dict[str, float]] = {}
     categorical: dict[str, dict[str, Any]] = {}
-    for dataset, group in by_dataset(records).items():
-        for field, by_key in attack_strength_series(group).items():
-            numeric.setdefault(field, {})[dataset] = by_key
+    groups = by_dataset(records)
+    for dataset, group in groups.items():
+        prefix = f"{dataset or '(unnamed)'}: " if len(groups) > 1 else ""
+        for field, by_family in attack_strength_series(group).items():
+            for family, by_key in by_family.items():
+                numeric.setdefault(field, {})[prefix + family] = by_key
+        levels = reference_levels(group)
+        if levels:
+            references[f"{prefix}undefended"] = levels
         for field, by_key in attack_category_series(group).items():
             categorical.setdefault(field, {})[dataset] = by_key
     written = {}
     for fields, is_categorical in ((numeric, False), (categorical, True)):
-        for field, per_dataset in fields.items():
-            if not any(points for by_key in per_dataset.values() for points in by_key.values()):
+        for field, per_series in fields.items():
+            if not any(_has_numbers(points) for by_key in per_series.values() for points in by_key.values()):
                 continue
             name = f"attacks_vs_{field.replace('.', '_')}"
-            written[name] = _save(_strength_figure(field, per_dataset, is_categorical),
-                                  os.path.join(out_dir, f"{name}.png"))
+            figure = (_strength_figure(field, per_series, True) if is_categorical else
+                      _strength_figure(field, per_series, False, references, title="defense"))
+            written[name] = _save(figure, os.path.join(out_dir, f"{name}.png"))
     return written
 
 
@@ -700,7 +795,7 @@ def frontier_groups(records: Sequence[Record]) -> dict[str, list[Record]]:
     for record in records:
         same_label.setdefault(str(record.get("label")), []).append(record)
     context = sorted({f for same in same_label.values() if len(same) > 1 for f in varying_fields(same)}
-                     - {"run.seed", "name", "data.dataset"})
+                     - set(IDENTIFIER_FIELDS))
     several = len(by_dataset(records)) > 1
     blocks: dict[tuple[Any, ...], list[Record]] = {}
     for record in records:

@@ -203,8 +203,11 @@ def _swept(sampling: str, seed: int, noise: float, auc: float, dataset: str = "d
 def test_categorical_knobs_get_categorical_axes(tmp_path, monkeypatch):
     records = [_swept("fixed", 0, 0.0, 0.8), _swept("poisson", 1, 1.0, 0.6), _swept("fixed", 2, 1.0, 0.65)]
     assert "run.seed" not in report.attack_strength_series(records)  # an identifier, not a strength
+    # Noise 0 is the knob off: the undefended run is the reference, not a point; each family its own series.
     assert report.attack_strength_series(records)["client.dp_noise_multiplier"] == {
-        "attack/passive/auc": [(0.0, 0.8), (1.0, 0.6), (1.0, 0.65)]}
+        "poisson": {"attack/passive/auc": [(1.0, 0.6)]}, "fixed": {"attack/passive/auc": [(1.0, 0.65)]}}
+    assert report.undefended(records) == records[:1] and report.reference_levels(records) == {
+        "attack/passive/auc": 0.8}
     categories = report.attack_category_series(records)
     assert set(categories) == {"client.sampling", "run.seed"}  # "name" is left out
     assert categories["client.sampling"] == {"attack/passive/auc": [("fixed", 0.8), ("poisson", 0.6),
@@ -219,9 +222,12 @@ def test_categorical_knobs_get_categorical_axes(tmp_path, monkeypatch):
     assert [t.get_text() for t in sampling.get_xticklabels()] == ["fixed", "poisson"]
     assert sorted(sampling.lines[0].get_xdata()) == [0, 0, 1]
     noise = by_name["attacks_vs_client_dp_noise_multiplier.png"].axes[-1]
-    mean_line = [line for line in noise.lines if line.get_linestyle() != "None"]
-    assert [list(line.get_xdata()) for line in mean_line] == [[0.0, 1.0]]  # repeated values joined by their mean
-    assert list(mean_line[0].get_ydata()) == pytest.approx([0.8, 0.625])
+    # The undefended run is a dashed reference line, each family a series of its own, nothing at noise 0 ("off").
+    assert [t.get_text() for t in noise.get_legend().get_texts()] == ["undefended", "poisson", "fixed"]
+    reference, poisson, fixed = noise.lines
+    assert reference.get_linestyle() == "--" and list(reference.get_ydata()) == [0.8, 0.8]
+    assert [(list(line.get_xdata()), list(line.get_ydata())) for line in (poisson, fixed)] == [
+        ([1.0], [0.6]), ([1.0], [0.65])]
     for _, fig in figures:
         plt.close(fig)
 
@@ -242,7 +248,8 @@ def test_datasets_get_their_own_panels_and_series(tmp_path, monkeypatch):
     figures.clear()
     report.plot_attacks_vs_strength(records, str(tmp_path))
     noise = next(fig for fig in figures if fig.axes[-1].get_xlabel() == "client.dp_noise_multiplier")
-    assert [t.get_text() for t in noise.axes[0].get_legend().get_texts()] == ["digits", "cifar10"]
+    assert [t.get_text() for t in noise.axes[0].get_legend().get_texts()] == [
+        "digits: undefended", "cifar10: undefended", "digits: fixed", "cifar10: fixed"]
     for fig in figures:
         plt.close(fig)
 
@@ -283,15 +290,18 @@ def test_privacy_levels_never_share_an_axis(tmp_path, monkeypatch):
     report.plot_privacy_utility(records, str(tmp_path / "p.png"))
     report.plot_epsilon_vs_rounds(records, str(tmp_path / "e.png"))
     utility, rounds = figures
-    example, client = utility.axes
+    example, client = (ax for ax in utility.axes if ax.get_xscale() == "log")
     assert example.get_xlabel().startswith("example-level") and "replace one example" in example.get_xlabel()
     assert client.get_xlabel().startswith("client-level") and "runs differ in basis" in client.get_xlabel()
-    # Each panel plots its own level's epsilon; runs without DP at that level are hollow at "no DP".
-    xs = [[float(c.get_offsets()[0][0]) for c in ax.collections] for ax in (example, client)]
-    assert xs == [[3.0, 6.0, 6.0, 6.0], [80.0, 40.0, 20.0, 80.0]]
-    hollow = [[c.get_facecolors().size == 0 or c.get_facecolors()[0][3] == 0 for c in ax.collections]
-              for ax in (example, client)]
-    assert hollow == [[False, True, True, True], [True, False, False, True]]
+    # Each panel plots its own level's epsilon; runs without DP at that level sit in a "no DP" strip beside it,
+    # hollow, not on the epsilon axis.
+    assert [[float(c.get_offsets()[0][0]) for c in ax.collections] for ax in (example, client)] == [[3.0], [40.0, 20.0]]
+    for ax, without in ((example, [0.7, 0.6, 0.9]), (client, [0.8, 0.9])):
+        (strip,) = ax.child_axes
+        assert [t.get_text() for t in strip.get_xticklabels()] == ["no DP"]
+        assert [float(c.get_offsets()[0][1]) for c in strip.collections] == without
+        assert all(c.get_facecolors().size == 0 for c in strip.collections)
+    assert [t.get_text() for t in client.get_legend().get_texts()] == ["dpsgd", "dpfedavg", "dpfedavg2", "none"]
     example_rounds, client_rounds = rounds.axes
     assert example_rounds.get_ylabel() == "example-level epsilon" and "replace one" in example_rounds.get_xlabel()
     assert [list(line.get_ydata()) for line in example_rounds.lines] == [[1.0, 2.0, 3.0]]
