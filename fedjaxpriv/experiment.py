@@ -27,7 +27,8 @@ from fedjaxpriv.data import Dataset, FederatedData, load_dataset, partition, syn
 from fedjaxpriv.guards import (LOSS_LIMIT, DivergenceError, Signals, divergence, divergence_message,
                                pause_point)
 from fedjaxpriv.models import Model, ModelLike, as_model, count_params, get_model
-from fedjaxpriv.models.tasks import CLASSIFICATION, PerExampleLoss, Task, as_task, check_fits, describe
+from fedjaxpriv.models.tasks import (CLASSIFICATION, PerExampleLoss, Task, as_task, check_fits, check_targets,
+                                     describe)
 from fedjaxpriv.parallel import Plan, local_mesh, plan as execution_plan, replicate
 from fedjaxpriv.privacy.calibration import calibrate_noise
 from fedjaxpriv.privacy.mechanisms import ClientLevelDpFedAvg, local_gaussian, round_up_float32
@@ -162,6 +163,37 @@ def run_algorithm(config: ExperimentConfig, algorithm: FederatedAlgorithm | None
     once the run knows its cohort, ``dp_fedavg``)."""
     s = config.server
     return algorithm if algorithm is not None else algorithm_for(s.algorithm, ditto_lambda=s.ditto_lambda)
+
+
+# Elements per chunk when checking that inputs are finite (the check's temporary stays near 16 MiB).
+_CHECK_CHUNK = 1 << 24
+
+
+def check_data(population: Any, test: Any, num_classes: Any, task: Task) -> None:
+    """Raises ValueError, before anything is built, when data passed to ``Experiment`` cannot be what it should:
+    a population that is not ``FederatedData`` or a test set that is not a ``Dataset`` (with how to build one),
+    a number of classes that is not a positive integer, test inputs of another shape than the population's,
+    NaN or infinite inputs, or class-id targets outside the classes (``tasks.check_targets``)."""
+    if not isinstance(population, FederatedData):
+        raise ValueError(f"population is a {type(population).__name__}; allowed: a fedjaxpriv.data.FederatedData, "
+                         "e.g. data.from_client_lists(xs, ys) from per-client arrays, or data.from_partition("
+                         "Dataset(x, y), data.partition(...)) from one array pair.")
+    if not isinstance(test, Dataset):
+        raise ValueError(f"test is a {type(test).__name__}; allowed: a fedjaxpriv.data.Dataset(x, y).")
+    if isinstance(num_classes, bool) or not isinstance(num_classes, (int, np.integer)) or num_classes < 1:
+        raise ValueError(f"num_classes={num_classes!r} is not allowed: it must be a positive integer.")
+    if tuple(test.x.shape[1:]) != population.input_shape:
+        raise ValueError(f"test inputs have shape {tuple(test.x.shape[1:])} per example but the population's have "
+                         f"{population.input_shape}; allowed: the same shape.")
+    for where, x in (("population.x", population.x), ("test.x", test.x)):
+        flat = np.asarray(x).reshape(-1)
+        if np.issubdtype(flat.dtype, np.floating):
+            bad = sum(int(np.count_nonzero(~np.isfinite(flat[i:i + _CHECK_CHUNK])))
+                      for i in range(0, flat.size, _CHECK_CHUNK))
+            if bad:
+                raise ValueError(f"{where} holds {bad} NaN or infinite value(s); allowed: finite inputs.")
+    check_targets(task, population.y, int(num_classes), "population.y")
+    check_targets(task, test.y, int(num_classes), "test.y")
 
 
 def check_client_level(mechanism: ClientLevelDpFedAvg | None, num_clients: int, clients_per_round: int,
@@ -321,6 +353,8 @@ class Experiment:
             population, test, num_classes = load_population(config)
         if test is None or num_classes is None:
             raise ValueError("pass population, test and num_classes together (or none of them).")
+        self.task = as_task(loss)
+        check_data(population, test, num_classes, self.task)
         if population.num_clients != config.data.num_clients:
             raise ValueError(f"population has {population.num_clients} clients but data.num_clients="
                              f"{config.data.num_clients}.")
@@ -329,7 +363,6 @@ class Experiment:
                              f"have {tuple(population.y.shape[1:])}.")
         self.population, self.test, self.num_classes = population, test, num_classes
         counts = population.counts
-        self.task = as_task(loss)
         self.model: Model = model_for(config, population.input_shape, num_classes, model,
                                       input_dtype=population.x.dtype)
         self.config = config = recorded_config(config, None if model is None else self.model, self.task)

@@ -727,19 +727,53 @@ def _with_interval(record: Mapping[str, Any], key: str) -> str:
     return f"{value:.4g}"
 
 
-def _cell(record: Mapping[str, Any], attack: str, key: str, first: bool) -> str:
-    """A table cell: the metric ``key`` (with its interval), or where ``attack`` did not apply to the point
-    "n/a: <reason>" in its ``first`` column and "n/a" in the others."""
+def chance_level(metric: str) -> float | None:
+    """What a membership metric scores without any information: AUC 0.5, TPR at X% FPR X/100 (None: no such
+    level)."""
+    if metric == "auc":
+        return 0.5
+    if metric.startswith("tpr@") and metric.endswith("%fpr"):
+        return float(metric[4:-4]) / 100.0
+    return None
+
+
+def separation(record: Mapping[str, Any], key: str, reference: Mapping[str, Any] | None) -> str:
+    """Marks of a metric's 95% interval: "*" when it excludes chance (``chance_level``), "+" when it does not
+    overlap the interval of the same metric in ``reference`` (the undefended run); "" otherwise or without an
+    interval."""
+    low, high = record.get(f"{key}_low"), record.get(f"{key}_high")
+    if not (isinstance(low, (int, float)) and isinstance(high, (int, float))) or math.isnan(low) or math.isnan(high):
+        return ""
+    marks = ""
+    chance = chance_level(key.rsplit("/", 1)[-1])
+    if chance is not None and (low > chance or high < chance):
+        marks += "*"
+    if reference is not None and reference is not record:
+        other_low, other_high = reference.get(f"{key}_low"), reference.get(f"{key}_high")
+        if isinstance(other_low, (int, float)) and isinstance(other_high, (int, float)) and (
+                low > other_high or high < other_low):
+            marks += "+"
+    return marks
+
+
+def _cell(record: Mapping[str, Any], attack: str, key: str, first: bool,
+          reference: Mapping[str, Any] | None = None) -> str:
+    """A table cell: the metric ``key`` (with its interval and ``separation`` marks against the undefended
+    ``reference``), or where ``attack`` did not apply to the point "n/a: <reason>" in its ``first`` column and
+    "n/a" in the others."""
     reason = record.get(f"attack/{attack}/n/a")
     if reason is None:
-        return _with_interval(record, key)
+        marks = separation(record, key, reference)
+        return _with_interval(record, key) + (f" {marks}" if marks else "")
     return f"n/a: {reason}" if first else "n/a"
 
 
 def threat_model_tables(records: Sequence[Mapping[str, Any]], views: Mapping[str, str] = ATTACK_VIEWS) -> str:
     """Markdown: one table per threat model with the attacks that use its view (``views``: record name -> view;
-    95% intervals in brackets)."""
+    95% intervals in brackets, marked "*" where they exclude chance and "+" where they do not overlap the
+    undefended run's: the record whose defense is "none")."""
     lines = []
+    reference = next((r for r in records if r.get("defense") == "none"), None)
     for threat, meaning in THREAT_MODELS.items():
         attacks = [a for a, view in views.items() if view == threat
                    and any(k.startswith(f"attack/{a}/") for r in records for k in r)]
@@ -759,7 +793,7 @@ def threat_model_tables(records: Sequence[Mapping[str, Any]], views: Mapping[str
             epsilon = r.get("epsilon", math.inf)
             cells = [str(r.get("defense", "")), str(r.get("strength", "")), f"{r.get('test_accuracy', math.nan):.3f}",
                      "no DP" if not math.isfinite(epsilon) else f"{epsilon:.2f} ({r.get('epsilon_level') or '?'})",
-                     *[_cell(r, *column) for column in columns]]
+                     *[_cell(r, *column, reference) for column in columns]]
             lines.append("| " + " | ".join(cells) + " |")
         resolvable = {a: min((r.get(f"attack/{a}/min_resolvable_fpr", math.inf) for r in records), default=math.inf)
                       for a in attacks}
@@ -767,7 +801,9 @@ def threat_model_tables(records: Sequence[Mapping[str, Any]], views: Mapping[str
         if notes:
             lines += ["", "Smallest resolvable FPR (1 / non-members): " + ", ".join(notes) + "."]
         lines.append("")
-    return "\n".join(lines)
+    legend = ("Marks on 95% intervals: * excludes chance (AUC 0.5, TPR = FPR); + does not overlap the undefended "
+              "run's (defense 'none'); no mark: not resolved from chance or from the undefended run at this size.")
+    return "\n".join(lines + ([legend, ""] if any("_low" in k for r in records for k in r) else []))
 
 
 def write_tables(records: Sequence[Record], out_dir: str, *, store_records: Sequence[Mapping[str, Any]] = (),

@@ -18,6 +18,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from fedjaxpriv.models import losses
 
@@ -127,6 +128,22 @@ NEXT_TOKEN = Task(name="next_token", loss=losses.token_cross_entropy, metrics=_n
 form: mixing token sequences has no meaning, so mixup refuses it."""
 
 TASKS: dict[str, Task] = {task.name: task for task in (CLASSIFICATION, MULTI_LABEL, NEXT_TOKEN)}
+
+
+def check_targets(task: Task, targets: np.ndarray, num_classes: int, where: str) -> None:
+    """Raises ValueError naming the first bad value when integer targets of a task whose targets index the
+    logits' class axis (classification labels, next-token ids) fall outside [0, num_classes) (next-token
+    targets may also be negative: padding). Other tasks' targets are not checked here."""
+    targets = np.asarray(targets)
+    if task.logits_shape is not _class_axis or targets.size == 0 or not np.issubdtype(targets.dtype, np.integer):
+        return
+    low = -np.inf if task is NEXT_TOKEN else 0
+    bad = (targets < low) | (targets >= num_classes)
+    if bad.any():
+        value = int(targets[bad].flat[0])
+        allowed = f"< {num_classes} (negative = padding)" if task is NEXT_TOKEN else f"in [0, {num_classes})"
+        raise ValueError(f"{where} holds {int(bad.sum())} target(s) outside the {num_classes} classes, e.g. {value}; "
+                         f"allowed: {allowed} (num_classes={num_classes}).")
 
 
 def _qualname(fn: Any) -> str:

@@ -207,3 +207,19 @@ def test_tables_say_why_an_attack_did_not_apply():
     assert "| topk | 0.1 | 0.800 | no DP | n/a: skipped (inversion_targets=0, --inversion-targets) | n/a |" in table
     only = evaluation.threat_model_tables(records[1:], {"inversion": "server"}).splitlines()
     assert "| defense | strength | test accuracy | epsilon | inversion/n/a |" in only
+
+
+def test_membership_intervals_say_whether_they_separate_from_chance_and_from_the_undefended_run():
+    none = {"defense": "none", "strength": "", "test_accuracy": 0.9, "epsilon": math.inf,
+            "attack/rmia/auc": 0.66, "attack/rmia/auc_low": 0.64, "attack/rmia/auc_high": 0.68,
+            "attack/rmia/tpr@1%fpr": 0.02, "attack/rmia/tpr@1%fpr_low": 0.005, "attack/rmia/tpr@1%fpr_high": 0.04}
+    strong = {**none, "defense": "dpsgd", "strength": "eps=1", "attack/rmia/auc": 0.5,
+              "attack/rmia/auc_low": 0.48, "attack/rmia/auc_high": 0.52}
+    weak = {**none, "defense": "pruning", "strength": "0.5", "attack/rmia/auc": 0.63,
+            "attack/rmia/auc_low": 0.61, "attack/rmia/auc_high": 0.65}
+    table = evaluation.threat_model_tables([none, strong, weak], {"rmia": "participant"}).splitlines()
+    assert "| none |  | 0.900 | no DP | 0.660 [0.640, 0.680] * | 0.020 [0.005, 0.040] |" in table
+    assert "| dpsgd | eps=1 | 0.900 | no DP | 0.500 [0.480, 0.520] + | 0.020 [0.005, 0.040] |" in table
+    assert "| pruning | 0.5 | 0.900 | no DP | 0.630 [0.610, 0.650] * | 0.020 [0.005, 0.040] |" in table
+    assert any(line.startswith("Marks on 95% intervals") for line in table)
+    assert evaluation.chance_level("tpr@0.1%fpr") == pytest.approx(0.001) and evaluation.chance_level("psnr") is None
