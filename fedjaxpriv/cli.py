@@ -13,7 +13,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
+import threading
 import time
 from typing import TYPE_CHECKING, Sequence
 
@@ -256,7 +258,8 @@ def _run(args: argparse.Namespace) -> int:
         print(f"fedjaxpriv: error: {error}", file=sys.stderr)
         return 3
     except KeyboardInterrupt as error:  # SIGINT or SIGTERM: the last finished round is checkpointed
-        print(f"fedjaxpriv: {error or 'interrupted'}; run the same command again to resume.", file=sys.stderr)
+        print(f"fedjaxpriv: {str(error) or 'interrupted by SIGINT'}; run the same command again to resume.",
+              file=sys.stderr)
         return 128 + getattr(error, "signum", 2)
     from fedjaxpriv.report import BASIS_KEYS, EPSILON_KEYS
 
@@ -287,6 +290,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     from fedjaxpriv.parallel import enable_compilation_cache
 
     enable_compilation_cache()
+    if args.command in ("attack-eval", "audit", "report"):
+        _interrupt_on_sigterm()
     try:
         if args.command == "run":
             return _run(args)
@@ -301,7 +306,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ValueError, OSError) as error:  # bad input or an unusable file: one line, no traceback
         print(f"fedjaxpriv: error: {' '.join(str(error).split())}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt as error:  # Ctrl-C, or SIGTERM (``_interrupt_on_sigterm``): one line, the signal's code
+        kept = (f"; the finished defense points are kept in {os.path.join(args.out, 'points')}: the same command "
+                "resumes after them" if args.command == "attack-eval" else "")
+        print(f"fedjaxpriv: {args.command} {str(error) or 'interrupted by SIGINT'}{kept}.", file=sys.stderr)
+        return 128 + getattr(error, "signum", signal.SIGINT)
     return 1
+
+
+def _interrupt_on_sigterm() -> None:
+    """SIGTERM stops the command as Ctrl-C does (``guards.raise_interrupted``; a run it trains holds the signal
+    back while it commits a round, as ``guards.Signals`` does)."""
+    from fedjaxpriv.guards import raise_interrupted
+
+    if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGTERM) == signal.SIG_DFL:
+        signal.signal(signal.SIGTERM, raise_interrupted)
 
 
 if __name__ == "__main__":

@@ -76,10 +76,17 @@ def divergence_message(problem: str, round_: int, config: Any, saved: int, out_d
             f"or server.central_clip_norm (now {s.central_clip_norm}).")
 
 
+def raise_interrupted(signum: int, frame: Any) -> None:
+    """A signal handler that raises ``RunInterrupted``: a command that trains several runs installs it for
+    SIGTERM (Ctrl-C raises ``KeyboardInterrupt`` already); a run's ``Signals`` replaces it while it trains."""
+    del frame
+    raise RunInterrupted(signum)
+
+
 class Signals:
     """SIGINT and SIGTERM raise ``RunInterrupted`` while installed; inside ``deferred()`` they are held back and
-    raised when the block ends. Installs only in the main thread, and only over the default handlers (a signal
-    that is ignored, or handled by someone else, stays so)."""
+    raised when the block ends. Installs only in the main thread, and only over the default handlers or
+    ``raise_interrupted`` (a signal that is ignored, or handled by someone else, stays so)."""
 
     def __init__(self) -> None:
         self.pending: int | None = None
@@ -90,7 +97,7 @@ class Signals:
         if threading.current_thread() is not threading.main_thread():
             return
         for signum in (signal.SIGINT, signal.SIGTERM):
-            if signal.getsignal(signum) in (signal.SIG_DFL, signal.default_int_handler):
+            if signal.getsignal(signum) in (signal.SIG_DFL, signal.default_int_handler, raise_interrupted):
                 self._previous[signum] = signal.signal(signum, self._handle)
 
     def uninstall(self) -> None:

@@ -787,7 +787,8 @@ def threat_model_tables(records: Sequence[Mapping[str, Any]], views: Mapping[str
                                if any(f"attack/{attack}/{m}" in r for r in records)]
             # An attack that applied nowhere still gets a column, which says why.
             columns += [(attack, f"attack/{attack}/{m}", i == 0) for i, m in enumerate(metrics_present or ["n/a"])]
-        header = ["defense", "strength", "test accuracy", "epsilon", *[c.removeprefix("attack/") for _, c, _ in columns]]
+        header = ["defense", "strength", "test accuracy", "epsilon",
+                  *[key.removeprefix("attack/") for _, key, _ in columns]]
         lines += [f"### {threat}: {meaning}", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
         for r in records:
             epsilon = r.get("epsilon", math.inf)

@@ -6,6 +6,9 @@ import csv
 import json
 import math
 import os
+import signal
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -223,3 +226,26 @@ def test_membership_intervals_say_whether_they_separate_from_chance_and_from_the
     assert "| pruning | 0.5 | 0.900 | no DP | 0.630 [0.610, 0.650] * | 0.020 [0.005, 0.040] |" in table
     assert any(line.startswith("Marks on 95% intervals") for line in table)
     assert evaluation.chance_level("tpr@0.1%fpr") == pytest.approx(0.001) and evaluation.chance_level("psnr") is None
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_attack_eval_stopped_by_a_signal_says_so_in_one_line_and_keeps_finished_points(tmp_path, signum):
+    out = tmp_path / "out"
+    command = [sys.executable, "-m", "fedjaxpriv.cli", "attack-eval", "--defenses", "none,pruning",
+               "--shadow-federations", "0", "--pool-size", "40", "--inversion-targets", "0", "--set", "run.rounds=2",
+               "--set", "client.local_steps=2", "--set", "model.hidden=[16]", "--out", str(out)]
+    child = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    lines = []
+    while not any(line.startswith("defense 2/4") for line in lines):  # the first point is finished and kept
+        line = child.stderr.readline()
+        assert line, "".join(lines)
+        lines.append(line)
+    child.send_signal(signum)
+    _, rest = child.communicate(timeout=120)
+    log = "".join(lines) + rest
+    assert child.returncode == 128 + signum, log
+    assert rest.strip().splitlines()[-1].startswith(
+        f"fedjaxpriv: attack-eval interrupted by {signal.Signals(signum).name}; the finished defense points are kept")
+    assert "Traceback" not in log
+    assert len(os.listdir(out / "points")) == 1
