@@ -30,6 +30,7 @@ import json
 import math
 import os
 import pickle
+import time
 import warnings
 from typing import Any, Callable, Mapping, NamedTuple, Sequence
 
@@ -686,19 +687,25 @@ def evaluate_defenses(base: ExperimentConfig, defenses: Mapping[str, Any] | None
     store = ResultsStore(out_dir) if out_dir is not None else None
     code = f"{package_versions().get('fedjaxpriv')} {code_revision()}" if kept_dir is not None else None
     results = []
-    for index, (family, strength, overrides) in enumerate(points):
-        label = f"{family} {strength}".strip()
-        path = None
-        if kept_dir is not None:
-            path = os.path.join(kept_dir, f"{point_key(base, label, overrides, suite, attacks, code)}.pkl")
+    labels = [f"{family} {strength}".strip() for family, strength, _ in points]
+    paths = [os.path.join(kept_dir, f"{point_key(base, label, overrides, suite, attacks, code)}.pkl")
+             if kept_dir is not None else None for label, (_, _, overrides) in zip(labels, points)]
+    to_run = [path is None or not os.path.exists(path) for path in paths]
+    shadows = f" and {suite.shadow_federations} shadow federations" if suite.shadow_federations else ""
+    _say(f"{len(points)} defense points ({len(points) - sum(to_run)} finished earlier), each training the target "
+         f"federation{shadows} and attacking it")
+    durations: list[float] = []
+    for index, ((family, strength, overrides), label, path) in enumerate(zip(points, labels, paths)):
         result = _read_point(path) if path is not None else None
         fresh = result is None
         if not fresh:
             _say(f"defense {index + 1}/{len(points)}: {label} (finished earlier: {path})")
         else:
-            _say(f"defense {index + 1}/{len(points)}: {label}")
+            _say(f"defense {index + 1}/{len(points)}: {label} ({time_left(durations, sum(to_run[index:]))})")
+            started = time.perf_counter()
             result = evaluate_defense(base, label, overrides, suite, family=family, strength=strength,
                                       attacks=attacks, parts=parts)
+            durations.append(time.perf_counter() - started)
             if path is not None:
                 os.makedirs(kept_dir, exist_ok=True)
                 atomic_write(path, pickle.dumps(result))
@@ -713,6 +720,14 @@ def evaluate_defenses(base: ExperimentConfig, defenses: Mapping[str, Any] | None
                      scores={r.record["label"]: r.scores for r in results},
                      inversions={r.record["label"]: r.inversion for r in results}, views=attack_views(attacks))
     return records
+
+
+def time_left(durations: Sequence[float], points: int) -> str:
+    """How long ``points`` more defense points take at the mean of the finished ones' ``durations`` (seconds)."""
+    if not durations:
+        return "time left known after the first point"
+    seconds = float(np.mean(durations)) * points
+    return f"about {seconds / 60:.0f} min left" if seconds >= 90 else f"about {seconds:.0f} s left"
 
 
 def _with_interval(record: Mapping[str, Any], key: str) -> str:

@@ -249,3 +249,9 @@ def test_attack_eval_stopped_by_a_signal_says_so_in_one_line_and_keeps_finished_
         f"fedjaxpriv: attack-eval interrupted by {signal.Signals(signum).name}; the finished defense points are kept")
     assert "Traceback" not in log
     assert len(os.listdir(out / "points")) == 1
+
+
+def test_time_left_is_the_mean_point_time_the_points_still_to_run():
+    assert evaluation.time_left([], 5) == "time left known after the first point"
+    assert evaluation.time_left([100.0, 140.0], 3) == "about 6 min left"
+    assert evaluation.time_left([20.0], 2) == "about 40 s left"
