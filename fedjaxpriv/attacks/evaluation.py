@@ -43,7 +43,7 @@ from fedjaxpriv.config import NATURAL_DATASETS, ExperimentConfig, with_overrides
 from fedjaxpriv.data.federated import Dataset
 from fedjaxpriv.files import atomic_write
 from fedjaxpriv.privacy.basis import level_of
-from fedjaxpriv.results import cumulative, jsonable
+from fedjaxpriv.results import as_float, cumulative, jsonable
 
 Record = dict[str, Any]
 
@@ -822,6 +822,76 @@ def threat_model_tables(records: Sequence[Mapping[str, Any]], views: Mapping[str
     return "\n".join(lines + ([legend, ""] if any("_low" in k for r in records for k in r) else []))
 
 
+# Fractions of the undefended accuracy at which defenses are compared (``matched_utility``).
+MATCHED_FRACTIONS = (0.9, 0.8)
+# The membership attacks compared at matched utility, when present.
+MATCHED_METRICS = ("attack/rmia/auc", "attack/lira_online/auc", "attack/lira_offline/auc",
+                   "attack/loss_threshold/auc", "attack/passive/auc")
+
+
+def matched_utility(records: Sequence[Mapping[str, Any]], metric: str, fraction: float
+                    ) -> dict[str, tuple[float, float, float] | str]:
+    """Each defense family's attack success at the accuracy ``fraction`` x the undefended run's (defense "none").
+
+    A family's strengths, sorted by test accuracy, are joined piecewise linearly (metric, and its interval ends
+    ``_low`` / ``_high`` alike) and read at the target accuracy; no extrapolation: a family whose every strength
+    is less accurate, or more accurate, than the target says so instead.
+
+    Returns:
+      {family: (value, low, high)} (low / high NaN without an interval) or {family: "n/a: <why>"}.
+    """
+    reference = [r for r in records if r.get("defense") == "none" and metric in r]
+    if not reference:
+        return {}
+    target = fraction * float(np.mean([as_float(r["test_accuracy"]) for r in reference]))
+    families: dict[str, list[Mapping[str, Any]]] = {}
+    for r in records:
+        if r.get("defense") != "none" and metric in r and not math.isnan(as_float(r.get("test_accuracy"))):
+            families.setdefault(str(r.get("defense")), []).append(r)
+    out: dict[str, tuple[float, float, float] | str] = {}
+    for family, members in families.items():
+        members = sorted(members, key=lambda r: as_float(r["test_accuracy"]))
+        accuracy = np.array([as_float(r["test_accuracy"]) for r in members])
+        if accuracy[-1] < target:
+            out[family] = f"n/a: no strength reaches accuracy {target:.3f} (best {accuracy[-1]:.3f})"
+            continue
+        if accuracy[0] > target:
+            out[family] = f"n/a: every strength is more accurate than {target:.3f} (least {accuracy[0]:.3f})"
+            continue
+        columns = [np.array([as_float(r.get(f"{metric}{suffix}", math.nan)) for r in members])
+                   for suffix in ("", "_low", "_high")]
+        out[family] = tuple(float(np.interp(target, accuracy, values)) for values in columns)
+    return out
+
+
+def matched_utility_table(records: Sequence[Mapping[str, Any]],
+                          fractions: Sequence[float] = MATCHED_FRACTIONS) -> str:
+    """Markdown: membership attack success of every defense family at fixed fractions of the undefended
+    accuracy (``matched_utility``), one row per family; "" without an undefended run or membership metrics."""
+    metrics = [m for m in MATCHED_METRICS if any(m in r for r in records)]
+    cells = {(m, f): matched_utility(records, m, f) for m in metrics for f in fractions}
+    families = list(dict.fromkeys(family for table in cells.values() for family in table))
+    if not families:
+        return ""
+    header = ["defense", *[f"{m.removeprefix('attack/')} at {f:.0%} accuracy" for m in metrics for f in fractions]]
+    lines = ["### Attack success at matched utility", "",
+             "Each defense's strengths joined piecewise linearly in test accuracy and read at a fraction of the "
+             "undefended run's accuracy (intervals: their ends joined alike); no extrapolation.", "",
+             "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for family in families:
+        row = [family]
+        for m in metrics:
+            for f in fractions:
+                value = cells[(m, f)].get(family, "n/a")
+                if isinstance(value, str):
+                    row.append(value)
+                else:
+                    middle, low, high = value
+                    row.append(f"{middle:.3f}" if math.isnan(low) else f"{middle:.3f} [{low:.3f}, {high:.3f}]")
+        lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines + ["", ""])
+
+
 def write_tables(records: Sequence[Record], out_dir: str, *, store_records: Sequence[Mapping[str, Any]] = (),
                  scores: Mapping[str, Mapping[str, tuple[np.ndarray, np.ndarray]]] | None = None,
                  inversions: Mapping[str, Any] | None = None,
@@ -838,7 +908,8 @@ def write_tables(records: Sequence[Record], out_dir: str, *, store_records: Sequ
     csv_path, md_path = os.path.join(out_dir, "attack_eval.csv"), os.path.join(out_dir, "attack_eval.md")
     write_csv(csv_path, records)
     with open(md_path, "w") as f:
-        f.write("# Defenses against attacks\n\n" + threat_model_tables(records, views) + basis_notes(records))
+        f.write("# Defenses against attacks\n\n" + threat_model_tables(records, views) + matched_utility_table(records)
+                + basis_notes(records))
     written = {"csv": csv_path, "markdown": md_path}
     frontier = plot_frontier(store_records, os.path.join(out_dir, "frontier.png")) if store_records else None
     if frontier:

@@ -255,3 +255,26 @@ def test_time_left_is_the_mean_point_time_the_points_still_to_run():
     assert evaluation.time_left([], 5) == "time left known after the first point"
     assert evaluation.time_left([100.0, 140.0], 3) == "about 6 min left"
     assert evaluation.time_left([20.0], 2) == "about 40 s left"
+
+
+def test_defenses_are_compared_at_matched_utility_without_extrapolating():
+    def point(defense, accuracy, auc, width=0.02):
+        return {"defense": defense, "test_accuracy": accuracy, "attack/rmia/auc": auc,
+                "attack/rmia/auc_low": auc - width, "attack/rmia/auc_high": auc + width}
+
+    records = [point("none", 0.9, 0.70),
+               point("dpsgd", 0.85, 0.60), point("dpsgd", 0.65, 0.52),      # brackets 0.81 and 0.72
+               point("pruning", 0.88, 0.68), point("pruning", 0.80, 0.64),  # brackets 0.81, never down to 0.72
+               point("mixup", 0.5, 0.55)]                                   # never up to 0.81
+    at_90 = evaluation.matched_utility(records, "attack/rmia/auc", 0.9)
+    # target 0.81: dpsgd between 0.65 (0.52) and 0.85 (0.60), 80 % of the way: 0.584, its interval +-0.02.
+    assert at_90["dpsgd"] == pytest.approx((0.584, 0.564, 0.604))
+    assert at_90["pruning"] == pytest.approx((0.645, 0.625, 0.665))  # 1/8 of the way from 0.80 to 0.88
+    assert at_90["mixup"].startswith("n/a: no strength reaches accuracy 0.810 (best 0.500)")
+    at_80 = evaluation.matched_utility(records, "attack/rmia/auc", 0.8)
+    assert at_80["pruning"].startswith("n/a: every strength is more accurate than 0.720 (least 0.800)")
+    assert at_80["dpsgd"] == pytest.approx((0.548, 0.528, 0.568))  # 35 % of the way from 0.65 to 0.85
+    table = evaluation.matched_utility_table(records).splitlines()
+    assert "| defense | rmia/auc at 90% accuracy | rmia/auc at 80% accuracy |" in table
+    assert "| dpsgd | 0.584 [0.564, 0.604] | 0.548 [0.528, 0.568] |" in table
+    assert evaluation.matched_utility_table([point("dpsgd", 0.8, 0.6)]) == ""  # no undefended run: no table
