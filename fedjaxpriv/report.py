@@ -74,9 +74,10 @@ def headline_attack_keys(records: Sequence[Record]) -> list[str]:
 
 
 def final_epsilon(record: Record, key: str) -> float:
-    """The run's final epsilon at one level (``key`` in ``EPSILON_KEYS``); nan where the run has no DP there."""
+    """The run's final epsilon at one level (``key`` in ``EPSILON_KEYS``); nan where the run has no guarantee
+    there (no DP, or inf: some participant trained without noise)."""
     value = as_float(record["final"].get(key, math.nan))
-    return value if value > 0 else math.nan
+    return value if 0 < value < math.inf else math.nan
 
 
 def epsilon_levels(records: Sequence[Record]) -> list[str]:
@@ -232,7 +233,8 @@ def plot_metric_vs_rounds(records: Sequence[Record], keys: Sequence[str], ylabel
 def plot_epsilon_vs_rounds(records: Sequence[Record], path: str) -> str | None:
     """Epsilon against round, one line per run, one panel per level (columns) and dataset (rows); each panel's
     y axis names its level and the basis its runs share; a run keeps its colour and marker across a row, whose
-    legend is at its right. None (no file) if no run tracks privacy."""
+    legend is at its right; rounds with an infinite epsilon (no guarantee) are left out. None (no file) if no run
+    tracks privacy."""
     keys = [key for key in EPSILON_KEYS if any(_series(r, key)[0] for r in records)]
     if not keys:
         return None
@@ -243,6 +245,8 @@ def plot_epsilon_vs_rounds(records: Sequence[Record], path: str) -> str | None:
         for ax, key in zip(ax_row, keys):
             for index, record in enumerate(group):
                 rounds, values = _series(record, key)
+                finite = [(r, v) for r, v in zip(rounds, values) if math.isfinite(v)]  # inf: no guarantee to draw
+                rounds, values = [r for r, _ in finite], [v for _, v in finite]
                 if rounds:
                     (handles[record["label"]],) = ax.plot(rounds, values, markevery=max(1, len(rounds) // 12),
                                                           markersize=4, label=record["label"], **series_style(index))
@@ -257,8 +261,8 @@ def plot_epsilon_vs_rounds(records: Sequence[Record], path: str) -> str | None:
 
 def plot_privacy_utility(records: Sequence[Record], path: str) -> str:
     """Final test accuracy against final epsilon, one panel per privacy level (columns) and dataset (rows). Runs
-    without DP at a panel's level (hollow markers) sit apart, in a narrow "no DP" strip at the panel's right, not
-    on the epsilon axis. Each x axis names its level and the basis its runs share; the legend is at the right
+    without a guarantee at a panel's level (no DP, or an infinite epsilon; hollow markers) sit apart, in a narrow
+    "no guarantee" strip at the panel's right, not on the epsilon axis. Each x axis names its level and the basis its runs share; the legend is at the right
     of each row."""
     groups = by_dataset(records)
     keys = epsilon_levels(records) or [EPSILON_KEYS[0]]
@@ -285,7 +289,7 @@ def plot_privacy_utility(records: Sequence[Record], path: str) -> str:
                     strip.scatter([0.0], [acc], marker=style["marker"], label=label, facecolors="none",
                                   edgecolors=style["color"])
                 strip.set_xlim(-1.0, 1.0)
-                strip.set_xticks([0.0], ["no DP"], fontsize=7)
+                strip.set_xticks([0.0], ["no\nguarantee"], fontsize=7)
                 strip.tick_params(axis="y", labelleft=False)
                 strip.grid(alpha=0.3, axis="y")
         handles = {}  # a run's filled marker where it has an epsilon somewhere, else its hollow one

@@ -13,6 +13,7 @@ used its planned participations, so every client ends at or below its target wha
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import numpy as np
@@ -20,7 +21,7 @@ import numpy as np
 from fedjaxpriv.client.sampling import DP_OVERFLOW_TAIL, batch_slots, overflow_probability
 from fedjaxpriv.client.settings import ClientSettings
 from fedjaxpriv.privacy.accounting import participation_bound
-from fedjaxpriv.privacy.basis import describe_accountant
+from fedjaxpriv.privacy.basis import LEVEL_MEANING, describe_accountant
 from fedjaxpriv.privacy.calibration import calibrate_noise
 from fedjaxpriv.privacy.composition import DEFAULT_PLD_DISCRETIZATION, EventAccountant
 from fedjaxpriv.privacy.mechanisms import (ClientLevelDpFedAvg, LocalGaussian, SampleLevelDpSgd, round_up_float32,
@@ -75,6 +76,22 @@ def dp_batch_slots(settings: ClientSettings, counts: np.ndarray, *, planned_step
     if tail >= float(np.max(mechanism.truncation_probabilities[members])):
         return slots
     return batch_slots(settings, counts, private, tail=tail)  # tail 0: slots n + 1, no overflow possible
+
+
+def _largest(epsilons: np.ndarray, private: np.ndarray, exposed: int) -> float:
+    """The largest epsilon over the participants: inf when ``exposed`` of them had no noise (no guarantee), else
+    the largest over the ``private`` ones (0 before any took part)."""
+    if exposed:
+        return math.inf
+    return float(epsilons[private].max()) if np.any(private) else 0.0
+
+
+def _no_guarantee(level: str, exposed: int, knob: str) -> str:
+    """The basis of an infinite epsilon: ``exposed`` participants trained without noise ("" when none did)."""
+    if not exposed:
+        return ""
+    return (f"{LEVEL_MEANING[level]}; no guarantee: {exposed} participant(s) took part without noise ({knob} 0), "
+            "so the largest epsilon is inf (the private participants' are in clients.csv)")
 
 
 def dp_cohort_slots(mechanism: ClientLevelDpFedAvg, rounds: int, delta: float, accountant: str = "rdp") -> int:
@@ -280,13 +297,17 @@ class PrivacyTracker:
         if self.sample_level is not None:
             private = self.sample_level.private & took_part
             eps = self.example_epsilons()
-            out["epsilon_basis"] = self._basis_of_max(eps, chosen["epsilon"], private)
+            exposed = int(np.sum(~self.sample_level.private & took_part))
+            out["epsilon_basis"] = _no_guarantee("example", exposed, "client.dp_noise_multiplier") or \
+                self._basis_of_max(eps, chosen["epsilon"], private)
             out["epsilon_mean_basis"] = self._basis_of_mean(chosen["epsilon"], private)
-            out["epsilon_unamplified_basis"] = self.sample_level.basis(self.accountant_name, self.delta,
-                                                                       amplified=False).describe()
+            out["epsilon_unamplified_basis"] = _no_guarantee("example", exposed, "client.dp_noise_multiplier") or \
+                self.sample_level.basis(self.accountant_name, self.delta, amplified=False).describe()
         if self.local is not None:
-            out["local_epsilon_basis"] = self.local.basis(self.accountant_name, self.delta).describe()
-            out["local_epsilon_mean_basis"] = out["local_epsilon_basis"]  # one basis for every client
+            line = self.local.basis(self.accountant_name, self.delta).describe()
+            exposed = int(np.sum(~self.local.private & took_part))
+            out["local_epsilon_basis"] = _no_guarantee("local", exposed, "message.local_noise_multiplier") or line
+            out["local_epsilon_mean_basis"] = line  # the mean is over the private participants, one basis for all
         if self.client_private:
             out["client_level_epsilon_basis"] = self._basis_of_max(
                 self.client_level_epsilons(), chosen["client_level_epsilon"], np.ones(self.num_clients, bool))
@@ -301,15 +322,17 @@ class PrivacyTracker:
         if self.sample_level is not None:
             private = self.sample_level.private & took_part
             eps, plain = self.example_epsilons(), self.example_epsilons(amplified=False)
-            record.update(epsilon_max=float(eps[private].max()) if np.any(private) else 0.0,
+            exposed = int(np.sum(~self.sample_level.private & took_part))
+            record.update(epsilon_max=_largest(eps, private, exposed),
                           epsilon_mean=float(eps[private].mean()) if np.any(private) else 0.0,
-                          epsilon_unamplified_max=float(plain[private].max()) if np.any(private) else 0.0,
-                          nonprivate_participants=int(np.sum(~self.sample_level.private & took_part)))
+                          epsilon_unamplified_max=_largest(plain, private, exposed),
+                          nonprivate_participants=exposed)
         if self.local is not None:
             private = self.local.private & took_part
             eps = self.local_epsilons()
-            record.update(local_epsilon_max=float(eps[private].max()) if np.any(private) else 0.0,
-                          local_epsilon_mean=float(eps[private].mean()) if np.any(private) else 0.0)
+            record.update(local_epsilon_max=_largest(eps, private, int(np.sum(~self.local.private & took_part))),
+                          local_epsilon_mean=float(eps[private].mean()) if np.any(private) else 0.0,
+                          local_nonprivate_participants=int(np.sum(~self.local.private & took_part)))
         if self.client_private:
             record["client_level_epsilon"] = self.client_level_epsilon()
             record["client_level_epsilon_unamplified"] = float(self.client_level_epsilons_unamplified().max())

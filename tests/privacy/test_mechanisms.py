@@ -216,7 +216,10 @@ def test_local_noise_is_a_gaussian_with_sensitivity_twice_the_clip_per_message()
     rdp = PrivacyTracker(num_clients=2, steps_per_round=np.ones(2, int), delta=DELTA, local=local)
     rdp.participations[:] = 10
     assert rdp.local_epsilons()[0] > pld[0]
-    assert "2C" in tracker.summary()["local_epsilon_basis"]
+    summary = tracker.summary()
+    assert "2C" in summary["local_epsilon_mean_basis"] and "discretization 0.0001" in summary["local_epsilon_mean_basis"]
+    # client 1 sent without noise: the largest local epsilon is inf, and its basis says why
+    assert summary["local_epsilon_max"] == math.inf and "no guarantee: 1 participant(s)" in summary["local_epsilon_basis"]
 
 
 # ----------------------------------------------------------------------------- RDP vs PLD, calibration

@@ -121,3 +121,25 @@ def test_the_unamplified_poisson_bound_is_charged_for_truncation_too():
     reported = tracker.example_epsilons(amplified=False)[0]
     assert reported == pytest.approx(plain(DELTA - charge), rel=1e-8)
     assert reported > plain(DELTA) * (1 + 1e-6)
+
+
+def test_a_participant_without_noise_makes_the_largest_epsilon_infinite():
+    """Two tiers, DP-SGD with noise 1 and without noise: once a noiseless client takes part the run's largest
+    example-level epsilon is inf, its basis says why, and the mean stays over the private participants."""
+    from fedjaxpriv.config import from_dict
+    from fedjaxpriv.experiment import Experiment
+
+    config = from_dict({"data": {"num_clients": 4}, "model": {"hidden": [8]},
+                        "client": {"dp_clip_norm": 1.0, "dp_noise_multiplier": [1.0, 0.0]},
+                        "server": {"clients_per_round": 4}, "run": {"rounds": 1, "checkpoint_every": 0}})
+    exp = Experiment(config)
+    exp.privacy.record_round(np.array([0, 2]))  # private clients only
+    private_only = exp.privacy.summary()
+    assert 0 < private_only["epsilon_max"] < np.inf and private_only["nonprivate_participants"] == 0
+    exp.privacy.record_round(np.array([1]))
+    summary = exp.privacy.summary()
+    assert summary["epsilon_max"] == np.inf == summary["epsilon_unamplified_max"]
+    assert summary["nonprivate_participants"] == 1
+    assert summary["epsilon_basis"].startswith("example-level") and "no guarantee: 1 participant(s)" in \
+        summary["epsilon_basis"]
+    assert summary["epsilon_mean"] == pytest.approx(exp.privacy.example_epsilons()[[0, 2]].mean())

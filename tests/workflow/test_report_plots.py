@@ -284,7 +284,7 @@ def test_privacy_levels_never_share_an_axis(tmp_path, monkeypatch):
     records = [_private("dpsgd", 0.8, epsilon_max=3.0, epsilon_basis=example_basis),
                _private("dpfedavg", 0.7, client_level_epsilon=40.0, client_level_epsilon_basis="client; b"),
                _private("dpfedavg2", 0.6, client_level_epsilon=20.0, client_level_epsilon_basis="client; c"),
-               _private("none", 0.9)]
+               _private("none", 0.9), _private("mixed", 0.95, epsilon_max=float("inf"))]
     figures = []
     monkeypatch.setattr(report, "_save", lambda fig, path: figures.append(fig) or path)
     report.plot_privacy_utility(records, str(tmp_path / "p.png"))
@@ -296,12 +296,13 @@ def test_privacy_levels_never_share_an_axis(tmp_path, monkeypatch):
     # Each panel plots its own level's epsilon; runs without DP at that level sit in a "no DP" strip beside it,
     # hollow, not on the epsilon axis.
     assert [[float(c.get_offsets()[0][0]) for c in ax.collections] for ax in (example, client)] == [[3.0], [40.0, 20.0]]
-    for ax, without in ((example, [0.7, 0.6, 0.9]), (client, [0.8, 0.9])):
+    for ax, without in ((example, [0.7, 0.6, 0.9, 0.95]), (client, [0.8, 0.9, 0.95])):
         (strip,) = ax.child_axes
-        assert [t.get_text() for t in strip.get_xticklabels()] == ["no DP"]
+        assert [t.get_text() for t in strip.get_xticklabels()] == ["no\nguarantee"]
         assert [float(c.get_offsets()[0][1]) for c in strip.collections] == without
         assert all(c.get_facecolors().size == 0 for c in strip.collections)
-    assert [t.get_text() for t in client.get_legend().get_texts()] == ["dpsgd", "dpfedavg", "dpfedavg2", "none"]
+    assert [t.get_text() for t in client.get_legend().get_texts()] == ["dpsgd", "dpfedavg", "dpfedavg2", "none",
+                                                                       "mixed"]
     example_rounds, client_rounds = rounds.axes
     assert example_rounds.get_ylabel() == "example-level epsilon" and "replace one" in example_rounds.get_xlabel()
     assert [list(line.get_ydata()) for line in example_rounds.lines] == [[1.0, 2.0, 3.0]]
