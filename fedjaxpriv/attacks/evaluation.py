@@ -874,7 +874,7 @@ def matched_utility_table(records: Sequence[Mapping[str, Any]],
     if not families:
         return ""
     header = ["defense", *[f"{m.removeprefix('attack/')} at {f:.0%} accuracy" for m in metrics for f in fractions]]
-    lines = ["### Attack success at matched utility", "",
+    lines = ["", "### Attack success at matched utility", "",
              "Each defense's strengths joined piecewise linearly in test accuracy and read at a fraction of the "
              "undefended run's accuracy (intervals: their ends joined alike); no extrapolation.", "",
              "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
