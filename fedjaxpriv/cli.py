@@ -59,7 +59,11 @@ def _build_parser() -> argparse.ArgumentParser:
     report.add_argument("--out", default="report", help="output directory for PNGs and summary.md/csv")
     attack = commands.add_parser("attack-eval", help="train each defense at several strengths, attack it, write the "
                                                      "privacy-utility frontier")
-    attack.add_argument("--config", help="base YAML or JSON config file (default: a setup where membership leaks)")
+    attack.add_argument("--config", help="base YAML or JSON config file (default: the --preset's)")
+    attack.add_argument("--preset", choices=("membership", "equal_utility"), default=None,
+                        help="base run without --config: 'membership' (default; membership leaks most, DP trains "
+                             "to near chance) or 'equal_utility' (100 clients: DP-FedAvg keeps most of the "
+                             "accuracy, so defenses compare at equal utility)")
     attack.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.FIELD=VALUE",
                         help="override a field of the base config (repeatable)")
     attack.add_argument("--defenses",
@@ -68,8 +72,9 @@ def _build_parser() -> argparse.ArgumentParser:
                              "{name: {field: value}} or {name: {strength: {field: value}}}")
     attack.add_argument("--shadow-federations", type=int, default=16,
                         help="shadow federations replaying the training, for LiRA/RMIA (0 = skip them)")
-    attack.add_argument("--pool-size", type=int, default=600,
-                        help="membership pool (half are members); 0 = the config's own train/test data")
+    attack.add_argument("--pool-size", type=int, default=None,
+                        help="membership pool (half are members; default the preset's: 600 or 1200); 0 = the "
+                             "config's own train/test data")
     attack.add_argument("--inversion-targets", type=int, default=4,
                         help="tapped messages attacked by gradient inversion (0 = skip)")
     attack.add_argument("--threat-models", default="server,eavesdropper,participant",
@@ -132,19 +137,27 @@ def _audit(args: argparse.Namespace) -> int:
 
 
 def _attack_eval(args: argparse.Namespace) -> int:
-    from fedjaxpriv.attacks.evaluation import DEFENSES, MEMBERSHIP_BASE, AttackSuite, evaluate_defenses
+    from fedjaxpriv.attacks.evaluation import DEFENSES, PRESETS, AttackSuite, evaluate_defenses
     from fedjaxpriv.config import load_file
 
-    config = _config(args, MEMBERSHIP_BASE)
+    if args.config and args.preset:
+        raise ValueError(f"--preset {args.preset} and --config {args.config}: both give the base run; allowed: one.")
+    preset = PRESETS[args.preset or "membership"]
+    config = _config(args, preset.overrides)
     if os.path.isfile(args.defenses):
         defenses = load_file(args.defenses, "defenses file")
     else:
         names = [n.strip() for n in args.defenses.split(",") if n.strip()]
+        if not names:
+            raise ValueError(f"--defenses {args.defenses!r} names no defense point; allowed: built-in names "
+                             f"{sorted(DEFENSES)} or a YAML file.")
         unknown = [n for n in names if n not in DEFENSES]
         if unknown:
             raise ValueError(f"unknown defense(s) {unknown}; allowed: {sorted(DEFENSES)} or a YAML file.")
         defenses = {n: DEFENSES[n] for n in names}
-    suite = AttackSuite(shadow_federations=args.shadow_federations, pool_size=args.pool_size,
+    pool_size = args.pool_size if args.pool_size is not None else (
+        preset.pool_size if not args.config else AttackSuite().pool_size)
+    suite = AttackSuite(shadow_federations=args.shadow_federations, pool_size=pool_size,
                         inversion_targets=args.inversion_targets, aggregate_max_examples=args.aggregate_max_examples,
                         threat_models=tuple(t.strip() for t in args.threat_models.split(",") if t.strip()))
     records = evaluate_defenses(config, defenses, suite, out_dir=_output_dir(args.out))

@@ -278,3 +278,30 @@ def test_defenses_are_compared_at_matched_utility_without_extrapolating():
     assert "| defense | rmia/auc at 90% accuracy | rmia/auc at 80% accuracy |" in table
     assert "| dpsgd | 0.584 [0.564, 0.604] | 0.548 [0.528, 0.568] |" in table
     assert evaluation.matched_utility_table([point("dpsgd", 0.8, 0.6)]) == ""  # no undefended run: no table
+
+
+def test_presets_are_the_cli_choices_and_one_base_at_a_time(capsys, tmp_path):
+    parser = cli._build_parser()
+    action = next(a for a in parser._subparsers._group_actions[0].choices["attack-eval"]._actions
+                  if a.dest == "preset")
+    assert tuple(action.choices) == tuple(evaluation.PRESETS)
+    config = tmp_path / "c.yaml"
+    config.write_text("run: {rounds: 1}\n")
+    assert cli.main(["attack-eval", "--preset", "equal_utility", "--config", str(config)]) == 2
+    assert "--preset equal_utility and --config" in capsys.readouterr().err
+    # The equal-utility preset's cohorts hold 20 clients x 6 examples: the secure-aggregation cap says so.
+    base = with_overrides(ExperimentConfig(), list(evaluation.PRESETS["equal_utility"].overrides))
+    suite = evaluation.AttackSuite(threat_models=("secure_aggregation",),
+                                   pool_size=evaluation.PRESETS["equal_utility"].pool_size)
+    with pytest.raises(ValueError, match="a cohort holds 120 examples"):
+        evaluation.check_threat_models(base, evaluation.defense_points({"none": {}}), suite,
+                                       evaluation.BUILTIN_ATTACKS)
+
+
+@pytest.mark.parametrize("defenses", ["", ",,"])
+def test_an_empty_defense_list_is_an_error(defenses, capsys, tmp_path):
+    out = tmp_path / "out"
+    assert cli.main(["attack-eval", "--defenses", defenses, "--shadow-federations", "0", "--out", str(out)]) == 2
+    assert "names no defense point" in capsys.readouterr().err and not out.exists()
+    with pytest.raises(ValueError, match="names no defense point"):
+        evaluation.evaluate_defenses(BASE, {}, SUITE)
