@@ -73,7 +73,7 @@ def _build_parser() -> argparse.ArgumentParser:
     attack.add_argument("--shadow-federations", type=int, default=16,
                         help="shadow federations replaying the training, for LiRA/RMIA (0 = skip them)")
     attack.add_argument("--pool-size", type=int, default=None,
-                        help="membership pool (half are members; default the preset's: 600 or 1200); 0 = the "
+                        help="membership pool (half are members; default the preset's: 600 or 800); 0 = the "
                              "config's own train/test data")
     attack.add_argument("--inversion-targets", type=int, default=4,
                         help="tapped messages attacked by gradient inversion (0 = skip)")

@@ -289,11 +289,11 @@ def test_presets_are_the_cli_choices_and_one_base_at_a_time(capsys, tmp_path):
     config.write_text("run: {rounds: 1}\n")
     assert cli.main(["attack-eval", "--preset", "equal_utility", "--config", str(config)]) == 2
     assert "--preset equal_utility and --config" in capsys.readouterr().err
-    # The equal-utility preset's cohorts hold 20 clients x 6 examples: the secure-aggregation cap says so.
+    # The equal-utility preset's cohorts hold 20 clients x 4 examples: the secure-aggregation cap says so.
     base = with_overrides(ExperimentConfig(), list(evaluation.PRESETS["equal_utility"].overrides))
     suite = evaluation.AttackSuite(threat_models=("secure_aggregation",),
                                    pool_size=evaluation.PRESETS["equal_utility"].pool_size)
-    with pytest.raises(ValueError, match="a cohort holds 120 examples"):
+    with pytest.raises(ValueError, match="a cohort holds 80 examples"):
         evaluation.check_threat_models(base, evaluation.defense_points({"none": {}}), suite,
                                        evaluation.BUILTIN_ATTACKS)
 
