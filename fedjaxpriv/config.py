@@ -717,7 +717,19 @@ def load_yaml(stream: Any) -> Any:
     import yaml
 
     class Loader(yaml.SafeLoader):
-        pass
+        def construct_mapping(self, node: Any, deep: bool = False) -> Any:
+            """A mapping whose keys are unique: a repeated key is an error naming it (YAML keeps the last)."""
+            first: dict[Any, int] = {}
+            for key_node, _ in node.value:
+                key = self.construct_object(key_node, deep=deep)
+                try:
+                    if key in first:
+                        raise yaml.constructor.ConstructorError(
+                            None, None, f"duplicate key {key!r} (first at line {first[key]})", key_node.start_mark)
+                    first[key] = key_node.start_mark.line + 1
+                except TypeError:  # an unhashable key: SafeLoader's own error follows
+                    break
+            return super().construct_mapping(node, deep=deep)
 
     int_tag = "tag:yaml.org,2002:int"
     Loader.yaml_implicit_resolvers = {first: [(tag, regexp) for tag, regexp in resolvers if tag != int_tag]
@@ -734,6 +746,16 @@ def load_yaml(stream: Any) -> Any:
         raise ValueError(f"invalid YAML{where}: {' '.join(str(problem).split())}") from None
 
 
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """A JSON object whose keys are unique: a repeated key is an error naming it (JSON keeps the last)."""
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise ValueError(f"duplicate key {key!r}")
+        out[key] = value
+    return out
+
+
 def load_file(path: str, what: str = "config file") -> dict[str, Any]:
     """A mapping read from a YAML file, or a JSON file if ``path`` ends in ``.json`` (where ``Infinity`` is a
     number). An empty file is an empty mapping.
@@ -745,9 +767,11 @@ def load_file(path: str, what: str = "config file") -> dict[str, Any]:
         with open(path) as f:
             if path.endswith(".json"):
                 try:
-                    raw = json.load(f)
+                    raw = json.load(f, object_pairs_hook=_unique_keys)
                 except json.JSONDecodeError as error:
                     raise ValueError(f"{what} {path!r} is not valid JSON: {error}.") from None
+                except ValueError as error:  # a duplicate key
+                    raise ValueError(f"{what} {path!r}: {error}.") from None
             else:
                 try:
                     raw = load_yaml(f)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import os
 import time
 import warnings
 from typing import Any, Callable, Iterable, Mapping, Sequence
@@ -603,7 +604,17 @@ class Experiment:
         from fedjaxpriv.sinks import check_sinks, check_user_sinks, close_sinks, open_sinks, sink_callback
         from fedjaxpriv.storage import RunStore
 
-        total = rounds or self.config.run.rounds
+        if out_dir is not None and not isinstance(out_dir, (str, os.PathLike)):
+            raise ValueError(f"out_dir={out_dir!r} is not allowed: a directory path, or None to keep the run in "
+                             "memory (the number of rounds is rounds=...).")
+        out_dir = os.fspath(out_dir) if out_dir is not None else None
+        if rounds is not None and (isinstance(rounds, bool) or not isinstance(rounds, (int, np.integer))
+                                   or rounds < 1):
+            raise ValueError(f"rounds={rounds!r} is not allowed: a positive number of rounds, or None for "
+                             f"run.rounds={self.config.run.rounds}.")
+        if isinstance(loss_limit, bool) or not isinstance(loss_limit, (int, float)) or not loss_limit > 0:
+            raise ValueError(f"loss_limit={loss_limit!r} is not allowed: a positive number (default {LOSS_LIMIT:g}).")
+        total = int(rounds) if rounds is not None else self.config.run.rounds
         check_user_sinks(sinks)
         logs = check_sinks(self.config.run.log, out_dir)
         writers: list[Any] = list(sinks)  # closed in the end, whatever happens; the configured ones join them

@@ -553,3 +553,34 @@ def test_cli_print_config_round_trips(tmp_path):
     assert again.returncode == 0, again.stderr
     assert again.stdout == printed.stdout
     assert json.loads(printed.stdout.replace("Infinity", "1e999"))["client"]["dp_clip_norm"] == math.inf
+
+
+@pytest.mark.parametrize("name, text, message", [
+    ("c.yaml", "run:\n  rounds: 3\n  seed: 1\n  rounds: 5\n", r"line 4.*duplicate key 'rounds' \(first at line 2\)"),
+    ("c.yaml", "client: {lr: 0.1}\nclient: {lr: 0.2}\n", r"duplicate key 'client' \(first at line 1\)"),
+    ("c.json", '{"run": {"rounds": 3, "rounds": 5}}', r"c\.json.*duplicate key 'rounds'"),
+])
+def test_a_repeated_key_in_a_config_file_is_an_error_naming_it(tmp_path, name, text, message):
+    from fedjaxpriv.config import load_file
+
+    path = tmp_path / name
+    path.write_text(text)
+    with pytest.raises(ValueError, match=message):
+        load_file(str(path))
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(rounds=0), r"rounds=0 is not allowed: a positive number of rounds, or None for run\.rounds=1"),
+    (dict(rounds=-1), r"rounds=-1 is not allowed"),
+    (dict(rounds=2.5), r"rounds=2\.5 is not allowed"),
+    (dict(out_dir=5), r"out_dir=5 is not allowed: a directory path"),
+    (dict(loss_limit=-1), r"loss_limit=-1 is not allowed: a positive number"),
+])
+def test_run_arguments_are_checked_before_anything_runs(kwargs, message):
+    from fedjaxpriv.config import from_dict
+    from fedjaxpriv.experiment import Experiment
+
+    experiment = Experiment(from_dict({"data": {"num_clients": 2}, "model": {"hidden": [4]},
+                                       "server": {"clients_per_round": 2}, "run": {"rounds": 1, "checkpoint_every": 0}}))
+    with pytest.raises(ValueError, match=message):
+        experiment.run(progress=False, **kwargs)
