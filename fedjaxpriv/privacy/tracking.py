@@ -94,6 +94,11 @@ def _no_guarantee(level: str, exposed: int, knob: str) -> str:
             "so the largest epsilon is inf (the private participants' are in clients.csv)")
 
 
+def _without_noise(level: str, knob: str) -> str:
+    """The basis of one client's infinite epsilon: it trains (or sends) without noise."""
+    return f"{LEVEL_MEANING[level]}; no guarantee: this client takes part without noise ({knob} 0)"
+
+
 def dp_cohort_slots(mechanism: ClientLevelDpFedAvg, rounds: int, delta: float, accountant: str = "rdp") -> int:
     """Static slots of a Poisson cohort under DP-FedAvg (``mechanism`` untruncated), sized like ``dp_batch_slots``.
 
@@ -268,8 +273,10 @@ class PrivacyTracker:
         """Per level with two bounds, the basis of each client's reported epsilon [C] (object strings)."""
         out: dict[str, np.ndarray] = {}
         if self.sample_level is not None:
-            out["epsilon"] = self._chosen_bases(self.sample_level, self.example_epsilons(True),
-                                                self.example_epsilons(False))
+            out["epsilon"] = np.where(self.sample_level.private,
+                                      self._chosen_bases(self.sample_level, self.example_epsilons(True),
+                                                         self.example_epsilons(False)),
+                                      _without_noise("example", "client.dp_noise_multiplier")).astype(object)
         if self.client_private:
             out["client_level_epsilon"] = self._chosen_bases(self.client_level, self.client_level_epsilons(True),
                                                              self.client_level_epsilons(False))
@@ -350,17 +357,25 @@ class PrivacyTracker:
         chosen = self._level_bases()
         bases = self.bases(chosen)
         full = lambda key: np.full(self.num_clients, bases[key], object)  # noqa: E731
+
+        def own(private: np.ndarray, line: str, level: str, knob: str) -> np.ndarray:
+            """Each client's basis: the mechanism's line, or "no guarantee" for a client without noise."""
+            return np.where(private, line, _without_noise(level, knob)).astype(object)
+
         if self.sample_level is not None:
+            unamplified = self.sample_level.basis(self.accountant_name, self.delta, amplified=False).describe()
             out.update(dp_steps=self.dp_steps.copy(), sample_rate=self.sample_level.sample_rates.copy(),
                        noise_multiplier=self.sample_level.noise_multipliers.copy(),
                        epsilon=self.example_epsilons(), epsilon_basis=chosen["epsilon"],
                        epsilon_unamplified=self.example_epsilons(amplified=False),
-                       epsilon_unamplified_basis=full("epsilon_unamplified_basis"))
+                       epsilon_unamplified_basis=own(self.sample_level.private, unamplified, "example",
+                                                     "client.dp_noise_multiplier"))
         if np.any(self.max_participations < UNLIMITED):
             out["max_participations"] = np.where(self.max_participations < UNLIMITED, self.max_participations, -1)
         if self.local is not None:
             out.update(local_noise_multiplier=self.local.noise_multipliers.copy(), local_epsilon=self.local_epsilons(),
-                       local_epsilon_basis=full("local_epsilon_basis"))
+                       local_epsilon_basis=own(self.local.private, bases["local_epsilon_mean_basis"], "local",
+                                               "message.local_noise_multiplier"))
         if self.client_private:
             out.update(client_level_epsilon=self.client_level_epsilons(),
                        client_level_epsilon_basis=chosen["client_level_epsilon"],

@@ -143,3 +143,24 @@ def test_a_participant_without_noise_makes_the_largest_epsilon_infinite():
     assert summary["epsilon_basis"].startswith("example-level") and "no guarantee: 1 participant(s)" in \
         summary["epsilon_basis"]
     assert summary["epsilon_mean"] == pytest.approx(exp.privacy.example_epsilons()[[0, 2]].mean())
+
+
+def test_each_clients_basis_is_its_own_in_a_run_with_clients_without_noise():
+    """clients.csv: a private client keeps its mechanism's basis even when a client without noise took part; the
+    client without noise (epsilon inf) says it has no guarantee."""
+    from fedjaxpriv.config import from_dict
+    from fedjaxpriv.experiment import Experiment
+
+    config = from_dict({"data": {"num_clients": 4}, "model": {"hidden": [8]},
+                        "client": {"dp_clip_norm": 1.0, "dp_noise_multiplier": [1.0, 0.0]},
+                        "message": {"clip_norm": 1.0, "local_noise_multiplier": [2.0, 0.0]},
+                        "server": {"clients_per_round": 4}, "run": {"rounds": 1, "checkpoint_every": 0}})
+    exp = Experiment(config)
+    exp.privacy.record_round(np.arange(4))
+    per_client = exp.privacy.per_client()
+    for key in ("epsilon_basis", "epsilon_unamplified_basis", "local_epsilon_basis"):
+        private, noiseless = per_client[key][0], per_client[key][1]
+        assert "neighbours:" in private and "no guarantee" not in private, (key, private)
+        assert "no guarantee: this client takes part without noise" in noiseless, (key, noiseless)
+    assert np.isinf(per_client["epsilon"][1]) and np.isfinite(per_client["epsilon"][0])
+    assert np.isinf(per_client["local_epsilon"][1]) and np.isfinite(per_client["local_epsilon"][0])
