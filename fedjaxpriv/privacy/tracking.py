@@ -49,6 +49,14 @@ def dpsgd_mechanism(settings: ClientSettings, counts: np.ndarray, slots: int,
 OVERFLOW_DELTA_SHARE = 0.01
 
 
+def overflow_tail(epsilon: float, steps: int, delta: float) -> float:
+    """The largest overflow probability per step (or round) whose charge ``steps p (1 + e^eps)`` over ``steps``
+    stays within ``OVERFLOW_DELTA_SHARE`` of ``delta`` / 2, with eps the untruncated epsilon at delta / 2; 0 where
+    e^eps overflows (then the slots must make an overflow impossible)."""
+    with np.errstate(over="ignore"):
+        return float(OVERFLOW_DELTA_SHARE * delta / (2.0 * steps * (1.0 + np.exp(epsilon))))
+
+
 def dp_batch_slots(settings: ClientSettings, counts: np.ndarray, *, planned_steps: np.ndarray, delta: float,
                    accountant: str = "rdp") -> int:
     """``batch_slots`` with the Poisson batches of DP clients sized so that their overflow charge stays finite.
@@ -70,9 +78,7 @@ def dp_batch_slots(settings: ClientSettings, counts: np.ndarray, *, planned_step
     events, ids, _ = mechanism.step_events()
     eps = EventAccountant(events, delta / 2, accountant=accountant).epsilons(ids, steps)
     members = mechanism.private & (steps > 0)
-    worst = float(np.max(eps[members]))
-    with np.errstate(over="ignore"):
-        tail = OVERFLOW_DELTA_SHARE * delta / (2.0 * float(np.max(steps[members])) * (1.0 + np.exp(worst)))
+    tail = overflow_tail(float(np.max(eps[members])), int(np.max(steps[members])), delta)
     if tail >= float(np.max(mechanism.truncation_probabilities[members])):
         return slots
     return batch_slots(settings, counts, private, tail=tail)  # tail 0: slots n + 1, no overflow possible
@@ -109,10 +115,8 @@ def dp_cohort_slots(mechanism: ClientLevelDpFedAvg, rounds: int, delta: float, a
     population plus one and the cohort cannot overflow.
     """
     eps = EventAccountant([mechanism.round_event()], delta / 2, accountant=accountant).epsilon(0, max(1, rounds))
-    with np.errstate(over="ignore"):
-        tail = OVERFLOW_DELTA_SHARE * delta / (2.0 * max(1, rounds) * (1.0 + np.exp(eps)))
     return max_cohort_size(mechanism.num_clients, mechanism.expected_cohort, "poisson", private=True,
-                           tail=min(float(tail), DP_OVERFLOW_TAIL))
+                           tail=min(overflow_tail(eps, max(1, rounds), delta), DP_OVERFLOW_TAIL))
 
 
 def participation_plan(client_rate: float, rounds: int, tail_probability: float = PARTICIPATION_TAIL) -> int:
@@ -269,17 +273,26 @@ class PrivacyTracker:
         lines = [mechanism.basis(self.accountant_name, self.delta, amplified=a).describe() for a in (True, False)]
         return np.where(amplified <= plain, lines[0], lines[1]).astype(object)
 
-    def _level_bases(self) -> dict[str, np.ndarray]:
-        """Per level with two bounds, the basis of each client's reported epsilon [C] (object strings)."""
+    def _bounds(self) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+        """Per level with two bounds, each client's (amplified, unamplified) epsilon [C], computed once for
+        everything a round reports."""
+        out: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+        if self.sample_level is not None:
+            out["epsilon"] = (self.example_epsilons(True), self.example_epsilons(False))
+        if self.client_private:
+            out["client_level_epsilon"] = (self.client_level_epsilons(True), self.client_level_epsilons(False))
+        return out
+
+    def _level_bases(self, bounds: dict[str, tuple[np.ndarray, np.ndarray]]) -> dict[str, np.ndarray]:
+        """Per level with two bounds (``_bounds``), the basis of each client's reported epsilon [C] (object
+        strings)."""
         out: dict[str, np.ndarray] = {}
         if self.sample_level is not None:
             out["epsilon"] = np.where(self.sample_level.private,
-                                      self._chosen_bases(self.sample_level, self.example_epsilons(True),
-                                                         self.example_epsilons(False)),
+                                      self._chosen_bases(self.sample_level, *bounds["epsilon"]),
                                       _without_noise("example", "client.dp_noise_multiplier")).astype(object)
         if self.client_private:
-            out["client_level_epsilon"] = self._chosen_bases(self.client_level, self.client_level_epsilons(True),
-                                                             self.client_level_epsilons(False))
+            out["client_level_epsilon"] = self._chosen_bases(self.client_level, *bounds["client_level_epsilon"])
         return out
 
     @staticmethod
@@ -295,21 +308,23 @@ class PrivacyTracker:
             return chosen[0]
         return "mean over clients of the smaller of two bounds, per client: " + " | ".join(chosen)
 
-    def bases(self, chosen: dict[str, np.ndarray] | None = None) -> dict[str, str]:
-        """The basis line of every epsilon the tracker reports, by history key (``chosen``: ``_level_bases()``,
-        when the caller has it already)."""
+    def bases(self, bounds: dict[str, tuple[np.ndarray, np.ndarray]] | None = None,
+              chosen: dict[str, np.ndarray] | None = None) -> dict[str, str]:
+        """The basis line of every epsilon the tracker reports, by history key (``bounds``: ``_bounds()``,
+        ``chosen``: ``_level_bases(bounds)``, when the caller has them already)."""
         out: dict[str, str] = {}
         took_part = self.participations > 0
-        chosen = self._level_bases() if chosen is None else chosen
+        bounds = self._bounds() if bounds is None else bounds
+        chosen = self._level_bases(bounds) if chosen is None else chosen
         if self.sample_level is not None:
             private = self.sample_level.private & took_part
-            eps = self.example_epsilons()
-            exposed = int(np.sum(~self.sample_level.private & took_part))
-            out["epsilon_basis"] = _no_guarantee("example", exposed, "client.dp_noise_multiplier") or \
-                self._basis_of_max(eps, chosen["epsilon"], private)
+            exposed = _no_guarantee("example", int(np.sum(~self.sample_level.private & took_part)),
+                                    "client.dp_noise_multiplier")
+            out["epsilon_basis"] = exposed or self._basis_of_max(np.minimum(*bounds["epsilon"]), chosen["epsilon"],
+                                                                 private)
             out["epsilon_mean_basis"] = self._basis_of_mean(chosen["epsilon"], private)
-            out["epsilon_unamplified_basis"] = _no_guarantee("example", exposed, "client.dp_noise_multiplier") or \
-                self.sample_level.basis(self.accountant_name, self.delta, amplified=False).describe()
+            out["epsilon_unamplified_basis"] = exposed or self.sample_level.basis(
+                self.accountant_name, self.delta, amplified=False).describe()
         if self.local is not None:
             line = self.local.basis(self.accountant_name, self.delta).describe()
             exposed = int(np.sum(~self.local.private & took_part))
@@ -317,7 +332,8 @@ class PrivacyTracker:
             out["local_epsilon_mean_basis"] = line  # the mean is over the private participants, one basis for all
         if self.client_private:
             out["client_level_epsilon_basis"] = self._basis_of_max(
-                self.client_level_epsilons(), chosen["client_level_epsilon"], np.ones(self.num_clients, bool))
+                np.minimum(*bounds["client_level_epsilon"]), chosen["client_level_epsilon"],
+                np.ones(self.num_clients, bool))
             out["client_level_epsilon_unamplified_basis"] = self.client_level.basis(
                 self.accountant_name, self.delta, amplified=False).describe()
         return out
@@ -326,9 +342,11 @@ class PrivacyTracker:
         """History fields: epsilons over the clients that took part so far, each with its basis."""
         record: dict[str, Any] = {}
         took_part = self.participations > 0
+        bounds = self._bounds()
         if self.sample_level is not None:
             private = self.sample_level.private & took_part
-            eps, plain = self.example_epsilons(), self.example_epsilons(amplified=False)
+            plain = bounds["epsilon"][1]
+            eps = np.minimum(*bounds["epsilon"])
             exposed = int(np.sum(~self.sample_level.private & took_part))
             record.update(epsilon_max=_largest(eps, private, exposed),
                           epsilon_mean=float(eps[private].mean()) if np.any(private) else 0.0,
@@ -337,15 +355,17 @@ class PrivacyTracker:
         if self.local is not None:
             private = self.local.private & took_part
             eps = self.local_epsilons()
-            record.update(local_epsilon_max=_largest(eps, private, int(np.sum(~self.local.private & took_part))),
+            exposed = int(np.sum(~self.local.private & took_part))
+            record.update(local_epsilon_max=_largest(eps, private, exposed),
                           local_epsilon_mean=float(eps[private].mean()) if np.any(private) else 0.0,
-                          local_nonprivate_participants=int(np.sum(~self.local.private & took_part)))
+                          local_nonprivate_participants=exposed)
         if self.client_private:
-            record["client_level_epsilon"] = self.client_level_epsilon()
-            record["client_level_epsilon_unamplified"] = float(self.client_level_epsilons_unamplified().max())
+            amplified, plain = bounds["client_level_epsilon"]
+            record["client_level_epsilon"] = float(np.minimum(amplified, plain).max(initial=0.0))
+            record["client_level_epsilon_unamplified"] = float(plain.max())
         if np.any(self.max_participations < UNLIMITED):
             record["budget_exhausted"] = int(np.sum(self.participations >= self.max_participations))
-        record.update(self.bases())
+        record.update(self.bases(bounds))
         return record
 
     def per_client(self) -> dict[str, np.ndarray]:
@@ -354,8 +374,9 @@ class PrivacyTracker:
         if not (self.sample_level is not None or self.local is not None or self.client_private):
             return {}
         out: dict[str, np.ndarray] = {"participations": self.participations.copy()}
-        chosen = self._level_bases()
-        bases = self.bases(chosen)
+        bounds = self._bounds()
+        chosen = self._level_bases(bounds)
+        bases = self.bases(bounds, chosen)
         full = lambda key: np.full(self.num_clients, bases[key], object)  # noqa: E731
 
         def own(private: np.ndarray, line: str, level: str, knob: str) -> np.ndarray:
@@ -366,8 +387,8 @@ class PrivacyTracker:
             unamplified = self.sample_level.basis(self.accountant_name, self.delta, amplified=False).describe()
             out.update(dp_steps=self.dp_steps.copy(), sample_rate=self.sample_level.sample_rates.copy(),
                        noise_multiplier=self.sample_level.noise_multipliers.copy(),
-                       epsilon=self.example_epsilons(), epsilon_basis=chosen["epsilon"],
-                       epsilon_unamplified=self.example_epsilons(amplified=False),
+                       epsilon=np.minimum(*bounds["epsilon"]), epsilon_basis=chosen["epsilon"],
+                       epsilon_unamplified=bounds["epsilon"][1],
                        epsilon_unamplified_basis=own(self.sample_level.private, unamplified, "example",
                                                      "client.dp_noise_multiplier"))
         if np.any(self.max_participations < UNLIMITED):
@@ -377,9 +398,9 @@ class PrivacyTracker:
                        local_epsilon_basis=own(self.local.private, bases["local_epsilon_mean_basis"], "local",
                                                "message.local_noise_multiplier"))
         if self.client_private:
-            out.update(client_level_epsilon=self.client_level_epsilons(),
+            out.update(client_level_epsilon=np.minimum(*bounds["client_level_epsilon"]),
                        client_level_epsilon_basis=chosen["client_level_epsilon"],
-                       client_level_epsilon_unamplified=self.client_level_epsilons_unamplified(),
+                       client_level_epsilon_unamplified=bounds["client_level_epsilon"][1],
                        client_level_epsilon_unamplified_basis=full("client_level_epsilon_unamplified_basis"))
         return out
 
