@@ -6,8 +6,8 @@ Files written to the output directory (one panel per dataset; every series has i
 * ``epsilon_vs_rounds.png``: example-level (``epsilon_max``), local (``local_epsilon_max``) and client-level
   (``client_level_epsilon``) epsilon per round, for runs that track privacy, one panel per level (levels are
   never mixed on one axis), each panel naming the basis its runs share;
-* ``privacy_utility.png``: final accuracy against final epsilon, one panel per level and dataset (runs without
-  DP at that level at the right, "no DP");
+* ``privacy_utility.png``: final accuracy against final epsilon, one panel per level and dataset (runs without a
+  guarantee at that level in a "no guarantee" strip beside the epsilon axis);
 * ``communication_vs_accuracy.png``: final accuracy against total bytes uploaded (log scale);
 * ``attacks.png``: every ``attack/<name>/<metric>`` key found in the records' final metrics, per run;
 * ``attacks_vs_<field>.png``: each headline attack metric against a varying config field (numeric fields on a
@@ -200,9 +200,12 @@ def _panels(names: Sequence[str], width: float = 9.0, height: float = 4.5, colum
     return fig, list(axes.ravel())
 
 
-def _legend(ax: plt.Axes, count: int) -> None:
+def _legend(ax: plt.Axes, count: int, handles: Sequence[Any] | None = None, left: float = 1.01) -> None:
+    """A legend of ``count`` entries (``handles``, or the axes' own) outside the axes, ``left`` of their width
+    from their left edge."""
     if count:
-        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), ncol=1 if count <= 24 else 2)
+        ax.legend(**({} if handles is None else {"handles": list(handles)}), fontsize=7, loc="upper left",
+                  bbox_to_anchor=(left, 1.0), ncol=1 if count <= 24 else 2)
 
 
 def plot_metric_vs_rounds(records: Sequence[Record], keys: Sequence[str], ylabel: str, path: str) -> str | None:
@@ -253,17 +256,15 @@ def plot_epsilon_vs_rounds(records: Sequence[Record], path: str) -> str | None:
             ax.set_xlabel(f"round\n{_basis_note(group, key)}", fontsize=7)
             ax.set_ylabel(f"{LEVEL_OF_EPSILON[key]}-level epsilon")
             ax.grid(alpha=0.3)
-        if handles:
-            ax_row[-1].legend(handles=list(handles.values()), fontsize=7, loc="upper left",
-                              bbox_to_anchor=(1.01, 1.0), ncol=1 if len(handles) <= 24 else 2)
+        _legend(ax_row[-1], len(handles), handles.values())
     return _save(fig, path)
 
 
 def plot_privacy_utility(records: Sequence[Record], path: str) -> str:
     """Final test accuracy against final epsilon, one panel per privacy level (columns) and dataset (rows). Runs
     without a guarantee at a panel's level (no DP, or an infinite epsilon; hollow markers) sit apart, in a narrow
-    "no guarantee" strip at the panel's right, not on the epsilon axis. Each x axis names its level and the basis its runs share; the legend is at the right
-    of each row."""
+    "no guarantee" strip at the panel's right, not on the epsilon axis. Each x axis names its level and the basis
+    its runs share; the legend is at the right of each row."""
     groups = by_dataset(records)
     keys = epsilon_levels(records) or [EPSILON_KEYS[0]]
     fig, axes = _panels(list(groups), width=6.5 if len(keys) > 1 else 9.0, columns=len(keys))
@@ -297,8 +298,7 @@ def plot_privacy_utility(records: Sequence[Record], path: str) -> str:
             for handle, label in zip(*axis.get_legend_handles_labels()):
                 handles.setdefault(label, handle)
         ordered = [handles[r["label"]] for r in group if r["label"] in handles]
-        ax_row[-1].legend(handles=ordered, fontsize=7, loc="upper left", bbox_to_anchor=(1.12 if strips else 1.01, 1.0),
-                          ncol=1 if len(ordered) <= 24 else 2)
+        _legend(ax_row[-1], len(ordered), ordered, left=1.12 if strips else 1.01)  # right of the "no guarantee" strip
     return _save(fig, path)
 
 
