@@ -436,6 +436,12 @@ class ServerConfig:
             _check(self.central_noise_multiplier == 0, "server.central_noise_multiplier",
                    self.central_noise_multiplier, "0 when server.target_epsilon is set (it is calibrated)")
 
+    @property
+    def clips(self) -> bool:
+        """Whether DP-FedAvg's client-level clip is on (a finite ``central_clip_norm``, which central noise and a
+        target epsilon both require): the server then sees only clipped (and possibly noised) sums."""
+        return math.isfinite(self.central_clip_norm)
+
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class RunConfig:
@@ -566,9 +572,7 @@ class ExperimentConfig:
             _check(any(v > 0 for v in _values(self.client.prox_mu)), "client.prox_mu", self.client.prox_mu,
                    "a value > 0 when server.algorithm='fedprox'")
         if self.server.algorithm == "scaffold":  # the control-variate change is a second, unprotected release
-            central = (self.server.central_noise_multiplier > 0 or self.server.target_epsilon is not None
-                       or math.isfinite(self.server.central_clip_norm))
-            _check(not central, "server.algorithm", self.server.algorithm,
+            _check(not self.server.clips, "server.algorithm", self.server.algorithm,
                    "not 'scaffold' with client-level DP or clipping (server.central_clip_norm / "
                    "central_noise_multiplier / target_epsilon): SCAFFOLD's control-variate change is sent beside "
                    "the update and is neither clipped nor noised")

@@ -239,7 +239,7 @@ def client_level_mechanism(config: ExperimentConfig, num_clients: int,
     ``server.target_epsilon`` its noise multiplier is calibrated to the target over ``run.rounds`` rounds
     (float32 rounded up)."""
     s = config.server
-    if not (s.central_noise_multiplier > 0 or math.isfinite(s.central_clip_norm)):
+    if not s.clips:
         return None
     poisson = s.client_sampling == "poisson"
     truncation = cohort_truncation(num_clients, s.clients_per_round, poisson, cohort_slots)

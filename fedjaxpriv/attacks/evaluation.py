@@ -512,8 +512,7 @@ def _cohort_examples(config: ExperimentConfig, suite: AttackSuite) -> int | None
 
 def _aggregate_check(config: ExperimentConfig, suite: AttackSuite) -> str | None:
     """Why the secure-aggregation attack cannot apply to a config (None: it may)."""
-    s = config.server
-    if s.central_noise_multiplier > 0 or s.target_epsilon is not None or math.isfinite(s.central_clip_norm):
+    if config.server.clips:
         return ("the server sees DP-FedAvg's clipped, noised sum, which the taps do not record (a run without "
                 "server.central_clip_norm / central_noise_multiplier / target_epsilon)")
     skipped = _skipped_inversion(config, suite)
