@@ -41,6 +41,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from fedjaxpriv.attacks import audit, membership
+from fedjaxpriv.client import dp
 from fedjaxpriv.config import ExperimentConfig, with_overrides
 from fedjaxpriv.data.federated import Dataset, FederatedData, from_client_lists
 
@@ -267,9 +268,10 @@ def audit_local_level(config: ExperimentConfig, *, num_canaries: int = 1000, gue
 
 
 def _clipped(updates: np.ndarray, clip_norm: float) -> np.ndarray:
-    """Each row scaled to norm at most ``clip_norm`` (DP-FedAvg's client-level clip): [N, P] -> [N, P]."""
-    norms = np.linalg.norm(updates, axis=1, keepdims=True)
-    return updates * np.minimum(1.0, clip_norm / np.maximum(norms, 1e-30))
+    """Each row scaled to norm at most ``clip_norm`` by the library's own clip (``client.dp.clip_scale``, as
+    DP-FedAvg's server applies it): [N, P] -> [N, P]."""
+    scale = np.asarray(dp.clip_scale(jnp.asarray(np.linalg.norm(updates, axis=1)), clip_norm), np.float64)
+    return updates * scale[:, None]
 
 
 # Largest regression (model parameters x candidate updates) solved by least squares; larger audits score each

@@ -368,17 +368,19 @@ def cosine_distance(message: Params, target: Params) -> jax.Array:
     return 1.0 - _flat_dot(message, target) / jnp.maximum(norms, tiny)
 
 
-def unsent_excess(message: Params, target: Params, support: Params, bound: Params, relative: bool) -> jax.Array:
+def unsent_excess(message: Params, target: Params, support: Params, bound: Params,
+                  relative: jax.Array | bool) -> jax.Array:
     """``sum relu(|m_i| - b_i)^2`` over the coordinates outside ``support`` (0/1 pytree): how far the simulated
-    message exceeds what the unsent coordinates of the target can hold. ``relative``: both sides are first
-    divided by their norms over the support (for the scale-free cosine objective)."""
+    message exceeds what the unsent coordinates of the target can hold. ``relative`` (traced bool): both sides
+    are first divided by their norms over the support (for the scale-free cosine objective)."""
     def outside(tree: Params) -> Params:
         return jax.tree_util.tree_map(lambda leaf, keep: leaf * (1.0 - keep.astype(leaf.dtype)), tree, support)
 
     tiny = jnp.finfo(jnp.float32).tiny
     scale_m = jnp.sqrt(jnp.maximum(_flat_dot(restrict(message, support), restrict(message, support)), tiny))
     scale_t = jnp.sqrt(jnp.maximum(_flat_dot(target, target), tiny))
-    m_scale, b_scale = (1.0 / scale_m, 1.0 / scale_t) if relative else (1.0, 1.0)
+    relative = jnp.asarray(relative, bool)
+    m_scale, b_scale = jnp.where(relative, 1.0 / scale_m, 1.0), jnp.where(relative, 1.0 / scale_t, 1.0)
     excess = jax.tree_util.tree_map(
         lambda m, b: jnp.where(jnp.isfinite(b), jax.nn.relu(jnp.abs(m) * m_scale - b * b_scale), 0.0),
         outside(message), bound)
@@ -640,9 +642,7 @@ def invert_one(
                                    num_steps=None if num_steps is None else steps)
         value = distance(restrict(message, support))
         if unsent_bound is not None:
-            value = value + jnp.where(scale_invariant,
-                                      unsent_excess(message, target, support, unsent_bound, relative=True),
-                                      unsent_excess(message, target, support, unsent_bound, relative=False))
+            value = value + unsent_excess(message, target, support, unsent_bound, relative=scale_invariant)
         if config.method == "inverting_gradients" and config.tv_weight > 0:
             value = value + config.tv_weight * total_variation(z["x"])
         return value

@@ -492,10 +492,10 @@ def invert_taps(
     counts = np.asarray(experiment.population.counts)
     if attack.labels == "idlg" and any(counts[t.client] != 1 for t in aware):
         raise ValueError("attack.labels='idlg' needs batch-1 clients; use labels='counts' for larger ones.")
-    unaware = _collect(experiment, ordered, attack, clients, max_targets, max_examples, False)[0]
-    masks = [True, False] if mask_aware is None else [bool(mask_aware)]
-    if not any(t.mask_aware for t in aware):
-        masks = [False]  # no client pruned: the two attackers are one
+    pruned = any(t.mask_aware for t in aware)  # else the two attackers are one, with the targets collected
+    masks = ([True, False] if mask_aware is None else [bool(mask_aware)]) if pruned else [False]
+    unaware = _collect(experiment, ordered, attack, clients, max_targets, max_examples, False)[0] \
+        if pruned and False in masks else aware
     distances = [attack.distance] if attack.distance is not None else ["l2", "cosine"]
     data_range = 1.0 if attack.box is None else float(attack.box[1] - attack.box[0])
     attempts: dict[tuple[str, bool], dict[int, TargetInversion]] = {}
