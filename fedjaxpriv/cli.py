@@ -77,6 +77,10 @@ def _build_parser() -> argparse.ArgumentParser:
                              "config's own train/test data")
     attack.add_argument("--inversion-targets", type=int, default=4,
                         help="tapped messages attacked by gradient inversion (0 = skip)")
+    attack.add_argument("--inversion-batch", type=int, default=8,
+                        help="examples behind each inverted message: the tapped clients' first-round messages as "
+                             "one local step over this many examples, with their defenses (0 = the run's own "
+                             "tapped messages: many local steps over minibatches)")
     attack.add_argument("--threat-models", default="server,eavesdropper,participant",
                         help="observers to evaluate: server (every message), eavesdropper (one client's link), "
                              "participant (the global models), secure_aggregation (each round's cohort sum: taps "
@@ -158,7 +162,8 @@ def _attack_eval(args: argparse.Namespace) -> int:
     pool_size = args.pool_size if args.pool_size is not None else (
         preset.pool_size if not args.config else AttackSuite().pool_size)
     suite = AttackSuite(shadow_federations=args.shadow_federations, pool_size=pool_size,
-                        inversion_targets=args.inversion_targets, aggregate_max_examples=args.aggregate_max_examples,
+                        inversion_targets=args.inversion_targets, inversion_batch=args.inversion_batch,
+                        aggregate_max_examples=args.aggregate_max_examples,
                         threat_models=tuple(t.strip() for t in args.threat_models.split(",") if t.strip()))
     records = evaluate_defenses(config, defenses, suite, out_dir=_output_dir(args.out))
     print(json.dumps({"out_dir": args.out, "defense_points": len(records),

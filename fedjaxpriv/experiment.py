@@ -315,6 +315,7 @@ class Experiment:
       settings: per-client settings arrays [C].
       plan: the execution plan (strategy, chunk, lowering), chosen from the model's structure.
       spec: static local-training spec.
+      initial_params: the round-0 global model (from ``run.seed``).
     """
 
     def __init__(self, config: ExperimentConfig, *, mesh: jax.sharding.Mesh | None = None,
@@ -442,7 +443,7 @@ class Experiment:
                                     message_fn=self.message_fn,
                                     chunk_size=self.chunk_size, strategy=self.strategy, mesh=mesh,
                                     prune_schedule=self.prune_schedule, algorithm=self.algorithm)
-        self._initial_params = params
+        self.initial_params = params
         self.device_population = replicate(Population(*(jnp.asarray(a) for a in (
             population.x, population.y, population.offsets, population.counts))), mesh)
         self.device_settings = replicate(jax.tree_util.tree_map(jnp.asarray, self.settings), mesh)
@@ -462,7 +463,7 @@ class Experiment:
     def initial_state(self) -> ServerState:
         """A fresh round-0 server state (a new copy each time: ``step`` donates the state it is given), replicated
         over the mesh as the round returns it, so that every round reuses one compiled program."""
-        return replicate(self.fresh_state(self._initial_params), self.mesh)
+        return replicate(self.fresh_state(self.initial_params), self.mesh)
 
     def fresh_state(self, params: Any) -> ServerState:
         """A round-0 server state of this run from ``params`` (every client's states at their initial values)."""

@@ -149,10 +149,13 @@ class AttackSuite:
         ``tap_from_round`` on, in the rounds they take part in).
       tap_from_round: first observed round (1-based).
       max_candidates: members (and as many non-members) scored per client by the passive attack.
-      inversion_targets: (round, client) messages from the run's taps that gradient inversion attacks
-        (``inversion_eval.invert_taps``: the server's knowledge of masks and step counts, every received
-        coordinate matched, the strongest of the L2 and cosine attackers, with and without the mask, reported
-        with the one that won; 0 = skip inversion).
+      inversion_targets: messages that gradient inversion attacks (``inversion_eval.invert_taps``: the server's
+        knowledge of masks and step counts, every received coordinate matched, the strongest of the L2 and
+        cosine attackers, with and without the mask, reported with the one that won; 0 = skip inversion).
+      inversion_batch: > 0: the attacked messages are those of a FedSGD probe of the first round
+        (``inversion_eval.fedsgd_probe``): each tapped client takes one local step over this many of its
+        examples from the run's initial model, with its own defenses and calibrated noise. 0: the run's own
+        tapped messages (many local steps over minibatches, which no attacker replays exactly).
       inversion_iterations: optimisation steps of the inversion.
       psnr_threshold: dB above which an example counts as reconstructed.
       aggregate_rounds: rounds whose cohort aggregate the secure-aggregation attack inverts
@@ -169,6 +172,7 @@ class AttackSuite:
     tap_from_round: int = 2
     max_candidates: int = 300
     inversion_targets: int = 4
+    inversion_batch: int = 8
     inversion_iterations: int = 300
     psnr_threshold: float = 20.0
     aggregate_rounds: int = 1
@@ -189,7 +193,7 @@ class AttackSuite:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 1.")
         if self.aggregate_rounds < 1:
             raise ValueError(f"aggregate_rounds={self.aggregate_rounds} must be >= 1.")
-        for name in ("inversion_targets", "inversion_iterations"):
+        for name in ("inversion_targets", "inversion_iterations", "inversion_batch"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 0.")
 
@@ -384,6 +388,8 @@ class AttackContext:
       pool: membership candidates [N]; members: bool [N], which of them the target trained on.
       reference_points: examples no model trained on (RMIA's population), or None.
       targets: the clients of ``suite.tap_clients`` that took part in some tapped round.
+      parts: the ``Experiment`` keyword arguments the run was built with (``model=`` ...), for attacks that
+        build runs of their own (the inversion's FedSGD probe).
     """
 
     label: str
@@ -394,6 +400,7 @@ class AttackContext:
     members: np.ndarray
     reference_points: Dataset | None
     targets: tuple[int, ...]
+    parts: Mapping[str, Any] = dataclasses.field(default_factory=dict)
 
 
 class AttackOutcome(NamedTuple):
@@ -474,14 +481,24 @@ def _skipped_inversion(config: ExperimentConfig, suite: AttackSuite) -> str | No
 
 def _inversion(context: AttackContext) -> AttackOutcome | str:
     suite = context.suite
-    if not context.targets:
-        return NO_TARGETS
-    report = inversion_eval.invert_taps(context.experiment, context.results.taps, key=jax.random.key(suite.seed + 2),
-                                        attack=_inversion_config(suite), max_targets=suite.inversion_targets,
-                                        psnr_threshold=suite.psnr_threshold, clients=context.targets)
+    if suite.inversion_batch:  # the first round's messages of the tapped clients, FedSGD over a small batch
+        clients = [c for c in suite.tap_clients if c < context.experiment.population.num_clients]
+        probe = inversion_eval.fedsgd_probe(context.experiment, clients[:suite.inversion_targets],
+                                            suite.inversion_batch, **context.parts)
+        report = inversion_eval.invert_taps(probe.experiment, [probe.tap], key=jax.random.key(suite.seed + 2),
+                                            attack=_inversion_config(suite), max_targets=suite.inversion_targets,
+                                            psnr_threshold=suite.psnr_threshold).relabel(probe.clients)
+    else:
+        if not context.targets:
+            return NO_TARGETS
+        report = inversion_eval.invert_taps(context.experiment, context.results.taps,
+                                            key=jax.random.key(suite.seed + 2), attack=_inversion_config(suite),
+                                            max_targets=suite.inversion_targets, psnr_threshold=suite.psnr_threshold,
+                                            clients=context.targets)
     if not report.targets:
         return "every tapped message was skipped: " + "; ".join(sorted({why for _, _, why in report.skipped}))
-    return AttackOutcome({**report.summary(), "attacker": report.attacker()}, inversion=report)
+    batch = {"batch": float(suite.inversion_batch)} if suite.inversion_batch else {}
+    return AttackOutcome({**report.summary(), **batch, "attacker": report.attacker()}, inversion=report)
 
 
 def _attribute(context: AttackContext) -> AttackOutcome | str:
@@ -601,7 +618,7 @@ def evaluate_defense(base: ExperimentConfig, name: str, overrides: Mapping[str, 
     observed = {int(c) for tap in results.taps.values() for c in tap.client_ids}
     context = AttackContext(label=name, experiment=experiment, results=results, suite=suite, pool=pool,
                             members=members, reference_points=reference_points,
-                            targets=tuple(c for c in suite.tap_clients if c in observed))
+                            targets=tuple(c for c in suite.tap_clients if c in observed), parts=dict(parts or {}))
     scores: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     inverted = None
     for attack in attacks:
@@ -843,10 +860,22 @@ def threat_model_tables(records: Sequence[Mapping[str, Any]], views: Mapping[str
         notes = [f"{a}: {v:.2g}" for a, v in resolvable.items() if math.isfinite(v)]
         if notes:
             lines += ["", "Smallest resolvable FPR (1 / non-members): " + ", ".join(notes) + "."]
+        if "inversion" in attacks:
+            lines += ["", inversion_note(records)]
         lines.append("")
     legend = ("Marks on 95% intervals: * excludes chance (AUC 0.5, TPR = FPR); + does not overlap the undefended "
               "run's (defense 'none'); no mark: not resolved from chance or from the undefended run at this size.")
     return "\n".join(lines + ([legend, ""] if any("_low" in k for r in records for k in r) else []))
+
+
+def inversion_note(records: Sequence[Mapping[str, Any]]) -> str:
+    """What the inversion column attacked: the FedSGD probe's batch size(s) or the run's own messages."""
+    batches = sorted({int(r["attack/inversion/batch"]) for r in records if "attack/inversion/batch" in r})
+    if not batches:
+        return "Inversion: the run's own tapped messages (every local step of the round)."
+    return (f"Inversion: each tapped client's first-round message as one local step over {' / '.join(map(str, batches))}"
+            " of its examples from the initial model, with the defense's settings and calibrated noise (a FedSGD probe, "
+            "--inversion-batch; 0 attacks the run's own messages). PSNR in dB, uncapped.")
 
 
 # Fractions of the undefended accuracy at which defenses are compared (``matched_utility``).

@@ -27,6 +27,11 @@ size equals their batch size (e.g. a population built with ``from_client_lists``
 approximation (Poisson batches, minibatches, mixup and DP-SGD noise are what the attacker cannot model),
 so the loss in reconstruction quality is part of the defense's effect; each target records ``exact``.
 
+FedSGD probe. ``fedsgd_probe`` builds the messages some clients of a run send in one local step over a few of
+their examples from the run's initial model (their settings, calibrated noise and keys), the regime where an
+undefended message is invertible, so that defenses are told apart by what they destroy (``attack-eval``'s
+default, ``AttackSuite.inversion_batch``).
+
 Scoring. Messages are invariant to the order of the examples, so reconstructions are matched to the true
 examples by an optimal assignment on MSE (``scipy.optimize.linear_sum_assignment``). PSNR is uncapped (+inf
 for an exact reconstruction); SSIM uses a Gaussian window of 7 pixels on images smaller than 11.
@@ -55,7 +60,7 @@ import dataclasses
 import functools
 import itertools
 import math
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -184,6 +189,13 @@ class InversionReport:
         kept = tuple(t for t in self.targets if (clients is None or t.client in clients)
                      and (rounds is None or t.round in rounds))
         return dataclasses.replace(self, targets=kept)
+
+    def relabel(self, ids: Sequence[int] | np.ndarray) -> "InversionReport":
+        """The report with client ``i`` renamed ``ids[i]`` (a probe's clients by their ids in the run)."""
+        ids = np.asarray(ids)
+        return dataclasses.replace(
+            self, targets=tuple(dataclasses.replace(t, client=int(ids[t.client])) for t in self.targets),
+            skipped=tuple((r, int(ids[c]), why) for r, c, why in self.skipped))
 
     def summary(self) -> dict[str, float]:
         """Flat float metrics: median, quartiles and IQR of the per-target PSNR (dB) and SSIM over targets, label
@@ -513,6 +525,82 @@ def invert_taps(
         results.update({i: attempts[best][i] for i in indices})
     return InversionReport(targets=tuple(results[i] for i in sorted(results)), psnr_threshold=float(psnr_threshold),
                            attack=attack, skipped=tuple(skipped))
+
+
+class FedSgdProbe(NamedTuple):
+    """A FedSGD round of some clients of a run (``fedsgd_probe``): ``experiment`` holds them as clients 0..n-1,
+    ``tap`` their messages, ``clients`` [n] their ids in the run."""
+
+    experiment: Any
+    tap: Any
+    clients: np.ndarray
+
+
+def fedsgd_probe(experiment: Any, clients: Sequence[int], examples: int, *, params: Params | None = None,
+                 round_number: int = 1, **parts: Any) -> FedSgdProbe:
+    """The messages ``clients`` send in a FedSGD version of round ``round_number`` of ``experiment``: each takes
+    ONE local step over its first ``examples`` examples (all of them if it holds fewer), from the global model
+    ``params`` (default: the run's initial model, as in its first round), with its own defenses: its settings row
+    (clip, DP-SGD and local noise with the run's calibrated multipliers, mixup, pruning, Poisson rate, message
+    stages) and the run's PRNG keys of that round.
+
+    Why: the run's own messages come from many local steps over minibatches in an order only the client knows,
+    which an attacker cannot replay, so their inversion fails with or without a defense and tells defenses
+    apart by nothing. One step over a small batch is the regime the inversion literature attacks (Geiping et
+    al. 2020) and one the attacker models exactly without a defense, so a defense is credited only for what it
+    destroys in a message that is invertible without it. The server's DP (DP-FedAvg) is left out: the server
+    clips and noises the aggregate after it has seen each message, so it does not change what it sees.
+
+    Args:
+      experiment: the run (``Experiment``); its model, task, config and calibrated per-client settings are used.
+      clients: the client ids probed (clients without examples are left out).
+      examples: >= 1 examples per probed client.
+      params: the global model the round starts from (default the run's initial model).
+      round_number: the round (1-based) whose keys and pruning schedule apply.
+      parts: ``Experiment`` keyword arguments the run was built with (``model=``, ``loss=``,
+        ``message_transform=``, ``extra_settings=``), used again for the probe.
+
+    Returns:
+      ``FedSgdProbe``: ``invert_taps(probe.experiment, [probe.tap], ...)`` attacks it, and
+      ``report.relabel(probe.clients)`` names the run's clients.
+    """
+    from fedjaxpriv.config import with_overrides
+    from fedjaxpriv.data.federated import from_client_lists
+    from fedjaxpriv.experiment import build_experiment
+    from fedjaxpriv.parallel import replicate
+
+    if examples < 1 or round_number < 1:
+        raise ValueError(f"examples={examples} and round_number={round_number} must be >= 1.")
+    population = experiment.population
+    outside = [int(c) for c in clients if not 0 <= int(c) < population.num_clients]
+    if outside:
+        raise ValueError(f"clients {outside} are not in the run: ids must be in [0, {population.num_clients}).")
+    ids = np.asarray([c for c in clients if population.counts[c] > 0], np.int64)
+    if ids.size == 0:
+        raise ValueError(f"clients={list(clients)} hold no examples; probe clients that do.")
+    shards = [population.client(int(c)) for c in ids]
+    probe_data = from_client_lists([d.x[:examples] for d in shards], [d.y[:examples] for d in shards])
+    counts = np.asarray(probe_data.counts)
+    rows = jax.tree_util.tree_map(lambda a: np.asarray(a)[ids], experiment.settings)
+    poisson = np.asarray(rows.poisson, bool)
+    settings = rows._replace(
+        num_steps=np.minimum(np.asarray(rows.num_steps), 1).astype(np.int32),
+        batch_size=np.where(poisson, np.maximum(1, np.rint(np.asarray(rows.sample_rate) * counts)),
+                            counts).astype(np.int32))
+    rounds = max(int(experiment.config.run.rounds), round_number)
+    config = with_overrides(experiment.config, {
+        "name": f"{experiment.config.name} fedsgd probe", "data.num_clients": int(ids.size),
+        "server.clients_per_round": int(ids.size), "server.client_sampling": "uniform",
+        "server.central_clip_norm": math.inf, "server.central_noise_multiplier": 0.0, "server.target_epsilon": None,
+        "server.adaptive_clip_quantile": None,
+        "client.target_epsilon": None, "run.rounds": rounds, "run.tap_clients": list(range(ids.size)),
+        "run.tap_rounds": [round_number], "run.checkpoint_every": 0})
+    probe = build_experiment(config, population=probe_data, test=experiment.test,
+                             num_classes=experiment.num_classes, settings=settings,
+                             targets=np.full(ids.size, np.inf), **parts)
+    start = experiment.initial_params if params is None else params
+    state = probe.fresh_state(start)._replace(round=jnp.asarray(round_number - 1, jnp.int32))
+    return FedSgdProbe(probe, probe.tap(replicate(state, probe.mesh), list(range(ids.size))), ids)
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -344,3 +344,64 @@ def test_a_defense_that_leaves_the_message_unchanged_leaves_the_attack_unchanged
     rescaled = inversion_eval.invert_taps(clipped, clipped_taps, key=jax.random.key(0), attack=attack)
     assert np.median(rescaled.psnr) > 40.0 and rescaled.attacker() == "cosine (4 targets)", (
         rescaled.psnr, rescaled.attacker())
+
+
+def _multi_step_run(**client):
+    """4 clients of 12 digits that train 5 local steps over batches of 4 (what no attacker replays); client 2
+    runs DP-SGD (clip 1, noise 0.5)."""
+    train, test, _ = load_dataset("digits")
+    population = from_client_lists([train.x[12 * c:12 * (c + 1)] for c in range(4)],
+                                   [train.y[12 * c:12 * (c + 1)] for c in range(4)])
+    config = ExperimentConfig(
+        data=DataConfig(dataset="digits", num_clients=4), model=ModelConfig(name="mlp", hidden=(32,)),
+        client=ClientConfig(**{"local_steps": 5, "batch_size": 4, "lr": 0.2, "dp_clip_norm": (math.inf, math.inf, 1.0, math.inf),
+                               "dp_noise_multiplier": (0.0, 0.0, 0.5, 0.0), **client}),
+        server=ServerConfig(clients_per_round=4), run=RunConfig(rounds=3, checkpoint_every=0))
+    return Experiment(config, population=population, test=test, num_classes=10)
+
+
+def test_fedsgd_probe_sends_one_step_over_the_first_examples_with_the_clients_own_settings():
+    """The probe's message of an undefended client is exactly one full-batch SGD step over its first 3 examples
+    from the run's initial model (the attacker's own simulation, an independent path); the DP client keeps its
+    noise multiplier and clip, and the report names the run's clients."""
+    experiment = _multi_step_run()
+    probe = inversion_eval.fedsgd_probe(experiment, [0, 2], 3)
+    np.testing.assert_array_equal(probe.clients, [0, 2])
+    settings = probe.experiment.settings
+    np.testing.assert_array_equal(settings.num_steps, [1, 1])
+    np.testing.assert_array_equal(settings.batch_size, [3, 3])
+    np.testing.assert_array_equal(settings.dp_noise_multiplier, [0.0, 0.5])
+    np.testing.assert_array_equal(settings.dp_clip_norm, experiment.settings.dp_clip_norm[[0, 2]])
+    assert probe.tap.round == 1 and probe.experiment.config.server.target_epsilon is None
+    spec = inversion.TargetSpec(input_shape=(8, 8, 1), num_classes=10, batch_size=3, local_steps=1)
+    for row, client in enumerate((0, 2)):
+        data = experiment.population.client(client)
+        np.testing.assert_array_equal(probe.experiment.population.client(row).x, data.x[:3])
+        simulated = inversion.make_target(spec, experiment.model.apply, experiment.initial_params, data.x[:3],
+                                          data.y[:3], 0.2)
+        sent = jax.tree_util.tree_map(lambda leaf: leaf[row], probe.tap.messages)
+        gap = np.concatenate([np.ravel(np.asarray(a) - np.asarray(b)) for a, b in
+                              zip(jax.tree_util.tree_leaves(sent), jax.tree_util.tree_leaves(simulated))])
+        if client == 0:  # undefended: the same message to float32 rounding
+            assert np.max(np.abs(gap)) < 1e-6
+        else:  # DP-SGD: the run's noise, std lr x 0.5 x clip 1 / 3 examples per coordinate (2410 of them: the
+            # std's relative standard error is 1.4 %); the per-example clip adds at most the message's own spread
+            # (std 0.009 here) in quadrature, +4 %.
+            assert abs(np.std(gap) / (0.2 * 0.5 / 3) - 1) < 0.1, np.std(gap)
+    report = inversion_eval.invert_taps(probe.experiment, [probe.tap], key=jax.random.key(0), max_targets=2,
+                                        attack=dataclasses.replace(inversion_eval.DEFAULT_ATTACK, num_iterations=2))
+    assert [t.client for t in report.relabel(probe.clients).targets] == [0, 2]
+    assert [t.exact for t in report.targets] == [True, False]
+    with pytest.raises(ValueError, match=r"clients \[7\] are not in the run"):
+        inversion_eval.fedsgd_probe(experiment, [0, 7], 3)
+    with pytest.raises(ValueError, match="examples=0"):
+        inversion_eval.fedsgd_probe(experiment, [0], 0)
+
+
+def test_fedsgd_probe_keeps_a_poisson_clients_sampling_rate():
+    """Poisson sampling (rate 4 / 12 per example) stays Poisson at the same rate: its expected batch over 6
+    examples is 2."""
+    probe = inversion_eval.fedsgd_probe(_multi_step_run(sampling="poisson"), [1, 3], 6)
+    np.testing.assert_array_equal(probe.experiment.settings.poisson, [True, True])
+    np.testing.assert_allclose(probe.experiment.settings.sample_rate, [1 / 3, 1 / 3], rtol=1e-6)
+    np.testing.assert_array_equal(probe.experiment.settings.batch_size, [2, 2])

@@ -113,7 +113,7 @@ def test_user_flax_convnet_trains_exactly_like_the_builtin_one(tmp_path):
     assert user.spec == builtin.spec
     ours = builtin.run(progress=False)
     theirs = user.run(str(tmp_path / "user"), progress=False)
-    moved = jax.tree_util.tree_map(lambda a, b: float(jnp.max(jnp.abs(a - b))), ours.params, builtin._initial_params)
+    moved = jax.tree_util.tree_map(lambda a, b: float(jnp.max(jnp.abs(a - b))), ours.params, builtin.initial_params)
     assert max(jax.tree_util.tree_leaves(moved)) > 1e-3  # training moved the model
     assert jax.tree_util.tree_structure(theirs.params) == jax.tree_util.tree_structure(ours.params)
     for a, b in zip(jax.tree_util.tree_leaves(theirs.params), jax.tree_util.tree_leaves(ours.params)):
@@ -171,7 +171,7 @@ def test_multi_label_task_trains_and_reports_its_metrics():
                      server={"clients_per_round": 4}, run={"rounds": 6, "eval_every": 6})
     experiment = Experiment(config, population=population, test=test, num_classes=4, loss=MULTI_LABEL)
     assert experiment.config.model.name == "mlp; loss: multi_label"
-    before = experiment.evaluate(experiment._initial_params)
+    before = experiment.evaluate(experiment.initial_params)
     results = experiment.run(progress=False)
     after = results.history[-1]
     assert {"test_loss", "test_label_accuracy", "test_exact_match", "client_label_accuracy_mean"} <= set(after)
@@ -236,7 +236,7 @@ def test_a_bare_loss_function_trains_and_reports_its_loss():
 
     experiment = Experiment(_config(client={"local_steps": 5}, run={"rounds": 3, "eval_every": 3}), loss=hinge)
     assert experiment.config.model.name == "mlp; loss: user-supplied " + hinge.__qualname__
-    before = experiment.evaluate(experiment._initial_params)
+    before = experiment.evaluate(experiment.initial_params)
     after = experiment.run(progress=False).history[-1]
     assert set(before) == {"test_loss", "client_loss_mean", "client_loss_std", "client_loss_p10", "client_loss_p50",
                            "client_loss_p90"}
