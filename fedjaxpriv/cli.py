@@ -165,7 +165,9 @@ def _attack_eval(args: argparse.Namespace) -> int:
                         inversion_targets=args.inversion_targets, inversion_batch=args.inversion_batch,
                         aggregate_max_examples=args.aggregate_max_examples,
                         threat_models=tuple(t.strip() for t in args.threat_models.split(",") if t.strip()))
-    records = evaluate_defenses(config, defenses, suite, out_dir=_output_dir(args.out))
+    estimate = None if args.config or args.overrides else (  # the preset's measured time, for its own base run
+        lambda points: preset.estimate(points, suite.shadow_federations))
+    records = evaluate_defenses(config, defenses, suite, out_dir=_output_dir(args.out), estimate=estimate)
     print(json.dumps({"out_dir": args.out, "defense_points": len(records),
                       **{k: os.path.join(args.out, v) for k, v in (("table", "attack_eval.md"),
                                                                     ("frontier", "frontier.png"))}}))
@@ -279,7 +281,7 @@ def _run(args: argparse.Namespace) -> int:
         print(f"fedjaxpriv: {str(error) or 'interrupted by SIGINT'}; run the same command again to resume.",
               file=sys.stderr)
         return 128 + getattr(error, "signum", 2)
-    from fedjaxpriv.report import BASIS_KEYS, EPSILON_KEYS
+    from fedjaxpriv.privacy.basis import BASIS_KEYS, EPSILON_KEYS
 
     last = results.history[-1] if results.history else {}
     keys = ("round", "test_accuracy", "test_loss", *EPSILON_KEYS, *BASIS_KEYS)

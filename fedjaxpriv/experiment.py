@@ -29,8 +29,9 @@ from fedjaxpriv.guards import (LOSS_LIMIT, DivergenceError, Signals, divergence,
                                pause_point)
 from fedjaxpriv.models import Model, ModelLike, as_model, count_params, get_model
 from fedjaxpriv.models.tasks import (CLASSIFICATION, PerExampleLoss, Task, as_task, check_fits, check_targets,
-                                     describe)
+                                     describe, with_label_metrics)
 from fedjaxpriv.parallel import Plan, local_mesh, plan as execution_plan, replicate
+from fedjaxpriv.privacy.basis import largest_epsilon
 from fedjaxpriv.privacy.calibration import calibrate_noise
 from fedjaxpriv.privacy.mechanisms import ClientLevelDpFedAvg, local_gaussian, round_up_float32
 from fedjaxpriv.privacy.tracking import (PrivacyTracker, calibrate_targets, dp_batch_slots, dp_cohort_slots,
@@ -76,6 +77,9 @@ class Results:
       params: final global model parameters.
       out_dir: where history.jsonl/history.csv/config.json were written (None if not written).
       taps: attack taps by round number (``run.tap_rounds``/``run.tap_clients``).
+      clients: per-client arrays [C], the columns of ``clients.csv``: ``participations``, ``local_steps`` and, with
+        DP, each level's epsilon beside its basis (``epsilon``, ``epsilon_basis``, ``local_epsilon``,
+        ``client_level_epsilon`` ...; ``PrivacyTracker.per_client``).
     """
 
     config: ExperimentConfig
@@ -83,6 +87,7 @@ class Results:
     params: Any
     out_dir: str | None = None
     taps: dict[int, Tap] = dataclasses.field(default_factory=dict)
+    clients: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
 
     def final(self, key: str) -> float:
         """The last recorded value of a metric."""
@@ -367,11 +372,15 @@ class Experiment:
         counts = population.counts
         self.model: Model = model_for(config, population.input_shape, num_classes, model,
                                       input_dtype=population.x.dtype)
-        self.config = config = recorded_config(config, None if model is None else self.model, self.task)
         self.root_key = jax.random.key(config.run.seed)
         params = self.model.init(jax.random.fold_in(self.root_key, 2**31 - 1))
         check_fits(self.task, self.model.apply, params, population.input_shape, population.x.dtype,
                    population.y.shape[1:], population.y.dtype, num_classes)
+        logits = jax.eval_shape(self.model.apply, params,
+                                jax.ShapeDtypeStruct((2, *population.input_shape), population.x.dtype))
+        self.task = with_label_metrics(self.task, logits.shape, population.y.shape[1:], population.y.dtype,
+                                       num_classes)
+        self.config = config = recorded_config(config, None if model is None else self.model, self.task)
         self.num_params = count_params(params)
         s, r = config.server, config.run
         self.algorithm = run_algorithm(config, algorithm)
@@ -528,8 +537,8 @@ class Experiment:
         }
         if skipped:
             record["budget_skipped"] = skipped
+        self.privacy.record_round(cohort.ids[cohort.mask])  # participations and steps are kept in every run
         if self.privacy.active:
-            self.privacy.record_round(cohort.ids[cohort.mask])
             record.update(self.privacy.summary())
         return state, self.annotate(record, cohort)
 
@@ -646,7 +655,7 @@ class Experiment:
                             store.close(self.privacy.per_client())
                 finally:
                     signals.uninstall()
-        return Results(self.config, history, state.params, out_dir, taps)
+        return Results(self.config, history, state.params, out_dir, taps, self.privacy.per_client())
 
     def _run_rounds(self, state: ServerState, history: list[Record], store: Any, signals: Signals, total: int,
                     progress: bool, callbacks: Sequence[Callback],
@@ -660,6 +669,7 @@ class Experiment:
         live = True  # whether ``state`` and ``self.privacy`` are those of round ``committed``
         taps: dict[int, Tap] = {}
         bar = _progress(range(committed, total), progress, initial=committed, total=total)
+        accuracy = next((r["test_accuracy"] for r in reversed(history) if "test_accuracy" in r), None)
         try:
             for r in bar:
                 pause_point(signals, "train", r + 1)
@@ -694,8 +704,9 @@ class Experiment:
                         saved = r + 1
                 for callback in callbacks:
                     callback(self, record)
-                if hasattr(bar, "set_postfix") and "test_accuracy" in record:
-                    bar.set_postfix(acc=f"{record['test_accuracy']:.4f}", loss=f"{record['train_loss']:.3f}")
+                accuracy = record.get("test_accuracy", accuracy)
+                if hasattr(bar, "set_postfix"):
+                    bar.set_postfix(progress_fields(record, accuracy), refresh=False)
         except KeyboardInterrupt:
             # Make the latest checkpoint the history's last round: checkpoint the committed round, or, when an
             # interrupt raised inside a round (not by a signal) has left its state donated, cut the history back
@@ -708,6 +719,19 @@ class Experiment:
                         store.truncate(saved)
             raise
         return state, taps
+
+
+def progress_fields(record: Record, accuracy: float | None = None) -> dict[str, str]:
+    """The round's figures beside the progress bar: the training loss and the largest epsilon so far with its
+    level (every round), and ``accuracy``, the test accuracy of the last evaluated round (None: none yet)."""
+    fields = {"loss": f"{record['train_loss']:.3f}"} if "train_loss" in record else {}
+    largest = largest_epsilon(record)
+    if largest is not None:
+        value, level, _ = largest
+        fields["eps"] = f"{value:.3g} ({level})" if math.isfinite(value) else f"inf ({level}: no guarantee)"
+    if accuracy is not None:
+        fields["acc"] = f"{accuracy:.4f}"
+    return fields
 
 
 def _progress(iterable: Iterable[int], enabled: bool, **kwargs: Any):

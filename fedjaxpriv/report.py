@@ -38,13 +38,10 @@ import matplotlib.patheffects  # noqa: E402
 import matplotlib.pyplot as plt  # noqa: E402
 import matplotlib.text  # noqa: E402
 
+from fedjaxpriv.privacy.basis import BASIS_KEYS, BASIS_OF_EPSILON, EPSILON_KEYS, LEVEL_OF_EPSILON  # noqa: E402
 from fedjaxpriv.results import as_float, cumulative, flatten, varying_fields, write_csv  # noqa: E402
 
 Record = Mapping[str, Any]
-EPSILON_KEYS = ("epsilon_max", "local_epsilon_max", "client_level_epsilon")
-BASIS_KEYS = tuple(f"{key.removesuffix('_max')}_basis" for key in EPSILON_KEYS)
-LEVEL_OF_EPSILON = dict(zip(EPSILON_KEYS, ("example", "local", "client")))
-BASIS_OF_EPSILON = dict(zip(EPSILON_KEYS, BASIS_KEYS))
 SUMMARY_METRICS = ("test_accuracy", "test_loss", "client_accuracy_p10", *EPSILON_KEYS, "round", "cost_wall_time_s",
                    "cost_energy_j", *BASIS_KEYS)
 

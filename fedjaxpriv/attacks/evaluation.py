@@ -87,6 +87,17 @@ class Preset:
     overrides: tuple[str, ...]
     pool_size: int
     about: str
+    point_seconds: float | None = None
+
+    def estimate(self, points: int, shadow_federations: int) -> str:
+        """A rough time for ``points`` defense points before any has run: the preset's measured seconds per
+        undefended point (16 shadow federations, 2 CPU cores), scaled by the federations each point trains."""
+        if self.point_seconds is None:
+            return "time known after the first point"
+        seconds = self.point_seconds * points * (1 + shadow_federations) / 17
+        return (f"estimate before the first point: about {max(1, round(seconds / 60))} min on 2 CPU cores at this "
+                f"preset's measured {self.point_seconds:.0f} s per undefended point with 16 shadow federations; "
+                "DP points can take longer")
 
 
 PRESETS: dict[str, Preset] = {
@@ -201,7 +212,7 @@ class AttackSuite:
 def final_epsilon(history: Sequence[Mapping[str, Any]]) -> tuple[float, str]:
     """The largest final epsilon of a history over the levels it tracks (example, local, client) and that
     epsilon's basis; (inf, "") without any DP."""
-    from fedjaxpriv.report import BASIS_KEYS, EPSILON_KEYS
+    from fedjaxpriv.privacy.basis import BASIS_KEYS, EPSILON_KEYS
 
     last: dict[str, Any] = {}
     for record in history:
@@ -701,7 +712,8 @@ def _read_point(path: str) -> DefenseResult | None:
 def evaluate_defenses(base: ExperimentConfig, defenses: Mapping[str, Any] | None = None,
                       suite: AttackSuite = AttackSuite(), out_dir: str | None = None,
                       attacks: Sequence[Attack] = BUILTIN_ATTACKS,
-                      parts: Mapping[str, Any] | None = None) -> list[Record]:
+                      parts: Mapping[str, Any] | None = None,
+                      estimate: Callable[[int], str] | None = None) -> list[Record]:
     """Every strength of every defense in turn (``DEFENSES`` by default): train, attack, tabulate.
 
     Args:
@@ -714,6 +726,7 @@ def evaluate_defenses(base: ExperimentConfig, defenses: Mapping[str, Any] | None
         (``model=``, ``loss=``, ``message_transform=``, ``extra_settings=``).
       out_dir: if given, ``write_tables`` writes the tables, the privacy-utility frontier, log-log ROC curves and a
         ``results.jsonl`` store that ``fedjaxpriv report`` reads.
+      estimate: ``estimate(points to run)``: a time for them, said before the first starts (``Preset.estimate``).
 
     Returns:
       one record per defense point.
@@ -736,8 +749,9 @@ def evaluate_defenses(base: ExperimentConfig, defenses: Mapping[str, Any] | None
              if kept_dir is not None else None for label, (_, _, overrides) in zip(labels, points)]
     to_run = [path is None or not os.path.exists(path) for path in paths]
     shadows = f" and {suite.shadow_federations} shadow federations" if suite.shadow_federations else ""
+    ahead = f"; {estimate(sum(to_run))}" if estimate is not None and any(to_run) else ""
     _say(f"{len(points)} defense points ({len(points) - sum(to_run)} finished earlier), each training the target "
-         f"federation{shadows} and attacking it")
+         f"federation{shadows} and attacking it{ahead}")
     durations: list[float] = []
     for index, ((family, strength, overrides), label, path) in enumerate(zip(points, labels, paths)):
         result = _read_point(path) if path is not None else None

@@ -166,6 +166,18 @@ def as_task(loss: Task | PerExampleLoss | str | None) -> Task:
     return Task(name=_qualname(loss), loss=loss)
 
 
+def with_label_metrics(task: Task, logits_shape: Shape, target_shape: Shape, target_dtype: Any,
+                       num_classes: int) -> Task:
+    """A bare loss's task (no metrics) with classification's accuracy when its data are class labels: integer
+    targets ``[B]`` and logits ``[B, num_classes]`` (``logits_shape`` of a batch, ``target_shape`` of one example),
+    so that a user's own loss on labels keeps ``test_accuracy``; its name says so. Any other task as it is."""
+    labels = tuple(target_shape) == () and np.issubdtype(np.dtype(target_dtype), np.integer)
+    if task.metrics is not no_metrics or not labels or len(logits_shape) != 2 or logits_shape[1] != num_classes:
+        return task
+    return dataclasses.replace(task, name=f"{task.name} on class labels (accuracy)",
+                               metrics=_classification_metrics, primary="accuracy")
+
+
 def describe(task: Task) -> str:
     """How the saved config names a task: a built-in's name, or "user-supplied <name>"."""
     return task.name if TASKS.get(task.name) is task else f"user-supplied {task.name}"

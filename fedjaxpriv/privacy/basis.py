@@ -18,6 +18,20 @@ LEVEL_MEANING = {
     "local": "local (all data of one client), against the server and anyone who sees that client's messages",
 }
 
+# The largest epsilon of each level in a run's records, and the key of its basis line.
+EPSILON_KEYS = ("epsilon_max", "local_epsilon_max", "client_level_epsilon")
+BASIS_KEYS = tuple(f"{key.removesuffix('_max')}_basis" for key in EPSILON_KEYS)
+LEVEL_OF_EPSILON = dict(zip(EPSILON_KEYS, ("example", "local", "client")))
+BASIS_OF_EPSILON = dict(zip(EPSILON_KEYS, BASIS_KEYS))
+
+
+def largest_epsilon(record: dict) -> tuple[float, str, str] | None:
+    """The largest epsilon a record reports over its levels: (epsilon, level, basis line); None without any
+    (a level at 0, nothing spent yet, counts only when no level has more)."""
+    present = [(float(record[k]), LEVEL_OF_EPSILON[k], str(record.get(BASIS_OF_EPSILON[k], "")))
+               for k in EPSILON_KEYS if k in record]
+    return max(present, key=lambda p: p[0]) if present else None
+
 
 @dataclasses.dataclass(frozen=True)
 class EpsilonBasis:

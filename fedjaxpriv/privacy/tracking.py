@@ -175,7 +175,7 @@ class PrivacyTracker:
 
     Attributes:
       participations: int64 [C], rounds each client took part in.
-      dp_steps: int64 [C], DP-SGD steps each client ran.
+      dp_steps: int64 [C], local steps each client ran (DP-SGD steps for a DP-SGD client).
       rounds: rounds recorded.
       max_participations: int64 [C], the budget of each client (``UNLIMITED`` without a target).
     """
@@ -369,11 +369,13 @@ class PrivacyTracker:
         return record
 
     def per_client(self) -> dict[str, np.ndarray]:
-        """Per-client arrays for ``clients.csv`` (empty without any mechanism); every epsilon column has a basis
-        column beside it, per client where the bound chosen differs between clients."""
+        """Per-client arrays for ``clients.csv`` and ``Results.clients``: rounds taken part in and local steps run
+        (every run), and with DP each level's epsilon; every epsilon column has a basis column beside it, per
+        client where the bound chosen differs between clients."""
+        out: dict[str, np.ndarray] = {"participations": self.participations.copy(),
+                                      "local_steps": self.dp_steps.copy()}
         if not (self.sample_level is not None or self.local is not None or self.client_private):
-            return {}
-        out: dict[str, np.ndarray] = {"participations": self.participations.copy()}
+            return out
         bounds = self._bounds()
         chosen = self._level_bases(bounds)
         bases = self.bases(bounds, chosen)

@@ -257,6 +257,14 @@ def test_time_left_is_the_mean_point_time_the_points_still_to_run():
     assert evaluation.time_left([20.0], 2) == "about 40 s left"
 
 
+def test_a_presets_estimate_scales_its_measured_point_time_by_points_and_federations():
+    preset = dataclasses.replace(evaluation.PRESETS["membership"], point_seconds=30.0)
+    assert "about 5 min on 2 CPU cores" in preset.estimate(10, 16)  # 10 x 30 s
+    assert "about 1 min" in preset.estimate(17, 0)  # 17 points of 1 federation = 1 point of 17: 30 s, at least 1
+    assert "about 15 min" in preset.estimate(10, 16 * 3 + 2)  # 51 federations per point: 3 x 5 min
+    assert dataclasses.replace(preset, point_seconds=None).estimate(10, 16) == "time known after the first point"
+
+
 def test_defenses_are_compared_at_matched_utility_without_extrapolating():
     def point(defense, accuracy, auc, width=0.02):
         return {"defense": defense, "test_accuracy": accuracy, "attack/rmia/auc": auc,

@@ -62,6 +62,23 @@ def test_recorded_example_level_epsilon_is_the_event_that_ran(sampling, tmp_path
     with open(tmp_path / "clients.csv") as f:
         rows = list(csv.DictReader(f))
     assert rows[0]["epsilon_basis"] == basis and float(rows[0]["epsilon"]) == pytest.approx(per_client["epsilon"][0])
+    # Results carries the same per-client columns as clients.csv.
+    assert set(results.clients) == set(rows[0]) - {"client"}
+    for i, row in enumerate(rows):
+        assert results.clients["epsilon_basis"][i] == row["epsilon_basis"]
+        assert results.clients["epsilon"][i] == pytest.approx(float(row["epsilon"]), rel=1e-12)
+    np.testing.assert_array_equal(results.clients["local_steps"], 4 * results.clients["participations"])
+
+
+def test_results_hold_every_clients_participations_and_steps_without_dp(tmp_path):
+    """Without DP: 3 rounds of 5 of 10 clients, 2 local steps each; the per-client arrays add up to the cohorts
+    the history records and are written to clients.csv."""
+    results = Experiment(_config(client={"local_steps": 2})).run(str(tmp_path), progress=False)
+    assert set(results.clients) == {"participations", "local_steps"}
+    assert results.clients["participations"].sum() == 3 * 5 == sum(r["participants"] for r in results.history)
+    np.testing.assert_array_equal(results.clients["local_steps"], 2 * results.clients["participations"])
+    with open(tmp_path / "clients.csv") as f:
+        assert [int(r["participations"]) for r in csv.DictReader(f)] == results.clients["participations"].tolist()
 
 
 @pytest.mark.slow

@@ -228,19 +228,27 @@ def test_next_token_task_with_a_user_model_and_padding():
 
 
 @pytest.mark.slow
-def test_a_bare_loss_function_trains_and_reports_its_loss():
+def test_a_bare_loss_function_on_class_labels_trains_and_keeps_accuracy():
+    """A user's per-example loss on integer labels with [B, K] logits: the run reports its loss and, since the
+    targets are class labels, classification's accuracy (equal to an independent argmax count), and the saved
+    config says so."""
     def hinge(logits, labels):  # the multi-class (Crammer-Singer) hinge loss, [B]
         true = jnp.take_along_axis(logits, labels[:, None], axis=-1)[:, 0]
         others = jnp.where(jnp.arange(logits.shape[-1]) == labels[:, None], -jnp.inf, logits)
         return jnp.maximum(0.0, 1.0 + jnp.max(others, axis=-1) - true)
 
     experiment = Experiment(_config(client={"local_steps": 5}, run={"rounds": 3, "eval_every": 3}), loss=hinge)
-    assert experiment.config.model.name == "mlp; loss: user-supplied " + hinge.__qualname__
+    assert experiment.config.model.name == (f"mlp; loss: user-supplied {hinge.__qualname__} on class labels "
+                                            "(accuracy)")
     before = experiment.evaluate(experiment.initial_params)
-    after = experiment.run(progress=False).history[-1]
-    assert set(before) == {"test_loss", "client_loss_mean", "client_loss_std", "client_loss_p10", "client_loss_p50",
-                           "client_loss_p90"}
+    results = experiment.run(progress=False)
+    after = results.history[-1]
+    assert {"test_loss", "test_accuracy", "client_accuracy_mean"} <= set(before)
+    logits = np.asarray(experiment.model.apply(results.params, experiment.test.x))
+    assert after["test_accuracy"] == pytest.approx(np.mean(logits.argmax(-1) == experiment.test.y), abs=1e-6)
     assert after["test_loss"] < before["test_loss"] - 0.25
+    assert after["test_accuracy"] > before["test_accuracy"] + 0.1
+    assert results.final("test_accuracy") == after["test_accuracy"]
     with pytest.raises(ValueError, match="soft targets"):
         Experiment(_config(client={"mixup_alpha": 0.3}), loss=hinge)
 
