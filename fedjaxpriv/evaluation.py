@@ -141,3 +141,15 @@ def personal_metrics(apply_fn: ApplyFn, personal: Params, global_params: Params,
     return {"personal_test_accuracy": float(np.nansum(weights * mine) / total),
             "global_test_accuracy_client_mix": float(np.nansum(weights * theirs) / total),
             **distribution_summary(mine, "client_personal_accuracy")}
+
+
+def at_chance(accuracy: float, labels: np.ndarray) -> tuple[bool, float]:
+    """Whether a test accuracy is not above what always predicting the test set's most frequent label scores,
+    beyond three binomial standard errors of that rate over the ``labels [N]``; returns (verdict, that rate)."""
+    labels = np.asarray(labels).reshape(-1)
+    if labels.size == 0:
+        return False, float("nan")
+    majority = float(np.max(np.unique(labels, return_counts=True)[1]) / labels.size)
+    error = np.sqrt(majority * (1.0 - majority) / labels.size)
+    return bool(accuracy <= majority + 3.0 * error), majority
+

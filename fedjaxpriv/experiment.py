@@ -655,6 +655,9 @@ class Experiment:
                             store.close(self.privacy.per_client())
                 finally:
                     signals.uninstall()
+        problem = dp_at_chance(self, history)
+        if problem:
+            warnings.warn(problem, stacklevel=2)
         return Results(self.config, history, state.params, out_dir, taps, self.privacy.per_client())
 
     def _run_rounds(self, state: ServerState, history: list[Record], store: Any, signals: Signals, total: int,
@@ -719,6 +722,33 @@ class Experiment:
                         store.truncate(saved)
             raise
         return state, taps
+
+
+def dp_at_chance(experiment: Experiment, history: Sequence[Record]) -> str | None:
+    """What to tell the user when a run with DP ends with a test accuracy at chance (``evaluation.at_chance``):
+    the figures and the knobs that usually matter for each mechanism on; None otherwise (no DP, no accuracy)."""
+    accuracy = next((r["test_accuracy"] for r in reversed(history) if "test_accuracy" in r), None)
+    if accuracy is None:
+        return None
+    chance, majority = evaluation.at_chance(accuracy, experiment.test.y)
+    c, s, m = experiment.config.client, experiment.config.server, experiment.config.message
+    knobs = []
+    if experiment.sample_level is not None and np.any(experiment.sample_level.private):
+        noise = np.asarray(experiment.sample_level.noise_multipliers)[experiment.sample_level.private]
+        knobs.append(f"DP-SGD with clip {c.dp_clip_norm} and noise multipliers {np.min(noise):.3g}-{np.max(noise):.3g}"
+                     " (client.dp_clip_norm: about the median per-example gradient norm; client.batch_size: the noise"
+                     " per example falls as the batch grows; client.lr; client.target_epsilon or dp_noise_multiplier)")
+    if experiment.client_level is not None and experiment.client_level.private:
+        knobs.append(f"DP-FedAvg with clip {s.central_clip_norm} (server.central_clip_norm; "
+                     "server.clients_per_round: the noise per client falls as the cohort grows; server.lr; "
+                     "server.target_epsilon or central_noise_multiplier)")
+    if experiment.local_dp is not None and np.any(experiment.local_dp.private):
+        knobs.append(f"local DP noise with message clip {m.clip_norm} (message.clip_norm, "
+                     "message.local_noise_multiplier)")
+    if not chance or not knobs:
+        return None
+    return (f"test_accuracy {accuracy:.3f} after {len(history)} rounds is at chance (always predicting the most "
+            f"frequent test label scores {majority:.3f}): the model learned nothing under " + "; ".join(knobs) + ".")
 
 
 def progress_fields(record: Record, accuracy: float | None = None) -> dict[str, str]:

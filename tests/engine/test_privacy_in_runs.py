@@ -257,3 +257,21 @@ def test_every_epsilon_in_history_and_clients_csv_has_a_basis_of_its_own_level(t
     for row in rows:
         for key in columns:
             assert row[f"{key}_basis"].startswith(level_of(key)), (key, row[f"{key}_basis"])
+
+
+def test_a_dp_run_that_learns_nothing_says_so_with_the_knobs_that_matter():
+    """DP-SGD with noise 50 leaves the model at chance: the run warns, naming the figures and the knobs; with
+    noise 0.3 it learns and says nothing."""
+    from fedjaxpriv.evaluation import at_chance
+
+    labels = np.r_[np.zeros(100), np.arange(400) % 9 + 1]  # majority 0.2 of 500: 3 standard errors = 0.0537
+    assert at_chance(0.253, labels) == (True, 0.2) and at_chance(0.254, labels) == (False, 0.2)
+    noisy = _config(client={"dp_clip_norm": 1.0, "dp_noise_multiplier": 50.0, "local_steps": 5, "lr": 0.5})
+    with pytest.warns(UserWarning, match=r"is at chance .*DP-SGD with clip 1.0 and noise multipliers 50-50 "
+                                         r"\(client.dp_clip_norm.*client.batch_size"):
+        Experiment(noisy).run(progress=False)
+    plain = _config(client={"dp_clip_norm": 1.0, "dp_noise_multiplier": 0.3, "local_steps": 20, "lr": 0.5},
+                    run={"rounds": 6, "eval_every": 6})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        assert Experiment(plain).run(progress=False).final("test_accuracy") > 0.5
