@@ -48,7 +48,8 @@ def _build_parser() -> argparse.ArgumentParser:
     sweep = commands.add_parser("sweep", help="run every config of a grid file into one results store")
     sweep.add_argument("grid", help="grid YAML file (base config + grid/zip/variants/seeds)")
     sweep.add_argument("--jobs", type=int, default=1, help="worker processes (default 1)")
-    sweep.add_argument("--store", default="sweeps/results", help="results store directory (results.jsonl, runs/)")
+    sweep.add_argument("--store", default=None,
+                       help="results store directory (results.jsonl, runs/; default runs/<grid file name>)")
     sweep.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.FIELD=VALUE",
                        help="override a field of every config of the grid (repeatable)")
     sweep.add_argument("--dry-run", action="store_true", help="list the expanded configs and exit")
@@ -98,6 +99,8 @@ def _build_parser() -> argparse.ArgumentParser:
                             "client: canary clients, DP-FedAvg")
     audit.add_argument("--canaries", type=int, default=1000, help="canaries (each in/out by a fair coin)")
     audit.add_argument("--guess-fraction", type=float, default=0.1, help="fraction guessed on each side")
+    audit.add_argument("--out", default=None,
+                       help="directory to write audit.json (the printed result) and the audited config.json into")
     return parser
 
 
@@ -133,10 +136,18 @@ def _audit(args: argparse.Namespace) -> int:
 
     from fedjaxpriv.attacks.canary_audit import audit_canaries
 
+    from fedjaxpriv.files import atomic_write
+
     config = _config(args)
+    out = _output_dir(args.out) if args.out is not None else None
+    print(f"fedjaxpriv: {args.level}-level canary audit of {args.canaries} canaries", file=sys.stderr, flush=True)
     result = audit_canaries(config, args.level, num_canaries=args.canaries, guess_fraction=args.guess_fraction)
-    print(json.dumps({**jsonable(dataclasses.asdict(result)), "can_refute": result.can_refute,
-                      "summary": result.describe()}, indent=2))
+    text = json.dumps({**jsonable(dataclasses.asdict(result)), "can_refute": result.can_refute,
+                       "summary": result.describe()}, indent=2)
+    if out is not None:
+        atomic_write(os.path.join(out, "config.json"), json.dumps(jsonable(config.to_dict()), indent=2))
+        atomic_write(os.path.join(out, "audit.json"), text + "\n")
+    print(text)
     return 0
 
 
@@ -195,16 +206,21 @@ def _sweep(args: argparse.Namespace) -> int:
             print(f"{point.config_hash}  {point.label}")
         return 0
 
+    labels = {point.config_hash: point.label for point in points}
+
     def done(config_hash: str, error: str | None) -> None:
-        print(f"{'FAILED' if error else 'done'} {config_hash}" + (f"\n{error}" if error else ""), flush=True)
+        print(f"{'FAILED' if error else 'done'} {config_hash}  {labels.get(config_hash, '')}"
+              + (f"\n{error}" if error else ""), flush=True)
 
     def wait(config_hash: str, holder: int | None) -> None:
-        print(f"waiting {config_hash}: another process (PID {holder if holder and holder > 0 else 'unknown'}) "
+        print(f"waiting {config_hash}  {labels.get(config_hash, '')}: another process (PID {holder if holder and holder > 0 else 'unknown'}) "
               "is running it", flush=True)
 
-    summary = run_sweep(points, _output_dir(args.store, "--store"), jobs=args.jobs, on_done=done,
+    store = args.store if args.store is not None else os.path.join(
+        "runs", os.path.splitext(os.path.basename(args.grid))[0])
+    summary = run_sweep(points, _output_dir(store, "--store"), jobs=args.jobs, on_done=done,
                         wait_limit_s=args.wait_limit, on_wait=wait)
-    print(json.dumps({"store": args.store, "points": len(points), "ran": len(summary.ran),
+    print(json.dumps({"store": store, "points": len(points), "ran": len(summary.ran),
                       "skipped": len(summary.skipped), "failed": len(summary.failed)}))
     return 1 if summary.failed else 0
 

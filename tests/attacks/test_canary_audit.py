@@ -114,3 +114,21 @@ def test_audit_arguments_are_checked():
         canary_audit.audit_canaries(_local_config(1.0), level="server")
     with pytest.raises(ValueError, match="guess_fraction"):
         canary_audit.audit_local_level(_local_config(1.0), guess_fraction=0.7)
+
+
+@pytest.mark.slow
+def test_audit_command_writes_what_it_prints_and_the_audited_config(tmp_path, capsys):
+    import json
+
+    from fedjaxpriv import cli
+    from fedjaxpriv.config import load_config
+
+    args = ["--set", "data.num_clients=10", "--set", "data.partition=iid", "--set", "model.hidden=[32]",
+            "--set", "client.local_steps=1", "--set", "message.clip_norm=1.0", "--set",
+            "message.local_noise_multiplier=4.0", "--set", "server.clients_per_round=10", "--set", "run.rounds=1"]
+    assert cli.main(["audit", "--level", "local", "--canaries", "200", "--out", str(tmp_path), *args]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert json.loads((tmp_path / "audit.json").read_text()) == printed
+    assert printed["empirical_epsilon"] <= printed["accountant_epsilon"] and printed["num_canaries"] == 200
+    config = load_config(str(tmp_path / "config.json"))
+    assert config.message.local_noise_multiplier == 4.0 and config.data.num_clients == 10

@@ -215,3 +215,19 @@ def test_numbers_in_exponent_form_are_floats_in_overrides_and_files(tmp_path):
     path.write_text("run:\n  delta: 1e-7\nclient:\n  lr: [1e-1, 5e-2]\n")
     loaded = load_config(str(path))
     assert loaded.run.delta == 1e-7 and tuple(loaded.client.lr) == (0.1, 0.05)
+
+
+@pytest.mark.slow
+def test_a_bare_sweep_stores_under_runs_and_names_each_point(tmp_path, monkeypatch, capsys):
+    """Without --store the store is runs/<grid file name> under the working directory (not beside the grid file),
+    and each finished point is printed with its label."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "grids").mkdir()
+    (tmp_path / "grids" / "lr.yaml").write_text(json.dumps({"base": TINY, "grid": {"client.lr": [0.05]}}))
+    (point,) = load_grid(str(tmp_path / "grids" / "lr.yaml"))
+    assert cli_main(["sweep", "grids/lr.yaml"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == f"done {point.config_hash}  {point.label}" and point.label == "lr=0.05"
+    assert json.loads(lines[-1])["store"] == os.path.join("runs", "lr")
+    assert [r["config_hash"] for r in ResultsStore(str(tmp_path / "runs" / "lr")).records()] == [point.config_hash]
+    assert not os.path.exists(tmp_path / "grids" / "results")
