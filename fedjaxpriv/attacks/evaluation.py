@@ -752,18 +752,19 @@ def evaluate_defenses(base: ExperimentConfig, defenses: Mapping[str, Any] | None
     ahead = f"; {estimate(sum(to_run))}" if estimate is not None and any(to_run) else ""
     _say(f"{len(points)} defense points ({len(points) - sum(to_run)} finished earlier), each training the target "
          f"federation{shadows} and attacking it{ahead}")
-    durations: list[float] = []
+    durations: dict[str, list[float]] = {}  # family -> seconds of its finished points
     for index, ((family, strength, overrides), label, path) in enumerate(zip(points, labels, paths)):
         result = _read_point(path) if path is not None else None
         fresh = result is None
         if not fresh:
             _say(f"defense {index + 1}/{len(points)}: {label} (finished earlier: {path})")
         else:
-            _say(f"defense {index + 1}/{len(points)}: {label} ({time_left(durations, sum(to_run[index:]))})")
+            remaining = [f for (f, _, _), run in zip(points[index:], to_run[index:]) if run]
+            _say(f"defense {index + 1}/{len(points)}: {label} ({time_left(durations, remaining)})")
             started = time.perf_counter()
             result = evaluate_defense(base, label, overrides, suite, family=family, strength=strength,
                                       attacks=attacks, parts=parts)
-            durations.append(time.perf_counter() - started)
+            durations.setdefault(family, []).append(time.perf_counter() - started)
             if path is not None:
                 os.makedirs(kept_dir, exist_ok=True)
                 atomic_write(path, pickle.dumps(result))
@@ -780,12 +781,17 @@ def evaluate_defenses(base: ExperimentConfig, defenses: Mapping[str, Any] | None
     return records
 
 
-def time_left(durations: Sequence[float], points: int) -> str:
-    """How long ``points`` more defense points take at the mean of the finished ones' ``durations`` (seconds)."""
-    if not durations:
+def time_left(durations: Mapping[str, Sequence[float]], families: Sequence[str]) -> str:
+    """How long the points of ``families`` (one entry per point still to run) take: each at the mean duration
+    (seconds) of the finished points of its family in ``durations`` {family: [seconds]}, or of all finished points
+    for a family not yet timed (DP families can take several times longer than the others)."""
+    finished = [d for values in durations.values() for d in values]
+    if not finished:
         return "time left known after the first point"
-    seconds = float(np.mean(durations)) * points
-    return f"about {seconds / 60:.0f} min left" if seconds >= 90 else f"about {seconds:.0f} s left"
+    seconds = sum(float(np.mean(durations.get(f) or finished)) for f in families)
+    untimed = sorted({f for f in families if not durations.get(f)})
+    text = f"about {seconds / 60:.0f} min left" if seconds >= 90 else f"about {seconds:.0f} s left"
+    return text + (f", {', '.join(untimed)} not yet timed" if untimed else "")
 
 
 def _with_interval(record: Mapping[str, Any], key: str) -> str:

@@ -251,10 +251,14 @@ def test_attack_eval_stopped_by_a_signal_says_so_in_one_line_and_keeps_finished_
     assert len(os.listdir(out / "points")) == 1
 
 
-def test_time_left_is_the_mean_point_time_the_points_still_to_run():
-    assert evaluation.time_left([], 5) == "time left known after the first point"
-    assert evaluation.time_left([100.0, 140.0], 3) == "about 6 min left"
-    assert evaluation.time_left([20.0], 2) == "about 40 s left"
+def test_time_left_is_each_points_family_mean_or_the_overall_mean():
+    assert evaluation.time_left({}, ["none"] * 5) == "time left known after the first point"
+    assert evaluation.time_left({"none": [100.0, 140.0]}, ["none"] * 3) == "about 6 min left"
+    assert evaluation.time_left({"none": [20.0]}, ["none"] * 2) == "about 40 s left"
+    # dpsgd timed at 240 s, pruning at 20 s; quantization untimed: the mean of all three finished points (100 s).
+    durations = {"dpsgd": [240.0], "pruning": [20.0, 40.0]}
+    assert evaluation.time_left(durations, ["dpsgd", "pruning", "quantization"]) == (
+        "about 6 min left, quantization not yet timed")
 
 
 def test_a_presets_estimate_scales_its_measured_point_time_by_points_and_federations():
