@@ -211,8 +211,13 @@ _INF_OK = {"high": math.inf}  # inf allowed
 # Synthetic(alpha, beta)) and "attribute" (tabular, with a binary sensitive attribute in the last input column and
 # client-specific group shares: ``attacks.attribute.attribute_population``).
 NATURAL_DATASETS: tuple[str, ...] = ("synthetic", "attribute")
-# ``model.name`` of a run whose model or loss its user passed in (``Experiment(model=..., loss=...)``).
+# ``model.name`` of a run whose model or loss its user passed in (``Experiment(model=..., loss=...)``), and the
+# start of ``data.dataset`` of a run on arrays passed in (``Experiment(population=...)``).
 USER_SUPPLIED = "user-supplied"
+# The data fields that say how a run builds its population from a dataset: unused when a population is passed in.
+POPULATION_RECIPE_FIELDS: tuple[str, ...] = (
+    "dataset", "data_dir", "download", "image_key", "label_key", "partition", "dirichlet_alpha", "shards_per_client",
+    "quantity_sigma", "synthetic_alpha", "synthetic_beta", "synthetic_max_size")
 PARTITIONS = ("iid", "dirichlet", "shards", "quantity_skew", "natural")
 
 
@@ -584,9 +589,10 @@ class ExperimentConfig:
         from fedjaxpriv.data.sources import DATASET_NAMES_TEXT, is_known_dataset
         from fedjaxpriv.models.core import MODEL_NAMES
 
-        _check(self.data.dataset in NATURAL_DATASETS or is_known_dataset(self.data.dataset), "data.dataset",
+        _check(self.data.dataset in NATURAL_DATASETS or is_known_dataset(self.data.dataset)
+               or self.data.dataset.startswith(USER_SUPPLIED), "data.dataset",
                self.data.dataset, f"{DATASET_NAMES_TEXT}, or one generated with its own clients "
-                                  f"{list(NATURAL_DATASETS)}")
+                                  f"{list(NATURAL_DATASETS)} (or pass your own arrays to Experiment(population=...))")
         built_in = self.model.name.split("; loss: ")[0]  # a run with another task records "<model>; loss: <task>"
         _check(built_in in MODEL_NAMES or built_in.startswith(USER_SUPPLIED), "model.name",
                self.model.name, f"one of {list(MODEL_NAMES)} (or pass your own model to Experiment(model=...))")

@@ -23,8 +23,9 @@ from fedjaxpriv import evaluation
 from fedjaxpriv.client.local import LocalSpec
 from fedjaxpriv.client.sampling import overflow_probability
 from fedjaxpriv.client.settings import ClientSettings, make_settings, per_client_array, with_extra
-from fedjaxpriv.config import USER_SUPPLIED, ExperimentConfig
+from fedjaxpriv.config import POPULATION_RECIPE_FIELDS, USER_SUPPLIED, DataConfig, ExperimentConfig
 from fedjaxpriv.data import Dataset, FederatedData, load_dataset, partition, synthetic_federated
+from fedjaxpriv.data.federated import fingerprint
 from fedjaxpriv.guards import (LOSS_LIMIT, DivergenceError, Signals, divergence, divergence_message,
                                pause_point)
 from fedjaxpriv.models import Model, ModelLike, as_model, count_params, get_model
@@ -265,6 +266,25 @@ def client_level_mechanism(config: ExperimentConfig, num_clients: int,
     return dataclasses.replace(mechanism, noise_multiplier=float(round_up_float32(np.array([z]))[0]))
 
 
+def user_data_config(config: ExperimentConfig, population: FederatedData, test: Dataset,
+                     num_classes: int) -> ExperimentConfig:
+    """The config a run on arrays passed in records: ``data.dataset`` is "user-supplied arrays <fingerprint of the
+    population, test set and num_classes>", so that its hash differs from a built-in dataset's and from other
+    arrays', and the fields that say how a population is built from a dataset (``POPULATION_RECIPE_FIELDS``) are
+    at their defaults, since none is used; each one the config set otherwise is named in a warning."""
+    defaults = DataConfig()
+    name = f"{USER_SUPPLIED} arrays " + fingerprint(population.x, population.y, population.offsets, population.counts,
+                                                    population.attributes, test.x, test.y, num_classes)
+    data = config.data
+    ignored = [f"data.{field}={getattr(data, field)!r}" for field in POPULATION_RECIPE_FIELDS
+               if getattr(data, field) != getattr(defaults, field)
+               and not (field == "dataset" and data.dataset == name)]
+    if ignored:
+        warnings.warn(f"{', '.join(ignored)}: not used, since the population passed in is used as it is; the run "
+                      f"records data.dataset={name!r} and the other data fields at their defaults.", stacklevel=3)
+    return dataclasses.replace(config, data=dataclasses.replace(defaults, dataset=name, num_clients=data.num_clients))
+
+
 def recorded_config(config: ExperimentConfig, model: Model | None, task: Task) -> ExperimentConfig:
     """The config as the run records it: ``model.name`` names a model passed in ("user-supplied <name>") and any
     task but classification ("<model>; loss: <task>"), so the run never claims a model or loss that did not run."""
@@ -330,11 +350,14 @@ class Experiment:
                  loss: Task | PerExampleLoss | str | None = None,
                  message_transform: MessageTransform | None = None,
                  algorithm: FederatedAlgorithm | None = None,
-                 extra_settings: Mapping[str, Any] | None = None) -> None:
+                 extra_settings: Mapping[str, Any] | None = None, data_from_config: bool = False) -> None:
         """Args:
           config: the experiment.
           mesh: devices to shard clients over (default: ``run.num_devices`` local devices).
-          population / test / num_classes: the data, instead of loading ``config.data`` (all three together).
+          population / test / num_classes: the data, instead of loading ``config.data`` (all three together). The
+            run then records ``data.dataset`` as "user-supplied arrays <fingerprint>" (``user_data_config``).
+          data_from_config: the population passed in was built from ``config.data`` (``load_population``,
+            ``partition_like``), so the config describes it and is recorded as it is.
           settings: per-client settings [C] instead of the config's (noise still calibrated to ``targets``).
           targets: per-client target epsilons [C] (inf = none) instead of ``client.target_epsilon``.
           message_transform: what each client applies to its update before sending it, instead of the chain
@@ -356,6 +379,7 @@ class Experiment:
           ValueError: before anything trains, when the model, the task and the data do not fit (input or output
             shapes, a loss that is not per-example, mixup for a task without soft targets).
         """
+        data_from_config = data_from_config or population is None
         if population is None:
             population, test, num_classes = load_population(config)
         if test is None or num_classes is None:
@@ -368,6 +392,8 @@ class Experiment:
         if tuple(test.y.shape[1:]) != tuple(population.y.shape[1:]):
             raise ValueError(f"test targets have shape {tuple(test.y.shape[1:])} per example but the population's "
                              f"have {tuple(population.y.shape[1:])}.")
+        if not data_from_config:
+            config = user_data_config(config, population, test, num_classes)
         self.population, self.test, self.num_classes = population, test, num_classes
         counts = population.counts
         self.model: Model = model_for(config, population.input_shape, num_classes, model,

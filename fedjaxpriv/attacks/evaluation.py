@@ -609,7 +609,8 @@ def evaluate_defense(base: ExperimentConfig, name: str, overrides: Mapping[str, 
         pool, members, reference_points = setup.pool, setup.members, setup.population
         clients = partition_like(config, Dataset(pool.x[members], pool.y[members]), config.run.seed)
         experiment = build_experiment(config, population=clients, num_classes=setup.num_classes,
-                                      test=Dataset(pool.x[~members], pool.y[~members]), **(parts or {}))
+                                      test=Dataset(pool.x[~members], pool.y[~members]), data_from_config=True,
+                                      **(parts or {}))
     else:  # the config's own data: training examples against test examples, no shadow federations
         experiment = build_experiment(config, **(parts or {}))
         rng = np.random.default_rng(suite.seed)

@@ -597,7 +597,7 @@ def fedsgd_probe(experiment: Any, clients: Sequence[int], examples: int, *, para
         "run.tap_rounds": [round_number], "run.checkpoint_every": 0})
     probe = build_experiment(config, population=probe_data, test=experiment.test,
                              num_classes=experiment.num_classes, settings=settings,
-                             targets=np.full(ids.size, np.inf), **parts)
+                             targets=np.full(ids.size, np.inf), data_from_config=True, **parts)
     start = experiment.initial_params if params is None else params
     state = probe.fresh_state(start)._replace(round=jnp.asarray(round_number - 1, jnp.int32))
     return FedSgdProbe(probe, probe.tap(replicate(state, probe.mesh), list(range(ids.size))), ids)

@@ -9,6 +9,7 @@ an example mask where a per-client dense layout is wanted (per-client evaluation
 
 from __future__ import annotations
 
+import hashlib
 from typing import NamedTuple, Sequence
 
 import numpy as np
@@ -126,3 +127,15 @@ def from_partition(dataset: Dataset, client_indices: Sequence[np.ndarray],
     attrs = np.asarray(attributes, np.int32)[order] if attributes is not None else np.zeros((0,), np.int32)
     return FederatedData(np.asarray(dataset.x, np.float32)[order], np.asarray(dataset.y, np.int32)[order],
                          offsets, counts, attrs)
+
+
+def fingerprint(*arrays: np.ndarray | int) -> str:
+    """A short content hash (16 hex digits) of arrays (dtype, shape and bytes, in order) and integers: two
+    populations fingerprint alike only if their data are identical."""
+    digest = hashlib.sha256()
+    for value in arrays:
+        array = np.ascontiguousarray(np.asarray(value))
+        digest.update(f"{array.dtype.str}{array.shape}".encode())
+        digest.update(array.tobytes())
+    return digest.hexdigest()[:16]
+

@@ -11,6 +11,7 @@ import dataclasses
 
 import numpy as np
 
+from fedjaxpriv.config import USER_SUPPLIED
 from fedjaxpriv.data import tfds_source
 from fedjaxpriv.data.federated import Dataset
 
@@ -106,6 +107,9 @@ def load_dataset(name: str, data_dir: str | None = None, download: bool = False,
       ValueError: unknown name.
       FileNotFoundError: a tfds dataset is absent and ``download`` is False.
     """
+    if name.startswith(USER_SUPPLIED):
+        raise ValueError(f"data.dataset={name!r} records a run on arrays passed to Experiment(population=..., "
+                         "test=..., num_classes=...): pass the same arrays again (their fingerprint is in the name).")
     if name == "digits":
         train, test = load_digits()
         num_classes = 10

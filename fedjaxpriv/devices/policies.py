@@ -284,6 +284,7 @@ class DeviceExperiment(Experiment):
                  population: Any = None, test: Any = None, num_classes: int | None = None, **kwargs: Any) -> None:
         if population is None:
             population, test, num_classes = load_population(config)
+            kwargs["data_from_config"] = True
         self.profiles, self.policy = profiles, policy
         self.base_settings = client_settings(config, population.counts)
         settings, tier_targets = policy_settings(policy, profiles, self.base_settings)

@@ -50,3 +50,32 @@ def test_next_token_targets_may_be_padding_but_not_beyond_the_vocabulary():
     check_targets(NEXT_TOKEN, np.array([[3, 4, -1, -1]]), 5, "y")
     with pytest.raises(ValueError, match=r"y holds 1 target.*e\.g\. 5; allowed: < 5 \(negative = padding\)"):
         check_targets(NEXT_TOKEN, np.array([[3, 5, -1]]), 5, "y")
+
+
+def test_a_run_on_passed_arrays_records_their_fingerprint_and_nothing_it_did_not_use():
+    """The saved config names the arrays by a content hash: the same arrays give the same config hash, other
+    arrays (one value changed) or the built-in digits another; data fields a passed population makes unused are
+    warned about and recorded at their defaults, and the recorded config cannot silently run on other data."""
+    import dataclasses
+    import warnings
+
+    from fedjaxpriv.config import DataConfig, with_overrides
+
+    population, test = _data()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # nothing to warn about: the config says nothing about the data
+        first = Experiment(CONFIG, population=population, test=test, num_classes=4).config
+    again = Experiment(CONFIG, population=population, test=test, num_classes=4).config
+    other = Experiment(CONFIG, population=_data(x_fill=0.25)[0], test=test, num_classes=4).config
+    assert first.data.dataset.startswith("user-supplied arrays ") and len(first.data.dataset.split()[-1]) == 16
+    assert again.config_hash() == first.config_hash() != other.config_hash() != CONFIG.config_hash()
+    assert first.data == dataclasses.replace(DataConfig(), dataset=first.data.dataset, num_clients=2)
+    iid = with_overrides(CONFIG, {"data.partition": "iid", "data.dirichlet_alpha": 0.1})
+    with pytest.warns(UserWarning, match=r"data.partition='iid', data.dirichlet_alpha=0.1: not used"):
+        recorded = Experiment(iid, population=population, test=test, num_classes=4).config
+    assert recorded.config_hash() == first.config_hash()  # the unused fields change nothing that ran
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the recorded config run again on the same arrays: nothing to warn about
+        assert Experiment(recorded, population=population, test=test, num_classes=4).config == recorded
+    with pytest.raises(ValueError, match="records a run on arrays passed to Experiment.*pass the same arrays again"):
+        Experiment(recorded)
