@@ -43,6 +43,9 @@ def _build_parser() -> argparse.ArgumentParser:
                      help="override a config field, e.g. --set client.lr=0.05 (repeatable)")
     run.add_argument("--out", default="runs/default", help="output directory (history, checkpoints)")
     run.add_argument("--no-resume", action="store_true", help="start over even if DIR has a checkpoint")
+    run.add_argument("--continue", dest="extend", action="store_true",
+                     help="extend the run in --out to this config's run.rounds (raise it with --set run.rounds=N; "
+                          "refused where the run was planned over its own number of rounds)")
     run.add_argument("--quiet", action="store_true", help="no progress bar or per-round lines")
     run.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     sweep = commands.add_parser("sweep", help="run every config of a grid file into one results store")
@@ -282,13 +285,18 @@ def _run(args: argparse.Namespace) -> int:
             return
         from tqdm.auto import tqdm
 
+        from fedjaxpriv.privacy.basis import largest_epsilon
+
+        largest = largest_epsilon(record)
         tqdm.write(f"round {record['round']:4d}  test_accuracy {record['test_accuracy']:.4f}  "
-                   f"test_loss {record['test_loss']:.4f}  train_loss {record['train_loss']:.4f}")
+                   f"test_loss {record['test_loss']:.4f}  train_loss {record['train_loss']:.4f}"
+                   + (f"  epsilon {largest[0]:.3g} ({largest[1]})" if largest else ""))
 
     from fedjaxpriv.guards import DivergenceError
 
     try:
-        results = experiment.run(args.out, resume=not args.no_resume, progress=not args.quiet, callbacks=[report])
+        results = experiment.run(args.out, resume=not args.no_resume, progress=not args.quiet, callbacks=[report],
+                                 extend=args.extend)
     except DivergenceError as error:  # the diverged round's metrics as strict JSON, then the error on one line
         print(json.dumps(jsonable({"out_dir": args.out, **error.record}), allow_nan=False))
         print(f"fedjaxpriv: error: {error}", file=sys.stderr)

@@ -639,6 +639,36 @@ class ExperimentConfig:
         return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
+def extension_problem(previous: "ExperimentConfig", extended: "ExperimentConfig") -> str | None:
+    """Why a finished (or interrupted) run of ``previous`` cannot go on as a run of ``extended`` (None: it can).
+    Extending may change only ``run.rounds``, upward, and only where nothing was planned over the run's number of
+    rounds: a calibrated target epsilon (the noise was chosen for run.rounds) or Poisson sampling under DP (its
+    slots were sized so that the truncation over the planned steps stays within delta)."""
+    same_rounds = dataclasses.replace(previous, run=dataclasses.replace(previous.run, rounds=extended.run.rounds))
+    if same_rounds.config_hash() != extended.config_hash():
+        return ("the config differs from the run's in more than run.rounds (extending changes only run.rounds); "
+                "choose another --out directory for another config")
+    if extended.run.rounds < previous.run.rounds:
+        return (f"run.rounds={extended.run.rounds} is fewer than the run's run.rounds={previous.run.rounds}; allowed: "
+                "more rounds")
+    c, s, d = previous.client, previous.server, previous.devices
+    noise = c.dp_noise_multiplier if isinstance(c.dp_noise_multiplier, (list, tuple)) else [c.dp_noise_multiplier]
+    dp_sgd = c.target_epsilon is not None or any(float(z) > 0 for z in noise)
+    dp_fedavg = s.target_epsilon is not None or s.central_noise_multiplier > 0
+    planned = [name for name, on in (
+        ("client.target_epsilon (each client's noise is calibrated to it over run.rounds)", c.target_epsilon is not None),
+        ("server.target_epsilon (the noise is calibrated to it over run.rounds)", s.target_epsilon is not None),
+        ("devices.privacy_tiers (tier targets calibrated over run.rounds)", d.privacy_tiers),
+        ("client.sampling='poisson' with DP-SGD (batch slots sized for the planned steps' truncation)",
+         c.sampling == "poisson" and dp_sgd),
+        ("server.client_sampling='poisson' with DP-FedAvg (cohort slots sized for the planned rounds' truncation)",
+         s.client_sampling == "poisson" and dp_fedavg)) if on]
+    if planned:
+        return (f"it was planned over run.rounds={previous.run.rounds}: {'; '.join(planned)}; start a run of "
+                f"{extended.run.rounds} rounds in another --out directory instead")
+    return None
+
+
 # Fields that choose where a run reports, not what it computes: a run resumed or a sweep point rerun with other
 # logging sinks is the same run.
 UNHASHED_FIELDS: tuple[tuple[str, str], ...] = (("run", "log"),)

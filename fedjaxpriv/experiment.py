@@ -610,7 +610,7 @@ class Experiment:
     # -- the run loop ----------------------------------------------------------------------------------------
     def run(self, out_dir: str | None = None, *, resume: bool = True, progress: bool = True,
             callbacks: Sequence[Callback] = (), sinks: Sequence[Any] = (), rounds: int | None = None,
-            loss_limit: float = LOSS_LIMIT) -> Results:
+            loss_limit: float = LOSS_LIMIT, extend: bool = False) -> Results:
         """Runs (or resumes) the experiment.
 
         A round is committed by appending its history record and then, when due, its checkpoint. SIGINT and
@@ -629,6 +629,9 @@ class Experiment:
           rounds: stop after this many rounds (default ``config.run.rounds``).
           loss_limit: a loss above it (or a non-finite loss or parameter) stops the run with ``DivergenceError``
             (default ``guards.LOSS_LIMIT``, about 1.8e19).
+          extend: ``out_dir`` may hold a run of this config with fewer ``run.rounds``: it resumes from there and
+            goes on to this config's rounds, as a run planned that long would (refused, naming the field, where
+            something was planned over the old number of rounds: ``config.extension_problem``).
 
         Raises:
           DivergenceError: training diverged; the diverged round's record ends the history (NaN as null); it is
@@ -650,6 +653,9 @@ class Experiment:
                              f"run.rounds={self.config.run.rounds}.")
         if isinstance(loss_limit, bool) or not isinstance(loss_limit, (int, float)) or not loss_limit > 0:
             raise ValueError(f"loss_limit={loss_limit!r} is not allowed: a positive number (default {LOSS_LIMIT:g}).")
+        if extend and not resume:
+            raise ValueError("extend=True (--continue) goes on from the run in out_dir; resume=False (--no-resume) "
+                             "deletes it: allowed: one of them.")
         total = int(rounds) if rounds is not None else self.config.run.rounds
         check_user_sinks(sinks)
         logs = check_sinks(self.config.run.log, out_dir)
@@ -659,7 +665,7 @@ class Experiment:
         store: RunStore | None = None
         try:
             with signals.deferred():  # the store is opened (locked, reconciled) whole or not at all
-                store = RunStore(out_dir, self.config, fresh=not resume) if out_dir else None
+                store = RunStore(out_dir, self.config, fresh=not resume, extend=extend) if out_dir else None
                 state, history = self.initial_state, []
                 self.privacy = self.new_privacy_tracker()
                 if store is not None and resume:

@@ -35,7 +35,7 @@ import orbax.checkpoint as ocp
 
 from fedjaxpriv import locks
 from fedjaxpriv.files import atomic_write, fsync_dir
-from fedjaxpriv.config import ExperimentConfig, from_dict
+from fedjaxpriv.config import ExperimentConfig, extension_problem, from_dict
 from fedjaxpriv.results import RUN_INFO_FILE, jsonable, read_sessions, run_environment, write_csv
 
 Record = dict[str, Any]
@@ -152,7 +152,8 @@ class RunStore:
       rounds: the number of records in history.jsonl (known after ``restore``, or 0 when ``fresh``).
     """
 
-    def __init__(self, out_dir: str, config: ExperimentConfig, max_to_keep: int = 2, fresh: bool = False) -> None:
+    def __init__(self, out_dir: str, config: ExperimentConfig, max_to_keep: int = 2, fresh: bool = False,
+                 extend: bool = False) -> None:
         self.out_dir = os.path.abspath(out_dir)
         os.makedirs(self.out_dir, exist_ok=True)
         self.config = config
@@ -163,7 +164,7 @@ class RunStore:
         try:
             if fresh:
                 self._delete_run_files()
-            self._check_config()
+            self._check_config(extend)
             self._remove_temporary_checkpoints()
             self.manager = self._new_manager(max_to_keep)
             self._record_session(run_environment())
@@ -179,7 +180,14 @@ class RunStore:
             if os.path.exists(os.path.join(self.out_dir, name)):
                 os.remove(os.path.join(self.out_dir, name))
 
-    def _check_config(self) -> None:
+    def _write_config(self, path: str) -> None:
+        atomic_write(path, json.dumps({"config_hash": self.config.config_hash(), "config": self.config.to_dict()},
+                                      indent=2, default=str))
+
+    def _check_config(self, extend: bool) -> None:
+        """Checks that the directory holds a run of this config (or none); with ``extend``, a run of the same
+        config with fewer ``run.rounds`` is taken over (``config.extension_problem`` says when it cannot be), and
+        config.json then names this config."""
         config_path = os.path.join(self.out_dir, "config.json")
         expected = self.config.config_hash()
         if not os.path.exists(config_path):
@@ -187,8 +195,7 @@ class RunStore:
                 raise ValueError(f"{self.out_dir} holds history.jsonl or checkpoints but no config.json, so the "
                                  "config that wrote them cannot be checked; move them away, or start over "
                                  "with --no-resume (resume=False).")
-            atomic_write(config_path, json.dumps({"config_hash": expected, "config": self.config.to_dict()},
-                                                 indent=2, default=str))
+            self._write_config(config_path)
             return
         try:
             with open(config_path) as f:
@@ -197,14 +204,24 @@ class RunStore:
         except (OSError, ValueError, AttributeError) as error:
             raise ValueError(f"{config_path} is unreadable ({error}); it names the config of the run stored "
                              "there: restore it, or start over with --no-resume (resume=False).") from None
+        recorded = None
         if found != expected and isinstance(previous.get("config"), dict):
             try:  # a hash written by a version with another hash or other fields: the config itself decides
-                found = from_dict(previous["config"], unknown="warn").config_hash()
+                recorded = from_dict(previous["config"], unknown="warn")
+                found = recorded.config_hash()
             except ValueError:
                 pass
+        if found != expected and extend and recorded is not None:
+            problem = extension_problem(recorded, self.config)
+            if problem:
+                raise ValueError(f"{self.out_dir}: the run there cannot be extended to run.rounds="
+                                 f"{self.config.run.rounds}: {problem}.")
+            self._write_config(config_path)
+            return
         if found != expected:
             raise ValueError(f"{self.out_dir} holds a run of a different config (hash {found} != {expected}); "
-                             "choose another --out directory or delete it.")
+                             "choose another --out directory or delete it (or, to run it for more rounds, raise "
+                             "run.rounds and pass --continue / extend=True).")
 
     def _has_run_files(self) -> bool:
         has_history = os.path.exists(self.history_path) and os.path.getsize(self.history_path) > 0
