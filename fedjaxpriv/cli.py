@@ -180,7 +180,7 @@ def _attack_eval(args: argparse.Namespace) -> int:
                         aggregate_max_examples=args.aggregate_max_examples,
                         threat_models=tuple(t.strip() for t in args.threat_models.split(",") if t.strip()))
     estimate = None if args.config or args.overrides else (  # the preset's measured time, for its own base run
-        lambda points: preset.estimate(points, suite.shadow_federations))
+        lambda families: preset.estimate(families, suite.shadow_federations))
     records = evaluate_defenses(config, defenses, suite, out_dir=_output_dir(args.out), estimate=estimate)
     print(json.dumps({"out_dir": args.out, "defense_points": len(records),
                       **{k: os.path.join(args.out, v) for k, v in (("table", "attack_eval.md"),

@@ -337,6 +337,20 @@ class MessageConfig:
     def __post_init__(self) -> None:
         _parse_fields(self, "message")
         _check(len(set(self.order)) == len(self.order), "message.order", self.order, "each stage at most once")
+        set_on = {"prune": ("message.sparsity", self.sparsity, any(v > 0 for v in _values(self.sparsity))),
+                  "topk": ("message.topk_fraction", self.topk_fraction, any(v < 1 for v in _values(self.topk_fraction))),
+                  "randk": ("message.randk_fraction", self.randk_fraction,
+                            any(v < 1 for v in _values(self.randk_fraction))),
+                  "clip": ("message.clip_norm", self.clip_norm, any(math.isfinite(v) for v in _values(self.clip_norm))),
+                  "noise": ("message.local_noise_multiplier", self.local_noise_multiplier,
+                            any(v > 0 for v in _values(self.local_noise_multiplier))),
+                  "round": ("message.quant_bits", self.quant_bits, any(v > 0 for v in _values(self.quant_bits))),
+                  "qsgd": ("message.qsgd_levels", self.qsgd_levels, any(v > 0 for v in _values(self.qsgd_levels)))}
+        for stage, (name, value, on) in set_on.items():
+            if on and stage not in self.order:  # a knob whose stage never runs would be silently ignored
+                raise ValueError(f"{name}={value!r} sets stage {stage!r}, which message.order={list(self.order)} "
+                                 f"leaves out: it would never be applied; add {stage!r} to message.order or leave "
+                                 f"{name} at its default.")
         noisy = any(v > 0 for v in _values(self.local_noise_multiplier))
         _check(not noisy or all(math.isfinite(v) for v in _values(self.clip_norm)), "message.clip_norm",
                self.clip_norm, "finite whenever message.local_noise_multiplier > 0")

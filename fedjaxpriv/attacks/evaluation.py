@@ -87,17 +87,20 @@ class Preset:
     overrides: tuple[str, ...]
     pool_size: int
     about: str
-    point_seconds: float | None = None
+    point_seconds: Mapping[str, float] = dataclasses.field(default_factory=dict)
 
-    def estimate(self, points: int, shadow_federations: int) -> str:
-        """A rough time for ``points`` defense points before any has run: the preset's measured seconds per
-        undefended point (16 shadow federations, 2 CPU cores), scaled by the federations each point trains."""
-        if self.point_seconds is None:
+    def estimate(self, families: Sequence[str], shadow_federations: int) -> str:
+        """A rough time for defense points of ``families`` (one entry per point) before any has run: each family's
+        measured seconds per point on this preset (``point_seconds``: 16 shadow federations, 2 CPU cores), scaled
+        by the federations each point trains; a family not measured counts at the slowest measured one."""
+        if not self.point_seconds:
             return "time known after the first point"
-        seconds = self.point_seconds * points * (1 + shadow_federations) / 17
-        return (f"estimate before the first point: about {max(1, round(seconds / 60))} min on 2 CPU cores at this "
-                f"preset's measured {self.point_seconds:.0f} s per undefended point with 16 shadow federations; "
-                "DP points can take longer")
+        slowest = max(self.point_seconds.values())
+        seconds = sum(self.point_seconds.get(f, slowest) for f in families) * (1 + shadow_federations) / 17
+        unmeasured = sorted({f for f in families if f not in self.point_seconds})
+        return (f"estimate before the first point: about {max(1, round(seconds / 60))} min on 2 CPU cores (this "
+                "preset's measured time per point of each family, scaled to the shadow federations"
+                + (f"; {', '.join(unmeasured)} not measured, counted as the slowest" if unmeasured else "") + ")")
 
 
 PRESETS: dict[str, Preset] = {
@@ -714,7 +717,7 @@ def evaluate_defenses(base: ExperimentConfig, defenses: Mapping[str, Any] | None
                       suite: AttackSuite = AttackSuite(), out_dir: str | None = None,
                       attacks: Sequence[Attack] = BUILTIN_ATTACKS,
                       parts: Mapping[str, Any] | None = None,
-                      estimate: Callable[[int], str] | None = None) -> list[Record]:
+                      estimate: Callable[[list[str]], str] | None = None) -> list[Record]:
     """Every strength of every defense in turn (``DEFENSES`` by default): train, attack, tabulate.
 
     Args:
@@ -727,7 +730,8 @@ def evaluate_defenses(base: ExperimentConfig, defenses: Mapping[str, Any] | None
         (``model=``, ``loss=``, ``message_transform=``, ``extra_settings=``).
       out_dir: if given, ``write_tables`` writes the tables, the privacy-utility frontier, log-log ROC curves and a
         ``results.jsonl`` store that ``fedjaxpriv report`` reads.
-      estimate: ``estimate(points to run)``: a time for them, said before the first starts (``Preset.estimate``).
+      estimate: ``estimate(families of the points to run)``: a time for them, said before the first starts
+        (``Preset.estimate``).
 
     Returns:
       one record per defense point.
@@ -750,7 +754,8 @@ def evaluate_defenses(base: ExperimentConfig, defenses: Mapping[str, Any] | None
              if kept_dir is not None else None for label, (_, _, overrides) in zip(labels, points)]
     to_run = [path is None or not os.path.exists(path) for path in paths]
     shadows = f" and {suite.shadow_federations} shadow federations" if suite.shadow_federations else ""
-    ahead = f"; {estimate(sum(to_run))}" if estimate is not None and any(to_run) else ""
+    ahead = (f"; {estimate([f for (f, _, _), run in zip(points, to_run) if run])}"
+             if estimate is not None and any(to_run) else "")
     _say(f"{len(points)} defense points ({len(points) - sum(to_run)} finished earlier), each training the target "
          f"federation{shadows} and attacking it{ahead}")
     durations: dict[str, list[float]] = {}  # family -> seconds of its finished points

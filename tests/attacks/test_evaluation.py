@@ -261,12 +261,15 @@ def test_time_left_is_each_points_family_mean_or_the_overall_mean():
         "about 6 min left, quantization not yet timed")
 
 
-def test_a_presets_estimate_scales_its_measured_point_time_by_points_and_federations():
-    preset = dataclasses.replace(evaluation.PRESETS["membership"], point_seconds=30.0)
-    assert "about 5 min on 2 CPU cores" in preset.estimate(10, 16)  # 10 x 30 s
-    assert "about 1 min" in preset.estimate(17, 0)  # 17 points of 1 federation = 1 point of 17: 30 s, at least 1
-    assert "about 15 min" in preset.estimate(10, 16 * 3 + 2)  # 51 federations per point: 3 x 5 min
-    assert dataclasses.replace(preset, point_seconds=None).estimate(10, 16) == "time known after the first point"
+def test_a_presets_estimate_sums_each_familys_measured_point_time_scaled_by_federations():
+    preset = dataclasses.replace(evaluation.PRESETS["membership"], point_seconds={"none": 30.0, "dpsgd": 240.0})
+    assert "about 5 min on 2 CPU cores" in preset.estimate(["none"] * 10, 16)  # 10 x 30 s
+    assert "about 12 min" in preset.estimate(["none"] + ["dpsgd"] * 3, 16)  # 30 s + 3 x 4 min = 12.5 min
+    assert "about 1 min" in preset.estimate(["none"] * 17, 0)  # 17 points of 1 federation = 1 of 17: 30 s, at least 1
+    assert "about 15 min" in preset.estimate(["none"] * 10, 16 * 3 + 2)  # 51 federations per point: 3 x 5 min
+    # A family not measured counts as the slowest measured one, and is named.
+    assert "about 4 min" in (text := preset.estimate(["none", "mixup"], 16)) and "mixup not measured" in text
+    assert dataclasses.replace(preset, point_seconds={}).estimate(["none"], 16) == "time known after the first point"
 
 
 def test_defenses_are_compared_at_matched_utility_without_extrapolating():

@@ -19,11 +19,12 @@ ROUNDS = 40
 SHAPES = {"w": (4, 4), "b": (4,)}
 DIM = 20
 STRENGTHS = dict(sparsity=0.5, topk_fraction=0.5, randk_fraction=0.5, quant_bits=2, qsgd_levels=2)
+STAGE_OF = dict(sparsity="prune", topk_fraction="topk", randk_fraction="randk", quant_bits="round", qsgd_levels="qsgd")
 
 
 def _config(order, feedback):
     return MessageConfig(order=order, error_feedback=feedback, clip_norm=CLIP, local_noise_multiplier=1.0,
-                         **STRENGTHS)
+                         **{k: v for k, v in STRENGTHS.items() if STAGE_OF[k] in order})  # a stage left out: off
 
 
 def _accepted(order, feedback) -> bool:
