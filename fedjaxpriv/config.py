@@ -20,6 +20,7 @@ import functools
 import hashlib
 import json
 import math
+import os
 import re
 import warnings
 from typing import Any, Iterable, Mapping, Sequence, Union
@@ -614,9 +615,10 @@ class ExperimentConfig:
             raise ValueError(f"data.partition='natural' needs a dataset with natural client ids {NATURAL_DATASETS}; "
                              f"data.dataset={self.data.dataset!r} has none: use iid, dirichlet, shards or "
                              "quantity_skew.")
-        if self.server.client_sampling == "uniform":
-            _check(self.server.clients_per_round <= self.data.num_clients, "server.clients_per_round",
-                   self.server.clients_per_round, f"at most data.num_clients={self.data.num_clients}")
+        _check(self.server.clients_per_round <= self.data.num_clients, "server.clients_per_round",
+               self.server.clients_per_round, f"at most data.num_clients={self.data.num_clients}"
+               + (" (Poisson sampling: the expected cohort, rate clients_per_round / num_clients <= 1)"
+                  if self.server.client_sampling == "poisson" else ""))
         for name, section in (("client", self.client), ("message", self.message)):
             for f in dataclasses.fields(section):
                 value = getattr(section, f.name)
@@ -817,6 +819,9 @@ def load_file(path: str, what: str = "config file") -> dict[str, Any]:
     Raises:
       ValueError: the file is missing or unreadable, is not valid YAML/JSON, or does not hold a mapping.
     """
+    if not isinstance(path, (str, os.PathLike)):
+        raise ValueError(f"{what} path={path!r} is invalid; allowed: a file path (str or os.PathLike).")
+    path = os.fspath(path)
     try:
         with open(path) as f:
             if path.endswith(".json"):
@@ -882,11 +887,18 @@ def with_overrides(config: ExperimentConfig, overrides: Overrides) -> Experiment
       ValueError: naming the field, the value and what is allowed.
     """
     items: Iterable[tuple[str, Any]]
+    if not isinstance(config, ExperimentConfig):
+        raise ValueError(f"config={config!r} is invalid; allowed: an ExperimentConfig (from_dict, load_config).")
     if isinstance(overrides, Mapping):
         items = [(str(k), v) for k, v in overrides.items()]
-    elif isinstance(overrides, str):
+    elif isinstance(overrides, str) or not isinstance(overrides, Iterable):
         raise ValueError(f"overrides={overrides!r} is invalid; allowed: a mapping or a list of section.field=value.")
     else:
+        overrides = list(overrides)
+        wrong = [text for text in overrides if not isinstance(text, str)]
+        if wrong:
+            raise ValueError(f"override {wrong[0]!r} is invalid; allowed: text 'section.field=value' (or pass a "
+                             "mapping {'section.field': value}).")
         items = [parse_override(text) for text in overrides]
     raw: dict[str, Any] = {}
     for key, value in items:

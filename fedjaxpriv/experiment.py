@@ -169,6 +169,10 @@ def run_algorithm(config: ExperimentConfig, algorithm: FederatedAlgorithm | None
     """The algorithm passed in, else the one ``server.algorithm`` names (client-level DP from the config is added
     once the run knows its cohort, ``dp_fedavg``)."""
     s = config.server
+    if algorithm is not None and not isinstance(algorithm, FederatedAlgorithm):
+        raise ValueError(f"algorithm={algorithm!r} is invalid; allowed: a FederatedAlgorithm (server.algorithms: "
+                         f"e.g. algorithm_for('scaffold')), or None for server.algorithm={s.algorithm!r} (set "
+                         "server.algorithm in the config to choose a built-in one by name).")
     return algorithm if algorithm is not None else algorithm_for(s.algorithm, ditto_lambda=s.ditto_lambda)
 
 
@@ -379,6 +383,9 @@ class Experiment:
           ValueError: before anything trains, when the model, the task and the data do not fit (input or output
             shapes, a loss that is not per-example, mixup for a task without soft targets).
         """
+        if not isinstance(config, ExperimentConfig):
+            raise ValueError(f"config={config!r} is invalid; allowed: an ExperimentConfig (fedjaxpriv.config.from_dict"
+                             "(dict), load_config(path) or ExperimentConfig()).")
         data_from_config = data_from_config or population is None
         if population is None:
             population, test, num_classes = load_population(config)

@@ -319,21 +319,23 @@ class ResultsStore:
 
 def record_from_run_dir(run_dir: str) -> Record:
     """A store record built from a run directory (config.json + history.jsonl written by ``fedjaxpriv run``)."""
-    from fedjaxpriv.config import from_dict
+    from fedjaxpriv.config import from_dict, load_file, unwrap_saved
     from fedjaxpriv.storage import read_history
 
     config_path = os.path.join(run_dir, "config.json")
     if not os.path.exists(config_path):
         raise ValueError(f"{run_dir!r} is not a run directory (no config.json) nor a results store.")
-    with open(config_path) as f:
-        saved = json.load(f)
-    raw = {k: v for k, v in saved["config"].items()}
+    raw = {k: dict(v) if isinstance(v, Mapping) else v
+           for k, v in unwrap_saved(load_file(config_path, "run config")).items()}
     for section in raw.values():  # "inf" strings from JSON back to floats
         if isinstance(section, dict):
             for key, value in section.items():
                 if value in ("inf", "Infinity"):
                     section[key] = math.inf
-    config = from_dict(raw, unknown="warn")
+    try:
+        config = from_dict(raw, unknown="warn")
+    except ValueError as error:
+        raise ValueError(f"run config {config_path!r} does not hold a config this version reads: {error}") from None
     history = read_history(os.path.join(run_dir, "history.jsonl"))
     label = os.path.basename(os.path.normpath(run_dir))
     return make_record(config, history, run_dir=run_dir, label=label)

@@ -592,3 +592,40 @@ def test_run_arguments_are_checked_before_anything_runs(kwargs, message):
                                        "server": {"clients_per_round": 2}, "run": {"rounds": 1, "checkpoint_every": 0}}))
     with pytest.raises(ValueError, match=message):
         experiment.run(progress=False, **kwargs)
+
+
+def _api_calls():
+    from fedjaxpriv.config import ExperimentConfig, from_dict, load_config, with_overrides
+    from fedjaxpriv.experiment import Experiment
+
+    small = from_dict({"data": {"num_clients": 4}, "model": {"hidden": [4]}, "server": {"clients_per_round": 2}})
+    return [
+        (lambda: with_overrides(ExperimentConfig(), ["client.lr=0.1", 5]), r"override 5 is invalid; allowed: text"),
+        (lambda: with_overrides(ExperimentConfig(), 5), r"overrides=5 is invalid; allowed: a mapping or a list"),
+        (lambda: with_overrides({}, []), r"config=\{\} is invalid; allowed: an ExperimentConfig"),
+        (lambda: load_config(None), r"config file path=None is invalid; allowed: a file path"),
+        (lambda: Experiment("config.yaml"), r"config='config.yaml' is invalid; allowed: an ExperimentConfig"),
+        (lambda: Experiment(small, algorithm="scaffold"),
+         r"algorithm='scaffold' is invalid; allowed: a FederatedAlgorithm .*set server.algorithm"),
+        (lambda: with_overrides(small, {"server.client_sampling": "poisson", "server.clients_per_round": 5}),
+         r"server.clients_per_round=5 is invalid; allowed: at most data.num_clients=4 \(Poisson sampling"),
+    ]
+
+
+@pytest.mark.parametrize("index", range(7))
+def test_python_entry_points_check_their_arguments(index):
+    call, message = _api_calls()[index]
+    with pytest.raises(ValueError, match=message):
+        call()
+
+
+def test_report_names_the_run_config_it_cannot_read(tmp_path):
+    from fedjaxpriv.results import record_from_run_dir
+
+    (tmp_path / "history.jsonl").write_text('{"round": 1, "train_loss": 1.0}\n')
+    (tmp_path / "config.json").write_text("{garbled")
+    with pytest.raises(ValueError, match=r"run config '.*config.json' is not valid JSON"):
+        record_from_run_dir(str(tmp_path))
+    (tmp_path / "config.json").write_text('{"config_hash": "x", "config": {"client": {"lr": -1}}}')
+    with pytest.raises(ValueError, match=r"run config '.*config.json' does not hold a config .*client.lr=-1"):
+        record_from_run_dir(str(tmp_path))
