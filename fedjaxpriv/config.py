@@ -485,6 +485,9 @@ class RunConfig:
       log: where the per-round records go (``fedjaxpriv.sinks``): "jsonl" (the run directory's history.jsonl/csv,
         always on and always listed), "tensorboard" (event files in <out>/tensorboard/) and "wandb" (an offline
         W&B run in <out>/wandb/); given in any order, kept once each in this order.
+      divergence_factor: a run whose training loss exceeded this multiple of the initial model's loss and whose
+        test accuracy is then at chance (or whose loss stays above it for 3 rounds in a row) has diverged and
+        stops with an error (``guards.explosion``); null keeps going (non-finite losses or parameters always stop).
     """
 
     rounds: int = knob(40, int, low=1, high=INT_MAX)
@@ -499,6 +502,8 @@ class RunConfig:
     tap_clients: tuple[int, ...] = knob((), int, low=0, high=INT_MAX, shape="list")
     tap_rounds: tuple[int, ...] = knob((), int, low=1, high=INT_MAX, shape="list")
     log: tuple[str, ...] = knob(("jsonl",), str, choices=SINK_NAMES, shape="list", note="jsonl is always on")
+    divergence_factor: float | None = knob(100.0, float, low=1.0, low_open=True, optional=True,
+                                           note="null = only non-finite values stop a run")
 
     def __post_init__(self) -> None:
         _parse_fields(self, "run")

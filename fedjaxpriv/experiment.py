@@ -26,7 +26,7 @@ from fedjaxpriv.client.settings import ClientSettings, make_settings, per_client
 from fedjaxpriv.config import POPULATION_RECIPE_FIELDS, USER_SUPPLIED, DataConfig, ExperimentConfig
 from fedjaxpriv.data import Dataset, FederatedData, load_dataset, partition, synthetic_federated
 from fedjaxpriv.data.federated import fingerprint
-from fedjaxpriv.guards import (LOSS_LIMIT, DivergenceError, Signals, divergence, divergence_message,
+from fedjaxpriv.guards import (LOSS_LIMIT, DivergenceError, Signals, divergence, divergence_message, explosion,
                                pause_point)
 from fedjaxpriv.models import Model, ModelLike, as_model, count_params, get_model
 from fedjaxpriv.models.tasks import (CLASSIFICATION, PerExampleLoss, Task, as_task, check_fits, check_targets,
@@ -710,6 +710,13 @@ class Experiment:
         saved = committed if store is not None else 0  # the round of the latest checkpoint
         live = True  # whether ``state`` and ``self.privacy`` are those of round ``committed``
         taps: dict[int, Tap] = {}
+        # The initial model's loss: the scale a loss explosion is measured against (``guards.explosion``).
+        factor = self.config.run.divergence_factor
+        baseline = float(self.evaluate(self.initial_params)["test_loss"]) if factor is not None else math.nan
+
+        def at_chance(accuracy: float) -> bool:
+            return evaluation.at_chance(accuracy, self.test.y)[0]
+
         bar = _progress(range(committed, total), progress, initial=committed, total=total)
         accuracy = next((r["test_accuracy"] for r in reversed(history) if "test_accuracy" in r), None)
         try:
@@ -730,7 +737,8 @@ class Experiment:
                     if (r + 1) % self.config.run.eval_every == 0 or r + 1 == total:
                         pause_point(signals, "evaluate", r + 1)
                         record.update(self.evaluate(state.params, state))
-                    problem = divergence(record, state.params, loss_limit)
+                    problem = divergence(record, state.params, loss_limit) or explosion(
+                        history, record, baseline, self.config.run.divergence_factor, at_chance)
                     history.append(record)
                     if store is not None:
                         store.append(record)

@@ -13,11 +13,12 @@
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import signal
 import threading
 import time
-from typing import Any, Iterator, Mapping
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -65,13 +66,43 @@ def divergence(record: Mapping[str, Any], params: Any, loss_limit: float = LOSS_
     return ", ".join(problems) or None
 
 
+# Rounds in a row with a training loss above run.divergence_factor x the initial model's loss that count as
+# divergence when no accuracy says so sooner (``explosion``).
+EXPLOSION_ROUNDS = 3
+
+
+def explosion(history: Sequence[Mapping[str, Any]], record: Mapping[str, Any], baseline: float,
+              factor: float | None, at_chance: Callable[[float], bool]) -> str | None:
+    """Divergence below overflow: the training loss exceeded ``factor`` x ``baseline`` (the initial model's loss) in
+    some round so far, and now the test accuracy is at chance (``at_chance(accuracy)``), or the loss has stayed
+    above that for ``EXPLOSION_ROUNDS`` rounds in a row (``record`` is the round just run, after ``history``).
+    None: no sign of it, or ``factor`` None (off)."""
+    if factor is None or not baseline > 0 or not math.isfinite(baseline):
+        return None
+    limit = factor * baseline
+    rounds = [*history, record]
+    peak = next((r for r in rounds if float(r.get("train_loss", 0.0)) > limit), None)
+    if peak is None:
+        return None
+    if "test_accuracy" in record and at_chance(float(record["test_accuracy"])):
+        return (f"train_loss {float(peak['train_loss']):.3g} in round {peak.get('round', '?')} exceeded "
+                f"{factor:g} x the initial model's loss {baseline:.3g} (run.divergence_factor) and test_accuracy "
+                f"{float(record['test_accuracy']):.3f} is at chance")
+    recent = rounds[-EXPLOSION_ROUNDS:]
+    if len(recent) == EXPLOSION_ROUNDS and all(float(r.get("train_loss", 0.0)) > limit for r in recent):
+        return (f"train_loss above {factor:g} x the initial model's loss {baseline:.3g} (run.divergence_factor) for "
+                f"{EXPLOSION_ROUNDS} rounds in a row (now {float(record['train_loss']):.3g})")
+    return None
+
+
 def divergence_message(problem: str, round_: int, config: Any, saved: int, out_dir: str | None) -> str:
     """One line: the round, what diverged, what was kept, and the knobs that usually cause it."""
     c, s, m = config.client, config.server, config.message
     kept = (f"the last good checkpoint (round {saved}) is kept in {out_dir}" if out_dir and saved
             else "no checkpoint was saved")
-    return (f"training diverged in round {round_}: {problem} (losses beyond {LOSS_LIMIT:.3g} count as divergence); "
-            f"{kept}. Lower client.lr (now {c.lr}) or server.lr (now {s.lr}, optimizer {s.optimizer}), or bound "
+    return (f"training diverged in round {round_}: {problem} (non-finite values, losses beyond {LOSS_LIMIT:.3g}, and "
+            "a loss explosion per run.divergence_factor count as divergence; run.divergence_factor: null keeps "
+            f"going); {kept}. Lower client.lr (now {c.lr}) or server.lr (now {s.lr}, optimizer {s.optimizer}), or bound "
             f"the updates with message.clip_norm (now {m.clip_norm}), client.dp_clip_norm (now {c.dp_clip_norm}) "
             f"or server.central_clip_norm (now {s.central_clip_norm}).")
 

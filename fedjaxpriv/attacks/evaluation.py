@@ -604,9 +604,10 @@ def evaluate_defense(base: ExperimentConfig, name: str, overrides: Mapping[str, 
     rounds = base.run.rounds
     secure = "secure_aggregation" in suite.threat_models  # the aggregate needs every cohort client's message
     tapped = list(range(base.data.num_clients)) if secure else list(suite.tap_clients)
+    # A defense that wrecks training is a result to tabulate (accuracy at chance), not an error: no divergence stop.
     config = with_overrides(base, {**overrides, "run.tap_clients": tapped,
                                    "run.tap_rounds": list(range(min(suite.tap_from_round, rounds), rounds + 1)),
-                                   "name": name})
+                                   "run.divergence_factor": None, "name": name})
     if suite.pool_size and config.data.dataset not in NATURAL_DATASETS:
         setup = membership_setup(config, suite.pool_size, suite.seed)
         pool, members, reference_points = setup.pool, setup.members, setup.population

@@ -305,6 +305,35 @@ def test_divergence_stops_with_one_line_and_keeps_the_last_good_round(tmp_path, 
     assert caught.value.round == 2 and history_rounds(out) == [1, 2] and checkpoint_steps(out) == [1]
 
 
+def test_a_loss_explosion_below_overflow_that_leaves_accuracy_at_chance_is_divergence():
+    """client.lr=50: round 1's training loss is thousands of times the initial model's (2.5) and the model ends at
+    chance, though no value overflows: the first evaluation (round 2) stops the run naming both; with
+    run.divergence_factor null the run goes on to its end (a study that wants the point)."""
+    base = {**CONFIG, "model": {"name": "mlp", "hidden": [16]}, "client": {**CONFIG["client"], "lr": 50.0},
+            "run": {"rounds": 3, "eval_every": 2, "checkpoint_every": 0}}
+    with pytest.raises(DivergenceError, match=r"diverged in round 2: train_loss \S+ in round 1 exceeded 100 x the "
+                                              r"initial model's loss \S+ \(run.divergence_factor\) and test_accuracy "
+                                              r"\S+ is at chance") as caught:
+        Experiment(from_dict(base)).run(progress=False)
+    assert caught.value.round == 2
+    kept = {**base, "run": {**base["run"], "divergence_factor": None}}
+    assert len(Experiment(from_dict(kept)).run(progress=False).history) == 3
+
+
+def test_explosion_needs_the_loss_above_the_factor_and_then_chance_or_three_rounds_in_a_row():
+    from fedjaxpriv.guards import explosion
+
+    never = lambda accuracy: False  # noqa: E731
+    rounds = [{"round": i + 1, "train_loss": v} for i, v in enumerate([2.0, 300.0, 5.0])]
+    assert explosion(rounds[:2], rounds[2], 2.5, 100.0, never) is None  # exploded once, recovered
+    assert explosion(rounds[:2], {"round": 3, "train_loss": 5.0, "test_accuracy": 0.1}, 2.5, 100.0,
+                     lambda a: a < 0.2).startswith("train_loss 300 in round 2 exceeded 100 x")
+    high = [{"round": i + 1, "train_loss": 260.0} for i in range(3)]
+    assert "for 3 rounds in a row (now 260)" in explosion(high[:2], high[2], 2.5, 100.0, never)
+    assert explosion(high[:1], high[1], 2.5, 100.0, never) is None  # only 2 rounds so far
+    assert explosion(high[:2], high[2], 2.5, None, never) is None  # off
+
+
 # -- real processes ----------------------------------------------------------------------------------------------
 FORK_SERVER = r"""
 import json, os, sys, traceback

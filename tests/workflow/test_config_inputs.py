@@ -263,6 +263,8 @@ INVALID: list[Case] = [
     S("run.delta=inf", bad("run.delta", "inf", f"{FIN} in (0, 1)")),
     S("run.delta=nan", bad("run.delta", "nan", f"{FIN} in (0, 1)")),
     S("run.accountant=gdp", "run.accountant='gdp' is invalid; allowed: one of ['rdp', 'pld']"),
+    S("run.divergence_factor=1", "run.divergence_factor=1 is invalid; allowed: a finite number > 1"),
+    S("run.divergence_factor=inf", "run.divergence_factor=inf is invalid; allowed: a finite number > 1"),
     S("run.tap_clients=[-1]", bad("run.tap_clients", "[-1]", "a list, each an integer in [0, 2147483647]")),
     S("run.tap_clients=[1.5]", bad("run.tap_clients", "[1.5]", "a list, each an integer in [0, 2147483647]")),
     S("run.tap_clients=[50]", "run.tap_clients=(50,) is invalid; allowed: client ids < data.num_clients=50"),
