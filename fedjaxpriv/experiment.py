@@ -317,6 +317,22 @@ def local_spec(config: ExperimentConfig, settings: ClientSettings, counts: np.nd
         task=task)
 
 
+def clips_without_noise(config: ExperimentConfig, settings: ClientSettings, client_level: Any) -> list[str]:
+    """A line for each DP clip that runs with no noise for any client (DP-SGD's per-example clip, DP-FedAvg's
+    client clip): clipping alone bounds the sensitivity but gives no privacy guarantee, so no epsilon is
+    reported for that level."""
+    lines = []
+    if np.any(np.isfinite(settings.dp_clip_norm)) and not np.any(settings.dp_noise_multiplier > 0):
+        lines.append(f"client.dp_clip_norm={config.client.dp_clip_norm} with no noise (client.dp_noise_multiplier 0, "
+                     "no client.target_epsilon): clipping alone gives no privacy guarantee; no example-level "
+                     "epsilon is reported.")
+    if config.server.clips and (client_level is None or not client_level.private):
+        lines.append(f"server.central_clip_norm={config.server.central_clip_norm} with no noise "
+                     "(server.central_noise_multiplier 0, no server.target_epsilon): clipping alone gives no "
+                     "privacy guarantee; no client-level epsilon is reported.")
+    return lines
+
+
 def warn_about_delta(delta: float, counts: np.ndarray, sample_level: Any, client_level: Any) -> None:
     """Warns (naming ``run.delta``) when delta >= 1/n at the example level or >= 1/C at the client level: such a
     delta allows releasing one example (one client) outright."""
@@ -473,6 +489,8 @@ class Experiment:
         self.aggregation = AggregationSpec(weighting=s.weighting, client_level=self.client_level)
         self.privacy = self.new_privacy_tracker()
         warn_about_delta(r.delta, counts, self.sample_level, self.client_level)
+        for line in clips_without_noise(config, self.settings, self.client_level):
+            warnings.warn(line, stacklevel=2)
         c = config.client
         self.prune_schedule = ((c.prune_begin_round, c.prune_end_round) if c.prune_end_round > c.prune_begin_round
                                else None)

@@ -290,6 +290,13 @@ class DeviceExperiment(Experiment):
         settings, tier_targets = policy_settings(policy, profiles, self.base_settings)
         targets = np.minimum(tier_targets, target_epsilons(config, population.num_clients))
         self.stragglers = straggler_mask(policy, profiles, settings)
+        if np.all(self.stragglers):  # no round would ever have a participant
+            fastest = float(np.min(compute_time(policy, profiles, settings) + upload_time(policy, profiles, settings)))
+            hint = ("" if config.devices.stragglers == "fewer_steps"
+                    else " or use devices.stragglers='fewer_steps'")
+            raise ValueError(f"devices.round_deadline_s={policy.round_deadline_s:g} is met by no client (the fastest "
+                             f"needs {fastest:.3g} s for its steps and upload, and a client must run a step): no "
+                             f"round would have a participant; raise devices.round_deadline_s{hint}.")
         super().__init__(config, population=population, test=test, num_classes=num_classes, settings=settings,
                          targets=targets, **kwargs)
 

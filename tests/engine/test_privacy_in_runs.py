@@ -275,3 +275,14 @@ def test_a_dp_run_that_learns_nothing_says_so_with_the_knobs_that_matter():
     with warnings.catch_warnings():
         warnings.simplefilter("error", UserWarning)
         assert Experiment(plain).run(progress=False).final("test_accuracy") > 0.5
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"client": {"dp_clip_norm": 1.0}}, r"client.dp_clip_norm=1.0 with no noise .*no example-level epsilon"),
+    ({"server": {"clients_per_round": 5, "central_clip_norm": 2.0}},
+     r"server.central_clip_norm=2.0 with no noise .*no client-level epsilon"),
+])
+def test_a_dp_clip_without_noise_says_it_gives_no_guarantee(change, message):
+    with pytest.warns(UserWarning, match=message):
+        experiment = Experiment(_config(**change))
+    assert not [key for key in experiment.run(progress=False).history[-1] if "epsilon" in key]

@@ -124,3 +124,16 @@ def test_bad_tiers_and_policies_are_rejected():
         policy(kind="greedy")
     with pytest.raises(ValueError, match="2 clients"):
         apply_policy(policy(), sample_profiles(3, 0), base_settings(), COUNTS)
+
+
+@pytest.mark.parametrize("stragglers, hint", [("drop", True), ("fewer_steps", False)])
+def test_a_deadline_no_client_meets_is_refused_before_training(stragglers, hint):
+    from fedjaxpriv.config import from_dict
+    from fedjaxpriv.experiment import build_experiment
+
+    config = from_dict({"data": {"num_clients": 10}, "model": {"hidden": [8]}, "server": {"clients_per_round": 5},
+                        "devices": {"policy": "uniform", "round_deadline_s": 1e-9, "stragglers": stragglers}})
+    with pytest.raises(ValueError, match=r"devices.round_deadline_s=1e-09 is met by no client .*no round would have "
+                                         r"a participant; raise devices.round_deadline_s") as error:
+        build_experiment(config)
+    assert ("fewer_steps" in str(error.value)) == hint
