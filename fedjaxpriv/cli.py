@@ -216,7 +216,8 @@ def _sweep(args: argparse.Namespace) -> int:
               + (f"\n{error}" if error else ""), flush=True)
 
     def wait(config_hash: str, holder: int | None) -> None:
-        print(f"waiting {config_hash}  {labels.get(config_hash, '')}: another process (PID {holder if holder and holder > 0 else 'unknown'}) "
+        pid = holder if holder and holder > 0 else "unknown"
+        print(f"waiting {config_hash}  {labels.get(config_hash, '')}: another process (PID {pid}) "
               "is running it", flush=True)
 
     store = args.store if args.store is not None else os.path.join(

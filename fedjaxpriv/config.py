@@ -339,7 +339,8 @@ class MessageConfig:
         _parse_fields(self, "message")
         _check(len(set(self.order)) == len(self.order), "message.order", self.order, "each stage at most once")
         set_on = {"prune": ("message.sparsity", self.sparsity, any(v > 0 for v in _values(self.sparsity))),
-                  "topk": ("message.topk_fraction", self.topk_fraction, any(v < 1 for v in _values(self.topk_fraction))),
+                  "topk": ("message.topk_fraction", self.topk_fraction,
+                           any(v < 1 for v in _values(self.topk_fraction))),
                   "randk": ("message.randk_fraction", self.randk_fraction,
                             any(v < 1 for v in _values(self.randk_fraction))),
                   "clip": ("message.clip_norm", self.clip_norm, any(math.isfinite(v) for v in _values(self.clip_norm))),
@@ -677,7 +678,8 @@ def extension_problem(previous: "ExperimentConfig", extended: "ExperimentConfig"
     dp_sgd = c.target_epsilon is not None or any(float(z) > 0 for z in noise)
     dp_fedavg = s.target_epsilon is not None or s.central_noise_multiplier > 0
     planned = [name for name, on in (
-        ("client.target_epsilon (each client's noise is calibrated to it over run.rounds)", c.target_epsilon is not None),
+        ("client.target_epsilon (each client's noise is calibrated to it over run.rounds)",
+         c.target_epsilon is not None),
         ("server.target_epsilon (the noise is calibrated to it over run.rounds)", s.target_epsilon is not None),
         ("devices.privacy_tiers (tier targets calibrated over run.rounds)", d.privacy_tiers),
         ("client.sampling='poisson' with DP-SGD (batch slots sized for the planned steps' truncation)",

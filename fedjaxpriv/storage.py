@@ -127,6 +127,26 @@ def read_history(path: str, warn: bool = True) -> list[Record]:
 
 
 # -- the lock --------------------------------------------------------------------------------------------------
+# What a run directory holds: the files, and the checkpoints directory (``RunStore``).
+RUN_FILES = (LOCK_FILE, "config.json", "history.jsonl", "history.csv", "clients.csv", RUN_INFO_FILE)
+CHECKPOINT_DIR = "checkpoints"
+
+
+def check_layout(out_dir: str) -> None:
+    """Raises ValueError naming the path when something in ``out_dir`` is not what a run directory holds there (a
+    directory where a run file belongs, a file where the checkpoints directory belongs), before anything in it is
+    read, locked or deleted."""
+    for name in RUN_FILES:
+        path = os.path.join(out_dir, name)
+        if os.path.lexists(path) and not os.path.isfile(path):
+            raise ValueError(f"{path} is not a regular file, but a run directory keeps its {name} there: move it "
+                             "away (or choose another --out directory); nothing was changed.")
+    path = os.path.join(out_dir, CHECKPOINT_DIR)
+    if os.path.lexists(path) and not os.path.isdir(path):
+        raise ValueError(f"{path} is not a directory, but a run directory keeps its checkpoints there: move it away "
+                         "(or choose another --out directory); nothing was changed.")
+
+
 def lock_run_dir(out_dir: str) -> int:
     """Takes the exclusive lock of a run directory; returns the lock file's descriptor (``locks.release`` it).
 
@@ -158,8 +178,9 @@ class RunStore:
         os.makedirs(self.out_dir, exist_ok=True)
         self.config = config
         self.history_path = os.path.join(self.out_dir, "history.jsonl")
-        self.checkpoint_dir = os.path.join(self.out_dir, "checkpoints")
+        self.checkpoint_dir = os.path.join(self.out_dir, CHECKPOINT_DIR)
         self.rounds: int | None = 0 if fresh else None
+        check_layout(self.out_dir)
         self._lock: int | None = lock_run_dir(self.out_dir)
         try:
             if fresh:

@@ -10,6 +10,7 @@ reports (``guards.PAUSE_ENV``) that it waits at a named point: never after a sle
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -496,3 +497,24 @@ def test_kill_9_at_ten_moments_resumes_bit_identically(experiment, reference, fo
         assert_same_run(results, reference)
     print("".join(f"\nkilled at {name}: {k} records, checkpoints {entries}" for name, (k, entries) in seen.items()))
     assert len(seen) == 10 and lost == 0
+
+
+@pytest.mark.parametrize("name, make", [("checkpoints", "file"), ("history.jsonl", "dir"), (".lock", "dir"),
+                                        ("run.json", "dir"), ("config.json", "dir")])
+def test_a_wrong_layout_is_refused_before_anything_is_changed(tmp_path, name, make):
+    """A run directory with a file where its checkpoints belong, or a directory where one of its files belongs:
+    resuming names the path and changes nothing (the history and checkpoints of the finished rounds stay)."""
+    config = from_dict({**CONFIG, "run": {"rounds": 2, "eval_every": 2, "checkpoint_every": 1}})
+    out = tmp_path / "run"
+    Experiment(config).run(str(out), progress=False)
+    path = out / name
+    if path.is_dir():
+        shutil.rmtree(path)
+    elif path.exists():
+        path.unlink()
+    path.mkdir() if make == "dir" else path.write_text("not a directory")
+    before = {p.relative_to(out): p.stat().st_mtime_ns for p in out.rglob("*")}
+    kind = "regular file" if make == "dir" else "directory"
+    with pytest.raises(ValueError, match=rf"{re.escape(str(path))} is not a {kind}.*nothing was changed"):
+        Experiment(config).run(str(out), progress=False)
+    assert {p.relative_to(out): p.stat().st_mtime_ns for p in out.rglob("*")} == before
