@@ -335,8 +335,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from fedjaxpriv.parallel import enable_compilation_cache
 
     enable_compilation_cache()
-    if args.command in ("attack-eval", "audit", "report"):
-        _interrupt_on_sigterm()
+    _interrupt_on_sigterm()  # a run holds the signal back while it commits a round (guards.Signals)
     try:
         if args.command == "run":
             return _run(args)

@@ -208,6 +208,21 @@ def _die_with_parent(parent_pid: int) -> None:
 def _init_worker(cores: int, parent_pid: int) -> None:
     _die_with_parent(parent_pid)
     use_cpu_cores(cores)
+    for signum in (signal.SIGINT, signal.SIGTERM):  # an idle worker outlives a signal; a running point does not
+        signal.signal(signum, signal.SIG_IGN)
+
+
+def _run_point_in_worker(*args: Any) -> str:
+    """``run_point`` in a pool worker: SIGINT and SIGTERM (forwarded by the sweep) stop the point's run at the end
+    of its round while it runs, and are ignored while the worker waits for a point."""
+    from fedjaxpriv.guards import raise_interrupted
+
+    previous = {signum: signal.signal(signum, raise_interrupted) for signum in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        return run_point(*args)
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
 
 
 def run_sweep(points: Sequence[SweepPoint], store_dir: str, *, jobs: int = 1,
@@ -282,7 +297,7 @@ def run_sweep(points: Sequence[SweepPoint], store_dir: str, *, jobs: int = 1,
                     except Exception:  # one failed run must not stop the sweep
                         settle(point, None, traceback.format_exc())
             else:
-                futures = {pool.submit(run_point, *args(p)): p for p in queue}
+                futures = {pool.submit(_run_point_in_worker, *args(p)): p for p in queue}
                 for future in concurrent.futures.as_completed(futures):
                     error = future.exception()
                     settle(futures[future], None if error else future.result(),
@@ -291,6 +306,16 @@ def run_sweep(points: Sequence[SweepPoint], store_dir: str, *, jobs: int = 1,
             busy.clear()
             if queue:
                 time.sleep(poll_s)
+    except KeyboardInterrupt as error:  # Ctrl-C or SIGTERM: the workers' runs stop at the end of their round too
+        if pool is not None:
+            signum = getattr(error, "signum", signal.SIGINT)
+            for worker in multiprocessing.active_children():
+                try:
+                    os.kill(worker.pid, signum)
+                except ProcessLookupError:
+                    pass
+            pool.shutdown(wait=True, cancel_futures=True)  # each run checkpoints its round, then its worker is idle
+        raise
     finally:
         if pool is not None:
             pool.shutdown(cancel_futures=True)

@@ -132,3 +132,33 @@ def test_a_hung_claim_holder_is_named_and_given_up_after_the_wait_limit(tmp_path
     assert f"PID {holder.pid}" in summary.failed[held] and "wait_limit_s=1.0" in summary.failed[held]
     assert [r["config_hash"] for r in store.records()] == [free]
     assert store.claim_holder(held) is None  # the kernel released the dead holder's claim
+
+
+@pytest.mark.slow
+def test_sigterm_to_a_sweep_stops_its_workers_at_a_round_end_and_exits_with_the_signals_code(tmp_path):
+    """SIGTERM to the parent of a 2-worker sweep: it forwards the signal, each worker's run checkpoints the round
+    it is in and stops, the parent exits 143 with one line, no worker outlives it, and each interrupted run's
+    history ends at its latest checkpoint (resumable)."""
+    store_dir = str(tmp_path / "store")
+    store = ResultsStore(os.path.join(store_dir, "results.jsonl"))
+    # One point ends at once (its worker then waits, and must survive the forwarded signal), one runs long.
+    long = {**BASE, "run": {"checkpoint_every": 100000, "eval_every": 100000}}
+    grid = tmp_path / "long.yaml"
+    grid.write_text(json.dumps({"base": long, "grid": {"run.rounds": [3, 100000]}}))
+    short, long_hash = [p.config_hash for p in load_grid(str(grid))]
+    sweep = _sweep(str(grid), store_dir, jobs=2)
+    history = os.path.join(store_dir, "runs", long_hash, "history.jsonl")
+    _wait_for(lambda: store.completed_hashes() == {short} and os.path.exists(history), timeout=180,
+              what="the short point to be stored and the long one to finish a round")
+    workers = _descendants(sweep.pid)
+    sweep.send_signal(signal.SIGTERM)
+    out, err = sweep.communicate(timeout=60)
+    assert sweep.returncode == 128 + signal.SIGTERM, err
+    assert err.strip().splitlines()[-1].startswith("fedjaxpriv: sweep ") and "SIGTERM" in err.strip().splitlines()[-1]
+    _wait_for(lambda: not any(_alive(pid) for pid in workers), timeout=10, what="the workers to end")
+    assert [r["config_hash"] for r in store.records()] == [short]  # the interrupted point is not recorded
+    with open(history) as f:
+        rounds = [json.loads(line)["round"] for line in f]
+    steps = sorted(int(n) for n in os.listdir(os.path.join(store_dir, "runs", long_hash, "checkpoints"))
+                   if n.isdigit())
+    assert 0 < len(rounds) < 100000 and steps[-1] == rounds[-1] == len(rounds)
