@@ -41,6 +41,7 @@ def test_an_extended_run_equals_the_longer_run(tmp_path):
     assert saved["config"]["run"]["rounds"] == 5 and saved["config_hash"] == _config(5).config_hash()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("change, field", [
     ({"target_epsilon": 4.0}, "client.target_epsilon"),
     ({"sampling": "poisson"}, r"client.sampling='poisson' with DP-SGD"),

@@ -259,6 +259,7 @@ def test_every_epsilon_in_history_and_clients_csv_has_a_basis_of_its_own_level(t
             assert row[f"{key}_basis"].startswith(level_of(key)), (key, row[f"{key}_basis"])
 
 
+@pytest.mark.slow
 def test_a_dp_run_that_learns_nothing_says_so_with_the_knobs_that_matter():
     """DP-SGD with noise 50 leaves the model at chance: the run warns, naming the figures and the knobs; with
     noise 0.3 it learns and says nothing."""
