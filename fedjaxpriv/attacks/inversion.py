@@ -738,7 +738,7 @@ def save_image_grid(
     count = originals.shape[0]
     if titles is not None and len(titles) != count:
         raise ValueError(f"got {len(titles)} titles for {count} images.")
-    figure = Figure(figsize=(1.6 * count, 3.4))
+    figure = Figure(figsize=(1.6 * count, 3.4 + 0.15 * max((t.count("\n") for t in titles or [""]), default=0)))
     FigureCanvasAgg(figure)
     axes = figure.subplots(2, count, squeeze=False)
     for column in range(count):

@@ -211,7 +211,7 @@ class InversionReport:
 
     def save_grid(self, path: str, max_images: int = 16, per_target: int | None = None) -> None:
         """PNG of up to ``max_images`` originals (top) above their matched reconstructions, titled with the
-        round, client and PSNR (``inversion.save_image_grid``); ``per_target`` caps the examples per target."""
+        round, client, PSNR and SSIM (``inversion.save_image_grid``); ``per_target`` caps the examples per target."""
         originals, reconstructions, titles = [], [], []
         for t in self.targets:
             for i in range(len(t.originals) if per_target is None else min(per_target, len(t.originals))):
@@ -219,7 +219,8 @@ class InversionReport:
                     break
                 originals.append(t.originals[i])
                 reconstructions.append(t.reconstructions[i])
-                titles.append(f"r{t.round} c{t.client}\n{t.example_psnr[i]:.1f} dB")
+                ssim = "" if np.isnan(t.example_ssim[i]) else f"\nSSIM {t.example_ssim[i]:.2f}"
+                titles.append(f"r{t.round} c{t.client}\n{t.example_psnr[i]:.1f} dB{ssim}")
         if not titles:
             raise ValueError("the report has no reconstructions to draw.")
         inversion.save_image_grid(path, np.stack(originals), np.stack(reconstructions), titles)
