@@ -34,7 +34,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from fedjaxpriv import locks
-from fedjaxpriv.files import atomic_write, fsync_dir
+from fedjaxpriv.files import atomic_write, fsync_dir, remove_stale_temporaries
 from fedjaxpriv.config import ExperimentConfig, extension_problem, from_dict
 from fedjaxpriv.results import RUN_INFO_FILE, jsonable, read_sessions, run_environment, write_csv
 
@@ -186,6 +186,7 @@ class RunStore:
             if fresh:
                 self._delete_run_files()
             self._check_config(extend)
+            remove_stale_temporaries(self.out_dir)  # left by a writer killed mid-write; we hold the lock
             self._remove_temporary_checkpoints()
             self.manager = self._new_manager(max_to_keep)
             self._record_session(run_environment())

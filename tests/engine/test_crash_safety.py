@@ -518,3 +518,20 @@ def test_a_wrong_layout_is_refused_before_anything_is_changed(tmp_path, name, ma
     with pytest.raises(ValueError, match=rf"{re.escape(str(path))} is not a {kind}.*nothing was changed"):
         Experiment(config).run(str(out), progress=False)
     assert {p.relative_to(out): p.stat().st_mtime_ns for p in out.rglob("*")} == before
+
+
+def test_no_temporary_file_outlives_a_failed_write_or_a_killed_writer(tmp_path):
+    from fedjaxpriv import files
+
+    target = tmp_path / "history.csv"
+    target.write_text("old")
+    with pytest.raises(TypeError):  # the write fails after the temporary file was created
+        files.atomic_write(str(target), 5)
+    assert target.read_text() == "old" and sorted(p.name for p in tmp_path.iterdir()) == ["history.csv"]
+    # A writer killed mid-write leaves <name>.tmp-<pid>: the next run to open the directory removes it.
+    config = from_dict({**CONFIG, "run": {"rounds": 1, "eval_every": 1, "checkpoint_every": 1}})
+    out = tmp_path / "run"
+    Experiment(config).run(str(out), progress=False)
+    (out / "history.jsonl.tmp-999999").write_text("torn")
+    Experiment(config).run(str(out), progress=False)
+    assert not list(out.glob("*.tmp-*"))
