@@ -567,7 +567,7 @@ def fedsgd_probe(experiment: Any, clients: Sequence[int], examples: int, *, para
     """
     from fedjaxpriv.config import with_overrides
     from fedjaxpriv.data.federated import from_client_lists
-    from fedjaxpriv.experiment import build_experiment
+    from fedjaxpriv.experiment import Experiment
     from fedjaxpriv.parallel import replicate
 
     if examples < 1 or round_number < 1:
@@ -594,11 +594,11 @@ def fedsgd_probe(experiment: Any, clients: Sequence[int], examples: int, *, para
         "server.clients_per_round": int(ids.size), "server.client_sampling": "uniform",
         "server.central_clip_norm": math.inf, "server.central_noise_multiplier": 0.0, "server.target_epsilon": None,
         "server.adaptive_clip_quantile": None,
-        "client.target_epsilon": None, "run.rounds": rounds, "run.tap_clients": list(range(ids.size)),
-        "run.tap_rounds": [round_number], "run.checkpoint_every": 0})
-    probe = build_experiment(config, population=probe_data, test=experiment.test,
-                             num_classes=experiment.num_classes, settings=settings,
-                             targets=np.full(ids.size, np.inf), data_from_config=True, **parts)
+        "client.target_epsilon": None, "devices.policy": "none", "run.rounds": rounds,
+        "run.tap_clients": list(range(ids.size)), "run.tap_rounds": [round_number], "run.checkpoint_every": 0})
+    # A plain Experiment: the run's settings rows already hold what a device policy chose for these clients.
+    probe = Experiment(config, population=probe_data, test=experiment.test, num_classes=experiment.num_classes,
+                       settings=settings, targets=np.full(ids.size, np.inf), data_from_config=True, **parts)
     start = experiment.initial_params if params is None else params
     state = probe.fresh_state(start)._replace(round=jnp.asarray(round_number - 1, jnp.int32))
     return FedSgdProbe(probe, probe.tap(replicate(state, probe.mesh), list(range(ids.size))), ids)

@@ -405,3 +405,19 @@ def test_fedsgd_probe_keeps_a_poisson_clients_sampling_rate():
     np.testing.assert_array_equal(probe.experiment.settings.poisson, [True, True])
     np.testing.assert_allclose(probe.experiment.settings.sample_rate, [1 / 3, 1 / 3], rtol=1e-6)
     np.testing.assert_array_equal(probe.experiment.settings.batch_size, [2, 2])
+
+
+def test_fedsgd_probe_of_a_device_run_keeps_what_the_policy_chose():
+    """Under the device-aware policy each client's steps, pruning and bits come from its device: the probe keeps
+    those rows (one step) and runs as a plain experiment."""
+    from fedjaxpriv.config import from_dict
+    from fedjaxpriv.experiment import build_experiment
+
+    run = build_experiment(from_dict({"data": {"num_clients": 10}, "model": {"hidden": [16]},
+                                      "server": {"clients_per_round": 5}, "devices": {"policy": "device_aware"},
+                                      "run": {"rounds": 1, "checkpoint_every": 0}}))
+    probe = inversion_eval.fedsgd_probe(run, [3, 7], 4)
+    for field in ("prune_sparsity", "quant_bits", "lr", "dp_noise_multiplier"):
+        np.testing.assert_array_equal(getattr(probe.experiment.settings, field), getattr(run.settings, field)[[3, 7]])
+    np.testing.assert_array_equal(probe.experiment.settings.num_steps, [1, 1])
+    assert type(probe.experiment).__name__ == "Experiment"
