@@ -137,13 +137,12 @@ def _output_dir(path: str, flag: str = "--out") -> str:
 def _audit(args: argparse.Namespace) -> int:
     import dataclasses
 
-    from fedjaxpriv.attacks.canary_audit import audit_canaries
-
-    from fedjaxpriv.files import atomic_write
-
     config = _config(args)
     out = _output_dir(args.out) if args.out is not None else None
     print(f"fedjaxpriv: {args.level}-level canary audit of {args.canaries} canaries", file=sys.stderr, flush=True)
+    from fedjaxpriv.attacks.canary_audit import audit_canaries
+    from fedjaxpriv.files import atomic_write
+
     result = audit_canaries(config, args.level, num_canaries=args.canaries, guess_fraction=args.guess_fraction)
     text = json.dumps({**jsonable(dataclasses.asdict(result)), "can_refute": result.can_refute,
                        "summary": result.describe()}, indent=2)
@@ -155,6 +154,9 @@ def _audit(args: argparse.Namespace) -> int:
 
 
 def _attack_eval(args: argparse.Namespace) -> int:
+    base = f"--config {args.config}" if args.config else f"the {args.preset or 'membership'} preset"
+    print(f"fedjaxpriv: attack-eval of defenses {args.defenses} on {base} into {args.out}", file=sys.stderr,
+          flush=True)
     from fedjaxpriv.attacks.evaluation import DEFENSES, PRESETS, AttackSuite, evaluate_defenses
     from fedjaxpriv.config import load_file
 
