@@ -730,7 +730,8 @@ class Experiment:
         taps: dict[int, Tap] = {}
         # The initial model's loss: the scale a loss explosion is measured against (``guards.explosion``).
         factor = self.config.run.divergence_factor
-        baseline = float(self.evaluate(self.initial_params)["test_loss"]) if factor is not None else math.nan
+        baseline = (evaluation.evaluate(self.model.apply, self.initial_params, self.test.x, self.test.y,
+                                        task=self.task)["loss"] if factor is not None else math.nan)
 
         def at_chance(accuracy: float) -> bool:
             return evaluation.at_chance(accuracy, self.test.y)[0]
@@ -739,6 +740,7 @@ class Experiment:
         accuracy = next((r["test_accuracy"] for r in reversed(history) if "test_accuracy" in r), None)
         try:
             for r in bar:
+                signals.check()  # a signal whose exception was swallowed where it landed stops the run here
                 pause_point(signals, "train", r + 1)
                 cohort, skipped = self.round_cohort(r)
                 with signals.deferred():

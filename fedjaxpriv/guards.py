@@ -49,6 +49,9 @@ class RunInterrupted(KeyboardInterrupt):
         super().__init__(f"interrupted by {signal.Signals(signum).name}")
         self.signum = signum
 
+    def __reduce__(self) -> tuple:  # pickled by signal number (a sweep worker's run reaches the sweep this way)
+        return (type(self), (self.signum,))
+
 
 @jax.jit
 def _all_finite(tree: Any) -> jax.Array:
@@ -121,6 +124,7 @@ class Signals:
 
     def __init__(self) -> None:
         self.pending: int | None = None
+        self.received: int | None = None  # the first signal received while installed, kept
         self._depth = 0
         self._previous: dict[int, Any] = {}
 
@@ -136,8 +140,17 @@ class Signals:
             signum, handler = self._previous.popitem()
             signal.signal(signum, handler)
 
+    def check(self) -> None:
+        """Raises ``RunInterrupted`` if a signal was received: one whose exception was swallowed where it landed
+        (e.g. in a garbage-collection callback, which prints "Exception ignored" and goes on) still stops the
+        run at the next check."""
+        if self.received is not None:
+            raise RunInterrupted(self.received)
+
     def _handle(self, signum: int, frame: Any) -> None:
         del frame
+        if self.received is None:
+            self.received = signum
         if self._depth:
             self.pending = signum
             return

@@ -535,3 +535,27 @@ def test_no_temporary_file_outlives_a_failed_write_or_a_killed_writer(tmp_path):
     (out / "history.jsonl.tmp-999999").write_text("torn")
     Experiment(config).run(str(out), progress=False)
     assert not list(out.glob("*.tmp-*"))
+
+
+def test_a_signal_whose_exception_is_swallowed_still_stops_the_run_at_the_next_round(tmp_path):
+    """A real SIGINT whose KeyboardInterrupt lands in code that swallows it (as JAX's garbage-collection callback
+    does: "Exception ignored in ...") still stops the run before its next round, checkpointed and resumable;
+    RunInterrupted survives pickling (a sweep worker's run reaches the sweep that way)."""
+    import pickle
+
+    from fedjaxpriv.guards import RunInterrupted
+
+    def swallow(experiment, record):
+        if record["round"] == 1:
+            try:
+                os.kill(os.getpid(), signal.SIGINT)
+                time.sleep(0.5)  # the handler runs here and raises; the exception goes nowhere
+            except KeyboardInterrupt:
+                pass
+
+    config = from_dict({**CONFIG, "run": {"rounds": 3, "eval_every": 3, "checkpoint_every": 3}})
+    out = tmp_path / "run"
+    with pytest.raises(RunInterrupted, match="SIGINT"):
+        Experiment(config).run(str(out), progress=False, callbacks=[swallow])
+    assert history_rounds(out) == [1] and checkpoint_steps(out) == [1]
+    assert pickle.loads(pickle.dumps(RunInterrupted(signal.SIGTERM))).signum == signal.SIGTERM
