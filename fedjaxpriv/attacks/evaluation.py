@@ -103,12 +103,17 @@ class Preset:
                 + (f"; {', '.join(unmeasured)} not measured, counted as the slowest" if unmeasured else "") + ")")
 
 
+# Seconds per defense point of each family with 16 shadow federations, measured on 2 CPU cores that other work
+# shared (``fedjaxpriv attack-eval --out DIR``, all 22 default points: 38 min; the undefended point includes start-up).
 PRESETS: dict[str, Preset] = {
     "membership": Preset(MEMBERSHIP_BASE, 600, "10 clients of 30 examples, 1000 local steps per round: the "
-                         "undefended global model memorises (LiRA online AUC 0.67) and DP trains to near chance"),
+                         "undefended global model memorises (LiRA online AUC 0.67) and DP trains to near chance",
+                         point_seconds={"none": 46, "pruning": 27, "quantization": 16, "topk": 26, "mixup": 32,
+                                        "poisson": 28, "dpsgd": 247, "dpsgd_poisson": 383, "dpfedavg": 20}),
     "equal_utility": Preset(EQUAL_UTILITY_BASE, 800, "100 clients of 4 examples, 20 per round by Poisson "
                             "sampling: DP-FedAvg at epsilon 8 keeps 84 % of the undefended accuracy (0.780 of "
-                            "0.928) while the undefended global model leaks membership (RMIA AUC 0.62)"),
+                            "0.928) while the undefended global model leaks membership (RMIA AUC 0.62)",
+                            point_seconds={"none": 173, "dpsgd": 600, "dpsgd_poisson": 600}),  # DP-SGD: ~10 min
 }
 
 
