@@ -967,12 +967,13 @@ def matched_utility_table(records: Sequence[Mapping[str, Any]],
              "undefended run's accuracy (intervals: their ends joined alike); no extrapolation.", "",
              "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for family in families:
-        row = [family]
+        row, said = [family], set()
         for m in metrics:
             for f in fractions:
                 value = cells[(m, f)].get(family, "n/a")
-                if isinstance(value, str):
-                    row.append(value)
+                if isinstance(value, str):  # a reason is given once per row; later cells with it say "n/a"
+                    row.append("n/a" if value in said else value)
+                    said.add(value)
                 else:
                     middle, low, high = value
                     row.append(f"{middle:.3f}" if math.isnan(low) else f"{middle:.3f} [{low:.3f}, {high:.3f}]")

@@ -292,6 +292,11 @@ def test_defenses_are_compared_at_matched_utility_without_extrapolating():
     table = evaluation.matched_utility_table(records).splitlines()
     assert "| defense | rmia/auc at 90% accuracy | rmia/auc at 80% accuracy |" in table
     assert "| dpsgd | 0.584 [0.564, 0.604] | 0.548 [0.528, 0.568] |" in table
+    # A reason is written once per row: the second metric's cell of the same fraction only says "n/a".
+    records = [{**r, "attack/lira_online/auc": r["attack/rmia/auc"]} for r in records]
+    mixup = next(line for line in evaluation.matched_utility_table(records).splitlines() if line.startswith("| mixup"))
+    cells = [cell.strip() for cell in mixup.strip("|").split("|")]
+    assert mixup.count("no strength reaches accuracy 0.810") == 1 and cells.count("n/a") == 2, mixup
     assert evaluation.matched_utility_table([point("dpsgd", 0.8, 0.6)]) == ""  # no undefended run: no table
 
 
