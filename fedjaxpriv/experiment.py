@@ -651,7 +651,7 @@ class Experiment:
           sinks: the user's own logging sinks (``fedjaxpriv.sinks.Sink``: ``write(round, record)``, ``close()``),
             besides those ``run.log`` names; each gets every round of this session once (before the callbacks) and
             is closed when the run ends, fails or is interrupted.
-          rounds: stop after this many rounds (default ``config.run.rounds``).
+          rounds: stop after this many rounds, at most ``config.run.rounds`` (the default).
           loss_limit: a loss above it (or a non-finite loss or parameter) stops the run with ``DivergenceError``
             (default ``guards.LOSS_LIMIT``, about 1.8e19).
           extend: ``out_dir`` may hold a run of this config with fewer ``run.rounds``: it resumes from there and
@@ -678,6 +678,10 @@ class Experiment:
                              f"run.rounds={self.config.run.rounds}.")
         if isinstance(loss_limit, bool) or not isinstance(loss_limit, (int, float)) or not loss_limit > 0:
             raise ValueError(f"loss_limit={loss_limit!r} is not allowed: a positive number (default {LOSS_LIMIT:g}).")
+        if rounds is not None and rounds > self.config.run.rounds:
+            raise ValueError(f"rounds={rounds} is more than run.rounds={self.config.run.rounds}, the number the run is "
+                             "planned and recorded for: raise run.rounds (with extend=True / --continue to go on "
+                             "with a finished run in out_dir).")
         if extend and not resume:
             raise ValueError("extend=True (--continue) goes on from the run in out_dir; resume=False (--no-resume) "
                              "deletes it: allowed: one of them.")

@@ -17,7 +17,8 @@ def _experiment(**client):
                         "client": {"local_steps": 3, "batch_size": 8, **client}, "server": {"clients_per_round": 2},
                         "run": {"rounds": 2, "eval_every": 2, "num_devices": 1}})
     members = Dataset(pool.x[::2], pool.y[::2])
-    return Experiment(config, population=partition_like(config, members, 0), test=members, num_classes=10), pool
+    return Experiment(config, population=partition_like(config, members, 0), test=members, num_classes=10,
+                      data_from_config=True), pool
 
 
 @pytest.mark.slow

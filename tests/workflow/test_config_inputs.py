@@ -583,6 +583,7 @@ def test_a_repeated_key_in_a_config_file_is_an_error_naming_it(tmp_path, name, t
     (dict(rounds=0), r"rounds=0 is not allowed: a positive number of rounds, or None for run\.rounds=1"),
     (dict(rounds=-1), r"rounds=-1 is not allowed"),
     (dict(rounds=2.5), r"rounds=2\.5 is not allowed"),
+    (dict(rounds=2), r"rounds=2 is more than run\.rounds=1, the number the run is planned and recorded for"),
     (dict(out_dir=5), r"out_dir=5 is not allowed: a directory path"),
     (dict(loss_limit=-1), r"loss_limit=-1 is not allowed: a positive number"),
 ])
