@@ -713,13 +713,15 @@ class Experiment:
                 try:
                     if store is not None:
                         with signals.deferred():
-                            store.close(self.privacy.per_client())
+                            clients = self.privacy.per_client()
+                            store.close(clients)
                 finally:
                     signals.uninstall()
         problem = dp_at_chance(self, history)
         if problem:
             warnings.warn(problem, stacklevel=2)
-        return Results(self.config, history, state.params, out_dir, taps, self.privacy.per_client())
+        return Results(self.config, history, state.params, out_dir, taps,
+                       clients if store is not None else self.privacy.per_client())
 
     def _run_rounds(self, state: ServerState, history: list[Record], store: Any, signals: Signals, total: int,
                     progress: bool, callbacks: Sequence[Callback],

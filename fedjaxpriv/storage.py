@@ -128,7 +128,7 @@ def read_history(path: str, warn: bool = True) -> list[Record]:
 
 # -- the lock --------------------------------------------------------------------------------------------------
 # What a run directory holds: the files, and the checkpoints directory (``RunStore``).
-RUN_FILES = (LOCK_FILE, "config.json", "history.jsonl", "history.csv", "clients.csv", RUN_INFO_FILE)
+RUN_FILES = (LOCK_FILE, "history.jsonl", "history.csv", "clients.csv", RUN_INFO_FILE, "config.json")
 CHECKPOINT_DIR = "checkpoints"
 
 
@@ -198,7 +198,7 @@ class RunStore:
     def _delete_run_files(self) -> None:
         # config.json last: until it goes, the directory still names the run its other files belong to.
         shutil.rmtree(self.checkpoint_dir, ignore_errors=True)
-        for name in ("history.jsonl", "history.csv", "clients.csv", RUN_INFO_FILE, "config.json"):
+        for name in (n for n in RUN_FILES if n != LOCK_FILE):  # the lock is ours; config.json comes last
             if os.path.exists(os.path.join(self.out_dir, name)):
                 os.remove(os.path.join(self.out_dir, name))
 

@@ -504,16 +504,16 @@ def _inversion(context: AttackContext) -> AttackOutcome | str:
         clients = [c for c in suite.tap_clients if c < context.experiment.population.num_clients]
         probe = inversion_eval.fedsgd_probe(context.experiment, clients[:suite.inversion_targets],
                                             suite.inversion_batch, **context.parts)
-        report = inversion_eval.invert_taps(probe.experiment, [probe.tap], key=jax.random.key(suite.seed + 2),
-                                            attack=_inversion_config(suite), max_targets=suite.inversion_targets,
-                                            psnr_threshold=suite.psnr_threshold).relabel(probe.clients)
-    else:
-        if not context.targets:
-            return NO_TARGETS
-        report = inversion_eval.invert_taps(context.experiment, context.results.taps,
-                                            key=jax.random.key(suite.seed + 2), attack=_inversion_config(suite),
-                                            max_targets=suite.inversion_targets, psnr_threshold=suite.psnr_threshold,
-                                            clients=context.targets)
+        experiment, taps, chosen, ids = probe.experiment, [probe.tap], None, probe.clients
+    elif not context.targets:
+        return NO_TARGETS
+    else:  # the run's own tapped messages
+        experiment, taps, chosen, ids = context.experiment, context.results.taps, context.targets, None
+    report = inversion_eval.invert_taps(experiment, taps, key=jax.random.key(suite.seed + 2),
+                                        attack=_inversion_config(suite), max_targets=suite.inversion_targets,
+                                        psnr_threshold=suite.psnr_threshold, clients=chosen)
+    if ids is not None:  # the probe's clients by their ids in the run
+        report = report.relabel(ids)
     if not report.targets:
         return "every tapped message was skipped: " + "; ".join(sorted({why for _, _, why in report.skipped}))
     batch = {"batch": float(suite.inversion_batch)} if suite.inversion_batch else {}
