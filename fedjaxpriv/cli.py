@@ -232,11 +232,13 @@ def _sweep(args: argparse.Namespace) -> int:
 
 
 def _report(args: argparse.Namespace) -> int:
+    from fedjaxpriv.attacks.evaluation import figures_for
     from fedjaxpriv.report import write_report
     from fedjaxpriv.results import load_records
 
     records = load_records(args.sources)
-    written = write_report(records, _output_dir(args.out))
+    stores = [os.path.dirname(s) if s.endswith(".jsonl") else s for s in args.sources]
+    written = write_report(records, _output_dir(args.out), figures=figures_for(records, stores))
     print(json.dumps(written, indent=2))
     return 0
 

@@ -23,7 +23,7 @@ from fedjaxpriv import evaluation
 from fedjaxpriv.client.local import LocalSpec
 from fedjaxpriv.client.sampling import overflow_probability
 from fedjaxpriv.client.settings import ClientSettings, make_settings, per_client_array, with_extra
-from fedjaxpriv.config import POPULATION_RECIPE_FIELDS, USER_SUPPLIED, DataConfig, ExperimentConfig
+from fedjaxpriv.config import POPULATION_RECIPE_FIELDS, USER_SUPPLIED, DataConfig, ExperimentConfig, ModelConfig
 from fedjaxpriv.data import Dataset, FederatedData, load_dataset, partition, synthetic_federated
 from fedjaxpriv.data.federated import fingerprint
 from fedjaxpriv.guards import (LOSS_LIMIT, DivergenceError, Signals, divergence, divergence_message, explosion,
@@ -293,11 +293,16 @@ def recorded_config(config: ExperimentConfig, model: Model | None, task: Task) -
     """The config as the run records it: ``model.name`` names a model passed in ("user-supplied <name>") and any
     task but classification ("<model>; loss: <task>"), so the run never claims a model or loss that did not run."""
     name = config.model.name if model is None else model.name
+    hidden = config.model.hidden
+    if (model is not None or config.model.name != "mlp") and hidden != ModelConfig().hidden:
+        warnings.warn(f"model.hidden={list(hidden)} is not used: it sets the widths of the built-in 'mlp' only, and "
+                      f"this run's model is {name!r}; the run records model.hidden at its default.", stacklevel=3)
+        hidden = ModelConfig().hidden
     if task is not CLASSIFICATION:
         name = f"{name}; loss: {describe(task)}"
-    if name == config.model.name:
+    if name == config.model.name and hidden == config.model.hidden:
         return config
-    return dataclasses.replace(config, model=dataclasses.replace(config.model, name=name))
+    return dataclasses.replace(config, model=dataclasses.replace(config.model, name=name, hidden=hidden))
 
 
 def local_spec(config: ExperimentConfig, settings: ClientSettings, counts: np.ndarray, num_classes: int,
@@ -842,7 +847,8 @@ def _progress(iterable: Iterable[int], enabled: bool, **kwargs: Any):
         return iterable
     from tqdm.auto import tqdm
 
-    return tqdm(iterable, desc="rounds", unit="round", **kwargs)
+    # The first round compiles the round's program (seconds to a minute): the bar says so until its figures come.
+    return tqdm(iterable, desc="rounds", unit="round", postfix="first round: compiling", **kwargs)
 
 
 def build_experiment(config: ExperimentConfig, **kwargs: Any) -> Experiment:

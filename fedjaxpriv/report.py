@@ -15,6 +15,8 @@ Files written to the output directory (one panel per dataset; every series has i
 * ``frontier.png``: the privacy-utility frontier, attack success (with its interval) against accuracy and
   bytes, one curve per defense family (``defense_family``) over its strengths, each point labelled with its
   strength;
+* ``roc_<attack>.png`` / ``inversion_<label>.png``: for the defense points of a ``fedjaxpriv attack-eval`` store,
+  log-log ROC curves of each membership attack and reconstruction grids, from the store's ``figures/``;
 * ``summary.md`` / ``summary.csv``: one row per run with the config fields that vary and final metrics; every
   epsilon's basis (level, neighbouring relation, sampling, accountant, delta) is a CSV column and is listed
   under the markdown table.
@@ -896,8 +898,10 @@ def plot_frontier(records: Sequence[Record], path: str) -> str | None:
     return path
 
 
-def write_report(records: Sequence[Record], out_dir: str) -> dict[str, str]:
-    """Writes every plot that the records support and the summary table.
+def write_report(records: Sequence[Record], out_dir: str, figures: Sequence[Any] = ()) -> dict[str, str]:
+    """Writes every plot that the records support and the summary table, and the ROC curves and reconstruction
+    grids of ``figures`` (``attacks.evaluation.PointFigures``, kept by ``fedjaxpriv attack-eval`` in its store's
+    ``figures/``: ``attacks.evaluation.figures_for``).
 
     Returns:
       Mapping of artefact name to file path.
@@ -920,4 +924,8 @@ def write_report(records: Sequence[Record], out_dir: str) -> dict[str, str]:
     }
     written.update(plot_attacks_vs_strength(records, out_dir))
     written["summary_csv"], written["summary_md"] = write_table(summary_rows(records), out_dir)
+    if figures:
+        from fedjaxpriv.attacks.evaluation import draw_point_figures
+
+        written.update(draw_point_figures(figures, out_dir))
     return {k: v for k, v in written.items() if v is not None}

@@ -749,6 +749,7 @@ def evaluate_defenses(base: ExperimentConfig, defenses: Mapping[str, Any] | None
         raise ValueError(f"defenses={dict(defenses or {})!r} names no defense point; allowed: built-in names "
                          f"{sorted(DEFENSES)} or {{name: {{field: value}}}} maps.")
     check_threat_models(base, points, suite, attacks)
+    views = attack_views(attacks)
     # Each finished point is kept in out_dir/points/ as it finishes, so an interrupted evaluation resumes after
     # its last finished point (parts passed in are code, not values: their points are not kept).
     kept_dir = os.path.join(out_dir, POINTS_DIR) if out_dir is not None and parts is None else None
@@ -782,14 +783,15 @@ def evaluate_defenses(base: ExperimentConfig, defenses: Mapping[str, Any] | None
                 atomic_write(path, pickle.dumps(result))
         if store is not None and (fresh or result.config.config_hash() not in store.completed_hashes()):
             store.append(make_record(result.config, result.history, label=label, overrides=dict(overrides)))
+        if out_dir is not None:  # what its ROC curves and grid are drawn from, for `fedjaxpriv report`
+            save_point_figures(point_figures(result, views), out_dir, result.config.config_hash())
         results.append(result)
     records = [r.record for r in results]
     if out_dir is not None:
         latest = {r["config_hash"]: r for r in store.records()}
         store_records = [latest[r.config.config_hash()] for r in results]
         write_tables(records, out_dir, store_records=store_records,
-                     scores={r.record["label"]: r.scores for r in results},
-                     inversions={r.record["label"]: r.inversion for r in results}, views=attack_views(attacks))
+                     figures=[point_figures(r, views) for r in results], views=views)
     return records
 
 
@@ -982,14 +984,11 @@ def matched_utility_table(records: Sequence[Mapping[str, Any]],
 
 
 def write_tables(records: Sequence[Record], out_dir: str, *, store_records: Sequence[Mapping[str, Any]] = (),
-                 scores: Mapping[str, Mapping[str, tuple[np.ndarray, np.ndarray]]] | None = None,
-                 inversions: Mapping[str, Any] | None = None,
-                 views: Mapping[str, str] = ATTACK_VIEWS) -> dict[str, str]:
+                 figures: Sequence[PointFigures] = (), views: Mapping[str, str] = ATTACK_VIEWS) -> dict[str, str]:
     """Writes ``attack_eval.csv`` (every metric, full precision), ``attack_eval.md`` (one table per threat model,
     with intervals, and the epsilon bases), ``frontier.png`` (attack success against test accuracy and bytes, one
-    curve per defense over its strengths), ``roc_<attack>.png`` (log-log ROC curves, one per defense point) and
-    ``inversion_<defense>.png`` (originals above their reconstructions)."""
-    from fedjaxpriv.attacks.membership import plot_roc
+    curve per defense over its strengths) and the ROC curves and reconstruction grids of ``figures``
+    (``draw_point_figures``)."""
     from fedjaxpriv.report import basis_notes, plot_frontier
     from fedjaxpriv.results import write_csv
 
@@ -997,19 +996,116 @@ def write_tables(records: Sequence[Record], out_dir: str, *, store_records: Sequ
     csv_path, md_path = os.path.join(out_dir, "attack_eval.csv"), os.path.join(out_dir, "attack_eval.md")
     write_csv(csv_path, records)
     with open(md_path, "w") as f:
-        f.write("# Defenses against attacks\n\n" + threat_model_tables(records, views) + matched_utility_table(records)
-                + basis_notes(records))
+        f.write("# Defenses against attacks\n\n" + threat_model_tables(records, views)
+                + matched_utility_table(records) + basis_notes(records))
     written = {"csv": csv_path, "markdown": md_path}
     frontier = plot_frontier(store_records, os.path.join(out_dir, "frontier.png")) if store_records else None
     if frontier:
         written["frontier"] = frontier
-    for label, report in (inversions or {}).items():
-        if report is not None and report.targets:
-            path = os.path.join(out_dir, f"inversion_{label.replace(' ', '_').replace('=', '')}.png")
-            report.save_grid(path, max_images=12, per_target=3)
-            written[f"inversion_{label}"] = path
-    for attack in sorted({a for per_defense in (scores or {}).values() for a in per_defense}):
-        curves = {label: per_defense[attack] for label, per_defense in (scores or {}).items() if attack in per_defense}
+    written.update(draw_point_figures(figures, out_dir))
+    return written
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The figures of each defense point, kept beside its store record so that ``fedjaxpriv report`` redraws them.
+
+FIGURES_DIR = "figures"  # <store>/figures/<config hash>.npz, one per defense point
+
+
+class PointFigures(NamedTuple):
+    """What one defense point's figures are drawn from.
+
+    Attributes:
+      label: the point's label, e.g. "pruning sparsity=0.9".
+      scores: {attack: (scores [M], membership labels [M])} of the membership attacks, for ROC curves.
+      views: {attack: name of the threat model whose view it uses}.
+      grid: the inversion's ``(originals [N, *input_shape], reconstructions [N, *input_shape], N titles)``
+        (``InversionReport.grid_images``), or None without reconstructions.
+    """
+
+    label: str
+    scores: Mapping[str, tuple[np.ndarray, np.ndarray]]
+    views: Mapping[str, str]
+    grid: tuple[np.ndarray, np.ndarray, list[str]] | None = None
+
+
+def point_figures(result: DefenseResult, views: Mapping[str, str] = ATTACK_VIEWS) -> PointFigures:
+    """The figures' data of one evaluated point (the grid: up to 12 examples, 3 per target)."""
+    report = result.inversion
+    grid = report.grid_images(max_images=12, per_target=3) if report is not None and report.targets else None
+    return PointFigures(result.record["label"], dict(result.scores),
+                        {a: views.get(a, "unknown") for a in result.scores}, grid)
+
+
+def save_point_figures(figures: PointFigures, out_dir: str, config_hash: str) -> str:
+    """Writes ``figures`` to ``out_dir/figures/<config_hash>.npz`` (atomically) -> its path."""
+    import io
+
+    attacks = list(figures.scores)
+    arrays: dict[str, np.ndarray] = {"label": np.array(figures.label), "attacks": np.array(attacks, dtype=str),
+                                     "views": np.array([figures.views[a] for a in attacks], dtype=str)}
+    for i, attack in enumerate(attacks):
+        arrays[f"scores_{i}"], arrays[f"labels_{i}"] = (np.asarray(v) for v in figures.scores[attack])
+    if figures.grid is not None:
+        originals, reconstructions, titles = figures.grid
+        arrays.update(originals=np.asarray(originals), reconstructions=np.asarray(reconstructions),
+                      titles=np.array(titles, dtype=str))
+    buffer = io.BytesIO()
+    np.savez(buffer, **arrays)
+    os.makedirs(os.path.join(out_dir, FIGURES_DIR), exist_ok=True)
+    path = os.path.join(out_dir, FIGURES_DIR, f"{config_hash}.npz")
+    atomic_write(path, buffer.getvalue())
+    return path
+
+
+def load_point_figures(path: str) -> PointFigures:
+    """Reads a file written by ``save_point_figures``.
+
+    Raises:
+      ValueError: naming the file, when it cannot be read as one.
+    """
+    try:
+        with np.load(path, allow_pickle=False) as kept:
+            attacks = [str(a) for a in kept["attacks"]]
+            scores = {a: (kept[f"scores_{i}"], kept[f"labels_{i}"]) for i, a in enumerate(attacks)}
+            grid = ((kept["originals"], kept["reconstructions"], [str(t) for t in kept["titles"]])
+                    if "titles" in kept.files else None)
+            return PointFigures(str(kept["label"]), scores, dict(zip(attacks, (str(v) for v in kept["views"]))),
+                                grid)
+    except (OSError, ValueError, KeyError, EOFError) as error:
+        raise ValueError(f"{path}: not a defense point's figures file ({error}); delete it and run attack-eval "
+                         f"into the same directory again to rewrite it.") from None
+
+
+def figures_for(records: Sequence[Mapping[str, Any]], directories: Sequence[str]) -> list[PointFigures]:
+    """The kept figures of ``records`` (in their order), looked up by config hash in each directory's
+    ``figures/``; records without a file are left out."""
+    found = []
+    for record in records:
+        for directory in directories:
+            path = os.path.join(directory, FIGURES_DIR, f"{record.get('config_hash')}.npz")
+            if os.path.isfile(path):
+                found.append(load_point_figures(path))
+                break
+    return found
+
+
+def draw_point_figures(points: Sequence[PointFigures], out_dir: str) -> dict[str, str]:
+    """Writes ``roc_<attack>.png`` (log-log ROC curves, one per point that ran the attack) and
+    ``inversion_<label>.png`` (originals above their reconstructions, one per point with any) -> {name: path}."""
+    from fedjaxpriv.attacks.inversion import save_image_grid
+    from fedjaxpriv.attacks.membership import plot_roc
+
+    written = {}
+    os.makedirs(out_dir, exist_ok=True)
+    for point in points:
+        if point.grid is not None:
+            path = os.path.join(out_dir, f"inversion_{point.label.replace(' ', '_').replace('=', '')}.png")
+            save_image_grid(path, *point.grid)
+            written[f"inversion_{point.label}"] = path
+    for attack in sorted({a for point in points for a in point.scores}):
+        curves = {point.label: point.scores[attack] for point in points if attack in point.scores}
+        view = next(point.views.get(attack, "unknown") for point in points if attack in point.scores)
         written[f"roc_{attack}"] = plot_roc(curves, os.path.join(out_dir, f"roc_{attack}.png"),
-                                            title=f"{attack}: {views.get(attack, 'unknown')}'s view")
+                                            title=f"{attack}: {view}'s view")
     return written

@@ -212,6 +212,16 @@ class InversionReport:
     def save_grid(self, path: str, max_images: int = 16, per_target: int | None = None) -> None:
         """PNG of up to ``max_images`` originals (top) above their matched reconstructions, titled with the
         round, client, PSNR and SSIM (``inversion.save_image_grid``); ``per_target`` caps the examples per target."""
+        inversion.save_image_grid(path, *self.grid_images(max_images, per_target))
+
+    def grid_images(self, max_images: int = 16, per_target: int | None = None
+                    ) -> tuple[np.ndarray, np.ndarray, list[str]]:
+        """What ``save_grid`` draws: originals ``[N, *input_shape]``, their matched reconstructions (same shape)
+        and N titles (round, client, PSNR, SSIM), N <= ``max_images``.
+
+        Raises:
+          ValueError: if the report has no reconstructions.
+        """
         originals, reconstructions, titles = [], [], []
         for t in self.targets:
             for i in range(len(t.originals) if per_target is None else min(per_target, len(t.originals))):
@@ -223,7 +233,7 @@ class InversionReport:
                 titles.append(f"r{t.round} c{t.client}\n{t.example_psnr[i]:.1f} dB{ssim}")
         if not titles:
             raise ValueError("the report has no reconstructions to draw.")
-        inversion.save_image_grid(path, np.stack(originals), np.stack(reconstructions), titles)
+        return np.stack(originals), np.stack(reconstructions), titles
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -182,6 +182,43 @@ def test_an_interrupted_evaluation_resumes_after_its_last_finished_point(tmp_pat
     assert json.dumps(with_more[:2], sort_keys=True) == json.dumps(again, sort_keys=True)  # NaN-safe equality
     assert [r["label"] for r in load_records([str(tmp_path)])] == ["none", "pruning sparsity=0.5", "mixup"]
     assert os.path.getsize(tmp_path / "frontier.png") > 10_000
+    # `fedjaxpriv report` on the store redraws the ROC curves from the kept figures, the same file byte for byte.
+    assert cli.main(["report", str(tmp_path), "--out", str(tmp_path / "report")]) == 0
+    drawn = sorted(name for name in os.listdir(tmp_path) if name.startswith("roc_"))
+    assert drawn == ["roc_loss_threshold.png", "roc_passive.png"], drawn
+    for name in drawn:
+        assert (tmp_path / "report" / name).read_bytes() == (tmp_path / name).read_bytes(), name
+
+
+def test_point_figures_are_kept_portably_and_redraw_the_same_files(tmp_path):
+    """A point's scores and reconstructions survive the .npz exactly; drawn from the file or from memory, the
+    ROC curves and grids are the same bytes; a garbled file is an error naming it."""
+    rng = np.random.default_rng(0)
+    grid = (rng.uniform(size=(3, 8, 8, 1)).astype(np.float32), rng.uniform(size=(3, 8, 8, 1)).astype(np.float32),
+            ["r1 c0\n12.0 dB", "r1 c0\n9.5 dB", "r1 c2\n31.2 dB\nSSIM 0.91"])
+    scores = {"passive": (rng.normal(size=40), np.r_[np.zeros(20, int), np.ones(20, int)]),
+              "loss_threshold": (rng.normal(size=30).astype(np.float32), rng.integers(0, 2, 30))}
+    point = evaluation.PointFigures("pruning sparsity=0.9", scores, {"passive": "server", "loss_threshold": "participant"},
+                                    grid)
+    path = evaluation.save_point_figures(point, str(tmp_path), "abc123")
+    assert path == str(tmp_path / "figures" / "abc123.npz")
+    (kept,) = evaluation.figures_for([{"config_hash": "zzz"}, {"config_hash": "abc123"}], [str(tmp_path)])
+    assert kept.label == point.label and kept.views == point.views and kept.grid[2] == grid[2]
+    for attack, (values, labels) in scores.items():
+        np.testing.assert_array_equal(kept.scores[attack][0], values)
+        np.testing.assert_array_equal(kept.scores[attack][1], labels)
+        assert kept.scores[attack][0].dtype == values.dtype
+    np.testing.assert_array_equal(kept.grid[1], grid[1])
+    direct = evaluation.draw_point_figures([point], str(tmp_path / "direct"))
+    from_file = evaluation.draw_point_figures([kept], str(tmp_path / "from_file"))
+    assert sorted(direct) == ["inversion_pruning sparsity=0.9", "roc_loss_threshold", "roc_passive"]
+    for name, file in direct.items():
+        with open(file, "rb") as a, open(from_file[name], "rb") as b:
+            assert a.read() == b.read(), name
+    with open(path, "wb") as f:
+        f.write(b"not a zip")
+    with pytest.raises(ValueError, match="abc123.npz: not a defense point's figures file"):
+        evaluation.figures_for([{"config_hash": "abc123"}], [str(tmp_path)])
 
 
 def test_a_threat_model_nothing_can_attack_is_an_error_before_training_naming_the_knob():

@@ -126,6 +126,23 @@ def test_user_flax_convnet_trains_exactly_like_the_builtin_one(tmp_path):
     assert builtin.config.model.name == "lenet"
 
 
+def test_mlp_widths_set_beside_another_model_are_named_and_not_recorded():
+    """model.hidden sets the built-in MLP's widths only: beside a model passed in (or another built-in) a
+    non-default value is a warning naming it, and the run records the default, so that the hash does not depend
+    on a value that did not run; the default is no warning."""
+    from fedjaxpriv.config import ModelConfig
+
+    with pytest.warns(UserWarning, match=r"model\.hidden=\[32\] is not used.*'user-supplied UserLeNet'"):
+        user = Experiment(_config(model={"name": "mlp", "hidden": [32]}), model=UserLeNet())
+    plain = Experiment(_config(model={"name": "mlp"}), model=UserLeNet())
+    assert user.config.model.hidden == ModelConfig().hidden == plain.config.model.hidden
+    assert user.config.config_hash() == plain.config.config_hash()
+    with pytest.warns(UserWarning, match=r"model\.hidden=\[32\] is not used.*'lenet'"):
+        Experiment(_config(model={"name": "lenet", "hidden": [32]}))
+    mlp = Experiment(_config(model={"name": "mlp", "hidden": [32]}))  # used: kept, no warning
+    assert mlp.config.model.hidden == (32,)
+
+
 def test_user_init_apply_pair_reproduces_the_builtin_logistic_regression():
     """A pure-JAX pair (its own parameter tree and matmul) started from the built-in's initial weights trains to
     the built-in's weights."""

@@ -34,3 +34,16 @@ def test_the_progress_bar_shows_the_loss_the_largest_epsilon_so_far_and_the_last
     assert progress_fields({"train_loss": 2.0, "epsilon_max": float("inf")}) == {
         "loss": "2.000", "eps": "inf (example: no guarantee)"}
     assert progress_fields({"train_loss": 2.0}) == {"loss": "2.000"}
+
+
+def test_the_python_apis_bar_says_the_first_round_compiles_then_shows_its_figures(capsys):
+    from fedjaxpriv.config import ExperimentConfig, with_overrides
+    from fedjaxpriv.experiment import Experiment
+
+    config = with_overrides(ExperimentConfig(), ["data.num_clients=4", "model.hidden=[8]", "server.clients_per_round=2",
+                                                 "run.rounds=2"])
+    Experiment(config).run(progress=True)
+    frames = capsys.readouterr().err.split("\r")
+    first = next(i for i, f in enumerate(frames) if "0/2" in f)
+    assert "first round: compiling" in frames[first]
+    assert "compiling" not in frames[-1] and "2/2" in frames[-1] and "loss=" in frames[-1]
