@@ -35,7 +35,8 @@ class _Parser(argparse.ArgumentParser):
 def _build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="fedjaxpriv", description="Federated learning privacy simulator.")
     parser.add_argument("--verbose", action="store_true",
-                        help="let XLA's own log lines (e.g. its slow-compilation banner) through to the terminal")
+                        help="let XLA's own log lines (e.g. its slow-compilation banner) and the tracebacks that "
+                             "libraries report while a checkpoint fails to read or write through to the terminal")
     commands = parser.add_subparsers(dest="command", required=True)
     run = commands.add_parser("run", help="run one experiment (default: FedAvg on the embedded digits data)")
     run.add_argument("--config", help="YAML or JSON config file")
@@ -334,6 +335,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _build_parser().parse_args(argv)
     if not args.verbose:  # XLA's C++ log lines (read when JAX starts), unless the user chose a level
         os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    else:  # guards.keep_library_reports_off_the_terminal logs what orbax reports at DEBUG level
+        import logging
+
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("fedjaxpriv (verbose): %(message)s"))
+        logger = logging.getLogger("fedjaxpriv")
+        logger.addHandler(handler)
+        logger.setLevel(logging.DEBUG)
     if args.command != "sweep" or args.jobs == 1:  # sweep workers split the cores among themselves
         _one_device_per_core()
     from fedjaxpriv.parallel import enable_compilation_cache

@@ -8,14 +8,19 @@
 - ``pause_point`` is a test hook: with ``FEDJAXPRIV_PAUSE_AT=<point>:<round>:<marker file>`` in the environment the
   run creates the marker file when it reaches ``point`` ("train", "evaluate" or "checkpoint") of round ``round``
   and waits there (up to a minute) for a signal, so a test can interrupt or kill it exactly at that point.
+- ``keep_library_reports_off_the_terminal`` sends what orbax reports instead of raising (its abandoned
+  coroutines and threads while a checkpoint fails to read or write) to the ``fedjaxpriv`` logger at DEBUG level,
+  which ``fedjaxpriv --verbose`` shows.
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import os
 import signal
+import sys
 import threading
 import time
 from typing import Any, Callable, Iterator, Mapping, Sequence
@@ -183,3 +188,116 @@ def pause_point(signals: Signals, point: str, round_: int) -> None:
     deadline = time.monotonic() + 60.0
     while signals.pending is None and time.monotonic() < deadline:
         time.sleep(0.005)  # a signal outside a deferred block raises out of here
+
+
+LOGGER = logging.getLogger("fedjaxpriv")
+# Libraries whose abandoned coroutines and threads report failures that they also raise to their caller (orbax
+# while a checkpoint fails to read or write: the caller warns or stops, naming the checkpoint).
+QUIET_LIBRARIES = ("orbax", "tensorstore")
+
+
+def _raised_in(traceback: Any, libraries: Sequence[str]) -> bool:
+    """Whether any frame of ``traceback`` is in a file under one of ``libraries``' package directories."""
+    while traceback is not None:
+        path = traceback.tb_frame.f_code.co_filename.replace(os.sep, "/")
+        if any(f"/{name}/" in path for name in libraries):
+            return True
+        traceback = traceback.tb_next
+    return False
+
+
+# What TensorStore's C++ reader threads print (bypassing Python's hooks) when they complete reads that orbax
+# abandoned after a failure, by calling into its event loop, closed by then: one traceback per read.
+CLOSED_LOOP_LINES = ("Traceback (most recent call last):", "self._check_closed()", "in call_soon_threadsafe",
+                     "in _check_closed", "raise RuntimeError('Event loop is closed')",
+                     "RuntimeError: Event loop is closed")
+
+
+def drop_closed_loop_tracebacks(text: str) -> str:
+    """``text`` without the lines of its "Event loop is closed" tracebacks (``CLOSED_LOOP_LINES``; they may be
+    interleaved, one thread's lines between another's): as many "Traceback" headers are dropped as there are
+    such errors, and every other line is kept."""
+    lines = text.splitlines(keepends=True)
+    headers = sum(line.strip() == CLOSED_LOOP_LINES[-1] for line in lines)
+    kept = []
+    for line in lines:
+        stripped = line.strip()
+        if stripped == CLOSED_LOOP_LINES[0]:
+            if headers:
+                headers -= 1
+                continue
+        elif any(stripped == mark or stripped.endswith(mark) for mark in CLOSED_LOOP_LINES[1:]):
+            continue
+        kept.append(line)
+    return "".join(kept)
+
+
+@contextlib.contextmanager
+def library_threads_quiet(settle_s: float = 0.05, limit_s: float = 1.0) -> Iterator[None]:
+    """Inside, file descriptor 2 (stderr, written by Python and by C++ threads alike) goes to a temporary file;
+    on exit its text is written back without the closed-loop tracebacks of abandoned reads
+    (``drop_closed_loop_tracebacks``; all of it while ``LOGGER`` is enabled for DEBUG: ``fedjaxpriv --verbose``).
+    After a failure inside, it waits until nothing has been written for ``settle_s`` seconds (at most
+    ``limit_s``), so that the reads still in flight report while it holds the descriptor."""
+    import tempfile
+
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as held:
+        os.dup2(held.fileno(), 2)
+        try:
+            yield
+        except BaseException:
+            deadline, size = time.monotonic() + limit_s, -1
+            while time.monotonic() < deadline and os.fstat(held.fileno()).st_size != size:
+                size = os.fstat(held.fileno()).st_size
+                time.sleep(settle_s)
+            raise
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            held.seek(0)
+            text = held.read().decode(errors="replace")
+            if not LOGGER.isEnabledFor(logging.DEBUG):
+                text = drop_closed_loop_tracebacks(text)
+            if text:
+                sys.stderr.write(text)
+                sys.stderr.flush()
+
+
+class _ToDebug(logging.Filter):
+    """Turns asyncio's records about ``QUIET_LIBRARIES``' tasks into DEBUG records of ``LOGGER`` (dropping them
+    from asyncio's logger); other records pass."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info is None or not _raised_in(record.exc_info[2], QUIET_LIBRARIES):
+            return True
+        LOGGER.debug("reported by %s: %s", record.name, record.getMessage(), exc_info=record.exc_info)
+        return False
+
+
+def keep_library_reports_off_the_terminal() -> None:
+    """From now on in this process, exceptions that ``QUIET_LIBRARIES`` report instead of raising (unraisable
+    exceptions of their abandoned coroutines, uncaught exceptions of their threads, asyncio's "exception was never
+    retrieved" about their tasks) are shown only while ``LOGGER`` is enabled for DEBUG (``fedjaxpriv
+    --verbose``). Anything else reaches the hooks installed before; calling it again does nothing. The failures themselves are also raised to the caller, which tells the user (e.g. a warning naming
+    the unreadable checkpoint)."""
+    if getattr(sys.unraisablehook, "_fedjaxpriv", False):
+        return
+    previous_unraisable, previous_thread = sys.unraisablehook, threading.excepthook
+
+    def shown(traceback: Any) -> bool:  # some come while the interpreter exits: printed by the hooks, not logged
+        return LOGGER.isEnabledFor(logging.DEBUG) or not _raised_in(traceback, QUIET_LIBRARIES)
+
+    def unraisable(info: Any) -> None:
+        if shown(info.exc_traceback):
+            previous_unraisable(info)
+
+    def thread(args: Any) -> None:
+        if shown(args.exc_traceback):
+            previous_thread(args)
+
+    unraisable._fedjaxpriv = True  # type: ignore[attr-defined]
+    sys.unraisablehook, threading.excepthook = unraisable, thread
+    logging.getLogger("asyncio").addFilter(_ToDebug())

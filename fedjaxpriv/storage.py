@@ -35,6 +35,7 @@ import orbax.checkpoint as ocp
 
 from fedjaxpriv import locks
 from fedjaxpriv.files import atomic_write, fsync_dir, remove_stale_temporaries
+from fedjaxpriv.guards import keep_library_reports_off_the_terminal, library_threads_quiet
 from fedjaxpriv.config import ExperimentConfig, extension_problem, from_dict
 from fedjaxpriv.results import RUN_INFO_FILE, jsonable, read_sessions, run_environment, write_csv
 
@@ -188,6 +189,7 @@ class RunStore:
             self._check_config(extend)
             remove_stale_temporaries(self.out_dir)  # left by a writer killed mid-write; we hold the lock
             self._remove_temporary_checkpoints()
+            keep_library_reports_off_the_terminal()  # orbax's own reports of a failed read or write: --verbose
             self.manager = self._new_manager(max_to_keep)
             self._record_session(run_environment())
         except BaseException:
@@ -288,7 +290,7 @@ class RunStore:
             except Exception as error:  # noqa: BLE001 -- whatever fails to read, the checkpoint is unusable
                 aside = self._set_aside(candidate)
                 warnings.warn(f"{self.checkpoint_dir}: the checkpoint of round {candidate} is unreadable "
-                              f"({type(error).__name__}: {str(error)[:200]}); moved it to {aside} and fell back "
+                              f"({type(error).__name__}: {_first_sentence(error)}); moved it to {aside} and fell back "
                               "to an older one.", stacklevel=2)
         if restored is None and history:
             warnings.warn(f"{self.out_dir}: no usable checkpoint for history.jsonl's rounds 1..{len(history)}; "
@@ -302,8 +304,9 @@ class RunStore:
 
     def _read_checkpoint(self, step: int, template: Any) -> Any:
         abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, template)
-        return self.manager.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract), privacy=ocp.args.JsonRestore()))
+        with library_threads_quiet():
+            return self.manager.restore(step, args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(abstract), privacy=ocp.args.JsonRestore()))
 
     def _set_aside(self, step: int) -> str:
         source = os.path.join(self.checkpoint_dir, str(step))
@@ -387,6 +390,12 @@ class RunStore:
         if self._lock is not None:
             lock, self._lock = self._lock, None
             locks.release(lock)
+
+
+def _first_sentence(error: BaseException, limit: int = 200) -> str:
+    """An error's message up to its first ". See" (TensorStore appends a dump of its spec) and ``limit``
+    characters."""
+    return str(error).split(". See ")[0][:limit]
 
 
 def _write_csv_atomically(path: str, rows: list[Record]) -> None:

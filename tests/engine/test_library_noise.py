@@ -1,0 +1,81 @@
+"""What libraries print beside a failure that the run already reports (orbax's abandoned reads of an unreadable
+checkpoint) stays off the terminal, unless --verbose; everything else still gets through."""
+
+import logging
+import os
+import subprocess
+import sys
+import threading
+
+import pytest
+
+from fedjaxpriv import guards
+
+CLOSED_LOOP = ("Traceback (most recent call last):\n"
+               '  File "/usr/lib/python3.11/asyncio/base_events.py", line 806, in call_soon_threadsafe\n'
+               "    self._check_closed()\n"
+               '  File "/usr/lib/python3.11/asyncio/base_events.py", line 519, in _check_closed\n'
+               "    raise RuntimeError('Event loop is closed')\n"
+               "RuntimeError: Event loop is closed\n")
+
+
+def test_closed_loop_tracebacks_are_dropped_even_interleaved_and_nothing_else_is():
+    first, second = CLOSED_LOOP.splitlines(keepends=True), CLOSED_LOOP.splitlines(keepends=True)
+    interleaved = "".join(a + b for a, b in zip(first, second))  # two threads printing at once
+    other = "Traceback (most recent call last):\n  File \"run.py\", line 3, in <module>\nValueError: mine\n"
+    assert guards.drop_closed_loop_tracebacks("warning: kept\n" + interleaved + other) == "warning: kept\n" + other
+    assert guards.drop_closed_loop_tracebacks(other) == other
+
+
+def test_held_stderr_waits_for_late_writers_then_keeps_only_what_is_not_closed_loop_noise(capfd):
+    def late_reader():  # a C++-like writer on file descriptor 2, after the failure was raised
+        os.write(2, CLOSED_LOOP.encode())
+
+    with pytest.raises(OSError, match="unreadable"):
+        with guards.library_threads_quiet(settle_s=0.05):
+            os.write(2, b"a line of its own\n")
+            threading.Timer(0.02, late_reader).start()
+            raise OSError("unreadable")
+    err = capfd.readouterr().err
+    assert err == "a line of its own\n"
+    logger = logging.getLogger("fedjaxpriv")
+    logger.setLevel(logging.DEBUG)
+    try:
+        with guards.library_threads_quiet():
+            os.write(2, CLOSED_LOOP.encode())
+    finally:
+        logger.setLevel(logging.NOTSET)
+    assert capfd.readouterr().err == CLOSED_LOOP  # --verbose: all of it
+
+
+def test_unraisable_reports_from_orbax_frames_are_kept_quiet_and_others_are_not(monkeypatch):
+    reached = []  # what reaches the hook installed before (Python's default prints it)
+    monkeypatch.setattr(sys, "unraisablehook", lambda info: reached.append(str(info.exc_value)))
+    monkeypatch.setattr(threading, "excepthook", threading.excepthook)
+    guards.keep_library_reports_off_the_terminal()
+    namespace = {}
+    for package in ("orbax", "elsewhere"):
+        code = compile(f"class Noisy:\n    def __del__(self):\n        raise RuntimeError('{package}')\n",
+                       f"/site-packages/{package}/module.py", "exec")
+        exec(code, namespace)
+        noisy = namespace["Noisy"]()
+        del noisy
+    assert reached == ["elsewhere"]
+
+
+@pytest.mark.slow
+def test_resuming_past_an_unreadable_checkpoint_prints_the_warning_and_no_traceback(tmp_path):
+    out = tmp_path / "run"
+    command = [sys.executable, "-m", "fedjaxpriv.cli", "run", "--out", str(out), "--quiet", "--set",
+               "run.checkpoint_every=1", "--set", "data.num_clients=4", "--set", "server.clients_per_round=2"]
+    subprocess.run([*command, "--set", "run.rounds=3"], check=True, capture_output=True)
+    for root, _, files in os.walk(out / "checkpoints" / "3" / "state"):
+        if os.path.basename(root) == "d":  # the array chunks: the reads fail one by one, in threads
+            for name in files:
+                with open(os.path.join(root, name), "wb") as f:
+                    f.write(b"garbage")
+    done = subprocess.run([*command, "--set", "run.rounds=4", "--continue"], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert "the checkpoint of round 3 is unreadable" in done.stderr
+    assert "Traceback" not in done.stderr and "Exception ignored" not in done.stderr, done.stderr
+    assert "TensorStore details" not in done.stderr
