@@ -372,12 +372,17 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _interrupt_on_sigterm() -> None:
-    """SIGTERM stops the command as Ctrl-C does (``guards.raise_interrupted``; a run it trains holds the signal
-    back while it commits a round, as ``guards.Signals`` does)."""
-    from fedjaxpriv.guards import raise_interrupted
+    """SIGTERM stops the command as Ctrl-C does, and neither is lost where its exception would be swallowed
+    (``guards.raise_interrupted``; a run it trains holds the signal back while it commits a round, as
+    ``guards.Signals`` does)."""
+    from fedjaxpriv.guards import install_report_hooks, raise_interrupted
 
-    if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGTERM) == signal.SIG_DFL:
-        signal.signal(signal.SIGTERM, raise_interrupted)
+    if threading.current_thread() is not threading.main_thread():
+        return
+    install_report_hooks()
+    for signum, default in ((signal.SIGTERM, signal.SIG_DFL), (signal.SIGINT, signal.default_int_handler)):
+        if signal.getsignal(signum) == default:
+            signal.signal(signum, raise_interrupted)
 
 
 if __name__ == "__main__":

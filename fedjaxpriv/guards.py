@@ -8,9 +8,10 @@
 - ``pause_point`` is a test hook: with ``FEDJAXPRIV_PAUSE_AT=<point>:<round>:<marker file>`` in the environment the
   run creates the marker file when it reaches ``point`` ("train", "evaluate" or "checkpoint") of round ``round``
   and waits there (up to a minute) for a signal, so a test can interrupt or kill it exactly at that point.
-- ``keep_library_reports_off_the_terminal`` sends what orbax reports instead of raising (its abandoned
-  coroutines and threads while a checkpoint fails to read or write) to the ``fedjaxpriv`` logger at DEBUG level,
-  which ``fedjaxpriv --verbose`` shows.
+- ``install_report_hooks`` delivers again a signal whose exception landed where Python swallows it, and keeps
+  what orbax reports instead of raising (its abandoned coroutines and threads while a checkpoint fails to read)
+  off the terminal unless ``fedjaxpriv --verbose``; ``library_threads_quiet`` does the same for what
+  TensorStore's C++ threads print.
 """
 
 from __future__ import annotations
@@ -115,9 +116,18 @@ def divergence_message(problem: str, round_: int, config: Any, saved: int, out_d
             f"or server.central_clip_norm (now {s.central_clip_norm}).")
 
 
+def deliver_again(signum: int, delay_s: float = 0.01) -> None:
+    """Sends ``signum`` to this process again after ``delay_s`` (from a timer thread): a signal that landed
+    where its exception would be lost is handled again once the program has left that place."""
+    timer = threading.Timer(delay_s, os.kill, (os.getpid(), signum))
+    timer.daemon = True
+    timer.start()
+
+
 def raise_interrupted(signum: int, frame: Any) -> None:
-    """A signal handler that raises ``RunInterrupted``: a command that trains several runs installs it for
-    SIGTERM (Ctrl-C raises ``KeyboardInterrupt`` already); a run's ``Signals`` replaces it while it trains."""
+    """A signal handler that raises ``RunInterrupted``: the command line installs it for SIGINT and SIGTERM (with
+    ``install_report_hooks``, so that one raised where it would be swallowed is delivered again); a run's
+    ``Signals`` replaces it while it trains."""
     del frame
     raise RunInterrupted(signum)
 
@@ -136,6 +146,7 @@ class Signals:
     def install(self) -> None:
         if threading.current_thread() is not threading.main_thread():
             return
+        install_report_hooks()  # an interrupt raised where it would be swallowed is delivered again
         for signum in (signal.SIGINT, signal.SIGTERM):
             if signal.getsignal(signum) in (signal.SIG_DFL, signal.default_int_handler, raise_interrupted):
                 self._previous[signum] = signal.signal(signum, self._handle)
@@ -153,9 +164,9 @@ class Signals:
             raise RunInterrupted(self.received)
 
     def _handle(self, signum: int, frame: Any) -> None:
-        del frame
         if self.received is None:
             self.received = signum
+        del frame
         if self._depth:
             self.pending = signum
             return
@@ -277,12 +288,19 @@ class _ToDebug(logging.Filter):
         return False
 
 
-def keep_library_reports_off_the_terminal() -> None:
-    """From now on in this process, exceptions that ``QUIET_LIBRARIES`` report instead of raising (unraisable
-    exceptions of their abandoned coroutines, uncaught exceptions of their threads, asyncio's "exception was never
-    retrieved" about their tasks) are shown only while ``LOGGER`` is enabled for DEBUG (``fedjaxpriv
-    --verbose``). Anything else reaches the hooks installed before; calling it again does nothing. The failures themselves are also raised to the caller, which tells the user (e.g. a warning naming
-    the unreadable checkpoint)."""
+def install_report_hooks() -> None:
+    """From now on in this process (calling it again does nothing):
+
+    - an interrupt (``KeyboardInterrupt``, e.g. ``RunInterrupted``) raised where Python can only report it
+      ("Exception ignored in" a garbage-collection or weakref callback or a ``__del__``: a signal that landed
+      there) is not printed but its signal delivered again a moment later (``deliver_again``), so that it stops
+      the program where it can;
+    - exceptions that ``QUIET_LIBRARIES`` report instead of raising (unraisable exceptions of their abandoned
+      coroutines, uncaught exceptions of their threads, asyncio's "exception was never retrieved" about their
+      tasks) are shown only while ``LOGGER`` is enabled for DEBUG (``fedjaxpriv --verbose``); their failures
+      are also raised to the caller, which tells the user (e.g. a warning naming the unreadable checkpoint).
+
+    Anything else reaches the hooks installed before."""
     if getattr(sys.unraisablehook, "_fedjaxpriv", False):
         return
     previous_unraisable, previous_thread = sys.unraisablehook, threading.excepthook
@@ -291,7 +309,9 @@ def keep_library_reports_off_the_terminal() -> None:
         return LOGGER.isEnabledFor(logging.DEBUG) or not _raised_in(traceback, QUIET_LIBRARIES)
 
     def unraisable(info: Any) -> None:
-        if shown(info.exc_traceback):
+        if info.exc_type is not None and issubclass(info.exc_type, KeyboardInterrupt):
+            deliver_again(getattr(info.exc_value, "signum", signal.SIGINT))
+        elif shown(info.exc_traceback):
             previous_unraisable(info)
 
     def thread(args: Any) -> None:

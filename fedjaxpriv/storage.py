@@ -35,7 +35,7 @@ import orbax.checkpoint as ocp
 
 from fedjaxpriv import locks
 from fedjaxpriv.files import atomic_write, fsync_dir, remove_stale_temporaries
-from fedjaxpriv.guards import keep_library_reports_off_the_terminal, library_threads_quiet
+from fedjaxpriv.guards import install_report_hooks, library_threads_quiet
 from fedjaxpriv.config import ExperimentConfig, extension_problem, from_dict
 from fedjaxpriv.results import RUN_INFO_FILE, jsonable, read_sessions, run_environment, write_csv
 
@@ -189,7 +189,7 @@ class RunStore:
             self._check_config(extend)
             remove_stale_temporaries(self.out_dir)  # left by a writer killed mid-write; we hold the lock
             self._remove_temporary_checkpoints()
-            keep_library_reports_off_the_terminal()  # orbax's own reports of a failed read or write: --verbose
+            install_report_hooks()  # orbax's own reports of a failed read or write: --verbose
             self.manager = self._new_manager(max_to_keep)
             self._record_session(run_environment())
         except BaseException:

@@ -559,3 +559,43 @@ def test_a_signal_whose_exception_is_swallowed_still_stops_the_run_at_the_next_r
         Experiment(config).run(str(out), progress=False, callbacks=[swallow])
     assert history_rounds(out) == [1] and checkpoint_steps(out) == [1]
     assert pickle.loads(pickle.dumps(RunInterrupted(signal.SIGTERM))).signum == signal.SIGTERM
+
+
+@pytest.mark.slow
+def test_signals_at_random_times_stop_in_one_line_and_resume_exactly(experiment, reference, fork_server, config_file,
+                                                                     tmp_path):
+    """Sixteen SIGINT / SIGTERM at seeded random times over a whole run (from the fork to past its last round;
+    every third one followed by a second signal, as an impatient user sends): each run exits 0 (it had finished)
+    or with the code of a signal it got, says "interrupted by" on one line without a traceback, leaves the rounds
+    1..k each once with round k checkpointed, and resumes to the run never interrupted."""
+    for attempt in range(2):  # the second with the compilation cache warm, as the trials run
+        timing, _ = fork_server.start(config_file, tmp_path / f"timing{attempt}")
+        started = time.monotonic()
+        assert timing.wait() == 0, timing.log()
+        whole = time.monotonic() - started
+    rng = np.random.default_rng(0)
+    outcomes = []
+    for trial in range(16):
+        run_dir = tmp_path / f"trial{trial}"
+        first, second = rng.choice([signal.SIGINT, signal.SIGTERM], size=2)
+        delay, gap = rng.uniform(0.0, 1.1 * whole), rng.uniform(0.0, 0.2)
+        child, _ = fork_server.start(config_file, run_dir)
+        time.sleep(delay)
+        sent = [int(first)]
+        for signum in ([first, second] if trial % 3 == 2 else [first]):
+            try:
+                os.kill(child.pid, signum)
+            except ProcessLookupError:  # exited (finished) already
+                break
+            time.sleep(gap)
+        sent.append(int(second))
+        code, log = child.wait(), child.log()
+        assert code == 0 or code - 128 in sent, (trial, code, log)
+        assert "Traceback" not in log and "Exception ignored" not in log, (trial, log)
+        if code != 0:
+            assert sum("interrupted by" in line for line in log.splitlines()) == 1, (trial, log)
+        assert_consistent(run_dir)
+        outcomes.append((round(delay, 2), code, len(history_rounds(run_dir))))
+        assert_same_run(resume(experiment, run_dir), reference)
+    print(f"\nwhole run {whole:.2f} s; (delay s, exit code, rounds kept): {outcomes}")
+    assert sum(code != 0 for _, code, _ in outcomes) >= 8  # most signals landed inside the run

@@ -52,7 +52,7 @@ def test_unraisable_reports_from_orbax_frames_are_kept_quiet_and_others_are_not(
     reached = []  # what reaches the hook installed before (Python's default prints it)
     monkeypatch.setattr(sys, "unraisablehook", lambda info: reached.append(str(info.exc_value)))
     monkeypatch.setattr(threading, "excepthook", threading.excepthook)
-    guards.keep_library_reports_off_the_terminal()
+    guards.install_report_hooks()
     namespace = {}
     for package in ("orbax", "elsewhere"):
         code = compile(f"class Noisy:\n    def __del__(self):\n        raise RuntimeError('{package}')\n",
@@ -79,3 +79,30 @@ def test_resuming_past_an_unreadable_checkpoint_prints_the_warning_and_no_traceb
     assert "the checkpoint of round 3 is unreadable" in done.stderr
     assert "Traceback" not in done.stderr and "Exception ignored" not in done.stderr, done.stderr
     assert "TensorStore details" not in done.stderr
+
+
+def test_an_interrupt_swallowed_where_it_landed_is_delivered_again_not_printed(monkeypatch):
+    """A signal whose exception is raised in a __del__ (as in a garbage-collection or weakref callback) would be
+    printed as "Exception ignored" and lost; the hook sends the signal again, to be handled where it can."""
+    import signal
+    import time
+
+    from fedjaxpriv.guards import RunInterrupted
+
+    reached, received = [], []
+    monkeypatch.setattr(sys, "unraisablehook", lambda info: reached.append(info))
+    guards.install_report_hooks()
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: received.append(signum))
+    try:
+        class Interrupted:
+            def __del__(self):
+                raise RunInterrupted(signal.SIGTERM)
+
+        victim = Interrupted()
+        del victim
+        deadline = time.monotonic() + 5
+        while not received and time.monotonic() < deadline:
+            time.sleep(0.005)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert received == [signal.SIGTERM] and reached == []
