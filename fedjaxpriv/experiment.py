@@ -847,8 +847,8 @@ def _progress(iterable: Iterable[int], enabled: bool, **kwargs: Any):
         return iterable
     from tqdm.auto import tqdm
 
-    # The first round compiles the round's program (seconds to a minute): the bar says so until its figures come.
-    return tqdm(iterable, desc="rounds", unit="round", postfix="first round: compiling", **kwargs)
+    # The first round of a session compiles the round (seconds to a minute): the bar says so until its figures come.
+    return tqdm(iterable, desc="rounds", unit="round", postfix="compiling the round", **kwargs)
 
 
 def build_experiment(config: ExperimentConfig, **kwargs: Any) -> Experiment:

@@ -278,8 +278,8 @@ def library_threads_quiet(settle_s: float = 0.05, limit_s: float = 1.0) -> Itera
 
 
 class _ToDebug(logging.Filter):
-    """Turns asyncio's records about ``QUIET_LIBRARIES``' tasks into DEBUG records of ``LOGGER`` (dropping them
-    from asyncio's logger); other records pass."""
+    """Turns a logger's records with a traceback through ``QUIET_LIBRARIES`` into DEBUG records of ``LOGGER``
+    (dropping them where they were); other records pass."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         if record.exc_info is None or not _raised_in(record.exc_info[2], QUIET_LIBRARIES):
@@ -297,7 +297,7 @@ def install_report_hooks() -> None:
       the program where it can;
     - exceptions that ``QUIET_LIBRARIES`` report instead of raising (unraisable exceptions of their abandoned
       coroutines, uncaught exceptions of their threads, asyncio's "exception was never retrieved" about their
-      tasks) are shown only while ``LOGGER`` is enabled for DEBUG (``fedjaxpriv --verbose``); their failures
+      tasks, absl log records with their tracebacks) are shown only while ``LOGGER`` is enabled for DEBUG (``fedjaxpriv --verbose``); their failures
       are also raised to the caller, which tells the user (e.g. a warning naming the unreadable checkpoint).
 
     Anything else reaches the hooks installed before."""
@@ -320,4 +320,5 @@ def install_report_hooks() -> None:
 
     unraisable._fedjaxpriv = True  # type: ignore[attr-defined]
     sys.unraisablehook, threading.excepthook = unraisable, thread
-    logging.getLogger("asyncio").addFilter(_ToDebug())
+    for name in ("asyncio", "absl"):  # orbax logs its threads' failures through absl
+        logging.getLogger(name).addFilter(_ToDebug())

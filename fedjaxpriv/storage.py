@@ -349,9 +349,16 @@ class RunStore:
         if step in self.manager.all_steps():
             return
         self._remove_temporary_checkpoints()  # a save cut short in this process (without deferred signals)
-        self.manager.save(step, args=ocp.args.Composite(
-            state=ocp.args.StandardSave(state), privacy=ocp.args.JsonSave(privacy)), force=True)
-        self.manager.wait_until_finished()
+        try:
+            with library_threads_quiet():
+                self.manager.save(step, args=ocp.args.Composite(
+                    state=ocp.args.StandardSave(state), privacy=ocp.args.JsonSave(privacy)), force=True)
+                self.manager.wait_until_finished()
+        except Exception as error:  # noqa: BLE001 -- orbax raises ValueError for what the OS reports
+            cause = str(error).rsplit(": ", 1)[-1] if "os_error_code" in str(error) else _first_sentence(error)
+            raise OSError(f"{self.checkpoint_dir}: could not write the checkpoint of round {step} ({cause}); once "
+                          "that is fixed, the same command resumes from the checkpoint of round "
+                          f"{self.latest_checkpoint() or 0} (the rounds after it are computed again).") from error
 
     def latest_checkpoint(self) -> int | None:
         """The round of the latest checkpoint (None if there is none)."""

@@ -1,6 +1,7 @@
 """What libraries print beside a failure that the run already reports (orbax's abandoned reads of an unreadable
 checkpoint) stays off the terminal, unless --verbose; everything else still gets through."""
 
+import json
 import logging
 import os
 import subprocess
@@ -106,3 +107,27 @@ def test_an_interrupt_swallowed_where_it_landed_is_delivered_again_not_printed(m
     finally:
         signal.signal(signal.SIGTERM, previous)
     assert received == [signal.SIGTERM] and reached == []
+
+
+@pytest.mark.slow
+def test_a_checkpoint_that_cannot_be_written_is_one_line_and_the_run_resumes_once_it_can(tmp_path):
+    """A file-size limit (RLIMIT_FSIZE, as a full disk: the OS refuses the write) below the checkpoint's array
+    file: the run stops with one line naming the checkpoint and the OS's reason, no library traceback; without
+    the limit the same command finishes, every round recorded once."""
+    out = tmp_path / "run"
+    argv = ["run", "--out", str(out), "--quiet", "--set", "run.rounds=3", "--set", "run.checkpoint_every=1",
+            "--set", "model.hidden=[1024]", "--set", "data.num_clients=4", "--set", "server.clients_per_round=2"]
+    limited = ("import resource, signal, sys\n"
+               "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
+               "resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, resource.RLIM_INFINITY))\n"
+               "from fedjaxpriv.cli import main\n"
+               f"sys.exit(main({argv!r}))\n")
+    done = subprocess.run([sys.executable, "-c", limited], capture_output=True, text=True)
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.startswith(f"fedjaxpriv: error: {out / 'checkpoints'}: could not write the checkpoint of "
+                                  "round 1 (") and "File too large" in done.stderr, done.stderr
+    assert len(done.stderr.splitlines()) == 1 and "Traceback" not in done.stderr, done.stderr
+    again = subprocess.run([sys.executable, "-m", "fedjaxpriv.cli", *argv], capture_output=True, text=True)
+    assert again.returncode == 0, again.stderr
+    with open(out / "history.jsonl") as f:
+        assert [json.loads(line)["round"] for line in f] == [1, 2, 3]

@@ -45,5 +45,5 @@ def test_the_python_apis_bar_says_the_first_round_compiles_then_shows_its_figure
     Experiment(config).run(progress=True)
     frames = capsys.readouterr().err.split("\r")
     first = next(i for i, f in enumerate(frames) if "0/2" in f)
-    assert "first round: compiling" in frames[first]
+    assert "compiling the round" in frames[first]
     assert "compiling" not in frames[-1] and "2/2" in frames[-1] and "loss=" in frames[-1]
