@@ -325,18 +325,23 @@ def record_from_run_dir(run_dir: str) -> Record:
     config_path = os.path.join(run_dir, "config.json")
     if not os.path.exists(config_path):
         raise ValueError(f"{run_dir!r} is not a run directory (no config.json) nor a results store.")
-    raw = {k: dict(v) if isinstance(v, Mapping) else v
-           for k, v in unwrap_saved(load_file(config_path, "run config")).items()}
+    loaded = load_file(config_path, "run config")
+    inner = unwrap_saved(loaded)
+    raw = {k: dict(v) if isinstance(v, Mapping) else v for k, v in inner.items()}
     for section in raw.values():  # "inf" strings from JSON back to floats
         if isinstance(section, dict):
             for key, value in section.items():
                 if value in ("inf", "Infinity"):
                     section[key] = math.inf
     try:
-        config = from_dict(raw, unknown="warn")
+        # As load_config: fields of a saved run that this version lacks are dropped with a warning; in a bare
+        # config (not saved by a run) an unknown field is an error.
+        config = from_dict(raw, unknown="warn" if inner is not loaded else "error")
     except ValueError as error:
         raise ValueError(f"run config {config_path!r} does not hold a config this version reads: {error}") from None
     history = read_history(os.path.join(run_dir, "history.jsonl"))
+    if not history:
+        raise ValueError(f"{run_dir!r} has no finished round (history.jsonl is missing or empty): nothing to report.")
     label = os.path.basename(os.path.normpath(run_dir))
     return make_record(config, history, run_dir=run_dir, label=label)
 

@@ -632,3 +632,11 @@ def test_report_names_the_run_config_it_cannot_read(tmp_path):
     (tmp_path / "config.json").write_text('{"config_hash": "x", "config": {"client": {"lr": -1}}}')
     with pytest.raises(ValueError, match=r"run config '.*config.json' does not hold a config .*client.lr=-1"):
         record_from_run_dir(str(tmp_path))
+    (tmp_path / "config.json").write_text('{"x": 1}')  # not a saved run's config: an unknown field is an error
+    with pytest.raises(ValueError, match=r"run config '.*config.json' does not hold a config .*section\(s\) \['x'\]"):
+        record_from_run_dir(str(tmp_path))
+    (tmp_path / "config.json").write_text('{"config_hash": "x", "config": {"client": {"lr": 0.5}}}')
+    assert record_from_run_dir(str(tmp_path))["config"]["client"]["lr"] == 0.5
+    (tmp_path / "history.jsonl").write_text("")
+    with pytest.raises(ValueError, match=r"has no finished round \(history.jsonl is missing or empty\)"):
+        record_from_run_dir(str(tmp_path))
