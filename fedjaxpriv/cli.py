@@ -283,19 +283,22 @@ def _run(args: argparse.Namespace) -> int:
                f"{jax.default_backend()} device{'s' if devices != 1 else ''}; compiling the round")
     first = [time.perf_counter()]
 
+    headline = experiment.headline_metric  # test_accuracy, test_token_accuracy, ...
+
     def report(_: Experiment, record: dict) -> None:
         if first:
             _say(args, f"round {record['round']} done in {time.perf_counter() - first.pop():.1f} s (compilation "
                        "included; later rounds reuse the compiled program)")
-        if args.quiet or "test_accuracy" not in record:
+        if args.quiet or "test_loss" not in record:
             return
         from tqdm.auto import tqdm
 
         from fedjaxpriv.privacy.basis import largest_epsilon
 
         largest = largest_epsilon(record)
-        tqdm.write(f"round {record['round']:4d}  test_accuracy {record['test_accuracy']:.4f}  "
-                   f"test_loss {record['test_loss']:.4f}  train_loss {record['train_loss']:.4f}"
+        shown = f"{headline} {record[headline]:.4f}  " if headline != "test_loss" and headline in record else ""
+        tqdm.write(f"round {record['round']:4d}  {shown}test_loss {record['test_loss']:.4f}  "
+                   f"train_loss {record['train_loss']:.4f}"
                    + (f"  epsilon {largest[0]:.3g} ({largest[1]})" if largest else ""))
 
     from fedjaxpriv.guards import DivergenceError
@@ -314,7 +317,7 @@ def _run(args: argparse.Namespace) -> int:
     from fedjaxpriv.privacy.basis import BASIS_KEYS, EPSILON_KEYS
 
     last = results.history[-1] if results.history else {}
-    keys = ("round", "test_accuracy", "test_loss", *EPSILON_KEYS, *BASIS_KEYS)
+    keys = dict.fromkeys(("round", headline, "test_loss", "test_perplexity", *EPSILON_KEYS, *BASIS_KEYS))
     summary = {k: last[k] for k in keys if k in last}
     print(json.dumps(jsonable({"out_dir": results.out_dir, **summary})))
     return 0

@@ -49,8 +49,12 @@ def per_example_stats(apply_fn: ApplyFn, params: Params, x: np.ndarray, y: np.nd
 
 def evaluate(apply_fn: ApplyFn, params: Params, x: np.ndarray, y: np.ndarray, batch_size: int = 1024, *,
              task: Task = CLASSIFICATION) -> dict[str, float]:
-    """Mean loss and the task's mean metrics of ``params`` on (x [N, ...], y [N, ...]), e.g. {"loss", "accuracy"}."""
-    return {k: float(np.mean(v)) for k, v in per_example_metrics(apply_fn, params, x, y, batch_size, task=task).items()}
+    """The loss and the task's metrics of ``params`` on (x [N, ...], y [N, ...]), e.g. {"loss", "accuracy"}: means
+    over examples, or the task's own pooling (``Task.pooled``, e.g. per real token for next-token prediction)."""
+    per_example = per_example_metrics(apply_fn, params, x, y, batch_size, task=task)
+    if task.pooled is not None:
+        return task.pooled(per_example)
+    return {k: float(np.mean(v)) for k, v in per_example.items()}
 
 
 def per_client_metric(apply_fn: ApplyFn, params: Params, x: np.ndarray, y: np.ndarray, offsets: np.ndarray,

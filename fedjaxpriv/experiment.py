@@ -23,13 +23,14 @@ from fedjaxpriv import evaluation
 from fedjaxpriv.client.local import LocalSpec
 from fedjaxpriv.client.sampling import overflow_probability
 from fedjaxpriv.client.settings import ClientSettings, make_settings, per_client_array, with_extra
-from fedjaxpriv.config import POPULATION_RECIPE_FIELDS, USER_SUPPLIED, DataConfig, ExperimentConfig, ModelConfig
+from fedjaxpriv.config import (POPULATION_RECIPE_FIELDS, TEXT_DATASETS, USER_SUPPLIED, DataConfig, ExperimentConfig,
+                               ModelConfig)
 from fedjaxpriv.data import Dataset, FederatedData, load_dataset, partition, synthetic_federated
 from fedjaxpriv.data.federated import fingerprint
 from fedjaxpriv.guards import (LOSS_LIMIT, DivergenceError, Signals, divergence, divergence_message, explosion,
                                pause_point)
-from fedjaxpriv.models import Model, ModelLike, as_model, count_params, get_model
-from fedjaxpriv.models.tasks import (CLASSIFICATION, PerExampleLoss, Task, as_task, check_fits, check_targets,
+from fedjaxpriv.models import WIDTH_MODELS, Model, ModelLike, as_model, count_params, get_model
+from fedjaxpriv.models.tasks import (CLASSIFICATION, NEXT_TOKEN, PerExampleLoss, Task, as_task, check_fits, check_targets,
                                      describe, with_label_metrics)
 from fedjaxpriv.parallel import Plan, local_mesh, plan as execution_plan, replicate
 from fedjaxpriv.privacy.basis import largest_epsilon
@@ -107,6 +108,13 @@ def load_population(config: ExperimentConfig) -> tuple[FederatedData, Dataset, i
                                                alpha=data.synthetic_alpha, beta=data.synthetic_beta,
                                                num_classes=num_classes, max_size=data.synthetic_max_size)
         return population, test, num_classes
+    if data.dataset == "keyboard":
+        from fedjaxpriv.data import text
+
+        train_texts, test_texts, _ = text.keyboard_corpus(config.run.seed, data.num_clients)
+        vocabulary = text.build_vocabulary(train_texts, "word", data.vocabulary_size)
+        population, test = text.text_population(train_texts, test_texts, vocabulary, data.sequence_length)
+        return population, test, len(vocabulary)
     if data.dataset == "attribute":
         from fedjaxpriv.attacks.attribute import attribute_population
 
@@ -140,7 +148,7 @@ def model_for(config: ExperimentConfig, input_shape: Sequence[int], num_classes:
     if config.model.name.startswith(USER_SUPPLIED):
         raise ValueError(f"model.name={config.model.name!r} records a model or loss its user passed in; pass them "
                          "again (model=..., loss=...).")
-    model_kwargs = {"hidden": tuple(config.model.hidden)} if config.model.name == "mlp" else {}
+    model_kwargs = {"hidden": tuple(config.model.hidden)} if config.model.name in WIDTH_MODELS else {}
     return get_model(config.model.name, input_shape, num_classes, **model_kwargs)
 
 
@@ -294,9 +302,10 @@ def recorded_config(config: ExperimentConfig, model: Model | None, task: Task) -
     task but classification ("<model>; loss: <task>"), so the run never claims a model or loss that did not run."""
     name = config.model.name if model is None else model.name
     hidden = config.model.hidden
-    if (model is not None or config.model.name != "mlp") and hidden != ModelConfig().hidden:
-        warnings.warn(f"model.hidden={list(hidden)} is not used: it sets the widths of the built-in 'mlp' only, and "
-                      f"this run's model is {name!r}; the run records model.hidden at its default.", stacklevel=3)
+    if (model is not None or config.model.name not in WIDTH_MODELS) and hidden != ModelConfig().hidden:
+        warnings.warn(f"model.hidden={list(hidden)} is not used: it sets the widths of the built-in "
+                      f"{list(WIDTH_MODELS)} only, and this run's model is {name!r}; the run records model.hidden at "
+                      "its default.", stacklevel=3)
         hidden = ModelConfig().hidden
     if task is not CLASSIFICATION:
         name = f"{name}; loss: {describe(task)}"
@@ -412,6 +421,8 @@ class Experiment:
             population, test, num_classes = load_population(config)
         if test is None or num_classes is None:
             raise ValueError("pass population, test and num_classes together (or none of them).")
+        if loss is None and data_from_config and config.data.dataset in TEXT_DATASETS:
+            loss = NEXT_TOKEN  # the text datasets' task
         self.task = as_task(loss)
         check_data(population, test, num_classes, self.task)
         if population.num_clients != config.data.num_clients:
@@ -614,6 +625,12 @@ class Experiment:
                    server_params=jax.tree_util.tree_map(np.asarray, state.params),
                    messages=jax.tree_util.tree_map(np.asarray, messages))
 
+    @property
+    def headline_metric(self) -> str:
+        """The history key of the task's primary test metric: ``test_accuracy`` for classification,
+        ``test_token_accuracy`` for next-token prediction, ``test_loss`` for a bare loss."""
+        return f"test_{self.task.primary}"
+
     def evaluate(self, params: Any, state: ServerState | None = None) -> Record:
         """Central test loss and the task's metrics (``test_loss``, ``test_accuracy`` for classification) and the
         distribution of its primary metric over clients (``client_accuracy_mean`` ...). With ``state``, an
@@ -748,7 +765,8 @@ class Experiment:
             return evaluation.at_chance(accuracy, self.test.y)[0]
 
         bar = _progress(range(committed, total), progress, initial=committed, total=total)
-        accuracy = next((r["test_accuracy"] for r in reversed(history) if "test_accuracy" in r), None)
+        headline = self.headline_metric
+        accuracy = next((r[headline] for r in reversed(history) if headline in r), None)
         try:
             for r in bar:
                 signals.check()  # a signal whose exception was swallowed where it landed stops the run here
@@ -785,7 +803,7 @@ class Experiment:
                         saved = r + 1
                 for callback in callbacks:
                     callback(self, record)
-                accuracy = record.get("test_accuracy", accuracy)
+                accuracy = record.get(headline, accuracy)
                 if hasattr(bar, "set_postfix"):
                     bar.set_postfix(progress_fields(record, accuracy), refresh=False)
         except KeyboardInterrupt:

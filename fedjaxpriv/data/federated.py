@@ -50,8 +50,8 @@ class FederatedData(NamedTuple):
     """A population of clients with flat example storage (a pytree of arrays).
 
     Attributes:
-      x: [T, *input_shape] float32, all clients' examples, client by client.
-      y: [T] int32 labels.
+      x: [T, *input_shape] float32 (int32 token ids for text), all clients' examples, client by client.
+      y: [T, ...] int32 targets: labels [T], or next tokens [T, L] for text.
       offsets: [C] int32, index in ``x`` of each client's first example.
       counts: [C] int32, number of examples of each client (may be 0).
       attributes: [T] int32 per-example sensitive attribute (e.g. a group id) used by attribute inference,
@@ -106,12 +106,14 @@ class FederatedData(NamedTuple):
 
 def from_client_lists(xs: Sequence[np.ndarray], ys: Sequence[np.ndarray],
                       attributes: Sequence[np.ndarray] | None = None) -> FederatedData:
-    """Builds ``FederatedData`` from per-client arrays ``xs[i]: [n_i, ...]``, ``ys[i]: [n_i]``."""
+    """Builds ``FederatedData`` from per-client arrays ``xs[i]: [n_i, ...]``, ``ys[i]: [n_i, ...]``: features as
+    float32, or as int32 where every ``xs[i]`` is integer (token ids)."""
     if len(xs) != len(ys):
         raise ValueError(f"got {len(xs)} feature arrays but {len(ys)} label arrays; they must match.")
     counts = np.array([len(y) for y in ys], dtype=np.int32)
     offsets = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int32) if len(counts) else counts
-    x = np.concatenate([np.asarray(a, np.float32) for a in xs], axis=0)
+    tokens = len(xs) > 0 and all(np.issubdtype(np.asarray(a).dtype, np.integer) for a in xs)
+    x = np.concatenate([np.asarray(a, np.int32 if tokens else np.float32) for a in xs], axis=0)
     y = np.concatenate([np.asarray(a, np.int32) for a in ys], axis=0)
     attrs = (np.concatenate([np.asarray(a, np.int32) for a in attributes]) if attributes is not None
              else np.zeros((0,), np.int32))

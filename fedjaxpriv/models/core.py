@@ -1,6 +1,7 @@
 """Model zoo: Flax linen modules wrapped as pure functions.
 
-Every model maps ``x: [B, *input_shape]`` float32 to logits ``[B, num_classes]``. Models hold no mutable
+Every image model maps ``x: [B, *input_shape]`` float32 to logits ``[B, num_classes]``; the token models
+(``TOKEN_MODELS``) map token ids ``[B, T]`` int to next-token logits ``[B, T, V]``. Models hold no mutable
 state (normalization is GroupNorm, not BatchNorm), so a client's model is just its parameter pytree.
 """
 
@@ -126,15 +127,69 @@ class SmallResNet(nn.Module):
         return nn.Dense(self.num_classes)(x)
 
 
+class LSTMLanguageModel(nn.Module):
+    """Next-token LSTM in the style of McMahan et al. 2017's Shakespeare model (an 8-dim embedding, stacked LSTM
+    layers, a dense layer to the vocabulary; theirs: two layers of 256): tokens [B, T] int -> logits [B, T, V].
+
+    ``hidden`` gives the width of each LSTM layer."""
+
+    num_classes: int
+    hidden: Sequence[int] = (256, 256)
+    embedding: int = 8
+
+    @nn.compact
+    def __call__(self, tokens: jax.Array) -> jax.Array:
+        x = nn.Embed(self.num_classes, self.embedding)(tokens.astype(jnp.int32))
+        for width in self.hidden:
+            x = nn.RNN(nn.OptimizedLSTMCell(width))(x)
+        return nn.Dense(self.num_classes)(x)
+
+
+class CausalTransformer(nn.Module):
+    """A small decoder-only transformer: token and learned position embeddings, pre-LayerNorm blocks of causal
+    self-attention and a 4x MLP, tokens [B, T] int -> logits [B, T, V]; position t sees tokens 0..t only.
+
+    ``hidden`` has one entry per block, each the model width (all equal); ``heads`` divides it."""
+
+    num_classes: int
+    hidden: Sequence[int] = (64, 64)
+    heads: int = 4
+    max_length: int = 512
+
+    @nn.compact
+    def __call__(self, tokens: jax.Array) -> jax.Array:
+        width, length = self.hidden[0], tokens.shape[-1]
+        if any(w != width for w in self.hidden) or width % self.heads:
+            raise ValueError(f"transformer widths {list(self.hidden)} must be equal and divisible by {self.heads} "
+                             "heads.")
+        if length > self.max_length:
+            raise ValueError(f"sequences of {length} tokens exceed the transformer's max_length={self.max_length}.")
+        x = nn.Embed(self.num_classes, width)(tokens.astype(jnp.int32))
+        x = x + self.param("positions", nn.initializers.normal(0.02), (self.max_length, width))[:length]
+        mask = nn.make_causal_mask(jnp.ones(tokens.shape, jnp.int32))
+        for _ in self.hidden:
+            y = nn.LayerNorm()(x)
+            x = x + nn.MultiHeadDotProductAttention(num_heads=self.heads, deterministic=True)(y, y, mask=mask)
+            y = nn.LayerNorm()(x)
+            x = x + nn.Dense(width)(nn.gelu(nn.Dense(4 * width)(y)))
+        return nn.Dense(self.num_classes)(nn.LayerNorm()(x))
+
+
 _MODULES: dict[str, Callable[..., nn.Module]] = {
     "logreg": LogisticRegression,
     "mlp": MLP,
     "cnn": McMahanCNN,
     "lenet": LeNetSigmoid,
     "resnet": SmallResNet,
+    "lstm": LSTMLanguageModel,
+    "transformer": CausalTransformer,
 }
 MODEL_NAMES: tuple[str, ...] = tuple(_MODULES)
 _NEEDS_IMAGE = {"cnn", "lenet", "resnet"}
+# Models of token sequences: inputs [B, T] int token ids, logits [B, T, V] (V = num_classes, the vocabulary).
+TOKEN_MODELS = ("lstm", "transformer")
+# The models whose widths ``model.hidden`` sets.
+WIDTH_MODELS = ("mlp", *TOKEN_MODELS)
 
 
 def get_model(name: str, input_shape: Sequence[int], num_classes: int, **kwargs: Any) -> Model:
@@ -153,8 +208,10 @@ def get_model(name: str, input_shape: Sequence[int], num_classes: int, **kwargs:
         raise ValueError(f"num_classes={num_classes} must be >= 2.")
     if name in _NEEDS_IMAGE and len(input_shape) != 3:
         raise ValueError(f"model {name!r} needs image inputs (H, W, C); got input_shape={input_shape}.")
+    if name in TOKEN_MODELS and len(input_shape) != 1:
+        raise ValueError(f"model {name!r} needs token sequences (T,); got input_shape={input_shape}.")
     module = _MODULES[name](num_classes=num_classes, **kwargs)
-    init, apply = module_functions(module, input_shape)
+    init, apply = module_functions(module, input_shape, jnp.int32 if name in TOKEN_MODELS else jnp.float32)
     return Model(init=init, apply=apply, input_shape=input_shape, num_classes=num_classes, name=name)
 
 

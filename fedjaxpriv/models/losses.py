@@ -60,6 +60,15 @@ def token_accuracy(logits: jax.Array, tokens: jax.Array) -> jax.Array:
     return _masked_row_mean((jnp.argmax(logits, axis=-1) == tokens).astype(jnp.float32), real)
 
 
+def token_top_k_accuracy(logits: jax.Array, tokens: jax.Array, k: int) -> jax.Array:
+    """Fraction of a sequence's real tokens (>= 0) among the ``k`` highest logits (ties broken towards the lower
+    id, as ``jax.lax.top_k``). [B, T, V], [B, T] -> [B]."""
+    real = tokens >= 0
+    _, top = jax.lax.top_k(logits, k)
+    hit = jnp.any(top == jnp.where(real, tokens, -1)[..., None], axis=-1)
+    return _masked_row_mean(hit.astype(jnp.float32), real)
+
+
 def _masked_row_mean(values: jax.Array, mask: jax.Array) -> jax.Array:
     """Mean over the trailing axes of ``values`` where ``mask``: [B, ...] -> [B] (0 for an empty row)."""
     axes = tuple(range(1, values.ndim))

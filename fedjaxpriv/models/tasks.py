@@ -49,6 +49,8 @@ class Task:
       logits_shape: ``(targets shape, num_classes) -> logits shape`` the task expects of a model, e.g.
         (B,) -> (B, K) for classification; None accepts any model output.
       primary: the metric reported per client (``client_<primary>_mean`` ...); "loss" when there are no metrics.
+      pooled: ``{name: per-example values [N]} -> {name: float}``, the figures of a whole evaluation set from the
+        per-example loss and metrics (e.g. weighted by each sequence's real tokens); None: the mean of each.
     """
 
     name: str
@@ -58,6 +60,7 @@ class Task:
     soft_loss: PerExampleLoss | None = None
     logits_shape: Callable[[Shape, int], Shape] | None = None
     primary: str = "loss"
+    pooled: Callable[[Mapping[str, np.ndarray]], dict[str, float]] | None = None
 
     def __post_init__(self) -> None:
         if (self.soft_targets is None) != (self.soft_loss is None):
@@ -99,7 +102,22 @@ def _multi_label_metrics(logits: jax.Array, targets: jax.Array) -> dict[str, jax
 
 
 def _next_token_metrics(logits: jax.Array, tokens: jax.Array) -> dict[str, jax.Array]:
-    return {"token_accuracy": losses.token_accuracy(logits, tokens)}
+    return {"token_accuracy": losses.token_accuracy(logits, tokens),
+            "top3_accuracy": losses.token_top_k_accuracy(logits, tokens, 3),
+            "tokens": jnp.sum(tokens >= 0, axis=tuple(range(1, tokens.ndim))).astype(jnp.float32)}
+
+
+def pooled_over_tokens(per_example: Mapping[str, np.ndarray]) -> dict[str, float]:
+    """Next-token figures of a corpus: each sequence's loss and accuracies (means over its real tokens) weighted
+    by its real tokens, so that ``loss`` is the mean cross-entropy per real token (nats) and ``perplexity`` its
+    exponential; ``tokens`` is the number of real tokens scored."""
+    weights = np.asarray(per_example["tokens"], np.float64)
+    total = float(np.sum(weights))
+    out = {name: float(np.sum(np.asarray(values, np.float64) * weights) / max(total, 1.0))
+           for name, values in per_example.items() if name != "tokens"}
+    out["perplexity"] = float(np.exp(out["loss"]))
+    out["tokens"] = total
+    return out
 
 
 def _class_axis(targets_shape: Shape, num_classes: int) -> Shape:
@@ -123,9 +141,10 @@ MULTI_LABEL = Task(name="multi_label", loss=losses.sigmoid_cross_entropy, metric
 mixup mixes the label indicators."""
 
 NEXT_TOKEN = Task(name="next_token", loss=losses.token_cross_entropy, metrics=_next_token_metrics,
-                  logits_shape=_class_axis, primary="token_accuracy")
-"""Next-token prediction; targets [B, T] int tokens (< 0 is padding), logits [B, T, V]; token accuracy. No soft
-form: mixing token sequences has no meaning, so mixup refuses it."""
+                  logits_shape=_class_axis, primary="token_accuracy", pooled=pooled_over_tokens)
+"""Next-token prediction; targets [B, T] int tokens (< 0: padding or out of vocabulary, left out of the loss and
+the metrics), logits [B, T, V]; top-1 and top-3 token accuracy and perplexity, pooled over a corpus's real tokens
+(``pooled_over_tokens``). No soft form: mixing token sequences has no meaning, so mixup refuses it."""
 
 TASKS: dict[str, Task] = {task.name: task for task in (CLASSIFICATION, MULTI_LABEL, NEXT_TOKEN)}
 

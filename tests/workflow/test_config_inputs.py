@@ -93,6 +93,10 @@ INVALID: list[Case] = [
     S("data.synthetic_max_size=0", bad("data.synthetic_max_size", "0", INT + ", or null")),
     S("data.synthetic_max_size=2.5", bad("data.synthetic_max_size", "2.5", INT + ", or null")),
     S("data.synthetic_max_size=inf", bad("data.synthetic_max_size", "inf", INT + ", or null")),
+    S("data.sequence_length=0", bad("data.sequence_length", "0", "an integer in [1, 4096]")),
+    S("data.sequence_length=5000", bad("data.sequence_length", "5000", "an integer in [1, 4096]")),
+    S("data.vocabulary_size=2", bad("data.vocabulary_size", "2", "an integer in [3, 10000000]")),
+    S("data.vocabulary_size=1.5", bad("data.vocabulary_size", "1.5", "an integer in [3, 10000000]")),
     # model
     S("model.hidden=[0]", bad("model.hidden", "[0]", "a list, each " + INT)),
     S("model.hidden=[-1]", bad("model.hidden", "[-1]", "a list, each " + INT)),
