@@ -108,6 +108,10 @@ def load_population(config: ExperimentConfig) -> tuple[FederatedData, Dataset, i
                                                alpha=data.synthetic_alpha, beta=data.synthetic_beta,
                                                num_classes=num_classes, max_size=data.synthetic_max_size)
         return population, test, num_classes
+    if data.dataset.startswith("leaf:"):
+        from fedjaxpriv.data.leaf import load_leaf
+
+        return load_leaf(data.dataset, data.data_dir, data.num_clients, config.run.seed, data.vocabulary_size)
     if data.dataset == "keyboard":
         from fedjaxpriv.data import text
 
