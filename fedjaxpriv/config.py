@@ -633,7 +633,7 @@ class ExperimentConfig:
         built_in = self.model.name.split("; loss: ")[0]  # a run with another task records "<model>; loss: <task>"
         _check(built_in in MODEL_NAMES or built_in.startswith(USER_SUPPLIED), "model.name",
                self.model.name, f"one of {list(MODEL_NAMES)} (or pass your own model to Experiment(model=...))")
-        if built_in in MODEL_NAMES:
+        if built_in in MODEL_NAMES and not self.data.dataset.startswith(USER_SUPPLIED):
             from fedjaxpriv.models.core import TOKEN_MODELS
 
             text = self.data.dataset in TEXT_DATASETS
