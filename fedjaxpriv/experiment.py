@@ -673,7 +673,8 @@ class Experiment:
           resume: continue from the latest checkpoint in ``out_dir`` if its config matches; False deletes
             the earlier run's files there and starts over.
           progress: show a progress bar with the latest accuracy.
-          callbacks: functions called as ``cb(experiment, record)`` after every round.
+          callbacks: functions called as ``cb(experiment, record)`` after every round; ``experiment.latest_params``
+            is then the round's global model (valid during the call: the next round may reuse its buffers).
           sinks: the user's own logging sinks (``fedjaxpriv.sinks.Sink``: ``write(round, record)``, ``close()``),
             besides those ``run.log`` names; each gets every round of this session once (before the callbacks) and
             is closed when the run ends, fails or is interrupted.
@@ -805,6 +806,7 @@ class Experiment:
                         pause_point(signals, "checkpoint", r + 1)
                         store.save(state, self.privacy.state())
                         saved = r + 1
+                self.latest_params = state.params  # what callbacks read of the round's global model
                 for callback in callbacks:
                     callback(self, record)
                 accuracy = record.get(headline, accuracy)

@@ -1,5 +1,6 @@
 """Privacy attacks on federated messages and models: gradient inversion, membership and attribute inference,
-local-model reconstruction, the words a keyboard user typed (``bag_of_words``), auditing, defense-vs-attack evaluation, attack metrics."""
+local-model reconstruction, the words a keyboard user typed (``bag_of_words``), auditing, defense-vs-attack
+evaluation, attack metrics."""
 
 from fedjaxpriv.attacks.audit import (
     OneRunAudit,
