@@ -216,6 +216,13 @@ _INF_OK = {"high": math.inf}  # inf allowed
 NATURAL_DATASETS: tuple[str, ...] = ("synthetic", "attribute", "keyboard", "leaf:femnist", "leaf:shakespeare")
 # Datasets of token sequences: their task is next-token prediction, their models ``models.TOKEN_MODELS``.
 TEXT_DATASETS: tuple[str, ...] = ("keyboard", "leaf:shakespeare")
+# Local Parquet / Arrow files (``data.tables``): text where ``data.text_level`` is set.
+TABLE_DATASETS: tuple[str, ...] = ("parquet", "arrow")
+
+
+def is_text(data: "DataConfig") -> bool:
+    """Whether the configured data are token sequences (next-token prediction)."""
+    return data.dataset in TEXT_DATASETS or (data.dataset in TABLE_DATASETS and data.text_level is not None)
 # ``model.name`` of a run whose model or loss its user passed in (``Experiment(model=..., loss=...)``), and the
 # start of ``data.dataset`` of a run on arrays passed in (``Experiment(population=...)``).
 USER_SUPPLIED = "user-supplied"
@@ -223,7 +230,7 @@ USER_SUPPLIED = "user-supplied"
 POPULATION_RECIPE_FIELDS: tuple[str, ...] = (
     "dataset", "data_dir", "download", "image_key", "label_key", "partition", "dirichlet_alpha", "shards_per_client",
     "quantity_sigma", "synthetic_alpha", "synthetic_beta", "synthetic_max_size", "sequence_length",
-    "vocabulary_size")
+    "vocabulary_size", "train_files", "test_files", "client_column", "text_level")
 PARTITIONS = ("iid", "dirichlet", "shards", "quantity_skew", "natural")
 
 
@@ -249,6 +256,13 @@ class DataConfig:
     # training clients, with padding and out-of-vocabulary).
     sequence_length: int = knob(20, int, low=1, high=4096)
     vocabulary_size: int = knob(10_000, int, low=3, high=10**7)
+    # Parquet / Arrow files (data.dataset "parquet" or "arrow"; image_key / label_key name the feature and label
+    # columns): paths or glob patterns, the column whose values are the clients (natural partition; null: split
+    # by data.partition), and whether the feature column is text ("char" / "word"; null: numbers or images).
+    train_files: tuple[str, ...] = knob((), str, shape="list")
+    test_files: tuple[str, ...] = knob((), str, shape="list")
+    client_column: str | None = knob(None, str, optional=True)
+    text_level: str | None = knob(None, str, choices=("char", "word"), optional=True)
 
     def __post_init__(self) -> None:
         _parse_fields(self, "data")
@@ -626,7 +640,12 @@ class ExperimentConfig:
                    f"the directory of a local copy of LEAF's {self.data.dataset[5:]} data (its train/ and test/)")
         from fedjaxpriv.models.core import MODEL_NAMES
 
-        _check(self.data.dataset in NATURAL_DATASETS or is_known_dataset(self.data.dataset)
+        if self.data.dataset in TABLE_DATASETS:
+            _check(bool(self.data.train_files) and bool(self.data.test_files), "data.train_files / test_files",
+                   [list(self.data.train_files), list(self.data.test_files)],
+                   f"the {self.data.dataset} files of both splits (paths or glob patterns)")
+        _check(self.data.dataset in NATURAL_DATASETS or self.data.dataset in TABLE_DATASETS
+               or is_known_dataset(self.data.dataset)
                or self.data.dataset.startswith(USER_SUPPLIED), "data.dataset",
                self.data.dataset, f"{DATASET_NAMES_TEXT}, or one generated with its own clients "
                                   f"{list(NATURAL_DATASETS)} (or pass your own arrays to Experiment(population=...))")
@@ -636,15 +655,16 @@ class ExperimentConfig:
         if built_in in MODEL_NAMES and not self.data.dataset.startswith(USER_SUPPLIED):
             from fedjaxpriv.models.core import TOKEN_MODELS
 
-            text = self.data.dataset in TEXT_DATASETS
+            text = is_text(self.data)
             if text != (built_in in TOKEN_MODELS):
                 raise ValueError(
                     f"model.name={built_in!r} does not fit data.dataset={self.data.dataset!r}: "
-                    + (f"a text dataset's task is next-token prediction; use one of {list(TOKEN_MODELS)}."
+                    + (f"text's task is next-token prediction; use one of {list(TOKEN_MODELS)}."
                        if text else f"{list(TOKEN_MODELS)} read token sequences, of the text datasets "
                                     f"{list(TEXT_DATASETS)}; use one of "
                                     f"{[m for m in MODEL_NAMES if m not in TOKEN_MODELS]}."))
-        if self.data.partition == "natural" and self.data.dataset not in NATURAL_DATASETS:
+        if self.data.partition == "natural" and self.data.dataset not in NATURAL_DATASETS and not (
+                self.data.dataset in TABLE_DATASETS and self.data.client_column):
             raise ValueError(f"data.partition='natural' needs a dataset with natural client ids {NATURAL_DATASETS}; "
                              f"data.dataset={self.data.dataset!r} has none: use iid, dirichlet, shards or "
                              "quantity_skew.")

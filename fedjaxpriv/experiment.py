@@ -23,8 +23,8 @@ from fedjaxpriv import evaluation
 from fedjaxpriv.client.local import LocalSpec
 from fedjaxpriv.client.sampling import overflow_probability
 from fedjaxpriv.client.settings import ClientSettings, make_settings, per_client_array, with_extra
-from fedjaxpriv.config import (POPULATION_RECIPE_FIELDS, TEXT_DATASETS, USER_SUPPLIED, DataConfig, ExperimentConfig,
-                               ModelConfig)
+from fedjaxpriv.config import (POPULATION_RECIPE_FIELDS, TABLE_DATASETS, USER_SUPPLIED, DataConfig, ExperimentConfig,
+                               ModelConfig, is_text)
 from fedjaxpriv.data import Dataset, FederatedData, load_dataset, partition, synthetic_federated
 from fedjaxpriv.data.federated import fingerprint
 from fedjaxpriv.guards import (LOSS_LIMIT, DivergenceError, Signals, divergence, divergence_message, explosion,
@@ -108,6 +108,13 @@ def load_population(config: ExperimentConfig) -> tuple[FederatedData, Dataset, i
                                                alpha=data.synthetic_alpha, beta=data.synthetic_beta,
                                                num_classes=num_classes, max_size=data.synthetic_max_size)
         return population, test, num_classes
+    if data.dataset in TABLE_DATASETS:
+        from fedjaxpriv.data.tables import load_table_dataset
+
+        train, test, classes = load_table_dataset(data, config.run.seed)
+        if isinstance(train, FederatedData):  # one client per value of data.client_column
+            return train, test, classes
+        return partition_like(config, train, config.run.seed), test, classes
     if data.dataset.startswith("leaf:"):
         from fedjaxpriv.data.leaf import load_leaf
 
@@ -425,7 +432,7 @@ class Experiment:
             population, test, num_classes = load_population(config)
         if test is None or num_classes is None:
             raise ValueError("pass population, test and num_classes together (or none of them).")
-        if loss is None and data_from_config and config.data.dataset in TEXT_DATASETS:
+        if loss is None and data_from_config and is_text(config.data):
             loss = NEXT_TOKEN  # the text datasets' task
         self.task = as_task(loss)
         check_data(population, test, num_classes, self.task)
