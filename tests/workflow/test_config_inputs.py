@@ -97,6 +97,9 @@ INVALID: list[Case] = [
     S("data.sequence_length=5000", bad("data.sequence_length", "5000", "an integer in [1, 4096]")),
     S("data.vocabulary_size=2", bad("data.vocabulary_size", "2", "an integer in [3, 10000000]")),
     S("data.vocabulary_size=1.5", bad("data.vocabulary_size", "1.5", "an integer in [3, 10000000]")),
+    S("data.train_files=5", bad("data.train_files", "5", "a list, each a string")),
+    S("data.test_files=[1, 2]", bad("data.test_files", "[1, 2]", "a list, each a string")),
+    S("data.text_level=byte", bad("data.text_level", "'byte'", "one of ['char', 'word'], or null")),
     # model
     S("model.hidden=[0]", bad("model.hidden", "[0]", "a list, each " + INT)),
     S("model.hidden=[-1]", bad("model.hidden", "[-1]", "a list, each " + INT)),
