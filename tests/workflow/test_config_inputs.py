@@ -55,6 +55,7 @@ INVALID: list[Case] = [
     S("model.name=MLP", "model.name='MLP' is invalid; allowed: one of"),
     Case("dict", {"data": {"data_dir": 7}}, bad("data.data_dir", "7", "a string, or null")),
     Case("dict", {"data": {"image_key": None}}, bad("data.image_key", "None", "a string")),
+    Case("dict", {"data": {"client_column": 3}}, bad("data.client_column", "3", "a string, or null")),
     Case("dict", {"data": {"label_key": ["label"]}}, "data.label_key=['label'] is invalid; " + STR),
     S("data.download=maybe", "data.download='maybe' is invalid; " + BOOL),
     S("data.download=2", "data.download=2 is invalid; " + BOOL),
