@@ -10,7 +10,8 @@ NOTEBOOKS = os.path.join(os.path.dirname(__file__), "..", "..", "notebooks")
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["01_quickstart.ipynb", "02_defense_vs_attack.ipynb", "03_your_own_parts.ipynb"])
+@pytest.mark.parametrize("name", ["01_quickstart.ipynb", "02_defense_vs_attack.ipynb", "03_your_own_parts.ipynb",
+                                  "04_keyboard.ipynb"])
 def test_notebook_runs(name, tmp_path):
     notebook = nbformat.read(os.path.join(NOTEBOOKS, name), as_version=4)
     assert all(not cell.get("outputs") and cell.get("execution_count") is None
@@ -22,6 +23,8 @@ def test_notebook_runs(name, tmp_path):
                    for o in cell.get("outputs", []))
     if name.startswith("02"):
         assert "epsilon" in text and "PSNR" in text
+    elif name.startswith("04"):
+        assert text.count("Bayes bound") == 2 and text.count("exposure of typed secrets") == 2
     elif name.startswith("03"):
         assert text.count("confidence AUC") == 2 and "loss-threshold AUC" in text
     else:
