@@ -7,3 +7,4 @@ python benchmarks/bench_attacks.py
 python benchmarks/bench_membership.py
 python benchmarks/bench_defenses.py
 python benchmarks/bench_store.py
+python benchmarks/bench_text.py
