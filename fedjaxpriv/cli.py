@@ -283,7 +283,7 @@ def _run(args: argparse.Namespace) -> int:
                f"{jax.default_backend()} device{'s' if devices != 1 else ''}; compiling the round")
     first = [time.perf_counter()]
 
-    headline = experiment.headline_metric  # test_accuracy, test_token_accuracy, ...
+    headline = experiment.headline_metric  # test_accuracy, test_label_accuracy, ...
 
     def report(_: Experiment, record: dict) -> None:
         if first:

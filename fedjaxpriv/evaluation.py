@@ -149,8 +149,10 @@ def personal_metrics(apply_fn: ApplyFn, personal: Params, global_params: Params,
 
 def at_chance(accuracy: float, labels: np.ndarray) -> tuple[bool, float]:
     """Whether a test accuracy is not above what always predicting the test set's most frequent label scores,
-    beyond three binomial standard errors of that rate over the ``labels [N]``; returns (verdict, that rate)."""
+    beyond three binomial standard errors of that rate over the ``labels [N]`` (or next-token targets [N, L],
+    whose -1 entries are not scored); returns (verdict, that rate)."""
     labels = np.asarray(labels).reshape(-1)
+    labels = labels[labels >= 0]  # next-token targets: padding and out-of-vocabulary (-1) are not scored
     if labels.size == 0:
         return False, float("nan")
     majority = float(np.max(np.unique(labels, return_counts=True)[1]) / labels.size)

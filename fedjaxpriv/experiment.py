@@ -639,7 +639,7 @@ class Experiment:
     @property
     def headline_metric(self) -> str:
         """The history key of the task's primary test metric: ``test_accuracy`` for classification,
-        ``test_token_accuracy`` for next-token prediction, ``test_loss`` for a bare loss."""
+        ``test_label_accuracy`` for multi-label, ``test_loss`` for a bare loss."""
         return f"test_{self.task.primary}"
 
     def evaluate(self, params: Any, state: ServerState | None = None) -> Record:

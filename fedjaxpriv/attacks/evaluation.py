@@ -39,7 +39,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from fedjaxpriv.attacks import attribute, inversion_eval, membership, reconstruction, shadow
-from fedjaxpriv.config import NATURAL_DATASETS, ExperimentConfig, with_overrides
+from fedjaxpriv.config import NATURAL_DATASETS, ExperimentConfig, is_text, with_overrides
 from fedjaxpriv.data.federated import Dataset
 from fedjaxpriv.files import atomic_write
 from fedjaxpriv.privacy.basis import level_of
@@ -316,8 +316,8 @@ def model_attacks(experiment: Any, params: Any, pool: Dataset, members: np.ndarr
         stacked = jax.tree_util.tree_map(lambda t, s: np.concatenate([t, np.asarray(s)]), stacked, shadows.params)
         inclusion = np.concatenate([inclusion, shadows.inclusion])
     def statistics(data: Dataset) -> dict[str, np.ndarray]:
-        stats = jax.vmap(lambda p: membership.model_statistics(apply, p, jnp.asarray(data.x),
-                                                               jnp.asarray(data.y)))(stacked)
+        stats = jax.vmap(lambda p: membership.model_statistics(apply, p, jnp.asarray(data.x), jnp.asarray(data.y),
+                                                               experiment.task))(stacked)
         return {k: np.asarray(v) for k, v in stats.items()}  # each [M, N]
 
     candidates = statistics(pool)
@@ -494,7 +494,9 @@ def _inversion_config(suite: AttackSuite) -> Any:
 
 
 def _skipped_inversion(config: ExperimentConfig, suite: AttackSuite) -> str | None:
-    del config
+    if is_text(config.data):
+        return ("the inputs are token ids, which gradient matching cannot optimise; the bag_of_words attack reads "
+                "the typed words from the embedding rows")
     return "skipped (inversion_targets=0, --inversion-targets)" if suite.inversion_targets == 0 else None
 
 
@@ -588,24 +590,52 @@ BUILTIN_ATTACKS: tuple[Attack, ...] = (
 )
 
 
+def _bag_of_words(context: AttackContext) -> AttackOutcome | str:
+    from fedjaxpriv.attacks import bag_of_words
+
+    if not context.results.taps:
+        return NO_TARGETS
+    found = bag_of_words.attack_taps(context.experiment, context.results.taps, seed=context.suite.seed + 5)
+    if isinstance(found, str):
+        return found
+    metrics, scores = found
+    return AttackOutcome(metrics, {"bag_of_words": scores})
+
+
+def _not_text(config: ExperimentConfig, suite: AttackSuite) -> str | None:
+    del suite
+    return None if is_text(config.data) else "the data are not text (a text dataset, data.text_level)"
+
+
+# Attacks of the text task (``attacks_for``): the words a keyboard user typed, from its messages.
+TEXT_ATTACKS: tuple[Attack, ...] = (Attack("bag_of_words", "server", _bag_of_words, check=_not_text),)
+
+
+def attacks_for(config: ExperimentConfig) -> tuple[Attack, ...]:
+    """The built-in attacks a base config's defense points get: ``BUILTIN_ATTACKS``, and ``TEXT_ATTACKS`` on
+    text."""
+    return BUILTIN_ATTACKS + (TEXT_ATTACKS if is_text(config.data) else ())
+
+
 def attack_views(attacks: Sequence[Attack]) -> dict[str, str]:
     """Record name -> view of every name the attacks report under (the tables' grouping)."""
     return {n: a.view for a in attacks for n in a.names}
 
 
-ATTACK_VIEWS: dict[str, str] = attack_views(BUILTIN_ATTACKS)
+ATTACK_VIEWS: dict[str, str] = attack_views(BUILTIN_ATTACKS + TEXT_ATTACKS)
 
 
 def evaluate_defense(base: ExperimentConfig, name: str, overrides: Mapping[str, Any],
                      suite: AttackSuite = AttackSuite(), *, family: str | None = None, strength: str = "",
-                     attacks: Sequence[Attack] = BUILTIN_ATTACKS,
+                     attacks: Sequence[Attack] | None = None,
                      parts: Mapping[str, Any] | None = None) -> DefenseResult:
     """Trains ``base`` with one defense's overrides and runs every attack whose view the suite selects on what
-    the run produced (``attacks``: the built-in ones by default; add your own ``Attack``). ``parts`` go to the
+    the run produced (``attacks``: ``attacks_for(base)`` by default; add your own ``Attack``). ``parts`` go to the
     ``Experiment`` in place of what the config builds (``model=``, ``loss=``, ``message_transform=``,
     ``extra_settings=``); the shadow federations replay the run with the same parts."""
     from fedjaxpriv.experiment import build_experiment, partition_like
 
+    attacks = attacks_for(base) if attacks is None else tuple(attacks)
     rounds = base.run.rounds
     secure = "secure_aggregation" in suite.threat_models  # the aggregate needs every cohort client's message
     tapped = list(range(base.data.num_clients)) if secure else list(suite.tap_clients)
@@ -721,7 +751,7 @@ def _read_point(path: str) -> DefenseResult | None:
 
 def evaluate_defenses(base: ExperimentConfig, defenses: Mapping[str, Any] | None = None,
                       suite: AttackSuite = AttackSuite(), out_dir: str | None = None,
-                      attacks: Sequence[Attack] = BUILTIN_ATTACKS,
+                      attacks: Sequence[Attack] | None = None,
                       parts: Mapping[str, Any] | None = None,
                       estimate: Callable[[list[str]], str] | None = None) -> list[Record]:
     """Every strength of every defense in turn (``DEFENSES`` by default): train, attack, tabulate.
@@ -731,7 +761,7 @@ def evaluate_defenses(base: ExperimentConfig, defenses: Mapping[str, Any] | None
       defenses: family -> {strength: dotted overrides} (or -> dotted overrides for a single point, or a
         ``DEFENSES`` name).
       suite: the attacks.
-      attacks: the attacks run on every point (``BUILTIN_ATTACKS``; add your own ``Attack``).
+      attacks: the attacks run on every point (default ``attacks_for(base)``; add your own ``Attack``).
       parts: ``Experiment`` keyword arguments used at every point instead of what the config builds
         (``model=``, ``loss=``, ``message_transform=``, ``extra_settings=``).
       out_dir: if given, ``write_tables`` writes the tables, the privacy-utility frontier, log-log ROC curves and a
@@ -744,6 +774,7 @@ def evaluate_defenses(base: ExperimentConfig, defenses: Mapping[str, Any] | None
     """
     from fedjaxpriv.results import ResultsStore, code_revision, make_record, package_versions
 
+    attacks = attacks_for(base) if attacks is None else tuple(attacks)
     points = defense_points(DEFENSES if defenses is None else defenses)
     if not points:
         raise ValueError(f"defenses={dict(defenses or {})!r} names no defense point; allowed: built-in names "
@@ -876,7 +907,8 @@ def threat_model_tables(records: Sequence[Mapping[str, Any]], views: Mapping[str
         for attack in attacks:
             metrics_present = [m for m in ("auc", "tpr@0.1%fpr", "tpr@1%fpr", "psnr_median", "psnr_iqr", "attacker",
                                            "fraction_above_threshold", "label_accuracy", "accuracy", "baseline",
-                                           "advantage", "relative_l2_global", "accuracy_gain_global")
+                                           "advantage", "relative_l2_global", "accuracy_gain_global",
+                                           "support_precision", "support_recall")
                                if any(f"attack/{attack}/{m}" in r for r in records)]
             # An attack that applied nowhere still gets a column, which says why.
             columns += [(attack, f"attack/{attack}/{m}", i == 0) for i, m in enumerate(metrics_present or ["n/a"])]
@@ -894,7 +926,7 @@ def threat_model_tables(records: Sequence[Mapping[str, Any]], views: Mapping[str
         notes = [f"{a}: {v:.2g}" for a, v in resolvable.items() if math.isfinite(v)]
         if notes:
             lines += ["", "Smallest resolvable FPR (1 / non-members): " + ", ".join(notes) + "."]
-        if "inversion" in attacks:
+        if "inversion" in attacks and inversion_note(records):
             lines += ["", inversion_note(records)]
         lines.append("")
     legend = ("Marks on 95% intervals: * excludes chance (AUC 0.5, TPR = FPR); + does not overlap the undefended "
@@ -905,6 +937,8 @@ def threat_model_tables(records: Sequence[Mapping[str, Any]], views: Mapping[str
 def inversion_note(records: Sequence[Mapping[str, Any]]) -> str:
     """What the inversion column attacked: the FedSGD probe's batch size(s) or the run's own messages."""
     batches = sorted({int(r["attack/inversion/batch"]) for r in records if "attack/inversion/batch" in r})
+    if not any("attack/inversion/psnr_median" in r for r in records):
+        return ""  # it applied nowhere: its column says why
     if not batches:
         return "Inversion: the run's own tapped messages (every local step of the round)."
     return (f"Inversion: each tapped client's first-round message as one local step over {' / '.join(map(str, batches))}"

@@ -33,7 +33,7 @@ import numpy as np
 
 from fedjaxpriv.attacks.audit import clopper_pearson_interval
 from fedjaxpriv.attacks.metrics import bootstrap_counts, resampled_auc, resampled_tpr_at_fpr, roc_auc, roc_counts
-from fedjaxpriv.models.tasks import CLASSIFICATION
+from fedjaxpriv.models.tasks import CLASSIFICATION, Task
 
 Params = Any
 ApplyFn = Callable[[Params, jax.Array], jax.Array]
@@ -61,22 +61,30 @@ def logit_confidence(logits: jax.Array, labels: jax.Array) -> jax.Array:
     return true_logit - jax.nn.logsumexp(others, axis=-1)
 
 
-@functools.partial(jax.jit, static_argnums=(0,))
-def model_statistics(apply_fn: ApplyFn, params: Params, x: jax.Array, y: jax.Array) -> dict[str, jax.Array]:
+@functools.partial(jax.jit, static_argnums=(0, 4))
+def model_statistics(apply_fn: ApplyFn, params: Params, x: jax.Array, y: jax.Array,
+                     task: Task = CLASSIFICATION) -> dict[str, jax.Array]:
     """Loss, true-class probability and logit-scaled confidence of every example under one model.
 
     Args:
-      apply_fn: (params, x [B, ...]) -> logits [B, K].
+      apply_fn: (params, x [B, ...]) -> logits [B, K] (or the shape ``task`` expects).
       params: the model.
       x: [N, ...] candidates.
-      y: [N] int labels.
+      y: [N] int labels (or ``task``'s targets).
+      task: the task; for any but classification an example's confidence is ``p = exp(-loss)`` (for next-token
+        prediction the geometric mean of its real tokens' probabilities) and its logit ``log(p / (1 - p))``.
 
     Returns:
       dict of [N] float32 arrays: "loss" (nats), "confidence" (p_y), "logit_confidence".
     """
     logits = apply_fn(params, x).astype(jnp.float32)
-    loss = example_loss(logits, y)
-    return {"loss": loss, "confidence": jnp.exp(-loss), "logit_confidence": logit_confidence(logits, y)}
+    if task is CLASSIFICATION:
+        loss = example_loss(logits, y)
+        return {"loss": loss, "confidence": jnp.exp(-loss), "logit_confidence": logit_confidence(logits, y)}
+    loss = task.loss(logits, y).astype(jnp.float32)
+    # log(p / (1 - p)) with p = exp(-loss): -loss - log(1 - exp(-loss)), kept finite at loss 0
+    logit = -loss - jnp.log(-jnp.expm1(-jnp.maximum(loss, 1e-30)))
+    return {"loss": loss, "confidence": jnp.exp(-loss), "logit_confidence": logit}
 
 
 @functools.partial(jax.jit, static_argnums=(0,))

@@ -102,7 +102,7 @@ def _multi_label_metrics(logits: jax.Array, targets: jax.Array) -> dict[str, jax
 
 
 def _next_token_metrics(logits: jax.Array, tokens: jax.Array) -> dict[str, jax.Array]:
-    return {"token_accuracy": losses.token_accuracy(logits, tokens),
+    return {"accuracy": losses.token_accuracy(logits, tokens),
             "top3_accuracy": losses.token_top_k_accuracy(logits, tokens, 3),
             "tokens": jnp.sum(tokens >= 0, axis=tuple(range(1, tokens.ndim))).astype(jnp.float32)}
 
@@ -141,7 +141,7 @@ MULTI_LABEL = Task(name="multi_label", loss=losses.sigmoid_cross_entropy, metric
 mixup mixes the label indicators."""
 
 NEXT_TOKEN = Task(name="next_token", loss=losses.token_cross_entropy, metrics=_next_token_metrics,
-                  logits_shape=_class_axis, primary="token_accuracy", pooled=pooled_over_tokens)
+                  logits_shape=_class_axis, primary="accuracy", pooled=pooled_over_tokens)
 """Next-token prediction; targets [B, T] int tokens (< 0: padding or out of vocabulary, left out of the loss and
 the metrics), logits [B, T, V]; top-1 and top-3 token accuracy and perplexity, pooled over a corpus's real tokens
 (``pooled_over_tokens``). No soft form: mixing token sequences has no meaning, so mixup refuses it."""

@@ -362,3 +362,24 @@ def test_an_empty_defense_list_is_an_error(defenses, capsys, tmp_path):
     assert "names no defense point" in capsys.readouterr().err and not out.exists()
     with pytest.raises(ValueError, match="names no defense point"):
         evaluation.evaluate_defenses(BASE, {}, SUITE)
+
+
+@pytest.mark.slow
+def test_attack_eval_on_the_keyboard_task_reads_typed_words_and_says_why_inversion_does_not_apply(tmp_path):
+    """On text the server's table gains the bag-of-words attack (exact undefended: every typed word's row
+    changed, no other), gradient inversion says why it cannot apply, the membership attacks score sequences
+    with the next-token loss, and the ROC curves include the words'."""
+    base = with_overrides(ExperimentConfig(), [
+        "data.dataset=keyboard", "data.num_clients=20", "model.name=lstm", "model.hidden=[32]", "client.lr=1.0",
+        "client.local_steps=5", "server.clients_per_round=10", "run.rounds=3", "run.eval_every=3",
+        "run.checkpoint_every=0"])
+    suite = evaluation.AttackSuite(shadow_federations=0)
+    none, quantized = evaluation.evaluate_defenses(base, {"none": {}, "quantization": {"bits=4": {
+        "message.quant_bits": 4}}}, suite, out_dir=str(tmp_path))
+    assert none["attack/bag_of_words/support_precision"] == none["attack/bag_of_words/support_recall"] == 1.0
+    assert none["attack/bag_of_words/auc"] == 1.0 and quantized["attack/bag_of_words/auc"] < 1.0
+    assert none["attack/inversion/n/a"].startswith("the inputs are token ids")
+    assert 0.0 < none["attack/loss_threshold/auc"] < 1.0 and 0.0 < none["test_accuracy"] < 1.0
+    table = (tmp_path / "attack_eval.md").read_text()
+    assert "bag_of_words/support_precision" in table and "Inversion: the run's own" not in table
+    assert (tmp_path / "roc_bag_of_words.png").stat().st_size > 10_000

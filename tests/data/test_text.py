@@ -50,7 +50,7 @@ def test_next_token_figures_are_pooled_over_real_tokens_as_an_independent_comput
     assert figures["tokens"] == real.sum() == 12
     np.testing.assert_allclose(figures["loss"], nll.mean(), rtol=1e-5)
     np.testing.assert_allclose(figures["perplexity"], np.exp(nll.mean()), rtol=1e-5)
-    np.testing.assert_allclose(figures["token_accuracy"], np.mean(order[:, 0] == flat_targets), rtol=1e-6)
+    np.testing.assert_allclose(figures["accuracy"], np.mean(order[:, 0] == flat_targets), rtol=1e-6)
     np.testing.assert_allclose(figures["top3_accuracy"], np.mean((order[:, :3] == flat_targets[:, None]).any(-1)),
                                rtol=1e-6)
 

@@ -237,11 +237,11 @@ def test_next_token_task_with_a_user_model_and_padding():
     assert experiment.plan.strategy == "vmap" and not experiment.plan.outer_product_grads  # 3-D dense only
     assert experiment.config.model.name == "user-supplied TinyTokenModel; loss: next_token"
     record = experiment.run(progress=False).history[-1]
-    assert record["test_loss"] < math.log(vocab) - 0.5 and record["test_token_accuracy"] > 0.5
-    assert "client_token_accuracy_mean" in record
+    assert record["test_loss"] < math.log(vocab) - 0.5 and record["test_accuracy"] > 0.5
+    assert "client_accuracy_mean" in record
     logits = jnp.zeros((2, 3, vocab)).at[:, :, 2].set(5.0)
     tokens = jnp.array([[2, 2, -1], [1, 2, -1]])
-    np.testing.assert_allclose(tasks.NEXT_TOKEN.metrics(logits, tokens)["token_accuracy"], [1.0, 0.5])
+    np.testing.assert_allclose(tasks.NEXT_TOKEN.metrics(logits, tokens)["accuracy"], [1.0, 0.5])
 
 
 @pytest.mark.slow
