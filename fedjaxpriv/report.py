@@ -760,7 +760,7 @@ def defense_family(record: Record) -> str:
 def frontier_metrics(records: Sequence[Record]) -> list[tuple[str, str]]:
     """(key, axis label) of the attack-success metrics the frontier shows: the membership AUC of the strongest
     attack all attacked runs share, the passive attack's AUC, the inversion success rate, the attribute
-    inference advantage and the reconstruction's accuracy gain, those present."""
+    inference advantage, the bag-of-words AUC and the reconstruction's accuracy gain, those present."""
     attacked = [r for r in records if any(k.startswith("attack/") for k in r["final"])]
     chosen = []
     for attack in MEMBERSHIP_ATTACKS:
@@ -771,6 +771,7 @@ def frontier_metrics(records: Sequence[Record]) -> list[tuple[str, str]]:
                        ("attack/inversion/fraction_above_threshold",
                         "inversion: fraction of examples above the PSNR threshold"),
                        ("attack/attribute/advantage", "attribute inference: accuracy over its baseline"),
+                       ("attack/bag_of_words/auc", "typed words from the embedding rows (AUC, server's view)"),
                        ("attack/reconstruction/accuracy_gain_global",
                         "reconstruction: accuracy gain over the released model")):
         if any(key in r["final"] for r in attacked):
