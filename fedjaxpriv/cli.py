@@ -49,6 +49,13 @@ def _build_parser() -> argparse.ArgumentParser:
                           "refused where the run was planned over its own number of rounds)")
     run.add_argument("--quiet", action="store_true", help="no progress bar or per-round lines")
     run.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    run.add_argument("--distributed", action="store_true",
+                     help="one process of a multi-process run (start the same command on every process, with the "
+                          "same --out on a shared file system): the cluster is found by JAX (SLURM, Open MPI, Cloud "
+                          "TPU) unless --coordinator, --num-processes and --process-id name it")
+    run.add_argument("--coordinator", metavar="HOST:PORT", help="with --distributed: process 0's address")
+    run.add_argument("--num-processes", type=int, help="with --distributed: the number of processes")
+    run.add_argument("--process-id", type=int, help="with --distributed: this process's id in [0, N)")
     sweep = commands.add_parser("sweep", help="run every config of a grid file into one results store")
     sweep.add_argument("grid", help="grid YAML file (base config + grid/zip/variants/seeds)")
     sweep.add_argument("--jobs", type=int, default=1, help="worker processes (default 1)")
@@ -257,6 +264,17 @@ def _run(args: argparse.Namespace) -> int:
     if args.print_config:
         print(json.dumps(config.to_dict(), indent=2, default=str))
         return 0
+    mesh = None
+    explicit = [args.coordinator, args.num_processes, args.process_id]
+    if any(v is not None for v in explicit) and not (args.distributed and all(v is not None for v in explicit)):
+        raise ValueError("--coordinator, --num-processes and --process-id go together, with --distributed.")
+    if args.distributed:
+        from fedjaxpriv import distributed
+        from fedjaxpriv.parallel import make_mesh
+
+        distributed.initialize(args.coordinator, args.num_processes, args.process_id)
+        mesh = make_mesh()  # every device of every process
+        args.quiet = args.quiet or not distributed.is_main_process()  # process 0 reports
     created = not os.path.exists(args.out)
     _output_dir(args.out)
     d, m = config.data, config.model
@@ -266,7 +284,7 @@ def _run(args: argparse.Namespace) -> int:
     from fedjaxpriv.experiment import Experiment, build_experiment
 
     try:
-        experiment = build_experiment(config)
+        experiment = build_experiment(config, mesh=mesh)
     except Exception:
         if created:  # a run that could not start leaves no empty directory behind
             try:

@@ -1,27 +1,38 @@
 """Multi-host runs: every process runs the same program over a global mesh (JAX multi-controller).
 
-Each host calls ``initialize`` first, then builds the same ``Experiment`` with ``mesh=make_mesh()``; the
-mesh spans all processes' devices, the population and settings are replicated on every device and each
-chunk of clients is split over all devices. Only process 0 should write the run directory.
+Each process calls ``initialize`` first, then builds the same ``Experiment`` with ``mesh=make_mesh()`` and runs
+it into the same run directory (on a file system they share): process 0 locks the directory and writes its
+files (config, history, CSVs, run.json, sinks); every process takes part in the checkpoints, whose saves and
+restores orbax makes collective. The population and settings are replicated on every device and each chunk
+of clients is split over all devices.
 
     import fedjaxpriv.distributed as dist
-    dist.initialize("10.0.0.1:1234", num_processes=2, process_id=RANK)
-    results = Experiment(config, mesh=make_mesh()).run(out_dir if dist.is_main_process() else None)
+    dist.initialize()                      # on SLURM, Open MPI, Cloud TPU: found by JAX itself
+    dist.initialize("10.0.0.1:1234", num_processes=2, process_id=RANK)   # or explicitly
+    results = Experiment(config, mesh=make_mesh()).run(out_dir)          # the same out_dir everywhere
 
-On CPU the cross-process collectives use gloo.
+``fedjaxpriv run --distributed`` does the same from the command line. On CPU the cross-process collectives
+use gloo.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
+from typing import Any, Mapping
+
 import jax
+import numpy as np
 
 
-def initialize(coordinator_address: str, num_processes: int, process_id: int,
-               local_device_ids: list[int] | None = None) -> None:
-    """Connects this process to the others (``jax.distributed.initialize``); call before any JAX work."""
-    if num_processes < 1:
+def initialize(coordinator_address: str | None = None, num_processes: int | None = None,
+               process_id: int | None = None, local_device_ids: list[int] | None = None) -> None:
+    """Connects this process to the others (``jax.distributed.initialize``); call before any JAX work. Without
+    arguments JAX finds the cluster itself (SLURM, Open MPI, Cloud TPU and the other environments it detects);
+    given, the coordinator ``host:port``, the number of processes and this one's id are used as they are."""
+    if num_processes is not None and num_processes < 1:
         raise ValueError(f"num_processes={num_processes} must be >= 1.")
-    if not 0 <= process_id < num_processes:
+    if num_processes is not None and process_id is not None and not 0 <= process_id < num_processes:
         raise ValueError(f"process_id={process_id} must be in [0, {num_processes}).")
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(coordinator_address=coordinator_address, num_processes=num_processes,
@@ -30,6 +41,25 @@ def initialize(coordinator_address: str, num_processes: int, process_id: int,
 
 def is_main_process() -> bool:
     return jax.process_index() == 0
+
+
+def check_same_everywhere(values: Mapping[str, Any]) -> None:
+    """Raises ValueError, on every process, unless all processes hold the same ``values`` (e.g. the config's
+    hash and the run directory): a multi-process run whose processes disagree would deadlock or mix runs.
+    Nothing happens in a single process."""
+    if jax.process_count() == 1:
+        return
+    from jax.experimental import multihost_utils
+
+    digests = {name: int.from_bytes(hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode())
+                                    .digest()[:4], "little") & 0x7FFFFFFF for name, value in values.items()}
+    mine = np.array(list(digests.values()), np.int32)
+    everyone = np.asarray(multihost_utils.process_allgather(mine))  # [processes, len(values)]
+    differing = [name for i, name in enumerate(digests) if np.any(everyone[:, i] != everyone[0, i])]
+    if differing:
+        raise ValueError(f"the {jax.process_count()} processes of this run disagree on {differing} (process "
+                         f"{jax.process_index()} has {[values[n] for n in differing]}); start every process with "
+                         "the same config and output directory.")
 
 
 def shutdown() -> None:

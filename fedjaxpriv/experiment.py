@@ -427,6 +427,9 @@ class Experiment:
         if not isinstance(config, ExperimentConfig):
             raise ValueError(f"config={config!r} is invalid; allowed: an ExperimentConfig (fedjaxpriv.config.from_dict"
                              "(dict), load_config(path) or ExperimentConfig()).")
+        from fedjaxpriv.distributed import check_same_everywhere
+
+        check_same_everywhere({"config": config.config_hash()})  # a multi-process run: before any collective
         data_from_config = data_from_config or population is None
         if population is None:
             population, test, num_classes = load_population(config)
@@ -721,6 +724,9 @@ class Experiment:
                              "deletes it: allowed: one of them.")
         total = int(rounds) if rounds is not None else self.config.run.rounds
         check_user_sinks(sinks)
+        from fedjaxpriv.distributed import check_same_everywhere
+
+        check_same_everywhere({"out_dir": out_dir and os.path.abspath(out_dir), "resume": resume, "rounds": rounds})
         logs = check_sinks(self.config.run.log, out_dir)
         writers: list[Any] = list(sinks)  # closed in the end, whatever happens; the configured ones join them
         signals = Signals()
@@ -736,7 +742,8 @@ class Experiment:
                     if restored is not None:
                         state, history, privacy_state = restored
                         self.privacy.restore(privacy_state)
-                writers[:0] = open_sinks(logs, out_dir, self.config, first_round=len(history) + 1)
+                if jax.process_index() == 0:  # a multi-process run logs from process 0, as it writes its files
+                    writers[:0] = open_sinks(logs, out_dir, self.config, first_round=len(history) + 1)
             callbacks = [*map(sink_callback, writers), *callbacks]
             state, taps = self._run_rounds(state, history, store, signals, total, progress, callbacks, loss_limit)
         finally:
@@ -776,7 +783,8 @@ class Experiment:
         def at_chance(accuracy: float) -> bool:
             return evaluation.at_chance(accuracy, self.test.y)[0]
 
-        bar = _progress(range(committed, total), progress, initial=committed, total=total)
+        bar = _progress(range(committed, total), progress and jax.process_index() == 0, initial=committed,
+                        total=total)
         headline = self.headline_metric
         accuracy = next((r[headline] for r in reversed(history) if headline in r), None)
         try:

@@ -24,6 +24,7 @@ import functools
 import itertools
 import math
 import os
+import re
 from typing import Any, Callable, NamedTuple, Sequence
 
 import jax
@@ -102,8 +103,9 @@ def use_cpu_cores(num_devices: int | None = None) -> int:
     if num_devices is not None and num_devices < 1:
         raise ValueError(f"num_devices={num_devices} is invalid; allowed: an integer >= 1 (or None: one per core).")
     wanted = num_devices or min(host_cores(), MAX_AUTO_CPU_DEVICES)
-    if "xla_force_host_platform_device_count" in os.environ.get("XLA_FLAGS", ""):
-        return len(jax.devices("cpu"))
+    forced = re.search(r"xla_force_host_platform_device_count=(\d+)", os.environ.get("XLA_FLAGS", ""))
+    if forced:  # read from the flag: asking JAX would start its backend (too early for jax.distributed)
+        return int(forced.group(1))
     try:
         jax.config.update("jax_num_cpu_devices", wanted)
     except RuntimeError:

@@ -176,22 +176,30 @@ class RunStore:
     def __init__(self, out_dir: str, config: ExperimentConfig, max_to_keep: int = 2, fresh: bool = False,
                  extend: bool = False) -> None:
         self.out_dir = os.path.abspath(out_dir)
-        os.makedirs(self.out_dir, exist_ok=True)
         self.config = config
         self.history_path = os.path.join(self.out_dir, "history.jsonl")
         self.checkpoint_dir = os.path.join(self.out_dir, CHECKPOINT_DIR)
         self.rounds: int | None = 0 if fresh else None
-        check_layout(self.out_dir)
-        self._lock: int | None = lock_run_dir(self.out_dir)
+        # In a multi-process run every process opens the same directory: process 0 alone locks it and writes its
+        # files; all of them take part in orbax's checkpoints (its saves and restores are collective).
+        self.writer = jax.process_index() == 0
+        self._lock: int | None = None
+        if self.writer:
+            os.makedirs(self.out_dir, exist_ok=True)
+            check_layout(self.out_dir)
+            self._lock = lock_run_dir(self.out_dir)
         try:
-            if fresh:
-                self._delete_run_files()
-            self._check_config(extend)
-            remove_stale_temporaries(self.out_dir)  # left by a writer killed mid-write; we hold the lock
-            self._remove_temporary_checkpoints()
+            if self.writer:
+                if fresh:
+                    self._delete_run_files()
+                self._check_config(extend)
+                remove_stale_temporaries(self.out_dir)  # left by a writer killed mid-write; we hold the lock
+                self._remove_temporary_checkpoints()
+            sync_processes("fedjaxpriv: run directory opened")
             install_report_hooks()  # orbax's own reports of a failed read or write: --verbose
             self.manager = self._new_manager(max_to_keep)
-            self._record_session(run_environment())
+            if self.writer:
+                self._record_session(run_environment())
         except BaseException:
             self._unlock()
             raise
@@ -276,26 +284,35 @@ class RunStore:
                 history, problems = parse_history(f)
         for problem in problems:
             warnings.warn(f"{self.history_path}: {problem}.", stacklevel=2)
-        restored, step = None, 0
-        for candidate in sorted(self.manager.all_steps(), reverse=True):
-            if candidate > len(history):
+        ahead = [candidate for candidate in self.manager.all_steps() if candidate > len(history)]
+        if ahead and self.writer:
+            for candidate in sorted(ahead, reverse=True):
                 warnings.warn(f"{self.checkpoint_dir}: the checkpoint of round {candidate} is ahead of "
                               f"history.jsonl (rounds 1..{len(history)}); deleted it, the rounds after "
                               f"{len(history)} are recomputed.", stacklevel=2)
                 self.manager.delete(candidate)
-                continue
+        if ahead:
+            sync_processes("fedjaxpriv: checkpoints ahead of the history deleted")
+            self.manager.reload()
+        restored, step = None, 0
+        for candidate in sorted(self.manager.all_steps(), reverse=True):
             try:
                 restored, step = self._read_checkpoint(candidate, template), candidate
                 break
             except Exception as error:  # noqa: BLE001 -- whatever fails to read, the checkpoint is unusable
-                aside = self._set_aside(candidate)
-                warnings.warn(f"{self.checkpoint_dir}: the checkpoint of round {candidate} is unreadable "
-                              f"({type(error).__name__}: {_first_sentence(error)}); moved it to {aside} and fell back "
-                              "to an older one.", stacklevel=2)
-        if restored is None and history:
+                aside = self._set_aside(candidate) if self.writer else "aside"
+                sync_processes(f"fedjaxpriv: checkpoint {candidate} set aside")
+                self.manager.reload()
+                if self.writer:
+                    warnings.warn(f"{self.checkpoint_dir}: the checkpoint of round {candidate} is unreadable "
+                                  f"({type(error).__name__}: {_first_sentence(error)}); moved it to {aside} and "
+                                  "fell back to an older one.", stacklevel=2)
+        if restored is None and history and self.writer:
             warnings.warn(f"{self.out_dir}: no usable checkpoint for history.jsonl's rounds 1..{len(history)}; "
                           "starting over from round 0.", stacklevel=2)
-        if problems or len(history) > step:
+        # Every process has read history.jsonl before process 0 cuts it.
+        sync_processes("fedjaxpriv: history read")
+        if self.writer and (problems or len(history) > step):
             self._truncate_history(history[:step])
         self.rounds = step
         if restored is None:
@@ -314,7 +331,6 @@ class RunStore:
         while os.path.exists(target):
             target, n = f"{source}{UNREADABLE_SUFFIX}-{n}", n + 1
         os.replace(source, target)
-        self.manager.reload()
         return target
 
     def _truncate_history(self, records: list[Record]) -> None:
@@ -328,14 +344,16 @@ class RunStore:
         if record["round"] != self.rounds + 1:
             raise ValueError(f"history.jsonl holds rounds 1..{self.rounds}: round {record['round']} cannot "
                              "follow.")
-        append_line(self.history_path, record_line(record))
+        if self.writer:
+            append_line(self.history_path, record_line(record))
         self.rounds += 1
 
     def truncate(self, rounds: int) -> None:
         """Cuts history.jsonl back to its first ``rounds`` records (atomically)."""
         if self.rounds is None or not 0 <= rounds <= self.rounds:
             raise ValueError(f"cannot cut history.jsonl (rounds 1..{self.rounds}) to {rounds} rounds.")
-        self._truncate_history(read_history(self.history_path)[:rounds])
+        if self.writer:
+            self._truncate_history(read_history(self.history_path)[:rounds])
         self.rounds = rounds
 
     def save(self, state: Any, privacy: dict[str, Any]) -> None:
@@ -348,7 +366,9 @@ class RunStore:
                              f"holds rounds 1..{self.rounds}).")
         if step in self.manager.all_steps():
             return
-        self._remove_temporary_checkpoints()  # a save cut short in this process (without deferred signals)
+        if self.writer:
+            self._remove_temporary_checkpoints()  # a save cut short in this process (without deferred signals)
+        sync_processes(f"fedjaxpriv: saving round {step}")
         try:
             with library_threads_quiet():
                 self.manager.save(step, args=ocp.args.Composite(
@@ -367,6 +387,11 @@ class RunStore:
     def close(self, per_client: dict[str, np.ndarray] | None = None) -> None:
         """Finishes the run files (history.csv, and clients.csv with per-client arrays, e.g. epsilons) and
         releases the directory's lock. Calling it again does nothing."""
+        if not self.writer:  # only process 0 writes the run's files; the others close their checkpoint manager
+            if self.manager is not None:
+                manager, self.manager = self.manager, None
+                manager.close()
+            return
         if self._lock is None:
             return
         try:
@@ -397,6 +422,15 @@ class RunStore:
         if self._lock is not None:
             lock, self._lock = self._lock, None
             locks.release(lock)
+
+
+def sync_processes(name: str) -> None:
+    """Waits until every process of a multi-process run has reached the point called ``name`` (nothing in a
+    single process)."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
 
 
 def _first_sentence(error: BaseException, limit: int = 200) -> str:

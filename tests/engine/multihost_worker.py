@@ -1,4 +1,5 @@
-"""One process of a 2-process CPU run (started by test_multihost.py): trains 3 rounds over a global mesh."""
+"""One process of a 2-process CPU run (started by test_multihost.py): trains over a global mesh, optionally
+into a run directory that every process opens (process 0 writes its files; all take part in checkpoints)."""
 
 import sys
 
@@ -7,6 +8,7 @@ import numpy as np
 
 def main() -> None:
     port, process_id, out = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+    out_dir = sys.argv[4] or None if len(sys.argv) > 4 else None
     import fedjaxpriv.distributed as dist
 
     dist.initialize(f"localhost:{port}", num_processes=2, process_id=process_id)
@@ -18,7 +20,14 @@ def main() -> None:
     from tests.engine.test_multihost import CONFIG
 
     assert jax.device_count() == 4 and jax.local_device_count() == 2, (jax.device_count(), jax.local_device_count())
-    results = Experiment(from_dict(CONFIG), mesh=make_mesh()).run(progress=False)
+    config = dict(CONFIG)
+    if len(sys.argv) > 5 and sys.argv[5] == "mismatch" and process_id == 1:
+        config["run"] = {**config["run"], "seed": 1}
+    try:
+        results = Experiment(from_dict(config), mesh=make_mesh()).run(out_dir, progress=False)
+    except ValueError as error:
+        print(f"refused: {error}", flush=True)
+        sys.exit(2)
     if dist.is_main_process():
         leaves = [np.asarray(leaf) for leaf in jax.tree_util.tree_leaves(results.params)]
         np.savez(out, *leaves, accuracy=results.final("test_accuracy"))

@@ -1,9 +1,12 @@
 """Two JAX processes on localhost (CPU, gloo collectives) train the same model as one process."""
 
+import json
 import os
+import signal
 import socket
 import subprocess
 import sys
+import time
 
 import jax
 import numpy as np
@@ -12,9 +15,11 @@ import pytest
 from fedjaxpriv import distributed
 from fedjaxpriv.config import from_dict
 from fedjaxpriv.experiment import Experiment
+from fedjaxpriv.guards import PAUSE_ENV
 
 CONFIG = {"data": {"num_clients": 16}, "server": {"clients_per_round": 8},
-          "client": {"local_steps": 3, "batch_size": 8}, "run": {"rounds": 3, "eval_every": 3, "chunk_size": 4}}
+          "client": {"local_steps": 3, "batch_size": 8},
+          "run": {"rounds": 3, "eval_every": 3, "chunk_size": 4, "checkpoint_every": 1}}
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
@@ -24,25 +29,78 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.mark.slow
-def test_two_processes_equal_one(tmp_path):
+def start_workers(tmp_path, out, out_dir=None, pause=None, mismatch=False):
+    """Two worker processes on a fresh port; with ``pause`` ("point:round") each waits there after creating
+    ``<out_dir>.paused<i>``."""
     port = _free_port()
-    out = str(tmp_path / "multihost.npz")
     env = {**os.environ, "JAX_PLATFORMS": "cpu",
            "XLA_FLAGS": "--xla_force_host_platform_device_count=2 --xla_backend_optimization_level=0",
            "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    workers = [subprocess.Popen([sys.executable, "-m", "tests.engine.multihost_worker", str(port), str(i), out],
-                                cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-               for i in range(2)]
+    workers = []
+    for i in range(2):
+        extra = {PAUSE_ENV: f"{pause}:{out_dir}.paused{i}"} if pause else {}
+        workers.append(subprocess.Popen(
+            [sys.executable, "-m", "tests.engine.multihost_worker", str(port), str(i), out,
+             *([out_dir or "", "mismatch"] if mismatch else [out_dir] if out_dir else [])], cwd=ROOT, env={**env, **extra}, stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT, text=True))
+    return workers
+
+
+def finish(workers):
     logs = [w.communicate(timeout=300)[0] for w in workers]
     assert all(w.returncode == 0 for w in workers), "\n".join(logs)[-4000:]
+    return logs
 
-    single = Experiment(from_dict(CONFIG)).run(progress=False)
+
+def assert_equals_single(out, single):
     saved = np.load(out)
     leaves = [np.asarray(leaf) for leaf in jax.tree_util.tree_leaves(single.params)]
     for i, leaf in enumerate(leaves):
         np.testing.assert_allclose(saved[f"arr_{i}"], leaf, atol=2e-5)
     assert float(saved["accuracy"]) == single.final("test_accuracy")
+
+
+@pytest.fixture(scope="module")
+def single():
+    return Experiment(from_dict(CONFIG)).run(progress=False)
+
+
+@pytest.mark.slow
+def test_two_processes_equal_one(tmp_path, single):
+    out = str(tmp_path / "multihost.npz")
+    finish(start_workers(tmp_path, out))
+    assert_equals_single(out, single)
+
+
+def history_rounds(run_dir):
+    with open(os.path.join(run_dir, "history.jsonl")) as f:
+        return [json.loads(line)["round"] for line in f]
+
+
+@pytest.mark.slow
+def test_two_processes_write_one_run_directory_and_resume_after_both_are_killed(tmp_path, single):
+    """Both processes open the same run directory: process 0 writes history.jsonl (each round once), CSVs and
+    run.json, both take part in the checkpoints. Killed together while waiting before round 3, they resume on
+    two processes to the run a single process makes, every round recorded once."""
+    out, run_dir = str(tmp_path / "multihost.npz"), str(tmp_path / "run")
+    workers = start_workers(tmp_path, out, run_dir, pause="train:3")
+    deadline = time.monotonic() + 240
+    while not all(os.path.exists(f"{run_dir}.paused{i}") for i in range(2)):
+        assert time.monotonic() < deadline and all(w.poll() is None for w in workers), [
+            w.communicate()[0][-2000:] for w in workers if w.poll() is not None]
+        time.sleep(0.05)
+    for w in workers:
+        w.send_signal(signal.SIGKILL)
+        w.wait()
+    assert history_rounds(run_dir) == [1, 2]
+    assert sorted(n for n in os.listdir(os.path.join(run_dir, "checkpoints")) if n.isdigit()) == ["1", "2"]
+    finish(start_workers(tmp_path, out, run_dir))
+    assert history_rounds(run_dir) == [1, 2, 3]
+    assert_equals_single(out, single)
+    assert os.path.exists(os.path.join(run_dir, "clients.csv")) and os.path.exists(os.path.join(run_dir,
+                                                                                              "history.csv"))
+    with open(os.path.join(run_dir, "run.json")) as f:
+        assert len(json.load(f)["sessions"]) == 2  # one per start, written by process 0 only
 
 
 def test_initialize_refuses_bad_process_counts_before_connecting():
@@ -52,3 +110,31 @@ def test_initialize_refuses_bad_process_counts_before_connecting():
     with pytest.raises(ValueError, match=r"process_id=2 must be in \[0, 2\)"):
         distributed.initialize("127.0.0.1:1", num_processes=2, process_id=2)
     assert distributed.is_main_process() and not jax.distributed.is_initialized()
+
+
+@pytest.mark.slow
+def test_processes_started_with_different_configs_are_refused_naming_what_differs(tmp_path):
+    workers = start_workers(tmp_path, str(tmp_path / "x.npz"), str(tmp_path / "run"), mismatch=True)
+    logs = [w.communicate(timeout=300)[0] for w in workers]
+    assert [w.returncode for w in workers] == [2, 2], logs
+    for log in logs:
+        assert "processes of this run disagree on ['config']" in log, log[-2000:]
+
+
+@pytest.mark.slow
+def test_the_command_line_runs_one_process_of_a_distributed_run_each(tmp_path, single):
+    """``fedjaxpriv run --distributed`` on two processes into one --out: the run a single process makes."""
+    port, run_dir = _free_port(), str(tmp_path / "run")
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    sets = ["data.num_clients=16", "server.clients_per_round=8", "client.local_steps=3", "client.batch_size=8",
+            "run.rounds=3", "run.eval_every=3", "run.chunk_size=4", "run.checkpoint_every=1"]
+    command = [sys.executable, "-m", "fedjaxpriv.cli", "run", "--distributed", "--coordinator", f"localhost:{port}",
+               "--num-processes", "2", "--out", run_dir, *[a for s in sets for a in ("--set", s)]]
+    workers = [subprocess.Popen([*command, "--process-id", str(i)], cwd=str(tmp_path), env=env,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
+    outputs = [w.communicate(timeout=300) for w in workers]
+    assert [w.returncode for w in workers] == [0, 0], [err[-3000:] for _, err in outputs]
+    assert history_rounds(run_dir) == [1, 2, 3]
+    summary = json.loads(outputs[0][0].strip().splitlines()[-1])
+    assert summary["test_accuracy"] == pytest.approx(single.final("test_accuracy"), abs=1e-6)
+    assert "fedjaxpriv: building" in outputs[0][1] and "fedjaxpriv: building" not in outputs[1][1]
