@@ -10,7 +10,7 @@ an example mask where a per-client dense layout is wanted (per-client evaluation
 from __future__ import annotations
 
 import hashlib
-from typing import NamedTuple, Sequence
+from typing import Any, NamedTuple, Sequence
 
 import numpy as np
 
@@ -129,6 +129,21 @@ def from_partition(dataset: Dataset, client_indices: Sequence[np.ndarray],
     attrs = np.asarray(attributes, np.int32)[order] if attributes is not None else np.zeros((0,), np.int32)
     return FederatedData(np.asarray(dataset.x, np.float32)[order], np.asarray(dataset.y, np.int32)[order],
                          offsets, counts, attrs)
+
+
+def choose_clients(names: Sequence[Any], num_clients: int, seed: int, where: str) -> list[Any]:
+    """``num_clients`` of a natural partition's client ``names`` (in their order): all of them, or a seeded
+    random subset.
+
+    Raises:
+      ValueError: more clients asked for than there are, naming ``where`` they come from.
+    """
+    if num_clients > len(names):
+        raise ValueError(f"data.num_clients={num_clients} but {where} has {len(names)}; allowed: at most that.")
+    if num_clients == len(names):
+        return list(names)
+    chosen = np.sort(np.random.default_rng(seed).choice(len(names), num_clients, replace=False))
+    return [names[i] for i in chosen]
 
 
 def fingerprint(*arrays: np.ndarray | int) -> str:

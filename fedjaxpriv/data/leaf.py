@@ -24,7 +24,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from fedjaxpriv.data import text
-from fedjaxpriv.data.federated import Dataset, FederatedData, from_client_lists
+from fedjaxpriv.data.federated import Dataset, FederatedData, choose_clients, from_client_lists
 
 LEAF_PREFIX = "leaf:"
 LEAF_DATASETS = ("femnist", "shakespeare")
@@ -112,13 +112,8 @@ def load_leaf(name: str, directory: str | None, num_clients: int, seed: int, voc
         if not os.path.isdir(path):
             raise ValueError(f"{path}: no such directory; data.data_dir must hold LEAF's train/ and test/.")
         splits[split] = read_split(path)
-    users = sorted(u for u in splits["train"] if splits["train"][u]["y"])
-    if num_clients > len(users):
-        raise ValueError(f"data.num_clients={num_clients} but {directory} has {len(users)} users with training "
-                         "data; allowed: at most that.")
-    if num_clients < len(users):
-        chosen = np.sort(np.random.default_rng(seed).choice(len(users), num_clients, replace=False))
-        users = [users[i] for i in chosen]
+    users = choose_clients(sorted(u for u in splits["train"] if splits["train"][u]["y"]), num_clients, seed,
+                           f"{directory}'s number of users with training data")
     train = [splits["train"][u] for u in users]
     test = [splits["test"].get(u, {"x": [], "y": []}) for u in users]
     if leaf == "femnist":

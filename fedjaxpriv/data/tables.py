@@ -20,7 +20,7 @@ import numpy as np
 
 from fedjaxpriv.config import TABLE_DATASETS
 from fedjaxpriv.data import text
-from fedjaxpriv.data.federated import Dataset, FederatedData, from_client_lists
+from fedjaxpriv.data.federated import Dataset, FederatedData, choose_clients, from_client_lists
 
 __all__ = ["TABLE_DATASETS", "load_table_dataset", "read_table", "features", "labels", "client_ids"]
 
@@ -112,13 +112,8 @@ def client_ids(table: Any, name: str, num_clients: int, seed: int) -> tuple[np.n
     """Row -> client index [N] (-1: a row of a client left out) for ``num_clients`` of the column's distinct
     values (all, or a seeded random subset in sorted order)."""
     values = table.column(name).to_pylist()
-    distinct = sorted(set(values), key=lambda v: (str(type(v)), v))
-    if num_clients > len(distinct):
-        raise ValueError(f"data.num_clients={num_clients} but data.client_column={name!r} has {len(distinct)} "
-                         "distinct values; allowed: at most that.")
-    if num_clients < len(distinct):
-        chosen = np.sort(np.random.default_rng(seed).choice(len(distinct), num_clients, replace=False))
-        distinct = [distinct[i] for i in chosen]
+    distinct = choose_clients(sorted(set(values), key=lambda v: (str(type(v)), v)), num_clients, seed,
+                              f"data.client_column={name!r}'s number of distinct values")
     index = {v: i for i, v in enumerate(distinct)}
     return np.array([index.get(v, -1) for v in values], np.int64), distinct
 

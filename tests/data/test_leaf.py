@@ -98,7 +98,7 @@ def test_missing_or_malformed_leaf_data_is_an_error_naming_the_path(tmp_path):
     write_split(tmp_path / "train", [{"u": ([[0.0] * 784], [1])}])
     bad.unlink()
     write_split(tmp_path / "test", [{"u": ([[0.0] * 784], [1])}])
-    with pytest.raises(ValueError, match=r"data.num_clients=2 but .* has 1 users with training data"):
+    with pytest.raises(ValueError, match=r"data.num_clients=2 but .*'s number of users with training data has 1"):
         leaf.load_leaf("leaf:femnist", str(tmp_path), 2, seed=0)
 
 

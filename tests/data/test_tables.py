@@ -58,7 +58,7 @@ def test_a_client_column_gives_one_client_per_value_in_row_order_and_string_labe
     assert test_set.y.tolist() == [2]
     subset, _, _ = load_population(config(*base, "data.num_clients=2", "run.seed=3"))
     assert subset.num_clients == 2 and subset.num_examples in (3, 4)
-    with pytest.raises(ValueError, match=r"data.num_clients=4 but data.client_column='user' has 3 distinct"):
+    with pytest.raises(ValueError, match=r"data.num_clients=4 but data.client_column='user''s number of distinct values has 3"):
         load_population(config(*base, "data.num_clients=4"))
 
 
