@@ -644,6 +644,10 @@ class ExperimentConfig:
             _check(bool(self.data.train_files) and bool(self.data.test_files), "data.train_files / test_files",
                    [list(self.data.train_files), list(self.data.test_files)],
                    f"the {self.data.dataset} files of both splits (paths or glob patterns)")
+            if self.data.text_level is not None and not self.data.client_column:
+                _check(self.data.partition in ("iid", "quantity_skew"), "data.partition", self.data.partition,
+                       "'iid' or 'quantity_skew' for text rows without data.client_column (the other schemes "
+                       "split by class label, which next-token targets are not)")
         _check(self.data.dataset in NATURAL_DATASETS or self.data.dataset in TABLE_DATASETS
                or is_known_dataset(self.data.dataset)
                or self.data.dataset.startswith(USER_SUPPLIED), "data.dataset",

@@ -16,7 +16,7 @@ def test_notebook_runs(name, tmp_path):
     notebook = nbformat.read(os.path.join(NOTEBOOKS, name), as_version=4)
     assert all(not cell.get("outputs") and cell.get("execution_count") is None
                for cell in notebook.cells if cell.cell_type == "code"), "store notebooks without outputs"
-    client = NotebookClient(notebook, timeout=120, kernel_name="python3",
+    client = NotebookClient(notebook, timeout=300, kernel_name="python3",
                             resources={"metadata": {"path": str(tmp_path)}})
     client.execute()  # raises CellExecutionError on any failing cell
     text = "".join(o.get("text", "") for cell in notebook.cells if cell.cell_type == "code"
