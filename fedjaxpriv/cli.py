@@ -356,7 +356,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _build_parser().parse_args(argv)
     if not args.verbose:  # XLA's C++ log lines (read when JAX starts), unless the user chose a level
         os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-    else:  # guards.keep_library_reports_off_the_terminal logs what orbax reports at DEBUG level
+    else:  # guards.install_report_hooks: what orbax reports, shown at DEBUG level
         import logging
 
         handler = logging.StreamHandler(sys.stderr)

@@ -30,8 +30,8 @@ from fedjaxpriv.data.federated import fingerprint
 from fedjaxpriv.guards import (LOSS_LIMIT, DivergenceError, Signals, divergence, divergence_message, explosion,
                                pause_point)
 from fedjaxpriv.models import WIDTH_MODELS, Model, ModelLike, as_model, count_params, get_model
-from fedjaxpriv.models.tasks import (CLASSIFICATION, NEXT_TOKEN, PerExampleLoss, Task, as_task, check_fits, check_targets,
-                                     describe, with_label_metrics)
+from fedjaxpriv.models.tasks import (CLASSIFICATION, NEXT_TOKEN, PerExampleLoss, Task, as_task, check_fits,
+                                     check_targets, describe, with_label_metrics)
 from fedjaxpriv.parallel import Plan, local_mesh, plan as execution_plan, replicate
 from fedjaxpriv.privacy.basis import largest_epsilon
 from fedjaxpriv.privacy.calibration import calibrate_noise

@@ -164,9 +164,9 @@ class Signals:
             raise RunInterrupted(self.received)
 
     def _handle(self, signum: int, frame: Any) -> None:
+        del frame
         if self.received is None:
             self.received = signum
-        del frame
         if self._depth:
             self.pending = signum
             return
@@ -297,8 +297,9 @@ def install_report_hooks() -> None:
       the program where it can;
     - exceptions that ``QUIET_LIBRARIES`` report instead of raising (unraisable exceptions of their abandoned
       coroutines, uncaught exceptions of their threads, asyncio's "exception was never retrieved" about their
-      tasks, absl log records with their tracebacks) are shown only while ``LOGGER`` is enabled for DEBUG (``fedjaxpriv --verbose``); their failures
-      are also raised to the caller, which tells the user (e.g. a warning naming the unreadable checkpoint).
+      tasks, absl log records with their tracebacks) are shown only while ``LOGGER`` is enabled for DEBUG
+      (``fedjaxpriv --verbose``); their failures are also raised to the caller, which tells the user (e.g. a
+      warning naming the unreadable checkpoint).
 
     Anything else reaches the hooks installed before."""
     if getattr(sys.unraisablehook, "_fedjaxpriv", False):

@@ -46,21 +46,26 @@ def row_norms(tables: jax.Array) -> jax.Array:
     return jnp.sqrt(jnp.sum(jnp.square(tables.astype(jnp.float32)), axis=-1))
 
 
+def word_mask(vocabulary: int) -> np.ndarray:
+    """``[V]`` bool: the ids that are words (all but ``SPECIAL_IDS``)."""
+    words = np.ones(vocabulary, bool)
+    words[list(SPECIAL_IDS)] = False
+    return words
+
+
 def typed_words(population: FederatedData, client_ids: Sequence[int], vocabulary: int) -> np.ndarray:
     """``[K, V]`` bool: the tokens in each client's training inputs (its bag of words; specials excluded)."""
     bags = np.zeros((len(client_ids), vocabulary), bool)
     for row, client in enumerate(client_ids):
         tokens = np.asarray(population.client(int(client)).x, np.int64).ravel()
         bags[row, tokens[(tokens >= 0) & (tokens < vocabulary)]] = True
-    bags[:, list(SPECIAL_IDS)] = False
-    return bags
+    return bags & word_mask(vocabulary)
 
 
 def support_precision_recall(scores: np.ndarray, truth: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Per client, precision and recall ``[K]`` of "typed where the row is non-zero" (words only). A client with
     no predicted word has precision NaN; with no typed word, recall NaN."""
-    words = np.ones(truth.shape[-1], bool)
-    words[list(SPECIAL_IDS)] = False
+    words = word_mask(truth.shape[-1])
     predicted = (np.asarray(scores) > 0) & words
     hits = np.sum(predicted & truth, axis=-1).astype(np.float64)
     with np.errstate(invalid="ignore", divide="ignore"):
@@ -80,8 +85,7 @@ def bag_of_words_attack(tables: jax.Array, truth: np.ndarray, *, bootstrap: int 
 
     scores = np.asarray(row_norms(jnp.asarray(tables)))
     precision, recall = support_precision_recall(scores, truth)
-    words = np.ones(truth.shape[-1], bool)
-    words[list(SPECIAL_IDS)] = False
+    words = word_mask(truth.shape[-1])
     pooled_scores, labels = scores[:, words].ravel(), truth[:, words].ravel().astype(int)
     groups = np.repeat(np.arange(len(truth)), int(words.sum()))
     metrics = {"support_precision": float(np.nanmean(precision)), "support_recall": float(np.nanmean(recall)),

@@ -786,7 +786,7 @@ def evaluate_defenses(base: ExperimentConfig, defenses: Mapping[str, Any] | None
     kept_dir = os.path.join(out_dir, POINTS_DIR) if out_dir is not None and parts is None else None
     store = ResultsStore(out_dir) if out_dir is not None else None
     code = f"{package_versions().get('fedjaxpriv')} {code_revision()}" if kept_dir is not None else None
-    results = []
+    results, figures = [], []
     labels = [f"{family} {strength}".strip() for family, strength, _ in points]
     paths = [os.path.join(kept_dir, f"{point_key(base, label, overrides, suite, attacks, code)}.pkl")
              if kept_dir is not None else None for label, (_, _, overrides) in zip(labels, points)]
@@ -815,14 +815,15 @@ def evaluate_defenses(base: ExperimentConfig, defenses: Mapping[str, Any] | None
         if store is not None and (fresh or result.config.config_hash() not in store.completed_hashes()):
             store.append(make_record(result.config, result.history, label=label, overrides=dict(overrides)))
         if out_dir is not None:  # what its ROC curves and grid are drawn from, for `fedjaxpriv report`
-            save_point_figures(point_figures(result, views), out_dir, result.config.config_hash())
+            figures.append(point_figures(result, views))
+            save_point_figures(figures[-1], out_dir, result.config.config_hash())
         results.append(result)
     records = [r.record for r in results]
     if out_dir is not None:
         latest = {r["config_hash"]: r for r in store.records()}
         store_records = [latest[r.config.config_hash()] for r in results]
         write_tables(records, out_dir, store_records=store_records,
-                     figures=[point_figures(r, views) for r in results], views=views)
+                     figures=figures, views=views)
     return records
 
 

@@ -20,6 +20,7 @@ keep ``A^k`` to the size a forward pass over all candidates affords (10^4 by def
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Callable, NamedTuple, Sequence
 
 import jax
@@ -107,40 +108,45 @@ def insert(population: FederatedData, canaries: Canaries, clients: Sequence[int]
     return from_client_lists(xs, ys)
 
 
+@functools.partial(jax.jit, static_argnums=(0, 3))
+def _secret_nll(apply_fn: Callable[[Any, jax.Array], jax.Array], params: Any, tokens: jax.Array,
+                prefix_length: int) -> jax.Array:
+    """``-sum log p`` (nats) of the tokens after the prefix of each sequence: tokens [n, P + k] -> [n]."""
+    log_probs = jax.nn.log_softmax(apply_fn(params, tokens[:, :-1]).astype(jnp.float32), axis=-1)
+    picked = jnp.take_along_axis(log_probs, tokens[:, 1:, None], axis=-1)[..., 0]
+    return -jnp.sum(picked[:, prefix_length - 1:], axis=-1)
+
+
 def secret_log_perplexities(apply_fn: Callable[[Any, jax.Array], jax.Array], params: Any, prefix: np.ndarray,
                             secrets: np.ndarray, batch: int = 2048) -> np.ndarray:
     """``-sum_t log p(secret_t | prefix, secret_<t)`` (nats) of each secret [n, k] -> [n], in batches of the
-    full sequences (prefix + secret), one compile."""
+    full sequences (prefix + secret) of one shape: one compile per model function and batch."""
     secrets = np.asarray(secrets, np.int32)
-    n, k = secrets.shape
+    n, _ = secrets.shape
     p = len(prefix)
     sequences = np.concatenate([np.broadcast_to(prefix, (n, p)), secrets], axis=1)
-
-    @jax.jit
-    def score(tokens: jax.Array) -> jax.Array:
-        log_probs = jax.nn.log_softmax(apply_fn(params, tokens[:, :-1]).astype(jnp.float32), axis=-1)
-        targets = tokens[:, 1:]
-        picked = jnp.take_along_axis(log_probs, targets[..., None], axis=-1)[..., 0]
-        return -jnp.sum(picked[:, p - 1:], axis=-1)  # the secret's tokens only
-
     out = []
     for start in range(0, n, batch):
         chunk = sequences[start: start + batch]
         pad = batch - len(chunk) if n > batch else 0
         padded = np.concatenate([chunk, np.repeat(chunk[-1:], pad, axis=0)]) if pad else chunk
-        out.append(np.asarray(score(jnp.asarray(padded)))[: len(chunk)])
+        out.append(np.asarray(_secret_nll(apply_fn, params, jnp.asarray(padded), p))[: len(chunk)])
     return np.concatenate(out)
 
 
 def exposures(apply_fn: Callable[[Any, jax.Array], jax.Array], params: Any, canaries: Canaries,
               secrets: np.ndarray) -> np.ndarray:
     """Exposure (bits) of each secret [n, k] under the model: ``log2 |R| - log2 rank`` among every candidate of
-    R (rank 1 = the model's most likely; ties count half)."""
+    R (rank 1 = the model's most likely; ties count half). The space is scored once; each secret's own score is
+    read from it (every secret is one of its members)."""
     length = canaries.inserted.shape[1]
     base = len(canaries.alphabet)
     space = canaries.alphabet[_digits(np.arange(canaries.space_size), base, length)]
-    everyone = np.sort(secret_log_perplexities(apply_fn, params, canaries.prefix, space))
-    mine = secret_log_perplexities(apply_fn, params, canaries.prefix, secrets)
+    scores = secret_log_perplexities(apply_fn, params, canaries.prefix, space)
+    position = {int(token): i for i, token in enumerate(canaries.alphabet)}
+    digits = np.vectorize(position.__getitem__)(np.asarray(secrets, np.int64))
+    mine = scores[digits @ base ** np.arange(length - 1, -1, -1)]  # a secret's index in the space
+    everyone = np.sort(scores)
     below = np.searchsorted(everyone, mine, side="left")
     ties = np.searchsorted(everyone, mine, side="right") - below  # itself included
     rank = 1.0 + below + (ties - 1) / 2.0
@@ -158,10 +164,10 @@ class ExposureTracker:
     def __call__(self, experiment: Any, record: dict) -> None:
         if "test_loss" not in record:
             return
-        params = experiment.latest_params
-        apply = experiment.model.apply
-        self.history.append((int(record["round"]), exposures(apply, params, self.canaries, self.canaries.inserted),
-                             exposures(apply, params, self.canaries, self.canaries.controls)))
+        both = exposures(experiment.model.apply, experiment.latest_params, self.canaries,
+                         np.concatenate([self.canaries.inserted, self.canaries.controls]))
+        inserted = len(self.canaries.inserted)
+        self.history.append((int(record["round"]), both[:inserted], both[inserted:]))
 
     def summary(self) -> dict[str, float]:
         """The last evaluated round's mean and max exposure of the inserted canaries and of the controls, and

@@ -5,5 +5,6 @@ from fedjaxpriv.models.core import (MODEL_NAMES, TOKEN_MODELS, WIDTH_MODELS, Mod
 from fedjaxpriv.models.losses import cross_entropy, accuracy, soft_cross_entropy
 from fedjaxpriv.models.tasks import CLASSIFICATION, MULTI_LABEL, NEXT_TOKEN, TASKS, Task, as_task
 
-__all__ = ["Model", "ModelLike", "as_model", "count_params", "get_model", "MODEL_NAMES", "TOKEN_MODELS", "WIDTH_MODELS", "cross_entropy", "accuracy",
+__all__ = ["Model", "ModelLike", "as_model", "count_params", "get_model", "MODEL_NAMES", "TOKEN_MODELS", "WIDTH_MODELS",
+           "cross_entropy", "accuracy",
            "soft_cross_entropy", "CLASSIFICATION", "MULTI_LABEL", "NEXT_TOKEN", "TASKS", "Task", "as_task"]

@@ -198,8 +198,8 @@ def test_point_figures_are_kept_portably_and_redraw_the_same_files(tmp_path):
             ["r1 c0\n12.0 dB", "r1 c0\n9.5 dB", "r1 c2\n31.2 dB\nSSIM 0.91"])
     scores = {"passive": (rng.normal(size=40), np.r_[np.zeros(20, int), np.ones(20, int)]),
               "loss_threshold": (rng.normal(size=30).astype(np.float32), rng.integers(0, 2, 30))}
-    point = evaluation.PointFigures("pruning sparsity=0.9", scores, {"passive": "server", "loss_threshold": "participant"},
-                                    grid)
+    views = {"passive": "server", "loss_threshold": "participant"}
+    point = evaluation.PointFigures("pruning sparsity=0.9", scores, views, grid)
     path = evaluation.save_point_figures(point, str(tmp_path), "abc123")
     assert path == str(tmp_path / "figures" / "abc123.npz")
     (kept,) = evaluation.figures_for([{"config_hash": "zzz"}, {"config_hash": "abc123"}], [str(tmp_path)])

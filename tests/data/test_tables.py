@@ -35,7 +35,8 @@ def test_digits_from_parquet_or_arrow_files_give_exactly_the_builtin_population(
                         kind) for i, part in enumerate((slice(0, 700), slice(700, None)))]  # two files
         test_file = write(tmp_path / f"test.{suffix}", {"image": test.x.tolist(), "label": test.y}, kind)
         population, test_set, classes = load_population(config(
-            f"data.dataset={kind}", f"data.train_files=[{tmp_path}/train-*.{suffix}]", f"data.test_files=[{test_file}]"))
+            f"data.dataset={kind}", f"data.train_files=[{tmp_path}/train-*.{suffix}]",
+            f"data.test_files=[{test_file}]"))
         reference, reference_test, reference_classes = load_population(with_overrides(ExperimentConfig(), []))
         assert classes == reference_classes == 10 and halves
         for got, want in zip(population, reference):
@@ -58,7 +59,8 @@ def test_a_client_column_gives_one_client_per_value_in_row_order_and_string_labe
     assert test_set.y.tolist() == [2]
     subset, _, _ = load_population(config(*base, "data.num_clients=2", "run.seed=3"))
     assert subset.num_clients == 2 and subset.num_examples in (3, 4)
-    with pytest.raises(ValueError, match=r"data.num_clients=4 but data.client_column='user''s number of distinct values has 3"):
+    with pytest.raises(ValueError, match=r"data.num_clients=4 but data.client_column='user''s number of distinct "
+                                         r"values has 3"):
         load_population(config(*base, "data.num_clients=4"))
 
 

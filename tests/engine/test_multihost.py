@@ -41,8 +41,8 @@ def start_workers(tmp_path, out, out_dir=None, pause=None, mismatch=False):
         extra = {PAUSE_ENV: f"{pause}:{out_dir}.paused{i}"} if pause else {}
         workers.append(subprocess.Popen(
             [sys.executable, "-m", "tests.engine.multihost_worker", str(port), str(i), out,
-             *([out_dir or "", "mismatch"] if mismatch else [out_dir] if out_dir else [])], cwd=ROOT, env={**env, **extra}, stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT, text=True))
+             *([out_dir or "", "mismatch"] if mismatch else [out_dir] if out_dir else [])], cwd=ROOT,
+            env={**env, **extra}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
     return workers
 
 
