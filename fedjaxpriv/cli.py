@@ -17,7 +17,7 @@ import signal
 import sys
 import threading
 import time
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
 from fedjaxpriv.results import jsonable
 
@@ -369,7 +369,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     from fedjaxpriv.parallel import enable_compilation_cache
 
     enable_compilation_cache()
-    _interrupt_on_sigterm()  # a run holds the signal back while it commits a round (guards.Signals)
+    replaced = _interrupt_on_sigterm()  # a run holds the signal back while it commits a round (guards.Signals)
+    try:
+        return _command(args)
+    finally:  # a caller in this process gets its own handlers back
+        for signum, handler in replaced.items():
+            signal.signal(signum, handler)
+
+
+def _command(args: argparse.Namespace) -> int:
+    """Runs the parsed command; bad input and interrupts end in one line on stderr and an exit code."""
     try:
         if args.command == "run":
             return _run(args)
@@ -392,19 +401,34 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 1
 
 
-def _interrupt_on_sigterm() -> None:
+def _interrupt_on_sigterm() -> dict[int, object]:
     """SIGTERM stops the command as Ctrl-C does, and neither is lost where its exception would be swallowed
     (``guards.raise_interrupted``; a run it trains holds the signal back while it commits a round, as
-    ``guards.Signals`` does)."""
+    ``guards.Signals`` does). Returns the handlers it replaced, by signal number."""
     from fedjaxpriv.guards import install_report_hooks, raise_interrupted
 
     if threading.current_thread() is not threading.main_thread():
-        return
+        return {}
     install_report_hooks()
+    replaced = {}
     for signum, default in ((signal.SIGTERM, signal.SIG_DFL), (signal.SIGINT, signal.default_int_handler)):
         if signal.getsignal(signum) == default:
-            signal.signal(signum, raise_interrupted)
+            replaced[signum] = signal.signal(signum, raise_interrupted)
+    return replaced
+
+
+def entry(argv: Sequence[str] | None = None, exit: Callable[[int], object] = sys.exit) -> None:
+    """The ``fedjaxpriv`` console script: ``exit(main(argv))``. A SIGINT or SIGTERM that arrives once ``main``
+    has returned (its results written, its outcome printed) ends the process at once with ``main``'s exit code,
+    without the traceback Python would print while it shuts down."""
+    code = main(argv)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    if threading.current_thread() is threading.main_thread():
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(signum, lambda *_: os._exit(code))
+    exit(code)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()

@@ -351,14 +351,13 @@ for line in sys.stdin:
         log = os.open(job["log"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         os.dup2(log, 1)
         os.dup2(log, 2)
-        try:
-            code = fedjaxpriv.cli.main(job["argv"])
+        try:  # the console script's path, ending in os._exit (the fork server's own state is not this run's)
+            fedjaxpriv.cli.entry(job["argv"], exit=os._exit)
         except BaseException:
             traceback.print_exc()
-            code = 99
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(code)
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(99)
     print(json.dumps(pid), flush=True)
 """
 
@@ -535,6 +534,23 @@ def test_no_temporary_file_outlives_a_failed_write_or_a_killed_writer(tmp_path):
     (out / "history.jsonl.tmp-999999").write_text("torn")
     Experiment(config).run(str(out), progress=False)
     assert not list(out.glob("*.tmp-*"))
+
+
+def test_a_signal_after_the_command_has_finished_exits_with_its_code_and_no_traceback(tmp_path):
+    """The console script: a SIGTERM that lands while the process shuts down (after ``main`` returned) ends it at
+    once with ``main``'s exit code, no traceback; ``main`` called in a process gives the caller its handlers back."""
+    from fedjaxpriv import cli
+
+    before = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    assert cli.main(["report", str(tmp_path / "absent")]) == 2
+    assert {s: signal.getsignal(s) for s in before} == before
+    late = ("import os, signal, sys, time\nfrom fedjaxpriv import cli\n"
+            f"cli.entry(['report', {str(tmp_path / 'absent')!r}], exit=lambda code: (os.kill(os.getpid(), "
+            "signal.SIGTERM), time.sleep(30), sys.exit(77)))\n")
+    started = time.monotonic()
+    done = subprocess.run([sys.executable, "-c", late], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2 and time.monotonic() - started < 25, (done.returncode, done.stderr)
+    assert "Traceback" not in done.stderr and "neither a results store" in done.stderr, done.stderr
 
 
 def test_a_signal_whose_exception_is_swallowed_still_stops_the_run_at_the_next_round(tmp_path):
