@@ -215,14 +215,17 @@ _INF_OK = {"high": math.inf}  # inf allowed
 # from a local copy under ``data.data_dir``: ``data.leaf``).
 NATURAL_DATASETS: tuple[str, ...] = ("synthetic", "attribute", "keyboard", "leaf:femnist", "leaf:shakespeare")
 # Datasets of token sequences: their task is next-token prediction, their models ``models.TOKEN_MODELS``.
-TEXT_DATASETS: tuple[str, ...] = ("keyboard", "leaf:shakespeare")
+# "tiny_shakespeare" is read from a tfds copy (``data.tfds_source.load_tfds_texts``), character level unless
+# ``data.text_level`` says otherwise; any ``tfds:<name>`` with ``data.text_level`` set is read as text too.
+TEXT_DATASETS: tuple[str, ...] = ("keyboard", "leaf:shakespeare", "tiny_shakespeare")
 # Local Parquet / Arrow files (``data.tables``): text where ``data.text_level`` is set.
 TABLE_DATASETS: tuple[str, ...] = ("parquet", "arrow")
 
 
 def is_text(data: "DataConfig") -> bool:
     """Whether the configured data are token sequences (next-token prediction)."""
-    return data.dataset in TEXT_DATASETS or (data.dataset in TABLE_DATASETS and data.text_level is not None)
+    return data.dataset in TEXT_DATASETS or (
+        (data.dataset in TABLE_DATASETS or data.dataset.startswith("tfds:")) and data.text_level is not None)
 
 
 # ``model.name`` of a run whose model or loss its user passed in (``Experiment(model=..., loss=...)``), and the
@@ -261,6 +264,8 @@ class DataConfig:
     # Parquet / Arrow files (data.dataset "parquet" or "arrow"; image_key / label_key name the feature and label
     # columns): paths or glob patterns, the column whose values are the clients (natural partition; null: split
     # by data.partition), and whether the feature column is text ("char" / "word"; null: numbers or images).
+    # text_level also makes a "tfds:<name>" dataset text (its feature image_key; "image" there means "text");
+    # tiny_shakespeare is "char" unless set.
     train_files: tuple[str, ...] = knob((), str, shape="list")
     test_files: tuple[str, ...] = knob((), str, shape="list")
     client_column: str | None = knob(None, str, optional=True)
@@ -646,10 +651,10 @@ class ExperimentConfig:
             _check(bool(self.data.train_files) and bool(self.data.test_files), "data.train_files / test_files",
                    [list(self.data.train_files), list(self.data.test_files)],
                    f"the {self.data.dataset} files of both splits (paths or glob patterns)")
-            if self.data.text_level is not None and not self.data.client_column:
-                _check(self.data.partition in ("iid", "quantity_skew"), "data.partition", self.data.partition,
-                       "'iid' or 'quantity_skew' for text rows without data.client_column (the other schemes "
-                       "split by class label, which next-token targets are not)")
+        if is_text(self.data) and self.data.dataset not in NATURAL_DATASETS and not self.data.client_column:
+            _check(self.data.partition in ("iid", "quantity_skew"), "data.partition", self.data.partition,
+                   f"'iid' or 'quantity_skew' for {self.data.dataset} text without natural clients (e.g. "
+                   "data.client_column; the other schemes split by class label, which next-token targets are not)")
         _check(self.data.dataset in NATURAL_DATASETS or self.data.dataset in TABLE_DATASETS
                or is_known_dataset(self.data.dataset)
                or self.data.dataset.startswith(USER_SUPPLIED), "data.dataset",

@@ -126,6 +126,18 @@ def load_population(config: ExperimentConfig) -> tuple[FederatedData, Dataset, i
         vocabulary = text.build_vocabulary(train_texts, "word", data.vocabulary_size)
         population, test = text.text_population(train_texts, test_texts, vocabulary, data.sequence_length)
         return population, test, len(vocabulary)
+    if is_text(data):  # a tfds text dataset: its texts' windows, split as data.partition says
+        from fedjaxpriv.data import text
+        from fedjaxpriv.data.sources import tfds_text_name
+        from fedjaxpriv.data.tfds_source import load_tfds_texts
+
+        train_texts, test_texts = load_tfds_texts(
+            tfds_text_name(data.dataset), data.data_dir, data.download,
+            text_key=data.image_key if data.image_key != "image" else "text")
+        vocabulary = text.build_vocabulary(train_texts, data.text_level or "char", data.vocabulary_size)
+        train = text.windows_of(train_texts, vocabulary, data.sequence_length)
+        return (partition_like(config, train, config.run.seed),
+                text.windows_of(test_texts, vocabulary, data.sequence_length), len(vocabulary))
     if data.dataset == "attribute":
         from fedjaxpriv.attacks.attribute import attribute_population
 

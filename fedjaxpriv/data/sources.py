@@ -27,7 +27,10 @@ _TFDS_NAMES = {
 }
 _TFDS_WITH_CONFIGS = ("emnist",)
 DATASET_NAMES: tuple[str, ...] = ("digits",) + tuple(_TFDS_NAMES)
-DATASET_NAMES_TEXT = f"one of {list(DATASET_NAMES)}, 'emnist/<config>' or '{TFDS_PREFIX}<tfds name>'"
+# tfds text datasets by name (read by ``tfds_source.load_tfds_texts``; next-token prediction, ``config.is_text``).
+TFDS_TEXT_NAMES: tuple[str, ...] = ("tiny_shakespeare",)
+DATASET_NAMES_TEXT = (f"one of {list(DATASET_NAMES + TFDS_TEXT_NAMES)}, 'emnist/<config>' or "
+                      f"'{TFDS_PREFIX}<tfds name>'")
 
 DIGITS_NUM_TEST = 360
 DIGITS_SPLIT_SEED = 0
@@ -73,7 +76,14 @@ def load_digits() -> tuple[Dataset, Dataset]:
 
 def is_known_dataset(name: str) -> bool:
     """Whether ``load_dataset`` accepts ``name`` (without loading anything)."""
-    return name == "digits" or _resolve_tfds_name(name) is not None
+    return name == "digits" or name in TFDS_TEXT_NAMES or _resolve_tfds_name(name) is not None
+
+
+def tfds_text_name(name: str) -> str | None:
+    """The tfds name of a text dataset name (``TFDS_TEXT_NAMES``, or ``tfds:<name>`` read as text), else None."""
+    if name in TFDS_TEXT_NAMES:
+        return name
+    return name[len(TFDS_PREFIX):] if name.startswith(TFDS_PREFIX) and len(name) > len(TFDS_PREFIX) else None
 
 
 def _resolve_tfds_name(name: str) -> str | None:

@@ -133,12 +133,10 @@ def load_table_dataset(data: Any, seed: int) -> tuple[Dataset | FederatedData, D
     if data.text_level is not None:
         rows = [str(v) for v in feature_train.to_pylist()]
         vocabulary = text.build_vocabulary(rows, data.text_level, data.vocabulary_size)
-        windows = [text.sequences(vocabulary.encode(row), data.sequence_length) for row in rows]
-        tests = [text.sequences(vocabulary.encode(str(v)), data.sequence_length) for v in feature_test.to_pylist()]
-        test_set = Dataset(np.concatenate([x for x, _ in tests]), np.concatenate([y for _, y in tests]))
+        test_set = text.windows_of([str(v) for v in feature_test.to_pylist()], vocabulary, data.sequence_length)
         if owner is None:
-            return (Dataset(np.concatenate([x for x, _ in windows]), np.concatenate([y for _, y in windows])),
-                    test_set, len(vocabulary))
+            return text.windows_of(rows, vocabulary, data.sequence_length), test_set, len(vocabulary)
+        windows = [text.sequences(vocabulary.encode(row), data.sequence_length) for row in rows]
         return (_by_client([x for x, _ in windows], [y for _, y in windows], owner, data.num_clients), test_set,
                 len(vocabulary))
     x_train, x_test = features(feature_train, data.image_key), features(feature_test, data.image_key)

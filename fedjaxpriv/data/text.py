@@ -87,10 +87,14 @@ def text_population(train_texts: Sequence[str], test_texts: Sequence[str], vocab
     """One client per training text (a user's typing), and a test set of all ``test_texts``' windows."""
     windows = [sequences(vocabulary.encode(text), length) for text in train_texts]
     population = from_client_lists([x for x, _ in windows], [y for _, y in windows])
-    tests = [sequences(vocabulary.encode(text), length) for text in test_texts]
-    test = Dataset(np.concatenate([x for x, _ in tests]).astype(np.int32),
-                   np.concatenate([y for _, y in tests]).astype(np.int32))
-    return population, test
+    return population, windows_of(test_texts, vocabulary, length)
+
+
+def windows_of(texts: Sequence[str], vocabulary: Vocabulary, length: int) -> Dataset:
+    """All ``texts``' windows (``sequences`` of each text, in order) as one ``Dataset``: x, y int32 [n, length]."""
+    windows = [sequences(vocabulary.encode(text), length) for text in texts]
+    return Dataset(np.concatenate([x for x, _ in windows] or [np.zeros((0, length), np.int32)]).astype(np.int32),
+                   np.concatenate([y for _, y in windows] or [np.zeros((0, length), np.int32)]).astype(np.int32))
 
 
 # -- a generated keyboard ------------------------------------------------------------------------------------

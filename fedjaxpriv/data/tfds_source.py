@@ -1,8 +1,9 @@
-"""Image classification datasets read from TensorFlow Datasets (tfds) without TensorFlow.
+"""Image classification and text datasets read from TensorFlow Datasets (tfds) without TensorFlow.
 
 Datasets are read with ``tfds.data_source`` (random access over ``array_record`` files), decoded by tfds with
 NumPy/PIL, and converted to NumPy in batches of records. Any tfds dataset whose examples hold an image and an
-integer label works, including one prepared locally under ``data_dir``.
+integer label works, including one prepared locally under ``data_dir``; ``load_tfds_texts`` reads the text
+feature of a text dataset (``tiny_shakespeare``: one record per split, the whole play text).
 
 Preparing a dataset (``download=True``) runs the tfds builder. Builders that hand tfds raw NumPy images (e.g.
 ``mnist``, ``cifar10``) need TensorFlow to encode them as PNG; without TensorFlow, prepare the dataset on a
@@ -144,3 +145,26 @@ def load_tfds(name: str, data_dir: str | None = None, download: bool = False, *,
     if num_classes is None:
         num_classes = int(max(train.y.max(), test.y.max())) + 1
     return train, test, int(num_classes)
+
+
+def load_tfds_texts(name: str, data_dir: str | None = None, download: bool = False, *, text_key: str = "text",
+                    train_split: str = "train", test_split: str = "test") -> tuple[list[str], list[str]]:
+    """The texts of a tfds text dataset's train and test splits, one string per record (UTF-8 decoded).
+
+    Raises:
+      FileNotFoundError: the dataset is not prepared under ``data_dir`` and ``download`` is False.
+      ValueError: the splits or ``text_key`` do not exist, a record's feature is not text, or the files are not
+        random access.
+    """
+    sources, info = _split_sources(name, data_dir, download, (train_split, test_split))
+    if text_key not in info.features:
+        raise ValueError(f"feature key '{text_key}' not in tfds dataset '{name}''s features {sorted(info.features)}; "
+                         "set data.image_key to its text feature.")
+    texts: dict[str, list[str]] = {}
+    for split, source in sources.items():
+        values = [record[text_key] for record in source.__getitems__(list(range(len(source))))]
+        if not all(isinstance(v, (bytes, str)) for v in values):
+            raise ValueError(f"feature '{text_key}' of tfds dataset '{name}' is not text (found "
+                             f"{type(values[0]).__name__ if values else 'no records'}).")
+        texts[split] = [v.decode("utf-8") if isinstance(v, bytes) else v for v in values]
+    return texts[train_split], texts[test_split]

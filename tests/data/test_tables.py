@@ -106,7 +106,7 @@ def test_bad_table_inputs_are_errors_naming_the_field(tmp_path):
     with pytest.raises(ValueError, match=r"data.train_files / test_files=\[\[\], \[\]\] is invalid"):
         config("data.dataset=parquet")
     with pytest.raises(ValueError, match=r"data.partition='dirichlet' is invalid; allowed: 'iid' or 'quantity_skew' "
-                                         r"for text rows without data.client_column"):
+                                         r"for parquet text without natural clients \(e.g. data.client_column"):
         config(*base, "data.text_level=word", "model.name=lstm")
     with pytest.raises(ValueError, match=r"data.test_files: '.*nothing-\*.parquet' matches no file"):
         load_population(config(*base[:2], f"data.test_files=[{tmp_path}/nothing-*.parquet]", "data.num_clients=1"))

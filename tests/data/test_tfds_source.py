@@ -105,3 +105,80 @@ def test_unknown_name_lists_allowed_names():
         load_dataset("imagenet_tiny")
     with pytest.raises(ValueError, match="allowed"):
         load_dataset("mnist/letters")
+
+
+# -- text: a local copy of tfds's tiny_shakespeare ------------------------------------------------------------
+
+_PLAY = {"train": "First Citizen:\nBefore we proceed any further, hear me speak.\n\nAll:\nSpeak, speak.\n",
+         "validation": "First Citizen:\nYou are all resolved rather to die than to famish?\n",
+         "test": "MENENIUS:\nWhat work's, my countrymen, in hand? Zounds!\n"}
+
+
+class TinyShakespeare(tfds.core.GeneratorBasedBuilder, skip_registration=True):
+    """tfds's tiny_shakespeare as prepared on disk (version, feature, splits, one record per split), holding a
+    short text: the registered builder reads it from ``data_dir`` as it reads a copy of the real one."""
+
+    VERSION = tfds.core.Version("1.0.0")
+    code_path = None
+
+    def _info(self):
+        return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({"text": tfds.features.Text()}),
+                                     disable_shuffling=True)
+
+    def _split_generators(self, dl_manager):
+        del dl_manager
+        return {split: self._generate_examples(split) for split in _PLAY}
+
+    def _generate_examples(self, split):
+        yield 0, {"text": _PLAY[split]}
+
+
+@pytest.fixture(scope="module")
+def shakespeare_dir(tmp_path_factory):
+    data_dir = str(tmp_path_factory.mktemp("tfds_text"))
+    TinyShakespeare(data_dir=data_dir, file_format="array_record").download_and_prepare()
+    return data_dir
+
+
+def test_tiny_shakespeare_from_a_local_copy_is_character_windows_with_a_training_vocabulary(shakespeare_dir):
+    from fedjaxpriv.config import from_dict
+    from fedjaxpriv.data import text
+    from fedjaxpriv.experiment import load_population
+
+    config = from_dict({"data": {"dataset": "tiny_shakespeare", "data_dir": shakespeare_dir, "partition": "iid",
+                                 "num_clients": 3, "sequence_length": 8}, "model": {"name": "lstm"},
+                        "server": {"clients_per_round": 3}})
+    population, test, vocabulary_size = load_population(config)
+    characters = sorted(set(_PLAY["train"]))
+    assert vocabulary_size == 2 + len(characters)
+    # Every training window once, shifted by one character; no window of the validation split.
+    length, targets = 8, len(_PLAY["train"]) - 1
+    assert population.num_clients == 3 and len(population.x) == -(-targets // length)
+    tokens = ("<pad>", "<oov>") + tuple(sorted(characters, key=lambda c: (-_PLAY["train"].count(c), c)))
+    decode = lambda row: "".join(tokens[i] if i > 1 else "" for i in row)  # noqa: E731
+    windows = {decode(row) for row in np.asarray(population.x)}
+    assert windows == {_PLAY["train"][i: i + length] for i in range(0, targets, length)}
+    # The test text's characters unseen in training ('M', 'Z', ...) are out of vocabulary: masked as targets.
+    unseen = [c for c in _PLAY["test"][1:] if c not in characters]
+    assert unseen and int((np.asarray(test.y) == text.MASKED).sum()) == len(unseen) + (-(len(_PLAY["test"]) - 1)) % 8
+    assert decode(np.asarray(test.x)[0]) == "".join(c for c in _PLAY["test"][:8] if c in characters)
+    with pytest.raises(ValueError, match="'iid' or 'quantity_skew' for tiny_shakespeare"):
+        from_dict({"data": {"dataset": "tiny_shakespeare", "partition": "dirichlet"}, "model": {"name": "lstm"}})
+    with pytest.raises(ValueError, match="model.name='mlp' does not fit data.dataset='tiny_shakespeare'"):
+        from_dict({"data": {"dataset": "tiny_shakespeare", "partition": "iid"}, "model": {"name": "mlp"}})
+
+
+def test_any_tfds_text_dataset_reads_as_words_when_text_level_says_so(shakespeare_dir, tmp_path):
+    from fedjaxpriv.config import from_dict
+    from fedjaxpriv.experiment import load_population
+
+    config = from_dict({"data": {"dataset": "tfds:tiny_shakespeare", "data_dir": shakespeare_dir, "text_level": "word",
+                                 "partition": "iid", "num_clients": 2, "sequence_length": 4},
+                        "model": {"name": "transformer"}, "server": {"clients_per_round": 2}})
+    _, _, vocabulary_size = load_population(config)
+    words = {"first", "citizen", ":", "before", "we", "proceed", "any", "further", ",", "hear", "me", "speak", ".",
+             "all"}
+    assert vocabulary_size == 2 + len(words)
+    with pytest.raises(FileNotFoundError, match="tiny_shakespeare.*download=True"):
+        load_population(from_dict({"data": {"dataset": "tiny_shakespeare", "data_dir": str(tmp_path),
+                                            "partition": "iid"}, "model": {"name": "lstm"}}))
