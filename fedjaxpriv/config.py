@@ -218,14 +218,21 @@ NATURAL_DATASETS: tuple[str, ...] = ("synthetic", "attribute", "keyboard", "leaf
 # "tiny_shakespeare" is read from a tfds copy (``data.tfds_source.load_tfds_texts``), character level unless
 # ``data.text_level`` says otherwise; any ``tfds:<name>`` with ``data.text_level`` set is read as text too.
 TEXT_DATASETS: tuple[str, ...] = ("keyboard", "leaf:shakespeare", "tiny_shakespeare")
-# Local Parquet / Arrow files (``data.tables``): text where ``data.text_level`` is set.
+# Local Parquet / Arrow files (``data.tables``), and Hugging Face datasets ("hf:<local path or Hub name>",
+# ``data.huggingface``, read into the same tables): text where ``data.text_level`` is set.
 TABLE_DATASETS: tuple[str, ...] = ("parquet", "arrow")
+HF_PREFIX = "hf:"
+
+
+def is_table(data: "DataConfig") -> bool:
+    """Whether the configured data are read as tables (Parquet / Arrow files, or a Hugging Face dataset)."""
+    return data.dataset in TABLE_DATASETS or (data.dataset.startswith(HF_PREFIX) and len(data.dataset) > 3)
 
 
 def is_text(data: "DataConfig") -> bool:
     """Whether the configured data are token sequences (next-token prediction)."""
     return data.dataset in TEXT_DATASETS or (
-        (data.dataset in TABLE_DATASETS or data.dataset.startswith("tfds:")) and data.text_level is not None)
+        (is_table(data) or data.dataset.startswith("tfds:")) and data.text_level is not None)
 
 
 # ``model.name`` of a run whose model or loss its user passed in (``Experiment(model=..., loss=...)``), and the
@@ -235,8 +242,8 @@ USER_SUPPLIED = "user-supplied"
 POPULATION_RECIPE_FIELDS: tuple[str, ...] = (
     "dataset", "data_dir", "download", "image_key", "label_key", "partition", "dirichlet_alpha", "shards_per_client",
     "quantity_sigma", "synthetic_alpha", "synthetic_beta", "synthetic_max_size", "sequence_length",
-    "vocabulary_size", "train_files", "test_files", "client_column", "text_level")
-PARTITIONS = ("iid", "dirichlet", "shards", "quantity_skew", "natural")
+    "vocabulary_size", "train_files", "test_files", "client_column", "text_level", "flwr_partitioner")
+PARTITIONS = ("iid", "dirichlet", "shards", "quantity_skew", "natural", "flwr")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -249,6 +256,8 @@ class DataConfig:
     image_key: str = knob("image", str)
     label_key: str = knob("label", str)
     partition: str = knob("dirichlet", str, choices=PARTITIONS)
+    # data.partition "flwr": the Flower Datasets partitioner class that splits the data (``data.flower``).
+    flwr_partitioner: str | None = knob(None, str, optional=True)
     num_clients: int = knob(50, int, low=1, high=INT_MAX)
     dirichlet_alpha: float = knob(0.5, float, **_POSITIVE)
     shards_per_client: int = knob(2, int, low=1, high=INT_MAX)
@@ -652,14 +661,19 @@ class ExperimentConfig:
                    [list(self.data.train_files), list(self.data.test_files)],
                    f"the {self.data.dataset} files of both splits (paths or glob patterns)")
         if is_text(self.data) and self.data.dataset not in NATURAL_DATASETS and not self.data.client_column:
-            _check(self.data.partition in ("iid", "quantity_skew"), "data.partition", self.data.partition,
-                   f"'iid' or 'quantity_skew' for {self.data.dataset} text without natural clients (e.g. "
+            _check(self.data.partition in ("iid", "quantity_skew", "flwr"), "data.partition", self.data.partition,
+                   f"'iid', 'quantity_skew' or 'flwr' for {self.data.dataset} text without natural clients (e.g. "
                    "data.client_column; the other schemes split by class label, which next-token targets are not)")
-        _check(self.data.dataset in NATURAL_DATASETS or self.data.dataset in TABLE_DATASETS
+        _check((self.data.partition == "flwr") == bool(self.data.flwr_partitioner), "data.flwr_partitioner",
+               self.data.flwr_partitioner, "a Flower Datasets partitioner class name (e.g. 'DirichletPartitioner') "
+               "exactly when data.partition is 'flwr'")
+        _check(self.data.dataset in NATURAL_DATASETS or is_table(self.data)
                or is_known_dataset(self.data.dataset)
                or self.data.dataset.startswith(USER_SUPPLIED), "data.dataset",
-               self.data.dataset, f"{DATASET_NAMES_TEXT}, or one generated with its own clients "
-                                  f"{list(NATURAL_DATASETS)} (or pass your own arrays to Experiment(population=...))")
+               self.data.dataset, f"{DATASET_NAMES_TEXT}, one generated with its own clients "
+                                  f"{list(NATURAL_DATASETS)}, local files {list(TABLE_DATASETS)}, "
+                                  f"'{HF_PREFIX}<Hugging Face dataset path or name>' (or pass your own arrays to "
+                                  "Experiment(population=...))")
         built_in = self.model.name.split("; loss: ")[0]  # a run with another task records "<model>; loss: <task>"
         _check(built_in in MODEL_NAMES or built_in.startswith(USER_SUPPLIED), "model.name",
                self.model.name, f"one of {list(MODEL_NAMES)} (or pass your own model to Experiment(model=...))")
@@ -675,7 +689,7 @@ class ExperimentConfig:
                                     f"{list(TEXT_DATASETS)}; use one of "
                                     f"{[m for m in MODEL_NAMES if m not in TOKEN_MODELS]}."))
         if self.data.partition == "natural" and self.data.dataset not in NATURAL_DATASETS and not (
-                self.data.dataset in TABLE_DATASETS and self.data.client_column):
+                is_table(self.data) and self.data.client_column):
             raise ValueError(f"data.partition='natural' needs a dataset with natural client ids {NATURAL_DATASETS}; "
                              f"data.dataset={self.data.dataset!r} has none: use iid, dirichlet, shards or "
                              "quantity_skew.")

@@ -23,8 +23,8 @@ from fedjaxpriv import evaluation
 from fedjaxpriv.client.local import LocalSpec
 from fedjaxpriv.client.sampling import overflow_probability
 from fedjaxpriv.client.settings import ClientSettings, make_settings, per_client_array, with_extra
-from fedjaxpriv.config import (POPULATION_RECIPE_FIELDS, TABLE_DATASETS, USER_SUPPLIED, DataConfig, ExperimentConfig,
-                               ModelConfig, is_text)
+from fedjaxpriv.config import (POPULATION_RECIPE_FIELDS, USER_SUPPLIED, DataConfig, ExperimentConfig,
+                               ModelConfig, is_table, is_text)
 from fedjaxpriv.data import Dataset, FederatedData, load_dataset, partition, synthetic_federated
 from fedjaxpriv.data.federated import fingerprint
 from fedjaxpriv.guards import (LOSS_LIMIT, DivergenceError, Signals, divergence, divergence_message, explosion,
@@ -108,7 +108,7 @@ def load_population(config: ExperimentConfig) -> tuple[FederatedData, Dataset, i
                                                alpha=data.synthetic_alpha, beta=data.synthetic_beta,
                                                num_classes=num_classes, max_size=data.synthetic_max_size)
         return population, test, num_classes
-    if data.dataset in TABLE_DATASETS:
+    if is_table(data):
         from fedjaxpriv.data.tables import load_table_dataset
 
         train, test, classes = load_table_dataset(data, config.run.seed)
@@ -152,6 +152,12 @@ def partition_like(config: ExperimentConfig, dataset: Dataset, seed: int) -> Fed
     """Splits ``dataset`` into ``data.num_clients`` clients with the config's partition scheme and its
     parameters (the same split a run of ``config`` makes of its training data, for another dataset or seed)."""
     data = config.data
+    if data.partition == "flwr":
+        from fedjaxpriv.data.flower import configured_partitioner, partition_with
+
+        return partition_with(configured_partitioner(
+            data.flwr_partitioner, data.num_clients, seed, dirichlet_alpha=data.dirichlet_alpha,
+            shards_per_client=data.shards_per_client), dataset)
     kwargs: dict[str, Any] = {}
     if data.partition == "dirichlet":
         kwargs["alpha"] = data.dirichlet_alpha

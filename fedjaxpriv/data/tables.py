@@ -18,11 +18,12 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from fedjaxpriv.config import TABLE_DATASETS
+from fedjaxpriv.config import HF_PREFIX, TABLE_DATASETS
 from fedjaxpriv.data import text
 from fedjaxpriv.data.federated import Dataset, FederatedData, choose_clients, from_client_lists
 
-__all__ = ["TABLE_DATASETS", "load_table_dataset", "read_table", "features", "labels", "client_ids"]
+__all__ = ["TABLE_DATASETS", "load_table_dataset", "tables_to_data", "read_table", "features", "labels",
+           "client_ids"]
 
 
 def read_table(kind: str, patterns: Sequence[str], field: str) -> Any:
@@ -73,7 +74,7 @@ def features(column: Any, name: str) -> np.ndarray:
 
     kind = column.type
     if pa.types.is_struct(kind) and kind.get_field_index("bytes") >= 0:
-        return np.stack([_decode_image(row["bytes"], name) for row in column.to_pylist()])
+        return np.stack([_decode_image(row, name) for row in column.to_pylist()])
     values = column.to_pylist()
     try:
         array = np.asarray(values, np.float32)
@@ -83,12 +84,17 @@ def features(column: Any, name: str) -> np.ndarray:
     return array[:, None] if array.ndim == 1 else array
 
 
-def _decode_image(data: bytes | None, name: str) -> np.ndarray:
+def _decode_image(row: dict[str, Any], name: str) -> np.ndarray:
+    """A Hugging Face image struct (its ``bytes``, else the file at its ``path``) as float32 [H, W, C] in [0, 1]."""
     from PIL import Image
 
-    if data is None:
-        raise ValueError(f"column {name!r} has an image without bytes.")
-    image = np.asarray(Image.open(io.BytesIO(data)), np.float32) / 255.0
+    if row.get("bytes") is None and not row.get("path"):
+        raise ValueError(f"column {name!r} has an image with neither bytes nor a path.")
+    try:
+        opened = Image.open(io.BytesIO(row["bytes"]) if row.get("bytes") is not None else row["path"])
+    except OSError as error:
+        raise ValueError(f"column {name!r}: an image is not readable ({error}).") from None
+    image = np.asarray(opened, np.float32) / 255.0
     return image[..., None] if image.ndim == 2 else image
 
 
@@ -119,11 +125,21 @@ def client_ids(table: Any, name: str, num_clients: int, seed: int) -> tuple[np.n
 
 
 def load_table_dataset(data: Any, seed: int) -> tuple[Dataset | FederatedData, Dataset, int]:
-    """The configured table dataset: (population when ``data.client_column`` is set, else the centralized
-    training set to partition; the test set; classes, or the vocabulary's size for text)."""
-    field = "data.train_files"
-    train = read_table(data.dataset, data.train_files, field)
-    test = read_table(data.dataset, data.test_files, "data.test_files")
+    """The configured table dataset (Parquet / Arrow files, or a Hugging Face dataset: ``data.huggingface``):
+    ``tables_to_data`` of its training and test tables."""
+    if data.dataset.startswith(HF_PREFIX):
+        from fedjaxpriv.data.huggingface import load_hf_tables
+
+        train, test = load_hf_tables(data.dataset[len(HF_PREFIX):], data.data_dir, data.download)
+    else:
+        train = read_table(data.dataset, data.train_files, "data.train_files")
+        test = read_table(data.dataset, data.test_files, "data.test_files")
+    return tables_to_data(train, test, data, seed)
+
+
+def tables_to_data(train: Any, test: Any, data: Any, seed: int) -> tuple[Dataset | FederatedData, Dataset, int]:
+    """Training and test ``pyarrow.Table``s as data: (population when ``data.client_column`` is set, else the
+    centralized training set to partition; the test set; classes, or the vocabulary's size for text)."""
     feature_train = _column(train, data.image_key, "data.image_key")
     feature_test = _column(test, data.image_key, "data.image_key")
     owner = None

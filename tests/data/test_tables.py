@@ -105,7 +105,7 @@ def test_bad_table_inputs_are_errors_naming_the_field(tmp_path):
     base = ["data.dataset=parquet", f"data.train_files=[{train}]", f"data.test_files=[{train}]", "data.num_clients=1"]
     with pytest.raises(ValueError, match=r"data.train_files / test_files=\[\[\], \[\]\] is invalid"):
         config("data.dataset=parquet")
-    with pytest.raises(ValueError, match=r"data.partition='dirichlet' is invalid; allowed: 'iid' or 'quantity_skew' "
+    with pytest.raises(ValueError, match=r"data.partition='dirichlet' is invalid; allowed: 'iid', 'quantity_skew' or 'flwr' "
                                          r"for parquet text without natural clients \(e.g. data.client_column"):
         config(*base, "data.text_level=word", "model.name=lstm")
     with pytest.raises(ValueError, match=r"data.test_files: '.*nothing-\*.parquet' matches no file"):

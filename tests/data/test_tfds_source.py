@@ -162,7 +162,7 @@ def test_tiny_shakespeare_from_a_local_copy_is_character_windows_with_a_training
     unseen = [c for c in _PLAY["test"][1:] if c not in characters]
     assert unseen and int((np.asarray(test.y) == text.MASKED).sum()) == len(unseen) + (-(len(_PLAY["test"]) - 1)) % 8
     assert decode(np.asarray(test.x)[0]) == "".join(c for c in _PLAY["test"][:8] if c in characters)
-    with pytest.raises(ValueError, match="'iid' or 'quantity_skew' for tiny_shakespeare"):
+    with pytest.raises(ValueError, match="'iid', 'quantity_skew' or 'flwr' for tiny_shakespeare"):
         from_dict({"data": {"dataset": "tiny_shakespeare", "partition": "dirichlet"}, "model": {"name": "lstm"}})
     with pytest.raises(ValueError, match="model.name='mlp' does not fit data.dataset='tiny_shakespeare'"):
         from_dict({"data": {"dataset": "tiny_shakespeare", "partition": "iid"}, "model": {"name": "mlp"}})

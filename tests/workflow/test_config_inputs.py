@@ -101,6 +101,9 @@ INVALID: list[Case] = [
     S("data.train_files=5", bad("data.train_files", "5", "a list, each a string")),
     S("data.test_files=[1, 2]", bad("data.test_files", "[1, 2]", "a list, each a string")),
     S("data.text_level=byte", bad("data.text_level", "'byte'", "one of ['char', 'word'], or null")),
+    S("data.flwr_partitioner=IidPartitioner", bad("data.flwr_partitioner", "'IidPartitioner'",
+                                                  "a Flower Datasets partitioner class name")),
+    S(["data.partition=flwr"], bad("data.flwr_partitioner", "None", "a Flower Datasets partitioner class name")),
     # model
     S("model.hidden=[0]", bad("model.hidden", "[0]", "a list, each " + INT)),
     S("model.hidden=[-1]", bad("model.hidden", "[-1]", "a list, each " + INT)),
