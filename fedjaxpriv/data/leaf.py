@@ -8,10 +8,13 @@ and ``test/``, each with JSON files ``{"users": [...], "num_samples": [...], "us
 * ``femnist``: x 784 pixel values -> images [28, 28, 1] float32, y one of 62 classes (digits, upper, lower case);
 * ``shakespeare``: x 80 characters, y the next one -> next-character prediction on 80-token sequences (inputs the
   80 characters, targets the same shifted by one, ending with y), with a character vocabulary built from the
-  training users only (``data.text``).
+  training users only (``data.text``);
+* ``celeba``: x file names of the raw CelebA images, read from ``raw/img_align_celeba/`` beside ``train/`` and
+  ``test/`` (LEAF's layout), as RGB resized to 84 x 84 (as LEAF's CelebA model reads them, bicubic) -> float32
+  [84, 84, 3] in [0, 1]; y the binary attribute LEAF chose (smiling), 2 classes.
 
-Sent140 and CelebA are LEAF datasets too, but their x are raw tweets and image file names that need models and
-files this loader does not have; they are refused by name.
+Sent140 is a LEAF dataset too, but its x are raw tweets with metadata that need a text classifier this loader
+does not have; it is refused by name.
 """
 
 from __future__ import annotations
@@ -27,12 +30,13 @@ from fedjaxpriv.data import text
 from fedjaxpriv.data.federated import Dataset, FederatedData, choose_clients, from_client_lists
 
 LEAF_PREFIX = "leaf:"
-LEAF_DATASETS = ("femnist", "shakespeare")
+LEAF_DATASETS = ("femnist", "shakespeare", "celeba")
 UNSUPPORTED = {"sent140": "its x are raw tweets with metadata (a text classifier this loader does not have)",
-               "celeba": "its x are image file names (the raw CelebA images are not read)",
                "reddit": "its x are pre-tokenised comment trees, not yet read"}
 FEMNIST_CLASSES = 62
 SHAKESPEARE_LENGTH = 80
+CELEBA_SIZE = 84  # pixels per side, as LEAF's CelebA model resizes them
+CELEBA_IMAGES = os.path.join("raw", "img_align_celeba")
 
 UserData = dict[str, dict[str, list[Any]]]
 
@@ -118,6 +122,8 @@ def load_leaf(name: str, directory: str | None, num_clients: int, seed: int, voc
     test = [splits["test"].get(u, {"x": [], "y": []}) for u in users]
     if leaf == "femnist":
         return _femnist(train, test)
+    if leaf == "celeba":
+        return _celeba(train, test, os.path.join(directory, CELEBA_IMAGES))
     return _shakespeare(train, test, vocabulary_size)
 
 
@@ -130,6 +136,37 @@ def _femnist(train: Sequence[Mapping[str, list]], test: Sequence[Mapping[str, li
     test_set = Dataset(np.concatenate([images(u["x"]) for u in test]),
                        np.concatenate([np.asarray(u["y"], np.int32) for u in test]))
     return population, test_set, FEMNIST_CLASSES
+
+
+def _celeba(train: Sequence[Mapping[str, list]], test: Sequence[Mapping[str, list]], images_dir: str
+           ) -> tuple[FederatedData, Dataset, int]:
+    from PIL import Image
+
+    if not os.path.isdir(images_dir):
+        raise ValueError(f"{images_dir}: no such directory; LEAF's CelebA x are file names of the raw CelebA images, "
+                         "read from raw/img_align_celeba/ in data.data_dir (LEAF's layout).")
+
+    def images(names: list) -> np.ndarray:
+        out = np.zeros((len(names), CELEBA_SIZE, CELEBA_SIZE, 3), np.float32)
+        for i, name in enumerate(names):
+            path = os.path.join(images_dir, str(name))
+            try:
+                with Image.open(path) as image:
+                    resized = image.convert("RGB").resize((CELEBA_SIZE, CELEBA_SIZE), Image.Resampling.BICUBIC)
+            except OSError as error:
+                raise ValueError(f"{path}: a CelebA image LEAF's files name is not readable ({error}).") from None
+            out[i] = np.asarray(resized, np.float32) / 255.0
+        return out
+
+    def labels(values: list) -> np.ndarray:
+        y = np.asarray(values, np.int32)
+        if y.size and not np.isin(y, (0, 1)).all():
+            raise ValueError(f"LEAF's CelebA labels must be 0 or 1; found {sorted(set(y.tolist()) - {0, 1})[:5]}.")
+        return y
+
+    population = from_client_lists([images(u["x"]) for u in train], [labels(u["y"]) for u in train])
+    test_set = Dataset(np.concatenate([images(u["x"]) for u in test]), np.concatenate([labels(u["y"]) for u in test]))
+    return population, test_set, 2
 
 
 def _shakespeare(train: Sequence[Mapping[str, list]], test: Sequence[Mapping[str, list]], vocabulary_size: int

@@ -76,6 +76,38 @@ def test_femnist_users_become_clients_of_images_and_a_subset_is_seeded(tmp_path)
     assert set(subset.counts.tolist()) <= sizes
 
 
+def test_celeba_users_become_clients_of_their_raw_images_resized_as_leaf_reads_them(tmp_path):
+    from PIL import Image
+
+    rng = np.random.default_rng(3)
+    (tmp_path / "raw" / "img_align_celeba").mkdir(parents=True)
+    pixels = {}
+    for i in range(7):  # 84 x 84 RGB images are read exactly (resizing to their own size changes nothing)
+        pixels[f"{i:06d}.png"] = rng.integers(0, 256, (84, 84, 3), dtype=np.uint8)
+        Image.fromarray(pixels[f"{i:06d}.png"]).save(tmp_path / "raw" / "img_align_celeba" / f"{i:06d}.png")
+    gray = rng.integers(0, 256, (218, 178), dtype=np.uint8)  # CelebA's own size, in gray: 3 equal channels
+    Image.fromarray(gray).save(tmp_path / "raw" / "img_align_celeba" / "gray.png")
+    train = {"u1": (["000000.png", "gray.png"], [1, 0]), "u0": (["000001.png", "000002.png", "000003.png"], [0, 0, 1])}
+    test = {"u0": (["000004.png"], [1]), "u1": (["000005.png", "000006.png"], [0, 1])}
+    write_split(tmp_path / "train", [train])
+    write_split(tmp_path / "test", [test])
+    population, test_set, classes = leaf.load_leaf("leaf:celeba", str(tmp_path), 2, seed=0)
+    assert classes == 2 and population.counts.tolist() == [3, 2] and population.x.shape[1:] == (84, 84, 3)
+    for row, name in enumerate(train["u0"][0]):
+        np.testing.assert_array_equal(population.client(0).x[row], pixels[name].astype(np.float32) / 255)
+    assert population.client(0).y.tolist() == [0, 0, 1] and population.client(1).y.tolist() == [1, 0]
+    resized = population.client(1).x[1]
+    assert np.array_equal(resized[..., 0], resized[..., 2]) and abs(resized.mean() - gray.mean() / 255) < 0.01
+    np.testing.assert_array_equal(test_set.x[2], pixels["000006.png"].astype(np.float32) / 255)  # u0's, then u1's
+    assert test_set.y.tolist() == [1, 0, 1]
+    (tmp_path / "raw" / "img_align_celeba" / "000003.png").unlink()
+    with pytest.raises(ValueError, match=r"000003.png: a CelebA image LEAF's files name is not readable"):
+        leaf.load_leaf("leaf:celeba", str(tmp_path), 2, seed=0)
+    (tmp_path / "raw" / "img_align_celeba").rename(tmp_path / "raw" / "elsewhere")
+    with pytest.raises(ValueError, match=r"img_align_celeba: no such directory; LEAF's CelebA x are file names"):
+        leaf.load_leaf("leaf:celeba", str(tmp_path), 2, seed=0)
+
+
 def test_missing_or_malformed_leaf_data_is_an_error_naming_the_path(tmp_path):
     with pytest.raises(ValueError, match=r"train: no such directory; data.data_dir must hold LEAF's train/ and "
                                          r"test/"):
