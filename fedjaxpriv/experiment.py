@@ -29,7 +29,7 @@ from fedjaxpriv.data import Dataset, FederatedData, load_dataset, partition, syn
 from fedjaxpriv.data.federated import fingerprint
 from fedjaxpriv.guards import (LOSS_LIMIT, DivergenceError, Signals, divergence, divergence_message, explosion,
                                pause_point)
-from fedjaxpriv.models import WIDTH_MODELS, Model, ModelLike, as_model, count_params, get_model
+from fedjaxpriv.models import TOKEN_CLASSIFIERS, WIDTH_MODELS, Model, ModelLike, as_model, count_params, get_model
 from fedjaxpriv.models.tasks import (CLASSIFICATION, NEXT_TOKEN, PerExampleLoss, Task, as_task, check_fits,
                                      check_targets, describe, with_label_metrics)
 from fedjaxpriv.parallel import Plan, local_mesh, plan as execution_plan, replicate
@@ -177,7 +177,9 @@ def model_for(config: ExperimentConfig, input_shape: Sequence[int], num_classes:
     if config.model.name.startswith(USER_SUPPLIED):
         raise ValueError(f"model.name={config.model.name!r} records a model or loss its user passed in; pass them "
                          "again (model=..., loss=...).")
-    model_kwargs = {"hidden": tuple(config.model.hidden)} if config.model.name in WIDTH_MODELS else {}
+    model_kwargs: dict[str, Any] = {"hidden": tuple(config.model.hidden)} if config.model.name in WIDTH_MODELS else {}
+    if config.model.name in TOKEN_CLASSIFIERS:  # ids < data.vocabulary_size (the vocabulary's largest size)
+        model_kwargs["vocabulary"] = config.data.vocabulary_size
     return get_model(config.model.name, input_shape, num_classes, **model_kwargs)
 
 

@@ -39,7 +39,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from fedjaxpriv.attacks import attribute, inversion_eval, membership, reconstruction, shadow
-from fedjaxpriv.config import NATURAL_DATASETS, ExperimentConfig, is_text, with_overrides
+from fedjaxpriv.config import NATURAL_DATASETS, ExperimentConfig, is_text, reads_tokens, with_overrides
 from fedjaxpriv.data.federated import Dataset
 from fedjaxpriv.files import atomic_write
 from fedjaxpriv.privacy.basis import level_of
@@ -494,9 +494,9 @@ def _inversion_config(suite: AttackSuite) -> Any:
 
 
 def _skipped_inversion(config: ExperimentConfig, suite: AttackSuite) -> str | None:
-    if is_text(config.data):
-        return ("the inputs are token ids, which gradient matching cannot optimise; the bag_of_words attack reads "
-                "the typed words from the embedding rows")
+    if reads_tokens(config.data):
+        return ("the inputs are token ids, which gradient matching cannot optimise (on next-token text the "
+                "bag_of_words attack reads the typed words from the embedding rows)")
     return "skipped (inversion_targets=0, --inversion-targets)" if suite.inversion_targets == 0 else None
 
 

@@ -1,7 +1,8 @@
 """Model zoo: Flax linen modules wrapped as pure functions.
 
 Every image model maps ``x: [B, *input_shape]`` float32 to logits ``[B, num_classes]``; the token models
-(``TOKEN_MODELS``) map token ids ``[B, T]`` int to next-token logits ``[B, T, V]``. Models hold no mutable
+(``TOKEN_MODELS``) map token ids ``[B, T]`` int to next-token logits ``[B, T, V]``, and the token classifiers
+(``TOKEN_CLASSIFIERS``) token ids ``[B, T]`` to logits ``[B, num_classes]``. Models hold no mutable
 state (normalization is GroupNorm, not BatchNorm), so a client's model is just its parameter pytree.
 """
 
@@ -175,6 +176,26 @@ class CausalTransformer(nn.Module):
         return nn.Dense(self.num_classes)(nn.LayerNorm()(x))
 
 
+class LSTMClassifier(nn.Module):
+    """A token-sequence classifier in the style of LEAF's Sent140 model (an embedding, stacked LSTM layers, a dense
+    layer on the state after the last real token): tokens [B, T] int, the text first and padding (id 0) after it
+    -> logits [B, num_classes]. ``vocabulary`` embedding rows; ``hidden`` the width of each LSTM layer."""
+
+    num_classes: int
+    vocabulary: int = 10_000
+    hidden: Sequence[int] = (100, 100)
+    embedding: int = 32
+
+    @nn.compact
+    def __call__(self, tokens: jax.Array) -> jax.Array:
+        tokens = tokens.astype(jnp.int32)
+        x = nn.Embed(self.vocabulary, self.embedding)(tokens)
+        for width in self.hidden:
+            x = nn.RNN(nn.OptimizedLSTMCell(width))(x)
+        last = jnp.maximum(jnp.sum(tokens != 0, axis=-1) - 1, 0)  # the LSTM is causal: later padding is unseen
+        return nn.Dense(self.num_classes)(jnp.take_along_axis(x, last[:, None, None], axis=1)[:, 0])
+
+
 _MODULES: dict[str, Callable[..., nn.Module]] = {
     "logreg": LogisticRegression,
     "mlp": MLP,
@@ -183,13 +204,18 @@ _MODULES: dict[str, Callable[..., nn.Module]] = {
     "resnet": SmallResNet,
     "lstm": LSTMLanguageModel,
     "transformer": CausalTransformer,
+    "lstm_classifier": LSTMClassifier,
 }
 MODEL_NAMES: tuple[str, ...] = tuple(_MODULES)
 _NEEDS_IMAGE = {"cnn", "lenet", "resnet"}
 # Models of token sequences: inputs [B, T] int token ids, logits [B, T, V] (V = num_classes, the vocabulary).
 TOKEN_MODELS = ("lstm", "transformer")
+# Models that classify token sequences: inputs [B, T] int token ids, logits [B, num_classes]; their embedding has
+# ``vocabulary`` rows (the data's vocabulary size).
+TOKEN_CLASSIFIERS = ("lstm_classifier",)
+READS_TOKENS = TOKEN_MODELS + TOKEN_CLASSIFIERS
 # The models whose widths ``model.hidden`` sets.
-WIDTH_MODELS = ("mlp", *TOKEN_MODELS)
+WIDTH_MODELS = ("mlp", *READS_TOKENS)
 
 
 def get_model(name: str, input_shape: Sequence[int], num_classes: int, **kwargs: Any) -> Model:
@@ -208,10 +234,10 @@ def get_model(name: str, input_shape: Sequence[int], num_classes: int, **kwargs:
         raise ValueError(f"num_classes={num_classes} must be >= 2.")
     if name in _NEEDS_IMAGE and len(input_shape) != 3:
         raise ValueError(f"model {name!r} needs image inputs (H, W, C); got input_shape={input_shape}.")
-    if name in TOKEN_MODELS and len(input_shape) != 1:
+    if name in READS_TOKENS and len(input_shape) != 1:
         raise ValueError(f"model {name!r} needs token sequences (T,); got input_shape={input_shape}.")
     module = _MODULES[name](num_classes=num_classes, **kwargs)
-    init, apply = module_functions(module, input_shape, jnp.int32 if name in TOKEN_MODELS else jnp.float32)
+    init, apply = module_functions(module, input_shape, jnp.int32 if name in READS_TOKENS else jnp.float32)
     return Model(init=init, apply=apply, input_shape=input_shape, num_classes=num_classes, name=name)
 
 

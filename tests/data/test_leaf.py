@@ -108,6 +108,25 @@ def test_celeba_users_become_clients_of_their_raw_images_resized_as_leaf_reads_t
         leaf.load_leaf("leaf:celeba", str(tmp_path), 2, seed=0)
 
 
+def test_sent140_users_become_clients_of_their_tweets_first_words_with_a_training_vocabulary(tmp_path):
+    fields = lambda text: ["1467810369", "Mon Apr 06 22:19:45 PDT 2009", "NO_QUERY", "someone", text]  # noqa: E731
+    long_tweet = " ".join(f"w{i}" for i in range(30))
+    train = {"bob": ([fields("I love it, love it!"), fields(long_tweet)], [1, 0]),
+             "amy": ([fields("so sad today")], [0])}
+    test = {"amy": ([fields("love zebras")], [1]), "bob": ([fields("sad")], [0])}
+    write_split(tmp_path / "train", [train])
+    write_split(tmp_path / "test", [test])
+    population, test_set, classes = leaf.load_leaf("leaf:sent140", str(tmp_path), 2, seed=0)
+    vocabulary = text.build_vocabulary(["so sad today", "I love it, love it!", long_tweet], "word", 10_000)
+    assert classes == 2 and population.x.dtype == np.int32 and population.x.shape == (3, 25)
+    assert population.counts.tolist() == [1, 2] and population.y.tolist() == [0, 1, 0]  # amy, then bob
+    assert vocabulary.decode(population.client(1).x[0][:7]) == ["i", "love", "it", ",", "love", "it", "!"]
+    assert population.client(1).x[0][7:].tolist() == [text.PAD] * 18  # padding after the text
+    assert vocabulary.decode(population.client(1).x[1]) == [f"w{i}" for i in range(25)]  # the first 25 words
+    assert test_set.x[0][:2].tolist() == [vocabulary.tokens.index("love"), text.OOV]  # "zebras": not in training
+    assert test_set.y.tolist() == [1, 0]
+
+
 def test_missing_or_malformed_leaf_data_is_an_error_naming_the_path(tmp_path):
     with pytest.raises(ValueError, match=r"train: no such directory; data.data_dir must hold LEAF's train/ and "
                                          r"test/"):
@@ -135,8 +154,12 @@ def test_missing_or_malformed_leaf_data_is_an_error_naming_the_path(tmp_path):
 
 
 def test_the_config_refuses_unsupported_leaf_data_and_a_missing_directory_before_any_work():
-    with pytest.raises(ValueError, match=r"LEAF's sent140 is not supported: its x are raw tweets"):
-        with_overrides(ExperimentConfig(), ["data.dataset=leaf:sent140"])
+    with pytest.raises(ValueError, match=r"LEAF's reddit is not supported: its x are pre-tokenised"):
+        with_overrides(ExperimentConfig(), ["data.dataset=leaf:reddit"])
+    with pytest.raises(ValueError, match=r"model.name='lstm' does not fit data.dataset='leaf:sent140': its examples "
+                                         r"are token sequences with a class label each; use one of "
+                                         r"\['lstm_classifier'\]"):
+        with_overrides(ExperimentConfig(), ["data.dataset=leaf:sent140", "data.data_dir=/x", "model.name=lstm"])
     with pytest.raises(ValueError, match=r"data.data_dir=None is invalid; allowed: the directory of a local copy of "
                                          r"LEAF's femnist data"):
         with_overrides(ExperimentConfig(), ["data.dataset=leaf:femnist"])
