@@ -438,9 +438,9 @@ def plot_roc(curves: Mapping[str, tuple[np.ndarray, np.ndarray]], path: str, tit
              alpha: float = 0.05) -> str:
     """Log-log ROC plot (the low-FPR view of Carlini et al. 2022) of named ``(scores, labels)`` pairs -> path.
 
-    Each curve is drawn with a shaded pointwise Clopper-Pearson (1 - alpha) band of its TPR and a dotted
-    vertical line at its smallest resolvable FPR, 1 / num_nonmembers; left of it the curve is not measured and
-    not drawn.
+    Each curve is drawn with a shaded pointwise Clopper-Pearson (1 - alpha) band of its TPR, a dot at its first
+    measured point and a dotted vertical line at its smallest resolvable FPR, 1 / num_nonmembers; left of it the
+    curve is not measured and not drawn.
     """
     import matplotlib
 
@@ -454,18 +454,24 @@ def plot_roc(curves: Mapping[str, tuple[np.ndarray, np.ndarray]], path: str, tit
         members, nonmembers = true_positives[-1], false_positives[-1]
         fpr, tpr = false_positives / nonmembers, true_positives / members
         band_low, band_high = clopper_pearson_interval(true_positives, members, alpha)
-        measured = fpr >= 1.0 / nonmembers  # left of 1 / non-members nothing is measured: not drawn
-        x = fpr[measured]
-        (line,) = ax.plot(x, np.maximum(tpr[measured], 1e-6), drawstyle="steps-post",
+        # Left of 1 / non-members nothing is measured: not drawn. The curve starts there at the best TPR of any
+        # threshold with FPR <= 1 / non-members (the ROC is a step function of the FPR).
+        first = int(np.searchsorted(fpr, 1.0 / nonmembers, side="right")) - 1
+        shown = np.r_[first, np.flatnonzero(fpr > 1.0 / nonmembers)]
+        x = np.r_[1.0 / nonmembers, fpr[shown[1:]]]
+        (line,) = ax.plot(x, np.maximum(tpr[shown], 1e-6), drawstyle="steps-post",
                           label=f"{name} (AUC {roc_auc(scores, labels):.3f})")
-        ax.fill_between(x, np.maximum(band_low[measured], 1e-6), band_high[measured], step="post",
+        # The first point marked: a curve of tied scores may be that point alone (e.g. at (1, 1)).
+        ax.plot(x[:1], np.maximum(tpr[shown][:1], 1e-6), "o", ms=3.5, color=line.get_color())
+        ax.fill_between(x, np.maximum(band_low[shown], 1e-6), band_high[shown], step="post",
                         color=line.get_color(), alpha=0.12, lw=0)
         ax.axvline(1.0 / nonmembers, color=line.get_color(), ls=":", lw=1.0)
         lowest = min(lowest, 1.0 / nonmembers)
     lim = 10 ** np.floor(np.log10(lowest / 2))
     ax.plot([lim, 1], [lim, 1], "k--", lw=0.8)
     ax.plot([], [], color="gray", ls=":", lw=1.0, label="1 / non-members")
-    ax.set(xscale="log", yscale="log", xlim=(lim, 1), ylim=(lim, 1), xlabel="false positive rate",
+    # Limits a little above 1, so that a curve at TPR 1 (or FPR 1) is drawn inside the frame, not on its edge.
+    ax.set(xscale="log", yscale="log", xlim=(lim, 1.25), ylim=(lim, 1.25), xlabel="false positive rate",
            ylabel="true positive rate", title=title)
     ax.legend(fontsize=7, loc="lower right")
     fig.tight_layout()

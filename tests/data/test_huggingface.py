@@ -38,6 +38,23 @@ def test_a_saved_dataset_gives_exactly_the_builtin_digits_population(saved_digit
     np.testing.assert_array_equal(test.y, reference_test.y)
 
 
+def test_a_folder_of_parquet_files_read_by_datasets_gives_exactly_the_builtin_digits_population(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    train, test = load_digits()
+    (tmp_path / "digits").mkdir()
+    for split, data in (("train", train), ("test", test)):  # datasets names the splits by the files' names
+        pq.write_table(pa.table({"image": data.x.tolist(), "label": data.y}), tmp_path / "digits" / f"{split}.parquet")
+    population, test_set, classes = load_population(config(f"data.dataset=hf:{tmp_path / 'digits'}",
+                                                           f"data.data_dir={tmp_path / 'cache'}"))
+    reference, reference_test, _ = load_population(ExperimentConfig())
+    assert classes == 10
+    for got, want in zip(population, reference):
+        np.testing.assert_array_equal(got, want)
+    np.testing.assert_array_equal(test_set.x, reference_test.x)
+
+
 def test_an_image_folder_reads_its_pixels_exactly_and_its_class_folders_as_labels(tmp_path):
     from PIL import Image
 
