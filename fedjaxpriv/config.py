@@ -528,6 +528,9 @@ class RunConfig:
       strategy: "auto", "vmap" (vectorize each chunk), "loop" (one client at a time inside the compiled
         round) or "host" (one compiled call per client from Python, over the devices; fastest for convnets
         on CPU). "auto" picks per model and backend (``parallel.auto_strategy``).
+      shard_data: split the population's examples over the devices (each holds O(examples / devices)) and fetch
+        each chunk's clients' examples to the devices that train them, instead of a full copy per device; the
+        same rounds, bit for bit. Needs strategy "vmap" or "loop"; nothing changes on one device.
       checkpoint_every: save a resumable checkpoint every this many rounds (0 = only at the end).
       delta: target delta for privacy accounting.
       accountant: "rdp" or "pld" (dp_accounting).
@@ -547,6 +550,7 @@ class RunConfig:
     chunk_size: int = knob(0, int, low=0, high=INT_MAX, note="0 = automatic")
     num_devices: int = knob(0, int, low=0, high=INT_MAX, note="0 = all devices")
     strategy: str = knob("auto", str, choices=("auto", "vmap", "loop", "host"))
+    shard_data: bool = knob(False, bool)
     checkpoint_every: int = knob(10, int, low=0, high=INT_MAX, note="0 = only at the end")
     delta: float = knob(1e-5, float, low=0.0, high=1.0, low_open=True, high_open=True)
     accountant: str = knob("rdp", str, choices=("rdp", "pld"))

@@ -32,7 +32,7 @@ from fedjaxpriv.guards import (LOSS_LIMIT, DivergenceError, Signals, divergence,
 from fedjaxpriv.models import TOKEN_CLASSIFIERS, WIDTH_MODELS, Model, ModelLike, as_model, count_params, get_model
 from fedjaxpriv.models.tasks import (CLASSIFICATION, NEXT_TOKEN, PerExampleLoss, Task, as_task, check_fits,
                                      check_targets, describe, with_label_metrics)
-from fedjaxpriv.parallel import Plan, local_mesh, plan as execution_plan, replicate
+from fedjaxpriv.parallel import Plan, local_mesh, plan as execution_plan, replicate, shard_examples
 from fedjaxpriv.privacy.basis import largest_epsilon
 from fedjaxpriv.privacy.calibration import calibrate_noise
 from fedjaxpriv.privacy.mechanisms import ClientLevelDpFedAvg, local_gaussian, round_up_float32
@@ -513,6 +513,11 @@ class Experiment:
             max_steps=max(1, int(np.max(self.settings.num_steps))), max_batch=slots, num_clients=self.cohort_slots,
             mesh=mesh, strategy=r.strategy, chunk_size=r.chunk_size)
         self.strategy, self.chunk_size = self.plan.strategy, self.plan.chunk_size
+        # run.shard_data: the examples split over the mesh's devices, each chunk's fetched where it trains.
+        self.shard_width = (int(max(1, np.max(counts))) if r.shard_data and mesh is not None else None)
+        if self.shard_width is not None and self.strategy == "host":
+            raise ValueError("run.shard_data=true needs run.strategy 'vmap' or 'loop' (the compiled round fetches "
+                             f"each chunk's examples); the plan chose 'host' (run.strategy={r.strategy!r}).")
         self.spec = local_spec(config, self.settings, counts, num_classes, self.plan, slots, self.task)
         self.server_tx = server_optimizer(s.optimizer, s.lr, momentum=s.momentum, b1=s.adam_b1, b2=s.adam_b2,
                                           eps=s.adam_eps)
@@ -552,10 +557,15 @@ class Experiment:
         self.round_fn = build_round(self.model.apply, self.spec, self.server_tx, self.aggregation,
                                     message_fn=self.message_fn,
                                     chunk_size=self.chunk_size, strategy=self.strategy, mesh=mesh,
-                                    prune_schedule=self.prune_schedule, algorithm=self.algorithm)
+                                    prune_schedule=self.prune_schedule, algorithm=self.algorithm,
+                                    sharded_examples=self.shard_width)
         self.initial_params = params
-        self.device_population = replicate(Population(*(jnp.asarray(a) for a in (
-            population.x, population.y, population.offsets, population.counts))), mesh)
+        if self.shard_width is None:
+            self.device_population = replicate(Population(*(jnp.asarray(a) for a in (
+                population.x, population.y, population.offsets, population.counts))), mesh)
+        else:
+            self.device_population = Population(*shard_examples((population.x, population.y), mesh), *replicate(
+                (jnp.asarray(population.offsets), jnp.asarray(population.counts)), mesh))
         self.device_settings = replicate(jax.tree_util.tree_map(jnp.asarray, self.settings), mesh)
 
     def new_privacy_tracker(self) -> PrivacyTracker:

@@ -149,8 +149,65 @@ def pad_clients(tree: Any, total: int) -> Any:
     return jax.tree_util.tree_map(pad, tree)
 
 
+def shard_examples(tree: Any, mesh: Mesh) -> Any:
+    """Leaves [T, ...] (examples, client by client) padded with zeros to a multiple of the mesh's "clients" devices D
+    and split over them: device d holds examples [d T/D, (d + 1) T/D), so each holds O(T / D) of them."""
+    devices = mesh.shape[CLIENT_AXIS]
+
+    def split(leaf: Any) -> jax.Array:
+        leaf = np.asarray(leaf)
+        total = int(math.ceil(max(1, leaf.shape[0]) / devices) * devices)
+        padded = np.concatenate([leaf, np.zeros((total - leaf.shape[0], *leaf.shape[1:]), leaf.dtype)])
+        return jax.device_put(padded, NamedSharding(mesh, P(CLIENT_AXIS)))
+
+    return jax.tree_util.tree_map(split, tree)
+
+
+def gather_examples(data: Any, offsets: jax.Array, counts: jax.Array, width: int, mesh: Mesh) -> Any:
+    """Clients' examples from ``data`` split over the mesh by ``shard_examples``: leaves [K, width, ...], row k
+    the examples [offsets[k], offsets[k] + counts[k]) and zeros after them, the K rows split over the mesh's
+    "clients" axis (K a multiple of its size D; ``counts`` <= ``width``).
+
+    Each device's rows travel once around the ring of devices, each adding the examples of those rows it holds
+    (zeros where it holds none: an example lies on one device only): exact, and the working set is one block of
+    rows, O(K / D x width) examples per device, never the whole population.
+    """
+    devices = mesh.shape[CLIENT_AXIS]
+
+    def per_device(data: Any, offsets: jax.Array, counts: jax.Array) -> Any:
+        block = jax.tree_util.tree_leaves(data)[0].shape[0]
+        me = jax.lax.axis_index(CLIENT_AXIS)
+        rows = offsets.shape[0] // devices
+
+        def held_rows(target: jax.Array) -> Any:
+            """The examples of device ``target``'s rows that this device holds, zeros elsewhere."""
+            first = jax.lax.dynamic_slice_in_dim(offsets, target * rows, rows)
+            count = jax.lax.dynamic_slice_in_dim(counts, target * rows, rows)
+            positions = first[:, None] + jnp.arange(width)[None, :] - me * block
+            held = (jnp.arange(width)[None, :] < count[:, None]) & (positions >= 0) & (positions < block)
+
+            def take(leaf: jax.Array) -> jax.Array:
+                values = jnp.take(leaf, jnp.clip(positions, 0, block - 1), axis=0)
+                return jnp.where(held.reshape(held.shape + (1,) * (leaf.ndim - 1)), values, jnp.zeros((), leaf.dtype))
+
+            return jax.tree_util.tree_map(take, data)
+
+        def step(index: jax.Array, travelling: Any) -> Any:
+            # The rows of device t start at t + 1 and travel one device a step, each adding what it holds, so in
+            # step ``index`` this device adds to device (me - 1 - index)'s rows and passes them on.
+            travelling = jax.tree_util.tree_map(jnp.add, travelling, held_rows((me - 1 - index) % devices))
+            return jax.lax.ppermute(travelling, CLIENT_AXIS, [(d, (d + 1) % devices) for d in range(devices)])
+
+        own = held_rows(me)
+        arrived = jax.lax.fori_loop(0, devices - 1, step, jax.tree_util.tree_map(jnp.zeros_like, own))
+        return jax.tree_util.tree_map(jnp.add, arrived, own)
+
+    return jax.shard_map(per_device, mesh=mesh, in_specs=(P(CLIENT_AXIS), P(), P()), out_specs=P(CLIENT_AXIS),
+                         check_vma=False)(data, offsets, counts)
+
+
 def map_clients(fn: Callable[[Any], tuple[Any, Any]], inputs: Any, *, chunk_size: int, strategy: str = "vmap",
-                mesh: Mesh | None = None) -> tuple[Any, Any]:
+                mesh: Mesh | None = None, prepare: Callable[[Any], Any] | None = None) -> tuple[Any, Any]:
     """Runs ``fn`` on every client row of ``inputs``; sums the first output, stacks the second.
 
     Args:
@@ -160,6 +217,8 @@ def map_clients(fn: Callable[[Any], tuple[Any, Any]], inputs: Any, *, chunk_size
       chunk_size: clients per chunk (a multiple of the mesh size is used).
       strategy: "vmap" (vectorize each chunk) or "loop" (one client at a time).
       mesh: optional mesh with a "clients" axis; the chunk axis is sharded over it.
+      prepare: optional ``chunk rows -> chunk rows`` run on each chunk before ``fn`` (e.g. fetching the chunk's
+        examples with ``gather_examples``), so that what it adds exists for one chunk at a time.
 
     Returns:
       (sum over clients of ``summed``, ``kept`` stacked to [K, ...]).
@@ -187,8 +246,15 @@ def map_clients(fn: Callable[[Any], tuple[Any, Any]], inputs: Any, *, chunk_size
     summed_shape = jax.eval_shape(lambda r: fn(r)[0], row_shape)
     init = jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), summed_shape)
 
+    if prepare is not None:
+        row_shape = jax.eval_shape(lambda c: jax.tree_util.tree_map(
+            lambda a: jax.ShapeDtypeStruct(a.shape[1:], a.dtype), prepare(c)), jax.tree_util.tree_map(
+            lambda a: jax.ShapeDtypeStruct(a.shape[1:], a.dtype), chunks))
+        summed_shape = jax.eval_shape(lambda r: fn(r)[0], row_shape)
+        init = jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), summed_shape)
+
     def scan_body(total: Any, rows: Any) -> tuple[Any, Any]:
-        chunk_sum, kept = run_chunk(rows)
+        chunk_sum, kept = run_chunk(rows if prepare is None else prepare(rows))
         return jax.tree_util.tree_map(jnp.add, total, chunk_sum), kept
 
     total, kept = jax.lax.scan(scan_body, init, chunks)

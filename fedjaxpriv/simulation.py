@@ -32,7 +32,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from fedjaxpriv.client import pruning
 from fedjaxpriv.client.local import ApplyFn, LocalSpec, client_update
 from fedjaxpriv.client.settings import ClientSettings
-from fedjaxpriv.parallel import map_clients, map_clients_host
+from fedjaxpriv.parallel import gather_examples, map_clients, map_clients_host
 from fedjaxpriv.privacy.mechanisms import ClientLevelDpFedAvg
 from fedjaxpriv.server.algorithms import FEDAVG, FederatedAlgorithm
 
@@ -199,7 +199,10 @@ def client_message(spec: LocalSpec, apply_fn: ApplyFn, message_fn: MessageFn, al
     train_key, message_key = jax.random.split(client_key)
     kept: ClientStates = row["client_state"]
     correction = algorithm.correction(state.algorithm_state, kept.algorithm)
-    out = client_update(spec, apply_fn, state.params, population.x, population.y, row["offset"], row["count"],
+    # The client's examples: its slice of the population, or its own rows fetched for it (``row["data"]``).
+    data_x, data_y, offset = ((*row["data"], jnp.zeros((), jnp.int32)) if "data" in row
+                              else (population.x, population.y, row["offset"]))
+    out = client_update(spec, apply_fn, state.params, data_x, data_y, offset, row["count"],
                         row["settings"], train_key, correction=correction)
     message, message_state, stats = message_fn(out.delta, row["settings"], message_key, out.trained_params,
                                                kept.message)
@@ -209,7 +212,7 @@ def client_message(spec: LocalSpec, apply_fn: ApplyFn, message_fn: MessageFn, al
         personal_key = jax.random.fold_in(client_key, 2)
 
         def train(start: Params, prox: tuple[Params, jax.Array] | None = None) -> Any:
-            return client_update(spec, apply_fn, start, population.x, population.y, row["offset"], row["count"],
+            return client_update(spec, apply_fn, start, data_x, data_y, offset, row["count"],
                                  row["settings"], personal_key, prox=prox)
 
         algorithm_state = algorithm.personal_update(train, state.params, state.algorithm_state, algorithm_state)
@@ -221,7 +224,8 @@ def client_message(spec: LocalSpec, apply_fn: ApplyFn, message_fn: MessageFn, al
 def build_round(apply_fn: ApplyFn, spec: LocalSpec, server_tx: optax.GradientTransformation,
                 aggregation: AggregationSpec, *, message_fn: MessageFn = identity_message, chunk_size: int,
                 strategy: str = "vmap", mesh: Mesh | None = None, prune_schedule: tuple[int, int] | None = None,
-                algorithm: FederatedAlgorithm = FEDAVG) -> Callable[..., tuple[ServerState, RoundOutput]]:
+                algorithm: FederatedAlgorithm = FEDAVG, sharded_examples: int | None = None
+                ) -> Callable[..., tuple[ServerState, RoundOutput]]:
     """Builds ``round_fn(state, population, settings, ids, mask, root_key) -> (state, RoundOutput)``.
 
     ``settings`` holds the whole population's [C] arrays; ``ids``/``mask`` [K_max] are the cohort. For
@@ -230,7 +234,15 @@ def build_round(apply_fn: ApplyFn, spec: LocalSpec, server_tx: optax.GradientTra
     ``prune_schedule=(begin, end)`` ramps each client's pruning sparsity from 0 at round ``begin`` to its
     configured value at round ``end`` (Zhu & Gupta 2017). ``algorithm`` adds its client and server state
     (``server.algorithms``; FedAvg by default).
+
+    ``sharded_examples=n_max`` (with a mesh, "vmap" or "loop"): the population's x and y are split over the mesh
+    (``parallel.shard_examples``) and each chunk fetches its clients' examples, up to ``n_max`` per client, to
+    the devices that train them (``parallel.gather_examples``): the same round, with O(examples / devices) of
+    the population per device.
     """
+    if sharded_examples is not None and (mesh is None or strategy == "host"):
+        raise ValueError(f"examples split over devices need a mesh and strategy 'vmap' or 'loop' (got mesh={mesh}, "
+                         f"strategy={strategy!r}).")
 
     def one_client(state: ServerState, population: Population, base_key: jax.Array, row: dict[str, Any]):
         message, extra, client_state, stats, out = client_message(spec, apply_fn, message_fn, algorithm, state,
@@ -279,8 +291,10 @@ def build_round(apply_fn: ApplyFn, spec: LocalSpec, server_tx: optax.GradientTra
     def round_fn(state: ServerState, population: Population, settings: ClientSettings, ids: jax.Array,
                  mask: jax.Array, root_key: jax.Array) -> tuple[ServerState, RoundOutput]:
         round_key, base, rows = begin(state, population, settings, ids, mask, root_key)
+        prepare = None if sharded_examples is None else (lambda chunk: {**chunk, "data": gather_examples(
+            (population.x, population.y), chunk["offset"], chunk["count"], sharded_examples, mesh)})
         sums, per_client = map_clients(lambda row: one_client(state, population, base, row), rows,
-                                       chunk_size=chunk_size, strategy=strategy, mesh=mesh)
+                                       chunk_size=chunk_size, strategy=strategy, mesh=mesh, prepare=prepare)
         return finish(state, round_key, ids, sums, per_client, population.counts.shape[0])
 
     return jax.jit(round_fn, donate_argnums=(0,))

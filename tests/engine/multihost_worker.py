@@ -1,6 +1,7 @@
 """One process of a 2-process CPU run (started by test_multihost.py): trains over a global mesh, optionally
 into a run directory that every process opens (process 0 writes its files; all take part in checkpoints)."""
 
+import os
 import sys
 
 import numpy as np
@@ -21,10 +22,16 @@ def main() -> None:
 
     assert jax.device_count() == 4 and jax.local_device_count() == 2, (jax.device_count(), jax.local_device_count())
     config = dict(CONFIG)
+    if os.environ.get("MULTIHOST_SHARD_DATA"):
+        config["run"] = {**config["run"], "shard_data": True}
     if len(sys.argv) > 5 and sys.argv[5] == "mismatch" and process_id == 1:
         config["run"] = {**config["run"], "seed": 1}
     try:
-        results = Experiment(from_dict(config), mesh=make_mesh()).run(out_dir, progress=False)
+        experiment = Experiment(from_dict(config), mesh=make_mesh())
+        if config["run"].get("shard_data"):
+            print(f"examples per device: {experiment.device_population.x.addressable_shards[0].data.shape[0]}",
+                  flush=True)
+        results = experiment.run(out_dir, progress=False)
     except ValueError as error:
         print(f"refused: {error}", flush=True)
         sys.exit(2)

@@ -121,6 +121,17 @@ def test_clients_are_sharded_over_all_devices_by_default_with_the_same_result():
     for x, y in zip(jax.tree_util.tree_leaves(a.params), jax.tree_util.tree_leaves(b.params)):
         np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=1e-6)
     assert a.final("test_accuracy") == b.final("test_accuracy")
+    # run.shard_data: each device holds 1/8 of the examples, and the run is the same, bit for bit.
+    split = Experiment(from_dict({**SHORT, "run": {**SHORT["run"], "shard_data": True}}))
+    examples = len(split.population.x)
+    assert {s.data.shape[0] for s in split.device_population.x.addressable_shards} == {-(-examples // 8)}
+    assert {s.data.shape[0] for s in sharded.device_population.x.addressable_shards} == {examples}
+    c = split.run(progress=False)
+    for x, y in zip(jax.tree_util.tree_leaves(a.params), jax.tree_util.tree_leaves(c.params)):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+    assert [r["train_loss"] for r in a.history] == [r["train_loss"] for r in c.history]
+    with pytest.raises(ValueError, match="run.shard_data=true needs run.strategy 'vmap' or 'loop'.*'host'"):
+        Experiment(from_dict({**SHORT, "run": {"shard_data": True, "strategy": "host"}}))
     with pytest.raises(ValueError, match="run.num_devices.*num_devices=9"):
         Experiment(from_dict({**SHORT, "run": {"num_devices": jax.device_count() + 1}}))
 

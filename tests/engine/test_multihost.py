@@ -29,11 +29,11 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_workers(tmp_path, out, out_dir=None, pause=None, mismatch=False):
+def start_workers(tmp_path, out, out_dir=None, pause=None, mismatch=False, shard_data=False):
     """Two worker processes on a fresh port; with ``pause`` ("point:round") each waits there after creating
-    ``<out_dir>.paused<i>``."""
+    ``<out_dir>.paused<i>``; with ``shard_data`` they run with ``run.shard_data``."""
     port = _free_port()
-    env = {**os.environ, "JAX_PLATFORMS": "cpu",
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "MULTIHOST_SHARD_DATA": "1" if shard_data else "",
            "XLA_FLAGS": "--xla_force_host_platform_device_count=2 --xla_backend_optimization_level=0",
            "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
     workers = []
@@ -66,9 +66,12 @@ def single():
 
 
 @pytest.mark.slow
-def test_two_processes_equal_one(tmp_path, single):
+def test_two_processes_equal_one_with_the_examples_split_over_all_four_devices(tmp_path, single):
+    """run.shard_data: each of the 4 devices (2 per process) holds a quarter of the examples; the run is the one
+    process's (without run.shard_data: the other tests here)."""
     out = str(tmp_path / "multihost.npz")
-    finish(start_workers(tmp_path, out))
+    logs = finish(start_workers(tmp_path, out, shard_data=True))
+    assert "examples per device: 360" in logs[0]  # 1437 digits over 4 devices, padded to 1440
     assert_equals_single(out, single)
 
 

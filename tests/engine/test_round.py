@@ -11,7 +11,7 @@ import pytest
 from fedjaxpriv.client.local import LocalSpec, client_update
 from fedjaxpriv.client.settings import make_settings
 from fedjaxpriv.models import get_model
-from fedjaxpriv.parallel import make_mesh, replicate
+from fedjaxpriv.parallel import gather_examples, make_mesh, replicate, shard_examples
 from fedjaxpriv.privacy.mechanisms import ClientLevelDpFedAvg
 from fedjaxpriv.server import server_optimizer
 from fedjaxpriv.simulation import AggregationSpec, Population, build_round, client_keys_base, init_server_state
@@ -151,6 +151,46 @@ def test_host_round_over_eight_devices_equals_one_device(hetero, reference):
                         mesh=mesh)
     _assert_trees_close(state.params, reference, atol=1e-6)
     assert len(state.params["Dense_0"]["kernel"].sharding.device_set) == 8
+
+
+def test_gathered_examples_are_each_clients_own_exactly_with_zeros_after_them(hetero):
+    if jax.device_count() < 8:
+        pytest.skip("needs XLA_FLAGS=--xla_force_host_platform_device_count=8 (set in tests/conftest.py)")
+    population, (_, _, _, _, pop) = hetero
+    mesh = make_mesh(8)
+    x, y = shard_examples((pop.x, pop.y), mesh)
+    assert {s.data.shape[0] for s in x.addressable_shards} == {math.ceil(len(pop.x) / 8)}  # T / 8 per device
+    ids = np.array([3, 0, 11, 5, 5, 7, 1, 2, 9, 10, 4, 6, 8, 0, 11, 3])  # any order, repeats, 2 per device
+    width = int(population.counts.max())
+    got_x, got_y = gather_examples((x, y), jnp.asarray(population.offsets[ids]), jnp.asarray(population.counts[ids]),
+                                   width, mesh)
+    assert got_x.shape == (16, width, *pop.x.shape[1:]) and len(got_x.sharding.device_set) == 8
+    for row, client in enumerate(ids):
+        start, count = population.offsets[client], population.counts[client]
+        np.testing.assert_array_equal(got_x[row, :count], population.x[start:start + count])
+        np.testing.assert_array_equal(got_y[row, :count], population.y[start:start + count])
+        assert not np.any(got_x[row, count:]) and not np.any(got_y[row, count:])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("strategy, chunk_size", [("vmap", 8), ("loop", 1)])
+def test_examples_split_over_eight_devices_give_the_same_round(hetero, reference, strategy, chunk_size):
+    """Each device holds an eighth of the examples; each chunk fetches its clients' own: the round is the one
+    device's round (heterogeneous steps, batches, Poisson sampling, mixup, pruning, DP-SGD)."""
+    if jax.device_count() < 8:
+        pytest.skip("needs XLA_FLAGS=--xla_force_host_platform_device_count=8 (set in tests/conftest.py)")
+    population, (model, spec, settings, params, pop) = hetero
+    mesh = make_mesh(8)
+    split = Population(*shard_examples((pop.x, pop.y), mesh), pop.offsets, pop.counts)
+    tx = server_optimizer("sgd", 1.0)
+    round_fn = build_round(model.apply, spec, tx, AggregationSpec(), chunk_size=chunk_size, strategy=strategy,
+                           mesh=mesh, sharded_examples=int(population.counts.max()))
+    state, _ = round_fn(init_server_state(params, tx), split, settings, jnp.asarray(IDS), jnp.ones(8, bool),
+                        jax.random.key(7))
+    _assert_trees_close(state.params, reference, atol=1e-6)
+    with pytest.raises(ValueError, match="examples split over devices need a mesh and strategy 'vmap' or 'loop'"):
+        build_round(model.apply, spec, tx, AggregationSpec(), chunk_size=1, strategy="host", mesh=mesh,
+                    sharded_examples=4)
 
 
 @pytest.mark.slow

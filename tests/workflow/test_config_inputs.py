@@ -251,6 +251,7 @@ INVALID: list[Case] = [
     # run
     S("run.log=[jsonl,mlflow]", bad("run.log", "['jsonl', 'mlflow']", "a list, each one of ['jsonl', 'tensorboard', "
                                                                       "'wandb'] (jsonl is always on)")),
+    S("run.shard_data=maybe", "run.shard_data='maybe' is invalid; " + BOOL),
     S("run.rounds=0", bad("run.rounds", "0", INT)),
     S("run.rounds=true", bad("run.rounds", "'true'", INT)),
     S("run.rounds=2.5", bad("run.rounds", "2.5", INT)),
