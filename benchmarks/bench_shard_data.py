@@ -18,7 +18,6 @@ import argparse
 import os
 import statistics
 import sys
-import time
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -28,6 +27,7 @@ import jax.numpy as jnp  # noqa: E402
 
 from fedjaxpriv.config import ExperimentConfig, with_overrides  # noqa: E402
 from fedjaxpriv.experiment import Experiment  # noqa: E402
+from bench_text import engine_runner, timed  # noqa: E402  (this directory is on the path)
 
 
 def experiment_for(clients: int, cohort: int, split: bool) -> Experiment:
@@ -44,29 +44,13 @@ def held_bytes(experiment: Experiment) -> int:
                for s in leaf.addressable_shards if s.device == device)
 
 
-def round_runner(experiment: Experiment):
-    state = [experiment.initial_state]
+def compiled_memory(experiment: Experiment) -> tuple[int, int]:
+    """The compiled round's argument and temporary bytes per device (XLA's ``memory_analysis``)."""
     cohort, _ = experiment.round_cohort(0)
-    count = [0]
-
-    def run():
-        state[0], _ = experiment.step(state[0], count[0], cohort)
-        count[0] += 1
-        return state[0].params
-
-    def compiled_memory():
-        args = (experiment.initial_state, experiment.device_population, experiment.device_settings,
-                jnp.asarray(cohort.ids), jnp.asarray(cohort.mask), experiment.root_key)
-        analysis = experiment.round_fn.lower(*args).compile().memory_analysis()
-        return analysis.argument_size_in_bytes, analysis.temp_size_in_bytes
-
-    return run, compiled_memory
-
-
-def timed(run) -> float:
-    start = time.perf_counter()
-    jax.block_until_ready(run())
-    return time.perf_counter() - start
+    args = (experiment.initial_state, experiment.device_population, experiment.device_settings,
+            jnp.asarray(cohort.ids), jnp.asarray(cohort.mask), experiment.root_key)
+    analysis = experiment.round_fn.lower(*args).compile().memory_analysis()
+    return analysis.argument_size_in_bytes, analysis.temp_size_in_bytes
 
 
 def main() -> None:
@@ -86,9 +70,8 @@ def main() -> None:
     runners = {}
     print(f"{'layout':<10} {'population bytes/device':>24} {'round args bytes':>17} {'round temp bytes':>17}")
     for name, experiment in (("copied", copied), ("split", split)):
-        run, compiled_memory = round_runner(experiment)
-        runners[name] = run
-        arguments, temporary = compiled_memory()
+        runners[name] = engine_runner(experiment)[0]
+        arguments, temporary = compiled_memory(experiment)
         print(f"{name:<10} {held_bytes(experiment):>24,} {arguments:>17,} {temporary:>17,}")
     for run in runners.values():
         timed(run)  # compile
