@@ -56,6 +56,9 @@ def _build_parser() -> argparse.ArgumentParser:
     run.add_argument("--coordinator", metavar="HOST:PORT", help="with --distributed: process 0's address")
     run.add_argument("--num-processes", type=int, help="with --distributed: the number of processes")
     run.add_argument("--process-id", type=int, help="with --distributed: this process's id in [0, N)")
+    run.add_argument("--heartbeat-timeout", type=int, metavar="SECONDS", default=None,
+                     help="with --distributed: when a process dies, the others stop after missing its heartbeats "
+                          "this long (default 100); started again, all resume from the last checkpoint")
     sweep = commands.add_parser("sweep", help="run every config of a grid file into one results store")
     sweep.add_argument("grid", help="grid YAML file (base config + grid/zip/variants/seeds)")
     sweep.add_argument("--jobs", type=int, default=1, help="worker processes (default 1)")
@@ -268,11 +271,15 @@ def _run(args: argparse.Namespace) -> int:
     explicit = [args.coordinator, args.num_processes, args.process_id]
     if any(v is not None for v in explicit) and not (args.distributed and all(v is not None for v in explicit)):
         raise ValueError("--coordinator, --num-processes and --process-id go together, with --distributed.")
+    if args.heartbeat_timeout is not None and not args.distributed:
+        raise ValueError(f"--heartbeat-timeout {args.heartbeat_timeout} needs --distributed.")
     if args.distributed:
         from fedjaxpriv import distributed
         from fedjaxpriv.parallel import make_mesh
 
-        distributed.initialize(args.coordinator, args.num_processes, args.process_id)
+        distributed.initialize(args.coordinator, args.num_processes, args.process_id,
+                               heartbeat_timeout_s=(distributed.HEARTBEAT_TIMEOUT_S if args.heartbeat_timeout is None
+                                                    else args.heartbeat_timeout))
         mesh = make_mesh()  # every device of every process
         args.quiet = args.quiet or not distributed.is_main_process()  # process 0 reports
     created = not os.path.exists(args.out)

@@ -3,8 +3,8 @@
 Each process calls ``initialize`` first, then builds the same ``Experiment`` with ``mesh=make_mesh()`` and runs
 it into the same run directory (on a file system they share): process 0 locks the directory and writes its
 files (config, history, CSVs, run.json, sinks); every process takes part in the checkpoints, whose saves and
-restores orbax makes collective. The population and settings are replicated on every device and each chunk
-of clients is split over all devices.
+restores orbax makes collective. The population and settings are replicated on every device (or, with
+``run.shard_data``, the examples split over all devices) and each chunk of clients is split over all devices.
 
     import fedjaxpriv.distributed as dist
     dist.initialize()                      # on SLURM, Open MPI, Cloud TPU: found by JAX itself
@@ -25,18 +25,29 @@ import jax
 import numpy as np
 
 
+HEARTBEAT_TIMEOUT_S = 100  # JAX's default
+
+
 def initialize(coordinator_address: str | None = None, num_processes: int | None = None,
-               process_id: int | None = None, local_device_ids: list[int] | None = None) -> None:
+               process_id: int | None = None, local_device_ids: list[int] | None = None,
+               heartbeat_timeout_s: int = HEARTBEAT_TIMEOUT_S) -> None:
     """Connects this process to the others (``jax.distributed.initialize``); call before any JAX work. Without
     arguments JAX finds the cluster itself (SLURM, Open MPI, Cloud TPU and the other environments it detects);
-    given, the coordinator ``host:port``, the number of processes and this one's id are used as they are."""
+    given, the coordinator ``host:port``, the number of processes and this one's id are used as they are.
+
+    When a process dies, JAX's coordination service stops the others once it has missed ``heartbeat_timeout_s``
+    seconds of its heartbeats (they exit with SIGABRT and its report); started again, all of them resume from
+    the run's last checkpoint."""
     if num_processes is not None and num_processes < 1:
         raise ValueError(f"num_processes={num_processes} must be >= 1.")
     if num_processes is not None and process_id is not None and not 0 <= process_id < num_processes:
         raise ValueError(f"process_id={process_id} must be in [0, {num_processes}).")
+    if heartbeat_timeout_s < 1:
+        raise ValueError(f"heartbeat_timeout_s={heartbeat_timeout_s} must be >= 1 (seconds).")
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(coordinator_address=coordinator_address, num_processes=num_processes,
-                               process_id=process_id, local_device_ids=local_device_ids)
+                               process_id=process_id, local_device_ids=local_device_ids,
+                               heartbeat_timeout_seconds=int(heartbeat_timeout_s))
 
 
 def is_main_process() -> bool:

@@ -12,7 +12,8 @@ def main() -> None:
     out_dir = sys.argv[4] or None if len(sys.argv) > 4 else None
     import fedjaxpriv.distributed as dist
 
-    dist.initialize(f"localhost:{port}", num_processes=2, process_id=process_id)
+    dist.initialize(f"localhost:{port}", num_processes=2, process_id=process_id,
+                    heartbeat_timeout_s=int(os.environ.get("MULTIHOST_HEARTBEAT_S") or dist.HEARTBEAT_TIMEOUT_S))
     import jax
 
     from fedjaxpriv.config import from_dict

@@ -20,6 +20,7 @@ from fedjaxpriv.guards import PAUSE_ENV
 CONFIG = {"data": {"num_clients": 16}, "server": {"clients_per_round": 8},
           "client": {"local_steps": 3, "batch_size": 8},
           "run": {"rounds": 3, "eval_every": 3, "chunk_size": 4, "checkpoint_every": 1}}
+HEARTBEAT_S = 5  # a dead process stops the other within seconds
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
@@ -34,6 +35,7 @@ def start_workers(tmp_path, out, out_dir=None, pause=None, mismatch=False, shard
     ``<out_dir>.paused<i>``; with ``shard_data`` they run with ``run.shard_data``."""
     port = _free_port()
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "MULTIHOST_SHARD_DATA": "1" if shard_data else "",
+           "MULTIHOST_HEARTBEAT_S": str(HEARTBEAT_S),
            "XLA_FLAGS": "--xla_force_host_platform_device_count=2 --xla_backend_optimization_level=0",
            "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
     workers = []
@@ -81,10 +83,11 @@ def history_rounds(run_dir):
 
 
 @pytest.mark.slow
-def test_two_processes_write_one_run_directory_and_resume_after_both_are_killed(tmp_path, single):
+def test_two_processes_write_one_run_directory_and_resume_after_one_is_killed(tmp_path, single):
     """Both processes open the same run directory: process 0 writes history.jsonl (each round once), CSVs and
-    run.json, both take part in the checkpoints. Killed together while waiting before round 3, they resume on
-    two processes to the run a single process makes, every round recorded once."""
+    run.json, both take part in the checkpoints. Process 0 (the writer, holding the directory's lock) is killed
+    while both wait before round 3: process 1 stops on its own once its heartbeats are missed, and started
+    again, the two resume to the run a single process makes, every round recorded once."""
     out, run_dir = str(tmp_path / "multihost.npz"), str(tmp_path / "run")
     workers = start_workers(tmp_path, out, run_dir, pause="train:3")
     deadline = time.monotonic() + 240
@@ -92,9 +95,13 @@ def test_two_processes_write_one_run_directory_and_resume_after_both_are_killed(
         assert time.monotonic() < deadline and all(w.poll() is None for w in workers), [
             w.communicate()[0][-2000:] for w in workers if w.poll() is not None]
         time.sleep(0.05)
-    for w in workers:
-        w.send_signal(signal.SIGKILL)
-        w.wait()
+    workers[0].send_signal(signal.SIGKILL)
+    workers[0].wait()
+    stopped = time.monotonic()
+    log = workers[1].communicate(timeout=120)[0]
+    # Not 60 s (its pause point's wait) nor JAX's default 100 s: the heartbeat timeout (here the coordinator died
+    # with process 0, which process 1 sees at once).
+    assert workers[1].returncode != 0 and time.monotonic() - stopped < 6 * HEARTBEAT_S, log[-2000:]
     assert history_rounds(run_dir) == [1, 2]
     assert sorted(n for n in os.listdir(os.path.join(run_dir, "checkpoints")) if n.isdigit()) == ["1", "2"]
     finish(start_workers(tmp_path, out, run_dir))
@@ -112,7 +119,16 @@ def test_initialize_refuses_bad_process_counts_before_connecting():
         distributed.initialize("127.0.0.1:1", num_processes=0, process_id=0)
     with pytest.raises(ValueError, match=r"process_id=2 must be in \[0, 2\)"):
         distributed.initialize("127.0.0.1:1", num_processes=2, process_id=2)
+    with pytest.raises(ValueError, match=r"heartbeat_timeout_s=0 must be >= 1 \(seconds\)"):
+        distributed.initialize("127.0.0.1:1", num_processes=2, process_id=0, heartbeat_timeout_s=0)
     assert distributed.is_main_process() and not jax.distributed.is_initialized()
+
+
+def test_a_heartbeat_timeout_without_a_distributed_run_is_refused(tmp_path, capsys):
+    from fedjaxpriv import cli
+
+    assert cli.main(["run", "--heartbeat-timeout", "5", "--out", str(tmp_path / "run")]) == 2
+    assert "--heartbeat-timeout 5 needs --distributed" in capsys.readouterr().err
 
 
 @pytest.mark.slow
