@@ -302,7 +302,7 @@ def _run(args: argparse.Namespace) -> int:
 
     import jax
 
-    devices = experiment.mesh.devices.size
+    devices = 1 if experiment.mesh is None else experiment.mesh.devices.size
     _say(args, f"built in {time.perf_counter() - started:.1f} s: {experiment.num_params:,} parameters, strategy "
                f"{experiment.strategy} (chunks of {experiment.chunk_size} clients), {devices} "
                f"{jax.default_backend()} device{'s' if devices != 1 else ''}; compiling the round")

@@ -3,6 +3,8 @@
 import subprocess
 import sys
 
+import jax
+
 from fedjaxpriv import cli
 
 
@@ -17,12 +19,13 @@ def test_help_imports_no_numerical_library():
 def test_run_says_what_it_builds_then_when_the_first_round_is_compiled(tmp_path, capsys):
     out = tmp_path / "run"
     code = cli.main(["run", "--out", str(out), "--set", "data.num_clients=4", "--set", "model.hidden=[8]",
-                     "--set", "server.clients_per_round=2", "--set", "run.rounds=2"])
+                     "--set", "server.clients_per_round=2", "--set", "run.rounds=2", "--set", "run.num_devices=1"])
     assert code == 0
     lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("fedjaxpriv: ")]
     assert lines[0] == (f"fedjaxpriv: building digits over 4 clients (dirichlet partition), model mlp, 2 rounds "
                         f"into {out}")
     assert lines[1].startswith("fedjaxpriv: built in ") and "strategy " in lines[1] and "compiling" in lines[1]
+    assert f", 1 {jax.default_backend()} device; compiling" in lines[1]  # one device: no mesh
     assert lines[2].startswith("fedjaxpriv: round 1 done in ") and len(lines) == 3
 
 
