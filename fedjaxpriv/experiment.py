@@ -559,6 +559,13 @@ class Experiment:
                                     chunk_size=self.chunk_size, strategy=self.strategy, mesh=mesh,
                                     prune_schedule=self.prune_schedule, algorithm=self.algorithm,
                                     sharded_examples=self.shard_width)
+        # Tap rounds run the same round, built to emit the tapped clients' messages as well (compiled only when a
+        # tap round comes).
+        tap_width = len(r.tap_clients) if r.tap_rounds else 0
+        self.tap_round_fn = None if not tap_width else build_round(
+            self.model.apply, self.spec, self.server_tx, self.aggregation, message_fn=self.message_fn,
+            chunk_size=self.chunk_size, strategy=self.strategy, mesh=mesh, prune_schedule=self.prune_schedule,
+            algorithm=self.algorithm, sharded_examples=self.shard_width, tap_width=tap_width)
         self.initial_params = params
         if self.shard_width is None:
             self.device_population = replicate(Population(*(jnp.asarray(a) for a in (
@@ -619,12 +626,26 @@ class Experiment:
         ``state`` is donated to the compiled round (its buffers are reused): do not use it afterwards.
         ``cohort`` defaults to ``round_cohort(round_index)``; the privacy tracker records its participants.
         """
+        state, record, _ = self.observed_step(state, round_index, cohort)
+        return state, record
+
+    def observed_step(self, state: ServerState, round_index: int, cohort: Cohort | None = None,
+                      tapped: Sequence[int] = ()) -> tuple[ServerState, Record, Tap | None]:
+        """``step``, and what an observer sees of the clients ``tapped`` (ids in the cohort, at most
+        ``len(run.tap_clients)`` of them): their messages as the round itself computed and aggregated them (a
+        ``Tap``; None without ``tapped``)."""
         skipped = 0
         if cohort is None:
             cohort, skipped = self.round_cohort(round_index)
+        tap_slots, server_params = None, None
+        if len(tapped):
+            tap_slots = self.tap_slots(cohort, tapped)
+            server_params = jax.tree_util.tree_map(np.asarray, state.params)  # before the round donates them
         start = time.perf_counter()
-        state, out = self.round_fn(state, self.device_population, self.device_settings, jnp.asarray(cohort.ids),
-                                   jnp.asarray(cohort.mask), self.root_key)
+        arguments = (state, self.device_population, self.device_settings, jnp.asarray(cohort.ids),
+                     jnp.asarray(cohort.mask), self.root_key)
+        state, out = (self.round_fn(*arguments) if tap_slots is None
+                      else self.tap_round_fn(*arguments, jnp.asarray(tap_slots)))
         out: RoundOutput = jax.tree_util.tree_map(np.asarray, out)
         elapsed = time.perf_counter() - start
         real = cohort.mask & (out.weight > 0)
@@ -651,10 +672,30 @@ class Experiment:
         self.privacy.record_round(cohort.ids[cohort.mask])  # participations and steps are kept in every run
         if self.privacy.active:
             record.update(self.privacy.summary())
-        return state, self.annotate(record, cohort)
+        tap = None if tap_slots is None else Tap(
+            round=round_index + 1, client_ids=np.asarray(tapped, np.int32), server_params=server_params,
+            messages=jax.tree_util.tree_map(lambda leaf: leaf[:len(tapped)], out.tapped))
+        return state, self.annotate(record, cohort), tap
+
+    def tap_slots(self, cohort: Cohort, tapped: Sequence[int]) -> np.ndarray:
+        """[K_max] int32: for each cohort slot, the row of its client in ``tapped`` (-1: not tapped)."""
+        width = len(self.config.run.tap_clients) if self.tap_round_fn is not None else 0
+        ids = [int(c) for c in tapped]
+        in_cohort = set(np.asarray(cohort.ids)[np.asarray(cohort.mask)].tolist())
+        if not 0 < len(ids) <= width or len(set(ids)) != len(ids) or not set(ids) <= in_cohort:
+            raise ValueError(f"tapped={ids} must be at most run.tap_clients' {width} distinct clients of the round's "
+                             "cohort.")
+        row = {c: i for i, c in enumerate(ids)}
+        slots = np.full(len(cohort.ids), -1, np.int32)
+        for k, (client, present) in enumerate(zip(np.asarray(cohort.ids), np.asarray(cohort.mask))):
+            if present and int(client) in row:
+                slots[k] = row.pop(int(client))  # a client in two slots (Poisson padding) is tapped once
+        return slots
 
     def tap(self, state: ServerState, client_ids: Sequence[int]) -> Tap:
-        """The messages ``client_ids`` send in the round that starts from ``state`` (same keys as the round)."""
+        """The messages ``client_ids`` would send in the round that starts from ``state`` (same keys as the
+        round), computed by training them again: for replays and probes. A run's own taps come out of its
+        rounds (``observed_step``)."""
         ids = np.asarray(client_ids, np.int32)
         if ids.ndim != 1 or ids.size == 0 or ids.min() < 0 or ids.max() >= self.population.num_clients:
             raise ValueError(f"client_ids={client_ids!r} must be a non-empty list of ids in "
@@ -823,14 +864,15 @@ class Experiment:
                 pause_point(signals, "train", r + 1)
                 cohort, skipped = self.round_cohort(r)
                 with signals.deferred():
+                    tapped: list[int] = []
                     if r + 1 in self.config.run.tap_rounds and self.config.run.tap_clients:
                         # Only what the observer can see: the tapped clients that take part in this round.
                         sampled = set(cohort.ids[cohort.mask].tolist())
-                        tapped = [c for c in self.config.run.tap_clients if c in sampled]
-                        if tapped:
-                            taps[r + 1] = self.tap(state, tapped)
+                        tapped = list(dict.fromkeys(c for c in self.config.run.tap_clients if c in sampled))
                     live = False
-                    state, record = self.step(state, r, cohort)
+                    state, record, tap = self.observed_step(state, r, cohort, tapped)
+                    if tap is not None:
+                        taps[r + 1] = tap
                     if skipped:
                         record["budget_skipped"] = skipped
                     if (r + 1) % self.config.run.eval_every == 0 or r + 1 == total:

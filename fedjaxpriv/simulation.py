@@ -95,6 +95,9 @@ class RoundOutput(NamedTuple):
       update_norm: L2 norm of the message before client-level clipping.
       weight: aggregation weight (0 for padded slots).
       diagnostics: the message transforms' diagnostics, {name: [K_max] float32} (e.g. "top_k/sq_error").
+      tapped: the messages of the tapped cohort slots, leaves [T, ...] (row t: the slot whose ``tap_slots`` is t,
+        as that client sent it, before server-side clipping; zeros for a t no slot names), from the round itself;
+        ``()`` for a round built without taps (``tap_width`` 0).
     """
 
     loss: jax.Array
@@ -103,6 +106,7 @@ class RoundOutput(NamedTuple):
     update_norm: jax.Array
     weight: jax.Array
     diagnostics: dict[str, jax.Array] = {}
+    tapped: Any = ()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -224,9 +228,9 @@ def client_message(spec: LocalSpec, apply_fn: ApplyFn, message_fn: MessageFn, al
 def build_round(apply_fn: ApplyFn, spec: LocalSpec, server_tx: optax.GradientTransformation,
                 aggregation: AggregationSpec, *, message_fn: MessageFn = identity_message, chunk_size: int,
                 strategy: str = "vmap", mesh: Mesh | None = None, prune_schedule: tuple[int, int] | None = None,
-                algorithm: FederatedAlgorithm = FEDAVG, sharded_examples: int | None = None
+                algorithm: FederatedAlgorithm = FEDAVG, sharded_examples: int | None = None, tap_width: int = 0
                 ) -> Callable[..., tuple[ServerState, RoundOutput]]:
-    """Builds ``round_fn(state, population, settings, ids, mask, root_key) -> (state, RoundOutput)``.
+    """Builds ``round_fn(state, population, settings, ids, mask, root_key[, tap_slots]) -> (state, RoundOutput)``.
 
     ``settings`` holds the whole population's [C] arrays; ``ids``/``mask`` [K_max] are the cohort. For
     "vmap" and "loop" the returned function is jitted; for "host" it is a Python function around jitted
@@ -239,6 +243,11 @@ def build_round(apply_fn: ApplyFn, spec: LocalSpec, server_tx: optax.GradientTra
     (``parallel.shard_examples``) and each chunk fetches its clients' examples, up to ``n_max`` per client, to
     the devices that train them (``parallel.gather_examples``): the same round, with O(examples / devices) of
     the population per device.
+
+    ``tap_width=T > 0``: the round also emits what T observed cohort slots send (``RoundOutput.tapped``): pass
+    ``tap_slots`` [K_max] int32, slot k's row in the output or -1; the messages come out of the same step that
+    aggregates them (one-hot sums over the cohort, exact), so an observer sees what was sent, never a second
+    training.
     """
     if sharded_examples is not None and (mesh is None or strategy == "host"):
         raise ValueError(f"examples split over devices need a mesh and strategy 'vmap' or 'loop' (got mesh={mesh}, "
@@ -258,18 +267,26 @@ def build_round(apply_fn: ApplyFn, spec: LocalSpec, server_tx: optax.GradientTra
         kept = RoundOutput(loss=out.loss, steps=out.steps, bits=jnp.where(participates, stats["bits"], 0.0),
                            update_norm=norm, weight=weight,
                            diagnostics={k: v for k, v in stats.items() if k != "bits"})
-        return (weighted, weight, extra, participates.astype(jnp.float32)), (kept, client_state, participates)
+        tapped = () if not tap_width else jax.tree_util.tree_map(  # observed: this message in its row, else 0
+            lambda m: jnp.where((jnp.arange(tap_width) == row["tap_slot"]).reshape((tap_width,) + (1,) * m.ndim),
+                                m[None], jnp.zeros((), m.dtype)), message)
+        return ((weighted, weight, extra, participates.astype(jnp.float32), tapped),
+                (kept, client_state, participates))
 
     def begin(state: ServerState, population: Population, settings: ClientSettings, ids: jax.Array,
-              mask: jax.Array, root_key: jax.Array) -> tuple[jax.Array, jax.Array, dict[str, Any]]:
+              mask: jax.Array, root_key: jax.Array, tap_slots: jax.Array | None
+              ) -> tuple[jax.Array, jax.Array, dict[str, Any]]:
         round_key = jax.random.fold_in(root_key, state.round)
-        return round_key, client_keys_base(round_key), cohort_rows(state, population, settings, ids, mask,
-                                                                   prune_schedule)
+        base = client_keys_base(round_key)
+        rows = cohort_rows(state, population, settings, ids, mask, prune_schedule)
+        if tap_width:
+            rows["tap_slot"] = tap_slots
+        return round_key, base, rows
 
     def finish(state: ServerState, round_key: jax.Array, ids: jax.Array, sums: tuple[Params, jax.Array, Any, jax.Array],
                per_client: tuple[RoundOutput, ClientStates, jax.Array],
                num_clients: int) -> tuple[ServerState, RoundOutput]:
-        weighted_sum, weight_sum, extra_sum, participants = sums
+        weighted_sum, weight_sum, extra_sum, participants, tapped = sums
         kept, client_states, participates = per_client
         server_key = jax.random.fold_in(round_key, 1)
         noise_key, count_key = jax.random.split(server_key)
@@ -281,16 +298,19 @@ def build_round(apply_fn: ApplyFn, spec: LocalSpec, server_tx: optax.GradientTra
         algorithm_state = algorithm.server_finish(state.algorithm_state, extra_sum, participants, num_clients)
         client_state = scatter_clients(state.client_state, ids, participates, client_states)        # step 4's state
         new_state = ServerState(params, opt_state, state.round + 1, clip_norm, client_state, algorithm_state)
+        kept = kept._replace(tapped=tapped)
         if mesh is not None:  # every process reads the whole state and the per-client outputs
             new_state, kept = jax.lax.with_sharding_constraint((new_state, kept), NamedSharding(mesh, P()))
         return new_state, kept
 
     if strategy == "host":
-        return _host_round(begin, finish, one_client, mesh)
+        return _host_round(begin, finish, one_client, mesh, tap_width)
 
     def round_fn(state: ServerState, population: Population, settings: ClientSettings, ids: jax.Array,
-                 mask: jax.Array, root_key: jax.Array) -> tuple[ServerState, RoundOutput]:
-        round_key, base, rows = begin(state, population, settings, ids, mask, root_key)
+                 mask: jax.Array, root_key: jax.Array, tap_slots: jax.Array | None = None
+                 ) -> tuple[ServerState, RoundOutput]:
+        _check_tap_slots(tap_width, tap_slots)
+        round_key, base, rows = begin(state, population, settings, ids, mask, root_key, tap_slots)
         prepare = None if sharded_examples is None else (lambda chunk: {**chunk, "data": gather_examples(
             (population.x, population.y), chunk["offset"], chunk["count"], sharded_examples, mesh)})
         sums, per_client = map_clients(lambda row: one_client(state, population, base, row), rows,
@@ -300,7 +320,14 @@ def build_round(apply_fn: ApplyFn, spec: LocalSpec, server_tx: optax.GradientTra
     return jax.jit(round_fn, donate_argnums=(0,))
 
 
-def _host_round(begin: Callable, finish: Callable, one_client: Callable, mesh: Mesh | None) -> Callable:
+def _check_tap_slots(tap_width: int, tap_slots: jax.Array | None) -> None:
+    if (tap_slots is not None) != bool(tap_width):
+        raise ValueError(f"tap_slots {'must' if tap_width else 'cannot'} be given to a round built with "
+                         f"tap_width={tap_width}.")
+
+
+def _host_round(begin: Callable, finish: Callable, one_client: Callable, mesh: Mesh | None,
+                tap_width: int) -> Callable:
     """The "host" strategy: compiled cohort preparation, then from Python one compiled call per client on each
     device of the mesh at once (``map_clients_host``), then compiled aggregation and server step. Same keys
     and results as the compiled strategies."""
@@ -310,8 +337,10 @@ def _host_round(begin: Callable, finish: Callable, one_client: Callable, mesh: M
         return one_client(*shared, row)
 
     def round_fn(state: ServerState, population: Population, settings: ClientSettings, ids: jax.Array,
-                 mask: jax.Array, root_key: jax.Array) -> tuple[ServerState, RoundOutput]:
-        round_key, base, rows = begin(state, population, settings, ids, mask, root_key)
+                 mask: jax.Array, root_key: jax.Array, tap_slots: jax.Array | None = None
+                 ) -> tuple[ServerState, RoundOutput]:
+        _check_tap_slots(tap_width, tap_slots)
+        round_key, base, rows = begin(state, population, settings, ids, mask, root_key, tap_slots)
         sums, per_client = map_clients_host(host_client, (state, population, base), rows, chunk_size=1, mesh=mesh)
         return finish(state, round_key, ids, sums, per_client, population.counts.shape[0])
 

@@ -122,10 +122,16 @@ def test_personalized_targets_are_met():
 @pytest.mark.slow
 def test_tapped_messages_are_the_messages_aggregated_in_the_round():
     """With server SGD at lr 1 and example weighting, the new model is params + the weighted mean of the
-    cohort's messages: the tap of the cohort reproduces it exactly."""
+    cohort's messages: the tap of the cohort reproduces it exactly. The round emits its taps itself: nothing
+    trains the tapped clients a second time."""
     config = from_dict({**BASE, "client": {"local_steps": 3, "mixup_alpha": 0.5}, "message": {"quant_bits": 6},
                         "run": {"rounds": 2, "tap_rounds": [2], "tap_clients": [0, 1, 2, 3, 4, 5, 6, 7, 8, 9]}})
     exp = Experiment(config)
+
+    def trained_again(*args):
+        raise AssertionError("a tap trained its clients a second time")
+
+    exp.tap_fn = trained_again
     results = exp.run(progress=False)
     tap = results.taps[2]
     cohort = exp.cohort(1)
