@@ -1,12 +1,14 @@
-"""Memory per device and round time with the population's examples split over the devices (``run.shard_data``)
-against a full copy on every device, same run.
+"""Memory per device and round time with the population's examples and every client's state split over the
+devices (``run.shard_data``) against a full copy on every device, same run (SCAFFOLD: a model-sized control
+variate per client).
 
 One command, one process, on an 8-device CPU mesh (XLA's virtual host devices; set before JAX starts)::
 
     python benchmarks/bench_shard_data.py            # Synthetic(1, 1): 2,000 clients, cohorts of 64
     python benchmarks/bench_shard_data.py --quick    # 400 clients, 2 repeats
 
-Figures per device: the population's bytes it holds (``addressable_shards``), and the compiled round's
+Figures per device: the population's and the client states' bytes it holds (``addressable_shards``), and the
+compiled round's
 argument and temporary bytes (XLA's ``memory_analysis`` of the partitioned program, which is per device). The
 round times alternate the two layouts (A B A B ...) after a warm-up of each; the ratio split / copied is reported
 per repeat with its median and range. The machine's load average is printed: shared machines skew timings.
@@ -34,14 +36,15 @@ def experiment_for(clients: int, cohort: int, split: bool) -> Experiment:
     return Experiment(with_overrides(ExperimentConfig(), [
         "data.dataset=synthetic", f"data.num_clients={clients}", f"server.clients_per_round={cohort}",
         "model.name=mlp", "model.hidden=[64]", "client.local_steps=5", "client.batch_size=16", "run.rounds=1000",
-        "run.strategy=vmap", "run.checkpoint_every=0", f"run.shard_data={str(split).lower()}"]))
+        "run.strategy=vmap", "run.checkpoint_every=0", "server.algorithm=scaffold",
+        f"run.shard_data={str(split).lower()}"]))
 
 
-def held_bytes(experiment: Experiment) -> int:
-    """The population's bytes on the first device (x and y; every device holds the same amount)."""
+def held_bytes(tree) -> int:
+    """The bytes of ``tree``'s arrays on the first device (every device holds the same amount)."""
     device = jax.devices()[0]
-    return sum(s.data.nbytes for leaf in (experiment.device_population.x, experiment.device_population.y)
-               for s in leaf.addressable_shards if s.device == device)
+    return sum(s.data.nbytes for leaf in jax.tree_util.tree_leaves(tree) for s in leaf.addressable_shards
+               if s.device == device)
 
 
 def compiled_memory(experiment: Experiment) -> tuple[int, int]:
@@ -65,14 +68,18 @@ def main() -> None:
     copied, split = experiment_for(clients, cohort, False), experiment_for(clients, cohort, True)
     examples = len(copied.population.x)
     print(f"Synthetic(1, 1): {clients} clients, {examples:,} examples of {copied.population.x.shape[1:]} float32, "
-          f"largest client {int(copied.population.counts.max())}; cohort {cohort}, chunk {copied.chunk_size}, "
+          f"largest client {int(copied.population.counts.max())}; SCAFFOLD ({copied.num_params:,} parameters), cohort "
+          f"{cohort}, chunk {copied.chunk_size}, "
           f"{repeats} interleaved pairs after a warm-up\n")
     runners = {}
-    print(f"{'layout':<10} {'population bytes/device':>24} {'round args bytes':>17} {'round temp bytes':>17}")
+    print(f"{'layout':<10} {'population bytes/device':>24} {'client states bytes/device':>27} "
+          f"{'round args bytes':>17} {'round temp bytes':>17}")
     for name, experiment in (("copied", copied), ("split", split)):
         runners[name] = engine_runner(experiment)[0]
         arguments, temporary = compiled_memory(experiment)
-        print(f"{name:<10} {held_bytes(experiment):>24,} {arguments:>17,} {temporary:>17,}")
+        population = (experiment.device_population.x, experiment.device_population.y)
+        print(f"{name:<10} {held_bytes(population):>24,} {held_bytes(experiment.initial_state.client_state):>27,} "
+              f"{arguments:>17,} {temporary:>17,}")
     for run in runners.values():
         timed(run)  # compile
     times = {name: [] for name in runners}

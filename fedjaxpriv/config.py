@@ -528,9 +528,10 @@ class RunConfig:
       strategy: "auto", "vmap" (vectorize each chunk), "loop" (one client at a time inside the compiled
         round) or "host" (one compiled call per client from Python, over the devices; fastest for convnets
         on CPU). "auto" picks per model and backend (``parallel.auto_strategy``).
-      shard_data: split the population's examples over the devices (each holds O(examples / devices)) and fetch
-        each chunk's clients' examples to the devices that train them, instead of a full copy per device; the
-        same rounds, bit for bit. Needs strategy "vmap" or "loop"; nothing changes on one device.
+      shard_data: split the population's examples and every client's state (error feedback, SCAFFOLD, Ditto)
+        over the devices (each holds O(1 / devices) of them) and fetch each chunk's clients' examples to the
+        devices that train them, instead of a full copy per device; the same rounds, bit for bit. Needs strategy
+        "vmap" or "loop"; nothing changes on one device.
       checkpoint_every: save a resumable checkpoint every this many rounds (0 = only at the end).
       delta: target delta for privacy accounting.
       accountant: "rdp" or "pld" (dp_accounting).

@@ -32,7 +32,7 @@ from fedjaxpriv.guards import (LOSS_LIMIT, DivergenceError, Signals, divergence,
 from fedjaxpriv.models import TOKEN_CLASSIFIERS, WIDTH_MODELS, Model, ModelLike, as_model, count_params, get_model
 from fedjaxpriv.models.tasks import (CLASSIFICATION, NEXT_TOKEN, PerExampleLoss, Task, as_task, check_fits,
                                      check_targets, describe, with_label_metrics)
-from fedjaxpriv.parallel import Plan, local_mesh, plan as execution_plan, replicate, shard_examples
+from fedjaxpriv.parallel import Plan, local_mesh, plan as execution_plan, replicate, shard_rows
 from fedjaxpriv.privacy.basis import largest_epsilon
 from fedjaxpriv.privacy.calibration import calibrate_noise
 from fedjaxpriv.privacy.mechanisms import ClientLevelDpFedAvg, local_gaussian, round_up_float32
@@ -558,20 +558,22 @@ class Experiment:
                                     message_fn=self.message_fn,
                                     chunk_size=self.chunk_size, strategy=self.strategy, mesh=mesh,
                                     prune_schedule=self.prune_schedule, algorithm=self.algorithm,
-                                    sharded_examples=self.shard_width)
+                                    sharded_examples=self.shard_width,
+                                    shard_client_state=self.shard_width is not None)
         # Tap rounds run the same round, built to emit the tapped clients' messages as well (compiled only when a
         # tap round comes).
         tap_width = len(r.tap_clients) if r.tap_rounds else 0
         self.tap_round_fn = None if not tap_width else build_round(
             self.model.apply, self.spec, self.server_tx, self.aggregation, message_fn=self.message_fn,
             chunk_size=self.chunk_size, strategy=self.strategy, mesh=mesh, prune_schedule=self.prune_schedule,
-            algorithm=self.algorithm, sharded_examples=self.shard_width, tap_width=tap_width)
+            algorithm=self.algorithm, sharded_examples=self.shard_width, tap_width=tap_width,
+            shard_client_state=self.shard_width is not None)
         self.initial_params = params
         if self.shard_width is None:
             self.device_population = replicate(Population(*(jnp.asarray(a) for a in (
                 population.x, population.y, population.offsets, population.counts))), mesh)
         else:
-            self.device_population = Population(*shard_examples((population.x, population.y), mesh), *replicate(
+            self.device_population = Population(*shard_rows((population.x, population.y), mesh), *replicate(
                 (jnp.asarray(population.offsets), jnp.asarray(population.counts)), mesh))
         self.device_settings = replicate(jax.tree_util.tree_map(jnp.asarray, self.settings), mesh)
 
@@ -589,8 +591,13 @@ class Experiment:
     @property
     def initial_state(self) -> ServerState:
         """A fresh round-0 server state (a new copy each time: ``step`` donates the state it is given), replicated
-        over the mesh as the round returns it, so that every round reuses one compiled program."""
-        return replicate(self.fresh_state(self.initial_params), self.mesh)
+        over the mesh as the round returns it (every client's state split over it with ``run.shard_data``), so that
+        every round reuses one compiled program."""
+        state = self.fresh_state(self.initial_params)
+        if self.shard_width is None:
+            return replicate(state, self.mesh)
+        return replicate(state._replace(client_state=()), self.mesh)._replace(
+            client_state=shard_rows(state.client_state, self.mesh))
 
     def fresh_state(self, params: Any) -> ServerState:
         """A round-0 server state of this run from ``params`` (every client's states at their initial values)."""

@@ -149,9 +149,11 @@ def pad_clients(tree: Any, total: int) -> Any:
     return jax.tree_util.tree_map(pad, tree)
 
 
-def shard_examples(tree: Any, mesh: Mesh) -> Any:
-    """Leaves [T, ...] (examples, client by client) padded with zeros to a multiple of the mesh's "clients" devices D
-    and split over them: device d holds examples [d T/D, (d + 1) T/D), so each holds O(T / D) of them."""
+def shard_rows(tree: Any, mesh: Mesh) -> Any:
+    """Leaves [N, ...] (examples client by client, or one row per client) padded with zero rows to a multiple of
+    the mesh's "clients" devices D and split over them: device d holds rows [d N/D, (d + 1) N/D), O(N / D) of
+    them. Padding rows are never read as data (offsets and counts, or cohort ids, stay below N) and never
+    written (``simulation.scatter_clients`` drops slots past the end)."""
     devices = mesh.shape[CLIENT_AXIS]
 
     def split(leaf: Any) -> jax.Array:
@@ -164,7 +166,7 @@ def shard_examples(tree: Any, mesh: Mesh) -> Any:
 
 
 def gather_examples(data: Any, offsets: jax.Array, counts: jax.Array, width: int, mesh: Mesh) -> Any:
-    """Clients' examples from ``data`` split over the mesh by ``shard_examples``: leaves [K, width, ...], row k
+    """Clients' examples from ``data`` split over the mesh by ``shard_rows``: leaves [K, width, ...], row k
     the examples [offsets[k], offsets[k] + counts[k]) and zeros after them, the K rows split over the mesh's
     "clients" axis (K a multiple of its size D; ``counts`` <= ``width``).
 

@@ -32,7 +32,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from fedjaxpriv.client import pruning
 from fedjaxpriv.client.local import ApplyFn, LocalSpec, client_update
 from fedjaxpriv.client.settings import ClientSettings
-from fedjaxpriv.parallel import gather_examples, map_clients, map_clients_host
+from fedjaxpriv.parallel import CLIENT_AXIS, gather_examples, map_clients, map_clients_host
 from fedjaxpriv.privacy.mechanisms import ClientLevelDpFedAvg
 from fedjaxpriv.server.algorithms import FEDAVG, FederatedAlgorithm
 
@@ -228,8 +228,8 @@ def client_message(spec: LocalSpec, apply_fn: ApplyFn, message_fn: MessageFn, al
 def build_round(apply_fn: ApplyFn, spec: LocalSpec, server_tx: optax.GradientTransformation,
                 aggregation: AggregationSpec, *, message_fn: MessageFn = identity_message, chunk_size: int,
                 strategy: str = "vmap", mesh: Mesh | None = None, prune_schedule: tuple[int, int] | None = None,
-                algorithm: FederatedAlgorithm = FEDAVG, sharded_examples: int | None = None, tap_width: int = 0
-                ) -> Callable[..., tuple[ServerState, RoundOutput]]:
+                algorithm: FederatedAlgorithm = FEDAVG, sharded_examples: int | None = None, tap_width: int = 0,
+                shard_client_state: bool = False) -> Callable[..., tuple[ServerState, RoundOutput]]:
     """Builds ``round_fn(state, population, settings, ids, mask, root_key[, tap_slots]) -> (state, RoundOutput)``.
 
     ``settings`` holds the whole population's [C] arrays; ``ids``/``mask`` [K_max] are the cohort. For
@@ -240,9 +240,11 @@ def build_round(apply_fn: ApplyFn, spec: LocalSpec, server_tx: optax.GradientTra
     (``server.algorithms``; FedAvg by default).
 
     ``sharded_examples=n_max`` (with a mesh, "vmap" or "loop"): the population's x and y are split over the mesh
-    (``parallel.shard_examples``) and each chunk fetches its clients' examples, up to ``n_max`` per client, to
+    (``parallel.shard_rows``) and each chunk fetches its clients' examples, up to ``n_max`` per client, to
     the devices that train them (``parallel.gather_examples``): the same round, with O(examples / devices) of
-    the population per device.
+    the population per device. ``shard_client_state`` (with a mesh): every client's state, ``state.client_state``
+    [C', ...], comes in split over the mesh's clients axis (``parallel.shard_rows``) and goes out so, O(C / devices)
+    rows per device, instead of replicated.
 
     ``tap_width=T > 0``: the round also emits what T observed cohort slots send (``RoundOutput.tapped``): pass
     ``tap_slots`` [K_max] int32, slot k's row in the output or -1; the messages come out of the same step that
@@ -299,8 +301,14 @@ def build_round(apply_fn: ApplyFn, spec: LocalSpec, server_tx: optax.GradientTra
         client_state = scatter_clients(state.client_state, ids, participates, client_states)        # step 4's state
         new_state = ServerState(params, opt_state, state.round + 1, clip_norm, client_state, algorithm_state)
         kept = kept._replace(tapped=tapped)
-        if mesh is not None:  # every process reads the whole state and the per-client outputs
+        if mesh is not None:  # every process reads the whole state (but split client states) and per-client outputs
+            split = new_state.client_state if shard_client_state else None
+            if split is not None:
+                new_state = new_state._replace(client_state=())
             new_state, kept = jax.lax.with_sharding_constraint((new_state, kept), NamedSharding(mesh, P()))
+            if split is not None:
+                new_state = new_state._replace(client_state=jax.lax.with_sharding_constraint(
+                    split, NamedSharding(mesh, P(CLIENT_AXIS))))
         return new_state, kept
 
     if strategy == "host":

@@ -30,8 +30,9 @@ def main() -> None:
     try:
         experiment = Experiment(from_dict(config), mesh=make_mesh())
         if config["run"].get("shard_data"):
-            print(f"examples per device: {experiment.device_population.x.addressable_shards[0].data.shape[0]}",
-                  flush=True)
+            residual = jax.tree_util.tree_leaves(experiment.initial_state.client_state)[0]
+            print(f"examples per device: {experiment.device_population.x.addressable_shards[0].data.shape[0]}, "
+                  f"client rows per device: {residual.addressable_shards[0].data.shape[0]}", flush=True)
         results = experiment.run(out_dir, progress=False)
     except ValueError as error:
         print(f"refused: {error}", flush=True)

@@ -111,21 +111,27 @@ def test_no_resume_starts_over_in_the_same_directory(tmp_path):
 
 @pytest.mark.slow
 def test_clients_are_sharded_over_all_devices_by_default_with_the_same_result():
+    """8 devices equal 1 (top-k with error feedback: every client keeps a model-sized residual); with
+    run.shard_data each device holds 1/8 of the examples and of the clients' residuals, and the run is the same
+    bit for bit."""
     if jax.device_count() < 2:
         pytest.skip("needs several devices (tests/conftest.py sets 8 CPU devices)")
-    sharded = Experiment(from_dict(SHORT))
+    config = {**SHORT, "message": {"topk_fraction": 0.3, "error_feedback": True}}
+    sharded = Experiment(from_dict(config))
     assert sharded.mesh is not None and sharded.mesh.size == jax.device_count()
-    single = Experiment(from_dict({**SHORT, "run": {**SHORT["run"], "num_devices": 1}}))
+    single = Experiment(from_dict({**config, "run": {**SHORT["run"], "num_devices": 1}}))
     assert single.mesh is None
     a, b = sharded.run(progress=False), single.run(progress=False)
     for x, y in zip(jax.tree_util.tree_leaves(a.params), jax.tree_util.tree_leaves(b.params)):
         np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=1e-6)
     assert a.final("test_accuracy") == b.final("test_accuracy")
-    # run.shard_data: each device holds 1/8 of the examples, and the run is the same, bit for bit.
-    split = Experiment(from_dict({**SHORT, "run": {**SHORT["run"], "shard_data": True}}))
-    examples = len(split.population.x)
+    split = Experiment(from_dict({**config, "run": {**SHORT["run"], "shard_data": True}}))
+    examples, clients = len(split.population.x), split.population.num_clients
     assert {s.data.shape[0] for s in split.device_population.x.addressable_shards} == {-(-examples // 8)}
     assert {s.data.shape[0] for s in sharded.device_population.x.addressable_shards} == {examples}
+    residuals = jax.tree_util.tree_leaves(split.initial_state.client_state)
+    assert residuals and all({s.data.shape[0] for s in leaf.addressable_shards} == {-(-clients // 8)}
+                             for leaf in residuals)
     c = split.run(progress=False)
     for x, y in zip(jax.tree_util.tree_leaves(a.params), jax.tree_util.tree_leaves(c.params)):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))

@@ -17,8 +17,9 @@ from fedjaxpriv.config import from_dict
 from fedjaxpriv.experiment import Experiment
 from fedjaxpriv.guards import PAUSE_ENV
 
+# Top-k with error feedback: every client keeps a model-sized residual, checkpointed with the run.
 CONFIG = {"data": {"num_clients": 16}, "server": {"clients_per_round": 8},
-          "client": {"local_steps": 3, "batch_size": 8},
+          "client": {"local_steps": 3, "batch_size": 8}, "message": {"topk_fraction": 0.3, "error_feedback": True},
           "run": {"rounds": 3, "eval_every": 3, "chunk_size": 4, "checkpoint_every": 1}}
 HEARTBEAT_S = 5  # a dead process stops the other within seconds
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -68,12 +69,9 @@ def single():
 
 
 @pytest.mark.slow
-def test_two_processes_equal_one_with_the_examples_split_over_all_four_devices(tmp_path, single):
-    """run.shard_data: each of the 4 devices (2 per process) holds a quarter of the examples; the run is the one
-    process's (without run.shard_data: the other tests here)."""
+def test_two_processes_equal_one(tmp_path, single):
     out = str(tmp_path / "multihost.npz")
-    logs = finish(start_workers(tmp_path, out, shard_data=True))
-    assert "examples per device: 360" in logs[0]  # 1437 digits over 4 devices, padded to 1440
+    finish(start_workers(tmp_path, out))
     assert_equals_single(out, single)
 
 
@@ -87,9 +85,11 @@ def test_two_processes_write_one_run_directory_and_resume_after_one_is_killed(tm
     """Both processes open the same run directory: process 0 writes history.jsonl (each round once), CSVs and
     run.json, both take part in the checkpoints. Process 0 (the writer, holding the directory's lock) is killed
     while both wait before round 3: process 1 stops on its own once its heartbeats are missed, and started
-    again, the two resume to the run a single process makes, every round recorded once."""
+    again, the two resume to the run a single process makes, every round recorded once. With run.shard_data:
+    each of the 4 devices (2 per process) holds a quarter of the examples and of the clients' residuals, which
+    the checkpoints hold split as well."""
     out, run_dir = str(tmp_path / "multihost.npz"), str(tmp_path / "run")
-    workers = start_workers(tmp_path, out, run_dir, pause="train:3")
+    workers = start_workers(tmp_path, out, run_dir, pause="train:3", shard_data=True)
     deadline = time.monotonic() + 240
     while not all(os.path.exists(f"{run_dir}.paused{i}") for i in range(2)):
         assert time.monotonic() < deadline and all(w.poll() is None for w in workers), [
@@ -104,7 +104,8 @@ def test_two_processes_write_one_run_directory_and_resume_after_one_is_killed(tm
     assert workers[1].returncode != 0 and time.monotonic() - stopped < 6 * HEARTBEAT_S, log[-2000:]
     assert history_rounds(run_dir) == [1, 2]
     assert sorted(n for n in os.listdir(os.path.join(run_dir, "checkpoints")) if n.isdigit()) == ["1", "2"]
-    finish(start_workers(tmp_path, out, run_dir))
+    logs = finish(start_workers(tmp_path, out, run_dir, shard_data=True))
+    assert "examples per device: 360, client rows per device: 4" in logs[0]  # 1437 digits padded to 1440; 16 / 4
     assert history_rounds(run_dir) == [1, 2, 3]
     assert_equals_single(out, single)
     assert os.path.exists(os.path.join(run_dir, "clients.csv")) and os.path.exists(os.path.join(run_dir,
@@ -146,7 +147,8 @@ def test_the_command_line_runs_one_process_of_a_distributed_run_each(tmp_path, s
     port, run_dir = _free_port(), str(tmp_path / "run")
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
     sets = ["data.num_clients=16", "server.clients_per_round=8", "client.local_steps=3", "client.batch_size=8",
-            "run.rounds=3", "run.eval_every=3", "run.chunk_size=4", "run.checkpoint_every=1"]
+            "message.topk_fraction=0.3", "message.error_feedback=true", "run.rounds=3", "run.eval_every=3",
+            "run.chunk_size=4", "run.checkpoint_every=1"]
     command = [sys.executable, "-m", "fedjaxpriv.cli", "run", "--distributed", "--coordinator", f"localhost:{port}",
                "--num-processes", "2", "--out", run_dir, *[a for s in sets for a in ("--set", s)]]
     workers = [subprocess.Popen([*command, "--process-id", str(i)], cwd=str(tmp_path), env=env,

@@ -11,7 +11,7 @@ import pytest
 from fedjaxpriv.client.local import LocalSpec, client_update
 from fedjaxpriv.client.settings import make_settings
 from fedjaxpriv.models import get_model
-from fedjaxpriv.parallel import gather_examples, make_mesh, replicate, shard_examples
+from fedjaxpriv.parallel import gather_examples, make_mesh, replicate, shard_rows
 from fedjaxpriv.privacy.mechanisms import ClientLevelDpFedAvg
 from fedjaxpriv.server import server_optimizer
 from fedjaxpriv.simulation import AggregationSpec, Population, build_round, client_keys_base, init_server_state
@@ -158,7 +158,7 @@ def test_gathered_examples_are_each_clients_own_exactly_with_zeros_after_them(he
         pytest.skip("needs XLA_FLAGS=--xla_force_host_platform_device_count=8 (set in tests/conftest.py)")
     population, (_, _, _, _, pop) = hetero
     mesh = make_mesh(8)
-    x, y = shard_examples((pop.x, pop.y), mesh)
+    x, y = shard_rows((pop.x, pop.y), mesh)
     assert {s.data.shape[0] for s in x.addressable_shards} == {math.ceil(len(pop.x) / 8)}  # T / 8 per device
     ids = np.array([3, 0, 11, 5, 5, 7, 1, 2, 9, 10, 4, 6, 8, 0, 11, 3])  # any order, repeats, 2 per device
     width = int(population.counts.max())
@@ -181,7 +181,7 @@ def test_examples_split_over_eight_devices_give_the_same_round(hetero, reference
         pytest.skip("needs XLA_FLAGS=--xla_force_host_platform_device_count=8 (set in tests/conftest.py)")
     population, (model, spec, settings, params, pop) = hetero
     mesh = make_mesh(8)
-    split = Population(*shard_examples((pop.x, pop.y), mesh), pop.offsets, pop.counts)
+    split = Population(*shard_rows((pop.x, pop.y), mesh), pop.offsets, pop.counts)
     tx = server_optimizer("sgd", 1.0)
     round_fn = build_round(model.apply, spec, tx, AggregationSpec(), chunk_size=chunk_size, strategy=strategy,
                            mesh=mesh, sharded_examples=int(population.counts.max()))
