@@ -536,6 +536,7 @@ def test_no_temporary_file_outlives_a_failed_write_or_a_killed_writer(tmp_path):
     assert not list(out.glob("*.tmp-*"))
 
 
+@pytest.mark.slow
 def test_a_signal_after_the_command_has_finished_exits_with_its_code_and_no_traceback(tmp_path):
     """The console script: a SIGTERM that lands while the process shuts down (after ``main`` returned) ends it at
     once with ``main``'s exit code, no traceback; ``main`` called in a process gives the caller its handlers back."""
