@@ -25,6 +25,7 @@ import re
 import warnings
 from typing import Any, Iterable, Mapping, Sequence, Union
 
+from fedjaxpriv.privacy.validation import ACCOUNTANTS
 from fedjaxpriv.sinks import SINK_NAMES
 
 PerClient = Union[float, int, tuple]
@@ -554,7 +555,7 @@ class RunConfig:
     shard_data: bool = knob(False, bool)
     checkpoint_every: int = knob(10, int, low=0, high=INT_MAX, note="0 = only at the end")
     delta: float = knob(1e-5, float, low=0.0, high=1.0, low_open=True, high_open=True)
-    accountant: str = knob("rdp", str, choices=("rdp", "pld"))
+    accountant: str = knob("rdp", str, choices=ACCOUNTANTS)
     tap_clients: tuple[int, ...] = knob((), int, low=0, high=INT_MAX, shape="list")
     tap_rounds: tuple[int, ...] = knob((), int, low=1, high=INT_MAX, shape="list")
     log: tuple[str, ...] = knob(("jsonl",), str, choices=SINK_NAMES, shape="list", note="jsonl is always on")

@@ -28,6 +28,7 @@ import numpy as np
 from scipy import optimize, special, stats
 
 from fedjaxpriv.attacks.metrics import roc_counts
+from fedjaxpriv.privacy.validation import check_delta
 
 
 def clopper_pearson_interval(
@@ -64,11 +65,6 @@ def _epsilon_from_error_bounds(fpr_high: np.ndarray, fnr_high: np.ndarray, delta
     return np.maximum(np.maximum(first, second), 0.0)
 
 
-def _check_delta(delta: float) -> None:
-    if not 0.0 <= delta < 1.0:
-        raise ValueError(f"delta={delta} must lie in [0, 1).")
-
-
 def epsilon_lower_bound_from_counts(
     false_positives: int,
     negatives: int,
@@ -91,7 +87,7 @@ def epsilon_lower_bound_from_counts(
     Returns:
       ``max(0, log((1 - delta - FNR_hi) / FPR_hi), log((1 - delta - FPR_hi) / FNR_hi))``.
     """
-    _check_delta(delta)
+    check_delta(delta, zero=True)
     _, fpr_high = clopper_pearson_interval(false_positives, negatives, alpha)
     _, fnr_high = clopper_pearson_interval(false_negatives, positives, alpha)
     return float(_epsilon_from_error_bounds(fpr_high, fnr_high, delta))
@@ -129,7 +125,7 @@ def epsilon_lower_bound_from_scores(
       delta: audited delta.
       alpha: Clopper-Pearson miscoverage per rate (see ``epsilon_lower_bound_from_counts``).
     """
-    _check_delta(delta)
+    check_delta(delta, zero=True)
     thresholds, true_positives, false_positives = roc_counts(scores, labels)
     positives, negatives = true_positives[-1], false_positives[-1]
     _, fpr_high = clopper_pearson_interval(false_positives, negatives, alpha)
@@ -181,7 +177,7 @@ def one_run_epsilon_lower_bound(
         )
     if not 0.0 < beta < 1.0:
         raise ValueError(f"beta={beta} must lie in (0, 1).")
-    _check_delta(delta)
+    check_delta(delta, zero=True)
     if num_correct == 0:
         return 0.0
     p_pure = stats.beta.ppf(beta, num_correct, num_guesses - num_correct + 1)
@@ -252,7 +248,7 @@ def gaussian_dp_epsilon(mu: float, delta: float) -> float:
     """Epsilon of a mu-GDP mechanism (Gaussian mechanism with sensitivity / sigma = mu) at ``delta``."""
     if mu <= 0:
         raise ValueError(f"mu={mu} must be > 0.")
-    _check_delta(delta)
+    check_delta(delta, zero=True)
     if delta == 0.0:
         return float("inf")
     return float(dp_accounting.get_epsilon_gaussian(1.0 / mu, delta))

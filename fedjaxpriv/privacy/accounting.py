@@ -56,6 +56,8 @@ from dp_accounting import rdp as dp_rdp
 from scipy import stats
 
 from fedjaxpriv.privacy import rdp as rdp_lib
+from fedjaxpriv.privacy.validation import (ACCOUNTANTS, CONVERSIONS, check_delta, check_epsilon, check_kind,  # noqa: F401
+                                           check_noise_multipliers, check_sample_rates, check_steps)
 from fedjaxpriv.privacy.composition import DEFAULT_PLD_DISCRETIZATION
 
 
@@ -71,9 +73,6 @@ logging.getLogger("absl").addFilter(_DropUnconvergedOrderWarnings())
 
 ArrayLike = Union[float, int, Sequence[float], np.ndarray]
 
-ACCOUNTANTS = ("rdp", "pld")
-CONVERSIONS = ("improved", "classic")
-
 # RDP orders of TF Privacy's `compute_dp_sgd_privacy` and Opacus' RDP accountant.
 LEGACY_RDP_ORDERS: tuple[float, ...] = tuple(
     [1 + x / 10.0 for x in range(1, 100)] + list(range(12, 64))
@@ -83,76 +82,6 @@ MOMENTS_ACCOUNTANT_ORDERS: tuple[float, ...] = tuple(float(a) for a in range(2, 
 # The orders every accountant of the package uses by default: dp_accounting's defaults (fractional ones included),
 # computed vectorized by ``fedjaxpriv.privacy.rdp``.
 DEFAULT_RDP_ORDERS: tuple[float, ...] = rdp_lib.DEFAULT_ORDERS
-
-
-# ----------------------------------------------------------------------------- validation
-
-
-def check_delta(delta: float, name: str = "delta") -> float:
-    """Returns ``delta`` as float; raises ValueError unless 0 < delta < 1."""
-    delta = float(delta)
-    if not 0.0 < delta < 1.0:
-        raise ValueError(f"{name}={delta} is not allowed: it must satisfy 0 < {name} < 1.")
-    return delta
-
-
-def check_epsilon(epsilon: float, name: str = "epsilon") -> float:
-    """Returns ``epsilon`` as float; raises ValueError unless 0 < epsilon < inf."""
-    epsilon = float(epsilon)
-    if not 0.0 < epsilon < math.inf:
-        raise ValueError(f"{name}={epsilon} is not allowed: it must be finite and > 0.")
-    return epsilon
-
-
-def check_kind(accountant: str, conversion: str) -> None:
-    """Raises ValueError for an unknown accountant / conversion or a bad combination."""
-    if accountant not in ACCOUNTANTS:
-        raise ValueError(f"accountant={accountant!r} is not allowed: use one of {ACCOUNTANTS}.")
-    if conversion not in CONVERSIONS:
-        raise ValueError(f"conversion={conversion!r} is not allowed: use one of {CONVERSIONS}.")
-    if accountant == "pld" and conversion != "improved":
-        raise ValueError(
-            f"conversion={conversion!r} is not allowed with accountant='pld': the "
-            "classic conversion applies only to RDP; use conversion='improved'."
-        )
-
-
-def _as_float_array(values: ArrayLike, name: str) -> np.ndarray:
-    array = np.asarray(values, dtype=np.float64)
-    if not np.all(np.isfinite(array)):
-        raise ValueError(f"{name} must be finite; found {array[~np.isfinite(array)][:5]}.")
-    return array
-
-
-def check_sample_rates(sample_rate: ArrayLike, name: str = "sample_rate") -> np.ndarray:
-    """Returns the rates as float64; raises ValueError unless every rate is in (0, 1]."""
-    rates = _as_float_array(sample_rate, name)
-    bad = (rates <= 0.0) | (rates > 1.0)
-    if np.any(bad):
-        raise ValueError(f"{name}={rates[bad][:5]} is not allowed: each rate must be in (0, 1].")
-    return rates
-
-
-def check_noise_multipliers(
-    noise_multiplier: ArrayLike, name: str = "noise_multiplier"
-) -> np.ndarray:
-    """Returns the multipliers as float64; raises ValueError if any is negative."""
-    sigmas = _as_float_array(noise_multiplier, name)
-    if np.any(sigmas < 0.0):
-        raise ValueError(
-            f"{name}={sigmas[sigmas < 0][:5]} is not allowed: noise multipliers must be >= 0 "
-            "(0 means no noise and gives epsilon = inf)."
-        )
-    return sigmas
-
-
-def check_steps(steps: ArrayLike, name: str = "steps") -> np.ndarray:
-    """Returns the step counts as int64; raises ValueError unless all are integers >= 0."""
-    values = _as_float_array(steps, name)
-    if np.any(values < 0) or np.any(values != np.round(values)):
-        bad = (values < 0) | (values != np.round(values))
-        raise ValueError(f"{name}={values[bad][:5]} is not allowed: steps must be integers >= 0.")
-    return values.astype(np.int64)
 
 
 def _broadcast_clients(named: dict[str, np.ndarray]) -> list[np.ndarray]:

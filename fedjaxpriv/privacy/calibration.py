@@ -18,6 +18,7 @@ import dp_accounting
 import numpy as np
 
 from fedjaxpriv.privacy import accounting
+from fedjaxpriv.privacy.validation import check_epsilons
 from fedjaxpriv.privacy.composition import DEFAULT_PLD_DISCRETIZATION, EventAccountant
 
 ArrayLike = accounting.ArrayLike
@@ -138,9 +139,7 @@ def calibrate_clients(
     """
     accounting.check_kind(accountant, conversion)
     delta = accounting.check_delta(delta)
-    targets = accounting._as_float_array(target_epsilons, "target_epsilons")
-    if np.any(targets <= 0):
-        raise ValueError(f"target_epsilons={targets[targets <= 0][:5]} is not allowed: budgets must be > 0.")
+    targets = check_epsilons(target_epsilons, "target_epsilons")
     targets, q, steps, counts = accounting._broadcast_clients({
         "target_epsilons": targets,
         "sample_rates": accounting.check_sample_rates(sample_rates, "sample_rates"),

@@ -32,6 +32,7 @@ from dp_accounting import pld as dp_pld
 from dp_accounting import rdp as dp_rdp
 
 from fedjaxpriv.privacy import rdp as rdp_lib
+from fedjaxpriv.privacy.validation import check_delta, check_kind
 
 NeighboringRelation = dp_accounting.NeighboringRelation
 DEFAULT_PLD_DISCRETIZATION = 1e-4
@@ -121,13 +122,8 @@ class EventAccountant:
           truncation_probabilities: [G] per-step probability that the implemented mechanism departs from the
             accounted one (sampling truncation); charged to delta (see the module docstring).
         """
-        if accountant not in ("rdp", "pld"):
-            raise ValueError(f"accountant={accountant!r} is not allowed: use 'rdp' or 'pld'.")
-        if conversion not in ("improved", "classic") or (accountant == "pld" and conversion != "improved"):
-            raise ValueError(f"conversion={conversion!r} is not allowed with accountant={accountant!r}: use "
-                             "'improved' (or 'classic' with 'rdp').")
-        if not 0.0 < float(delta) < 1.0:
-            raise ValueError(f"delta={delta} is not allowed: it must satisfy 0 < delta < 1.")
+        check_kind(accountant, conversion)
+        check_delta(delta)
         self.events = list(events)
         self.relation = event_relation(self.events)
         self.delta = float(delta)

@@ -39,6 +39,8 @@ from dp_accounting.rdp import rdp_privacy_accountant as _dp_rdp
 from numpy.typing import ArrayLike
 from scipy import special
 
+from fedjaxpriv.privacy.validation import check_delta, check_noise_multipliers, check_sample_rates
+
 # dp_accounting's default RDP orders: what ``RdpAccountant()`` uses, and what this package accounts with.
 DEFAULT_ORDERS: tuple[float, ...] = tuple(float(a) for a in _dp_rdp.DEFAULT_RDP_ORDERS)
 
@@ -64,31 +66,6 @@ OrdersLike = Union[Sequence[float], np.ndarray]
 # ----------------------------------------------------------------------------- validation
 
 
-def _first_bad(values: np.ndarray, bad: np.ndarray) -> tuple[tuple[int, ...], float]:
-    index = tuple(int(i) for i in np.argwhere(bad)[0])
-    return index, float(values[index])
-
-
-def _check_sample_rates(sample_rates: ArrayLike) -> np.ndarray:
-    q = np.asarray(sample_rates, dtype=np.float64)
-    bad = ~((q > 0.0) & (q <= 1.0))  # also catches NaN
-    if bad.any():
-        index, value = _first_bad(q, bad)
-        where = f"sample_rates{list(index)}" if index else "sample_rates"
-        raise ValueError(f"{where}={value!r} is not allowed: a sample rate must be in (0, 1].")
-    return q
-
-
-def _check_noise_multipliers(noise_multipliers: ArrayLike) -> np.ndarray:
-    sigma = np.asarray(noise_multipliers, dtype=np.float64)
-    bad = ~(np.isfinite(sigma) & (sigma > 0.0))
-    if bad.any():
-        index, value = _first_bad(sigma, bad)
-        where = f"noise_multipliers{list(index)}" if index else "noise_multipliers"
-        raise ValueError(f"{where}={value!r} is not allowed: a noise multiplier must be finite and > 0.")
-    return sigma
-
-
 def _check_orders(orders: OrdersLike) -> tuple[float, ...]:
     """Returns the orders as a tuple of floats; raises ValueError unless all are finite and > 1."""
     array = np.asarray(orders)
@@ -111,18 +88,11 @@ def _split_orders(orders: tuple[float, ...]) -> tuple[np.ndarray, tuple[int, ...
             array[~integer])
 
 
-def _check_delta(delta: float) -> float:
-    value = float(delta)
-    if not 0.0 < value < 1.0:
-        raise ValueError(f"delta={value!r} is not allowed: it must satisfy 0 < delta < 1.")
-    return value
-
-
 def _broadcast_rows(sample_rates: ArrayLike, noise_multipliers: ArrayLike
                     ) -> tuple[np.ndarray, np.ndarray, tuple[int, ...]]:
     """Validated (q, sigma) flattened to 1-D rows, and their broadcast shape."""
-    q = _check_sample_rates(sample_rates)
-    sigma = _check_noise_multipliers(noise_multipliers)
+    q = check_sample_rates(sample_rates, "sample_rates")
+    sigma = check_noise_multipliers(noise_multipliers, "noise_multipliers", zero=False)
     try:
         q, sigma = np.broadcast_arrays(q, sigma)
     except ValueError:
@@ -456,7 +426,7 @@ def epsilons_from_rdp(orders: Sequence[float], rdp: ArrayLike, delta: float,
     """
     if conversion not in CONVERSIONS:
         raise ValueError(f"conversion={conversion!r} is not allowed: use one of {CONVERSIONS}.")
-    delta = _check_delta(delta)
+    delta = check_delta(delta)
     alphas = np.asarray(orders, dtype=np.float64)
     if alphas.ndim != 1 or alphas.size == 0:
         raise ValueError(f"orders={orders!r} is not allowed: it must be a non-empty 1-D sequence.")
@@ -468,8 +438,8 @@ def epsilons_from_rdp(orders: Sequence[float], rdp: ArrayLike, delta: float,
         raise ValueError(f"rdp has shape {rdp.shape}, which does not match the {alphas.size} orders: "
                          f"it must be [..., {alphas.size}].")
     if np.isnan(rdp).any():
-        index, _ = _first_bad(rdp, np.isnan(rdp))
-        raise ValueError(f"rdp{list(index)}=nan is not allowed: RDP values must be numbers (inf is fine).")
+        index = [int(i) for i in np.argwhere(np.isnan(rdp))[0]]
+        raise ValueError(f"rdp{index}=nan is not allowed: RDP values must be numbers (inf is fine).")
     if conversion == "classic":
         return _classic_epsilons(alphas, rdp, delta)
     return _improved_epsilons(alphas, rdp, delta)
