@@ -41,10 +41,6 @@ def _check(condition: bool, field: str, value: Any, allowed: str) -> None:
         raise ValueError(f"{field}={value!r} is invalid; allowed: {allowed}.")
 
 
-def _check_choice(field: str, value: Any, choices: Sequence[str]) -> None:
-    _check(value in choices, field, value, f"one of {list(choices)}")
-
-
 def _values(value: PerClient) -> tuple[float, ...]:
     return tuple(value) if isinstance(value, (tuple, list)) else (value,)
 

@@ -70,13 +70,6 @@ def per_client_metric(apply_fn: ApplyFn, params: Params, x: np.ndarray, y: np.nd
         return np.where(counts > 0, sums / np.maximum(counts, 1), np.nan)
 
 
-def per_client_accuracy(apply_fn: ApplyFn, params: Params, x: np.ndarray, y: np.ndarray, offsets: np.ndarray,
-                        counts: np.ndarray, batch_size: int = 1024) -> np.ndarray:
-    """Classification accuracy of the global model on each client's own examples: [C] (NaN for empty clients)."""
-    return per_client_metric(apply_fn, params, x, y, offsets, counts, batch_size, task=CLASSIFICATION,
-                             metric="accuracy")
-
-
 def distribution_summary(values: np.ndarray, prefix: str) -> dict[str, float]:
     """Mean, std and 10/50/90th percentiles of a per-client metric, ignoring NaNs."""
     v = values[~np.isnan(values)]

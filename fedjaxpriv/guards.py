@@ -37,7 +37,6 @@ import numpy as np
 LOSS_LIMIT = float(np.sqrt(np.finfo(np.float32).max))
 LOSS_KEYS = ("train_loss", "test_loss")
 PAUSE_ENV = "FEDJAXPRIV_PAUSE_AT"
-PAUSE_POINTS = ("train", "evaluate", "checkpoint")
 
 
 class DivergenceError(ValueError):

@@ -680,7 +680,3 @@ def replicate(tree: Any, mesh: Mesh | None) -> Any:
     if mesh is None:
         return tree
     return jax.device_put(tree, NamedSharding(mesh, P()))
-
-
-def as_numpy(tree: Any) -> Any:
-    return jax.tree_util.tree_map(np.asarray, tree)

@@ -208,7 +208,7 @@ def client_message(spec: LocalSpec, apply_fn: ApplyFn, message_fn: MessageFn, al
                               else (population.x, population.y, row["offset"]))
     out = client_update(spec, apply_fn, state.params, data_x, data_y, offset, row["count"],
                         row["settings"], train_key, correction=correction)
-    message, message_state, stats = message_fn(out.delta, row["settings"], message_key, out.trained_params,
+    message, message_state, stats = message_fn(out.delta, row["settings"], message_key, out.trained_coordinates,
                                                kept.message)
     extra, algorithm_state = algorithm.client_finish(out.delta, out.steps, row["settings"].lr,
                                                      state.algorithm_state, kept.algorithm)

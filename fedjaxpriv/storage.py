@@ -34,7 +34,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from fedjaxpriv import locks
-from fedjaxpriv.files import atomic_write, fsync_dir, remove_stale_temporaries
+from fedjaxpriv.files import atomic_write, remove_stale_temporaries
 from fedjaxpriv.guards import install_report_hooks, library_threads_quiet
 from fedjaxpriv.config import ExperimentConfig, extension_problem, from_dict
 from fedjaxpriv.results import RUN_INFO_FILE, jsonable, read_sessions, run_environment, write_csv

@@ -65,7 +65,6 @@ from typing import Any, Mapping, NamedTuple, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 from scipy import optimize
 
 from fedjaxpriv.attacks import inversion, membership, metrics

@@ -80,7 +80,7 @@ class ClientOutput(NamedTuple):
       num_examples: float32, the client's data size.
       loss: float32, mean training loss over the client's active steps.
       steps: float32, steps actually taken.
-      trained_params: int32, coordinates not held at zero by the pruning mask (all of them without
+      trained_coordinates: int32, coordinates not held at zero by the pruning mask (all of them without
         pruning); the server knows the mask, so only these need sending.
     """
 
@@ -88,7 +88,7 @@ class ClientOutput(NamedTuple):
     num_examples: jax.Array
     loss: jax.Array
     steps: jax.Array
-    trained_params: jax.Array
+    trained_coordinates: jax.Array
 
 
 def _tree_where(condition: jax.Array, new: Any, old: Any) -> Any:
@@ -202,4 +202,4 @@ def client_update(spec: LocalSpec, apply_fn: ApplyFn, server_params: Params, dat
     else:
         trained = sum(jnp.sum(m != 0) for m in jax.tree_util.tree_leaves(weight_mask)).astype(jnp.int32)
     return ClientOutput(delta=delta, num_examples=count.astype(jnp.float32),
-                        loss=jnp.sum(losses) / jnp.maximum(steps, 1.0), steps=steps, trained_params=trained)
+                        loss=jnp.sum(losses) / jnp.maximum(steps, 1.0), steps=steps, trained_coordinates=trained)

@@ -211,9 +211,3 @@ def chain(*transforms: MessageTransform) -> MessageTransform:
         return message, tuple(new_states), {**merged, **wire.as_stats()}
 
     return MessageTransform(init, update)
-
-
-def map_leaves_with_keys(fn: Callable[[jax.Array, jax.Array], jax.Array], tree: PyTree, key: jax.Array) -> PyTree:
-    """``fn(leaf, fold_in(key, i))`` for leaf i of ``tree``."""
-    leaves, treedef = jax.tree_util.tree_flatten(tree)
-    return jax.tree_util.tree_unflatten(treedef, [fn(leaf, jax.random.fold_in(key, i)) for i, leaf in enumerate(leaves)])

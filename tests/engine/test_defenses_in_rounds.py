@@ -41,7 +41,7 @@ def test_pruned_weights_stay_zero_and_are_not_sent():
         assert np.all(np.asarray(delta)[np.asarray(m) == 0] == 0.0)
         assert np.any(np.asarray(delta)[np.asarray(m) == 1] != 0.0)
     kept = _param_count(params) - sum(n // 2 for n in _kernel_sizes(params))
-    assert int(out.trained_params) == kept
+    assert int(out.trained_coordinates) == kept
     _, record = exp.step(exp.initial_state, 0)
     assert record["bytes_per_client"] == 4 * kept
 

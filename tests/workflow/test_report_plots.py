@@ -6,7 +6,6 @@ import itertools
 import matplotlib.colors
 import matplotlib.pyplot as plt
 import numpy as np
-import pytest
 
 from fedjaxpriv import report  # selects the Agg backend
 
