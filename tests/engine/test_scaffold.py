@@ -2,14 +2,11 @@
 FedAvg where clients drift (one label per client)."""
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from fedjaxpriv.client.local import client_update
 from fedjaxpriv.config import ExperimentConfig, with_overrides
 from fedjaxpriv.experiment import Experiment
-from fedjaxpriv.simulation import client_keys_base
 
 BASE = ("data.num_clients=8", "model.name=logreg", "client.local_steps=[3, 6]", "client.batch_size=16",
         "client.lr=0.05", "server.clients_per_round=4", "server.algorithm=scaffold", "run.checkpoint_every=0",
@@ -21,48 +18,56 @@ def _config(*overrides: str) -> ExperimentConfig:
 
 
 @pytest.mark.slow
-def test_scaffold_rounds_equal_a_per_client_loop_of_the_paper_updates():
-    """Three rounds with partial participation and heterogeneous local steps: the global model, the server
-    control variate c and every client's c_i equal a Python loop over clients of Karimireddy et al.'s
-    option II (y <- y - lr (g - c_i + c); c_i+ = c_i - c + (x - y) / (K lr); x <- x + weighted mean of y - x;
-    c <- c + sum of (c_i+ - c_i) / N), each client trained by the library's ``client_update``."""
-    experiment = Experiment(_config("run.rounds=3"))
-    p, s = experiment.population, experiment.settings
-    params = experiment.initial_state.params
-    zeros = jax.tree_util.tree_map(jnp.zeros_like, params)
-    server_c, client_c = zeros, [zeros] * p.num_clients
-    data = [jnp.asarray(a) for a in (p.x, p.y)]
+def test_scaffold_rounds_equal_the_papers_update_rule_written_in_numpy():
+    """Three rounds, half the clients each, local steps 3 or 6: the global model, the server control variate c
+    and every client's c_i equal Karimireddy et al.'s option II written here in NumPy for softmax regression
+    (y <- y - lr (grad F_i(y) - c_i + c); c_i+ = c_i - c + (x - y) / (K lr); x <- x + mean of y - x;
+    c <- c + sum of (c_i+ - c_i) / N). Every client holds 16 examples and a step's batch is all of them, so
+    local training is deterministic and needs nothing of the library's."""
+    from fedjaxpriv.data import load_digits
+    from fedjaxpriv.data.federated import from_client_lists
+    from tests.engine.test_ditto import _softmax_regression_gradient
+
+    train, test = load_digits()
+    clients, size, lr = 8, 16, 0.05
+    population = from_client_lists([train.x[c * size:(c + 1) * size] for c in range(clients)],
+                                   [train.y[c * size:(c + 1) * size] for c in range(clients)])
+    experiment = Experiment(_config("run.rounds=3", f"client.batch_size={size}"), population=population, test=test,
+                            num_classes=10)
     state = experiment.initial_state
+    start = jax.tree_util.tree_map(np.asarray, state.params)["Dense_0"]
+    x_w, x_b = np.asarray(start["kernel"], np.float64), np.asarray(start["bias"], np.float64)
+    c_w, c_b = np.zeros_like(x_w), np.zeros_like(x_b)
+    ci = [(np.zeros_like(x_w), np.zeros_like(x_b)) for _ in range(clients)]
+    steps = np.asarray(experiment.settings.num_steps)
     for r in range(3):
         cohort, _ = experiment.round_cohort(r)
-        ids = cohort.ids[cohort.mask]
-        base = client_keys_base(jax.random.fold_in(experiment.root_key, r))
-        deltas, weights, changes = [], [], []
-        for i in ids:
-            row = jax.tree_util.tree_map(lambda a: jnp.asarray(a[i]), s)
-            train_key, _ = jax.random.split(jax.random.fold_in(base, int(i)))
-            correction = jax.tree_util.tree_map(jnp.subtract, server_c, client_c[i])
-            out = client_update(experiment.spec, experiment.model.apply, params, *data, jnp.int32(p.offsets[i]),
-                                jnp.int32(p.counts[i]), row, train_key, correction=correction)
-            k_lr = float(out.steps) * float(row.lr)
-            new_c = jax.tree_util.tree_map(lambda ci, c, d: ci - c - d / k_lr, client_c[i], server_c, out.delta)
-            changes.append(jax.tree_util.tree_map(jnp.subtract, new_c, client_c[i]))
-            client_c[i] = new_c
-            deltas.append(out.delta)
-            weights.append(float(p.counts[i]))
-        total = sum(weights)
-        params = jax.tree_util.tree_map(lambda x, *d: x + sum(w * di for w, di in zip(weights, d)) / total,
-                                        params, *deltas)
-        server_c = jax.tree_util.tree_map(lambda c, *d: c + sum(d) / p.num_clients, server_c, *changes)
+        deltas, changes = [], []
+        for i in cohort.ids[cohort.mask]:
+            features, labels = population.client(i).x.reshape(size, -1).astype(np.float64), population.client(i).y
+            y_w, y_b = x_w.copy(), x_b.copy()
+            for _ in range(int(steps[i])):
+                g_w, g_b = _softmax_regression_gradient(y_w, y_b, features, labels)
+                y_w, y_b = y_w - lr * (g_w - ci[i][0] + c_w), y_b - lr * (g_b - ci[i][1] + c_b)
+            k_lr = int(steps[i]) * lr
+            new = (ci[i][0] - c_w + (x_w - y_w) / k_lr, ci[i][1] - c_b + (x_b - y_b) / k_lr)
+            changes.append((new[0] - ci[i][0], new[1] - ci[i][1]))
+            ci[i] = new
+            deltas.append((y_w - x_w, y_b - x_b))
+        x_w = x_w + np.mean([d[0] for d in deltas], axis=0)  # equal data sizes: the example-weighted mean
+        x_b = x_b + np.mean([d[1] for d in deltas], axis=0)
+        c_w, c_b = c_w + sum(d[0] for d in changes) / clients, c_b + sum(d[1] for d in changes) / clients
         state, record = experiment.step(state, r, cohort)
-        for got, want in zip(jax.tree_util.tree_leaves(state.params), jax.tree_util.tree_leaves(params)):
-            np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-6)
-        for got, want in zip(jax.tree_util.tree_leaves(state.algorithm_state), jax.tree_util.tree_leaves(server_c)):
-            np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-4, atol=1e-5)
-        for i in range(p.num_clients):
-            for got, want in zip(jax.tree_util.tree_leaves(state.client_state.algorithm),
-                                 jax.tree_util.tree_leaves(client_c[i])):
-                np.testing.assert_allclose(np.asarray(got)[i], np.asarray(want), rtol=1e-4, atol=1e-5)
+        got = jax.tree_util.tree_map(np.asarray, state.params)["Dense_0"]
+        np.testing.assert_allclose(got["kernel"], x_w, atol=2e-5)
+        np.testing.assert_allclose(got["bias"], x_b, atol=2e-5)
+        server = jax.tree_util.tree_map(np.asarray, state.algorithm_state)["Dense_0"]
+        np.testing.assert_allclose(server["kernel"], c_w, atol=2e-4)
+        np.testing.assert_allclose(server["bias"], c_b, atol=2e-4)
+        kept = jax.tree_util.tree_map(np.asarray, state.client_state.algorithm)["Dense_0"]
+        for i in range(clients):
+            np.testing.assert_allclose(kept["kernel"][i], ci[i][0], atol=2e-4)
+            np.testing.assert_allclose(kept["bias"][i], ci[i][1], atol=2e-4)
     # Each participant sends its delta and its control-variate change, both dense float32.
     assert record["bytes_per_client"] == 2 * 4 * experiment.num_params
 
