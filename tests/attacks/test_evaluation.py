@@ -44,7 +44,10 @@ def test_membership_leaks_undefended_and_dp_closes_it_beyond_the_intervals(tmp_p
     for attack, bar in (("lira_offline", 0.6), ("loss_threshold", 0.55)):
         assert none[f"attack/{attack}/auc_low"] > bar, (attack, none[f"attack/{attack}/auc"])
         assert dp[f"attack/{attack}/auc_high"] < none[f"attack/{attack}/auc_low"], attack
-    assert "attack/rmia/auc" in none and "attack/lira_online/auc" in none
+    # RMIA separates the same way (undefended 0.69 [0.66, 0.73], DP 0.52 [0.49, 0.56]); online LiRA, with only 2
+    # "in" models per candidate out of 4 shadows, is weaker (0.58 [0.52, 0.63]) and is only ordered.
+    assert none["attack/rmia/auc_low"] > 0.6 and dp["attack/rmia/auc_high"] < none["attack/rmia/auc_low"]
+    assert dp["attack/lira_online/auc"] < none["attack/lira_online/auc"]
     # The server's passive attack on the tapped messages of clients that took part.
     assert none["attack/passive/auc_low"] > 0.6 and dp["attack/passive/auc"] < none["attack/passive/auc"]
     # Inversion of the first-round FedSGD probe (one step over 8 examples of each tapped client): undefended it
