@@ -139,7 +139,7 @@ def load_population(config: ExperimentConfig) -> tuple[FederatedData, Dataset, i
         return (partition_like(config, train, config.run.seed),
                 text.windows_of(test_texts, vocabulary, data.sequence_length), len(vocabulary))
     if data.dataset == "attribute":
-        from fedjaxpriv.attacks.attribute import attribute_population
+        from fedjaxpriv.data.attribute import attribute_population
 
         population, test, _ = attribute_population(config.run.seed, num_clients=data.num_clients)
         return population, test, 2
