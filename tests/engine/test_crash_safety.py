@@ -581,7 +581,7 @@ def test_a_signal_whose_exception_is_swallowed_still_stops_the_run_at_the_next_r
 @pytest.mark.slow
 def test_signals_at_random_times_stop_in_one_line_and_resume_exactly(experiment, reference, fork_server, config_file,
                                                                      tmp_path):
-    """Sixteen SIGINT / SIGTERM at seeded random times over a whole run (from the fork to past its last round;
+    """Twelve SIGINT / SIGTERM at seeded random times over a whole run (from the fork to past its last round;
     every third one followed by a second signal, as an impatient user sends): each run exits 0 (it had finished)
     or with the code of a signal it got, says "interrupted by" on one line without a traceback, leaves the rounds
     1..k each once with round k checkpointed, and resumes to the run never interrupted."""
@@ -592,7 +592,7 @@ def test_signals_at_random_times_stop_in_one_line_and_resume_exactly(experiment,
         whole = time.monotonic() - started
     rng = np.random.default_rng(0)
     outcomes = []
-    for trial in range(16):
+    for trial in range(12):
         run_dir = tmp_path / f"trial{trial}"
         first, second = rng.choice([signal.SIGINT, signal.SIGTERM], size=2)
         delay, gap = rng.uniform(0.0, 1.1 * whole), rng.uniform(0.0, 0.2)
@@ -615,4 +615,4 @@ def test_signals_at_random_times_stop_in_one_line_and_resume_exactly(experiment,
         outcomes.append((round(delay, 2), code, len(history_rounds(run_dir))))
         assert_same_run(resume(experiment, run_dir), reference)
     print(f"\nwhole run {whole:.2f} s; (delay s, exit code, rounds kept): {outcomes}")
-    assert sum(code != 0 for _, code, _ in outcomes) >= 8  # most signals landed inside the run
+    assert sum(code != 0 for _, code, _ in outcomes) >= 6  # most signals landed inside the run
