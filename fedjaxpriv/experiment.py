@@ -735,7 +735,8 @@ class Experiment:
                   **evaluation.distribution_summary(per_client, f"client_{metric}")}
         if state is not None and self.algorithm.personal_params is not None and self.task is CLASSIFICATION:
             record.update(evaluation.personal_metrics(
-                self.model.apply, self.algorithm.personal_params(state.client_state.algorithm), params,
+                self.model.apply, self.algorithm.personal_params(jax.tree_util.tree_map(
+                    lambda a: a[:p.num_clients], state.client_state.algorithm)), params,  # without padding rows
                 self.test.x, self.test.y, self.client_label_counts, p.counts))
         return record
 

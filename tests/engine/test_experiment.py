@@ -120,12 +120,13 @@ def test_no_resume_starts_over_in_the_same_directory(tmp_path):
 
 @pytest.mark.slow
 def test_clients_are_sharded_over_all_devices_by_default_with_the_same_result():
-    """8 devices equal 1 (top-k with error feedback: every client keeps a model-sized residual); with
-    run.shard_data each device holds 1/8 of the examples and of the clients' residuals, and the run is the same
-    bit for bit."""
+    """8 devices equal 1 (Ditto with top-k and error feedback: every client keeps a personal model and a residual);
+    with run.shard_data each device holds 1/8 of the examples and of the clients' states (20 clients, padded to
+    24), and the run is the same bit for bit, personal models' figures included."""
     if jax.device_count() < 2:
         pytest.skip("needs several devices (tests/conftest.py sets 8 CPU devices)")
-    config = {**SHORT, "message": {"topk_fraction": 0.3, "error_feedback": True}}
+    config = {**SHORT, "message": {"topk_fraction": 0.3, "error_feedback": True},
+              "server": {**SHORT["server"], "algorithm": "ditto"}}
     sharded = Experiment(from_dict(config))
     assert sharded.mesh is not None and sharded.mesh.size == jax.device_count()
     single = Experiment(from_dict({**config, "run": {**SHORT["run"], "num_devices": 1}}))
@@ -145,6 +146,8 @@ def test_clients_are_sharded_over_all_devices_by_default_with_the_same_result():
     for x, y in zip(jax.tree_util.tree_leaves(a.params), jax.tree_util.tree_leaves(c.params)):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
     assert [r["train_loss"] for r in a.history] == [r["train_loss"] for r in c.history]
+    personal = [k for k in a.history[-1] if "personal" in k]
+    assert personal and all(a.history[-1][k] == c.history[-1][k] for k in personal)
     with pytest.raises(ValueError, match="run.shard_data=true needs run.strategy 'vmap' or 'loop'.*'host'"):
         Experiment(from_dict({**SHORT, "run": {"shard_data": True, "strategy": "host"}}))
     with pytest.raises(ValueError, match="run.num_devices.*num_devices=9"):
