@@ -5,7 +5,9 @@ the suite (a warm compilation cache runs a test file in a third of the time). Le
 training-heavy tests run slower, but the whole suite is faster (on 2 cores: 596 s at level 0, 687 s at level 1).
 Values are compared with tolerances, never with a figure taken at another level. XLA's CPU fusion emitters are
 off as well: with them, compilation is slower and so are these small programs (on 2 cores, tests/engine/
-test_round.py takes 162 s with them and 98 s without; the DP-SGD canary audits 107 s and 88 s).
+test_round.py takes 162 s with them and 98 s without; the DP-SGD canary audits 107 s and 88 s). XLA's multi-threaded
+Eigen pool is off: with a worker per core it buys nothing, and on a 2-core machine it can wedge a computation for
+good (the main thread then waits inside XLA, where no Python timeout reaches it).
 
 JAX's persistent compilation cache is shared by the test processes of a run (workers and the subprocesses they
 start): files that build the same programs compile them once. It lives in a fresh directory per test session
@@ -17,7 +19,7 @@ import shutil
 import tempfile
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0 "
-                      "--xla_cpu_use_fusion_emitters=false")
+                      "--xla_cpu_use_fusion_emitters=false --xla_cpu_multi_thread_eigen=false")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 _SESSION_CACHE = None
 if "JAX_COMPILATION_CACHE_DIR" not in os.environ:

@@ -38,7 +38,8 @@ def start_workers(tmp_path, out, out_dir=None, pause=None, mismatch=False, shard
     port = _free_port()
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "MULTIHOST_SHARD_DATA": "1" if shard_data else "",
            "MULTIHOST_HEARTBEAT_S": str(HEARTBEAT_S),
-           "XLA_FLAGS": "--xla_force_host_platform_device_count=2 --xla_backend_optimization_level=0",
+           "XLA_FLAGS": "--xla_force_host_platform_device_count=2 --xla_backend_optimization_level=0 "
+                        "--xla_cpu_multi_thread_eigen=false",
            "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
     workers = []
     for i in range(2):
