@@ -257,9 +257,9 @@ def _report(args: argparse.Namespace) -> int:
 def _say(args: argparse.Namespace, text: str) -> None:
     """A progress line on stderr (nothing under --quiet)."""
     if not getattr(args, "quiet", False):
-        from tqdm.auto import tqdm
+        from fedjaxpriv.progress import say
 
-        tqdm.write(f"fedjaxpriv: {text}", file=sys.stderr)
+        say(text)
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -284,14 +284,14 @@ def _run(args: argparse.Namespace) -> int:
         args.quiet = args.quiet or not distributed.is_main_process()  # process 0 reports
     created = not os.path.exists(args.out)
     _output_dir(args.out)
-    d, m = config.data, config.model
-    _say(args, f"building {d.dataset} over {d.num_clients} clients ({d.partition} partition), model {m.name}, "
-               f"{config.run.rounds} rounds into {args.out}")
+    from fedjaxpriv.progress import building_line, built_line
+
+    _say(args, f"{building_line(config)} into {args.out}")
     started = time.perf_counter()
     from fedjaxpriv.experiment import Experiment, build_experiment
 
     try:
-        experiment = build_experiment(config, mesh=mesh)
+        experiment = build_experiment(config, mesh=mesh, progress=False)
     except Exception:
         if created:  # a run that could not start leaves no empty directory behind
             try:
@@ -299,13 +299,7 @@ def _run(args: argparse.Namespace) -> int:
             except OSError:
                 pass
         raise
-
-    import jax
-
-    devices = 1 if experiment.mesh is None else experiment.mesh.devices.size
-    _say(args, f"built in {time.perf_counter() - started:.1f} s: {experiment.num_params:,} parameters, strategy "
-               f"{experiment.strategy} (chunks of {experiment.chunk_size} clients), {devices} "
-               f"{jax.default_backend()} device{'s' if devices != 1 else ''}; compiling the round")
+    _say(args, f"{built_line(experiment, time.perf_counter() - started)}; compiling the round")
     first = [time.perf_counter()]
 
     headline = experiment.headline_metric  # test_accuracy, test_label_accuracy, ...

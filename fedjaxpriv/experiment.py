@@ -34,6 +34,7 @@ from fedjaxpriv.models.tasks import (CLASSIFICATION, NEXT_TOKEN, PerExampleLoss,
                                      check_targets, describe, with_label_metrics)
 from fedjaxpriv.parallel import Plan, local_mesh, plan as execution_plan, replicate, shard_rows
 from fedjaxpriv.privacy.basis import largest_epsilon
+from fedjaxpriv.progress import building_line, built_line, say
 from fedjaxpriv.privacy.calibration import calibrate_noise
 from fedjaxpriv.privacy.mechanisms import ClientLevelDpFedAvg, local_gaussian, round_up_float32
 from fedjaxpriv.privacy.tracking import (PrivacyTracker, calibrate_targets, dp_batch_slots, dp_cohort_slots,
@@ -415,7 +416,8 @@ class Experiment:
                  loss: Task | PerExampleLoss | str | None = None,
                  message_transform: MessageTransform | None = None,
                  algorithm: FederatedAlgorithm | None = None,
-                 extra_settings: Mapping[str, Any] | None = None, data_from_config: bool = False) -> None:
+                 extra_settings: Mapping[str, Any] | None = None, data_from_config: bool = False,
+                 progress: bool = True) -> None:
         """Args:
           config: the experiment.
           mesh: devices to shard clients over (default: ``run.num_devices`` local devices).
@@ -451,6 +453,10 @@ class Experiment:
 
         check_same_everywhere({"config": config.config_hash()})  # a multi-process run: before any collective
         data_from_config = data_from_config or population is None
+        progress = progress and jax.process_index() == 0
+        started = time.perf_counter()
+        if progress:
+            say(building_line(config, None if data_from_config else population, model))
         if population is None:
             population, test, num_classes = load_population(config)
         if test is None or num_classes is None:
@@ -576,6 +582,8 @@ class Experiment:
             self.device_population = Population(*shard_rows((population.x, population.y), mesh), *replicate(
                 (jnp.asarray(population.offsets), jnp.asarray(population.counts)), mesh))
         self.device_settings = replicate(jax.tree_util.tree_map(jnp.asarray, self.settings), mesh)
+        if progress:
+            say(built_line(self, time.perf_counter() - started))
 
     def new_privacy_tracker(self) -> PrivacyTracker:
         """A fresh tracker of this run's mechanisms (nothing spent yet)."""
@@ -854,6 +862,8 @@ class Experiment:
         saved = committed if store is not None else 0  # the round of the latest checkpoint
         live = True  # whether ``state`` and ``self.privacy`` are those of round ``committed``
         taps: dict[int, Tap] = {}
+        bar = _progress(range(committed, total), progress and jax.process_index() == 0, initial=committed,
+                        total=total)
         # The initial model's loss: the scale a loss explosion is measured against (``guards.explosion``).
         factor = self.config.run.divergence_factor
         baseline = (evaluation.evaluate(self.model.apply, self.initial_params, self.test.x, self.test.y,
@@ -862,8 +872,6 @@ class Experiment:
         def at_chance(accuracy: float) -> bool:
             return evaluation.at_chance(accuracy, self.test.y)[0]
 
-        bar = _progress(range(committed, total), progress and jax.process_index() == 0, initial=committed,
-                        total=total)
         headline = self.headline_metric
         accuracy = next((r[headline] for r in reversed(history) if headline in r), None)
         try:
@@ -981,4 +989,4 @@ def build_experiment(config: ExperimentConfig, **kwargs: Any) -> Experiment:
 
 def run(config: ExperimentConfig, out_dir: str | None = None, **kwargs: Any) -> Results:
     """Builds and runs an experiment: ``fedjaxpriv.run(config)``."""
-    return build_experiment(config).run(out_dir, **kwargs)
+    return build_experiment(config, progress=kwargs.get("progress", True)).run(out_dir, **kwargs)

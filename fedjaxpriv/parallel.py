@@ -208,14 +208,49 @@ def gather_examples(data: Any, offsets: jax.Array, counts: jax.Array, width: int
                          check_vma=False)(data, offsets, counts)
 
 
+@jax.tree_util.register_pytree_node_class
+class SlotRows:
+    """One client's part of a ``[width, ...]`` output of ``map_clients``: ``value`` (a pytree) goes to row ``slot``
+    (int32 scalar; no row when it is outside [0, width)). Summed over clients, each row holds the value of the one
+    client whose slot it is, exactly (the others add nothing), and zeros where no client has that slot.
+
+    Memory per chunk is that of the chunk's values, not ``chunk x width`` of them."""
+
+    def __init__(self, slot: jax.Array, value: Any, width: int) -> None:
+        self.slot, self.value, self.width = slot, value, width
+
+    def tree_flatten(self) -> tuple[tuple[Any, Any], int]:
+        return (self.slot, self.value), self.width
+
+    @classmethod
+    def tree_unflatten(cls, width: int, children: tuple[Any, Any]) -> SlotRows:
+        return cls(*children, width)
+
+
+def sum_clients(summed: Any, batched: bool = True) -> Any:
+    """The sum over the leading client axis of a chunk's ``summed`` outputs (``batched``; else one client's), a
+    ``SlotRows`` placed in its rows (leaves [width, ...])."""
+
+    def reduce(part: Any) -> Any:
+        if not isinstance(part, SlotRows):
+            return jnp.sum(part, axis=0) if batched else part
+        slot = jnp.atleast_1d(part.slot)
+        rows = jnp.where((slot >= 0) & (slot < part.width), slot, part.width)  # outside: dropped by segment_sum
+        return jax.tree_util.tree_map(
+            lambda v: jax.ops.segment_sum(v if batched else v[None], rows, num_segments=part.width), part.value)
+
+    return jax.tree_util.tree_map(reduce, summed, is_leaf=lambda x: isinstance(x, SlotRows))
+
+
 def map_clients(fn: Callable[[Any], tuple[Any, Any]], inputs: Any, *, chunk_size: int, strategy: str = "vmap",
                 mesh: Mesh | None = None, prepare: Callable[[Any], Any] | None = None) -> tuple[Any, Any]:
     """Runs ``fn`` on every client row of ``inputs``; sums the first output, stacks the second.
 
     Args:
-      fn: one client's function: input row (pytree of per-client leaves) -> (summed pytree, kept pytree).
+      fn: one client's function: input row (pytree of per-client leaves) -> (summed pytree, kept pytree); a
+        ``SlotRows`` in ``summed`` puts the client's value in its row of a [width, ...] output instead.
       inputs: pytree whose leaves have a leading client axis [K, ...]. Rows beyond the real clients must
-        make ``fn`` return zeros in ``summed`` (the caller masks them).
+        make ``fn`` return zeros in ``summed`` (the caller masks them) and no slot of a ``SlotRows``.
       chunk_size: clients per chunk (a multiple of the mesh size is used).
       strategy: "vmap" (vectorize each chunk) or "loop" (one client at a time).
       mesh: optional mesh with a "clients" axis; the chunk axis is sharded over it.
@@ -240,20 +275,17 @@ def map_clients(fn: Callable[[Any], tuple[Any, Any]], inputs: Any, *, chunk_size
     def run_chunk(rows: Any) -> tuple[Any, Any]:
         if chunk == 1:  # the plain single-client program, no batching rules involved
             summed, kept = fn(jax.tree_util.tree_map(lambda a: a[0], rows))
-            return summed, jax.tree_util.tree_map(lambda a: a[None], kept)
+            return sum_clients(summed, batched=False), jax.tree_util.tree_map(lambda a: a[None], kept)
         summed, kept = jax.vmap(fn)(rows)
-        return jax.tree_util.tree_map(lambda s: jnp.sum(s, axis=0), summed), kept
+        return sum_clients(summed), kept
 
     row_shape = jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct(a.shape[2:], a.dtype), chunks)
-    summed_shape = jax.eval_shape(lambda r: fn(r)[0], row_shape)
-    init = jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), summed_shape)
-
     if prepare is not None:
         row_shape = jax.eval_shape(lambda c: jax.tree_util.tree_map(
             lambda a: jax.ShapeDtypeStruct(a.shape[1:], a.dtype), prepare(c)), jax.tree_util.tree_map(
             lambda a: jax.ShapeDtypeStruct(a.shape[1:], a.dtype), chunks))
-        summed_shape = jax.eval_shape(lambda r: fn(r)[0], row_shape)
-        init = jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), summed_shape)
+    summed_shape = jax.eval_shape(lambda r: sum_clients(fn(r)[0], batched=False), row_shape)
+    init = jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), summed_shape)
 
     def scan_body(total: Any, rows: Any) -> tuple[Any, Any]:
         chunk_sum, kept = run_chunk(rows if prepare is None else prepare(rows))
@@ -386,9 +418,9 @@ def _chunk_program(fn: Callable[[Any, Any], tuple[Any, Any]], shared: Any, rows:
     """One chunk of clients on one device: the plain one-client program for a chunk of 1, ``vmap`` otherwise."""
     if jax.tree_util.tree_leaves(rows)[0].shape[0] == 1:
         summed, kept = fn(shared, jax.tree_util.tree_map(lambda a: a[0], rows))
-        return summed, jax.tree_util.tree_map(lambda a: a[None], kept)
+        return sum_clients(summed, batched=False), jax.tree_util.tree_map(lambda a: a[None], kept)
     summed, kept = jax.vmap(fn, in_axes=(None, 0))(shared, rows)
-    return jax.tree_util.tree_map(lambda a: jnp.sum(a, axis=0), summed), kept
+    return sum_clients(summed), kept
 
 
 _host_chunk = jax.jit(_chunk_program, static_argnums=(0,))

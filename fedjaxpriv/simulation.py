@@ -32,7 +32,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from fedjaxpriv.client import pruning
 from fedjaxpriv.client.local import ApplyFn, LocalSpec, client_update
 from fedjaxpriv.client.settings import ClientSettings
-from fedjaxpriv.parallel import CLIENT_AXIS, gather_examples, map_clients, map_clients_host
+from fedjaxpriv.parallel import CLIENT_AXIS, SlotRows, gather_examples, map_clients, map_clients_host
 from fedjaxpriv.privacy.mechanisms import ClientLevelDpFedAvg
 from fedjaxpriv.server.algorithms import FEDAVG, FederatedAlgorithm
 
@@ -269,9 +269,8 @@ def build_round(apply_fn: ApplyFn, spec: LocalSpec, server_tx: optax.GradientTra
         kept = RoundOutput(loss=out.loss, steps=out.steps, bits=jnp.where(participates, stats["bits"], 0.0),
                            update_norm=norm, weight=weight,
                            diagnostics={k: v for k, v in stats.items() if k != "bits"})
-        tapped = () if not tap_width else jax.tree_util.tree_map(  # observed: this message in its row, else 0
-            lambda m: jnp.where((jnp.arange(tap_width) == row["tap_slot"]).reshape((tap_width,) + (1,) * m.ndim),
-                                m[None], jnp.zeros((), m.dtype)), message)
+        # Observed: the message in its row (a padding row, masked out, has none).
+        tapped = () if not tap_width else SlotRows(jnp.where(row["mask"], row["tap_slot"], -1), message, tap_width)
         return ((weighted, weight, extra, participates.astype(jnp.float32), tapped),
                 (kept, client_state, participates))
 

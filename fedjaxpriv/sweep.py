@@ -180,7 +180,7 @@ def run_point(config_dict: Mapping[str, Any], run_dir: str, store_path: str, lab
         from fedjaxpriv.parallel import enable_compilation_cache
 
         enable_compilation_cache()  # every point of a sweep shares its compiled programs with the others
-        results = build_experiment(config).run(run_dir, resume=True, progress=False)
+        results = build_experiment(config, progress=False).run(run_dir, resume=True, progress=False)
         store.append(make_record(config, results.history, run_dir=run_dir, label=label, overrides=overrides))
     return "ran"
 

@@ -197,7 +197,7 @@ def audit_example_level(config: ExperimentConfig, *, num_canaries: int = 1000, c
         rate[client] = min(1.0, float(settings.batch_size[client]) / (len(own.y) + num_canaries))
         settings = settings._replace(sample_rate=rate.astype(np.float32))
     experiment = Experiment(config, population=audited, test=test, num_classes=num_classes, settings=settings,
-                            data_from_config=True)  # the config's data with canaries: the audit records the config
+                            data_from_config=True, progress=False)  # the config's data with canaries: the audit records the config
     results = experiment.run(progress=False)
     scores = _model_scores(experiment.model.apply, results.params, canaries, alternative, replace)
     found = _one_run(scores, coins, np.ones(num_canaries, bool), guess_fraction, beta, config.run.delta)
@@ -235,7 +235,8 @@ def audit_local_level(config: ExperimentConfig, *, num_canaries: int = 1000, gue
 
     def build(clients: list[tuple[np.ndarray, np.ndarray]], cfg: ExperimentConfig) -> Any:
         data = _with_canary_clients(population, [x for x, _ in clients], [y for _, y in clients])
-        return Experiment(cfg, population=data, test=test, num_classes=num_classes, data_from_config=True)
+        return Experiment(cfg, population=data, test=test, num_classes=num_classes, data_from_config=True,
+                          progress=False)
 
     experiment = build(chosen, audited_config)
     results = experiment.run(progress=False)
@@ -332,7 +333,7 @@ def audit_client_level(config: ExperimentConfig, *, num_canaries: int = 1000, gu
 
     def build(clients: tuple[list[np.ndarray], list[np.ndarray]]) -> Any:
         return Experiment(audited_config, population=_with_canary_clients(population, *clients), test=test,
-                          num_classes=num_classes, data_from_config=True)
+                          num_classes=num_classes, data_from_config=True, progress=False)
 
     experiment = build(chosen)
     replays = {side: build(options[side]) for side in ((True, False) if replace else (True,))}

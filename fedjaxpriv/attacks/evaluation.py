@@ -649,9 +649,10 @@ def evaluate_defense(base: ExperimentConfig, name: str, overrides: Mapping[str, 
         clients = partition_like(config, Dataset(pool.x[members], pool.y[members]), config.run.seed)
         experiment = build_experiment(config, population=clients, num_classes=setup.num_classes,
                                       test=Dataset(pool.x[~members], pool.y[~members]), data_from_config=True,
+                                      progress=False,
                                       **(parts or {}))
     else:  # the config's own data: training examples against test examples, no shadow federations
-        experiment = build_experiment(config, **(parts or {}))
+        experiment = build_experiment(config, progress=False, **(parts or {}))
         rng = np.random.default_rng(suite.seed)
         p = experiment.population
         pool, labels = _balanced_candidates(Dataset(p.x, p.y), experiment.test, suite.max_candidates, rng)

@@ -607,7 +607,8 @@ def fedsgd_probe(experiment: Any, clients: Sequence[int], examples: int, *, para
         "run.tap_clients": list(range(ids.size)), "run.tap_rounds": [round_number], "run.checkpoint_every": 0})
     # A plain Experiment: the run's settings rows already hold what a device policy chose for these clients.
     probe = Experiment(config, population=probe_data, test=experiment.test, num_classes=experiment.num_classes,
-                       settings=settings, targets=np.full(ids.size, np.inf), data_from_config=True, **parts)
+                       settings=settings, targets=np.full(ids.size, np.inf), data_from_config=True, progress=False,
+                       **parts)
     start = experiment.initial_params if params is None else params
     state = probe.fresh_state(start)._replace(round=jnp.asarray(round_number - 1, jnp.int32))
     return FedSgdProbe(probe, probe.tap(replicate(state, probe.mesh), list(range(ids.size))), ids)

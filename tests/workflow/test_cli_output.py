@@ -45,8 +45,29 @@ def test_the_python_apis_bar_says_the_first_round_compiles_then_shows_its_figure
 
     config = with_overrides(ExperimentConfig(), ["data.num_clients=4", "model.hidden=[8]", "server.clients_per_round=2",
                                                  "run.rounds=2"])
-    Experiment(config).run(progress=True)
+    experiment = Experiment(config)
+    said = capsys.readouterr().err.splitlines()
+    assert said[0] == "fedjaxpriv: building digits over 4 clients (dirichlet partition), model mlp, 2 rounds"
+    assert said[1] == (f"fedjaxpriv: built in {said[1].split()[3]} s: {experiment.num_params:,} parameters, strategy "
+                       f"{experiment.strategy} (chunks of {experiment.chunk_size} clients), "
+                       f"{experiment.mesh.devices.size} {jax.default_backend()} devices") and len(said) == 2
+    experiment.run(progress=True)
     frames = capsys.readouterr().err.split("\r")
     first = next(i for i, f in enumerate(frames) if "0/2" in f)
     assert "compiling the round" in frames[first]
     assert "compiling" not in frames[-1] and "2/2" in frames[-1] and "loss=" in frames[-1]
+
+
+def test_the_python_api_says_nothing_without_progress_and_names_arrays_passed_in(capsys):
+    from fedjaxpriv.config import ExperimentConfig, with_overrides
+    from fedjaxpriv.data import load_dataset, partition
+    from fedjaxpriv.experiment import Experiment
+
+    config = with_overrides(ExperimentConfig(), ["data.num_clients=3", "model.hidden=[8]", "server.clients_per_round=2",
+                                                 "run.rounds=1"])
+    Experiment(config, progress=False).run(progress=False)
+    assert capsys.readouterr().err == ""
+    train, test, info = load_dataset("digits")
+    Experiment(config, population=partition(train, "iid", 3, seed=0), test=test, num_classes=info.num_classes)
+    assert capsys.readouterr().err.splitlines()[0] == ("fedjaxpriv: building the population passed in (3 clients), "
+                                                       "model mlp, 1 round")
