@@ -10,9 +10,8 @@ from typing import Any
 
 _EXPORTS = {
     **{name: "fedjaxpriv.privacy.accounting" for name in (
-        "DEFAULT_RDP_ORDERS", "LEGACY_RDP_ORDERS", "MOMENTS_ACCOUNTANT_ORDERS", "dpfedavg_epsilon", "dpsgd_delta",
-        "dpsgd_epsilon", "dpsgd_epsilons", "dpsgd_event", "expected_epsilon", "participation_bound", "rdp_curve",
-        "rdp_to_delta", "rdp_to_epsilon")},
+        "DEFAULT_RDP_ORDERS", "LEGACY_RDP_ORDERS", "MOMENTS_ACCOUNTANT_ORDERS", "dpfedavg_epsilon", "dpsgd_epsilon",
+        "dpsgd_epsilons", "dpsgd_event", "participation_bound", "rdp_curve", "rdp_to_epsilon")},
     "EpsilonBasis": "fedjaxpriv.privacy.basis",
     **{name: "fedjaxpriv.privacy.calibration" for name in (
         "calibrate_clients", "calibrate_noise", "calibrate_noise_multiplier")},

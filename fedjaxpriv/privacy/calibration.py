@@ -17,7 +17,7 @@ from typing import Optional
 import dp_accounting
 import numpy as np
 
-from fedjaxpriv.privacy import accounting
+from fedjaxpriv.privacy import accounting, validation
 from fedjaxpriv.privacy.validation import check_epsilons
 from fedjaxpriv.privacy.composition import DEFAULT_PLD_DISCRETIZATION, EventAccountant
 
@@ -44,9 +44,9 @@ def calibrate_noise(make_event: Callable[[float], dp_accounting.DpEvent], count:
     Raises:
       ValueError: bad arguments, or a target that needs more noise than ``MAX_NOISE_MULTIPLIER``.
     """
-    target_epsilon = accounting.check_epsilon(target_epsilon, "target_epsilon")
-    delta = accounting.check_delta(delta)
-    count = int(accounting.check_steps(count, "count"))
+    target_epsilon = validation.check_epsilon(target_epsilon, "target_epsilon")
+    delta = validation.check_delta(delta)
+    count = int(validation.check_steps(count, "count"))
     if not 0.0 < tolerance < 1.0:
         raise ValueError(f"tolerance={tolerance} is not allowed: it must be in (0, 1).")
     if count == 0:
@@ -102,9 +102,9 @@ def calibrate_noise_multiplier(
       delta: target delta in (0, 1).
       accountant, conversion, orders, pld_discretization, tolerance: as in ``calibrate_noise``.
     """
-    accounting.check_kind(accountant, conversion)
-    q = float(accounting.check_sample_rates(sample_rate))
-    return calibrate_noise(lambda z: accounting.dpsgd_event(q, z, 1), int(accounting.check_steps(steps)),
+    validation.check_kind(accountant, conversion)
+    q = float(validation.check_sample_rates(sample_rate))
+    return calibrate_noise(lambda z: accounting.dpsgd_event(q, z, 1), int(validation.check_steps(steps)),
                            target_epsilon, delta, accountant, conversion=conversion, orders=orders,
                            pld_discretization=pld_discretization, tolerance=tolerance)
 
@@ -137,14 +137,14 @@ def calibrate_clients(
     Returns:
       float64 [C] noise multipliers; one search per unique (target, q, total steps).
     """
-    accounting.check_kind(accountant, conversion)
-    delta = accounting.check_delta(delta)
+    validation.check_kind(accountant, conversion)
+    delta = validation.check_delta(delta)
     targets = check_epsilons(target_epsilons, "target_epsilons")
     targets, q, steps, counts = accounting._broadcast_clients({
         "target_epsilons": targets,
-        "sample_rates": accounting.check_sample_rates(sample_rates, "sample_rates"),
-        "steps_per_round": accounting.check_steps(steps_per_round, "steps_per_round"),
-        "participations": accounting.check_steps(participations, "participations"),
+        "sample_rates": validation.check_sample_rates(sample_rates, "sample_rates"),
+        "steps_per_round": validation.check_steps(steps_per_round, "steps_per_round"),
+        "participations": validation.check_steps(participations, "participations"),
     })
     total_steps = (steps * counts).astype(np.float64)
     rows = np.stack([np.atleast_1d(targets), np.atleast_1d(q), np.atleast_1d(total_steps)], axis=1)
