@@ -40,7 +40,7 @@ from fedjaxpriv.privacy.mechanisms import ClientLevelDpFedAvg, local_gaussian, r
 from fedjaxpriv.privacy.tracking import (PrivacyTracker, calibrate_targets, dp_batch_slots, dp_cohort_slots,
                                          dpsgd_mechanism)
 from fedjaxpriv.server import Cohort, max_cohort_size, sample_cohort, server_optimizer
-from fedjaxpriv.server.algorithms import FederatedAlgorithm, algorithm_for, dp_fedavg
+from fedjaxpriv.server.algorithms import FederatedAlgorithm, algorithm_for, check_protects, dp_fedavg
 from fedjaxpriv.simulation import (AggregationSpec, Population, RoundOutput, ServerState, build_message_tap,
                                    build_round, init_server_state, initial_client_states)
 from fedjaxpriv.transforms.base import MessageTransform
@@ -533,6 +533,8 @@ class Experiment:
         # a transform passed in is not known to add that noise, so no local epsilon is claimed for it.
         self.local_dp = (local_gaussian(self.settings.local_noise_multiplier, self.settings.update_clip_norm)
                          if message_transform is None else None)
+        if np.any(self.settings.local_noise_multiplier > 0):
+            check_protects(self.algorithm, "local DP (message.local_noise_multiplier > 0)")
         if message_transform is not None and np.any(self.settings.local_noise_multiplier > 0):
             warnings.warn("message.local_noise_multiplier > 0 with a message_transform passed in: no local-DP "
                           "epsilon is reported, since the transform's noise is not known to the accountant.",

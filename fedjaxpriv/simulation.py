@@ -34,7 +34,7 @@ from fedjaxpriv.client.local import ApplyFn, LocalSpec, client_update
 from fedjaxpriv.client.settings import ClientSettings
 from fedjaxpriv.parallel import CLIENT_AXIS, SlotRows, gather_examples, map_clients, map_clients_host
 from fedjaxpriv.privacy.mechanisms import ClientLevelDpFedAvg
-from fedjaxpriv.server.algorithms import FEDAVG, FederatedAlgorithm
+from fedjaxpriv.server.algorithms import FEDAVG, FederatedAlgorithm, check_protects
 
 Params = Any
 # (delta, settings row, key, number of coordinates to send, client's transform state)
@@ -258,10 +258,12 @@ def build_round(apply_fn: ApplyFn, spec: LocalSpec, server_tx: optax.GradientTra
     def one_client(state: ServerState, population: Population, base_key: jax.Array, row: dict[str, Any]):
         message, extra, client_state, stats, out = client_message(spec, apply_fn, message_fn, algorithm, state,
                                                                   population, base_key, row)    # steps 3-4
-        if aggregation.clips and jax.tree_util.tree_leaves(extra):
-            raise ValueError(f"algorithm {algorithm.name!r} sends an extra message beside its update, which "
-                             "client-level DP would release unclipped and un-noised; allowed with client-level DP: "
-                             "an algorithm without an extra message.")
+        if bool(jax.tree_util.tree_leaves(extra)) != algorithm.extra_message:  # the capability check reads it
+            raise ValueError(f"algorithm {algorithm.name!r} declares extra_message={algorithm.extra_message} but "
+                             f"its client_finish sends {'an' if not algorithm.extra_message else 'no'} extra "
+                             "message; allowed: extra_message=True exactly when it sends one.")
+        if aggregation.clips:
+            check_protects(algorithm, "client-level DP")
         participates = row["mask"] & (row["count"] > 0)
         weighted, weight, norm = aggregation.contribution(message, state.clip_norm, out.num_examples,
                                                           participates)                         # step 5

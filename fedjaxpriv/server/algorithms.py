@@ -25,8 +25,12 @@ Two more optional parts change the round without state:
   message, add central noise to the sum, divide by the expected cohort; its events are what the run accounts.
 
 ``FEDAVG`` keeps nothing; ``fedprox(mu)``, ``fedsgd()`` and ``dp_fedavg(mechanism)`` are FedAvg with other
-local settings or another aggregation; SCAFFOLD keeps control variates; Ditto (``ditto(lam)``) keeps a personal
-model per client.
+local settings or another aggregation; SCAFFOLD keeps control variates (``ScaffoldServerState``,
+``ScaffoldClientState``); Ditto (``ditto(lam)``) keeps a personal model per client (``DittoClientState``).
+
+What may run under DP is read from one capability, ``FederatedAlgorithm.extra_message`` (the client sends a
+message beside its delta, which neither client-level nor local DP clips or noises), by one check,
+``check_protects``; the round verifies the declaration against what ``client_finish`` returns.
 
 References:
   Karimireddy, Kale, Mohri, Reddi, Stich, Suresh. "SCAFFOLD: Stochastic Controlled Averaging for Federated
@@ -74,6 +78,8 @@ class FederatedAlgorithm(NamedTuple):
       client_level: client-level DP of the aggregate (DP-FedAvg; None: the plain weighted mean).
       clip_norm: the initial client-level clip norm (L2, update units; inf: no clipping), adapted from round to
         round by an adaptive ``client_level``.
+      extra_message: ``client_finish`` sends a message beside the delta (SCAFFOLD's control-variate change):
+        released as it is, so no DP mechanism of the run covers it (``check_protects``).
     """
 
     name: str
@@ -87,6 +93,7 @@ class FederatedAlgorithm(NamedTuple):
     local_settings: Callable[[ClientSettings, np.ndarray], ClientSettings] | None = None
     client_level: ClientLevelDpFedAvg | None = None
     clip_norm: float = math.inf
+    extra_message: bool = False
 
     def settings_for(self, settings: ClientSettings, counts: np.ndarray) -> ClientSettings:
         """The per-client settings this algorithm trains with, from ``settings`` [C] and example counts [C]."""
@@ -113,33 +120,61 @@ def _float32_copy(params: Params) -> Params:
     return jax.tree_util.tree_map(lambda p: jnp.asarray(p, jnp.float32), params)
 
 
-def _scaffold_correction(server_control: Params, client_control: Params) -> Params:
+class ScaffoldServerState(NamedTuple):
+    """SCAFFOLD's server control variate c (leaves like params, float32)."""
+
+    control: Params
+
+
+class ScaffoldClientState(NamedTuple):
+    """A client's control variate c_i (leaves like params, float32)."""
+
+    control: Params
+
+
+def _scaffold_server_init(params: Params) -> ScaffoldServerState:
+    return ScaffoldServerState(_zeros_like(params))
+
+
+def _scaffold_client_init(params: Params) -> ScaffoldClientState:
+    return ScaffoldClientState(_zeros_like(params))
+
+
+def _scaffold_correction(server: ScaffoldServerState, client: ScaffoldClientState) -> Params:
     """c - c_i: the local gradient is corrected by the drift of this client from the average."""
-    return jax.tree_util.tree_map(jnp.subtract, server_control, client_control)
+    return jax.tree_util.tree_map(jnp.subtract, server.control, client.control)
 
 
-def _scaffold_client_finish(delta: Params, steps: jax.Array, lr: jax.Array, server_control: Params,
-                            client_control: Params) -> tuple[Params, Params]:
+def _scaffold_client_finish(delta: Params, steps: jax.Array, lr: jax.Array, server: ScaffoldServerState,
+                            client: ScaffoldClientState) -> tuple[Params, ScaffoldClientState]:
     """Option II of the paper: c_i+ = c_i - c + (x - y) / (K lr) = c_i - c - delta / (K lr); sends c_i+ - c_i.
     A client that took no step keeps c_i and sends 0."""
     took_steps = steps > 0
     scale = 1.0 / jnp.maximum(steps * lr, 1e-30)
     new_control = jax.tree_util.tree_map(
         lambda ci, c, d: jnp.where(took_steps, ci - c - scale * d.astype(jnp.float32), ci),
-        client_control, server_control, delta)
-    return jax.tree_util.tree_map(jnp.subtract, new_control, client_control), new_control
+        client.control, server.control, delta)
+    return jax.tree_util.tree_map(jnp.subtract, new_control, client.control), ScaffoldClientState(new_control)
 
 
-def _scaffold_server_finish(server_control: Params, extra_sum: Params, participants: jax.Array,
-                            num_clients: int) -> Params:
+def _scaffold_server_finish(server: ScaffoldServerState, extra_sum: Params, participants: jax.Array,
+                            num_clients: int) -> ScaffoldServerState:
     """c <- c + (|S| / N) mean_S(c_i+ - c_i) = c + sum_S(c_i+ - c_i) / N."""
     del participants
-    return jax.tree_util.tree_map(lambda c, s: c + s / jnp.float32(num_clients), server_control, extra_sum)
+    return ScaffoldServerState(jax.tree_util.tree_map(lambda c, s: c + s / jnp.float32(num_clients),
+                                                      server.control, extra_sum))
 
 
 SCAFFOLD = FederatedAlgorithm(
-    name="scaffold", client_init=_zeros_like, server_init=_zeros_like, correction=_scaffold_correction,
-    client_finish=_scaffold_client_finish, server_finish=_scaffold_server_finish)
+    name="scaffold", client_init=_scaffold_client_init, server_init=_scaffold_server_init,
+    correction=_scaffold_correction, client_finish=_scaffold_client_finish, server_finish=_scaffold_server_finish,
+    extra_message=True)
+
+
+class DittoClientState(NamedTuple):
+    """A client's personal model v_k (leaves like params, float32), never sent."""
+
+    personal: Params
 
 
 def ditto(lam: float) -> FederatedAlgorithm:
@@ -154,16 +189,17 @@ def ditto(lam: float) -> FederatedAlgorithm:
         raise ValueError(f"ditto lam={lam} is invalid; allowed: a number >= 0.")
 
     def personal_update(train: Callable[..., Any], server_params: Params, server_state: Any,
-                        personal: Params) -> Params:
+                        client: DittoClientState) -> DittoClientState:
         del server_state
-        out = train(personal, prox=(server_params, jnp.float32(lam)))
-        return jax.tree_util.tree_map(lambda v, d: v + d.astype(v.dtype), personal, out.delta)
+        out = train(client.personal, prox=(server_params, jnp.float32(lam)))
+        return DittoClientState(jax.tree_util.tree_map(lambda v, d: v + d.astype(v.dtype), client.personal,
+                                                       out.delta))
 
     return FederatedAlgorithm(
-        name="ditto", client_init=_float32_copy, server_init=_none, correction=lambda server, client: None,
-        client_finish=lambda delta, steps, lr, server, client: ((), client),
+        name="ditto", client_init=lambda params: DittoClientState(_float32_copy(params)), server_init=_none,
+        correction=lambda server, client: None, client_finish=lambda delta, steps, lr, server, client: ((), client),
         server_finish=lambda server, extra_sum, participants, num_clients: server,
-        personal_update=personal_update, personal_params=lambda personal: personal)
+        personal_update=personal_update, personal_params=lambda states: states.personal)
 
 
 def fedprox(mu: float | None = None) -> FederatedAlgorithm:
@@ -204,11 +240,18 @@ def dp_fedavg(mechanism: ClientLevelDpFedAvg, clip_norm: float,
     if not (math.isfinite(clip_norm) and clip_norm > 0):
         raise ValueError(f"dp_fedavg clip_norm={clip_norm} is invalid; allowed: a finite number > 0.")
     base = FEDAVG if base is None else base
-    if base.name == "scaffold":
-        raise ValueError("dp_fedavg(base=SCAFFOLD) is invalid: its control-variate change would be a second, "
-                         "unprotected release; allowed: an algorithm without an extra message.")
+    check_protects(base, "client-level DP (dp_fedavg)")
     return base._replace(name="dp_fedavg" if base.name == "fedavg" else f"dp_{base.name}", client_level=mechanism,
                          clip_norm=float(clip_norm))
+
+
+def check_protects(algorithm: FederatedAlgorithm, protection: str) -> None:
+    """Raises ValueError when ``protection`` (a DP mechanism, an audit) would not cover everything ``algorithm``
+    releases: an extra message beside the delta (``FederatedAlgorithm.extra_message``) goes out as it is."""
+    if algorithm.extra_message:
+        raise ValueError(f"algorithm {algorithm.name!r} with {protection} is invalid: the extra message it sends "
+                         "beside its update (e.g. SCAFFOLD's control-variate change) would be released unclipped "
+                         "and un-noised; allowed: an algorithm without an extra message.")
 
 
 ALGORITHM_NAMES: tuple[str, ...] = ("fedavg", "fedprox", "fedsgd", "scaffold", "ditto")

@@ -152,6 +152,17 @@ def test_algorithm_errors_name_what_is_wrong():
                    algorithm=algorithms.dp_fedavg(unpadded, 0.5))
     chatty = algorithms.FEDAVG._replace(name="chatty", client_finish=lambda delta, steps, lr, server, client: (
         jax.tree_util.tree_map(jnp.zeros_like, delta), client))
+    # What may run under DP is read from the declared capability, and the round holds the declaration to what
+    # client_finish returns: an undeclared extra message, or a declared one that never comes, is refused.
     exp = Experiment(_fedavg_config(), algorithm=algorithms.dp_fedavg(mechanism, 0.5, chatty))
-    with pytest.raises(ValueError, match="'dp_chatty' sends an extra message"):
+    with pytest.raises(ValueError, match="'dp_chatty' declares extra_message=False but its client_finish sends an "
+                                         "extra message"):
         exp.step(exp.initial_state, 0)
+    with pytest.raises(ValueError, match=r"'chatty' with client-level DP \(dp_fedavg\) is invalid"):
+        algorithms.dp_fedavg(mechanism, 0.5, chatty._replace(extra_message=True))
+    with pytest.raises(ValueError, match=r"'scaffold' with local DP \(message.local_noise_multiplier > 0\)"):
+        Experiment(_fedavg_config(message={"clip_norm": 1.0, "local_noise_multiplier": 1.0}),
+                   algorithm=algorithms.SCAFFOLD)  # passed in: the config's own check does not see it
+    quiet = Experiment(_fedavg_config(), algorithm=algorithms.FEDAVG._replace(name="quiet", extra_message=True))
+    with pytest.raises(ValueError, match="'quiet' declares extra_message=True but its client_finish sends no"):
+        quiet.step(quiet.initial_state, 0)

@@ -64,7 +64,7 @@ def test_ditto_global_model_is_fedavg_and_personal_models_descend_the_proximal_o
         for a, b in zip(jax.tree_util.tree_leaves(states["ditto"].params),
                         jax.tree_util.tree_leaves(states["fedavg"].params)):
             np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-        kept = states["ditto"].client_state.algorithm["Dense_0"]
+        kept = states["ditto"].client_state.algorithm.personal["Dense_0"]
         for c in range(CLIENTS):
             np.testing.assert_allclose(np.asarray(kept["kernel"])[c], personal[c][0], atol=2e-5)
             np.testing.assert_allclose(np.asarray(kept["bias"])[c], personal[c][1], atol=2e-5)

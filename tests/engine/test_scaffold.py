@@ -61,10 +61,10 @@ def test_scaffold_rounds_equal_the_papers_update_rule_written_in_numpy():
         got = jax.tree_util.tree_map(np.asarray, state.params)["Dense_0"]
         np.testing.assert_allclose(got["kernel"], x_w, atol=2e-5)
         np.testing.assert_allclose(got["bias"], x_b, atol=2e-5)
-        server = jax.tree_util.tree_map(np.asarray, state.algorithm_state)["Dense_0"]
+        server = jax.tree_util.tree_map(np.asarray, state.algorithm_state.control)["Dense_0"]
         np.testing.assert_allclose(server["kernel"], c_w, atol=2e-4)
         np.testing.assert_allclose(server["bias"], c_b, atol=2e-4)
-        kept = jax.tree_util.tree_map(np.asarray, state.client_state.algorithm)["Dense_0"]
+        kept = jax.tree_util.tree_map(np.asarray, state.client_state.algorithm.control)["Dense_0"]
         for i in range(clients):
             np.testing.assert_allclose(kept["kernel"][i], ci[i][0], atol=2e-4)
             np.testing.assert_allclose(kept["bias"][i], ci[i][1], atol=2e-4)
