@@ -1,0 +1,305 @@
+"""Decentralized learning: every node keeps its own model, trains it locally, and averages with its neighbours.
+
+Decentralized SGD (Lian et al. 2017; Koloskova et al. 2020's unified view) on the FL engine: node i's round is
+the same local training and message chain as an FL client's (``simulation.client_message``, vmapped and chunked
+over the nodes by ``parallel.map_clients``), started from its own model x_i, and then a gossip step
+
+    x_i <- sum_j W_ij (x_j + m_j),
+
+where m_j is the (defended) update node j sends and W a doubly-stochastic mixing matrix. W is never built densely:
+a ``Topology`` holds each node's neighbours and weights, ``[C, D]`` with D the largest in-degree plus one (the
+node itself), so that a step costs O(C D P) for P parameters. The complete graph's W is the uniform average,
+applied as a mean, O(C P).
+
+Topologies: ``ring``, ``torus`` (2-D), ``erdos_renyi`` (Metropolis-Hastings weights, Xiao & Boyd 2004),
+``exponential`` (each node i hears i - 2^k mod C, k = 0..floor(log2(C - 1)), with uniform weights: a circulant,
+hence doubly stochastic; Ying et al. 2021), ``complete`` and time-varying random matchings
+(``random_matching``: a fresh perfect matching each round, W = (I + P) / 2; Boyd et al. 2006).
+
+References:
+  Lian, Zhang, Zhang, Hsieh, Zhang, Liu. "Can Decentralized Algorithms Outperform Centralized Algorithms?"
+  NeurIPS 2017.
+  Koloskova, Loizou, Boreiri, Jaggi, Stich. "A Unified Theory of Decentralized SGD with Changing Topology and
+  Local Updates". ICML 2020.
+  Xiao, Boyd. "Fast linear iterations for distributed averaging". Systems & Control Letters 2004.
+  Boyd, Ghosh, Prabhakar, Shah. "Randomized gossip algorithms". IEEE Trans. Inf. Theory 2006.
+  Ying, Yuan, Chen, Hu, Pan, Yin. "Exponential Graph is Provably Efficient for Decentralized Deep Training".
+  NeurIPS 2021.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from fedjaxpriv.client.local import ApplyFn, LocalSpec
+from fedjaxpriv.client.settings import ClientSettings
+from fedjaxpriv.parallel import map_clients
+from fedjaxpriv.server.algorithms import FEDAVG
+from fedjaxpriv.simulation import (ClientStates, MessageFn, Population, ServerState, client_keys_base,
+                                   client_message, identity_message)
+
+Params = Any
+TOPOLOGIES: tuple[str, ...] = ("ring", "torus", "erdos_renyi", "exponential", "complete", "random_matching")
+
+
+class Topology(NamedTuple):
+    """A mixing matrix W [C, C] kept sparse: row i is ``sum_d weights[i, d] * e_{neighbors[i, d]}``.
+
+    Attributes:
+      name: the topology's name (``TOPOLOGIES``).
+      neighbors: int32 [C, D], the nodes node i averages (itself included; unused slots point to i with weight 0).
+      weights: float32 [C, D], their weights; every row and every column of W sums to 1.
+    """
+
+    name: str
+    neighbors: np.ndarray
+    weights: np.ndarray
+
+    @property
+    def num_nodes(self) -> int:
+        return int(self.neighbors.shape[0])
+
+    def dense(self) -> np.ndarray:
+        """W as a float64 [C, C] matrix (for small C: tests, spectral gaps)."""
+        w = np.zeros((self.num_nodes, self.num_nodes))
+        np.add.at(w, (np.repeat(np.arange(self.num_nodes), self.neighbors.shape[1]), self.neighbors.ravel()),
+                  self.weights.ravel().astype(np.float64))
+        return w
+
+
+def _check_nodes(num_nodes: int, least: int = 1) -> int:
+    if not isinstance(num_nodes, (int, np.integer)) or num_nodes < least:
+        raise ValueError(f"num_nodes={num_nodes!r} is invalid; allowed: an integer >= {least}.")
+    return int(num_nodes)
+
+
+def from_edges(name: str, num_nodes: int, edges: np.ndarray) -> Topology:
+    """The Metropolis-Hastings mixing matrix of an undirected graph (Xiao & Boyd 2004): w_ij = 1 / (1 + max(d_i,
+    d_j)) on every edge, w_ii = 1 - sum_j w_ij. Symmetric, hence doubly stochastic.
+
+    Args:
+      edges: int [E, 2] undirected edges (each once; no self-loops).
+    """
+    edges = np.asarray(edges, np.int64).reshape(-1, 2)
+    if edges.size and (edges.min() < 0 or edges.max() >= num_nodes or np.any(edges[:, 0] == edges[:, 1])):
+        raise ValueError(f"edges must join two different nodes in [0, {num_nodes}).")
+    both = np.concatenate([edges, edges[:, ::-1]])
+    degree = np.bincount(both[:, 0], minlength=num_nodes)
+    width = 1 + int(degree.max(initial=0))
+    neighbors = np.tile(np.arange(num_nodes)[:, None], (1, width))
+    weights = np.zeros((num_nodes, width), np.float64)
+    slot = np.ones(num_nodes, np.int64)  # slot 0: the node itself
+    for i, j in both:
+        neighbors[i, slot[i]] = j
+        weights[i, slot[i]] = 1.0 / (1.0 + max(degree[i], degree[j]))
+        slot[i] += 1
+    weights[:, 0] = 1.0 - weights[:, 1:].sum(axis=1)
+    return Topology(name, neighbors.astype(np.int32), weights.astype(np.float32))
+
+
+def ring(num_nodes: int) -> Topology:
+    """Each node averages with its two ring neighbours, weights 1/3 each (C >= 3)."""
+    c = _check_nodes(num_nodes, 3)
+    return from_edges("ring", c, np.stack([np.arange(c), (np.arange(c) + 1) % c], axis=1))
+
+
+def torus(rows: int, cols: int) -> Topology:
+    """A rows x cols 2-D torus (node r * cols + c; four neighbours, weights 1/5 each; rows, cols >= 3)."""
+    _check_nodes(rows, 3), _check_nodes(cols, 3)
+    index = np.arange(rows * cols).reshape(rows, cols)
+    edges = np.concatenate([np.stack([index.ravel(), np.roll(index, -1, axis=1).ravel()], axis=1),
+                            np.stack([index.ravel(), np.roll(index, -1, axis=0).ravel()], axis=1)])
+    return from_edges("torus", rows * cols, edges)
+
+
+def erdos_renyi(num_nodes: int, edge_probability: float, seed: int) -> Topology:
+    """A G(C, p) graph drawn with ``seed`` (each edge independently with probability p), Metropolis-Hastings
+    weights. Refused when the draw is not connected: its nodes would never agree."""
+    c = _check_nodes(num_nodes, 2)
+    if not 0.0 < edge_probability <= 1.0:
+        raise ValueError(f"edge_probability={edge_probability!r} is invalid; allowed: a number in (0, 1].")
+    upper = np.triu(np.random.default_rng(seed).random((c, c)) < edge_probability, k=1)
+    topology = from_edges("erdos_renyi", c, np.argwhere(upper))
+    components = _components(topology)
+    if components > 1:
+        raise ValueError(f"erdos_renyi(num_nodes={c}, edge_probability={edge_probability}, seed={seed}) drew a graph "
+                         f"of {components} separate parts; allowed: a connected draw (raise edge_probability above "
+                         f"about log(C)/C = {math.log(c) / c:.3g}, or change the seed).")
+    return topology
+
+
+def _components(topology: Topology) -> int:
+    from scipy.sparse import csr_matrix
+    from scipy.sparse.csgraph import connected_components
+
+    w = topology.dense()
+    return int(connected_components(csr_matrix(w > 0), directed=False)[0])
+
+
+def exponential(num_nodes: int) -> Topology:
+    """The static exponential graph: node i averages itself and nodes i - 2^k (mod C), k = 0..floor(log2(C-1)),
+    each with weight 1 / (1 + number of k). W is circulant, so every column sums to 1 too."""
+    c = _check_nodes(num_nodes, 2)
+    hops = 2 ** np.arange(int(math.floor(math.log2(c - 1))) + 1)
+    neighbors = np.concatenate([np.arange(c)[:, None], (np.arange(c)[:, None] - hops[None, :]) % c], axis=1)
+    weights = np.full(neighbors.shape, 1.0 / neighbors.shape[1], np.float32)
+    return Topology("exponential", neighbors.astype(np.int32), weights)
+
+
+def complete(num_nodes: int) -> Topology:
+    """Every node averages every node with weight 1/C (mixed as a mean: no [C, C] array is stored)."""
+    c = _check_nodes(num_nodes, 1)
+    return Topology("complete", np.zeros((c, 0), np.int32), np.zeros((c, 0), np.float32))
+
+
+def random_matching(num_nodes: int) -> Topology:
+    """Time-varying: each round a uniformly random perfect matching (an odd node out keeps its model), and each
+    matched pair averages, W_t = (I + P_t) / 2. Its neighbours are drawn inside the round (``matching``)."""
+    c = _check_nodes(num_nodes, 2)
+    return Topology("random_matching", np.zeros((c, 0), np.int32), np.zeros((c, 0), np.float32))
+
+
+def matching(key: jax.Array, num_nodes: int) -> tuple[jax.Array, jax.Array]:
+    """One random perfect matching as (neighbours int32 [C, 2], weights float32 [C, 2]): node i averages itself
+    and its partner with weights 1/2 (an unmatched node, C odd, itself with weight 1)."""
+    order = jax.random.permutation(key, num_nodes)
+    pairs = num_nodes // 2
+    partner = jnp.arange(num_nodes, dtype=jnp.int32)
+    partner = partner.at[order[:2 * pairs:2]].set(order[1:2 * pairs:2].astype(jnp.int32))
+    partner = partner.at[order[1:2 * pairs:2]].set(order[:2 * pairs:2].astype(jnp.int32))
+    neighbors = jnp.stack([jnp.arange(num_nodes, dtype=jnp.int32), partner], axis=1)
+    return neighbors, jnp.full((num_nodes, 2), 0.5, jnp.float32)
+
+
+def topology_for(name: str, num_nodes: int, *, seed: int = 0, edge_probability: float = 0.2) -> Topology:
+    """The topology ``name`` over ``num_nodes`` nodes (a torus needs a square number of nodes here)."""
+    if name == "torus":
+        side = math.isqrt(num_nodes)
+        if side * side != num_nodes:
+            raise ValueError(f"topology 'torus' with num_nodes={num_nodes}: allowed: a square number of nodes "
+                             "(or call torus(rows, cols)).")
+        return torus(side, side)
+    builders: dict[str, Callable[[], Topology]] = {
+        "ring": lambda: ring(num_nodes), "exponential": lambda: exponential(num_nodes),
+        "complete": lambda: complete(num_nodes), "random_matching": lambda: random_matching(num_nodes),
+        "erdos_renyi": lambda: erdos_renyi(num_nodes, edge_probability, seed)}
+    if name not in builders:
+        raise ValueError(f"topology={name!r} is invalid; allowed: one of {list(TOPOLOGIES)}.")
+    return builders[name]()
+
+
+def spectral_gap(topology: Topology) -> float:
+    """1 - |lambda_2|, lambda_2 the second largest eigenvalue of W in modulus (W symmetric or normal here; dense,
+    for small C). Consensus contracts by |lambda_2| per gossip step."""
+    eigenvalues = np.sort(np.abs(np.linalg.eigvals(topology.dense())))[::-1]
+    return float(1.0 - eigenvalues[1]) if eigenvalues.size > 1 else 1.0
+
+
+def mix(models: Params, topology: Topology, key: jax.Array | None = None) -> Params:
+    """One gossip step: node i's new model is ``sum_d weights[i, d] * models[neighbors[i, d]]`` (leaves [C, ...]),
+    applied one neighbour slot at a time (memory of one [C, ...] gather, never [C, C] or [C, D, ...]). The complete
+    graph is the mean; random matchings draw this step's matching from ``key``."""
+    if topology.name == "complete":
+        return jax.tree_util.tree_map(
+            lambda x: jnp.broadcast_to(jnp.mean(x.astype(jnp.float32), axis=0), x.shape).astype(x.dtype), models)
+    if topology.name == "random_matching":
+        if key is None:
+            raise ValueError("mix with a random_matching topology needs the step's key.")
+        neighbors, weights = matching(key, topology.num_nodes)
+    else:
+        neighbors, weights = jnp.asarray(topology.neighbors), jnp.asarray(topology.weights)
+
+    def mix_leaf(x: jax.Array) -> jax.Array:
+        total = jnp.zeros(x.shape, jnp.float32)
+        for d in range(neighbors.shape[1]):
+            w = weights[:, d].reshape((-1,) + (1,) * (x.ndim - 1))
+            total = total + w * jnp.take(x, neighbors[:, d], axis=0).astype(jnp.float32)
+        return total.astype(x.dtype)
+
+    return jax.tree_util.tree_map(mix_leaf, models)
+
+
+def consensus_distance(models: Params) -> jax.Array:
+    """Mean over nodes of the squared L2 distance of a node's model to the nodes' average (float32 scalar)."""
+    leaves = jax.tree_util.tree_leaves(models)
+    return sum(jnp.sum(jnp.mean((x - jnp.mean(x, axis=0)) ** 2, axis=0)) for x in leaves)
+
+
+class NodesState(NamedTuple):
+    """Every node's model and what it keeps, leaves [C, ...].
+
+    Attributes:
+      params: node i's model x_i.
+      round: int32, finished rounds.
+      client_state: ``simulation.ClientStates`` of every node (e.g. error-feedback residuals).
+    """
+
+    params: Params
+    round: jax.Array
+    client_state: ClientStates
+
+
+class NodesOutput(NamedTuple):
+    """Per-node figures of a round, [C] (zeros for nodes that dropped out).
+
+    Attributes:
+      loss: mean local training loss.
+      steps: local steps taken.
+      bits: bits the node sent to each neighbour (its message's size).
+      consensus: consensus distance after the gossip step (scalar).
+    """
+
+    loss: jax.Array
+    steps: jax.Array
+    bits: jax.Array
+    consensus: jax.Array
+
+
+def init_nodes(params: Params, num_nodes: int, client_state: ClientStates = ClientStates()) -> NodesState:
+    """Every node starts from ``params`` (copied C times)."""
+    stacked = jax.tree_util.tree_map(lambda p: jnp.broadcast_to(jnp.asarray(p)[None], (num_nodes, *jnp.shape(p))),
+                                     params)
+    return NodesState(jax.tree_util.tree_map(jnp.array, stacked), jnp.zeros((), jnp.int32), client_state)
+
+
+def build_dsgd_round(apply_fn: ApplyFn, spec: LocalSpec, topology: Topology, *,
+                     message_fn: MessageFn = identity_message, chunk_size: int, strategy: str = "vmap",
+                     mesh: jax.sharding.Mesh | None = None) -> Callable[..., tuple[NodesState, NodesOutput]]:
+    """Builds ``round_fn(state, population, settings, mask, root_key) -> (state, NodesOutput)``: every node with
+    ``mask`` [C] True trains from its own model as an FL client does (same keys: node i in round t is client i of
+    FL's round t), sends ``x_i + m_i`` (m_i its update after the message chain), and every node then takes the
+    gossip step over ``topology``; a node that drops out sends its unchanged model. Jitted."""
+
+    def one_node(state: NodesState, population: Population, base_key: jax.Array, row: dict[str, Any]):
+        node = ServerState(params=row["params"], opt_state=(), round=state.round, clip_norm=jnp.float32(math.inf),
+                           client_state=(), algorithm_state=())
+        message, _, client_state, stats, out = client_message(spec, apply_fn, message_fn, FEDAVG, node, population,
+                                                              base_key, row)
+        active = row["mask"] & (row["count"] > 0)
+        sent = jax.tree_util.tree_map(lambda x, m: x + jnp.where(active, m, 0.0).astype(x.dtype), row["params"],
+                                      message)
+        kept = ClientStates(*(jax.tree_util.tree_map(lambda new, old: jnp.where(active, new, old), new, old)
+                              for new, old in zip(client_state, row["client_state"])))
+        return (), (sent, kept, jnp.where(active, out.loss, 0.0), jnp.where(active, out.steps, 0),
+                    jnp.where(active, stats["bits"], 0.0))
+
+    def round_fn(state: NodesState, population: Population, settings: ClientSettings, mask: jax.Array,
+                 root_key: jax.Array) -> tuple[NodesState, NodesOutput]:
+        round_key = jax.random.fold_in(root_key, state.round)
+        base = client_keys_base(round_key)
+        num_nodes = topology.num_nodes
+        ids = jnp.arange(num_nodes, dtype=jnp.int32)
+        rows = {"id": ids, "offset": population.offsets, "count": population.counts, "settings": settings,
+                "mask": mask, "client_state": state.client_state, "params": state.params}
+        _, (sent, kept, loss, steps, bits) = map_clients(lambda row: one_node(state, population, base, row), rows,
+                                                         chunk_size=chunk_size, strategy=strategy, mesh=mesh)
+        params = mix(sent, topology, jax.random.fold_in(round_key, 3))
+        return (NodesState(params, state.round + 1, kept),
+                NodesOutput(loss, steps, bits, consensus_distance(params)))
+
+    return jax.jit(round_fn, donate_argnums=(0,))

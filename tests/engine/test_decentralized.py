@@ -1,0 +1,147 @@
+"""Decentralized SGD: mixing matrices against their closed forms, gossip against dense W, D-SGD on the complete
+graph against FedAvg, vectorized nodes against a per-node loop, and 8 devices against 1."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from fedjaxpriv import decentralized as dec
+from fedjaxpriv.client.local import LocalSpec
+from fedjaxpriv.client.settings import make_settings
+from fedjaxpriv.models import get_model
+from fedjaxpriv.parallel import make_mesh
+from fedjaxpriv.server import server_optimizer
+from fedjaxpriv.simulation import AggregationSpec, Population, build_round, init_server_state
+
+TOPOLOGIES = [dec.ring(7), dec.torus(3, 4), dec.erdos_renyi(20, 0.3, seed=1), dec.exponential(13), dec.exponential(2),
+              dec.complete(6)]
+
+
+@pytest.mark.parametrize("topology", TOPOLOGIES, ids=[f"{t.name}{t.num_nodes}" for t in TOPOLOGIES])
+def test_mixing_is_doubly_stochastic_and_equals_the_dense_matrix(topology):
+    """Rows and columns of W sum to 1 and W >= 0; a gossip step of random models equals W @ X (the complete
+    graph: the mean, W = 1/C everywhere)."""
+    c = topology.num_nodes
+    w = np.full((c, c), 1.0 / c) if topology.name == "complete" else topology.dense()
+    assert np.all(w >= 0)
+    np.testing.assert_allclose(w.sum(axis=0), 1.0, atol=1e-6)
+    np.testing.assert_allclose(w.sum(axis=1), 1.0, atol=1e-6)
+    models = {"a": jax.random.normal(jax.random.key(0), (c, 3, 2)), "b": jax.random.normal(jax.random.key(1), (c,))}
+    mixed = dec.mix(models, topology)
+    for name in models:
+        np.testing.assert_allclose(np.asarray(mixed[name]), np.tensordot(w, np.asarray(models[name]), axes=1),
+                                   atol=1e-5)
+
+
+def test_ring_spectral_gap_is_the_closed_form_and_the_exponential_graph_mixes_faster():
+    """Ring with Metropolis-Hastings weights 1/3: eigenvalues 1/3 + 2/3 cos(2 pi k / C), so the gap is
+    1 - (1/3 + 2/3 cos(2 pi / C)) for C >= 5 (where the k = 1 eigenvalue has the largest modulus)."""
+    for c in (5, 8, 16, 33):
+        assert dec.spectral_gap(dec.ring(c)) == pytest.approx(1 - (1 / 3 + 2 / 3 * math.cos(2 * math.pi / c)),
+                                                              abs=1e-6)
+    assert dec.spectral_gap(dec.exponential(16)) > 5 * dec.spectral_gap(dec.ring(16))
+
+
+def test_consensus_decays_at_the_rate_of_the_second_eigenvalue():
+    """Gossip from x_i = cos(2 pi i / C), an eigenvector of the ring's W for lambda_2 = 1/3 + 2/3 cos(2 pi / C):
+    after t steps the consensus distance is exactly lambda_2^(2t) times the first; from a random start it is at
+    most that (every other mode decays at least as fast)."""
+    c, steps = 12, 20
+    ring = dec.ring(c)
+    lam = 1 / 3 + 2 / 3 * math.cos(2 * math.pi / c)
+    x = {"w": jnp.cos(2 * jnp.pi * jnp.arange(c) / c)[:, None] * jnp.ones((1, 4))}
+    start = float(dec.consensus_distance(x))
+    noise = {"w": jax.random.normal(jax.random.key(3), (c, 4))}
+    noise_start = float(dec.consensus_distance(noise))
+    for _ in range(steps):
+        x, noise = dec.mix(x, ring), dec.mix(noise, ring)
+    assert float(dec.consensus_distance(x)) == pytest.approx(start * lam ** (2 * steps), rel=1e-3)
+    assert float(dec.consensus_distance(noise)) <= noise_start * lam ** (2 * steps) * (1 + 1e-3)
+
+
+def test_random_matchings_pair_every_node_once_and_keep_the_average():
+    for c in (8, 9):
+        neighbors, weights = dec.matching(jax.random.key(c), c)
+        partner = np.asarray(neighbors[:, 1])
+        assert np.array_equal(partner[partner], np.arange(c))  # an involution: pairs
+        assert np.sum(partner == np.arange(c)) == c % 2  # only the odd node out keeps itself
+        x = {"w": jax.random.normal(jax.random.key(5), (c, 3))}
+        mixed = dec.mix(x, dec.random_matching(c), jax.random.key(c))
+        np.testing.assert_allclose(np.asarray(mixed["w"]).mean(0), np.asarray(x["w"]).mean(0), atol=1e-6)
+        np.testing.assert_allclose(np.asarray(mixed["w"]),
+                                   0.5 * (np.asarray(x["w"]) + np.asarray(x["w"])[partner]), atol=1e-6)
+
+
+def test_topology_errors_name_what_is_allowed():
+    with pytest.raises(ValueError, match="num_nodes=2 is invalid; allowed: an integer >= 3"):
+        dec.ring(2)
+    with pytest.raises(ValueError, match="separate parts"):
+        dec.erdos_renyi(30, 0.01, seed=0)
+    with pytest.raises(ValueError, match="a square number of nodes"):
+        dec.topology_for("torus", 10)
+    with pytest.raises(ValueError, match=r"topology='star' is invalid; allowed: one of \['ring'"):
+        dec.topology_for("star", 10)
+    assert dec.topology_for("torus", 16).neighbors.shape == (16, 5)
+
+
+def _problem(digits_population, num_nodes=8, **fields):
+    population, _, info = digits_population
+    counts = population.counts[:num_nodes]
+    model = get_model("mlp", info.input_shape, info.num_classes, hidden=(16,))
+    settings = make_settings(num_nodes, counts, **{"num_steps": 2, "batch_size": 8, "lr": 0.1, **fields})
+    spec = LocalSpec(max_steps=4, max_batch=16, max_count=population.max_count, num_classes=info.num_classes)
+    offsets = population.offsets[:num_nodes]
+    pop = Population(jnp.asarray(population.x), jnp.asarray(population.y), jnp.asarray(offsets), jnp.asarray(counts))
+    return model, spec, jax.tree_util.tree_map(jnp.asarray, settings), pop, model.init(jax.random.key(2))
+
+
+def test_dsgd_on_the_complete_graph_is_fedavg_with_every_client(digits_population):
+    """Every node starts from the same model: one D-SGD round on the complete graph gives every node the FedAvg
+    round's model (all clients, uniform weights, server SGD at lr 1), since node i trains as FL's client i."""
+    model, spec, settings, pop, params = _problem(digits_population, num_steps=[1, 2, 3, 1, 2, 3, 1, 2])
+    c = pop.counts.shape[0]
+    mask = jnp.ones(c, bool)
+    dsgd = dec.build_dsgd_round(model.apply, spec, dec.complete(c), chunk_size=4)
+    nodes, out = dsgd(dec.init_nodes(params, c), pop, settings, mask, jax.random.key(9))
+    tx = server_optimizer("sgd", 1.0)
+    fedavg = build_round(model.apply, spec, tx, AggregationSpec(weighting="uniform"), chunk_size=4)
+    state, fl = fedavg(init_server_state(params, tx), pop, settings, jnp.arange(c, dtype=jnp.int32), mask,
+                       jax.random.key(9))
+    for node_leaf, fl_leaf, start in zip(jax.tree_util.tree_leaves(nodes.params),
+                                         jax.tree_util.tree_leaves(state.params), jax.tree_util.tree_leaves(params)):
+        assert float(jnp.max(jnp.abs(fl_leaf - start))) > 1e-3  # the round moved the model
+        np.testing.assert_allclose(np.asarray(node_leaf), np.broadcast_to(np.asarray(fl_leaf), node_leaf.shape),
+                                   atol=1e-6)
+    np.testing.assert_allclose(np.asarray(out.loss), np.asarray(fl.loss), atol=1e-6)
+    assert float(out.consensus) < 1e-10
+
+
+@pytest.mark.slow
+def test_vectorized_nodes_equal_a_per_node_loop_and_eight_devices_equal_one(digits_population):
+    """Three rounds on a ring with heterogeneous steps and a dropped node: chunks of 3 (vmapped), the loop
+    strategy, and 8 CPU devices give the same models; a dropped node sends its model unchanged."""
+    model, spec, settings, pop, params = _problem(digits_population, num_steps=[1, 4, 2, 3, 1, 2, 4, 1],
+                                                  lr=[0.1, 0.05, 0.2, 0.1, 0.1, 0.05, 0.2, 0.1])
+    c = pop.counts.shape[0]
+    mask = jnp.ones(c, bool).at[5].set(False)
+    ring = dec.ring(c)
+    runs = {"vmap": dict(chunk_size=3), "loop": dict(chunk_size=1, strategy="loop")}
+    if jax.device_count() >= 8:
+        runs["8 devices"] = dict(chunk_size=8, mesh=make_mesh(8))
+    finals = {}
+    for name, options in runs.items():
+        round_fn = dec.build_dsgd_round(model.apply, spec, ring, **options)
+        nodes = dec.init_nodes(params, c)
+        consensus = []
+        for _ in range(3):
+            nodes, out = round_fn(nodes, pop, settings, mask, jax.random.key(4))
+            consensus.append(float(out.consensus))
+            assert int(out.steps[5]) == 0 and float(out.bits[5]) == 0.0
+        finals[name] = nodes.params
+        assert consensus[0] > 0  # heterogeneous nodes disagree
+    for name, got in finals.items():
+        for a, b in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(finals["vmap"])):
+            np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=2e-5, err_msg=name)
