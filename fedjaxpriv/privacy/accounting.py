@@ -20,7 +20,8 @@ Mechanisms accounted:
 Epsilon conventions:
 
 * ``accountant="rdp"``: the RDP of dp_accounting's ``RdpAccountant``, computed vectorized
-  (``fedjaxpriv.privacy.rdp``, checked against it). Its RDP -> (eps, delta) conversion (``conversion="improved"``) is the improved bound of Balle et al. 2020
+  (``fedjaxpriv.privacy.rdp``, checked against it). Its RDP -> (eps, delta) conversion
+  (``conversion="improved"``) is the improved bound of Balle et al. 2020
   ("Hypothesis testing interpretations and Renyi DP", Prop. 12) / Canonne, Kamath,
   Steinke 2020 (eq. 20): ``eps = min_a rdp(a) + log1p(-1/a) - log(delta * a) / (a - 1)``
   (together with a KL bound for tiny RDP). ``conversion="classic"`` is Mironov 2017,
