@@ -9,3 +9,4 @@ python benchmarks/bench_defenses.py
 python benchmarks/bench_store.py
 python benchmarks/bench_text.py
 python benchmarks/bench_shard_data.py
+python benchmarks/bench_decentralized.py

@@ -36,6 +36,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from fedjaxpriv import evaluation
 from fedjaxpriv.client.local import ApplyFn, LocalSpec
 from fedjaxpriv.client.settings import ClientSettings
 from fedjaxpriv.parallel import map_clients
@@ -228,6 +229,19 @@ def consensus_distance(models: Params) -> jax.Array:
     """Mean over nodes of the squared L2 distance of a node's model to the nodes' average (float32 scalar)."""
     leaves = jax.tree_util.tree_leaves(models)
     return sum(jnp.sum(jnp.mean((x - jnp.mean(x, axis=0)) ** 2, axis=0)) for x in leaves)
+
+
+def node_metrics(apply_fn: ApplyFn, models: Params, x: np.ndarray, y: np.ndarray, chunk: int = 32
+                 ) -> dict[str, float]:
+    """The nodes' models (leaves [C, ...]) on a test set (x [N, ...], y [N] labels): the average model's loss and
+    accuracy (``average_test_loss``, ``average_test_accuracy``), the distribution of each node's own accuracy
+    (``node_test_accuracy_mean`` ... ``_p90``) and the consensus distance."""
+    average = jax.tree_util.tree_map(lambda a: jnp.mean(a, axis=0), models)
+    test = evaluation.evaluate(apply_fn, average, x, y)
+    per_node = evaluation.models_accuracy(apply_fn, models, x, y, chunk)
+    return {"average_test_loss": test["loss"], "average_test_accuracy": test["accuracy"],
+            **evaluation.distribution_summary(per_node, "node_test_accuracy"),
+            "consensus_distance": float(consensus_distance(models))}
 
 
 class NodesState(NamedTuple):

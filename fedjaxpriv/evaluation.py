@@ -87,6 +87,11 @@ def _models_correct(apply_fn: ApplyFn, models: Params, x: jax.Array, y: jax.Arra
                        batch_size=chunk)
 
 
+def models_accuracy(apply_fn: ApplyFn, models: Params, x: np.ndarray, y: np.ndarray, chunk: int = 32) -> np.ndarray:
+    """Accuracy of each of M models (leaves ``[M, ...]``) on the same examples (x [N, ...], y [N] labels): [M]."""
+    return np.asarray(_models_correct(apply_fn, models, jnp.asarray(x), jnp.asarray(y), chunk)).mean(axis=1)
+
+
 def label_mix_accuracy(correct: np.ndarray, y: np.ndarray, label_counts: np.ndarray) -> np.ndarray:
     """Accuracy of each model on test data mixed as its client's labels: ``sum_k p_c(k) acc_c(k)``, with
     ``p_c`` client c's label distribution over the classes the test set holds and ``acc_c(k)`` model c's
