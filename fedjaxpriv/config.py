@@ -612,6 +612,31 @@ class DevicesConfig:
             self.device_tiers()
 
 
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class TopologyConfig:
+    """Decentralized learning (``fedjaxpriv.decentralized``): with a ``graph``, there is no server; every client
+    is a node that keeps its own model, trains it when sampled (``server.clients_per_round`` nodes per round, with
+    ``server.client_sampling``) and averages it with its neighbours every round (D-SGD).
+
+    Attributes:
+      graph: "none" (federated learning with a server) or the mixing graph: "ring", "torus" (a square number of
+        nodes), "erdos_renyi", "exponential", "complete" or "random_matching" (a new pairing every round).
+      edge_probability: an Erdos-Renyi graph's edge probability (drawn with ``run.seed``; a draw that is not
+        connected is refused).
+    """
+
+    graph: str = knob("none", str, choices=("none", "ring", "torus", "erdos_renyi", "exponential", "complete",
+                                            "random_matching"))
+    edge_probability: float = knob(0.2, float, low=0.0, low_open=True, high=1.0)
+
+    @property
+    def decentralized(self) -> bool:
+        return self.graph != "none"
+
+    def __post_init__(self) -> None:
+        _parse_fields(self, "topology")
+
+
 def _tier(index: int, tier: Mapping[str, Any]) -> dict[str, Any]:
     """A ``devices.tiers`` entry read by ``DeviceTier``'s field types (a str name, numbers otherwise)."""
     from fedjaxpriv.devices.profiles import DeviceTier
@@ -641,6 +666,30 @@ class ExperimentConfig:
     server: ServerConfig = ServerConfig()
     run: RunConfig = RunConfig()
     devices: DevicesConfig = DevicesConfig()
+    topology: TopologyConfig = TopologyConfig()
+
+    def _check_decentralized(self) -> None:
+        """A decentralized run (``topology.graph``) has no server: every server knob but the node sampling
+        (``clients_per_round``, ``client_sampling``) is left at its default, and what only FL runs do is refused."""
+        defaults = ServerConfig()
+        used = {"clients_per_round", "client_sampling"}
+        changed = [f"server.{f.name}={getattr(self.server, f.name)!r}" for f in dataclasses.fields(ServerConfig)
+                   if f.name not in used and getattr(self.server, f.name) != getattr(defaults, f.name)]
+        _check(not changed, "topology.graph", self.topology.graph,
+               f"'none' with {', '.join(changed)}: a decentralized run has no server, whose aggregation, optimizer "
+               "and client-level DP these set (it reads server.clients_per_round and client_sampling only)")
+        for key, value, allowed in (("devices.policy", self.devices.policy, "none"),
+                                    ("run.shard_data", self.run.shard_data, False),
+                                    ("run.strategy", self.run.strategy, ("auto", "vmap", "loop")),
+                                    ("run.tap_clients", list(self.run.tap_clients), [])):
+            ok = value in allowed if isinstance(allowed, tuple) else value == allowed
+            shown = f"one of {list(allowed)}" if isinstance(allowed, tuple) else repr(allowed)
+            _check(ok, key, value, f"{shown} with topology.graph={self.topology.graph!r} (decentralized runs do not "
+                                   "support it yet)")
+        if self.topology.graph == "torus":
+            side = math.isqrt(self.data.num_clients)
+            _check(side * side == self.data.num_clients, "data.num_clients", self.data.num_clients,
+                   "a square number of nodes with topology.graph='torus'")
 
     def __post_init__(self) -> None:
         _parse_fields(self, "")
@@ -659,6 +708,8 @@ class ExperimentConfig:
                    "not cover the control-variate change)")
         _check(all(c < self.data.num_clients for c in self.run.tap_clients), "run.tap_clients",
                self.run.tap_clients, f"client ids < data.num_clients={self.data.num_clients}")
+        if self.topology.decentralized:
+            self._check_decentralized()
         from fedjaxpriv.data.sources import DATASET_NAMES_TEXT, is_known_dataset
 
         if self.data.dataset.startswith("leaf:"):
@@ -785,7 +836,7 @@ def extension_problem(previous: "ExperimentConfig", extended: "ExperimentConfig"
 UNHASHED_FIELDS: tuple[tuple[str, str], ...] = (("run", "log"),)
 
 _SECTIONS = {"data": DataConfig, "model": ModelConfig, "client": ClientConfig, "message": MessageConfig,
-             "server": ServerConfig, "run": RunConfig, "devices": DevicesConfig}
+             "server": ServerConfig, "run": RunConfig, "devices": DevicesConfig, "topology": TopologyConfig}
 
 
 def _rule_of(key: str) -> Rule:

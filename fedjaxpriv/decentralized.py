@@ -30,7 +30,8 @@ References:
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, NamedTuple
+import time
+from typing import Any, Callable, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -41,8 +42,12 @@ from fedjaxpriv.client.local import ApplyFn, LocalSpec
 from fedjaxpriv.client.settings import ClientSettings
 from fedjaxpriv.parallel import map_clients
 from fedjaxpriv.server.algorithms import FEDAVG
+from fedjaxpriv.experiment import Experiment, Record
+from fedjaxpriv.models.tasks import CLASSIFICATION
+from fedjaxpriv.parallel import replicate
+from fedjaxpriv.server import Cohort
 from fedjaxpriv.simulation import (ClientStates, MessageFn, Population, ServerState, client_keys_base,
-                                   client_message, identity_message)
+                                   client_message, cohort_rows, identity_message, initial_client_states)
 
 Params = Any
 TOPOLOGIES: tuple[str, ...] = ("ring", "torus", "erdos_renyi", "exponential", "complete", "random_matching")
@@ -259,18 +264,16 @@ class NodesState(NamedTuple):
 
 
 class NodesOutput(NamedTuple):
-    """Per-node figures of a round, [C] (zeros for nodes that dropped out).
+    """Per-node figures of a round, [C] (zeros for nodes that did not train).
 
     Attributes:
       loss: mean local training loss.
       steps: local steps taken.
-      bits: bits the node sent to each neighbour (its message's size).
       consensus: consensus distance after the gossip step (scalar).
     """
 
     loss: jax.Array
     steps: jax.Array
-    bits: jax.Array
     consensus: jax.Array
 
 
@@ -283,37 +286,131 @@ def init_nodes(params: Params, num_nodes: int, client_state: ClientStates = Clie
 
 def build_dsgd_round(apply_fn: ApplyFn, spec: LocalSpec, topology: Topology, *,
                      message_fn: MessageFn = identity_message, chunk_size: int, strategy: str = "vmap",
-                     mesh: jax.sharding.Mesh | None = None) -> Callable[..., tuple[NodesState, NodesOutput]]:
+                     mesh: jax.sharding.Mesh | None = None, prune_schedule: tuple[int, int] | None = None
+                     ) -> Callable[..., tuple[NodesState, NodesOutput]]:
     """Builds ``round_fn(state, population, settings, mask, root_key) -> (state, NodesOutput)``: every node with
-    ``mask`` [C] True trains from its own model as an FL client does (same keys: node i in round t is client i of
-    FL's round t), sends ``x_i + m_i`` (m_i its update after the message chain), and every node then takes the
-    gossip step over ``topology``; a node that drops out sends its unchanged model. Jitted."""
+    ``mask`` [C] True trains from its own model as an FL client does (same keys and settings rows, with the
+    round's pruning sparsity: node i in round t is client i of FL's round t) and sends ``x_i + m_i`` (m_i its
+    update after the message chain); a node that does not train sends its model unchanged. Every node then takes
+    the gossip step over ``topology``. Jitted; ``state`` is donated."""
 
     def one_node(state: NodesState, population: Population, base_key: jax.Array, row: dict[str, Any]):
         node = ServerState(params=row["params"], opt_state=(), round=state.round, clip_norm=jnp.float32(math.inf),
                            client_state=(), algorithm_state=())
-        message, _, client_state, stats, out = client_message(spec, apply_fn, message_fn, FEDAVG, node, population,
-                                                              base_key, row)
+        message, _, client_state, _, out = client_message(spec, apply_fn, message_fn, FEDAVG, node, population,
+                                                          base_key, row)
         active = row["mask"] & (row["count"] > 0)
         sent = jax.tree_util.tree_map(lambda x, m: x + jnp.where(active, m, 0.0).astype(x.dtype), row["params"],
                                       message)
         kept = ClientStates(*(jax.tree_util.tree_map(lambda new, old: jnp.where(active, new, old), new, old)
                               for new, old in zip(client_state, row["client_state"])))
-        return (), (sent, kept, jnp.where(active, out.loss, 0.0), jnp.where(active, out.steps, 0),
-                    jnp.where(active, stats["bits"], 0.0))
+        return (), (sent, kept, jnp.where(active, out.loss, 0.0), jnp.where(active, out.steps, 0))
 
     def round_fn(state: NodesState, population: Population, settings: ClientSettings, mask: jax.Array,
                  root_key: jax.Array) -> tuple[NodesState, NodesOutput]:
         round_key = jax.random.fold_in(root_key, state.round)
         base = client_keys_base(round_key)
-        num_nodes = topology.num_nodes
-        ids = jnp.arange(num_nodes, dtype=jnp.int32)
-        rows = {"id": ids, "offset": population.offsets, "count": population.counts, "settings": settings,
-                "mask": mask, "client_state": state.client_state, "params": state.params}
-        _, (sent, kept, loss, steps, bits) = map_clients(lambda row: one_node(state, population, base, row), rows,
-                                                         chunk_size=chunk_size, strategy=strategy, mesh=mesh)
+        ids = jnp.arange(topology.num_nodes, dtype=jnp.int32)
+        rows = {**cohort_rows(state, population, settings, ids, mask, prune_schedule), "params": state.params}
+        _, (sent, kept, loss, steps) = map_clients(lambda row: one_node(state, population, base, row), rows,
+                                                   chunk_size=chunk_size, strategy=strategy, mesh=mesh)
         params = mix(sent, topology, jax.random.fold_in(round_key, 3))
-        return (NodesState(params, state.round + 1, kept),
-                NodesOutput(loss, steps, bits, consensus_distance(params)))
+        return NodesState(params, state.round + 1, kept), NodesOutput(loss, steps, consensus_distance(params))
 
     return jax.jit(round_fn, donate_argnums=(0,))
+
+
+def out_degrees(topology: Topology) -> np.ndarray:
+    """[C] the number of other nodes each node's model reaches in a round (the complete graph: C - 1; random
+    matchings: 1, except an odd node out)."""
+    c = topology.num_nodes
+    if topology.name == "complete":
+        return np.full(c, c - 1)
+    if topology.name == "random_matching":
+        return np.ones(c, np.int64)  # C odd: the node left out this round sends nothing; counted as 1 (at most)
+    others = (topology.neighbors != np.arange(c)[:, None]) & (topology.weights > 0)
+    return np.bincount(topology.neighbors[others], minlength=c)
+
+
+class DecentralizedExperiment(Experiment):
+    """An ``Experiment`` without a server (``config.topology.graph``): every client is a node holding its own
+    model (the state's ``params``, leaves [C, ...]); the nodes sampled each round (``server.clients_per_round``,
+    ``client_sampling``) train, and every node takes a gossip step (``build_dsgd_round``). The run loop, store,
+    checkpoints, signals and privacy tracking are the ``Experiment``'s: DP-SGD's example-level and local DP's
+    message-level epsilons are accounted per node from the rounds it trains in (a node's model is
+    post-processing of what it and its neighbours released).
+
+    History: ``train_loss``, ``local_steps_mean`` (over the nodes that trained), ``bytes_per_client`` (a node's
+    float32 model, sent whole to each neighbour: compressing the update does not shrink it), ``bytes_total``,
+    ``consensus_distance``; at evaluations ``test_loss`` / ``test_accuracy`` of the nodes' average model and the
+    distribution of each node's own accuracy (``node_test_accuracy_*``; ``node_metrics``)."""
+
+    runs_topology = True
+
+    def __init__(self, config: Any, **kwargs: Any) -> None:
+        if not config.topology.decentralized:
+            raise ValueError("DecentralizedExperiment needs topology.graph (one of "
+                             f"{list(TOPOLOGIES)}); got 'none'.")
+        super().__init__(config, **kwargs)
+        if self.task is not CLASSIFICATION:
+            raise ValueError(f"topology.graph={config.topology.graph!r} evaluates classification only for now; this "
+                             f"run's task is {self.task.name!r}.")
+        if self.algorithm.client_level is not None or self.algorithm.name != "fedavg":
+            raise ValueError(f"algorithm {self.algorithm.name!r} with topology.graph: a decentralized run has no "
+                             "server; allowed: no algorithm passed in.")
+        t = config.topology
+        self.topology = topology_for(t.graph, self.population.num_clients, seed=config.run.seed,
+                                     edge_probability=t.edge_probability)
+        self.node_round_fn = build_dsgd_round(
+            self.model.apply, self.spec, self.topology, message_fn=self.message_fn, chunk_size=self.chunk_size,
+            strategy="vmap" if self.strategy == "host" else self.strategy, mesh=self.mesh,
+            prune_schedule=self.prune_schedule)
+        self.out_degrees = out_degrees(self.topology)
+
+    @property
+    def initial_state(self) -> NodesState:
+        """Every node at the initial model (a new copy each time: a round donates its state)."""
+        return replicate(self.fresh_state(self.initial_params), self.mesh)
+
+    def fresh_state(self, params: Any) -> NodesState:
+        """Round 0 with every node at ``params`` and every node's message state at its initial value."""
+        client_state = initial_client_states(self.message_transform, self.algorithm, params,
+                                             self.population.num_clients)
+        return init_nodes(params, self.population.num_clients, client_state)
+
+    def observed_step(self, state: NodesState, round_index: int, cohort: Cohort | None = None,
+                      tapped: Sequence[int] = ()) -> tuple[NodesState, Record, None]:
+        if len(tapped):
+            raise ValueError("taps of a decentralized run (what a curious node sees) are not available yet.")
+        skipped = 0
+        if cohort is None:
+            cohort, skipped = self.round_cohort(round_index)
+        active = np.zeros(self.population.num_clients, bool)
+        active[cohort.ids[cohort.mask]] = True
+        start = time.perf_counter()
+        state, out = self.node_round_fn(state, self.device_population, self.device_settings, jnp.asarray(active),
+                                        self.root_key)
+        out = jax.tree_util.tree_map(np.asarray, out)
+        elapsed = time.perf_counter() - start
+        trained = active & (self.population.counts > 0)
+        n = max(int(trained.sum()), 1)
+        model_bytes = 4.0 * self.num_params
+        record: Record = {
+            "round": round_index + 1, "participants": int(trained.sum()),
+            "train_loss": float(np.sum(out.loss[trained])) / n, "local_steps_mean": float(np.sum(out.steps)) / n,
+            "bytes_per_client": model_bytes, "bytes_total": model_bytes * float(np.sum(self.out_degrees)),
+            "consensus_distance": float(out.consensus), "round_time_s": elapsed}
+        if skipped:
+            record["budget_skipped"] = skipped
+        self.privacy.record_round(cohort.ids[cohort.mask])
+        if self.privacy.active:
+            record.update(self.privacy.summary())
+        return state, self.annotate(record, cohort), None
+
+    def evaluate(self, params: Any, state: Any = None) -> Record:
+        """The nodes' average model on the test set (``test_loss``, ``test_accuracy``), each node's own accuracy
+        (``node_test_accuracy_*``) and the consensus distance (``node_metrics``)."""
+        del state
+        metrics = node_metrics(self.model.apply, params, self.test.x, self.test.y)
+        return {"test_loss": metrics.pop("average_test_loss"), "test_accuracy": metrics.pop("average_test_accuracy"),
+                **metrics}

@@ -409,6 +409,8 @@ class Experiment:
       initial_params: the round-0 global model (from ``run.seed``).
     """
 
+    runs_topology = False  # a decentralized run (``topology.graph``) is a ``DecentralizedExperiment``
+
     def __init__(self, config: ExperimentConfig, *, mesh: jax.sharding.Mesh | None = None,
                  population: FederatedData | None = None, test: Dataset | None = None,
                  num_classes: int | None = None, settings: ClientSettings | None = None,
@@ -449,6 +451,10 @@ class Experiment:
         if not isinstance(config, ExperimentConfig):
             raise ValueError(f"config={config!r} is invalid; allowed: an ExperimentConfig (fedjaxpriv.config.from_dict"
                              "(dict), load_config(path) or ExperimentConfig()).")
+        if config.topology.decentralized and not self.runs_topology:
+            raise ValueError(f"topology.graph={config.topology.graph!r} is a decentralized run: build it with "
+                             "fedjaxpriv.experiment.build_experiment(config) (or decentralized."
+                             "DecentralizedExperiment); Experiment runs federated learning with a server.")
         from fedjaxpriv.distributed import check_same_everywhere
 
         check_same_everywhere({"config": config.config_hash()})  # a multi-process run: before any collective
@@ -982,6 +988,10 @@ def _progress(iterable: Iterable[int], enabled: bool, **kwargs: Any):
 
 def build_experiment(config: ExperimentConfig, **kwargs: Any) -> Experiment:
     """The experiment a config describes: a ``DeviceExperiment`` when ``devices.policy`` is set."""
+    if config.topology.decentralized:
+        from fedjaxpriv.decentralized import DecentralizedExperiment
+
+        return DecentralizedExperiment(config, **kwargs)
     if config.devices.policy != "none":
         from fedjaxpriv.devices import DeviceExperiment
 

@@ -283,6 +283,22 @@ INVALID: list[Case] = [
     S("run.tap_rounds=[0]", bad("run.tap_rounds", "[0]", "a list, each " + INT)),
     S("run.tap_rounds=[true]", bad("run.tap_rounds", "[True]", "a list, each " + INT)),
     S("run.tap_rounds=[41]", "run.tap_rounds=(41,) is invalid; allowed: round numbers in [1, run.rounds=40]"),
+    # topology
+    S("topology.graph=star", "topology.graph='star' is invalid; allowed: one of ['none', 'ring', 'torus'"),
+    S("topology.edge_probability=0", bad("topology.edge_probability", "0", f"{FIN} in (0, 1]")),
+    S("topology.edge_probability=1.5", bad("topology.edge_probability", "1.5", f"{FIN} in (0, 1]")),
+    S(["topology.graph=ring", "server.lr=0.5"], "topology.graph='ring' is invalid; allowed: 'none' with server.lr=0.5:"
+      " a decentralized run has no server"),
+    S(["topology.graph=ring", "server.central_clip_norm=1", "server.central_noise_multiplier=1"], "allowed: 'none' "
+      "with server.central_clip_norm=1.0, server.central_noise_multiplier=1.0: a decentralized run has no server"),
+    S(["topology.graph=torus", "data.num_clients=10"], "data.num_clients=10 is invalid; allowed: a square number of "
+      "nodes with topology.graph='torus'"),
+    S(["topology.graph=ring", "run.tap_clients=[1]"], "run.tap_clients=[1] is invalid; allowed: [] with "
+      "topology.graph='ring' (decentralized runs do not support it yet)"),
+    S(["topology.graph=exponential", "devices.policy=uniform"], "devices.policy='uniform' is invalid; allowed: 'none'"
+      " with topology.graph='exponential'"),
+    S(["topology.graph=ring", "run.strategy=host"], "run.strategy='host' is invalid; allowed: one of ['auto', "
+      "'vmap', 'loop'] with topology.graph='ring'"),
     # devices
     S("devices.policy=fast", "devices.policy='fast' is invalid; allowed: one of ['none', 'uniform', 'device_aware']"),
     S("devices.jitter=-1", bad("devices.jitter", "-1", f"{FIN} in [0, 10]")),
