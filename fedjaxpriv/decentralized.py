@@ -249,6 +249,67 @@ def node_metrics(apply_fn: ApplyFn, models: Params, x: np.ndarray, y: np.ndarray
             "consensus_distance": float(consensus_distance(models))}
 
 
+def graph_distances(topology: Topology, source: int) -> np.ndarray:
+    """[C] int: the rounds of gossip it takes node ``source``'s model to reach each node (0 for ``source``; -1 for
+    a node it never reaches): hops along the edges j -> i with W_ij > 0. The complete graph: 1 hop to every other
+    node. A random matching changes every round, so it has no fixed distances (refused)."""
+    c = topology.num_nodes
+    if not 0 <= source < c:
+        raise ValueError(f"source={source} is invalid; allowed: a node in [0, {c}).")
+    if topology.name == "random_matching":
+        raise ValueError("random_matching draws a new graph every round: it has no fixed graph distances.")
+    if topology.name == "complete":
+        return np.where(np.arange(c) == source, 0, 1)
+    reaches = [set() for _ in range(c)]  # reaches[j]: the nodes that average j's model
+    for i in range(c):
+        for j, w in zip(topology.neighbors[i], topology.weights[i]):
+            if w > 0 and j != i:
+                reaches[int(j)].add(i)
+    distance = np.full(c, -1)
+    distance[source] = 0
+    frontier = [source]
+    while frontier:
+        following = []
+        for j in frontier:
+            for i in reaches[j]:
+                if distance[i] < 0:
+                    distance[i] = distance[j] + 1
+                    following.append(i)
+        frontier = following
+    return distance
+
+
+def membership_by_distance(apply_fn: ApplyFn, models: Params, population: Any, test: Any, topology: Topology,
+                           victims: Sequence[int]) -> tuple[list[dict[str, float]], dict[int, float]]:
+    """What a node learns of another's training data from the model it holds, by graph distance: for each
+    ``victim``, the loss-threshold membership attack (Yeom et al. 2018: lower loss, member) on every node's model
+    (leaves [C, ...]), with the victim's training examples as members and as many test examples as non-members
+    (the first ones). Returns (one row per (victim, node): ``victim``, ``node``, ``distance``, ``auc``; the mean
+    AUC at each distance)."""
+    from fedjaxpriv.attacks.membership import example_loss
+    from fedjaxpriv.attacks.metrics import auc, roc_curve
+
+    losses_of = jax.jit(lambda m, x, y: jax.vmap(lambda p: example_loss(apply_fn(p, x), y))(m))
+    rows = []
+    for victim in victims:
+        offset, count = int(population.offsets[victim]), int(population.counts[victim])
+        if count == 0 or count > len(test.y):
+            raise ValueError(f"victim {victim} holds {count} examples; allowed: 1 to {len(test.y)} (the test set's "
+                             "size, for as many non-members).")
+        x = np.concatenate([population.x[offset:offset + count], test.x[:count]])
+        y = np.concatenate([population.y[offset:offset + count], test.y[:count]])
+        labels = np.concatenate([np.ones(count, bool), np.zeros(count, bool)])
+        losses = np.asarray(losses_of(models, jnp.asarray(x), jnp.asarray(y)))
+        distance = graph_distances(topology, victim)
+        for node in range(topology.num_nodes):
+            fpr, tpr, _ = roc_curve(-losses[node], labels)
+            rows.append({"victim": int(victim), "node": node, "distance": int(distance[node]),
+                         "auc": float(auc(fpr, tpr))})
+    by_distance = {d: float(np.mean([r["auc"] for r in rows if r["distance"] == d]))
+                   for d in sorted({r["distance"] for r in rows})}
+    return rows, by_distance
+
+
 class NodesState(NamedTuple):
     """Every node's model and what it keeps, leaves [C, ...].
 
@@ -406,6 +467,13 @@ class DecentralizedExperiment(Experiment):
         if self.privacy.active:
             record.update(self.privacy.summary())
         return state, self.annotate(record, cohort), None
+
+    def membership_by_distance(self, models: Params, victims: Sequence[int] | None = None
+                               ) -> tuple[list[dict[str, float]], dict[int, float]]:
+        """``membership_by_distance`` of this run's nodes (``models``: e.g. ``Results.params``; default victims:
+        every node)."""
+        victims = range(self.population.num_clients) if victims is None else victims
+        return membership_by_distance(self.model.apply, models, self.population, self.test, self.topology, victims)
 
     def evaluate(self, params: Any, state: Any = None) -> Record:
         """The nodes' average model on the test set (``test_loss``, ``test_accuracy``), each node's own accuracy

@@ -213,3 +213,52 @@ def test_a_decentralized_run_on_the_complete_graph_is_the_fedavg_run_and_resumes
     assert straight.history[-1]["consensus_distance"] > 0
     with pytest.raises(ValueError, match="is a decentralized run: build it with"):
         Experiment(from_dict(expo))
+
+
+def test_graph_distances_follow_the_edges_that_carry_models():
+    assert dec.graph_distances(dec.ring(8), 0).tolist() == [0, 1, 2, 3, 4, 3, 2, 1]
+    assert dec.graph_distances(dec.torus(3, 4), 5).tolist() == [2, 1, 2, 3, 1, 0, 1, 2, 2, 1, 2, 3]
+    assert dec.graph_distances(dec.exponential(8), 0).tolist() == [0, 1, 1, 2, 1, 2, 2, 3]  # i hears i-1, i-2, i-4
+    assert dec.graph_distances(dec.complete(4), 2).tolist() == [1, 1, 0, 1]
+    with pytest.raises(ValueError, match="no fixed graph distances"):
+        dec.graph_distances(dec.random_matching(4), 0)
+
+
+@pytest.mark.slow
+def test_a_curious_nodes_membership_advantage_falls_with_graph_distance():
+    """Ten D-SGD rounds of 20 local steps on a ring of 16 digit clients: the loss-threshold attack on a victim's
+    training examples scores a higher AUC on the victim's own model than on the farthest node's (8 hops), by more
+    than two standard errors of the 16 paired differences; on the complete graph every node holds the same model,
+    so the AUC is the same at every distance. Each AUC is sklearn's on the same scores."""
+    from sklearn.metrics import roc_auc_score
+
+    from fedjaxpriv.attacks.membership import example_loss
+    from fedjaxpriv.config import from_dict
+    from fedjaxpriv.experiment import build_experiment
+
+    def run(graph):
+        config = from_dict(_run_config(data={"num_clients": 16}, model={"hidden": [64]},
+                                       client={"local_steps": 20, "batch_size": 16, "lr": 0.3},
+                                       server={"clients_per_round": 16}, topology={"graph": graph},
+                                       run={"rounds": 10, "eval_every": 10, "checkpoint_every": 0}))
+        experiment = build_experiment(config, progress=False)
+        return experiment, experiment.run(progress=False).params
+
+    experiment, models = run("ring")
+    rows, by_distance = experiment.membership_by_distance(models)
+    assert sorted(by_distance) == list(range(9))
+    auc = {(r["victim"], r["node"]): r["auc"] for r in rows}
+    gaps = np.array([auc[(v, v)] - auc[(v, (v + 8) % 16)] for v in range(16)])
+    assert gaps.mean() > 2 * gaps.std(ddof=1) / np.sqrt(16), gaps
+    p, t = experiment.population, experiment.test
+    n = int(p.counts[3])
+    x = np.concatenate([p.x[p.offsets[3]:p.offsets[3] + n], t.x[:n]])
+    y = np.concatenate([p.y[p.offsets[3]:p.offsets[3] + n], t.y[:n]])
+    losses = example_loss(experiment.model.apply(jax.tree_util.tree_map(lambda a: a[5], models), x), y)
+    assert auc[(3, 5)] == pytest.approx(roc_auc_score(np.r_[np.ones(n), np.zeros(n)], -np.asarray(losses)), abs=1e-12)
+
+    experiment, models = run("complete")
+    rows, by_distance = experiment.membership_by_distance(models, victims=[0, 7])
+    for victim in (0, 7):
+        values = {r["auc"] for r in rows if r["victim"] == victim}
+        assert max(values) - min(values) < 1e-6
