@@ -262,3 +262,41 @@ def test_a_curious_nodes_membership_advantage_falls_with_graph_distance():
     for victim in (0, 7):
         values = {r["auc"] for r in rows if r["victim"] == victim}
         assert max(values) - min(values) < 1e-6
+
+
+@pytest.mark.slow
+def test_one_dsgd_round_equals_a_python_loop_over_nodes_and_a_dense_mixing_matrix(digits_population):
+    """An independent reference: each node's local training called one node at a time (``client_update`` from its
+    own model, with the key FL's client would get), then the dense W of the ring applied as a matrix product; a
+    node that does not train contributes its model unchanged."""
+    from fedjaxpriv.client.local import client_update
+    from fedjaxpriv.simulation import client_keys_base
+
+    model, spec, settings, pop, params = _problem(digits_population, num_steps=[1, 4, 2, 3, 1, 2, 4, 1])
+    c = pop.counts.shape[0]
+    mask = np.ones(c, bool)
+    mask[2] = False
+    ring = dec.ring(c)
+    start = dec.init_nodes(params, c)
+    spread = lambda a: 0.01 * jnp.arange(c, dtype=a.dtype).reshape((c,) + (1,) * (a.ndim - 1))  # noqa: E731
+    models = jax.tree_util.tree_map(lambda a: a + spread(a), start.params)  # the nodes disagree before the round
+    state = start._replace(params=models)
+    base = client_keys_base(jax.random.fold_in(jax.random.key(8), 0))
+    sent = []
+    for i in range(c):
+        own = jax.tree_util.tree_map(lambda a: a[i], models)
+        if not mask[i]:
+            sent.append(own)
+            continue
+        train_key, _ = jax.random.split(jax.random.fold_in(base, i))
+        row = jax.tree_util.tree_map(lambda a: a[i], settings)
+        delta = client_update(spec, model.apply, own, pop.x, pop.y, pop.offsets[i], pop.counts[i], row,
+                              train_key).delta
+        sent.append(jax.tree_util.tree_map(jnp.add, own, delta))
+    w = ring.dense()
+    expected = jax.tree_util.tree_map(
+        lambda *leaves: np.tensordot(w, np.stack([np.asarray(x) for x in leaves]), axes=1), *sent)
+    round_fn = dec.build_dsgd_round(model.apply, spec, ring, chunk_size=3)
+    got, _ = round_fn(jax.tree_util.tree_map(jnp.array, state), pop, settings, jnp.asarray(mask), jax.random.key(8))
+    for a, b in zip(jax.tree_util.tree_leaves(got.params), jax.tree_util.tree_leaves(expected)):
+        np.testing.assert_allclose(np.asarray(a), b, atol=2e-6)
