@@ -83,6 +83,7 @@ def test_client_level_audit_of_dpfedavg_has_power_and_stays_below_the_client_lev
     assert plain.empirical_epsilon == pytest.approx(plain.max_certifiable_epsilon) and plain.empirical_epsilon > 4
 
 
+@pytest.mark.slow
 def test_client_level_audit_without_noise_reads_every_guessed_canary():
     """The fast version of the power check: 200 canary clients, 2 rounds, no noise: 40 of 40 guesses right, the
     most 200 canaries can certify (2.55)."""

@@ -21,6 +21,7 @@ def _config(rounds, **client):
     return from_dict({**BASE, "client": {**BASE["client"], **client}, "run": {**BASE["run"], "rounds": rounds}})
 
 
+@pytest.mark.slow
 def test_an_extended_run_equals_the_longer_run(tmp_path):
     """3 rounds, then extended to 5: the same model bit for bit, the same training and privacy figures every round,
     as a run of 5 rounds from the start; config.json names the 5-round config."""
