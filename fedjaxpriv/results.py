@@ -317,10 +317,70 @@ class ResultsStore:
         return locks.holder(self._claim_path(config_hash))
 
 
+# What history.jsonl writes for NaN (null) and infinities, read back as floats.
+_NON_FINITE = {"inf": float("inf"), "-inf": float("-inf")}
+
+
+def _decode(value: Any) -> Any:
+    if value is None:
+        return math.nan
+    return _NON_FINITE.get(value, value) if isinstance(value, str) else value
+
+
+def parse_history(lines: Iterable[str]) -> tuple[list[Record], list[str]]:
+    """The records of a history file that form the rounds 1, 2, ..., k, and what was dropped on the way.
+
+    A line that is not a JSON record ends the history (the last line: a torn append). A record of a round
+    already seen means the run was restarted from an earlier checkpoint: it replaces that round and everything
+    after it. A record that skips rounds ends the history. Values written as null / "inf" / "-inf" (NaN and
+    infinities) are floats again, so a resumed history equals the one that was written.
+
+    Returns:
+      (records, problems): ``records[i]["round"] == i + 1``; one message per irregularity found.
+    """
+    raw = [line for line in lines if line.strip()]
+    records: list[Record] = []
+    problems: list[str] = []
+    for number, line in enumerate(raw, 1):
+        try:
+            record = json.loads(line)
+            round_ = record["round"]
+            if not isinstance(round_, int) or isinstance(round_, bool):
+                raise TypeError("round is not an integer")
+        except (ValueError, TypeError, KeyError) as error:
+            where = "its last line" if number == len(raw) else f"line {number} of {len(raw)}"
+            problems.append(f"{where} is not a whole record ({type(error).__name__}: {error}); dropped it"
+                            + ("" if number == len(raw) else " and the lines after it"))
+            break
+        if round_ == len(records) + 1:
+            records.append({k: _decode(v) for k, v in record.items()})
+        elif 1 <= round_ <= len(records):
+            problems.append(f"line {number} repeats round {round_} after round {len(records)}; kept the later "
+                            f"records from round {round_} on")
+            records = records[:round_ - 1] + [{k: _decode(v) for k, v in record.items()}]
+        else:
+            problems.append(f"line {number} holds round {round_} after round {len(records)}; dropped it and the "
+                            "lines after it")
+            break
+    return records, problems
+
+
+def read_history(path: str, warn: bool = True) -> list[Record]:
+    """Reads a history.jsonl file (one record per round, rounds 1..k; see ``parse_history``), warning about
+    anything dropped when ``warn``."""
+    if not os.path.exists(path):
+        return []
+    with open(path, errors="replace") as f:
+        records, problems = parse_history(f)
+    if warn:
+        for problem in problems:
+            warnings.warn(f"{path}: {problem}.", stacklevel=2)
+    return records
+
+
 def record_from_run_dir(run_dir: str) -> Record:
     """A store record built from a run directory (config.json + history.jsonl written by ``fedjaxpriv run``)."""
     from fedjaxpriv.config import from_dict, load_file, unwrap_saved
-    from fedjaxpriv.storage import read_history
 
     config_path = os.path.join(run_dir, "config.json")
     if not os.path.exists(config_path):

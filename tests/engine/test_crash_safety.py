@@ -26,7 +26,8 @@ from fedjaxpriv.cli import main as cli_main
 from fedjaxpriv.config import from_dict
 from fedjaxpriv.experiment import Experiment
 from fedjaxpriv.guards import PAUSE_ENV, DivergenceError
-from fedjaxpriv.storage import RunDirectoryLocked, RunStore, parse_history
+from fedjaxpriv.results import parse_history
+from fedjaxpriv.storage import RunDirectoryLocked, RunStore
 
 ROUNDS = 12
 # Evaluated at rounds 4, 8, 12; checkpointed at 3, 6, 9, 12 (the latest two kept).
