@@ -11,7 +11,7 @@ NOTEBOOKS = os.path.join(os.path.dirname(__file__), "..", "..", "notebooks")
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["01_quickstart.ipynb", "02_defense_vs_attack.ipynb", "03_your_own_parts.ipynb",
-                                  "04_keyboard.ipynb"])
+                                  "04_keyboard.ipynb", "05_decentralized.ipynb"])
 def test_notebook_runs(name, tmp_path):
     notebook = nbformat.read(os.path.join(NOTEBOOKS, name), as_version=4)
     assert all(not cell.get("outputs") and cell.get("execution_count") is None
@@ -25,6 +25,8 @@ def test_notebook_runs(name, tmp_path):
         assert "epsilon" in text and "PSNR" in text
     elif name.startswith("04"):
         assert text.count("Bayes bound") == 2 and text.count("exposure of typed secrets") == 2
+    elif name.startswith("05"):
+        assert text.count("final test accuracy") == 3 and text.count("loss-threshold AUC by hops: 0:") == 2
     elif name.startswith("03"):
         assert text.count("confidence AUC") == 2 and "loss-threshold AUC" in text
     else:
