@@ -300,3 +300,41 @@ def test_one_dsgd_round_equals_a_python_loop_over_nodes_and_a_dense_mixing_matri
     got, _ = round_fn(jax.tree_util.tree_map(jnp.array, state), pop, settings, jnp.asarray(mask), jax.random.key(8))
     for a, b in zip(jax.tree_util.tree_leaves(got.params), jax.tree_util.tree_leaves(expected)):
         np.testing.assert_allclose(np.asarray(a), b, atol=2e-6)
+
+
+@pytest.mark.slow
+def test_each_nodes_epsilons_are_the_events_it_ran_in_the_rounds_it_trained():
+    """D-SGD on a ring, 4 of 8 nodes sampled per round, DP-SGD (Poisson batches, noise 1.5) and local noise 4 on
+    the message: a node's participations are the rounds whose cohort held it, its example-level epsilon is
+    dp_accounting's on its Poisson-sampled Gaussian steps, and its local epsilon the Gaussian mechanism (multiplier
+    4 / 2: replace-one moves a clipped message by 2C) composed once per round it sent a new model."""
+    import dp_accounting
+
+    from fedjaxpriv.config import from_dict
+    from fedjaxpriv.experiment import build_experiment
+
+    config = from_dict(_run_config(client={"dp_clip_norm": 1.0, "dp_noise_multiplier": 1.5, "local_steps": 3,
+                                           "sampling": "poisson"},
+                                   message={"clip_norm": 0.5, "local_noise_multiplier": 4.0},
+                                   server={"clients_per_round": 4}, topology={"graph": "ring"},
+                                   run={"rounds": 4, "eval_every": 4, "checkpoint_every": 0}))
+    experiment = build_experiment(config, progress=False)
+    results = experiment.run(progress=False)
+    cohorts = [experiment.cohort(r) for r in range(4)]
+    expected_participations = np.bincount(np.concatenate([c.ids[c.mask] for c in cohorts]), minlength=8)
+    per_node = experiment.privacy.per_client()
+    np.testing.assert_array_equal(per_node["participations"], expected_participations)
+    assert sum(r["participants"] for r in results.history) == expected_participations.sum() == 16
+    for i in range(8):
+        n = int(expected_participations[i])
+        if n == 0:
+            assert per_node["epsilon"][i] == 0.0 and per_node["local_epsilon"][i] == 0.0
+            continue
+        step = dp_accounting.PoissonSampledDpEvent(float(experiment.settings.sample_rate[i]),
+                                                   dp_accounting.GaussianDpEvent(1.5))
+        example = dp_accounting.rdp.RdpAccountant().compose(dp_accounting.SelfComposedDpEvent(step, 3 * n))
+        assert per_node["epsilon"][i] == pytest.approx(example.get_epsilon(1e-5), rel=1e-6)
+        local = dp_accounting.rdp.RdpAccountant(neighboring_relation=dp_accounting.NeighboringRelation.REPLACE_ONE)
+        local.compose(dp_accounting.SelfComposedDpEvent(dp_accounting.GaussianDpEvent(2.0), n))
+        assert per_node["local_epsilon"][i] == pytest.approx(local.get_epsilon(1e-5), rel=1e-9)
+    assert results.final("epsilon_max") == pytest.approx(per_node["epsilon"].max(), rel=1e-12)
