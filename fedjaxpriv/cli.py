@@ -175,6 +175,10 @@ def _attack_eval(args: argparse.Namespace) -> int:
         raise ValueError(f"--preset {args.preset} and --config {args.config}: both give the base run; allowed: one.")
     preset = PRESETS[args.preset or "membership"]
     config = _config(args, preset.overrides)
+    if config.topology.decentralized:
+        raise ValueError(f"topology.graph={config.topology.graph!r}: attack-eval attacks federated runs (its observers "
+                         "tap what clients send a server); for decentralized runs use DecentralizedExperiment."
+                         "membership_by_distance (notebooks/05_decentralized.ipynb).")
     if os.path.isfile(args.defenses):
         defenses = load_file(args.defenses, "defenses file")
     else:

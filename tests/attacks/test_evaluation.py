@@ -94,6 +94,8 @@ def test_defense_points_expand_strengths_and_single_overrides():
 def test_cli_attack_eval_rejects_unknown_defense(capsys):
     assert cli.main(["attack-eval", "--defenses", "none,bogus"]) == 2
     assert "bogus" in capsys.readouterr().err
+    assert cli.main(["attack-eval", "--set", "topology.graph=ring", "--out", "unused"]) == 2
+    assert "topology.graph='ring': attack-eval attacks federated runs" in capsys.readouterr().err
 
 
 @pytest.mark.slow
