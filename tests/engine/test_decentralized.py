@@ -338,3 +338,32 @@ def test_each_nodes_epsilons_are_the_events_it_ran_in_the_rounds_it_trained():
         local.compose(dp_accounting.SelfComposedDpEvent(dp_accounting.GaussianDpEvent(2.0), n))
         assert per_node["local_epsilon"][i] == pytest.approx(local.get_epsilon(1e-5), rel=1e-9)
     assert results.final("epsilon_max") == pytest.approx(per_node["epsilon"].max(), rel=1e-12)
+
+
+@pytest.mark.slow
+def test_a_nodes_error_feedback_residual_changes_only_in_the_rounds_it_trains():
+    """Top-k (5%) with error feedback on a ring, 3 of 8 nodes training per round: after each round the nodes that
+    trained hold a non-zero residual (what top-k left of their update), and every other node's is unchanged."""
+    from fedjaxpriv.config import from_dict
+    from fedjaxpriv.experiment import build_experiment
+
+    config = from_dict(_run_config(message={"topk_fraction": 0.05, "error_feedback": True},
+                                   server={"clients_per_round": 3}, topology={"graph": "ring"},
+                                   run={"rounds": 3, "checkpoint_every": 0}))
+    experiment = build_experiment(config, progress=False)
+    state = experiment.initial_state
+
+    def residual_norms(state):
+        residual = state.client_state.message[0][0]  # chain stage 0: (residual, top-k state)
+        return np.sqrt(sum(np.sum(np.asarray(leaf).reshape(8, -1) ** 2, axis=1)
+                           for leaf in jax.tree_util.tree_leaves(residual)))
+
+    before = residual_norms(state)
+    for r in range(3):
+        cohort, _ = experiment.round_cohort(r)
+        trained = np.zeros(8, bool)
+        trained[cohort.ids[cohort.mask]] = True
+        state, _ = experiment.step(state, r, cohort)
+        after = residual_norms(state)
+        assert np.all(after[trained] > 0) and np.array_equal(after[~trained], before[~trained]), (r, before, after)
+        before = after
