@@ -19,7 +19,6 @@ import argparse
 import os
 import statistics
 import sys
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -34,6 +33,7 @@ from fedjaxpriv.client.settings import make_settings  # noqa: E402
 from fedjaxpriv.data import synthetic_federated  # noqa: E402
 from fedjaxpriv.models import get_model  # noqa: E402
 from fedjaxpriv.simulation import Population, client_keys_base  # noqa: E402
+from bench_text import timed  # noqa: E402  (this directory is on the path)
 
 
 def problem(num_nodes: int):
@@ -78,12 +78,6 @@ def loop_runner(model, spec, settings, pop, topology, nodes: int):
         return mix(full)
 
     return run
-
-
-def timed(run) -> float:
-    start = time.perf_counter()
-    jax.block_until_ready(run())
-    return time.perf_counter() - start
 
 
 def main() -> None:
