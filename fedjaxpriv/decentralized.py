@@ -139,12 +139,21 @@ def erdos_renyi(num_nodes: int, edge_probability: float, seed: int) -> Topology:
     return topology
 
 
-def _components(topology: Topology) -> int:
+def _reach(topology: Topology) -> Any:
+    """The sparse [C, C] matrix with a 1 at (j, i) where node i averages node j's model (W_ij > 0, j != i)."""
     from scipy.sparse import csr_matrix
+
+    receivers = np.repeat(np.arange(topology.num_nodes), topology.neighbors.shape[1])
+    senders = topology.neighbors.ravel()
+    carried = (topology.weights.ravel() > 0) & (senders != receivers)
+    return csr_matrix((np.ones(int(carried.sum())), (senders[carried], receivers[carried])),
+                      shape=(topology.num_nodes, topology.num_nodes))
+
+
+def _components(topology: Topology) -> int:
     from scipy.sparse.csgraph import connected_components
 
-    w = topology.dense()
-    return int(connected_components(csr_matrix(w > 0), directed=False)[0])
+    return int(connected_components(_reach(topology), directed=False)[0])
 
 
 def exponential(num_nodes: int) -> Topology:
@@ -260,23 +269,10 @@ def graph_distances(topology: Topology, source: int) -> np.ndarray:
         raise ValueError("random_matching draws a new graph every round: it has no fixed graph distances.")
     if topology.name == "complete":
         return np.where(np.arange(c) == source, 0, 1)
-    reaches = [set() for _ in range(c)]  # reaches[j]: the nodes that average j's model
-    for i in range(c):
-        for j, w in zip(topology.neighbors[i], topology.weights[i]):
-            if w > 0 and j != i:
-                reaches[int(j)].add(i)
-    distance = np.full(c, -1)
-    distance[source] = 0
-    frontier = [source]
-    while frontier:
-        following = []
-        for j in frontier:
-            for i in reaches[j]:
-                if distance[i] < 0:
-                    distance[i] = distance[j] + 1
-                    following.append(i)
-        frontier = following
-    return distance
+    from scipy.sparse.csgraph import shortest_path
+
+    hops = shortest_path(_reach(topology), directed=True, unweighted=True, indices=source)
+    return np.where(np.isfinite(hops), hops, -1).astype(np.int64)
 
 
 def membership_by_distance(apply_fn: ApplyFn, models: Params, population: Any, test: Any, topology: Topology,
