@@ -196,8 +196,9 @@ def audit_example_level(config: ExperimentConfig, *, num_canaries: int = 1000, c
         rate = np.array(settings.sample_rate)
         rate[client] = min(1.0, float(settings.batch_size[client]) / (len(own.y) + num_canaries))
         settings = settings._replace(sample_rate=rate.astype(np.float32))
+    # The config's data with canaries: the audit records the config.
     experiment = Experiment(config, population=audited, test=test, num_classes=num_classes, settings=settings,
-                            data_from_config=True, progress=False)  # the config's data with canaries: the audit records the config
+                            data_from_config=True, progress=False)
     results = experiment.run(progress=False)
     scores = _model_scores(experiment.model.apply, results.params, canaries, alternative, replace)
     found = _one_run(scores, coins, np.ones(num_canaries, bool), guess_fraction, beta, config.run.delta)
