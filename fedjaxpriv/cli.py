@@ -423,10 +423,18 @@ def _interrupt_on_sigterm() -> dict[int, object]:
 
 
 def entry(argv: Sequence[str] | None = None, exit: Callable[[int], object] = sys.exit) -> None:
-    """The ``fedjaxpriv`` console script: ``exit(main(argv))``. A SIGINT or SIGTERM that arrives once ``main``
-    has returned (its results written, its outcome printed) ends the process at once with ``main``'s exit code,
-    without the traceback Python would print while it shuts down."""
-    code = main(argv)
+    """The ``fedjaxpriv`` console script: ``exit(main(argv))``. Its signal handlers stay installed until the
+    process ends: a signal that arrives as ``main`` returns stops the command in one line with the signal's exit
+    code, and one that arrives once ``main``'s outcome is known ends the process at once with that code, without
+    the traceback Python would print while it shuts down."""
+    _interrupt_on_sigterm()  # main's own then replaces nothing and puts nothing back
+    code = None
+    try:
+        code = main(argv)
+    except KeyboardInterrupt as error:  # landed between main's return and the handlers below
+        if code is None:
+            code = 128 + getattr(error, "signum", signal.SIGINT)
+            print(f"fedjaxpriv: {str(error) or 'interrupted by SIGINT'}.", file=sys.stderr)
     sys.stdout.flush()
     sys.stderr.flush()
     if threading.current_thread() is threading.main_thread():

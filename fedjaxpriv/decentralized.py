@@ -419,9 +419,9 @@ class DecentralizedExperiment(Experiment):
         self.topology = topology_for(t.graph, self.population.num_clients, seed=config.run.seed,
                                      edge_probability=t.edge_probability)
         self.node_round_fn = build_dsgd_round(
-            self.model.apply, self.spec, self.topology, message_fn=self.message_fn, chunk_size=self.chunk_size,
+            self.model.apply, self.spec, self.topology, message_fn=self.program.message_fn, chunk_size=self.chunk_size,
             strategy="vmap" if self.strategy == "host" else self.strategy, mesh=self.mesh,
-            prune_schedule=self.prune_schedule)
+            prune_schedule=self.program.prune_schedule)
         self.out_degrees = out_degrees(self.topology)
 
     @property
@@ -431,7 +431,7 @@ class DecentralizedExperiment(Experiment):
 
     def fresh_state(self, params: Any) -> NodesState:
         """Round 0 with every node at ``params`` and every node's message state at its initial value."""
-        client_state = initial_client_states(self.message_transform, self.algorithm, params,
+        client_state = initial_client_states(self.program.message_transform, self.algorithm, params,
                                              self.population.num_clients)
         return init_nodes(params, self.population.num_clients, client_state)
 

@@ -41,10 +41,10 @@ from fedjaxpriv.privacy.tracking import (PrivacyTracker, calibrate_targets, dp_b
                                          dpsgd_mechanism)
 from fedjaxpriv.server import Cohort, max_cohort_size, sample_cohort, server_optimizer
 from fedjaxpriv.server.algorithms import FederatedAlgorithm, algorithm_for, check_protects, dp_fedavg
-from fedjaxpriv.simulation import (AggregationSpec, Population, RoundOutput, ServerState, build_message_tap,
-                                   build_round, init_server_state, initial_client_states)
+from fedjaxpriv.program import RoundProgram, prune_schedule_of
+from fedjaxpriv.simulation import AggregationSpec, Population, RoundOutput, ServerState
 from fedjaxpriv.transforms.base import MessageTransform
-from fedjaxpriv.transforms.pipeline import make_message_fn, message_pipeline
+from fedjaxpriv.transforms.pipeline import message_pipeline
 
 Record = dict[str, Any]
 
@@ -531,8 +531,8 @@ class Experiment:
             raise ValueError("run.shard_data=true needs run.strategy 'vmap' or 'loop' (the compiled round fetches "
                              f"each chunk's examples); the plan chose 'host' (run.strategy={r.strategy!r}).")
         self.spec = local_spec(config, self.settings, counts, num_classes, self.plan, slots, self.task)
-        self.server_tx = server_optimizer(s.optimizer, s.lr, momentum=s.momentum, b1=s.adam_b1, b2=s.adam_b2,
-                                          eps=s.adam_eps)
+        server_tx = server_optimizer(s.optimizer, s.lr, momentum=s.momentum, b1=s.adam_b1, b2=s.adam_b2,
+                                     eps=s.adam_eps)
         # The run's DP mechanisms: each owns its JAX step and its accounting.
         self.sample_level = dpsgd_mechanism(self.settings, counts, slots)
         # Local DP is claimed only for the config's own chain, whose noise stage is the LocalGaussian mechanism;
@@ -561,27 +561,19 @@ class Experiment:
         for line in clips_without_noise(config, self.settings, self.client_level):
             warnings.warn(line, stacklevel=2)
         c = config.client
-        self.prune_schedule = ((c.prune_begin_round, c.prune_end_round) if c.prune_end_round > c.prune_begin_round
-                               else None)
         self.message_transform = (message_transform if message_transform is not None else message_pipeline(
             config.message.order, self.settings, feedback=config.message.error_feedback)[0])
-        self.message_fn = make_message_fn(self.message_transform)
-        self.tap_fn = build_message_tap(self.model.apply, self.spec, message_fn=self.message_fn,
-                                        prune_schedule=self.prune_schedule, algorithm=self.algorithm)
-        self.round_fn = build_round(self.model.apply, self.spec, self.server_tx, self.aggregation,
-                                    message_fn=self.message_fn,
-                                    chunk_size=self.chunk_size, strategy=self.strategy, mesh=mesh,
-                                    prune_schedule=self.prune_schedule, algorithm=self.algorithm,
-                                    sharded_examples=self.shard_width,
-                                    shard_client_state=self.shard_width is not None)
+        # The round as one value: what runs here, and what the attacks replay and ask about local training.
+        self.program = RoundProgram(
+            self.model.apply, self.spec, server_tx, self.aggregation, self.algorithm, self.message_transform,
+            prune_schedule_of(c.prune_begin_round, c.prune_end_round), self.chunk_size, self.strategy, mesh,
+            self.shard_width)
+        self.tap_fn = self.program.tap_fn
+        self.round_fn = self.program.round_fn()
         # Tap rounds run the same round, built to emit the tapped clients' messages as well (compiled only when a
         # tap round comes).
         tap_width = len(r.tap_clients) if r.tap_rounds else 0
-        self.tap_round_fn = None if not tap_width else build_round(
-            self.model.apply, self.spec, self.server_tx, self.aggregation, message_fn=self.message_fn,
-            chunk_size=self.chunk_size, strategy=self.strategy, mesh=mesh, prune_schedule=self.prune_schedule,
-            algorithm=self.algorithm, sharded_examples=self.shard_width, tap_width=tap_width,
-            shard_client_state=self.shard_width is not None)
+        self.tap_round_fn = self.program.round_fn(tap_width) if tap_width else None
         self.initial_params = params
         if self.shard_width is None:
             self.device_population = replicate(Population(*(jnp.asarray(a) for a in (
@@ -617,10 +609,7 @@ class Experiment:
 
     def fresh_state(self, params: Any) -> ServerState:
         """A round-0 server state of this run from ``params`` (every client's states at their initial values)."""
-        client_state = initial_client_states(self.message_transform, self.algorithm, params,
-                                             self.population.num_clients)
-        return init_server_state(params, self.server_tx, self.algorithm.clip_norm, client_state,
-                                 self.algorithm.server_init(params))
+        return self.program.init_state(params, self.population.num_clients)
 
     # -- one round -------------------------------------------------------------------------------------------
     def cohort(self, round_index: int) -> Cohort:

@@ -126,9 +126,27 @@ def deliver_again(signum: int, delay_s: float = 0.01) -> None:
 def raise_interrupted(signum: int, frame: Any) -> None:
     """A signal handler that raises ``RunInterrupted``: the command line installs it for SIGINT and SIGTERM (with
     ``install_report_hooks``, so that one raised where it would be swallowed is delivered again); a run's
-    ``Signals`` replaces it while it trains."""
+    ``Signals`` replaces it while it trains. It raises once: it hands both signals to ``stop_in_progress`` first,
+    so that a second signal (an impatient user's) cannot cut the handling of the first one's exception (its
+    ``except`` and ``finally`` blocks, the one line the command prints) with a traceback."""
     del frame
+    swap_handlers(raise_interrupted, stop_in_progress)
     raise RunInterrupted(signum)
+
+
+def stop_in_progress(signum: int, frame: Any) -> None:
+    """The handler once an interrupt is on its way out: a further SIGINT or SIGTERM asks for the same stop, and is
+    dropped."""
+    del signum, frame
+
+
+def swap_handlers(old: Any, new: Any) -> None:
+    """SIGINT's and SIGTERM's handler becomes ``new`` where it is ``old`` (in the main thread; elsewhere nothing
+    changes, as Python allows handlers to be set only there)."""
+    if threading.current_thread() is threading.main_thread():
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            if signal.getsignal(signum) is old:
+                signal.signal(signum, new)
 
 
 class Signals:
@@ -151,8 +169,12 @@ class Signals:
                 self._previous[signum] = signal.signal(signum, self._handle)
 
     def uninstall(self) -> None:
+        """Puts back the handlers it replaced; once a signal has stopped the run, the command line's
+        ``raise_interrupted`` comes back as ``stop_in_progress`` (the run's interrupt is on its way out)."""
         while self._previous:
             signum, handler = self._previous.popitem()
+            if self.received is not None and handler is raise_interrupted:
+                handler = stop_in_progress
             signal.signal(signum, handler)
 
     def check(self) -> None:
@@ -310,6 +332,7 @@ def install_report_hooks() -> None:
 
     def unraisable(info: Any) -> None:
         if info.exc_type is not None and issubclass(info.exc_type, KeyboardInterrupt):
+            swap_handlers(stop_in_progress, raise_interrupted)  # this one was lost: the next must raise
             deliver_again(getattr(info.exc_value, "signum", signal.SIGINT))
         elif shown(info.exc_traceback):
             previous_unraisable(info)

@@ -182,14 +182,24 @@ def client_keys_base(round_key: jax.Array) -> jax.Array:
     return jax.random.fold_in(round_key, 0)
 
 
+def scheduled_sparsity(prune_schedule: tuple[int, int] | None, round_index: jax.Array | int,
+                       final_sparsity: jax.Array | float) -> jax.Array | float:
+    """The pruning sparsity a client with ``final_sparsity`` trains with in round ``round_index`` (0-based):
+    ramped from 0 at round ``begin`` to ``final_sparsity`` at round ``end`` of ``prune_schedule`` (Zhu & Gupta
+    2017's cubic schedule, ``pruning.iterative_sparsity``), or ``final_sparsity`` throughout without one."""
+    if prune_schedule is None:
+        return final_sparsity
+    begin, end = prune_schedule
+    return pruning.iterative_sparsity(round_index, final_sparsity, begin, end)
+
+
 def cohort_rows(state: ServerState, population: Population, settings: ClientSettings, ids: jax.Array,
                 mask: jax.Array, prune_schedule: tuple[int, int] | None) -> dict[str, Any]:
     """Step 2 of a round: the cohort's settings rows (with the round's pruning sparsity) and data slices."""
     cohort_settings = gather_clients(settings, ids)
     if prune_schedule is not None:
-        begin, end = prune_schedule
         cohort_settings = cohort_settings._replace(prune_sparsity=jax.vmap(
-            lambda s: pruning.iterative_sparsity(state.round, s, begin, end))(cohort_settings.prune_sparsity))
+            lambda s: scheduled_sparsity(prune_schedule, state.round, s))(cohort_settings.prune_sparsity))
     return {"id": ids, "offset": jnp.take(population.offsets, ids), "count": jnp.take(population.counts, ids),
             "settings": cohort_settings, "mask": mask, "client_state": gather_clients(state.client_state, ids)}
 

@@ -217,7 +217,6 @@ def audit_local_level(config: ExperimentConfig, *, num_canaries: int = 1000, gue
     two messages each could have sent, and the score is the Gaussian log-likelihood ratio summed over its rounds.
     """
     from fedjaxpriv.experiment import Experiment
-    from fedjaxpriv.simulation import init_server_state
 
     _check(num_canaries, guess_fraction, beta)
     if config.message.error_feedback or config.server.algorithm == "scaffold":
@@ -247,8 +246,7 @@ def audit_local_level(config: ExperimentConfig, *, num_canaries: int = 1000, gue
                  else np.zeros(experiment.population.num_clients))
     scores, observed = np.zeros(num_canaries), np.zeros(num_canaries, bool)
     for round_number, tap in results.taps.items():
-        state = init_server_state(tap.server_params, experiment.server_tx)._replace(
-            round=jnp.int32(round_number - 1))
+        state = experiment.program.init_state(tap.server_params, experiment.population.num_clients, round_number - 1)
         tapped = jnp.asarray(tap.client_ids)
         candidates = {side: replay.tap_fn(state, replay.device_population, replay.device_settings, tapped,
                                           replay.root_key) for side, replay in replays.items()}

@@ -68,7 +68,7 @@ import numpy as np
 from scipy import optimize
 
 from fedjaxpriv.attacks import inversion, membership, metrics
-from fedjaxpriv.client import dp, pruning
+from fedjaxpriv.client import dp
 from fedjaxpriv.privacy.tracking import UNLIMITED
 
 Params = Any
@@ -243,38 +243,22 @@ def _row(settings: Any, client: int) -> Any:
     return jax.tree_util.tree_map(lambda a: np.asarray(a)[client], settings)
 
 
-def _round_sparsity(experiment: Any, sparsity: float, round_number: int) -> float:
-    c = experiment.config.client
-    if c.prune_end_round > c.prune_begin_round:
-        return float(pruning.iterative_sparsity(round_number - 1, sparsity, c.prune_begin_round, c.prune_end_round))
-    return float(sparsity)
-
-
 def _server_mask(experiment: Any, server_params: Params, message: Params, row: Any, round_number: int) -> Params | None:
-    """The pruning mask the client trained under, as the server can know it (None: no pruning)."""
-    if experiment.spec.prune is None:
+    """The pruning mask the client trained under, as the server can know it (None: no pruning): magnitude
+    pruning's from the run's own program; a random one read off the message, where a pruned weight's update is
+    exactly 0."""
+    program = experiment.program
+    if program.spec.prune != "random":
+        return program.server_known_mask(server_params, row, round_number)
+    if program.scheduled_sparsity(float(row.prune_sparsity), round_number) <= 0:
         return None
-    sparsity = _round_sparsity(experiment, float(row.prune_sparsity), round_number)
-    if sparsity <= 0:
-        return None
-    if experiment.spec.prune == "magnitude":
-        mask = pruning.magnitude_mask(server_params, sparsity, scope=experiment.spec.prune_scope)
-        return jax.tree_util.tree_map(np.asarray, mask)
-    return jax.tree_util.tree_map(  # random: a pruned weight stays at zero, so its update is exactly 0
+    return jax.tree_util.tree_map(
         lambda m: (np.asarray(m) != 0).astype(np.float32) if np.ndim(m) >= 2 else np.ones(np.shape(m), np.float32),
         message)
 
 
 def _sparsified(row: Any) -> bool:
     return bool(row.message_sparsity > 0 or row.topk_fraction < 1 or row.randk_fraction < 1)
-
-
-def _exact(experiment: Any, row: Any, count: int, pruned: bool, mask_aware: bool) -> bool:
-    """Whether full-batch SGD over the client's n examples is exactly its local training."""
-    return bool(not row.poisson and row.batch_size >= count and row.mixup_alpha == 0
-                and row.dp_noise_multiplier == 0 and not math.isfinite(float(row.dp_clip_norm))
-                and (row.prox_mu == 0 or not experiment.spec.prox) and experiment.spec.momentum == 0
-                and (mask_aware or not pruned))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -322,7 +306,7 @@ def _client_target(experiment: Any, tap: Any, position: int, attack: inversion.I
     mask = _server_mask(experiment, server, message, row, r)
     pruned = mask is not None
     # A random mask read off the message's zeros is exact only if nothing else zeroes or fills coordinates.
-    mask_known = not (pruned and experiment.spec.prune == "random"
+    mask_known = not (pruned and experiment.program.spec.prune == "random"
                       and (_sparsified(row) or row.local_noise_multiplier > 0))
     if not mask_aware:
         mask = None
@@ -334,7 +318,8 @@ def _client_target(experiment: Any, tap: Any, position: int, attack: inversion.I
         round=r, client=client, index=index, server_params=server, message=message,
         mask=ones if mask is None else mask, support=support, unsent_bound=unsent_bound, lr=float(row.lr),
         num_steps=int(row.num_steps), scale_invariant=bool(invariant),
-        exact=_exact(experiment, row, count, pruned, mask is not None) and mask_known, mask_aware=mask is not None)
+        exact=(experiment.program.trains_by_full_batch_gd(row, count, server) and (mask is not None or not pruned)
+               and mask_known), mask_aware=mask is not None)
 
 
 def _collect(experiment: Any, taps: list[Any], attack: inversion.InversionConfig, clients: Sequence[int] | None,

@@ -209,7 +209,7 @@ def train_shadow_federations(experiment: Any, pool: Dataset, num_shadows: int, k
     from fedjaxpriv.client.sampling import batch_slots
     from fedjaxpriv.experiment import partition_like
     from fedjaxpriv.server import sample_cohort
-    from fedjaxpriv.simulation import Population, build_round
+    from fedjaxpriv.simulation import Population
 
     config = experiment.config
     inclusion = balanced_inclusion(jax.random.fold_in(key, 0), num_shadows, len(pool))
@@ -227,10 +227,9 @@ def train_shadow_federations(experiment: Any, pool: Dataset, num_shadows: int, k
     spec = dataclasses.replace(experiment.spec, max_batch=slots,
                                max_count=max(experiment.spec.max_count, *(max(1, p.max_count) for p in populations)),
                                unroll=1)
-    strategy = "vmap" if experiment.strategy == "host" else experiment.strategy
-    round_fn = build_round(experiment.model.apply, spec, experiment.server_tx, experiment.aggregation,
-                           message_fn=experiment.message_fn, chunk_size=experiment.chunk_size, strategy=strategy,
-                           prune_schedule=experiment.prune_schedule, algorithm=experiment.algorithm)
+    strategy = "vmap" if experiment.program.strategy == "host" else experiment.program.strategy
+    # The run's own round program, replayed on the shadow data on one device.
+    round_fn = experiment.program.replace(spec=spec, strategy=strategy, mesh=None, sharded_examples=None).round_fn()
     x, y, offsets, counts = _join_populations(populations)
     shared_x, shared_y = jnp.asarray(x), jnp.asarray(y)
     # Federations differ in their state, client slices, settings, cohort and keys; the examples are shared.

@@ -116,6 +116,16 @@ def _per_example_grads(apply_fn: ApplyFn, params: Params, x: jax.Array, targets:
     return jax.vmap(jax.grad(example_loss), in_axes=(None, 0, 0))(params, x, targets)
 
 
+def training_mask(spec: LocalSpec, server_params: Params, settings: ClientSettings, key: jax.Array) -> Params | None:
+    """The 0/1 weight mask (leaves like params) a client trains under: ``spec.prune``'s mask at the client's
+    ``settings.prune_sparsity`` of ``server_params`` (magnitude) or drawn from ``key`` (random); None: no pruning."""
+    if spec.prune is None:
+        return None
+    if spec.prune == "magnitude":
+        return pruning.magnitude_mask(server_params, settings.prune_sparsity, scope=spec.prune_scope)
+    return pruning.random_mask(key, server_params, settings.prune_sparsity)
+
+
 def client_update(spec: LocalSpec, apply_fn: ApplyFn, server_params: Params, data_x: jax.Array,
                   data_y: jax.Array, offset: jax.Array, count: jax.Array, settings: ClientSettings,
                   key: jax.Array, correction: Params | None = None,
@@ -142,15 +152,8 @@ def client_update(spec: LocalSpec, apply_fn: ApplyFn, server_params: Params, dat
     """
     apply_fn = rewrite_model(apply_fn, convs=spec.conv_as_matmul, dense=spec.outer_product_grads)
     mask_key, train_key = jax.random.split(key)
-    if spec.prune is None:
-        weight_mask = None
-        start_params = server_params
-    else:
-        if spec.prune == "magnitude":
-            weight_mask = pruning.magnitude_mask(server_params, settings.prune_sparsity, scope=spec.prune_scope)
-        else:
-            weight_mask = pruning.random_mask(mask_key, server_params, settings.prune_sparsity)
-        start_params = pruning.apply_mask(server_params, weight_mask)
+    weight_mask = training_mask(spec, server_params, settings, mask_key)
+    start_params = server_params if weight_mask is None else pruning.apply_mask(server_params, weight_mask)
 
     optimizer = optax.sgd(settings.lr, momentum=spec.momentum or None)
     opt_state = optimizer.init(start_params)

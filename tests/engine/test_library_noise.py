@@ -134,3 +134,38 @@ def test_a_checkpoint_that_cannot_be_written_is_one_line_and_the_run_resumes_onc
     assert again.returncode == 0, again.stderr
     with open(out / "history.jsonl") as f:
         assert [json.loads(line)["round"] for line in f] == [1, 2, 3]
+
+
+def test_a_second_signal_cannot_cut_the_handling_of_the_first_and_a_swallowed_one_rearms():
+    """``raise_interrupted`` raises once: a second SIGINT / SIGTERM while the first one's exception is handled is
+    dropped (it asked for the same stop), so no traceback can cut the one line the command prints; an interrupt
+    swallowed where it landed puts ``raise_interrupted`` back so that its delivery again raises."""
+    import signal
+    import time
+
+    from fedjaxpriv.guards import RunInterrupted, raise_interrupted, stop_in_progress
+
+    def wait_for(predicate):
+        deadline = time.monotonic() + 5
+        while not predicate() and time.monotonic() < deadline:
+            time.sleep(0.005)
+
+    previous = {signum: signal.signal(signum, raise_interrupted) for signum in (signal.SIGINT, signal.SIGTERM)}
+    handled = []
+    try:
+        with pytest.raises(RunInterrupted, match="SIGTERM"):
+            os.kill(os.getpid(), signal.SIGTERM)
+            wait_for(lambda: False)
+        assert signal.getsignal(signal.SIGINT) is stop_in_progress
+        assert signal.getsignal(signal.SIGTERM) is stop_in_progress
+        os.kill(os.getpid(), signal.SIGINT)  # while the first is handled: nothing raised
+        time.sleep(0.05)
+        handled.append("second dropped")
+        guards.swap_handlers(stop_in_progress, raise_interrupted)  # as the unraisable hook does
+        with pytest.raises(RunInterrupted, match="SIGINT"):
+            os.kill(os.getpid(), signal.SIGINT)
+            wait_for(lambda: False)
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+    assert handled == ["second dropped"]

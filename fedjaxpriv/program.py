@@ -1,0 +1,143 @@
+"""The round program: every part one federated round is built from, as one value that runs, replays and answers
+questions about the round.
+
+``Experiment`` builds a ``RoundProgram`` once from its config (model, local-training spec, server optimizer,
+aggregation, algorithm, message transform, pruning schedule, execution plan) and runs its ``round_fn``. The
+attacks take the same value instead of the experiment's fields: a shadow federation replays it on other data
+(``replace(spec=...)``), a canary audit replays what a client sends (``tap_fn``) from a state it makes with
+``init_state``, and a gradient-inversion attacker asks it what the server can know of a client's local training
+(``scheduled_sparsity``, ``server_known_mask``, ``trains_by_full_batch_gd``): the code that trains answers, not
+a second model of it in the attack.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from typing import Any, Callable
+
+import jax
+import numpy as np
+import optax
+from jax.sharding import Mesh
+
+from fedjaxpriv.client.local import ApplyFn, LocalSpec, training_mask
+from fedjaxpriv.server.algorithms import FEDAVG, FederatedAlgorithm
+from fedjaxpriv.simulation import (AggregationSpec, ServerState, build_message_tap, build_round, init_server_state,
+                                   initial_client_states, scheduled_sparsity)
+from fedjaxpriv.transforms.pipeline import make_message_fn
+
+Params = Any
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class RoundProgram:
+    """One federated round as built for a run.
+
+    Attributes:
+      apply_fn: the model's ``apply(params, x) -> logits``.
+      spec: the static local-training spec (``client.local.LocalSpec``).
+      server_tx: the server optimizer.
+      aggregation: how messages are weighted, clipped and noised into the mean (``simulation.AggregationSpec``).
+      algorithm: the federated algorithm (``server.algorithms``).
+      message_transform: what each client applies to its update before sending it (``transforms``; None: the
+        update as it is).
+      prune_schedule: ``(begin, end)`` rounds over which pruning ramps to each client's sparsity (None: from the
+        first round).
+      chunk_size / strategy / mesh: the execution plan (``parallel.execution_plan``).
+      sharded_examples: with a mesh, the largest client's example count when the examples are split over the
+        devices (``run.shard_data``; None: replicated). Client state is then split over the devices too.
+    """
+
+    apply_fn: ApplyFn
+    spec: LocalSpec
+    server_tx: optax.GradientTransformation
+    aggregation: AggregationSpec
+    algorithm: FederatedAlgorithm = FEDAVG
+    message_transform: Any = None
+    prune_schedule: tuple[int, int] | None = None
+    chunk_size: int = 1
+    strategy: str = "vmap"
+    mesh: Mesh | None = None
+    sharded_examples: int | None = None
+
+    def replace(self, **changes: Any) -> RoundProgram:
+        """This program with some parts changed (e.g. ``spec`` for other data, ``mesh=None`` for one device)."""
+        return dataclasses.replace(self, **changes)
+
+    @functools.cached_property
+    def message_fn(self) -> Callable[..., Any]:
+        """``(delta, settings_row, key, values, state) -> (message, state, stats)`` of ``message_transform``."""
+        if self.message_transform is None:
+            from fedjaxpriv.simulation import identity_message
+
+            return identity_message
+        return make_message_fn(self.message_transform)
+
+    def round_fn(self, tap_width: int = 0) -> Callable[..., tuple[ServerState, Any]]:
+        """The compiled round ``(state, population, settings, ids, mask, root_key[, tap_slots]) -> (state,
+        RoundOutput)`` (``simulation.build_round``); ``tap_width > 0`` also emits what that many cohort slots
+        send."""
+        return build_round(self.apply_fn, self.spec, self.server_tx, self.aggregation, message_fn=self.message_fn,
+                           chunk_size=self.chunk_size, strategy=self.strategy, mesh=self.mesh,
+                           prune_schedule=self.prune_schedule, algorithm=self.algorithm,
+                           sharded_examples=self.sharded_examples, tap_width=tap_width,
+                           shard_client_state=self.sharded_examples is not None)
+
+    @functools.cached_property
+    def tap_fn(self) -> Callable[..., Params]:
+        """``(state, population, settings, ids, root_key) -> messages`` [T, ...]: what clients ``ids`` send in the
+        round that starts from ``state``, trained again one at a time (``simulation.build_message_tap``)."""
+        return build_message_tap(self.apply_fn, self.spec, message_fn=self.message_fn,
+                                 prune_schedule=self.prune_schedule, algorithm=self.algorithm)
+
+    def init_state(self, params: Params, num_clients: int, round_index: int = 0) -> ServerState:
+        """A server state at the start of round ``round_index`` (0-based) with global model ``params``, its
+        optimizer and algorithm state fresh and every one of ``num_clients`` clients' states initial."""
+        client_state = initial_client_states(self.message_transform, self.algorithm, params, num_clients)
+        state = init_server_state(params, self.server_tx, self.algorithm.clip_norm, client_state,
+                                  self.algorithm.server_init(params))
+        return state._replace(round=state.round + np.int32(round_index))
+
+    # -- what the server can know of a client's local training ------------------------------------------------
+    def scheduled_sparsity(self, final_sparsity: float, round_number: int) -> float:
+        """The pruning sparsity a client with ``final_sparsity`` trains with in round ``round_number`` (1-based),
+        by the same schedule as the round's (``simulation.scheduled_sparsity``)."""
+        return float(scheduled_sparsity(self.prune_schedule, round_number - 1, final_sparsity))
+
+    def server_known_mask(self, server_params: Params, settings_row: Any, round_number: int) -> Params | None:
+        """The weight mask local training applies in round ``round_number`` (1-based) to a client with settings
+        ``settings_row``, where the server can compute it: magnitude pruning's mask of the global model
+        (``client.local.training_mask``, the code local training runs). None: no pruning this round, or a
+        random mask (drawn from the client's own key)."""
+        sparsity = self.scheduled_sparsity(float(settings_row.prune_sparsity), round_number)
+        if self.spec.prune != "magnitude" or sparsity <= 0:
+            return None
+        row = jax.tree_util.tree_map(np.asarray, settings_row)._replace(prune_sparsity=np.float32(sparsity))
+        mask = training_mask(self.spec, server_params, row, jax.random.key(0))
+        return jax.tree_util.tree_map(np.asarray, mask)
+
+    def corrects_gradients(self, params: Params) -> bool:
+        """Whether the algorithm adds a correction to every local gradient (SCAFFOLD's c - c_i), read off its
+        own ``correction`` on its initial states."""
+        correction = jax.eval_shape(self.algorithm.correction, self.algorithm.server_init(params),
+                                    self.algorithm.client_init(params))
+        return bool(jax.tree_util.tree_leaves(correction))
+
+    def trains_by_full_batch_gd(self, settings_row: Any, count: int, params: Params) -> bool:
+        """Whether a client's local training (settings ``settings_row``, ``count`` examples) is exactly
+        ``num_steps`` steps of plain full-batch gradient descent on its examples at rate ``lr``: every step sees
+        all of them without sampling noise (no Poisson sampling, batch >= count), nothing is mixed, clipped or
+        noised per example, and no momentum, proximal term or gradient correction changes the step."""
+        row = settings_row
+        return bool(not row.poisson and int(row.batch_size) >= count and float(row.mixup_alpha) == 0
+                    and float(row.dp_noise_multiplier) == 0 and not math.isfinite(float(row.dp_clip_norm))
+                    and (float(row.prox_mu) == 0 or not self.spec.prox) and self.spec.momentum == 0
+                    and not self.corrects_gradients(params))
+
+
+def prune_schedule_of(begin_round: int, end_round: int) -> tuple[int, int] | None:
+    """``client.prune_begin_round`` / ``prune_end_round`` as a program's ``prune_schedule`` (None: no ramp)."""
+    return (begin_round, end_round) if end_round > begin_round else None
+
