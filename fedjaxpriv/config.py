@@ -680,12 +680,14 @@ class ExperimentConfig:
                "and client-level DP these set (it reads server.clients_per_round and client_sampling only)")
         for key, value, allowed in (("devices.policy", self.devices.policy, "none"),
                                     ("run.shard_data", self.run.shard_data, False),
-                                    ("run.strategy", self.run.strategy, ("auto", "vmap", "loop")),
-                                    ("run.tap_clients", list(self.run.tap_clients), [])):
+                                    ("run.strategy", self.run.strategy, ("auto", "vmap", "loop"))):
             ok = value in allowed if isinstance(allowed, tuple) else value == allowed
             shown = f"one of {list(allowed)}" if isinstance(allowed, tuple) else repr(allowed)
             _check(ok, key, value, f"{shown} with topology.graph={self.topology.graph!r} (decentralized runs do not "
                                    "support it yet)")
+        _check(not self.run.tap_clients or self.topology.graph != "random_matching", "run.tap_clients",
+               list(self.run.tap_clients), "[] with topology.graph='random_matching' (a new neighbour every round: no "
+               "fixed curious neighbour to tap)")
         if self.topology.graph == "torus":
             side = math.isqrt(self.data.num_clients)
             _check(side * side == self.data.num_clients, "data.num_clients", self.data.num_clients,

@@ -42,7 +42,7 @@ from fedjaxpriv.client.local import ApplyFn, LocalSpec
 from fedjaxpriv.client.settings import ClientSettings
 from fedjaxpriv.parallel import map_clients
 from fedjaxpriv.server.algorithms import FEDAVG
-from fedjaxpriv.experiment import Experiment, Record
+from fedjaxpriv.experiment import Experiment, Record, Tap
 from fedjaxpriv.models.tasks import CLASSIFICATION
 from fedjaxpriv.parallel import replicate
 from fedjaxpriv.server import Cohort
@@ -306,6 +306,83 @@ def membership_by_distance(apply_fn: ApplyFn, models: Params, population: Any, t
     return rows, by_distance
 
 
+class ObserverView(NamedTuple):
+    """How the curious neighbour of each tapped node computes the model the node starts a round from.
+
+    Node v starts round t from x_v^t = sum_j W_vj S_j^{t-1}, S_j^{t-1} being the model node j sent in round t-1
+    (every node starts round 1 from the public initial model). Its observer u, the node of smallest id other
+    than v that hears v directly (W_uv > 0), has heard S_j^{t-1} from every j with W_uj > 0 and knows its own
+    S_u^{t-1}; a model it has not heard is replaced by S_u^{t-1}, the closest one it holds. So its estimate is
+    ``sum_n weights[k, n] * S_{heard[n]}^{t-1}``, exact when every j with W_vj > 0 is heard by u (always in round
+    1). On the complete graph u hears everyone and x_v^t is u's own model x_u^t (``own_model``).
+
+    Attributes:
+      victims: [V] the tapped nodes.
+      observers: [V] their curious neighbours.
+      heard: [N] the nodes whose last sent models the estimates read (kept in ``NodesState.heard``).
+      weights: float64 [V, N].
+      exact: [V] bool, the estimate is the node's start in every round.
+      own_model: the complete graph: the estimate is the observer's own model.
+    """
+
+    victims: np.ndarray
+    observers: np.ndarray
+    heard: np.ndarray
+    weights: np.ndarray
+    exact: np.ndarray
+    own_model: bool
+
+
+def _weight_rows(topology: Topology) -> list[dict[int, float]]:
+    """Row i of W as {j: W_ij} over the j with W_ij > 0."""
+    rows: list[dict[int, float]] = [{} for _ in range(topology.num_nodes)]
+    for i, (neighbors, weights) in enumerate(zip(topology.neighbors, topology.weights)):
+        for j, w in zip(neighbors.tolist(), weights.tolist()):
+            if w > 0:
+                rows[i][j] = rows[i].get(j, 0.0) + w
+    return rows
+
+
+def observer_view(topology: Topology, victims: Sequence[int]) -> ObserverView:
+    """The ``ObserverView`` of ``victims`` over ``topology`` (a random matching has no fixed neighbour: refused)."""
+    c = topology.num_nodes
+    victims = np.asarray([int(v) for v in victims], np.int64)
+    if victims.size == 0 or victims.min() < 0 or victims.max() >= c or len(set(victims.tolist())) != victims.size:
+        raise ValueError(f"tapped nodes {victims.tolist()} must be distinct nodes in [0, {c}).")
+    if topology.name == "random_matching":
+        raise ValueError("topology 'random_matching' draws a new neighbour every round: a tapped node has no fixed "
+                         "curious neighbour; allowed: a fixed graph (ring, torus, erdos_renyi, exponential, "
+                         "complete).")
+    if c < 2:
+        raise ValueError("a tapped node needs a neighbour: allowed: 2 or more nodes.")
+    if topology.name == "complete":
+        observers = np.where(victims == 0, 1, 0)
+        return ObserverView(victims, observers, np.zeros(0, np.int64), np.zeros((victims.size, 0)),
+                            np.ones(victims.size, bool), True)
+    rows = _weight_rows(topology)
+    observers, plans, exact = [], [], []
+    for v in victims.tolist():
+        hearers = [u for u in range(c) if u != v and v in rows[u]]
+        if not hearers:
+            raise ValueError(f"no node hears node {v} in topology {topology.name!r}: it has no curious neighbour.")
+        u = min(hearers)
+        known = set(rows[u]) | {u}
+        plan: dict[int, float] = {}
+        for j, w in rows[v].items():
+            source = j if j in known else u
+            plan[source] = plan.get(source, 0.0) + w
+        observers.append(u)
+        plans.append(plan)
+        exact.append(set(rows[v]) <= known)
+    heard = np.asarray(sorted({j for plan in plans for j in plan}), np.int64)
+    column = {int(j): n for n, j in enumerate(heard)}
+    weights = np.zeros((victims.size, heard.size))
+    for k, plan in enumerate(plans):
+        for j, w in plan.items():
+            weights[k, column[j]] = w
+    return ObserverView(victims, np.asarray(observers, np.int64), heard, weights, np.asarray(exact, bool), False)
+
+
 class NodesState(NamedTuple):
     """Every node's model and what it keeps, leaves [C, ...].
 
@@ -313,11 +390,14 @@ class NodesState(NamedTuple):
       params: node i's model x_i.
       round: int32, finished rounds.
       client_state: ``simulation.ClientStates`` of every node (e.g. error-feedback residuals).
+      heard: leaves [N, ...]: the models the nodes ``ObserverView.heard`` sent in the last round (the initial
+        model before round 1; ``()`` without taps).
     """
 
     params: Params
     round: jax.Array
     client_state: ClientStates
+    heard: Any = ()
 
 
 class NodesOutput(NamedTuple):
@@ -327,29 +407,40 @@ class NodesOutput(NamedTuple):
       loss: mean local training loss.
       steps: local steps taken.
       consensus: consensus distance after the gossip step (scalar).
+      tapped: leaves [T, ...]: the models the nodes ``tap_ids`` sent (``()`` without them).
     """
 
     loss: jax.Array
     steps: jax.Array
     consensus: jax.Array
+    tapped: Any = ()
 
 
-def init_nodes(params: Params, num_nodes: int, client_state: ClientStates = ClientStates()) -> NodesState:
-    """Every node starts from ``params`` (copied C times)."""
-    stacked = jax.tree_util.tree_map(lambda p: jnp.broadcast_to(jnp.asarray(p)[None], (num_nodes, *jnp.shape(p))),
-                                     params)
-    return NodesState(jax.tree_util.tree_map(jnp.array, stacked), jnp.zeros((), jnp.int32), client_state)
+def _copies(params: Params, count: int) -> Params:
+    return jax.tree_util.tree_map(
+        lambda p: jnp.array(jnp.broadcast_to(jnp.asarray(p)[None], (count, *jnp.shape(p)))), params)
+
+
+def init_nodes(params: Params, num_nodes: int, client_state: ClientStates = ClientStates(),
+               num_heard: int = 0) -> NodesState:
+    """Every node starts from ``params`` (copied C times); ``num_heard`` models heard before round 1, all
+    ``params``."""
+    return NodesState(_copies(params, num_nodes), jnp.zeros((), jnp.int32), client_state,
+                      _copies(params, num_heard) if num_heard else ())
 
 
 def build_dsgd_round(apply_fn: ApplyFn, spec: LocalSpec, topology: Topology, *,
                      message_fn: MessageFn = identity_message, chunk_size: int, strategy: str = "vmap",
-                     mesh: jax.sharding.Mesh | None = None, prune_schedule: tuple[int, int] | None = None
+                     mesh: jax.sharding.Mesh | None = None, prune_schedule: tuple[int, int] | None = None,
+                     heard: np.ndarray | None = None, tap_width: int = 0
                      ) -> Callable[..., tuple[NodesState, NodesOutput]]:
-    """Builds ``round_fn(state, population, settings, mask, root_key) -> (state, NodesOutput)``: every node with
-    ``mask`` [C] True trains from its own model as an FL client does (same keys and settings rows, with the
-    round's pruning sparsity: node i in round t is client i of FL's round t) and sends ``x_i + m_i`` (m_i its
+    """Builds ``round_fn(state, population, settings, mask, root_key[, tap_ids]) -> (state, NodesOutput)``: every
+    node with ``mask`` [C] True trains from its own model as an FL client does (same keys and settings rows, with
+    the round's pruning sparsity: node i in round t is client i of FL's round t) and sends ``x_i + m_i`` (m_i its
     update after the message chain); a node that does not train sends its model unchanged. Every node then takes
-    the gossip step over ``topology``. Jitted; ``state`` is donated."""
+    the gossip step over ``topology``. ``heard`` [N]: the new state keeps what these nodes sent
+    (``NodesState.heard``); ``tap_width=T > 0``: the output holds what the nodes ``tap_ids`` [T] sent. Jitted;
+    ``state`` is donated."""
 
     def one_node(state: NodesState, population: Population, base_key: jax.Array, row: dict[str, Any]):
         node = ServerState(params=row["params"], opt_state=(), round=state.round, clip_norm=jnp.float32(math.inf),
@@ -364,7 +455,7 @@ def build_dsgd_round(apply_fn: ApplyFn, spec: LocalSpec, topology: Topology, *,
         return (), (sent, kept, jnp.where(active, out.loss, 0.0), jnp.where(active, out.steps, 0))
 
     def round_fn(state: NodesState, population: Population, settings: ClientSettings, mask: jax.Array,
-                 root_key: jax.Array) -> tuple[NodesState, NodesOutput]:
+                 root_key: jax.Array, tap_ids: jax.Array | None = None) -> tuple[NodesState, NodesOutput]:
         round_key = jax.random.fold_in(root_key, state.round)
         base = client_keys_base(round_key)
         ids = jnp.arange(topology.num_nodes, dtype=jnp.int32)
@@ -372,7 +463,14 @@ def build_dsgd_round(apply_fn: ApplyFn, spec: LocalSpec, topology: Topology, *,
         _, (sent, kept, loss, steps) = map_clients(lambda row: one_node(state, population, base, row), rows,
                                                    chunk_size=chunk_size, strategy=strategy, mesh=mesh)
         params = mix(sent, topology, jax.random.fold_in(round_key, 3))
-        return NodesState(params, state.round + 1, kept), NodesOutput(loss, steps, consensus_distance(params))
+
+        def rows_of(nodes: Any) -> Params:
+            return jax.tree_util.tree_map(lambda leaf: jnp.take(leaf, jnp.asarray(nodes), axis=0), sent)
+
+        new_heard = rows_of(heard) if heard is not None and len(heard) else ()
+        tapped = rows_of(tap_ids) if tap_width else ()
+        return (NodesState(params, state.round + 1, kept, new_heard),
+                NodesOutput(loss, steps, consensus_distance(params), tapped))
 
     return jax.jit(round_fn, donate_argnums=(0,))
 
@@ -418,10 +516,19 @@ class DecentralizedExperiment(Experiment):
         t = config.topology
         self.topology = topology_for(t.graph, self.population.num_clients, seed=config.run.seed,
                                      edge_probability=t.edge_probability)
-        self.node_round_fn = build_dsgd_round(
-            self.model.apply, self.spec, self.topology, message_fn=self.program.message_fn, chunk_size=self.chunk_size,
-            strategy="vmap" if self.strategy == "host" else self.strategy, mesh=self.mesh,
-            prune_schedule=self.program.prune_schedule)
+        tapped = list(config.run.tap_clients) if config.run.tap_rounds else []
+        # What the tapped nodes' curious neighbours hear (run.tap_clients): kept in the state from round to round.
+        self.observer_view = observer_view(self.topology, tapped) if tapped else None
+        heard = None if self.observer_view is None else self.observer_view.heard
+
+        def build(tap_width: int = 0) -> Callable[..., tuple[NodesState, NodesOutput]]:
+            return build_dsgd_round(
+                self.model.apply, self.spec, self.topology, message_fn=self.program.message_fn,
+                chunk_size=self.chunk_size, strategy="vmap" if self.strategy == "host" else self.strategy,
+                mesh=self.mesh, prune_schedule=self.program.prune_schedule, heard=heard, tap_width=tap_width)
+
+        self.node_round_fn = build()
+        self.node_tap_round_fn = build(len(tapped)) if tapped else None
         self.out_degrees = out_degrees(self.topology)
 
     @property
@@ -433,22 +540,61 @@ class DecentralizedExperiment(Experiment):
         """Round 0 with every node at ``params`` and every node's message state at its initial value."""
         client_state = initial_client_states(self.program.message_transform, self.algorithm, params,
                                              self.population.num_clients)
-        return init_nodes(params, self.population.num_clients, client_state)
+        view = self.observer_view
+        return init_nodes(params, self.population.num_clients, client_state, 0 if view is None else view.heard.size)
+
+    def tap(self, state: Any, client_ids: Sequence[int]) -> Tap:
+        raise ValueError("a decentralized run's taps come out of its rounds (run.tap_clients, run.tap_rounds): what "
+                         "each tapped node's curious neighbour hears.")
+
+    def _starts_as_observed(self, state: NodesState, round_index: int,
+                            tapped: Sequence[int]) -> tuple[Params, np.ndarray]:
+        """The start models of the nodes ``tapped`` (leaves [T, ...]) as their observers compute them before the
+        round (``ObserverView``), and whether each is exact ([T] bool). Reads ``state`` before it is donated."""
+        view = self.observer_view
+        positions = np.asarray([int(np.flatnonzero(view.victims == v)[0]) for v in tapped])
+        if round_index == 0:  # every node starts from the public initial model
+            starts = jax.tree_util.tree_map(lambda p: np.repeat(np.asarray(p)[None], len(tapped), axis=0),
+                                            self.initial_params)
+            return starts, np.ones(len(tapped), bool)
+        if view.own_model:
+            observers = view.observers[positions]
+            return jax.tree_util.tree_map(lambda leaf: np.asarray(leaf)[observers], state.params), view.exact[positions]
+        weights = view.weights[positions]
+        starts = jax.tree_util.tree_map(
+            lambda leaf: np.tensordot(weights, np.asarray(leaf, np.float64), axes=1).astype(leaf.dtype), state.heard)
+        return starts, view.exact[positions]
 
     def observed_step(self, state: NodesState, round_index: int, cohort: Cohort | None = None,
-                      tapped: Sequence[int] = ()) -> tuple[NodesState, Record, None]:
-        if len(tapped):
-            raise ValueError("taps of a decentralized run (what a curious node sees) are not available yet.")
+                      tapped: Sequence[int] = ()) -> tuple[NodesState, Record, Tap | None]:
+        """The round, and for the nodes ``tapped`` (run.tap_clients that train in it) what their curious neighbours
+        see: a ``Tap`` with the model each sent minus its start as the neighbour computes it (``ObserverView``)."""
         skipped = 0
         if cohort is None:
             cohort, skipped = self.round_cohort(round_index)
         active = np.zeros(self.population.num_clients, bool)
         active[cohort.ids[cohort.mask]] = True
+        tapped = [int(v) for v in tapped]
+        if tapped and (self.observer_view is None or not set(tapped) <= set(self.observer_view.victims.tolist())):
+            raise ValueError(f"tapped={tapped} must be nodes of run.tap_clients="
+                             f"{list(self.config.run.tap_clients)} (with run.tap_rounds).")
+        arguments = (self.device_population, self.device_settings, jnp.asarray(active), self.root_key)
         start = time.perf_counter()
-        state, out = self.node_round_fn(state, self.device_population, self.device_settings, jnp.asarray(active),
-                                        self.root_key)
+        if tapped:
+            starts, exact = self._starts_as_observed(state, round_index, tapped)
+            width = self.observer_view.victims.size
+            ids = np.asarray(tapped + [tapped[-1]] * (width - len(tapped)), np.int32)
+            state, out = self.node_tap_round_fn(state, *arguments, jnp.asarray(ids))
+        else:
+            state, out = self.node_round_fn(state, *arguments)
         out = jax.tree_util.tree_map(np.asarray, out)
         elapsed = time.perf_counter() - start
+        tap = None if not tapped else Tap(
+            round=round_index + 1, client_ids=np.asarray(tapped, np.int32), server_params=None,
+            messages=jax.tree_util.tree_map(lambda sent, begin: sent[:len(tapped)] - begin, out.tapped, starts),
+            start_params=starts, start_exact=exact,
+            observers=self.observer_view.observers[[int(np.flatnonzero(self.observer_view.victims == v)[0])
+                                                    for v in tapped]])
         trained = active & (self.population.counts > 0)
         n = max(int(trained.sum()), 1)
         model_bytes = 4.0 * self.num_params
@@ -462,7 +608,7 @@ class DecentralizedExperiment(Experiment):
         self.privacy.record_round(cohort.ids[cohort.mask])
         if self.privacy.active:
             record.update(self.privacy.summary())
-        return state, self.annotate(record, cohort), None
+        return state, self.annotate(record, cohort), tap
 
     def membership_by_distance(self, models: Params, victims: Sequence[int] | None = None
                                ) -> tuple[list[dict[str, float]], dict[int, float]]:

@@ -57,14 +57,29 @@ class Tap:
       round: the round number.
       client_ids: [T] the tapped clients that were in the round's cohort (a client that does not take part
         sends nothing, so it is never tapped).
-      server_params: the global model the clients start the round from.
-      messages: pytree of the clients' messages, leaves [T, ...] (as sent, before server-side clipping).
+      server_params: the global model the clients start the round from (None in a decentralized run, where
+        every node starts from its own model: ``start_params``).
+      messages: pytree of the clients' messages, leaves [T, ...] (as sent, before server-side clipping); in a
+        decentralized run, the model a node sent its neighbours minus ``start_params``.
+      start_params: decentralized runs: leaves [T, ...], the model each tapped node started the round from as its
+        curious neighbour (``observers``) can compute it from what it has heard (``decentralized.observer_view``).
+      start_exact: decentralized runs: [T] bool, whether that start is exactly the node's (else an estimate).
+      observers: decentralized runs: [T] int, the node that observes each tapped node.
     """
 
     round: int
     client_ids: np.ndarray
     server_params: Any
     messages: Any
+    start_params: Any = None
+    start_exact: np.ndarray | None = None
+    observers: np.ndarray | None = None
+
+    def start_of(self, position: int) -> Any:
+        """The model the client at ``position`` started the round from, as the observer knows it."""
+        if self.start_params is None:
+            return self.server_params
+        return jax.tree_util.tree_map(lambda leaf: leaf[position], self.start_params)
 
 
 Callback = Callable[["Experiment", Record], None]

@@ -302,7 +302,8 @@ def _client_target(experiment: Any, tap: Any, position: int, attack: inversion.I
     row = _row(experiment.settings, client)
     count = int(np.asarray(experiment.population.counts)[client])
     message = jax.tree_util.tree_map(lambda leaf: np.asarray(leaf[position], np.float32), tap.messages)
-    server = jax.tree_util.tree_map(lambda leaf: np.asarray(leaf, np.float32), tap.server_params)
+    server = jax.tree_util.tree_map(lambda leaf: np.asarray(leaf, np.float32), tap.start_of(position))
+    start_known = tap.start_exact is None or bool(np.asarray(tap.start_exact)[position])
     mask = _server_mask(experiment, server, message, row, r)
     pruned = mask is not None
     # A random mask read off the message's zeros is exact only if nothing else zeroes or fills coordinates.
@@ -319,7 +320,7 @@ def _client_target(experiment: Any, tap: Any, position: int, attack: inversion.I
         mask=ones if mask is None else mask, support=support, unsent_bound=unsent_bound, lr=float(row.lr),
         num_steps=int(row.num_steps), scale_invariant=bool(invariant),
         exact=(experiment.program.trains_by_full_batch_gd(row, count, server) and (mask is not None or not pruned)
-               and mask_known), mask_aware=mask is not None)
+               and mask_known and start_known), mask_aware=mask is not None)
 
 
 def _collect(experiment: Any, taps: list[Any], attack: inversion.InversionConfig, clients: Sequence[int] | None,

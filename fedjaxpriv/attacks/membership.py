@@ -322,7 +322,8 @@ def ordered_taps(taps: Mapping[int, Any] | Sequence[Any]) -> list[Any]:
 
 
 def stack_taps(taps: Sequence[Any], client: int) -> tuple[Params, Params]:
-    """Server params and one client's messages over the tapped rounds it took part in, leaves [R, ...].
+    """The models one client started from (``Tap.start_of``) and its messages over the tapped rounds it took part
+    in, leaves [R, ...].
 
     Args:
       taps: ``experiment.Tap`` records of the observed rounds (e.g. ``results.taps.values()`` in order).
@@ -332,7 +333,7 @@ def stack_taps(taps: Sequence[Any], client: int) -> tuple[Params, Params]:
               if np.any(np.asarray(t.client_ids) == client)]
     if not rounds:
         raise ValueError(f"client {client} took part in none of the {len(taps)} tapped rounds.")
-    server = jax.tree_util.tree_map(lambda *a: np.stack(a), *[t.server_params for t, _ in rounds])
+    server = jax.tree_util.tree_map(lambda *a: np.stack(a), *[t.start_of(i) for t, i in rounds])
     messages = jax.tree_util.tree_map(lambda *a: np.stack(a),
                                       *[jax.tree_util.tree_map(lambda m, i=i: m[i], t.messages) for t, i in rounds])
     return server, messages

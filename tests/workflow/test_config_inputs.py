@@ -293,8 +293,8 @@ INVALID: list[Case] = [
       "with server.central_clip_norm=1.0, server.central_noise_multiplier=1.0: a decentralized run has no server"),
     S(["topology.graph=torus", "data.num_clients=10"], "data.num_clients=10 is invalid; allowed: a square number of "
       "nodes with topology.graph='torus'"),
-    S(["topology.graph=ring", "run.tap_clients=[1]"], "run.tap_clients=[1] is invalid; allowed: [] with "
-      "topology.graph='ring' (decentralized runs do not support it yet)"),
+    S(["topology.graph=random_matching", "run.tap_clients=[1]"], "run.tap_clients=[1] is invalid; allowed: [] with "
+      "topology.graph='random_matching' (a new neighbour every round: no fixed curious neighbour to tap)"),
     S(["topology.graph=exponential", "devices.policy=uniform"], "devices.policy='uniform' is invalid; allowed: 'none'"
       " with topology.graph='exponential'"),
     S(["topology.graph=ring", "run.strategy=host"], "run.strategy='host' is invalid; allowed: one of ['auto', "
