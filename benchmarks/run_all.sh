@@ -6,6 +6,8 @@ python benchmarks/bench_engine.py "$@"
 python benchmarks/bench_attacks.py
 python benchmarks/bench_membership.py
 python benchmarks/bench_defenses.py
+python benchmarks/bench_dpsgd.py
+python benchmarks/bench_dpsgd.py --poisson
 python benchmarks/bench_store.py
 python benchmarks/bench_text.py
 python benchmarks/bench_shard_data.py

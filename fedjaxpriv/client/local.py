@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from fedjaxpriv.client import mixup as mixup_lib, pruning
+from fedjaxpriv.client import dp as dp_ops, mixup as mixup_lib, pruning
 from fedjaxpriv.client.sampling import sample_batch
 from fedjaxpriv.client.settings import ClientSettings
 from fedjaxpriv.models.tasks import CLASSIFICATION, PerExampleLoss, Task
@@ -116,6 +116,36 @@ def _per_example_grads(apply_fn: ApplyFn, params: Params, x: jax.Array, targets:
     return jax.vmap(jax.grad(example_loss), in_axes=(None, 0, 0))(params, x, targets)
 
 
+def _weighted_gradient_sum(apply_fn: ApplyFn, params: Params, x: jax.Array, targets: jax.Array,
+                           loss: PerExampleLoss, weights: jax.Array) -> Params:
+    """``sum_i weights_i * grad loss_i`` (pytree like params) in one backward pass, ``loss_i`` being example i's
+    loss from its own forward pass (the single-example model vmapped over the batch, as ``_per_example_grads``
+    runs it): by linearity the weighted sum of the per-example gradients, without a [B, params] array, and no
+    example's gradient can reach another's, whatever the model does across a batch."""
+    weights = jax.lax.stop_gradient(weights)
+
+    def weighted_loss(p: Params) -> jax.Array:
+        losses = jax.vmap(lambda xi, ti: loss(apply_fn(p, xi[None]), ti[None])[0])(x, targets)
+        return jnp.sum(weights.astype(losses.dtype) * losses)
+
+    return jax.grad(weighted_loss)(params)
+
+
+def dp_sgd_gradient(apply_fns: tuple[ApplyFn, ApplyFn], params: Params, x: jax.Array, targets: jax.Array,
+                    loss: PerExampleLoss, mask: jax.Array, settings: ClientSettings, key: jax.Array,
+                    denominator: jax.Array) -> Params:
+    """One DP-SGD step's gradient, ``SampleLevelDpSgd.noisy_gradient`` of the batch: (sum over real examples of
+    each gradient clipped to ``settings.dp_clip_norm`` + Gaussian noise) / ``denominator``. The per-example norms
+    come from per-example gradients (``apply_fns[0]``), the clipped sum from one backward pass weighted by the
+    clipping multipliers (``_weighted_gradient_sum`` through ``apply_fns[1]``): the same sum to float rounding,
+    without weighting a [B, params] array (``benchmarks/bench_dpsgd.py``)."""
+    per_example_apply, summed_apply = apply_fns
+    weights = dp_ops.clip_weights(_per_example_grads(per_example_apply, params, x, targets, loss), mask,
+                                  settings.dp_clip_norm)
+    total = _weighted_gradient_sum(summed_apply, params, x, targets, loss, weights)
+    return SampleLevelDpSgd.noised_mean(total, settings.dp_clip_norm, settings.dp_noise_multiplier, key, denominator)
+
+
 def training_mask(spec: LocalSpec, server_params: Params, settings: ClientSettings, key: jax.Array) -> Params | None:
     """The 0/1 weight mask (leaves like params) a client trains under: ``spec.prune``'s mask at the client's
     ``settings.prune_sparsity`` of ``server_params`` (magnitude) or drawn from ``key`` (random); None: no pruning."""
@@ -150,6 +180,9 @@ def client_update(spec: LocalSpec, apply_fn: ApplyFn, server_params: Params, dat
     Returns:
       ``ClientOutput`` with the model delta.
     """
+    # The weighted DP-SGD pass runs without the outer-product lowering: vmapped over single examples it would
+    # build the [B, params] per-example products that pass exists to avoid.
+    summed_apply = rewrite_model(apply_fn, convs=spec.conv_as_matmul, dense=False)
     apply_fn = rewrite_model(apply_fn, convs=spec.conv_as_matmul, dense=spec.outer_product_grads)
     mask_key, train_key = jax.random.split(key)
     weight_mask = training_mask(spec, server_params, settings, mask_key)
@@ -174,9 +207,8 @@ def client_update(spec: LocalSpec, apply_fn: ApplyFn, server_params: Params, dat
             x, targets, _ = mixup_lib.mixup(mix_key, x, targets, bmask, settings.mixup_alpha)
         if spec.per_example:
             loss = batch_loss(apply_fn, params, x, targets, bmask, loss_fn)
-            grads = _per_example_grads(apply_fn, params, x, targets, loss_fn)
-            grads = SampleLevelDpSgd.noisy_gradient(grads, bmask, settings.dp_clip_norm,
-                                                    settings.dp_noise_multiplier, noise_key, denominator)
+            grads = dp_sgd_gradient((apply_fn, summed_apply), params, x, targets, loss_fn, bmask, settings,
+                                    noise_key, denominator)
         else:
             loss, grads = jax.value_and_grad(batch_loss, argnums=1)(apply_fn, params, x, targets, bmask, loss_fn)
         if correction is not None:

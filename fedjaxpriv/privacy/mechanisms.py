@@ -167,9 +167,16 @@ class SampleLevelDpSgd:
           denominator: traced scalar > 0 (``SampleLevelDpSgd.denominator``).
         """
         total = dp_ops.clipped_sum(per_example_grads, mask, clip_norm)
-        noise = dp_ops.gaussian_noise_like(key, total, gaussian_std(noise_multiplier, clip_norm))
+        return SampleLevelDpSgd.noised_mean(total, clip_norm, noise_multiplier, key, denominator)
+
+    @staticmethod
+    def noised_mean(clipped_sum: PyTree, clip_norm: jax.Array | float, noise_multiplier: jax.Array | float,
+                    key: jax.Array, denominator: jax.Array | float) -> PyTree:
+        """(``clipped_sum`` + N(0, (z C)^2 I)) / denominator: ``noisy_gradient`` from a sum of gradients each
+        already clipped to ``clip_norm`` (local training forms it in one backward pass, ``client.local``)."""
+        noise = dp_ops.gaussian_noise_like(key, clipped_sum, gaussian_std(noise_multiplier, clip_norm))
         denominator = jnp.asarray(denominator, jnp.float32)
-        return jax.tree_util.tree_map(lambda s, n: (s + n) / denominator.astype(s.dtype), total, noise)
+        return jax.tree_util.tree_map(lambda s, n: (s + n) / denominator.astype(s.dtype), clipped_sum, noise)
 
 
 def sample_level_dpsgd(noise_multipliers: np.ndarray, poisson: np.ndarray, sample_rates: np.ndarray,

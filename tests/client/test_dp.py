@@ -148,3 +148,48 @@ def test_vmap_over_clients_with_different_strengths_equals_loop():
         np.testing.assert_allclose(
             _tree_flat(jax.tree_util.tree_map(lambda g: g[c], batched)), _tree_flat(single), rtol=1e-5, atol=1e-6
         )
+
+
+def _coupled_model():
+    """apply(p, x) = x W + mean over the batch of (x V): a batch of one is x (W + V), but in a batch every example's
+    logits read every other example."""
+    def apply(p, x):
+        flat = x.reshape(x.shape[0], -1)
+        return flat @ p["w"] + jnp.mean(flat @ p["v"], axis=0, keepdims=True)
+
+    params = {"w": 0.3 * jax.random.normal(jax.random.key(3), (5, 3)),
+              "v": 0.3 * jax.random.normal(jax.random.key(4), (5, 3))}
+    return apply, params
+
+
+def _soft_cross_entropy(logits, targets):
+    return -jnp.sum(targets * jax.nn.log_softmax(logits), axis=-1)
+
+
+def test_local_training_dp_sgd_gradient_is_the_weighted_per_example_form_and_keeps_its_sensitivity():
+    """``client.local.dp_sgd_gradient`` (norms from per-example gradients, the clipped sum in one weighted backward
+    pass) against ``noisy_gradient`` of the per-example gradients: the same noisy mean to float rounding, with
+    padding, soft (mixed-up) targets, noise and no clipping. Each example's loss comes from its own forward pass,
+    so even a model that couples the examples of a batch (``_coupled_model``) moves the clipped sum by at most
+    the clip norm when one example is removed."""
+    from fedjaxpriv.client import local
+    from fedjaxpriv.client.settings import make_settings
+
+    apply, params = _coupled_model()
+    x = 3.0 * jax.random.normal(jax.random.key(5), (BATCH, 5))
+    targets = jax.nn.softmax(jax.random.normal(jax.random.key(6), (BATCH, 3)))
+    mask = jnp.array([True, True, True, True, False, True])
+    step = jax.jit(local.dp_sgd_gradient, static_argnums=(0, 4))
+    for clip, multiplier in ((0.5, 0.0), (0.5, 1.3), (jnp.inf, 0.0)):
+        row = jax.tree_util.tree_map(lambda a: jnp.asarray(a[0]), make_settings(
+            1, np.array([BATCH]), dp_clip_norm=float(clip), dp_noise_multiplier=multiplier))
+        got = step((apply, apply), params, x, targets, _soft_cross_entropy, mask, row, jax.random.key(8), 5.0)
+        per_example = local._per_example_grads(apply, params, x, targets, _soft_cross_entropy)
+        want = noisy_clipped_mean(per_example, mask, clip, multiplier, jax.random.key(8), 5.0)
+        np.testing.assert_allclose(_tree_flat(got), _tree_flat(want), rtol=1e-5, atol=1e-6)
+    row = jax.tree_util.tree_map(lambda a: jnp.asarray(a[0]), make_settings(1, np.array([BATCH]), dp_clip_norm=0.5))
+    full = _tree_flat(step((apply, apply), params, x, targets, _soft_cross_entropy, mask, row, jax.random.key(0), 1.0))
+    for k in np.flatnonzero(np.asarray(mask)):
+        removed = _tree_flat(step((apply, apply), params, x, targets, _soft_cross_entropy, mask.at[k].set(False), row,
+                                  jax.random.key(0), 1.0))
+        assert np.linalg.norm(full - removed) <= 0.5 * (1 + 1e-5)

@@ -1,0 +1,110 @@
+"""DP-SGD's round against the plain round, and against weighting the per-example gradients, in one process.
+
+One command::
+
+    python benchmarks/bench_dpsgd.py                    # MLP on digits, 20 clients x 10 steps of batch 16
+    python benchmarks/bench_dpsgd.py --repeats 30 --poisson
+
+Variants, each an ``Experiment`` compiled before timing and then stepped in turn (plain, DP-SGD, DP-SGD as before,
+plain, ...) so that load on the machine hits them alike:
+
+* ``plain``: no DP;
+* ``dp-sgd``: clip 1, noise multiplier 1, as ``client.local.dp_sgd_gradient`` computes it (norms from per-example
+  gradients, the clipped sum from one weighted backward pass);
+* ``dp-sgd (weighted per-example)``: the same step with the clipped sum formed by weighting the [B, params]
+  per-example gradients (``SampleLevelDpSgd.noisy_gradient``), swapped in while that experiment compiles.
+
+Prints each variant's median round time, its ratio to the plain round (median and quartiles of the per-repeat
+ratios) and the ratio of the two DP-SGD forms per repeat; both DP-SGD forms start from the same state with the
+same keys, and the largest difference of their models after the timed rounds is printed too.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+
+from fedjaxpriv.client import local  # noqa: E402
+from fedjaxpriv.config import ExperimentConfig, with_overrides  # noqa: E402
+from fedjaxpriv.experiment import Experiment  # noqa: E402
+from fedjaxpriv.privacy.mechanisms import SampleLevelDpSgd  # noqa: E402
+
+
+def weighted_per_example(apply_fns, params, x, targets, loss, mask, settings, key, denominator):
+    """DP-SGD's gradient by weighting the per-example gradients (the form ``dp_sgd_gradient`` replaced)."""
+    grads = local._per_example_grads(apply_fns[0], params, x, targets, loss)
+    return SampleLevelDpSgd.noisy_gradient(grads, mask, settings.dp_clip_norm, settings.dp_noise_multiplier, key,
+                                           denominator)
+
+
+@contextlib.contextmanager
+def previous_form():
+    saved = local.dp_sgd_gradient
+    local.dp_sgd_gradient = weighted_per_example
+    try:
+        yield
+    finally:
+        local.dp_sgd_gradient = saved
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="mlp", choices=("logreg", "mlp", "cnn"))
+    parser.add_argument("--clients", type=int, default=20)
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--repeats", type=int, default=15)
+    parser.add_argument("--poisson", action="store_true", help="Poisson batch sampling (slots sized for its tail)")
+    args = parser.parse_args()
+    base = with_overrides(ExperimentConfig(), [
+        f"data.num_clients={args.clients}", "data.partition=iid", f"model.name={args.model}",
+        f"client.local_steps={args.steps}", f"client.batch_size={args.batch}",
+        f"server.clients_per_round={args.clients}", "run.checkpoint_every=0",
+        *(["client.sampling=poisson"] if args.poisson else [])])
+    private = with_overrides(base, ["client.dp_clip_norm=1.0", "client.dp_noise_multiplier=1.0"])
+    variants = {}
+    for name, config, form in (("plain", base, contextlib.nullcontext()),
+                               ("dp-sgd", private, contextlib.nullcontext()),
+                               ("dp-sgd (weighted per-example)", private, previous_form())):
+        with form:
+            experiment = Experiment(config, progress=False)
+            state, _ = experiment.step(experiment.initial_state, 0)  # compiles with this form
+            jax.block_until_ready(state.params)
+        variants[name] = [experiment, state]
+    times = {name: [] for name in variants}
+    for r in range(1, args.repeats + 1):
+        for name, entry in variants.items():
+            experiment, state = entry
+            start = time.perf_counter()
+            state, _ = experiment.step(state, r)
+            jax.block_until_ready(state.params)
+            times[name].append(time.perf_counter() - start)
+            entry[1] = state
+    plain = np.asarray(times["plain"])
+    sampling = "Poisson" if args.poisson else "fixed-size"
+    print(f"{jax.devices()[0].platform} x{jax.device_count()}, model {args.model}, {args.clients} clients x "
+          f"{args.steps} steps of batch {args.batch} ({sampling}), {args.repeats} interleaved repeats")
+    print(f"{'variant':<32} {'round ms':>9} {'x plain (q25-q75)':>22}")
+    for name, values in times.items():
+        ratios = np.asarray(values) / plain
+        q25, q50, q75 = np.percentile(ratios, [25, 50, 75])
+        print(f"{name:<32} {1e3 * np.median(values):9.2f} {q50:9.2f} ({q25:.2f}-{q75:.2f})")
+    speedup = np.asarray(times["dp-sgd (weighted per-example)"]) / np.asarray(times["dp-sgd"])
+    q25, q50, q75 = np.percentile(speedup, [25, 50, 75])
+    gap = max(float(np.max(np.abs(np.asarray(a) - np.asarray(b)))) for a, b in zip(
+        jax.tree_util.tree_leaves(variants["dp-sgd"][1].params),
+        jax.tree_util.tree_leaves(variants["dp-sgd (weighted per-example)"][1].params)))
+    print(f"weighted per-example / dp-sgd: {q50:.2f}x ({q25:.2f}-{q75:.2f}); largest model difference after "
+          f"{args.repeats + 1} rounds: {gap:.2e}")
+
+
+if __name__ == "__main__":
+    main()
