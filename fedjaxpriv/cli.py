@@ -81,10 +81,11 @@ def _build_parser() -> argparse.ArgumentParser:
                              "accuracy, so defenses compare at equal utility)")
     attack.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.FIELD=VALUE",
                         help="override a field of the base config (repeatable)")
-    attack.add_argument("--defenses",
-                        default="none,pruning,quantization,topk,mixup,poisson,dpsgd,dpsgd_poisson,dpfedavg",
+    attack.add_argument("--defenses", default=None,
                         help="comma-separated built-in defenses (each run at several strengths), or a YAML file "
-                             "{name: {field: value}} or {name: {strength: {field: value}}}")
+                             "{name: {field: value}} or {name: {strength: {field: value}}}; default: none, pruning, "
+                             "quantization, topk, mixup, poisson, dpsgd, dpsgd_poisson and dpfedavg (without "
+                             "dpfedavg, a server's defense, with topology.graph)")
     attack.add_argument("--shadow-federations", type=int, default=16,
                         help="shadow federations replaying the training, for LiRA/RMIA (0 = skip them)")
     attack.add_argument("--pool-size", type=int, default=None,
@@ -96,10 +97,11 @@ def _build_parser() -> argparse.ArgumentParser:
                         help="examples behind each inverted message: the tapped clients' first-round messages as "
                              "one local step over this many examples, with their defenses (0 = the run's own "
                              "tapped messages: many local steps over minibatches)")
-    attack.add_argument("--threat-models", default="server,eavesdropper,participant",
+    attack.add_argument("--threat-models", default=None,
                         help="observers to evaluate: server (every message), eavesdropper (one client's link), "
                              "participant (the global models), secure_aggregation (each round's cohort sum: taps "
-                             "every client; small cohorts)")
+                             "every client; small cohorts); neighbour (a decentralized run's curious node). Default: "
+                             "server,eavesdropper,participant; neighbour with topology.graph")
     attack.add_argument("--aggregate-max-examples", type=int, default=64,
                         help="secure_aggregation: invert cohorts of at most this many examples in all (the attack "
                              "reconstructs them all at once; the default preset's cohort holds 300)")
@@ -165,20 +167,20 @@ def _audit(args: argparse.Namespace) -> int:
 
 
 def _attack_eval(args: argparse.Namespace) -> int:
-    base = f"--config {args.config}" if args.config else f"the {args.preset or 'membership'} preset"
-    print(f"fedjaxpriv: attack-eval of defenses {args.defenses} on {base} into {args.out}", file=sys.stderr,
-          flush=True)
-    from fedjaxpriv.attacks.evaluation import DEFENSES, PRESETS, AttackSuite, evaluate_defenses
+    from fedjaxpriv.attacks.evaluation import (DEFAULT_DEFENSES, DEFENSES, PRESETS, SERVER_DEFENSES, AttackSuite,
+                                               default_threat_models, evaluate_defenses)
     from fedjaxpriv.config import load_file
 
     if args.config and args.preset:
         raise ValueError(f"--preset {args.preset} and --config {args.config}: both give the base run; allowed: one.")
     preset = PRESETS[args.preset or "membership"]
     config = _config(args, preset.overrides)
-    if config.topology.decentralized:
-        raise ValueError(f"topology.graph={config.topology.graph!r}: attack-eval attacks federated runs (its observers "
-                         "tap what clients send a server); for decentralized runs use DecentralizedExperiment."
-                         "membership_by_distance (notebooks/05_decentralized.ipynb).")
+    if args.defenses is None:
+        args.defenses = ",".join(name for name in DEFAULT_DEFENSES
+                                 if not (config.topology.decentralized and name in SERVER_DEFENSES))
+    base = f"--config {args.config}" if args.config else f"the {args.preset or 'membership'} preset"
+    print(f"fedjaxpriv: attack-eval of defenses {args.defenses} on {base} into {args.out}", file=sys.stderr,
+          flush=True)
     if os.path.isfile(args.defenses):
         defenses = load_file(args.defenses, "defenses file")
     else:
@@ -195,7 +197,8 @@ def _attack_eval(args: argparse.Namespace) -> int:
     suite = AttackSuite(shadow_federations=args.shadow_federations, pool_size=pool_size,
                         inversion_targets=args.inversion_targets, inversion_batch=args.inversion_batch,
                         aggregate_max_examples=args.aggregate_max_examples,
-                        threat_models=tuple(t.strip() for t in args.threat_models.split(",") if t.strip()))
+                        threat_models=(default_threat_models(config) if args.threat_models is None else
+                                       tuple(t.strip() for t in args.threat_models.split(",") if t.strip())))
     estimate = None if args.config or args.overrides else (  # the preset's measured time, for its own base run
         lambda families: preset.estimate(families, suite.shadow_federations))
     records = evaluate_defenses(config, defenses, suite, out_dir=_output_dir(args.out), estimate=estimate)

@@ -760,7 +760,9 @@ def defense_family(record: Record) -> str:
 def frontier_metrics(records: Sequence[Record]) -> list[tuple[str, str]]:
     """(key, axis label) of the attack-success metrics the frontier shows: the membership AUC of the strongest
     attack all attacked runs share, the passive attack's AUC, the inversion success rate, the attribute
-    inference advantage, the bag-of-words AUC and the reconstruction's accuracy gain, those present."""
+    inference advantage, the bag-of-words AUC and the reconstruction's accuracy gain; in decentralized runs the
+    curious neighbour's passive AUC and inversion PSNR and the membership AUC of a neighbour's model; those
+    present."""
     attacked = [r for r in records if any(k.startswith("attack/") for k in r["final"])]
     chosen = []
     for attack in MEMBERSHIP_ATTACKS:
@@ -773,7 +775,11 @@ def frontier_metrics(records: Sequence[Record]) -> list[tuple[str, str]]:
                        ("attack/attribute/advantage", "attribute inference: accuracy over its baseline"),
                        ("attack/bag_of_words/auc", "typed words from the embedding rows (AUC, server's view)"),
                        ("attack/reconstruction/accuracy_gain_global",
-                        "reconstruction: accuracy gain over the released model")):
+                        "reconstruction: accuracy gain over the released model"),
+                       ("attack/neighbour_passive/auc", "passive membership AUC (curious neighbour's view)"),
+                       ("attack/neighbour_inversion/psnr_median", "neighbour's inversion: median PSNR (dB)"),
+                       ("attack/membership_by_distance/auc_distance_1",
+                        "membership AUC of a neighbour's model (1 hop)")):
         if any(key in r["final"] for r in attacked):
             chosen.append((key, label))
     return chosen

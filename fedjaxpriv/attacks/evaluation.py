@@ -12,7 +12,11 @@ produced, per threat model (``THREAT_MODELS``; ``ATTACK_VIEWS`` says which view 
   the attacker knows masks, clip norms, steps and batch sizes) and, on a population with a sensitive attribute
   (``data.dataset="attribute"``), attribute inference against its message-free baselines;
 * eavesdropper (one client's messages): local-model reconstruction against the released global model as the
-  trivial baseline.
+  trivial baseline;
+* neighbour (decentralized runs, ``topology.graph``; ``DECENTRALIZED_ATTACKS``): a curious node's passive
+  membership attack and gradient inversion on what the tapped nodes send it, against the start it can compute
+  (``decentralized.ObserverView``), attribute inference, and the loss-threshold attack on every node's final
+  model by graph distance.
 
 Each point gives one record with ``test_accuracy``, ``epsilon`` (+ its basis), ``bytes_uploaded`` and
 ``attack/<name>/<metric>`` keys (95% intervals as ``_low`` / ``_high``); ``write_tables`` writes them as CSV, one
@@ -65,6 +69,12 @@ DEFENSES: dict[str, dict[str, dict[str, Any]]] = {
     "dpsgd+topk": {"eps=8,fraction=0.1": {"client.dp_clip_norm": 1.0, "client.target_epsilon": 8.0,
                                          "message.topk_fraction": 0.1}},
 }
+# What ``fedjaxpriv attack-eval`` runs unless told otherwise; a decentralized base leaves out the server's defenses
+# (``SERVER_DEFENSES``: those that set a server.* knob).
+DEFAULT_DEFENSES: tuple[str, ...] = ("none", "pruning", "quantization", "topk", "mixup", "poisson", "dpsgd",
+                                     "dpsgd_poisson", "dpfedavg")
+SERVER_DEFENSES: tuple[str, ...] = tuple(name for name, points in DEFENSES.items()
+                                         if any(k.startswith("server.") for o in points.values() for k in o))
 # The base run of ``fedjaxpriv attack-eval`` without --config: few examples per client (the membership pool of
 # ``AttackSuite.pool_size`` split over 10 clients), many local epochs and a wide model, so that the undefended
 # federation memorises its data and the attacks can tell defenses apart (see ``membership_setup``).
@@ -138,6 +148,8 @@ THREAT_MODELS: dict[str, str] = {
     "eavesdropper": "an eavesdropper on one client's link: that client's messages",
     "participant": "a participant (or anyone the models are released to): the global models only",
     "secure_aggregation": "a server behind secure aggregation: only the weighted sum of each round's cohort",
+    "neighbour": ("a curious node of a decentralized run: the models its neighbours send it, against the starts it "
+                  "can compute from what it heard, and the models nodes hold at every graph distance"),
 }
 # Evaluated unless chosen otherwise; secure aggregation taps every client and inverts whole cohorts (small ones).
 DEFAULT_THREAT_MODELS: tuple[str, ...] = ("server", "eavesdropper", "participant")
@@ -611,10 +623,68 @@ def _not_text(config: ExperimentConfig, suite: AttackSuite) -> str | None:
 TEXT_ATTACKS: tuple[Attack, ...] = (Attack("bag_of_words", "server", _bag_of_words, check=_not_text),)
 
 
+def _decentralized_only(config: ExperimentConfig, suite: AttackSuite) -> str | None:
+    del suite
+    return None if config.topology.decentralized else "a federated run has no curious neighbour (topology.graph)"
+
+
+def _neighbour_passive(context: AttackContext) -> AttackOutcome | str:
+    record, scores = passive_attack(context.experiment, context.results.taps, context.suite)
+    if not record:
+        return NO_TARGETS
+    return AttackOutcome({k.removeprefix("attack/passive/"): v for k, v in record.items()},
+                         {"neighbour_passive": scores["passive"]})
+
+
+def _neighbour_inversion_check(config: ExperimentConfig, suite: AttackSuite) -> str | None:
+    return _decentralized_only(config, suite) or _skipped_inversion(config, suite)
+
+
+def _neighbour_inversion(context: AttackContext) -> AttackOutcome | str:
+    """Gradient inversion of the run's own tapped messages as the neighbour sees them (never a FedSGD probe: a
+    node's start is its own model, which only the run's rounds give)."""
+    if not context.targets:
+        return NO_TARGETS
+    suite = context.suite
+    report = inversion_eval.invert_taps(context.experiment, context.results.taps, key=jax.random.key(suite.seed + 2),
+                                        attack=_inversion_config(suite), max_targets=suite.inversion_targets,
+                                        psnr_threshold=suite.psnr_threshold, clients=context.targets)
+    if not report.targets:
+        return "every tapped message was skipped: " + "; ".join(sorted({why for _, _, why in report.skipped}))
+    return AttackOutcome({**report.summary(), "attacker": report.attacker()}, inversion=report)
+
+
+def _membership_by_distance(context: AttackContext) -> AttackOutcome | str:
+    """The loss-threshold attack on every node's final model against each target's examples, by graph distance
+    (``DecentralizedExperiment.membership_by_distance``): ``auc_distance_<d>`` (d = 0 the target's own model)."""
+    victims = [c for c in context.suite.tap_clients if c < context.experiment.population.num_clients]
+    if not victims:
+        return NO_TARGETS
+    _, by_distance = context.experiment.membership_by_distance(context.results.params, victims)
+    return AttackOutcome({f"auc_distance_{d}": auc for d, auc in by_distance.items() if d >= 0})
+
+
+# Attacks of decentralized runs (``attacks_for``): what a curious node sees.
+DECENTRALIZED_ATTACKS: tuple[Attack, ...] = (
+    Attack("neighbour_passive", "neighbour", _neighbour_passive, check=_decentralized_only),
+    Attack("neighbour_inversion", "neighbour", _neighbour_inversion, check=_neighbour_inversion_check),
+    Attack("neighbour_attribute", "neighbour", _attribute, check=_decentralized_only),
+    Attack("membership_by_distance", "neighbour", _membership_by_distance, check=_decentralized_only),
+)
+
+
 def attacks_for(config: ExperimentConfig) -> tuple[Attack, ...]:
     """The built-in attacks a base config's defense points get: ``BUILTIN_ATTACKS``, and ``TEXT_ATTACKS`` on
-    text."""
+    text; a decentralized run's (``topology.graph``): ``DECENTRALIZED_ATTACKS``."""
+    if config.topology.decentralized:
+        return DECENTRALIZED_ATTACKS
     return BUILTIN_ATTACKS + (TEXT_ATTACKS if is_text(config.data) else ())
+
+
+def default_threat_models(config: ExperimentConfig) -> tuple[str, ...]:
+    """The observers evaluated unless chosen otherwise: ``DEFAULT_THREAT_MODELS``; a decentralized run's
+    curious neighbour."""
+    return ("neighbour",) if config.topology.decentralized else DEFAULT_THREAT_MODELS
 
 
 def attack_views(attacks: Sequence[Attack]) -> dict[str, str]:
@@ -622,7 +692,7 @@ def attack_views(attacks: Sequence[Attack]) -> dict[str, str]:
     return {n: a.view for a in attacks for n in a.names}
 
 
-ATTACK_VIEWS: dict[str, str] = attack_views(BUILTIN_ATTACKS + TEXT_ATTACKS)
+ATTACK_VIEWS: dict[str, str] = attack_views(BUILTIN_ATTACKS + TEXT_ATTACKS + DECENTRALIZED_ATTACKS)
 
 
 def evaluate_defense(base: ExperimentConfig, name: str, overrides: Mapping[str, Any],
@@ -894,6 +964,10 @@ def _cell(record: Mapping[str, Any], attack: str, key: str, first: bool,
     return f"n/a: {reason}" if first else "n/a"
 
 
+# Metrics an attack's table columns show beside the common ones: whether the neighbour's start was exact.
+TABLE_EXTRAS: dict[str, tuple[str, ...]] = {"neighbour_inversion": ("exact_fraction",)}
+
+
 def threat_model_tables(records: Sequence[Mapping[str, Any]], views: Mapping[str, str] = ATTACK_VIEWS) -> str:
     """Markdown: one table per threat model with the attacks that use its view (``views``: record name -> view;
     95% intervals in brackets, marked "*" where they exclude chance and "+" where they do not overlap the
@@ -912,6 +986,11 @@ def threat_model_tables(records: Sequence[Mapping[str, Any]], views: Mapping[str
                                            "advantage", "relative_l2_global", "accuracy_gain_global",
                                            "support_precision", "support_recall")
                                if any(f"attack/{attack}/{m}" in r for r in records)]
+            metrics_present += [m for m in TABLE_EXTRAS.get(attack, ()) if any(f"attack/{attack}/{m}" in r
+                                                                               for r in records)]
+            metrics_present += sorted({k.rsplit("/", 1)[1] for r in records for k in r  # by graph distance
+                                       if k.startswith(f"attack/{attack}/auc_distance_")},
+                                      key=lambda m: int(m.rsplit("_", 1)[1]))
             # An attack that applied nowhere still gets a column, which says why.
             columns += [(attack, f"attack/{attack}/{m}", i == 0) for i, m in enumerate(metrics_present or ["n/a"])]
         header = ["defense", "strength", "test accuracy", "epsilon",
@@ -943,9 +1022,10 @@ def inversion_note(records: Sequence[Mapping[str, Any]]) -> str:
         return ""  # it applied nowhere: its column says why
     if not batches:
         return "Inversion: the run's own tapped messages (every local step of the round)."
-    return (f"Inversion: each tapped client's first-round message as one local step over {' / '.join(map(str, batches))}"
-            " of its examples from the initial model, with the defense's settings and calibrated noise (a FedSGD probe, "
-            "--inversion-batch; 0 attacks the run's own messages). PSNR in dB, uncapped.")
+    return (f"Inversion: each tapped client's first-round message as one local step over "
+            f"{' / '.join(map(str, batches))} of its examples from the initial model, with the defense's settings and "
+            "calibrated noise (a FedSGD probe, --inversion-batch; 0 attacks the run's own messages). PSNR in dB, "
+            "uncapped.")
 
 
 # Fractions of the undefended accuracy at which defenses are compared (``matched_utility``).

@@ -91,11 +91,16 @@ def test_defense_points_expand_strengths_and_single_overrides():
         evaluation.defense_points({"x": "bogus"})
 
 
-def test_cli_attack_eval_rejects_unknown_defense(capsys):
+def test_cli_attack_eval_rejects_unknown_defense(capsys, tmp_path):
     assert cli.main(["attack-eval", "--defenses", "none,bogus"]) == 2
     assert "bogus" in capsys.readouterr().err
-    assert cli.main(["attack-eval", "--set", "topology.graph=ring", "--out", "unused"]) == 2
-    assert "topology.graph='ring': attack-eval attacks federated runs" in capsys.readouterr().err
+    # A decentralized base: the server's defense and the server's view are refused before anything trains.
+    out = str(tmp_path / "out")
+    assert cli.main(["attack-eval", "--set", "topology.graph=ring", "--defenses", "dpfedavg", "--out", out]) == 2
+    assert "a decentralized run has no server" in capsys.readouterr().err
+    assert cli.main(["attack-eval", "--set", "topology.graph=ring", "--defenses", "none", "--threat-models", "server",
+                     "--out", out]) == 2
+    assert "threat model 'server' was asked for, but nothing can attack it" in capsys.readouterr().err
 
 
 @pytest.mark.slow
@@ -398,3 +403,29 @@ def test_attack_eval_on_the_keyboard_task_reads_typed_words_and_says_why_inversi
     table = (tmp_path / "attack_eval.md").read_text()
     assert "bag_of_words/support_precision" in table and "Inversion: the run's own" not in table
     assert_drawn(tmp_path / "roc_bag_of_words.png")
+
+
+@pytest.mark.slow
+def test_attack_eval_of_a_decentralized_run_attacks_from_the_curious_neighbour():
+    """A ring of 8 digit clients under attack-eval: the default observer is the curious neighbour; its inversion
+    of round-1 messages (every node starts from the public initial model: the start it computes is exact)
+    reconstructs the undefended clients' images and not those under DP-SGD noise; the membership attack on the
+    nodes' models is strongest on the victim's own model and fades with graph distance; a federated threat model
+    is refused before anything trains."""
+    base = with_overrides(ExperimentConfig(), ["topology.graph=ring", "data.num_clients=8",
+                                               "server.clients_per_round=8", "run.rounds=3", "client.local_steps=10",
+                                               "client.batch_size=16"])
+    assert evaluation.default_threat_models(base) == ("neighbour",)
+    suite = evaluation.AttackSuite(threat_models=("neighbour",), pool_size=200, shadow_federations=0,
+                                   tap_from_round=1, inversion_targets=2, inversion_iterations=200)
+    defenses = {"none": {}, "dpsgd": {"client.dp_clip_norm": 0.5, "client.dp_noise_multiplier": 2.0}}
+    records = {r["defense"]: r for r in evaluation.evaluate_defenses(base, defenses, suite)}
+    none, dp = records["none"], records["dpsgd"]
+    assert none["attack/neighbour_inversion/exact_fraction"] == 1.0
+    assert none["attack/neighbour_inversion/psnr_median"] > suite.psnr_threshold, none
+    assert dp["attack/neighbour_inversion/psnr_median"] < none["attack/neighbour_inversion/psnr_median"] - 10.0, dp
+    by_distance = [none[f"attack/membership_by_distance/auc_distance_{d}"] for d in range(5)]
+    assert by_distance[0] > 0.65 and by_distance[0] > by_distance[4] + 0.1, by_distance
+    assert "attack/neighbour_passive/auc" in none and math.isfinite(none["attack/neighbour_passive/auc"])
+    with pytest.raises(ValueError, match="threat model 'server' was asked for, but nothing can attack it"):
+        evaluation.evaluate_defenses(base, {"none": {}}, dataclasses.replace(suite, threat_models=("server",)))
