@@ -27,6 +27,8 @@ def test_notebook_runs(name, tmp_path):
         assert text.count("Bayes bound") == 2 and text.count("exposure of typed secrets") == 2
     elif name.startswith("05"):
         assert text.count("final test accuracy") == 3 and text.count("loss-threshold AUC by hops: 0:") == 2
+        assert text.count("inversion PSNR") == 4 and "ring     round 1: observers [1, 4] of nodes [2, 5], start exact " \
+            "[True, True]" in text
     elif name.startswith("03"):
         assert text.count("confidence AUC") == 2 and "loss-threshold AUC" in text
     else:
