@@ -94,19 +94,30 @@ def selection_seconds(select, scores: jax.Array, removed: jax.Array, repeats: in
     return statistics.median(times)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def workload_parser(description: str) -> argparse.ArgumentParser:
+    """The workload flags the defense benchmarks share: model, clients, local steps and batch size."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="mlp", choices=("logreg", "mlp", "cnn"))
     parser.add_argument("--clients", type=int, default=20)
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--batch", type=int, default=16)
+    return parser
+
+
+def workload_config(args: argparse.Namespace, *overrides: str) -> ExperimentConfig:
+    """Digits split iid over ``args.clients`` clients, every client in every round, no checkpoints."""
+    return with_overrides(ExperimentConfig(), [
+        f"data.num_clients={args.clients}", "data.partition=iid", f"model.name={args.model}",
+        f"client.local_steps={args.steps}", f"client.batch_size={args.batch}",
+        f"server.clients_per_round={args.clients}", "run.checkpoint_every=0", *overrides])
+
+
+def main() -> None:
+    parser = workload_parser(__doc__)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--only", default="", help="comma-separated defense names (default: all)")
     args = parser.parse_args()
-    base = with_overrides(ExperimentConfig(), [
-        f"data.num_clients={args.clients}", "data.partition=iid", f"model.name={args.model}",
-        f"client.local_steps={args.steps}", f"client.batch_size={args.batch}",
-        f"server.clients_per_round={args.clients}", "run.checkpoint_every=0"])
+    base = workload_config(args)
     names = [n for n in DEFENSES if not args.only or n in args.only.split(",")]
     print(f"{jax.devices()[0].platform} x{jax.device_count()}, model {args.model}, {args.clients} clients x "
           f"{args.steps} steps of batch {args.batch}; median of {args.rounds} rounds")

@@ -21,7 +21,6 @@ same keys, and the largest difference of their models after the timed rounds is 
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import os
 import sys
@@ -33,7 +32,8 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 from fedjaxpriv.client import local  # noqa: E402
-from fedjaxpriv.config import ExperimentConfig, with_overrides  # noqa: E402
+from bench_defenses import workload_config, workload_parser  # noqa: E402
+from fedjaxpriv.config import with_overrides  # noqa: E402
 from fedjaxpriv.experiment import Experiment  # noqa: E402
 from fedjaxpriv.privacy.mechanisms import SampleLevelDpSgd  # noqa: E402
 
@@ -56,19 +56,11 @@ def previous_form():
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="mlp", choices=("logreg", "mlp", "cnn"))
-    parser.add_argument("--clients", type=int, default=20)
-    parser.add_argument("--steps", type=int, default=10)
-    parser.add_argument("--batch", type=int, default=16)
+    parser = workload_parser(__doc__)
     parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--poisson", action="store_true", help="Poisson batch sampling (slots sized for its tail)")
     args = parser.parse_args()
-    base = with_overrides(ExperimentConfig(), [
-        f"data.num_clients={args.clients}", "data.partition=iid", f"model.name={args.model}",
-        f"client.local_steps={args.steps}", f"client.batch_size={args.batch}",
-        f"server.clients_per_round={args.clients}", "run.checkpoint_every=0",
-        *(["client.sampling=poisson"] if args.poisson else [])])
+    base = workload_config(args, *(["client.sampling=poisson"] if args.poisson else []))
     private = with_overrides(base, ["client.dp_clip_norm=1.0", "client.dp_noise_multiplier=1.0"])
     variants = {}
     for name, config, form in (("plain", base, contextlib.nullcontext()),

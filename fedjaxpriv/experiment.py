@@ -13,7 +13,7 @@ import math
 import os
 import time
 import warnings
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Mapping, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -409,6 +409,133 @@ def warn_about_delta(delta: float, counts: np.ndarray, sample_level: Any, client
                       stacklevel=3)
 
 
+class RunData(NamedTuple):
+    """The data, task and model of a run, checked against each other (``build_data``).
+
+    Attributes:
+      config: the config as the run records it (``user_data_config``, ``recorded_config``).
+      population / test / num_classes: the clients' data, the central test set, the number of classes.
+      task: what the model predicts, with the metrics its targets allow.
+      model: the pure model.
+      params: the round-0 global model (from ``run.seed``).
+    """
+
+    config: ExperimentConfig
+    population: FederatedData
+    test: Dataset
+    num_classes: int
+    task: Task
+    model: Model
+    params: Any
+
+
+def build_data(config: ExperimentConfig, population: FederatedData | None, test: Dataset | None,
+               num_classes: int | None, model: ModelLike | None, loss: Task | PerExampleLoss | str | None,
+               data_from_config: bool) -> RunData:
+    """The run's data (``config.data``'s, or the population, test set and classes passed in, all three), its task
+    (``loss``; next-token prediction for the text datasets) and model (``model`` or ``config.model``), initialised
+    from ``run.seed``. Raises ValueError when they do not fit one another (``check_data``, ``check_fits``)."""
+    if population is None:
+        population, test, num_classes = load_population(config)
+    if test is None or num_classes is None:
+        raise ValueError("pass population, test and num_classes together (or none of them).")
+    if loss is None and data_from_config and is_text(config.data):
+        loss = NEXT_TOKEN  # the text datasets' task
+    task = as_task(loss)
+    check_data(population, test, num_classes, task)
+    if population.num_clients != config.data.num_clients:
+        raise ValueError(f"population has {population.num_clients} clients but data.num_clients="
+                         f"{config.data.num_clients}.")
+    if tuple(test.y.shape[1:]) != tuple(population.y.shape[1:]):
+        raise ValueError(f"test targets have shape {tuple(test.y.shape[1:])} per example but the population's "
+                         f"have {tuple(population.y.shape[1:])}.")
+    if not data_from_config:
+        config = user_data_config(config, population, test, num_classes)
+    built = model_for(config, population.input_shape, num_classes, model, input_dtype=population.x.dtype)
+    params = built.init(jax.random.fold_in(jax.random.key(config.run.seed), 2**31 - 1))
+    check_fits(task, built.apply, params, population.input_shape, population.x.dtype, population.y.shape[1:],
+               population.y.dtype, num_classes)
+    logits = jax.eval_shape(built.apply, params, jax.ShapeDtypeStruct((2, *population.input_shape),
+                                                                      population.x.dtype))
+    task = with_label_metrics(task, logits.shape, population.y.shape[1:], population.y.dtype, num_classes)
+    config = recorded_config(config, None if model is None else built, task)
+    return RunData(config, population, test, num_classes, task, built, params)
+
+
+class PrivacyPlan(NamedTuple):
+    """What a run's privacy asks of its settings and shapes (``plan_privacy``).
+
+    Attributes:
+      settings: every client's settings [C], noise multipliers calibrated to their target epsilons.
+      participation_budget: [C] the rounds each client may take part in within its target.
+      batch_slots: the batch slots of a local step (Poisson batches: the tail within delta).
+      cohort_slots: the cohort slots of a round (Poisson cohorts under DP-FedAvg: the tail within delta).
+    """
+
+    settings: ClientSettings
+    participation_budget: np.ndarray
+    batch_slots: int
+    cohort_slots: int
+
+
+def plan_privacy(config: ExperimentConfig, settings: ClientSettings, counts: np.ndarray, targets: np.ndarray,
+                 algorithm: FederatedAlgorithm) -> PrivacyPlan:
+    """Calibrates ``settings`` [C] to the per-client ``targets`` [C] (``calibrate_targets``) and sizes the batch and
+    cohort slots so that a Poisson batch or cohort overflows them only within delta."""
+    s, r = config.server, config.run
+    num_clients = int(np.asarray(counts).size)
+    settings, budget = calibrate_targets(settings, counts, targets, client_rate=s.clients_per_round / num_clients,
+                                         rounds=r.rounds, delta=r.delta, accountant=r.accountant)
+    planned = np.minimum(budget, r.rounds) * np.asarray(settings.num_steps, np.int64)
+    slots = dp_batch_slots(settings, counts, planned_steps=planned, delta=r.delta, accountant=r.accountant)
+    cohort_slots = max_cohort_size(num_clients, s.clients_per_round, s.client_sampling,
+                                   private=(s.central_noise_multiplier > 0 or s.target_epsilon is not None
+                                            or algorithm.client_level is not None))
+    if s.client_sampling == "poisson" and algorithm.client_level is None:
+        # The config's DP-FedAvg, untruncated (C + 1 slots cannot overflow), sizes the slots from delta.
+        untruncated = client_level_mechanism(config, num_clients, num_clients + 1)
+        if untruncated is not None and untruncated.private:
+            cohort_slots = max(cohort_slots, dp_cohort_slots(untruncated, r.rounds, r.delta, r.accountant))
+    return PrivacyPlan(settings, budget, slots, cohort_slots)
+
+
+class Mechanisms(NamedTuple):
+    """A run's DP mechanisms (``build_mechanisms``): example-level DP-SGD, local DP of the messages (None where
+    not used or not claimed) and the algorithm, with DP-FedAvg's aggregation where the config asks for it."""
+
+    sample_level: Any
+    local_dp: Any
+    algorithm: FederatedAlgorithm
+
+
+def build_mechanisms(config: ExperimentConfig, settings: ClientSettings, counts: np.ndarray, batch_slots: int,
+                     cohort_slots: int, algorithm: FederatedAlgorithm, *, transform_passed_in: bool) -> Mechanisms:
+    """The mechanisms of ``settings`` [C] and the config's server. Local DP is claimed only for the config's own
+    message chain (``transform_passed_in`` False), whose noise stage is the ``LocalGaussian`` mechanism: a transform
+    passed in is not known to add that noise. Raises ValueError when the algorithm cannot run under the DP asked
+    for (``check_protects``), or brings client-level DP the config asks for too."""
+    s = config.server
+    num_clients = int(np.asarray(counts).size)
+    sample_level = dpsgd_mechanism(settings, counts, batch_slots)
+    local_dp = (None if transform_passed_in
+                else local_gaussian(settings.local_noise_multiplier, settings.update_clip_norm))
+    if np.any(settings.local_noise_multiplier > 0):
+        check_protects(algorithm, "local DP (message.local_noise_multiplier > 0)")
+        if transform_passed_in:
+            warnings.warn("message.local_noise_multiplier > 0 with a message_transform passed in: no local-DP "
+                          "epsilon is reported, since the transform's noise is not known to the accountant.",
+                          stacklevel=3)
+    configured = client_level_mechanism(config, num_clients, cohort_slots)
+    if configured is not None:
+        if algorithm.client_level is not None:
+            raise ValueError(f"algorithm {algorithm.name!r} brings its own client-level DP, and the config asks for "
+                             "it too (server.central_clip_norm / central_noise_multiplier / target_epsilon): give "
+                             "one of them.")
+        algorithm = dp_fedavg(configured, s.central_clip_norm, algorithm)
+    check_client_level(algorithm.client_level, num_clients, s.clients_per_round, s.client_sampling, cohort_slots)
+    return Mechanisms(sample_level, local_dp, algorithm)
+
+
 class Experiment:
     """Builds every part of an experiment from its config and runs the rounds.
 
@@ -478,63 +605,33 @@ class Experiment:
         started = time.perf_counter()
         if progress:
             say(building_line(config, None if data_from_config else population, model))
-        if population is None:
-            population, test, num_classes = load_population(config)
-        if test is None or num_classes is None:
-            raise ValueError("pass population, test and num_classes together (or none of them).")
-        if loss is None and data_from_config and is_text(config.data):
-            loss = NEXT_TOKEN  # the text datasets' task
-        self.task = as_task(loss)
-        check_data(population, test, num_classes, self.task)
-        if population.num_clients != config.data.num_clients:
-            raise ValueError(f"population has {population.num_clients} clients but data.num_clients="
-                             f"{config.data.num_clients}.")
-        if tuple(test.y.shape[1:]) != tuple(population.y.shape[1:]):
-            raise ValueError(f"test targets have shape {tuple(test.y.shape[1:])} per example but the population's "
-                             f"have {tuple(population.y.shape[1:])}.")
-        if not data_from_config:
-            config = user_data_config(config, population, test, num_classes)
-        self.population, self.test, self.num_classes = population, test, num_classes
-        counts = population.counts
-        self.model: Model = model_for(config, population.input_shape, num_classes, model,
-                                      input_dtype=population.x.dtype)
+        # 1. data, task and model, checked against each other
+        data = build_data(config, population, test, num_classes, model, loss, data_from_config)
+        self.config = config = data.config
+        self.population, self.test, self.num_classes = population, test, num_classes = data[1:4]
+        self.task, self.model, params = data.task, data.model, data.params
         self.root_key = jax.random.key(config.run.seed)
-        params = self.model.init(jax.random.fold_in(self.root_key, 2**31 - 1))
-        check_fits(self.task, self.model.apply, params, population.input_shape, population.x.dtype,
-                   population.y.shape[1:], population.y.dtype, num_classes)
-        logits = jax.eval_shape(self.model.apply, params,
-                                jax.ShapeDtypeStruct((2, *population.input_shape), population.x.dtype))
-        self.task = with_label_metrics(self.task, logits.shape, population.y.shape[1:], population.y.dtype,
-                                       num_classes)
-        self.config = config = recorded_config(config, None if model is None else self.model, self.task)
         self.num_params = count_params(params)
+        counts = population.counts
         s, r = config.server, config.run
+        # 2. the algorithm and every client's settings, noise calibrated to the targets; batch and cohort slots
         self.algorithm = run_algorithm(config, algorithm)
-        settings = self.algorithm.settings_for(settings if settings is not None else configured_settings(config, counts),
-                                               counts)
+        settings = self.algorithm.settings_for(
+            settings if settings is not None else configured_settings(config, counts), counts)
         if extra_settings:
             settings = settings._replace(extra=with_extra(settings.extra, population.num_clients, extra_settings))
         targets = target_epsilons(config, population.num_clients) if targets is None else np.asarray(targets)
-        self.settings, self.participation_budget = calibrate_targets(
-            settings, counts, targets, client_rate=s.clients_per_round / population.num_clients, rounds=r.rounds,
-            delta=r.delta, accountant=r.accountant)
-        planned = np.minimum(self.participation_budget, r.rounds) * np.asarray(self.settings.num_steps, np.int64)
-        slots = dp_batch_slots(self.settings, counts, planned_steps=planned, delta=r.delta, accountant=r.accountant)
+        budget = plan_privacy(config, settings, counts, targets, self.algorithm)
+        self.settings, self.participation_budget, self.cohort_slots = (budget.settings, budget.participation_budget,
+                                                                       budget.cohort_slots)
+        slots = budget.batch_slots
+        # 3. the execution plan on the devices
         if mesh is None:
             try:
                 mesh = local_mesh(r.num_devices)
             except ValueError as error:
                 raise ValueError(f"run.num_devices: {error}") from None
         self.mesh = mesh
-        self.cohort_slots = max_cohort_size(population.num_clients, s.clients_per_round, s.client_sampling,
-                                            private=(s.central_noise_multiplier > 0 or s.target_epsilon is not None
-                                                     or self.algorithm.client_level is not None))
-        if s.client_sampling == "poisson" and self.algorithm.client_level is None:
-            # The config's DP-FedAvg, untruncated (C + 1 slots cannot overflow), sizes the slots from delta.
-            untruncated = client_level_mechanism(config, population.num_clients, population.num_clients + 1)
-            if untruncated is not None and untruncated.private:
-                self.cohort_slots = max(self.cohort_slots, dp_cohort_slots(untruncated, r.rounds, r.delta,
-                                                                           r.accountant))
         self.plan = execution_plan(
             self.model.apply, params, jax.ShapeDtypeStruct((slots, *population.input_shape), population.x.dtype),
             max_steps=max(1, int(np.max(self.settings.num_steps))), max_batch=slots, num_clients=self.cohort_slots,
@@ -548,28 +645,11 @@ class Experiment:
         self.spec = local_spec(config, self.settings, counts, num_classes, self.plan, slots, self.task)
         server_tx = server_optimizer(s.optimizer, s.lr, momentum=s.momentum, b1=s.adam_b1, b2=s.adam_b2,
                                      eps=s.adam_eps)
-        # The run's DP mechanisms: each owns its JAX step and its accounting.
-        self.sample_level = dpsgd_mechanism(self.settings, counts, slots)
-        # Local DP is claimed only for the config's own chain, whose noise stage is the LocalGaussian mechanism;
-        # a transform passed in is not known to add that noise, so no local epsilon is claimed for it.
-        self.local_dp = (local_gaussian(self.settings.local_noise_multiplier, self.settings.update_clip_norm)
-                         if message_transform is None else None)
-        if np.any(self.settings.local_noise_multiplier > 0):
-            check_protects(self.algorithm, "local DP (message.local_noise_multiplier > 0)")
-        if message_transform is not None and np.any(self.settings.local_noise_multiplier > 0):
-            warnings.warn("message.local_noise_multiplier > 0 with a message_transform passed in: no local-DP "
-                          "epsilon is reported, since the transform's noise is not known to the accountant.",
-                          stacklevel=2)
-        configured = client_level_mechanism(config, population.num_clients, self.cohort_slots)
-        if configured is not None:
-            if self.algorithm.client_level is not None:
-                raise ValueError(f"algorithm {self.algorithm.name!r} brings its own client-level DP, and the config "
-                                 "asks for it too (server.central_clip_norm / central_noise_multiplier / "
-                                 "target_epsilon): give one of them.")
-            self.algorithm = dp_fedavg(configured, s.central_clip_norm, self.algorithm)
+        # 4. the DP mechanisms, each owning its JAX step and its accounting
+        mechanisms = build_mechanisms(config, self.settings, counts, slots, self.cohort_slots, self.algorithm,
+                                      transform_passed_in=message_transform is not None)
+        self.sample_level, self.local_dp, self.algorithm = mechanisms
         self.client_level = self.algorithm.client_level
-        check_client_level(self.client_level, population.num_clients, s.clients_per_round, s.client_sampling,
-                           self.cohort_slots)
         self.aggregation = AggregationSpec(weighting=s.weighting, client_level=self.client_level)
         self.privacy = self.new_privacy_tracker()
         warn_about_delta(r.delta, counts, self.sample_level, self.client_level)
@@ -578,7 +658,7 @@ class Experiment:
         c = config.client
         self.message_transform = (message_transform if message_transform is not None else message_pipeline(
             config.message.order, self.settings, feedback=config.message.error_feedback)[0])
-        # The round as one value: what runs here, and what the attacks replay and ask about local training.
+        # 5. the round as one value: what runs here, and what the attacks replay and ask about local training
         self.program = RoundProgram(
             self.model.apply, self.spec, server_tx, self.aggregation, self.algorithm, self.message_transform,
             prune_schedule_of(c.prune_begin_round, c.prune_end_round), self.chunk_size, self.strategy, mesh,
@@ -589,6 +669,7 @@ class Experiment:
         # tap round comes).
         tap_width = len(r.tap_clients) if r.tap_rounds else 0
         self.tap_round_fn = self.program.round_fn(tap_width) if tap_width else None
+        # 6. the data and settings on the devices
         self.initial_params = params
         if self.shard_width is None:
             self.device_population = replicate(Population(*(jnp.asarray(a) for a in (

@@ -1,0 +1,65 @@
+"""The builders an ``Experiment`` is made of, called on their own: the privacy plan's slots against the binomial
+tail they promise, the mechanisms' noise against z C, and their refusals."""
+
+import math
+import warnings
+
+import numpy as np
+import pytest
+from scipy import stats
+
+from fedjaxpriv.client.settings import make_settings
+from fedjaxpriv.config import from_dict
+from fedjaxpriv.experiment import build_mechanisms, configured_settings, plan_privacy
+from fedjaxpriv.server.algorithms import FEDAVG, algorithm_for
+
+COUNTS = np.full(40, 30)
+
+
+def _config(**sections):
+    return from_dict({"data": {"num_clients": 40}, "server": {"clients_per_round": 8}, **sections})
+
+
+def test_fixed_size_batches_and_cohorts_take_exactly_their_size():
+    config = _config(client={"batch_size": 12})
+    plan = plan_privacy(config, configured_settings(config, COUNTS), COUNTS, np.full(40, np.inf), FEDAVG)
+    assert (plan.batch_slots, plan.cohort_slots) == (12, 8)
+    assert np.all(plan.participation_budget >= config.run.rounds)
+
+
+def test_a_private_poisson_cohort_overflows_its_slots_only_within_the_tail_charged_to_delta():
+    """DP-FedAvg over Poisson cohorts of rate 8/40: the slots hold a cohort of the population plus one client
+    (Binomial(41, 0.2)) except with probability below delta, and one slot fewer would not."""
+    config = _config(server={"clients_per_round": 8, "client_sampling": "poisson", "central_clip_norm": 1.0,
+                             "central_noise_multiplier": 1.0})
+    plan = plan_privacy(config, configured_settings(config, COUNTS), COUNTS, np.full(40, np.inf), FEDAVG)
+    overflow = stats.binom.sf(plan.cohort_slots, 41, 0.2)
+    assert 0 < overflow <= config.run.delta
+    assert stats.binom.sf(plan.cohort_slots - 1, 41, 0.2) > overflow
+
+
+def test_local_noise_is_z_times_the_clip_and_is_claimed_only_for_the_configs_own_chain():
+    config = _config(message={"clip_norm": 2.0, "local_noise_multiplier": 0.5})
+    settings = configured_settings(config, COUNTS)
+    own = build_mechanisms(config, settings, COUNTS, 16, 8, FEDAVG, transform_passed_in=False)
+    np.testing.assert_array_equal(own.local_dp.noise_stds(), np.full(40, 1.0))
+    assert own.sample_level is None and own.algorithm is FEDAVG
+    with pytest.warns(UserWarning, match="no local-DP epsilon is reported"):
+        passed = build_mechanisms(config, settings, COUNTS, 16, 8, FEDAVG, transform_passed_in=True)
+    assert passed.local_dp is None
+
+
+def test_dp_fedavg_wraps_the_algorithm_and_refuses_what_it_cannot_protect():
+    config = _config(server={"clients_per_round": 8, "central_clip_norm": 1.5, "central_noise_multiplier": 1.0})
+    settings = make_settings(40, COUNTS)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # nothing to warn about
+        built = build_mechanisms(config, settings, COUNTS, 16, 8, FEDAVG, transform_passed_in=False)
+    assert built.algorithm.name == "dp_fedavg" and built.algorithm.clip_norm == 1.5
+    assert built.algorithm.client_level.noise_multiplier == 1.0 and built.local_dp is None  # no local noise
+    with pytest.raises(ValueError, match="brings its own client-level DP, and the config asks for it too"):
+        build_mechanisms(config, settings, COUNTS, 16, 8, built.algorithm, transform_passed_in=False)
+    scaffold = algorithm_for("scaffold")
+    with pytest.raises(ValueError, match="scaffold"):
+        build_mechanisms(config, settings, COUNTS, 16, 8, scaffold, transform_passed_in=False)
+    assert math.isinf(FEDAVG.clip_norm)
