@@ -36,15 +36,15 @@ from typing import Any, Callable, NamedTuple, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 from fedjaxpriv import evaluation
 from fedjaxpriv.client.local import ApplyFn, LocalSpec
 from fedjaxpriv.client.settings import ClientSettings
-from fedjaxpriv.parallel import map_clients
-from fedjaxpriv.server.algorithms import FEDAVG
 from fedjaxpriv.experiment import Experiment, Record, Tap
 from fedjaxpriv.models.tasks import CLASSIFICATION
-from fedjaxpriv.parallel import replicate
+from fedjaxpriv.parallel import CLIENT_AXIS, map_clients, replicate, shard_rows
+from fedjaxpriv.server.algorithms import FEDAVG
 from fedjaxpriv.server import Cohort
 from fedjaxpriv.simulation import (ClientStates, MessageFn, Population, ServerState, client_keys_base,
                                    client_message, cohort_rows, identity_message, initial_client_states)
@@ -432,15 +432,20 @@ def init_nodes(params: Params, num_nodes: int, client_state: ClientStates = Clie
 def build_dsgd_round(apply_fn: ApplyFn, spec: LocalSpec, topology: Topology, *,
                      message_fn: MessageFn = identity_message, chunk_size: int, strategy: str = "vmap",
                      mesh: jax.sharding.Mesh | None = None, prune_schedule: tuple[int, int] | None = None,
-                     heard: np.ndarray | None = None, tap_width: int = 0
+                     heard: np.ndarray | None = None, tap_width: int = 0, shard_nodes: bool = False
                      ) -> Callable[..., tuple[NodesState, NodesOutput]]:
     """Builds ``round_fn(state, population, settings, mask, root_key[, tap_ids]) -> (state, NodesOutput)``: every
     node with ``mask`` [C] True trains from its own model as an FL client does (same keys and settings rows, with
     the round's pruning sparsity: node i in round t is client i of FL's round t) and sends ``x_i + m_i`` (m_i its
     update after the message chain); a node that does not train sends its model unchanged. Every node then takes
     the gossip step over ``topology``. ``heard`` [N]: the new state keeps what these nodes sent
-    (``NodesState.heard``); ``tap_width=T > 0``: the output holds what the nodes ``tap_ids`` [T] sent. Jitted;
-    ``state`` is donated."""
+    (``NodesState.heard``); ``tap_width=T > 0``: the output holds what the nodes ``tap_ids`` [T] sent.
+    ``shard_nodes`` (with a mesh whose clients axis divides C): every node's model and state come in and go out
+    split over that axis (``parallel.shard_rows``), C / devices rows per device between rounds. Jitted; ``state``
+    is donated."""
+    if shard_nodes and (mesh is None or topology.num_nodes % mesh.shape[CLIENT_AXIS]):
+        raise ValueError(f"shard_nodes needs a mesh whose '{CLIENT_AXIS}' axis divides the {topology.num_nodes} "
+                         f"nodes (got mesh={mesh}).")
 
     def one_node(state: NodesState, population: Population, base_key: jax.Array, row: dict[str, Any]):
         node = ServerState(params=row["params"], opt_state=(), round=state.round, clip_norm=jnp.float32(math.inf),
@@ -469,6 +474,9 @@ def build_dsgd_round(apply_fn: ApplyFn, spec: LocalSpec, topology: Topology, *,
 
         new_heard = rows_of(heard) if heard is not None and len(heard) else ()
         tapped = rows_of(tap_ids) if tap_width else ()
+        if shard_nodes:  # every node's rows stay on the device that holds them; the rest is replicated
+            params, kept = jax.lax.with_sharding_constraint((params, kept), NamedSharding(mesh, P(CLIENT_AXIS)))
+            new_heard, tapped = jax.lax.with_sharding_constraint((new_heard, tapped), NamedSharding(mesh, P()))
         return (NodesState(params, state.round + 1, kept, new_heard),
                 NodesOutput(loss, steps, consensus_distance(params), tapped))
 
@@ -498,7 +506,10 @@ class DecentralizedExperiment(Experiment):
     History: ``train_loss``, ``local_steps_mean`` (over the nodes that trained), ``bytes_per_client`` (a node's
     float32 model, sent whole to each neighbour: compressing the update does not shrink it), ``bytes_total``,
     ``consensus_distance``; at evaluations ``test_loss`` / ``test_accuracy`` of the nodes' average model and the
-    distribution of each node's own accuracy (``node_test_accuracy_*``; ``node_metrics``)."""
+    distribution of each node's own accuracy (``node_test_accuracy_*``; ``node_metrics``).
+
+    Where the mesh's devices divide the nodes (``shard_nodes``), every node's model and state stay split over them
+    between rounds; otherwise they are replicated."""
 
     runs_topology = True
 
@@ -521,11 +532,16 @@ class DecentralizedExperiment(Experiment):
         self.observer_view = observer_view(self.topology, tapped) if tapped else None
         heard = None if self.observer_view is None else self.observer_view.heard
 
+        # Every node's model and state split over the devices where they divide the nodes (replicated otherwise).
+        self.shard_nodes = bool(self.mesh is not None and self.mesh.shape[CLIENT_AXIS] > 1
+                                and self.population.num_clients % self.mesh.shape[CLIENT_AXIS] == 0)
+
         def build(tap_width: int = 0) -> Callable[..., tuple[NodesState, NodesOutput]]:
             return build_dsgd_round(
                 self.model.apply, self.spec, self.topology, message_fn=self.program.message_fn,
                 chunk_size=self.chunk_size, strategy="vmap" if self.strategy == "host" else self.strategy,
-                mesh=self.mesh, prune_schedule=self.program.prune_schedule, heard=heard, tap_width=tap_width)
+                mesh=self.mesh, prune_schedule=self.program.prune_schedule, heard=heard, tap_width=tap_width,
+                shard_nodes=self.shard_nodes)
 
         self.node_round_fn = build()
         self.node_tap_round_fn = build(len(tapped)) if tapped else None
@@ -533,8 +549,13 @@ class DecentralizedExperiment(Experiment):
 
     @property
     def initial_state(self) -> NodesState:
-        """Every node at the initial model (a new copy each time: a round donates its state)."""
-        return replicate(self.fresh_state(self.initial_params), self.mesh)
+        """Every node at the initial model (a new copy each time: a round donates its state), its models and states
+        split over the devices with ``shard_nodes``."""
+        state = self.fresh_state(self.initial_params)
+        if not self.shard_nodes:
+            return replicate(state, self.mesh)
+        return NodesState(shard_rows(state.params, self.mesh), replicate(state.round, self.mesh),
+                          shard_rows(state.client_state, self.mesh), replicate(state.heard, self.mesh))
 
     def fresh_state(self, params: Any) -> NodesState:
         """Round 0 with every node at ``params`` and every node's message state at its initial value."""

@@ -495,3 +495,36 @@ def test_a_curious_neighbour_inverts_round_one_exactly_and_loses_the_start_on_a_
     assert all(t.exact for t in reports["complete", 4].targets)
     assert np.median(reports["ring", 4].psnr) + 10.0 < np.median(reports["complete", 4].psnr), (
         reports["ring", 4].psnr, reports["complete", 4].psnr)
+
+
+@pytest.mark.slow
+def test_node_models_stay_split_over_eight_devices_and_the_run_equals_one_device():
+    """16 nodes on the 8-device test mesh: every node's model and error-feedback residual live as 2 rows per
+    device before and after each round, and 3 rounds give the models, losses and consensus of the same run on one
+    device. 12 nodes do not divide over 8 devices: replicated, and still equal."""
+    from fedjaxpriv.config import from_dict
+    from fedjaxpriv.experiment import build_experiment
+
+    if jax.device_count() < 8:
+        pytest.skip("needs the 8-device test mesh")
+    for nodes, split in ((16, True), (12, False)):
+        config = _run_config(topology={"graph": "exponential"}, data={"num_clients": nodes},
+                             server={"clients_per_round": nodes // 2},
+                             message={"topk_fraction": 0.5, "error_feedback": True},
+                             run={"rounds": 3, "checkpoint_every": 0})
+        many = build_experiment(from_dict(config), progress=False)
+        one = build_experiment(from_dict({**config, "run": {**config["run"], "num_devices": 1}}), progress=False)
+        assert many.shard_nodes == split and not one.shard_nodes
+        state = many.initial_state
+        for r in range(3):
+            state, record, _ = many.observed_step(state, r)
+            for leaf in jax.tree_util.tree_leaves((state.params, state.client_state)):
+                rows = {shard.data.shape[0] for shard in leaf.addressable_shards}
+                assert rows == ({nodes // 8} if split else {nodes}), (nodes, r, rows)
+        reference = one.initial_state
+        for r in range(3):
+            reference, expected, _ = one.observed_step(reference, r)
+        assert record["train_loss"] == pytest.approx(expected["train_loss"], rel=1e-5)
+        assert record["consensus_distance"] == pytest.approx(expected["consensus_distance"], rel=1e-4)
+        for a, b in zip(jax.tree_util.tree_leaves(state.params), jax.tree_util.tree_leaves(reference.params)):
+            np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=2e-5)
