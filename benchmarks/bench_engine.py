@@ -231,7 +231,8 @@ def explore_configs(work: Workload) -> list[EngineConfig]:
                 EngineConfig("host", 1, STEPS, True, n), EngineConfig("loop", 1, 1, True),
                 EngineConfig("loop", 1, 1, True, n), EngineConfig("vmap", 2 * n, 1, True, n)]
     return [EngineConfig("vmap", c, 1, False) for c in (32, 128, work.clients)] + [
-        EngineConfig("vmap", 128, STEPS, False), EngineConfig("loop", 1, 1, False), EngineConfig("vmap", 128, 1, False, 1, True)
+        EngineConfig("vmap", 128, STEPS, False), EngineConfig("loop", 1, 1, False),
+        EngineConfig("vmap", 128, 1, False, 1, True)
     ] + [EngineConfig("vmap", c * n, 1, False, n, outer) for c in (64, 128, 256) for outer in (False, True)]
 
 

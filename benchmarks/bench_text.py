@@ -108,7 +108,8 @@ def main() -> None:
             loop_s.append(timed(loop))
         ratios = [b / a for a, b in zip(engine_s, loop_s)]  # speed-up: loop time / engine time
         name = f"{model} ({experiment.num_params:,} params)"
-        print(f"{name:<28} {len(ids) / statistics.median(engine_s):>17.1f} {len(ids) / statistics.median(loop_s):>15.1f} "
+        print(f"{name:<28} {len(ids) / statistics.median(engine_s):>17.1f} "
+              f"{len(ids) / statistics.median(loop_s):>15.1f} "
               f"{statistics.median(ratios):>11.2f}x {min(ratios):>6.2f}-{max(ratios):.2f}x")
 
 

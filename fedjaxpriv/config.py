@@ -998,7 +998,7 @@ def _read_text(key: str, text: str, rule: Rule) -> Any:
     stripped = text.strip()
     if rule.optional and stripped.lower() in ("", "null", "~", "none"):
         return None
-    if rule.kind is str and rule.shape == "scalar" and not stripped[:1] in ("'", '"'):
+    if rule.kind is str and rule.shape == "scalar" and stripped[:1] not in ("'", '"'):
         return stripped
     if rule.kind in (int, float) and stripped[:1] not in ("[", "{", "'", '"'):
         number = parse_number(stripped)

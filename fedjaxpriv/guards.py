@@ -110,8 +110,8 @@ def divergence_message(problem: str, round_: int, config: Any, saved: int, out_d
             else "no checkpoint was saved")
     return (f"training diverged in round {round_}: {problem} (non-finite values, losses beyond {LOSS_LIMIT:.3g}, and "
             "a loss explosion per run.divergence_factor count as divergence; run.divergence_factor: null keeps "
-            f"going); {kept}. Lower client.lr (now {c.lr}) or server.lr (now {s.lr}, optimizer {s.optimizer}), or bound "
-            f"the updates with message.clip_norm (now {m.clip_norm}), client.dp_clip_norm (now {c.dp_clip_norm}) "
+            f"going); {kept}. Lower client.lr (now {c.lr}) or server.lr (now {s.lr}, optimizer {s.optimizer}), or "
+            f"bound the updates with message.clip_norm (now {m.clip_norm}), client.dp_clip_norm (now {c.dp_clip_norm}) "
             f"or server.central_clip_norm (now {s.central_clip_norm}).")
 
 

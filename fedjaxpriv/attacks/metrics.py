@@ -2,7 +2,8 @@
 
 Reconstruction metrics (``mse``, ``psnr``, ``ssim``) are pure JAX functions of ONE image pair, so they run
 inside jitted attacks and ``jax.vmap`` over batches and targets. Score metrics (``roc_curve``, ``auc``,
-``roc_auc``, ``tpr_at_fpr``, ``membership_advantage``, ``bootstrap_auc``, ``bootstrap_tpr_at_fpr``) run on the host over attack scores
+``roc_auc``, ``tpr_at_fpr``, ``membership_advantage``, ``bootstrap_auc``, ``bootstrap_tpr_at_fpr``) run on the host
+over attack scores
 (scikit-learn for the ROC), where label 1 marks a member (positive) and a higher score means "more likely a
 member".
 """

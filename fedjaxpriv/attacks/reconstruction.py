@@ -191,7 +191,9 @@ def reconstruction_attack_on_taps(experiment: Experiment, taps: Sequence[Tap] | 
             correct[key].append(evaluation.per_example_stats(apply_fn, params, data.x, data.y)[1] > 0.5)
     pooled = {key: np.concatenate(v) for key, v in correct.items()}
     gain = paired_advantage(pooled["accuracy"], pooled["global"], alpha)
-    mean = lambda key: float(np.mean([r[key] for r in per_client.values()]))
+    def mean(key: str) -> float:
+        return float(np.mean([r[key] for r in per_client.values()]))
+
     return {"relative_l2_global": mean("relative_l2_global"), "relative_l2": mean("relative_l2"),
             "closer_than_global": float(np.mean([r["relative_l2_global"] < 1 for r in per_client.values()])),
             "accuracy": float(np.mean(pooled["accuracy"])), "local_accuracy": float(np.mean(pooled["local"])),

@@ -124,7 +124,8 @@ def from_partition(dataset: Dataset, client_indices: Sequence[np.ndarray],
                    attributes: np.ndarray | None = None) -> FederatedData:
     """Builds ``FederatedData`` from a centralized dataset and one index array per client (features as float32,
     or as int32 where ``dataset.x`` is integer: token ids)."""
-    order = np.concatenate([np.asarray(i, np.int64) for i in client_indices]) if client_indices else np.zeros(0, np.int64)
+    order = (np.concatenate([np.asarray(i, np.int64) for i in client_indices]) if client_indices
+             else np.zeros(0, np.int64))
     counts = np.array([len(i) for i in client_indices], dtype=np.int32)
     offsets = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int32) if len(counts) else counts
     attrs = np.asarray(attributes, np.int32)[order] if attributes is not None else np.zeros((0,), np.int32)

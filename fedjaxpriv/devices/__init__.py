@@ -25,6 +25,7 @@ from fedjaxpriv.devices.profiles import (
 
 __all__ = [
     "DEFAULT_TIERS", "DeviceExperiment", "DevicePolicy", "DeviceProfiles", "DeviceTier", "add_cost_fields",
-    "apply_policy", "policy_settings", "availability", "compute_time", "message_bits", "participation_mask", "profiles_from_tiers",
+    "apply_policy", "policy_settings", "availability", "compute_time", "message_bits", "participation_mask",
+    "profiles_from_tiers",
     "round_cost", "sample_profiles", "straggler_mask", "training_flops", "upload_time",
 ]

@@ -263,8 +263,8 @@ def as_model(model: ModelLike, input_shape: Sequence[int], input_dtype: Any = jn
     """A user's model as a pure ``Model`` for examples of ``input_shape`` / ``input_dtype``.
 
     Args:
-      model: a ``Model`` (its functions kept, its input shape checked); a stateless Flax ``nn.Module`` mapping x [B, ...] to
-        logits (initialised on one zero example); or a pair ``(init, apply)`` of pure functions,
+      model: a ``Model`` (its functions kept, its input shape checked); a stateless Flax ``nn.Module`` mapping
+        x [B, ...] to logits (initialised on one zero example); or a pair ``(init, apply)`` of pure functions,
         ``init: key -> params`` and ``apply: (params, x [B, ...]) -> logits``.
       input_shape / input_dtype: one example's features (the population's).
 

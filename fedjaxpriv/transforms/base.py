@@ -22,9 +22,9 @@ replaces the previous positions, it does not add to them) and other side informa
 ``wire`` is
 the cost of the message as the previous stage left it (``None``: a dense float32 message). Each transform
 returns the cost after itself in ``stats`` under the keys ``"bits"``, ``"wire_values"``,
-``"wire_value_bits"``, ``"wire_index_bits"`` and ``"wire_side_bits"`` (int32 scalars), so :func:`chain` threads it from stage to
-stage; a transform that returns none of them leaves the cost as it was (``wire_after``). Other stats keys are
-transform diagnostics (float32 scalars) named ``"<transform>/<quantity>"``.
+``"wire_value_bits"``, ``"wire_index_bits"`` and ``"wire_side_bits"`` (int32 scalars), so :func:`chain` threads it
+from stage to stage; a transform that returns none of them leaves the cost as it was (``wire_after``). Other stats
+keys are transform diagnostics (float32 scalars) named ``"<transform>/<quantity>"``.
 No entropy coding is assumed anywhere. Counts are int32: a message must cost less than 2^31 bits.
 """
 
@@ -201,7 +201,8 @@ def chain(*transforms: MessageTransform) -> MessageTransform:
         merged: Stats = {}
         new_states = []
         for i, (transform, stage_state) in enumerate(zip(transforms, state)):
-            message, stage_state, stats = transform.update(message, stage_state, jax.random.fold_in(key, i), settings, wire)
+            message, stage_state, stats = transform.update(message, stage_state, jax.random.fold_in(key, i), settings,
+                                                           wire)
             new_states.append(stage_state)
             wire = wire_after(stats, wire)
             for name, value in stats.items():

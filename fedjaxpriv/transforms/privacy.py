@@ -51,7 +51,8 @@ def clip_update(clip_norm: Strength = "clip_norm") -> MessageTransform:
     return stateless(apply)
 
 
-def add_local_noise(noise_multiplier: Strength = "local_noise_multiplier", clip_norm: Strength = "clip_norm") -> MessageTransform:
+def add_local_noise(noise_multiplier: Strength = "local_noise_multiplier",
+                    clip_norm: Strength = "clip_norm") -> MessageTransform:
     """Adds ``N(0, (noise_multiplier * clip_norm)^2)`` to every coordinate of the message.
 
     Put it after :func:`clip_update` with the same ``clip_norm``. The noisy message is dense float32

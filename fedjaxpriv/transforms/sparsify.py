@@ -131,7 +131,8 @@ def prune_message(
             s = resolve(sparsity, settings)
             enabled = s > 0
             tree_mask = magnitude_mask(message, s, scope)
-            masked = jax.tree_util.tree_map(lambda v, m: jnp.where(enabled, v * m.astype(v.dtype), v), message, tree_mask)
+            masked = jax.tree_util.tree_map(lambda v, m: jnp.where(enabled, v * m.astype(v.dtype), v), message,
+                                            tree_mask)
             mask_leaves = jax.tree_util.tree_leaves(tree_mask)
             kept_per_leaf = [jnp.sum(m != 0).astype(jnp.int32) for m in mask_leaves]
             kept = sum(kept_per_leaf)
