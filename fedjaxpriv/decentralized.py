@@ -44,7 +44,7 @@ from fedjaxpriv.client.settings import ClientSettings
 from fedjaxpriv.experiment import Experiment, Record, Tap
 from fedjaxpriv.models.tasks import CLASSIFICATION
 from fedjaxpriv.parallel import CLIENT_AXIS, map_clients, replicate, shard_rows
-from fedjaxpriv.server.algorithms import FEDAVG
+from fedjaxpriv.server.algorithms import FEDAVG, trains_as_fedavg
 from fedjaxpriv.server import Cohort
 from fedjaxpriv.simulation import (ClientStates, MessageFn, Population, ServerState, client_keys_base,
                                    client_message, cohort_rows, identity_message, initial_client_states)
@@ -521,9 +521,10 @@ class DecentralizedExperiment(Experiment):
         if self.task is not CLASSIFICATION:
             raise ValueError(f"topology.graph={config.topology.graph!r} evaluates classification only for now; this "
                              f"run's task is {self.task.name!r}.")
-        if self.algorithm.client_level is not None or self.algorithm.name != "fedavg":
+        if not trains_as_fedavg(self.algorithm, self.initial_params):
             raise ValueError(f"algorithm {self.algorithm.name!r} with topology.graph: a decentralized run has no "
-                             "server; allowed: no algorithm passed in.")
+                             "server to keep its state or take its extra message; allowed: FedAvg, or an algorithm "
+                             "that only changes local settings (fedprox, fedsgd).")
         t = config.topology
         self.topology = topology_for(t.graph, self.population.num_clients, seed=config.run.seed,
                                      edge_probability=t.edge_probability)

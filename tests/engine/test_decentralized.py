@@ -528,3 +528,24 @@ def test_node_models_stay_split_over_eight_devices_and_the_run_equals_one_device
         assert record["consensus_distance"] == pytest.approx(expected["consensus_distance"], rel=1e-4)
         for a, b in zip(jax.tree_util.tree_leaves(state.params), jax.tree_util.tree_leaves(reference.params)):
             np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=2e-5)
+
+
+def test_a_decentralized_run_takes_the_algorithms_that_train_as_fedavg_and_refuses_those_that_keep_state():
+    """The capability, read off each algorithm's functions: FedAvg, FedProx and FedSGD only change local
+    settings; SCAFFOLD (control variates, extra message), Ditto (personal models) and DP-FedAvg (the server's
+    clipping and noise) need a server. A node trained under FedProx takes the proximal step."""
+    from fedjaxpriv.config import from_dict
+    from fedjaxpriv.experiment import build_experiment
+    from fedjaxpriv.server.algorithms import (FEDAVG, SCAFFOLD, ditto, dp_fedavg, fedprox, fedsgd,
+                                              trains_as_fedavg)
+    from fedjaxpriv.privacy.mechanisms import ClientLevelDpFedAvg
+
+    params = {"w": jnp.zeros((3, 2)), "b": jnp.zeros(2)}
+    private = dp_fedavg(ClientLevelDpFedAvg(noise_multiplier=1.0, num_clients=8, expected_cohort=4, poisson=False), 1.0)
+    assert [trains_as_fedavg(a, params) for a in (FEDAVG, fedprox(), fedsgd(), SCAFFOLD, ditto(0.5), private)] == [
+        True, True, True, False, False, False]
+    config = from_dict(_run_config(topology={"graph": "ring"}, client={"prox_mu": 0.5}, run={"rounds": 1}))
+    prox = build_experiment(config, algorithm=fedprox(), progress=False)
+    assert float(prox.settings.prox_mu[0]) == 0.5 and prox.spec.prox
+    with pytest.raises(ValueError, match="no server to keep its state or take its extra message"):
+        build_experiment(config, algorithm=SCAFFOLD, progress=False)
