@@ -99,11 +99,11 @@ def from_edges(name: str, num_nodes: int, edges: np.ndarray) -> Topology:
     width = 1 + int(degree.max(initial=0))
     neighbors = np.tile(np.arange(num_nodes)[:, None], (1, width))
     weights = np.zeros((num_nodes, width), np.float64)
-    slot = np.ones(num_nodes, np.int64)  # slot 0: the node itself
-    for i, j in both:
-        neighbors[i, slot[i]] = j
-        weights[i, slot[i]] = 1.0 / (1.0 + max(degree[i], degree[j]))
-        slot[i] += 1
+    # Slot 0 is the node itself; node i's edges take slots 1, 2, ... in the order they come in ``both``.
+    both = both[np.argsort(both[:, 0], kind="stable")]
+    slot = 1 + np.arange(len(both)) - np.searchsorted(both[:, 0], both[:, 0])
+    neighbors[both[:, 0], slot] = both[:, 1]
+    weights[both[:, 0], slot] = 1.0 / (1.0 + np.maximum(degree[both[:, 0]], degree[both[:, 1]]))
     weights[:, 0] = 1.0 - weights[:, 1:].sum(axis=1)
     return Topology(name, neighbors.astype(np.int32), weights.astype(np.float32))
 
@@ -129,14 +129,31 @@ def erdos_renyi(num_nodes: int, edge_probability: float, seed: int) -> Topology:
     c = _check_nodes(num_nodes, 2)
     if not 0.0 < edge_probability <= 1.0:
         raise ValueError(f"edge_probability={edge_probability!r} is invalid; allowed: a number in (0, 1].")
-    upper = np.triu(np.random.default_rng(seed).random((c, c)) < edge_probability, k=1)
-    topology = from_edges("erdos_renyi", c, np.argwhere(upper))
+    topology = from_edges("erdos_renyi", c, _random_pairs(c, edge_probability, np.random.default_rng(seed)))
     components = _components(topology)
     if components > 1:
         raise ValueError(f"erdos_renyi(num_nodes={c}, edge_probability={edge_probability}, seed={seed}) drew a graph "
                          f"of {components} separate parts; allowed: a connected draw (raise edge_probability above "
                          f"about log(C)/C = {math.log(c) / c:.3g}, or change the seed).")
     return topology
+
+
+def _random_pairs(num_nodes: int, probability: float, rng: np.random.Generator) -> np.ndarray:
+    """int64 [E, 2]: each of the C (C - 1) / 2 pairs i < j independently with ``probability``, drawn as a
+    Binomial number of distinct pair indices (memory O(E), never a C x C array), each index k mapped to its pair in
+    row-major order of the upper triangle."""
+    pairs = num_nodes * (num_nodes - 1) // 2
+    chosen = np.sort(rng.choice(pairs, size=int(rng.binomial(pairs, probability)), replace=False)).astype(np.int64)
+    # Row i of the upper triangle starts at index i C - i (i + 1) / 2; invert that with a square root, then fix
+    # any float rounding by one row either way.
+    def start(i: np.ndarray) -> np.ndarray:
+        return i * num_nodes - i * (i + 1) // 2
+
+    c = float(num_nodes)
+    rows = np.floor((2 * c - 1 - np.sqrt((2 * c - 1) ** 2 - 8 * chosen)) / 2).astype(np.int64)
+    rows = np.where(start(rows) > chosen, rows - 1, rows)
+    rows = np.where(start(rows + 1) <= chosen, rows + 1, rows)
+    return np.stack([rows, rows + 1 + chosen - start(rows)], axis=1)
 
 
 def _reach(topology: Topology) -> Any:
