@@ -623,11 +623,17 @@ class TopologyConfig:
         nodes), "erdos_renyi", "exponential", "complete" or "random_matching" (a new pairing every round).
       edge_probability: an Erdos-Renyi graph's edge probability (drawn with ``run.seed``; a draw that is not
         connected is refused).
+      gossip: "exact" (a node sends its model after training, as the message chain left its update) or "choco"
+        (CHOCO gossip, Koloskova et al. 2019: a node sends the message chain applied to what its public model
+        lacks of its model, so a compressor such as message.topk_fraction shrinks every message).
+      consensus_step: CHOCO's gamma in (0, 1], the step towards the neighbours' public models (1 with exact gossip).
     """
 
     graph: str = knob("none", str, choices=("none", "ring", "torus", "erdos_renyi", "exponential", "complete",
                                             "random_matching"))
     edge_probability: float = knob(0.2, float, low=0.0, low_open=True, high=1.0)
+    gossip: str = knob("exact", str, choices=("exact", "choco"))
+    consensus_step: float = knob(1.0, float, low=0.0, low_open=True, high=1.0)
 
     @property
     def decentralized(self) -> bool:
@@ -685,6 +691,15 @@ class ExperimentConfig:
             shown = f"one of {list(allowed)}" if isinstance(allowed, tuple) else repr(allowed)
             _check(ok, key, value, f"{shown} with topology.graph={self.topology.graph!r} (decentralized runs do not "
                                    "support it yet)")
+        t = self.topology
+        _check(t.gossip == "choco" or t.consensus_step == 1.0, "topology.consensus_step", t.consensus_step,
+               "1.0 with topology.gossip='exact' (only CHOCO gossip steps towards its neighbours' public models)")
+        if t.gossip == "choco":
+            _check(not self.run.tap_clients, "run.tap_clients", list(self.run.tap_clients),
+                   "[] with topology.gossip='choco' (its taps are not available)")
+            _check(all(v == 0 for v in _values(self.message.local_noise_multiplier)), "message.local_noise_multiplier",
+                   self.message.local_noise_multiplier, "0 with topology.gossip='choco' (local DP is accounted for "
+                   "updates; CHOCO sends changes of public models, which no accountant here covers)")
         _check(not self.run.tap_clients or self.topology.graph != "random_matching", "run.tap_clients",
                list(self.run.tap_clients), "[] with topology.graph='random_matching' (a new neighbour every round: no "
                "fixed curious neighbour to tap)")

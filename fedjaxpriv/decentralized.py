@@ -11,6 +11,10 @@ a ``Topology`` holds each node's neighbours and weights, ``[C, D]`` with D the l
 node itself), so that a step costs O(C D P) for P parameters. The complete graph's W is the uniform average,
 applied as a mean, O(C P).
 
+CHOCO gossip (Koloskova, Stich & Jaggi, ICML 2019) replaces the gossip step when messages are compressed: node i
+sends q_i = Q(x_i + m_i - x_hat_i), every public model moves to x_hat_j + q_j, and x_i <- x_i + m_i + gamma sum_j
+W_ij (x_hat_j - x_hat_i).
+
 Topologies: ``ring``, ``torus`` (2-D), ``erdos_renyi`` (Metropolis-Hastings weights, Xiao & Boyd 2004),
 ``exponential`` (each node i hears i - 2^k mod C, k = 0..floor(log2(C - 1)), with uniform weights: a circulant,
 hence doubly stochastic; Ying et al. 2021), ``complete`` and time-varying random matchings
@@ -25,6 +29,8 @@ References:
   Boyd, Ghosh, Prabhakar, Shah. "Randomized gossip algorithms". IEEE Trans. Inf. Theory 2006.
   Ying, Yuan, Chen, Hu, Pan, Yin. "Exponential Graph is Provably Efficient for Decentralized Deep Training".
   NeurIPS 2021.
+  Koloskova, Stich, Jaggi. "Decentralized Stochastic Optimization and Gossip Algorithms with Compressed
+  Communication". ICML 2019.
 """
 
 from __future__ import annotations
@@ -409,12 +415,15 @@ class NodesState(NamedTuple):
       client_state: ``simulation.ClientStates`` of every node (e.g. error-feedback residuals).
       heard: leaves [N, ...]: the models the nodes ``ObserverView.heard`` sent in the last round (the initial
         model before round 1; ``()`` without taps).
+      public: CHOCO gossip: leaves [C, ...], every node's public model x_hat_i, which every neighbour holds the same
+        copy of (``()`` with exact gossip).
     """
 
     params: Params
     round: jax.Array
     client_state: ClientStates
     heard: Any = ()
+    public: Any = ()
 
 
 class NodesOutput(NamedTuple):
@@ -425,12 +434,15 @@ class NodesOutput(NamedTuple):
       steps: local steps taken.
       consensus: consensus distance after the gossip step (scalar).
       tapped: leaves [T, ...]: the models the nodes ``tap_ids`` sent (``()`` without them).
+      bits: [C] the bits of what each node sent its neighbours (CHOCO gossip: its compressed message; exact
+        gossip: 32 per parameter).
     """
 
     loss: jax.Array
     steps: jax.Array
     consensus: jax.Array
     tapped: Any = ()
+    bits: Any = ()
 
 
 def _copies(params: Params, count: int) -> Params:
@@ -439,18 +451,19 @@ def _copies(params: Params, count: int) -> Params:
 
 
 def init_nodes(params: Params, num_nodes: int, client_state: ClientStates = ClientStates(),
-               num_heard: int = 0) -> NodesState:
+               num_heard: int = 0, public: bool = False) -> NodesState:
     """Every node starts from ``params`` (copied C times); ``num_heard`` models heard before round 1, all
-    ``params``."""
+    ``params``; with ``public`` (CHOCO gossip) every node's public model starts at ``params`` too (the initial
+    model is public)."""
     return NodesState(_copies(params, num_nodes), jnp.zeros((), jnp.int32), client_state,
-                      _copies(params, num_heard) if num_heard else ())
+                      _copies(params, num_heard) if num_heard else (), _copies(params, num_nodes) if public else ())
 
 
 def build_dsgd_round(apply_fn: ApplyFn, spec: LocalSpec, topology: Topology, *,
                      message_fn: MessageFn = identity_message, chunk_size: int, strategy: str = "vmap",
                      mesh: jax.sharding.Mesh | None = None, prune_schedule: tuple[int, int] | None = None,
-                     heard: np.ndarray | None = None, tap_width: int = 0, shard_nodes: bool = False
-                     ) -> Callable[..., tuple[NodesState, NodesOutput]]:
+                     heard: np.ndarray | None = None, tap_width: int = 0, shard_nodes: bool = False,
+                     choco_step: float | None = None) -> Callable[..., tuple[NodesState, NodesOutput]]:
     """Builds ``round_fn(state, population, settings, mask, root_key[, tap_ids]) -> (state, NodesOutput)``: every
     node with ``mask`` [C] True trains from its own model as an FL client does (same keys and settings rows, with
     the round's pruning sparsity: node i in round t is client i of FL's round t) and sends ``x_i + m_i`` (m_i its
@@ -458,8 +471,15 @@ def build_dsgd_round(apply_fn: ApplyFn, spec: LocalSpec, topology: Topology, *,
     the gossip step over ``topology``. ``heard`` [N]: the new state keeps what these nodes sent
     (``NodesState.heard``); ``tap_width=T > 0``: the output holds what the nodes ``tap_ids`` [T] sent.
     ``shard_nodes`` (with a mesh whose clients axis divides C): every node's model and state come in and go out
-    split over that axis (``parallel.shard_rows``), C / devices rows per device between rounds. Jitted; ``state``
-    is donated."""
+    split over that axis (``parallel.shard_rows``), C / devices rows per device between rounds.
+
+    ``choco_step=gamma`` runs CHOCO gossip (Koloskova, Stich & Jaggi 2019) instead: node i, at x_i^+ = x_i + its
+    update after training, sends q_i, the message chain applied to x_i^+ - x_hat_i (a compressor such as top-k
+    makes it small); every public model moves to x_hat_j + q_j, and x_i <- x_i^+ + gamma sum_j W_ij (x_hat_j -
+    x_hat_i). Without compression and with gamma = 1 that is exact gossip of x^+. Every node sends, trained or not.
+    Jitted; ``state`` is donated."""
+    if choco_step is not None and (heard is not None or tap_width):
+        raise ValueError("taps of CHOCO gossip are not available (a node hears compressed changes of public models).")
     if shard_nodes and (mesh is None or topology.num_nodes % mesh.shape[CLIENT_AXIS]):
         raise ValueError(f"shard_nodes needs a mesh whose '{CLIENT_AXIS}' axis divides the {topology.num_nodes} "
                          f"nodes (got mesh={mesh}).")
@@ -467,24 +487,45 @@ def build_dsgd_round(apply_fn: ApplyFn, spec: LocalSpec, topology: Topology, *,
     def one_node(state: NodesState, population: Population, base_key: jax.Array, row: dict[str, Any]):
         node = ServerState(params=row["params"], opt_state=(), round=state.round, clip_norm=jnp.float32(math.inf),
                            client_state=(), algorithm_state=())
-        message, _, client_state, _, out = client_message(spec, apply_fn, message_fn, FEDAVG, node, population,
-                                                          base_key, row)
         active = row["mask"] & (row["count"] > 0)
-        sent = jax.tree_util.tree_map(lambda x, m: x + jnp.where(active, m, 0.0).astype(x.dtype), row["params"],
-                                      message)
-        kept = ClientStates(*(jax.tree_util.tree_map(lambda new, old: jnp.where(active, new, old), new, old)
-                              for new, old in zip(client_state, row["client_state"])))
-        return (), (sent, kept, jnp.where(active, out.loss, 0.0), jnp.where(active, out.steps, 0))
+
+        def trained(x: jax.Array, delta: jax.Array) -> jax.Array:  # x_i^+: the model after this round's training
+            return x + jnp.where(active, delta, 0.0).astype(x.dtype)
+
+        def public_change(delta: Params) -> Params:  # CHOCO: what node i's public model lacks of x_i^+
+            return jax.tree_util.tree_map(lambda x, d, h: trained(x, d) - h, row["params"], delta, row["public"])
+
+        message, _, client_state, stats, out = client_message(
+            spec, apply_fn, message_fn, FEDAVG, node, population, base_key, row,
+            message_input=None if choco_step is None else public_change)
+        if choco_step is None:
+            sent = jax.tree_util.tree_map(trained, row["params"], message)
+            bits = jnp.float32(32.0 * sum(leaf.size for leaf in jax.tree_util.tree_leaves(message)))
+            kept = ClientStates(*(jax.tree_util.tree_map(lambda new, old: jnp.where(active, new, old), new, old)
+                                  for new, old in zip(client_state, row["client_state"])))
+            half = ()
+        else:  # every node sends q_i and keeps its message state; x_i^+ stays home
+            sent, bits, kept = message, stats["bits"], client_state
+            half = jax.tree_util.tree_map(trained, row["params"], out.delta)
+        return (), (sent, half, kept, jnp.where(active, out.loss, 0.0), jnp.where(active, out.steps, 0), bits)
 
     def round_fn(state: NodesState, population: Population, settings: ClientSettings, mask: jax.Array,
                  root_key: jax.Array, tap_ids: jax.Array | None = None) -> tuple[NodesState, NodesOutput]:
         round_key = jax.random.fold_in(root_key, state.round)
         base = client_keys_base(round_key)
         ids = jnp.arange(topology.num_nodes, dtype=jnp.int32)
-        rows = {**cohort_rows(state, population, settings, ids, mask, prune_schedule), "params": state.params}
-        _, (sent, kept, loss, steps) = map_clients(lambda row: one_node(state, population, base, row), rows,
-                                                   chunk_size=chunk_size, strategy=strategy, mesh=mesh)
-        params = mix(sent, topology, jax.random.fold_in(round_key, 3))
+        rows = {**cohort_rows(state, population, settings, ids, mask, prune_schedule), "params": state.params,
+                "public": state.public}
+        _, (sent, half, kept, loss, steps, bits) = map_clients(lambda row: one_node(state, population, base, row),
+                                                               rows, chunk_size=chunk_size, strategy=strategy,
+                                                               mesh=mesh)
+        public = state.public
+        if choco_step is None:
+            params = mix(sent, topology, jax.random.fold_in(round_key, 3))
+        else:
+            public = jax.tree_util.tree_map(lambda h, q: h + q.astype(h.dtype), state.public, sent)
+            mixed = mix(public, topology, jax.random.fold_in(round_key, 3))
+            params = jax.tree_util.tree_map(lambda x, m, h: x + choco_step * (m - h), half, mixed, public)
 
         def rows_of(nodes: Any) -> Params:
             return jax.tree_util.tree_map(lambda leaf: jnp.take(leaf, jnp.asarray(nodes), axis=0), sent)
@@ -492,10 +533,11 @@ def build_dsgd_round(apply_fn: ApplyFn, spec: LocalSpec, topology: Topology, *,
         new_heard = rows_of(heard) if heard is not None and len(heard) else ()
         tapped = rows_of(tap_ids) if tap_width else ()
         if shard_nodes:  # every node's rows stay on the device that holds them; the rest is replicated
-            params, kept = jax.lax.with_sharding_constraint((params, kept), NamedSharding(mesh, P(CLIENT_AXIS)))
+            params, kept, public = jax.lax.with_sharding_constraint((params, kept, public),
+                                                                    NamedSharding(mesh, P(CLIENT_AXIS)))
             new_heard, tapped = jax.lax.with_sharding_constraint((new_heard, tapped), NamedSharding(mesh, P()))
-        return (NodesState(params, state.round + 1, kept, new_heard),
-                NodesOutput(loss, steps, consensus_distance(params), tapped))
+        return (NodesState(params, state.round + 1, kept, new_heard, public),
+                NodesOutput(loss, steps, consensus_distance(params), tapped, bits))
 
     return jax.jit(round_fn, donate_argnums=(0,))
 
@@ -526,7 +568,9 @@ class DecentralizedExperiment(Experiment):
     distribution of each node's own accuracy (``node_test_accuracy_*``; ``node_metrics``).
 
     Where the mesh's devices divide the nodes (``shard_nodes``), every node's model and state stay split over them
-    between rounds; otherwise they are replicated."""
+    between rounds; otherwise they are replicated. ``topology.gossip='choco'`` runs CHOCO gossip
+    (``build_dsgd_round(choco_step=topology.consensus_step)``): ``bytes_per_client`` is then what the message
+    chain makes of each node's public-model change."""
 
     runs_topology = True
 
@@ -550,6 +594,7 @@ class DecentralizedExperiment(Experiment):
         self.observer_view = observer_view(self.topology, tapped) if tapped else None
         heard = None if self.observer_view is None else self.observer_view.heard
 
+        self.choco_step = t.consensus_step if t.gossip == "choco" else None
         # Every node's model and state split over the devices where they divide the nodes (replicated otherwise).
         self.shard_nodes = bool(self.mesh is not None and self.mesh.shape[CLIENT_AXIS] > 1
                                 and self.population.num_clients % self.mesh.shape[CLIENT_AXIS] == 0)
@@ -559,7 +604,7 @@ class DecentralizedExperiment(Experiment):
                 self.model.apply, self.spec, self.topology, message_fn=self.program.message_fn,
                 chunk_size=self.chunk_size, strategy="vmap" if self.strategy == "host" else self.strategy,
                 mesh=self.mesh, prune_schedule=self.program.prune_schedule, heard=heard, tap_width=tap_width,
-                shard_nodes=self.shard_nodes)
+                shard_nodes=self.shard_nodes, choco_step=self.choco_step)
 
         self.node_round_fn = build()
         self.node_tap_round_fn = build(len(tapped)) if tapped else None
@@ -573,14 +618,16 @@ class DecentralizedExperiment(Experiment):
         if not self.shard_nodes:
             return replicate(state, self.mesh)
         return NodesState(shard_rows(state.params, self.mesh), replicate(state.round, self.mesh),
-                          shard_rows(state.client_state, self.mesh), replicate(state.heard, self.mesh))
+                          shard_rows(state.client_state, self.mesh), replicate(state.heard, self.mesh),
+                          shard_rows(state.public, self.mesh))
 
     def fresh_state(self, params: Any) -> NodesState:
         """Round 0 with every node at ``params`` and every node's message state at its initial value."""
         client_state = initial_client_states(self.program.message_transform, self.algorithm, params,
                                              self.population.num_clients)
         view = self.observer_view
-        return init_nodes(params, self.population.num_clients, client_state, 0 if view is None else view.heard.size)
+        return init_nodes(params, self.population.num_clients, client_state, 0 if view is None else view.heard.size,
+                          public=self.choco_step is not None)
 
     def tap(self, state: Any, client_ids: Sequence[int]) -> Tap:
         raise ValueError("a decentralized run's taps come out of its rounds (run.tap_clients, run.tap_rounds): what "
@@ -636,11 +683,12 @@ class DecentralizedExperiment(Experiment):
                                                     for v in tapped]])
         trained = active & (self.population.counts > 0)
         n = max(int(trained.sum()), 1)
-        model_bytes = 4.0 * self.num_params
+        sent_bytes = np.asarray(out.bits, np.float64) / 8.0  # [C] what each node sends each neighbour
         record: Record = {
             "round": round_index + 1, "participants": int(trained.sum()),
             "train_loss": float(np.sum(out.loss[trained])) / n, "local_steps_mean": float(np.sum(out.steps)) / n,
-            "bytes_per_client": model_bytes, "bytes_total": model_bytes * float(np.sum(self.out_degrees)),
+            "bytes_per_client": float(np.mean(sent_bytes)),
+            "bytes_total": float(np.sum(sent_bytes * self.out_degrees)),
             "consensus_distance": float(out.consensus), "round_time_s": elapsed}
         if skipped:
             record["budget_skipped"] = skipped

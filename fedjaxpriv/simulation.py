@@ -205,10 +205,12 @@ def cohort_rows(state: ServerState, population: Population, settings: ClientSett
 
 
 def client_message(spec: LocalSpec, apply_fn: ApplyFn, message_fn: MessageFn, algorithm: FederatedAlgorithm,
-                   state: ServerState, population: Population, base_key: jax.Array, row: dict[str, Any]):
+                   state: ServerState, population: Population, base_key: jax.Array, row: dict[str, Any],
+                   message_input: Callable[[Params], Params] | None = None):
     """Steps 3-4 for one client: local training (with the algorithm's gradient correction), then the message
-    transforms and the algorithm's extra message. Returns (message as the client sends it, extra message, its
-    new ``ClientStates`` row, transform stats, ClientOutput)."""
+    transforms (of ``message_input(delta)`` where given: what a protocol sends instead of the update, e.g.
+    CHOCO-gossip's change of the public model) and the algorithm's extra message. Returns (message as the client
+    sends it, extra message, its new ``ClientStates`` row, transform stats, ClientOutput)."""
     client_key = jax.random.fold_in(base_key, row["id"])
     train_key, message_key = jax.random.split(client_key)
     kept: ClientStates = row["client_state"]
@@ -218,7 +220,8 @@ def client_message(spec: LocalSpec, apply_fn: ApplyFn, message_fn: MessageFn, al
                               else (population.x, population.y, row["offset"]))
     out = client_update(spec, apply_fn, state.params, data_x, data_y, offset, row["count"],
                         row["settings"], train_key, correction=correction)
-    message, message_state, stats = message_fn(out.delta, row["settings"], message_key, out.trained_coordinates,
+    sent = out.delta if message_input is None else message_input(out.delta)
+    message, message_state, stats = message_fn(sent, row["settings"], message_key, out.trained_coordinates,
                                                kept.message)
     extra, algorithm_state = algorithm.client_finish(out.delta, out.steps, row["settings"].lr,
                                                      state.algorithm_state, kept.algorithm)

@@ -287,6 +287,10 @@ INVALID: list[Case] = [
     S("topology.graph=star", "topology.graph='star' is invalid; allowed: one of ['none', 'ring', 'torus'"),
     S("topology.edge_probability=0", bad("topology.edge_probability", "0", f"{FIN} in (0, 1]")),
     S("topology.edge_probability=1.5", bad("topology.edge_probability", "1.5", f"{FIN} in (0, 1]")),
+    S("topology.gossip=lossy", "topology.gossip='lossy' is invalid; allowed: one of ['exact', 'choco']"),
+    S("topology.consensus_step=0", bad("topology.consensus_step", "0", f"{FIN} in (0, 1]")),
+    S(["topology.graph=ring", "topology.consensus_step=0.5"], "topology.consensus_step=0.5 is invalid; allowed: 1.0 "
+      "with topology.gossip='exact'"),
     S(["topology.graph=ring", "server.lr=0.5"], "topology.graph='ring' is invalid; allowed: 'none' with server.lr=0.5:"
       " a decentralized run has no server"),
     S(["topology.graph=ring", "server.central_clip_norm=1", "server.central_noise_multiplier=1"], "allowed: 'none' "
