@@ -634,15 +634,15 @@ class DecentralizedExperiment(Experiment):
                          "each tapped node's curious neighbour hears.")
 
     def _starts_as_observed(self, state: NodesState, round_index: int,
-                            tapped: Sequence[int]) -> tuple[Params, np.ndarray]:
-        """The start models of the nodes ``tapped`` (leaves [T, ...]) as their observers compute them before the
-        round (``ObserverView``), and whether each is exact ([T] bool). Reads ``state`` before it is donated."""
+                            positions: np.ndarray) -> tuple[Params, np.ndarray]:
+        """The start models of the tapped nodes at ``positions`` of ``ObserverView.victims`` (leaves [T, ...]) as
+        their observers compute them before the round, and whether each is exact ([T] bool). Reads ``state``
+        before it is donated."""
         view = self.observer_view
-        positions = np.asarray([int(np.flatnonzero(view.victims == v)[0]) for v in tapped])
         if round_index == 0:  # every node starts from the public initial model
-            starts = jax.tree_util.tree_map(lambda p: np.repeat(np.asarray(p)[None], len(tapped), axis=0),
+            starts = jax.tree_util.tree_map(lambda p: np.repeat(np.asarray(p)[None], len(positions), axis=0),
                                             self.initial_params)
-            return starts, np.ones(len(tapped), bool)
+            return starts, np.ones(len(positions), bool)
         if view.own_model:
             observers = view.observers[positions]
             return jax.tree_util.tree_map(lambda leaf: np.asarray(leaf)[observers], state.params), view.exact[positions]
@@ -667,7 +667,8 @@ class DecentralizedExperiment(Experiment):
         arguments = (self.device_population, self.device_settings, jnp.asarray(active), self.root_key)
         start = time.perf_counter()
         if tapped:
-            starts, exact = self._starts_as_observed(state, round_index, tapped)
+            positions = np.asarray([int(np.flatnonzero(self.observer_view.victims == v)[0]) for v in tapped])
+            starts, exact = self._starts_as_observed(state, round_index, positions)
             width = self.observer_view.victims.size
             ids = np.asarray(tapped + [tapped[-1]] * (width - len(tapped)), np.int32)
             state, out = self.node_tap_round_fn(state, *arguments, jnp.asarray(ids))
@@ -678,9 +679,7 @@ class DecentralizedExperiment(Experiment):
         tap = None if not tapped else Tap(
             round=round_index + 1, client_ids=np.asarray(tapped, np.int32), server_params=None,
             messages=jax.tree_util.tree_map(lambda sent, begin: sent[:len(tapped)] - begin, out.tapped, starts),
-            start_params=starts, start_exact=exact,
-            observers=self.observer_view.observers[[int(np.flatnonzero(self.observer_view.victims == v)[0])
-                                                    for v in tapped]])
+            start_params=starts, start_exact=exact, observers=self.observer_view.observers[positions])
         trained = active & (self.population.counts > 0)
         n = max(int(trained.sum()), 1)
         sent_bytes = np.asarray(out.bits, np.float64) / 8.0  # [C] what each node sends each neighbour

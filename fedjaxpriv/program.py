@@ -23,9 +23,9 @@ import optax
 from jax.sharding import Mesh
 
 from fedjaxpriv.client.local import ApplyFn, LocalSpec, training_mask
-from fedjaxpriv.server.algorithms import FEDAVG, FederatedAlgorithm
-from fedjaxpriv.simulation import (AggregationSpec, ServerState, build_message_tap, build_round, init_server_state,
-                                   initial_client_states, scheduled_sparsity)
+from fedjaxpriv.server.algorithms import FEDAVG, FederatedAlgorithm, corrects_gradients
+from fedjaxpriv.simulation import (AggregationSpec, ServerState, build_message_tap, build_round, identity_message,
+                                   init_server_state, initial_client_states, scheduled_sparsity)
 from fedjaxpriv.transforms.pipeline import make_message_fn
 
 Params = Any
@@ -69,11 +69,7 @@ class RoundProgram:
     @functools.cached_property
     def message_fn(self) -> Callable[..., Any]:
         """``(delta, settings_row, key, values, state) -> (message, state, stats)`` of ``message_transform``."""
-        if self.message_transform is None:
-            from fedjaxpriv.simulation import identity_message
-
-            return identity_message
-        return make_message_fn(self.message_transform)
+        return identity_message if self.message_transform is None else make_message_fn(self.message_transform)
 
     def round_fn(self, tap_width: int = 0) -> Callable[..., tuple[ServerState, Any]]:
         """The compiled round ``(state, population, settings, ids, mask, root_key[, tap_slots]) -> (state,
@@ -118,13 +114,6 @@ class RoundProgram:
         mask = training_mask(self.spec, server_params, row, jax.random.key(0))
         return jax.tree_util.tree_map(np.asarray, mask)
 
-    def corrects_gradients(self, params: Params) -> bool:
-        """Whether the algorithm adds a correction to every local gradient (SCAFFOLD's c - c_i), read off its
-        own ``correction`` on its initial states."""
-        correction = jax.eval_shape(self.algorithm.correction, self.algorithm.server_init(params),
-                                    self.algorithm.client_init(params))
-        return bool(jax.tree_util.tree_leaves(correction))
-
     def trains_by_full_batch_gd(self, settings_row: Any, count: int, params: Params) -> bool:
         """Whether a client's local training (settings ``settings_row``, ``count`` examples) is exactly
         ``num_steps`` steps of plain full-batch gradient descent on its examples at rate ``lr``: every step sees
@@ -134,7 +123,7 @@ class RoundProgram:
         return bool(not row.poisson and int(row.batch_size) >= count and float(row.mixup_alpha) == 0
                     and float(row.dp_noise_multiplier) == 0 and not math.isfinite(float(row.dp_clip_norm))
                     and (float(row.prox_mu) == 0 or not self.spec.prox) and self.spec.momentum == 0
-                    and not self.corrects_gradients(params))
+                    and not corrects_gradients(self.algorithm, params))
 
 
 def prune_schedule_of(begin_round: int, end_round: int) -> tuple[int, int] | None:

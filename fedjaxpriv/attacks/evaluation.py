@@ -494,11 +494,13 @@ def _membership_on_models(context: AttackContext) -> AttackOutcome:
 NO_TARGETS = "no client of suite.tap_clients took part in a tapped round (raise run.rounds or lower tap_from_round)"
 
 
-def _passive(context: AttackContext) -> AttackOutcome | str:
+def _passive(context: AttackContext, curve: str = "passive") -> AttackOutcome | str:
+    """The passive attack on the run's taps; its ROC curve is named ``curve``."""
     record, scores = passive_attack(context.experiment, context.results.taps, context.suite)
     if not record:
         return NO_TARGETS
-    return AttackOutcome({k.removeprefix("attack/passive/"): v for k, v in record.items()}, scores)
+    return AttackOutcome({k.removeprefix("attack/passive/"): v for k, v in record.items()},
+                         {curve: scores["passive"]})
 
 
 def _inversion_config(suite: AttackSuite) -> Any:
@@ -512,9 +514,12 @@ def _skipped_inversion(config: ExperimentConfig, suite: AttackSuite) -> str | No
     return "skipped (inversion_targets=0, --inversion-targets)" if suite.inversion_targets == 0 else None
 
 
-def _inversion(context: AttackContext) -> AttackOutcome | str:
+def _inversion(context: AttackContext, probe: bool = True) -> AttackOutcome | str:
+    """Gradient inversion of the tapped clients' messages: a FedSGD probe's (``suite.inversion_batch`` > 0, unless
+    ``probe`` is False) or the run's own."""
     suite = context.suite
-    if suite.inversion_batch:  # the first round's messages of the tapped clients, FedSGD over a small batch
+    probe = probe and suite.inversion_batch > 0
+    if probe:  # the first round's messages of the tapped clients, FedSGD over a small batch
         clients = [c for c in suite.tap_clients if c < context.experiment.population.num_clients]
         probe = inversion_eval.fedsgd_probe(context.experiment, clients[:suite.inversion_targets],
                                             suite.inversion_batch, **context.parts)
@@ -530,7 +535,7 @@ def _inversion(context: AttackContext) -> AttackOutcome | str:
         report = report.relabel(ids)
     if not report.targets:
         return "every tapped message was skipped: " + "; ".join(sorted({why for _, _, why in report.skipped}))
-    batch = {"batch": float(suite.inversion_batch)} if suite.inversion_batch else {}
+    batch = {"batch": float(suite.inversion_batch)} if probe else {}
     return AttackOutcome({**report.summary(), **batch, "attacker": report.attacker()}, inversion=report)
 
 
@@ -629,11 +634,7 @@ def _decentralized_only(config: ExperimentConfig, suite: AttackSuite) -> str | N
 
 
 def _neighbour_passive(context: AttackContext) -> AttackOutcome | str:
-    record, scores = passive_attack(context.experiment, context.results.taps, context.suite)
-    if not record:
-        return NO_TARGETS
-    return AttackOutcome({k.removeprefix("attack/passive/"): v for k, v in record.items()},
-                         {"neighbour_passive": scores["passive"]})
+    return _passive(context, curve="neighbour_passive")
 
 
 def _neighbour_inversion_check(config: ExperimentConfig, suite: AttackSuite) -> str | None:
@@ -643,15 +644,7 @@ def _neighbour_inversion_check(config: ExperimentConfig, suite: AttackSuite) -> 
 def _neighbour_inversion(context: AttackContext) -> AttackOutcome | str:
     """Gradient inversion of the run's own tapped messages as the neighbour sees them (never a FedSGD probe: a
     node's start is its own model, which only the run's rounds give)."""
-    if not context.targets:
-        return NO_TARGETS
-    suite = context.suite
-    report = inversion_eval.invert_taps(context.experiment, context.results.taps, key=jax.random.key(suite.seed + 2),
-                                        attack=_inversion_config(suite), max_targets=suite.inversion_targets,
-                                        psnr_threshold=suite.psnr_threshold, clients=context.targets)
-    if not report.targets:
-        return "every tapped message was skipped: " + "; ".join(sorted({why for _, _, why in report.skipped}))
-    return AttackOutcome({**report.summary(), "attacker": report.attacker()}, inversion=report)
+    return _inversion(context, probe=False)
 
 
 def _membership_by_distance(context: AttackContext) -> AttackOutcome | str:

@@ -257,18 +257,24 @@ def check_protects(algorithm: FederatedAlgorithm, protection: str) -> None:
 ALGORITHM_NAMES: tuple[str, ...] = ("fedavg", "fedprox", "fedsgd", "scaffold", "ditto")
 
 
+def _holds(tree: Any) -> bool:
+    return bool(jax.tree_util.tree_leaves(tree))
+
+
+def corrects_gradients(algorithm: FederatedAlgorithm, params: Params) -> bool:
+    """Whether ``algorithm`` adds a correction to every local gradient (SCAFFOLD's c - c_i), read off its own
+    ``correction`` on its initial states for ``params``."""
+    return _holds(jax.eval_shape(algorithm.correction, algorithm.server_init(params), algorithm.client_init(params)))
+
+
 def trains_as_fedavg(algorithm: FederatedAlgorithm, params: Params) -> bool:
     """Whether ``algorithm`` trains and sends as FedAvg does once its local settings are applied: no client or
     server state, no gradient correction, no extra message, no personal training, no client-level DP (FedProx and
     FedSGD do; SCAFFOLD, Ditto and DP-FedAvg do not). Read off its own functions on ``params``, not its name."""
-    def holds(tree: Any) -> bool:
-        return bool(jax.tree_util.tree_leaves(tree))
-
-    server, client = jax.eval_shape(algorithm.server_init, params), jax.eval_shape(algorithm.client_init, params)
     return (algorithm.client_level is None and not algorithm.extra_message and algorithm.personal_update is None
-            and not holds(server) and not holds(client)
-            and not holds(jax.eval_shape(algorithm.correction, algorithm.server_init(params),
-                                         algorithm.client_init(params))))
+            and not _holds(jax.eval_shape(algorithm.server_init, params))
+            and not _holds(jax.eval_shape(algorithm.client_init, params))
+            and not corrects_gradients(algorithm, params))
 
 
 def algorithm_for(name: str, *, ditto_lambda: float = 1.0) -> FederatedAlgorithm:
