@@ -39,7 +39,7 @@ from bench_text import timed  # noqa: E402  (this directory is on the path)
 def problem(num_nodes: int):
     population, _ = synthetic_federated(0, num_nodes, max_size=80)
     model = get_model("mlp", population.input_shape, 10, hidden=(64,))
-    settings = jax.tree_util.tree_map(jnp.asarray, make_settings(num_nodes, population.counts, num_steps=5,
+    settings = jax.tree_util.tree_map(jnp.asarray, make_settings(num_nodes, population.counts, local_steps=5,
                                                                  batch_size=16, lr=0.05))
     spec = LocalSpec(max_steps=5, max_batch=16, max_count=int(np.max(population.counts)), num_classes=10)
     pop = Population(*(jnp.asarray(a) for a in (population.x, population.y, population.offsets, population.counts)))

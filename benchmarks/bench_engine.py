@@ -108,7 +108,7 @@ def make_problem(work: Workload):
     y = np.asarray(jax.random.randint(jax.random.key(2), (POOL,), 0, 10), np.int32)
     counts = np.full(work.clients, EXAMPLES, np.int32)
     offsets = ((np.arange(work.clients) * 37) % (POOL - EXAMPLES)).astype(np.int32)
-    settings = make_settings(work.clients, counts, num_steps=STEPS, batch_size=BATCH, lr=LR)
+    settings = make_settings(work.clients, counts, local_steps=STEPS, batch_size=BATCH, lr=LR)
     return model, params, x, y, offsets, counts, settings
 
 

@@ -25,6 +25,8 @@ import re
 import warnings
 from typing import Any, Iterable, Mapping, Sequence, Union
 
+import numpy as np
+
 from fedjaxpriv.privacy.validation import ACCOUNTANTS
 from fedjaxpriv.sinks import SINK_NAMES
 
@@ -128,7 +130,7 @@ def parse_number(text: str) -> int | float | None:
         return None
 
 
-def _in_bounds(x: float, rule: Rule) -> bool:
+def in_bounds(x: float, rule: Rule) -> bool:
     if math.isnan(x) or (math.isinf(x) and not (x > 0 and rule.high == math.inf)):
         return False
     if rule.low is not None and not (x > rule.low if rule.low_open else x >= rule.low):
@@ -160,7 +162,7 @@ def _element(value: Any, rule: Rule) -> Any:
         value = int(value)
     else:
         value = float(value)  # OverflowError (a ValueError's sibling) for ints beyond float range
-    if not _in_bounds(value, rule):
+    if not in_bounds(value, rule):
         raise ValueError
     return value
 
@@ -349,8 +351,50 @@ class ClientConfig:
                f"an integer >= client.prune_begin_round={self.prune_begin_round} >= 0")
 
 
-MESSAGE_STAGES = ("prune", "topk", "randk", "clip", "noise", "round", "qsgd")
-NORM_NONINCREASING_STAGES = ("prune", "topk", "randk")
+@dataclasses.dataclass(frozen=True)
+class MessageStage:
+    """One stage of ``message.order``: everything the config, the settings and the pipeline know of it.
+
+    Attributes:
+      name: its name in ``message.order``.
+      strengths: the per-client knobs it reads, each a ``message`` knob and the ``ClientSettings`` field of the
+        same name; the first one switches it on.
+      off: values of that first knob that leave every message as it is (the stage is then left out).
+      transform: ``"module:function"`` making its ``MessageTransform`` from ``strengths`` (imported only when a
+        pipeline is built, so the config stays free of JAX).
+      compressor: it drops or coarsens coordinates, so error feedback may carry what it leaves out.
+      norm_nonincreasing: it never increases a message's L2 norm and keeps no state, so it may sit between
+        'clip' and 'noise' (``local_dp_order_problem``).
+    """
+
+    name: str
+    strengths: tuple[str, ...]
+    off: tuple[float, ...]
+    transform: str
+    compressor: bool = False
+    norm_nonincreasing: bool = False
+
+    def is_on(self, values: Any) -> bool:
+        """Whether the stage changes some client's message, for a knob's values (a scalar, tiers, or [C])."""
+        return bool(np.any(~np.isin(np.asarray(values, np.float64), self.off)))
+
+
+_SPARSIFY, _PRIVACY, _QUANTIZE = "fedjaxpriv.transforms.sparsify", "fedjaxpriv.transforms.privacy", \
+    "fedjaxpriv.transforms.quantize"
+# The message stages, in their default order.
+STAGES: tuple[MessageStage, ...] = (
+    MessageStage("prune", ("sparsity",), (0.0,), f"{_SPARSIFY}:prune_message", compressor=True,
+                 norm_nonincreasing=True),
+    MessageStage("topk", ("topk_fraction",), (1.0,), f"{_SPARSIFY}:top_k", compressor=True, norm_nonincreasing=True),
+    MessageStage("randk", ("randk_fraction",), (1.0,), f"{_SPARSIFY}:random_k", compressor=True,
+                 norm_nonincreasing=True),
+    MessageStage("clip", ("clip_norm",), (math.inf,), f"{_PRIVACY}:clip_update"),
+    MessageStage("noise", ("local_noise_multiplier", "clip_norm"), (0.0,), f"{_PRIVACY}:add_local_noise"),
+    MessageStage("round", ("quant_bits",), (0.0, 32.0), f"{_QUANTIZE}:stochastic_rounding", compressor=True),
+    MessageStage("qsgd", ("qsgd_levels",), (0.0,), f"{_QUANTIZE}:qsgd", compressor=True),
+)
+STAGE_BY_NAME: dict[str, MessageStage] = {stage.name: stage for stage in STAGES}
+MESSAGE_STAGES: tuple[str, ...] = tuple(STAGE_BY_NAME)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -385,29 +429,20 @@ class MessageConfig:
     def __post_init__(self) -> None:
         _parse_fields(self, "message")
         _check(len(set(self.order)) == len(self.order), "message.order", self.order, "each stage at most once")
-        set_on = {"prune": ("message.sparsity", self.sparsity, any(v > 0 for v in _values(self.sparsity))),
-                  "topk": ("message.topk_fraction", self.topk_fraction,
-                           any(v < 1 for v in _values(self.topk_fraction))),
-                  "randk": ("message.randk_fraction", self.randk_fraction,
-                            any(v < 1 for v in _values(self.randk_fraction))),
-                  "clip": ("message.clip_norm", self.clip_norm, any(math.isfinite(v) for v in _values(self.clip_norm))),
-                  "noise": ("message.local_noise_multiplier", self.local_noise_multiplier,
-                            any(v > 0 for v in _values(self.local_noise_multiplier))),
-                  "round": ("message.quant_bits", self.quant_bits, any(v > 0 for v in _values(self.quant_bits))),
-                  "qsgd": ("message.qsgd_levels", self.qsgd_levels, any(v > 0 for v in _values(self.qsgd_levels)))}
-        for stage, (name, value, on) in set_on.items():
-            if on and stage not in self.order:  # a knob whose stage never runs would be silently ignored
-                raise ValueError(f"{name}={value!r} sets stage {stage!r}, which message.order={list(self.order)} "
-                                 f"leaves out: it would never be applied; add {stage!r} to message.order or leave "
-                                 f"{name} at its default.")
-        noisy = any(v > 0 for v in _values(self.local_noise_multiplier))
+        for stage in STAGES:
+            name, value = f"message.{stage.strengths[0]}", getattr(self, stage.strengths[0])
+            if stage.is_on(value) and stage.name not in self.order:  # else the knob would be silently ignored
+                raise ValueError(f"{name}={value!r} sets stage {stage.name!r}, which message.order="
+                                 f"{list(self.order)} leaves out: it would never be applied; add {stage.name!r} to "
+                                 f"message.order or leave {name} at its default.")
+        noisy = STAGE_BY_NAME["noise"].is_on(self.local_noise_multiplier)
         _check(not noisy or all(math.isfinite(v) for v in _values(self.clip_norm)), "message.clip_norm",
                self.clip_norm, "finite whenever message.local_noise_multiplier > 0")
         if noisy:
-            on = {"prune": any(v > 0 for v in _values(self.sparsity)),
-                  "topk": any(v < 1 for v in _values(self.topk_fraction)),
-                  "randk": any(v < 1 for v in _values(self.randk_fraction))}
-            active = tuple(stage for stage in self.order if on.get(stage, True))
+            # A listed stage counts unless it is off and never increases the norm: a device policy may still
+            # switch rounding on for some clients (``devices.policies``), and the config is read before it.
+            active = tuple(name for name in self.order if not STAGE_BY_NAME[name].norm_nonincreasing
+                           or STAGE_BY_NAME[name].is_on(getattr(self, STAGE_BY_NAME[name].strengths[0])))
             problem = local_dp_order_problem(active, self.error_feedback)
             _check(problem is None, "message.order", self.order, problem or "")
 
@@ -428,8 +463,9 @@ def local_dp_order_problem(order: Sequence[str], error_feedback: bool) -> str | 
         return ("'clip' before 'noise' when message.local_noise_multiplier > 0 (noise added before clipping is "
                 "scaled down with the message and voids the local DP guarantee)")
     between = order[order.index("clip") + 1:order.index("noise")]
-    if not all(stage in NORM_NONINCREASING_STAGES for stage in between):
-        return (f"only {list(NORM_NONINCREASING_STAGES)} between 'clip' and 'noise' (they never increase the norm; "
+    allowed = [stage.name for stage in STAGES if stage.norm_nonincreasing]
+    if not all(stage in allowed for stage in between):
+        return (f"only {allowed} between 'clip' and 'noise' (they never increase the norm; "
                 "rounding and QSGD can, which would void the clip norm that the noise is scaled to)")
     if error_feedback and between:
         return (f"no compressor between 'clip' and 'noise' with message.error_feedback=true (got {between}: error "

@@ -22,7 +22,7 @@ import numpy as np
 from fedjaxpriv import evaluation
 from fedjaxpriv.client.local import LocalSpec
 from fedjaxpriv.client.sampling import overflow_probability
-from fedjaxpriv.client.settings import ClientSettings, make_settings, per_client_array, with_extra
+from fedjaxpriv.client.settings import SETTING_KNOBS, ClientSettings, make_settings, per_client_array, with_extra
 from fedjaxpriv.config import (POPULATION_RECIPE_FIELDS, USER_SUPPLIED, DataConfig, ExperimentConfig,
                                ModelConfig, is_table, is_text)
 from fedjaxpriv.data import Dataset, FederatedData, load_dataset, partition, synthetic_federated
@@ -207,17 +207,10 @@ def client_settings(config: ExperimentConfig, counts: np.ndarray) -> ClientSetti
 
 
 def configured_settings(config: ExperimentConfig, counts: np.ndarray) -> ClientSettings:
-    """Per-client settings arrays [C] as ``config.client`` and ``config.message`` give them."""
-    c = config.client
-    fields: dict[str, Any] = dict(
-        num_steps=c.local_steps, batch_size=c.batch_size, lr=c.lr, prox_mu=c.prox_mu,
-        poisson=c.sampling == "poisson", mixup_alpha=c.mixup_alpha, prune_sparsity=c.prune_sparsity,
-        dp_clip_norm=c.dp_clip_norm, dp_noise_multiplier=c.dp_noise_multiplier)
-    m = config.message
-    fields.update(message_sparsity=m.sparsity, topk_fraction=m.topk_fraction, randk_fraction=m.randk_fraction,
-                  update_clip_norm=m.clip_norm, local_noise_multiplier=m.local_noise_multiplier,
-                  quant_bits=m.quant_bits, quant_levels=m.qsgd_levels)
-    return make_settings(len(counts), counts, **fields)
+    """Per-client settings arrays [C] as ``config.client`` and ``config.message`` give them: each field is the
+    knob of the same name (``client.settings.SETTING_KNOBS``), and ``poisson`` is ``client.sampling``."""
+    fields = {name: getattr(getattr(config, section), name) for name, (section, _) in SETTING_KNOBS.items()}
+    return make_settings(len(counts), counts, poisson=config.client.sampling == "poisson", **fields)
 
 
 def run_algorithm(config: ExperimentConfig, algorithm: FederatedAlgorithm | None) -> FederatedAlgorithm:
@@ -368,7 +361,7 @@ def local_spec(config: ExperimentConfig, settings: ClientSettings, counts: np.nd
     max_count = max(1, int(np.max(counts)))
     c = config.client
     uses_dp = bool(np.any(settings.dp_noise_multiplier > 0) or np.any(np.isfinite(settings.dp_clip_norm)))
-    max_steps = max(1, int(np.max(settings.num_steps)))
+    max_steps = max(1, int(np.max(settings.local_steps)))
     return LocalSpec(
         max_steps=max_steps, max_batch=slots, max_count=max_count,
         num_classes=num_classes, per_example=uses_dp, mixup=bool(np.any(settings.mixup_alpha > 0)),
@@ -486,7 +479,7 @@ def plan_privacy(config: ExperimentConfig, settings: ClientSettings, counts: np.
     num_clients = int(np.asarray(counts).size)
     settings, budget = calibrate_targets(settings, counts, targets, client_rate=s.clients_per_round / num_clients,
                                          rounds=r.rounds, delta=r.delta, accountant=r.accountant)
-    planned = np.minimum(budget, r.rounds) * np.asarray(settings.num_steps, np.int64)
+    planned = np.minimum(budget, r.rounds) * np.asarray(settings.local_steps, np.int64)
     slots = dp_batch_slots(settings, counts, planned_steps=planned, delta=r.delta, accountant=r.accountant)
     cohort_slots = max_cohort_size(num_clients, s.clients_per_round, s.client_sampling,
                                    private=(s.central_noise_multiplier > 0 or s.target_epsilon is not None
@@ -518,7 +511,7 @@ def build_mechanisms(config: ExperimentConfig, settings: ClientSettings, counts:
     num_clients = int(np.asarray(counts).size)
     sample_level = dpsgd_mechanism(settings, counts, batch_slots)
     local_dp = (None if transform_passed_in
-                else local_gaussian(settings.local_noise_multiplier, settings.update_clip_norm))
+                else local_gaussian(settings.local_noise_multiplier, settings.clip_norm))
     if np.any(settings.local_noise_multiplier > 0):
         check_protects(algorithm, "local DP (message.local_noise_multiplier > 0)")
         if transform_passed_in:
@@ -634,7 +627,7 @@ class Experiment:
         self.mesh = mesh
         self.plan = execution_plan(
             self.model.apply, params, jax.ShapeDtypeStruct((slots, *population.input_shape), population.x.dtype),
-            max_steps=max(1, int(np.max(self.settings.num_steps))), max_batch=slots, num_clients=self.cohort_slots,
+            max_steps=max(1, int(np.max(self.settings.local_steps))), max_batch=slots, num_clients=self.cohort_slots,
             mesh=mesh, strategy=r.strategy, chunk_size=r.chunk_size)
         self.strategy, self.chunk_size = self.plan.strategy, self.plan.chunk_size
         # run.shard_data: the examples split over the mesh's devices, each chunk's fetched where it trains.
@@ -685,7 +678,7 @@ class Experiment:
         """A fresh tracker of this run's mechanisms (nothing spent yet)."""
         r = self.config.run
         try:
-            return PrivacyTracker(num_clients=self.population.num_clients, steps_per_round=self.settings.num_steps,
+            return PrivacyTracker(num_clients=self.population.num_clients, steps_per_round=self.settings.local_steps,
                                   delta=r.delta, accountant=r.accountant, sample_level=self.sample_level,
                                   client_level=self.client_level, local=self.local_dp,
                                   max_participations=self.participation_budget)

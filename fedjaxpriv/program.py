@@ -116,7 +116,7 @@ class RoundProgram:
 
     def trains_by_full_batch_gd(self, settings_row: Any, count: int, params: Params) -> bool:
         """Whether a client's local training (settings ``settings_row``, ``count`` examples) is exactly
-        ``num_steps`` steps of plain full-batch gradient descent on its examples at rate ``lr``: every step sees
+        ``local_steps`` steps of plain full-batch gradient descent on its examples at rate ``lr``: every step sees
         all of them without sampling noise (no Poisson sampling, batch >= count), nothing is mixed, clipped or
         noised per example, and no momentum, proximal term or gradient correction changes the step."""
         row = settings_row

@@ -5,7 +5,7 @@ and attacks each (round, client) message as it left the client, i.e. after local
 client's own settings and the library's message pipeline (pruning, top-k, clipping, noise, quantization).
 The attacker knows what the server knows:
 
-* the server parameters of that round and the client's ``num_steps``, ``lr``, data size n (the FedAvg
+* the server parameters of that round and the client's ``local_steps``, ``lr``, data size n (the FedAvg
   weight), clip norm, noise multiplier and the stages on for it;
 * its pruning mask: magnitude masks are recomputed from the server parameters with the client's sparsity
   (and the round's sparsity under an iterative schedule), exactly as ``client.local.client_update`` does;
@@ -19,7 +19,7 @@ The attacker knows what the server knows:
   of clients with the same public settings (``InversionReport.attacker`` names it), so a clip that only
   rescales the message is not credited as protection.
 
-Regime. The attacker simulates the client's local training on its candidate inputs as ``num_steps``
+Regime. The attacker simulates the client's local training on its candidate inputs as ``local_steps``
 full-batch SGD steps over all n examples (``inversion.simulate_message``). This is EXACT when the client
 samples fixed-size batches with ``batch_size >= n`` (every step uses all its examples, in an order that the
 mean loss ignores) and uses no mixup, no DP-SGD, no FedProx and no momentum; evaluate on clients whose data
@@ -258,7 +258,7 @@ def _server_mask(experiment: Any, server_params: Params, message: Params, row: A
 
 
 def _sparsified(row: Any) -> bool:
-    return bool(row.message_sparsity > 0 or row.topk_fraction < 1 or row.randk_fraction < 1)
+    return bool(row.sparsity > 0 or row.topk_fraction < 1 or row.randk_fraction < 1)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -318,7 +318,7 @@ def _client_target(experiment: Any, tap: Any, position: int, attack: inversion.I
     return _Target(
         round=r, client=client, index=index, server_params=server, message=message,
         mask=ones if mask is None else mask, support=support, unsent_bound=unsent_bound, lr=float(row.lr),
-        num_steps=int(row.num_steps), scale_invariant=bool(invariant),
+        num_steps=int(row.local_steps), scale_invariant=bool(invariant),
         exact=(experiment.program.trains_by_full_batch_gd(row, count, server) and (mask is not None or not pruned)
                and mask_known and start_known), mask_aware=mask is not None)
 
@@ -337,8 +337,8 @@ def _collect(experiment: Any, taps: list[Any], attack: inversion.InversionConfig
             if len(targets) == max_targets:
                 skipped.append((r, client, f"max_targets={max_targets} reached"))
                 continue
-            if count == 0 or int(_row(experiment.settings, client).num_steps) == 0:
-                skipped.append((r, client, "sent a zero update (no data or num_steps=0)"))
+            if count == 0 or int(_row(experiment.settings, client).local_steps) == 0:
+                skipped.append((r, client, "sent a zero update (no data or local_steps=0)"))
                 continue
             if count > max_examples:
                 skipped.append((r, client, f"{count} examples > max_examples={max_examples}"))
@@ -580,7 +580,7 @@ def fedsgd_probe(experiment: Any, clients: Sequence[int], examples: int, *, para
     rows = jax.tree_util.tree_map(lambda a: np.asarray(a)[ids], experiment.settings)
     poisson = np.asarray(rows.poisson, bool)
     settings = rows._replace(
-        num_steps=np.minimum(np.asarray(rows.num_steps), 1).astype(np.int32),
+        local_steps=np.minimum(np.asarray(rows.local_steps), 1).astype(np.int32),
         batch_size=np.where(poisson, np.maximum(1, np.rint(np.asarray(rows.sample_rate) * counts)),
                             counts).astype(np.int32))
     rounds = max(int(experiment.config.run.rounds), round_number)
@@ -867,7 +867,7 @@ def _attack_cohort(experiment: Any, view: _CohortView, attack: inversion.Inversi
     """Runs the joint attack on one round -> (reconstructions [N, ...], labels [N], loss)."""
     counts = np.asarray(experiment.population.counts)
     rows = [_row(experiment.settings, c) for c in view.client_ids.tolist()]
-    clips = np.array([float(row.update_clip_norm) for row in rows], np.float32)
+    clips = np.array([float(row.clip_norm) for row in rows], np.float32)
     cohort = _Cohort(input_shape=tuple(experiment.population.input_shape), num_classes=int(experiment.num_classes),
                      local_steps=int(experiment.spec.max_steps),
                      sizes=tuple(int(counts[c]) for c in view.client_ids.tolist()),

@@ -127,7 +127,7 @@ def train_models(model: Model, population: FederatedData, spec: LocalSpec, key: 
     train_keys = jax.vmap(lambda i: jax.random.fold_in(key, 2 * i + 1))(jnp.asarray(ids))
     init_params = jax.vmap(model.init)(init_keys)
     counts = population.counts[ids]
-    settings = make_settings(ids.size, counts, num_steps=spec.max_steps, batch_size=batch_size, lr=lr)
+    settings = make_settings(ids.size, counts, local_steps=spec.max_steps, batch_size=batch_size, lr=lr)
     settings = jax.tree_util.tree_map(jnp.asarray, settings)
     return _train(spec, model.apply, init_params, jnp.asarray(population.x), jnp.asarray(population.y),
                   jnp.asarray(population.offsets[ids]), jnp.asarray(counts), settings, train_keys,

@@ -1,7 +1,7 @@
 """Local training of ONE client, written as a pure function and vectorized elsewhere.
 
 ``client_update`` runs ``spec.max_steps`` steps under ``lax.scan``; steps past the client's own
-``num_steps`` are masked no-ops, padded batch slots carry zero weight, so clients with different data sizes,
+``local_steps`` are masked no-ops, padded batch slots carry zero weight, so clients with different data sizes,
 step counts, batch sizes, learning rates and defenses share one compiled program.
 """
 
@@ -30,7 +30,7 @@ class LocalSpec:
     """Static shape and feature switches of local training (hashable; part of the compiled program).
 
     Attributes:
-      max_steps: scan length; each client runs its own ``num_steps`` <= max_steps.
+      max_steps: scan length; each client runs its own ``local_steps`` <= max_steps.
       max_batch: batch slots per step.
       max_count: largest client size (static bound for sampling).
       num_classes: label classes (the size of the task's soft targets, e.g. one-hot width).
@@ -199,7 +199,7 @@ def client_update(spec: LocalSpec, apply_fn: ApplyFn, server_params: Params, dat
         sample_key, mix_key, noise_key = jax.random.split(step_key, 3)
         idx, bmask = sample_batch(sample_key, count, settings.batch_size, settings.sample_rate, settings.poisson,
                                   max_batch=spec.max_batch, max_count=spec.max_count, allow_poisson=spec.poisson)
-        active = t < settings.num_steps
+        active = t < settings.local_steps
         rows = offset + idx
         x = jnp.take(data_x, rows, axis=0, mode="clip")
         targets = spec.task.training_targets(jnp.take(data_y, rows, axis=0, mode="clip"), spec.num_classes)
@@ -231,7 +231,7 @@ def client_update(spec: LocalSpec, apply_fn: ApplyFn, server_params: Params, dat
     (final_params, _), losses = jax.lax.scan(step, (start_params, opt_state), jnp.arange(spec.max_steps),
                                              unroll=max(1, min(spec.unroll, spec.max_steps)))
     delta = jax.tree_util.tree_map(jnp.subtract, final_params, start_params)
-    steps = jnp.minimum(settings.num_steps, spec.max_steps).astype(jnp.float32)
+    steps = jnp.minimum(settings.local_steps, spec.max_steps).astype(jnp.float32)
     if weight_mask is None:
         trained = jnp.int32(sum(leaf.size for leaf in jax.tree_util.tree_leaves(server_params)))
     else:

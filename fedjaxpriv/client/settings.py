@@ -6,17 +6,23 @@ population: a client's row is gathered by id and read as traced scalars inside l
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import NamedTuple, Sequence
 
 import numpy as np
 
+from fedjaxpriv.config import ClientConfig, MessageConfig, Rule, describe, in_bounds
+
 
 class ClientSettings(NamedTuple):
     """Per-client settings, each an array of shape [C] (or a scalar inside one client's computation).
 
+    Every field but ``poisson``, ``sample_rate`` and ``extra`` is the per-client knob of the same name in the
+    config's ``client`` or ``message`` section (``SETTING_KNOBS``), with that knob's allowed values.
+
     Attributes:
-      num_steps: int32 local optimizer steps (0 = the client sends a zero update).
+      local_steps: int32 local optimizer steps (0 = the client sends a zero update).
       batch_size: int32 fixed-size batch (fixed sampling) or expected batch (Poisson).
       lr: float32 local learning rate.
       prox_mu: float32 FedProx coefficient.
@@ -26,18 +32,19 @@ class ClientSettings(NamedTuple):
       prune_sparsity: float32 in [0, 1).
       dp_clip_norm: float32 per-example clip norm (inf = no clipping).
       dp_noise_multiplier: float32 DP-SGD noise multiplier (0 = no noise).
-      message_sparsity: float32 magnitude pruning of the sent update, fraction zeroed per layer (0 = off).
+      sparsity: float32 magnitude pruning of the sent update (``message.sparsity``), fraction zeroed per layer
+        (0 = off).
       topk_fraction: float32 fraction of update coordinates kept by top-k (1 = all).
       randk_fraction: float32 fraction kept by random-k (1 = all).
-      update_clip_norm: float32 L2 clip of the sent update (inf = none).
+      clip_norm: float32 L2 clip of the sent update (``message.clip_norm``; inf = none).
       local_noise_multiplier: float32 local-DP Gaussian noise on the update, std = multiplier x clip.
       quant_bits: int32 stochastic-rounding bits per coordinate of the update (0 = off).
-      quant_levels: int32 QSGD levels s (0 = off).
+      qsgd_levels: int32 QSGD levels s (0 = off).
       extra: a user's own per-client strengths, {name: float32 [C]}, read by name like any field (a message
         transform's strength ``"my_strength"`` reads ``extra["my_strength"]``).
     """
 
-    num_steps: np.ndarray
+    local_steps: np.ndarray
     batch_size: np.ndarray
     lr: np.ndarray
     prox_mu: np.ndarray
@@ -47,18 +54,34 @@ class ClientSettings(NamedTuple):
     prune_sparsity: np.ndarray
     dp_clip_norm: np.ndarray
     dp_noise_multiplier: np.ndarray
-    message_sparsity: np.ndarray
+    sparsity: np.ndarray
     topk_fraction: np.ndarray
     randk_fraction: np.ndarray
-    update_clip_norm: np.ndarray
+    clip_norm: np.ndarray
     local_noise_multiplier: np.ndarray
     quant_bits: np.ndarray
-    quant_levels: np.ndarray
+    qsgd_levels: np.ndarray
     extra: dict[str, np.ndarray] = {}
 
 
-_DTYPES = {"num_steps": np.int32, "batch_size": np.int32, "poisson": bool, "quant_bits": np.int32,
-           "quant_levels": np.int32}
+# Per-client knobs of the config that are not local-training settings: a target epsilon is turned into each
+# client's dp_noise_multiplier before training (``privacy.tracking.calibrate_targets``).
+NOT_SETTINGS = ("target_epsilon",)
+
+
+def _setting_knobs() -> dict[str, tuple[str, Rule]]:
+    knobs = {}
+    for section, config_class in (("client", ClientConfig), ("message", MessageConfig)):
+        for field in dataclasses.fields(config_class):
+            rule = field.metadata.get("rule")
+            if rule is not None and rule.shape == "per_client" and field.name not in NOT_SETTINGS:
+                knobs[field.name] = (section, dataclasses.replace(rule, shape="scalar"))
+    return knobs
+
+
+# settings field -> (config section, the knob's rule for one client's value): one name and one rule per knob.
+SETTING_KNOBS: dict[str, tuple[str, Rule]] = _setting_knobs()
+_DTYPES = {"poisson": bool, **{name: np.int32 for name, (_, rule) in SETTING_KNOBS.items() if rule.kind is int}}
 
 
 def per_client_array(field: str, value: float | int | Sequence[float], num_clients: int) -> np.ndarray:
@@ -81,10 +104,10 @@ def make_settings(num_clients: int, counts: np.ndarray, *, extra: dict[str, floa
     ``sample_rate`` defaults to batch_size / count (clipped to (0, 1]) for each client. ``extra`` adds a user's
     own per-client strengths (scalar, tiers or one value per client, as float32).
     """
-    defaults = dict(num_steps=1, batch_size=16, lr=0.1, prox_mu=0.0, poisson=False, sample_rate=None,
+    defaults = dict(local_steps=1, batch_size=16, lr=0.1, prox_mu=0.0, poisson=False, sample_rate=None,
                     mixup_alpha=0.0, prune_sparsity=0.0, dp_clip_norm=math.inf, dp_noise_multiplier=0.0,
-                    message_sparsity=0.0, topk_fraction=1.0, randk_fraction=1.0, update_clip_norm=math.inf,
-                    local_noise_multiplier=0.0, quant_bits=0, quant_levels=0)
+                    sparsity=0.0, topk_fraction=1.0, randk_fraction=1.0, clip_norm=math.inf,
+                    local_noise_multiplier=0.0, quant_bits=0, qsgd_levels=0)
     unknown = set(fields) - set(defaults)
     if unknown:
         raise ValueError(f"unknown client setting(s) {sorted(unknown)}; allowed: {sorted(defaults)}.")
@@ -125,37 +148,25 @@ def with_extra(current: dict[str, np.ndarray], num_clients: int,
 
 
 def validate_settings(settings: ClientSettings) -> None:
-    """Raises ValueError naming the first field with an out-of-range value."""
-    checks = {
-        "num_steps": (lambda a: a >= 0, ">= 0"),
-        "batch_size": (lambda a: a >= 1, ">= 1"),
-        "lr": (lambda a: (a > 0) & np.isfinite(a), "finite and > 0"),
-        "prox_mu": (lambda a: a >= 0, ">= 0"),
-        "sample_rate": (lambda a: (a > 0) & (a <= 1), "in (0, 1]"),
-        "mixup_alpha": (lambda a: a >= 0, ">= 0"),
-        "prune_sparsity": (lambda a: (a >= 0) & (a < 1), "in [0, 1)"),
-        "dp_clip_norm": (lambda a: a > 0, "> 0 (inf = no clipping)"),
-        "dp_noise_multiplier": (lambda a: (a >= 0) & np.isfinite(a), "finite and >= 0"),
-        "update_clip_norm": (lambda a: a > 0, "> 0 (inf = no clipping)"),
-        "local_noise_multiplier": (lambda a: (a >= 0) & np.isfinite(a), "finite and >= 0"),
-        "message_sparsity": (lambda a: (a >= 0) & (a < 1), "in [0, 1)"),
-        "topk_fraction": (lambda a: (a > 0) & (a <= 1), "in (0, 1]"),
-        "randk_fraction": (lambda a: (a > 0) & (a <= 1), "in (0, 1]"),
-        "quant_bits": (lambda a: (a >= 0) & (a <= 32), "in [0, 32] (0 = off)"),
-        "quant_levels": (lambda a: a >= 0, ">= 0 (0 = off)"),
-    }
-    for field, (ok, allowed) in checks.items():
+    """Raises ValueError naming the first field with a value its config knob does not allow (``SETTING_KNOBS``),
+    a sample rate outside (0, 1], or noise without a finite clip norm."""
+    for field, (section, rule) in SETTING_KNOBS.items():
         values = np.asarray(getattr(settings, field))
-        bad = ~ok(values)
+        bad = ~np.isin(values, [v for v in np.unique(values) if in_bounds(float(v), rule)])
         if np.any(bad):
             first = int(np.argmax(bad))
-            raise ValueError(f"client setting {field}={values[first]!r} (client {first}) is invalid; "
-                             f"allowed: {allowed}.")
+            raise ValueError(f"client setting {field}={values[first]!r} (client {first}; {section}.{field}) is "
+                             f"invalid; allowed: {describe(rule)}.")
+    rates = np.asarray(settings.sample_rate)
+    if np.any(~((rates > 0) & (rates <= 1))):
+        first = int(np.argmax(~((rates > 0) & (rates <= 1))))
+        raise ValueError(f"client setting sample_rate={rates[first]!r} (client {first}) is invalid; allowed: a "
+                         "number in (0, 1].")
     noisy_unclipped = (np.asarray(settings.dp_noise_multiplier) > 0) & ~np.isfinite(settings.dp_clip_norm)
     if np.any(noisy_unclipped):
         raise ValueError(f"client {int(np.argmax(noisy_unclipped))} has dp_noise_multiplier > 0 but "
                          "dp_clip_norm=inf; DP-SGD needs a finite clip norm.")
-    local_noise_unclipped = (np.asarray(settings.local_noise_multiplier) > 0) & ~np.isfinite(settings.update_clip_norm)
+    local_noise_unclipped = (np.asarray(settings.local_noise_multiplier) > 0) & ~np.isfinite(settings.clip_norm)
     if np.any(local_noise_unclipped):
         raise ValueError(f"client {int(np.argmax(local_noise_unclipped))} has local_noise_multiplier > 0 but "
-                         "update_clip_norm=inf; local DP noise needs a finite clip norm.")
+                         "clip_norm=inf; local DP noise needs a finite clip norm.")

@@ -120,14 +120,14 @@ def message_bits(settings: ClientSettings, num_params: int) -> np.ndarray:
     bits = np.asarray(settings.quant_bits)
     value_bits = np.where((bits > 0) & (bits < FLOAT_BITS), bits, FLOAT_BITS).astype(np.float64)
     density = (np.asarray(settings.topk_fraction, np.float64) * np.asarray(settings.randk_fraction, np.float64)
-               * (1.0 - np.asarray(settings.message_sparsity, np.float64)))
+               * (1.0 - np.asarray(settings.sparsity, np.float64)))
     index_bits = np.where(density < 1.0, math.ceil(math.log2(max(num_params, 2))), 0)
     return num_params * density * (value_bits + index_bits)
 
 
 def training_flops(policy: DevicePolicy, settings: ClientSettings) -> np.ndarray:
     """FLOPs of each client's local training in one round [C]: steps x batch x flops per example."""
-    return np.asarray(settings.num_steps, np.float64) * np.asarray(settings.batch_size, np.float64) * \
+    return np.asarray(settings.local_steps, np.float64) * np.asarray(settings.batch_size, np.float64) * \
         policy.example_flops
 
 
@@ -144,7 +144,7 @@ def upload_time(policy: DevicePolicy, profiles: DeviceProfiles, settings: Client
 def straggler_mask(policy: DevicePolicy, profiles: DeviceProfiles, settings: ClientSettings) -> np.ndarray:
     """True [C] for clients that cannot take part within the deadline (too slow, or no step fits)."""
     total = compute_time(policy, profiles, settings) + upload_time(policy, profiles, settings)
-    return (total > policy.round_deadline_s) | (np.asarray(settings.num_steps) <= 0)
+    return (total > policy.round_deadline_s) | (np.asarray(settings.local_steps) <= 0)
 
 
 def availability(profiles: DeviceProfiles, seed: int, round_index: int) -> np.ndarray:
@@ -168,7 +168,7 @@ def _device_aware(policy: DevicePolicy, profiles: DeviceProfiles, base: ClientSe
     sparsity = np.clip(1.0 - profiles.memory_bytes / needed, 0.0, policy.max_prune_sparsity)
     bits = np.floor(policy.upload_budget * profiles.uplink_bps / policy.num_params)
     bits = np.where(bits >= FLOAT_BITS, 0, np.maximum(bits, policy.min_quant_bits))
-    return dict(num_steps=steps.astype(np.int32), prune_sparsity=sparsity.astype(np.float32),
+    return dict(local_steps=steps.astype(np.int32), prune_sparsity=sparsity.astype(np.float32),
                 quant_bits=bits.astype(np.int32), target_epsilon=np.asarray(profiles.target_epsilon, np.float64))
 
 
@@ -181,7 +181,7 @@ def _fit_steps_to_deadline(policy: DevicePolicy, profiles: DeviceProfiles, setti
     spare = policy.round_deadline_s - upload_time(policy, profiles, settings)
     per_step = np.asarray(settings.batch_size, np.float64) * policy.example_flops / profiles.flops_per_s
     fits = np.floor(np.maximum(spare, 0.0) / per_step)
-    return np.minimum(np.asarray(settings.num_steps), fits).astype(np.int32)
+    return np.minimum(np.asarray(settings.local_steps), fits).astype(np.int32)
 
 
 def _clip_private(policy: DevicePolicy, settings: ClientSettings, targets: np.ndarray) -> ClientSettings:
@@ -203,7 +203,7 @@ def policy_settings(policy: DevicePolicy, profiles: DeviceProfiles,
     targets = np.asarray(chosen.pop("target_epsilon"), np.float64)
     settings = base_settings._replace(**chosen)
     if policy.stragglers == "fewer_steps":
-        settings = settings._replace(num_steps=_fit_steps_to_deadline(policy, profiles, settings))
+        settings = settings._replace(local_steps=_fit_steps_to_deadline(policy, profiles, settings))
     settings = _clip_private(policy, settings, targets)
     validate_settings(settings)
     return settings, targets

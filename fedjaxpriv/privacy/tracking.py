@@ -130,7 +130,7 @@ def calibrate_targets(settings: ClientSettings, counts: np.ndarray, targets: np.
     """Each client's DP-SGD noise multiplier from its target epsilon (inf = no target) and its budget.
 
     Client i's budget covers ``participation_plan(client_rate, rounds)`` participations of
-    ``settings.num_steps[i]`` steps of its own mechanism (Poisson or fixed-size sampling, mixup, truncation
+    ``settings.local_steps[i]`` steps of its own mechanism (Poisson or fixed-size sampling, mixup, truncation
     charged to delta). The float32 multiplier that runs is rounded up, so the run stays within the target.
 
     Returns:
@@ -151,7 +151,7 @@ def calibrate_targets(settings: ClientSettings, counts: np.ndarray, targets: np.
     slots = batch_slots(settings, counts, targeted | (np.asarray(settings.dp_noise_multiplier) > 0))
     mechanism = dpsgd_mechanism(settings, counts, slots, noise_multipliers=np.where(targeted, 1.0, 0.0))
     sigmas = np.array(settings.dp_noise_multiplier, np.float64)
-    steps = np.asarray(settings.num_steps, np.int64) * plan
+    steps = np.asarray(settings.local_steps, np.int64) * plan
     solved: dict[tuple[Any, ...], float] = {}
     for i in np.flatnonzero(targeted):
         key = (float(targets[i]), mechanism.step_event(int(i), 1.0), int(steps[i]),

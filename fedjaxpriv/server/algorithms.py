@@ -221,7 +221,7 @@ def fedprox(mu: float | None = None) -> FederatedAlgorithm:
 def _one_full_batch_step(settings: ClientSettings, counts: np.ndarray) -> ClientSettings:
     """FedSGD's local training: one step of lr 1 on every example the client holds (a fixed batch of the largest
     client's size), so that the message is minus the client's full-batch gradient."""
-    return replace_settings(settings, counts, num_steps=1, batch_size=max(1, int(np.max(counts))), lr=1.0,
+    return replace_settings(settings, counts, local_steps=1, batch_size=max(1, int(np.max(counts))), lr=1.0,
                             poisson=False)
 
 

@@ -8,7 +8,7 @@ A :class:`MessageTransform` is a pair of pure functions, in the spirit of an opt
 * ``update(message, state, key, settings, wire=None) -> (message, state, stats)``.
 
 Per-client strengths. ``settings`` holds the strengths of ONE client: a mapping such as
-``{"quant_levels": 4, "clip_norm": 1.0}`` or any object with attributes (a row of a ``ClientConfig``).
+``{"qsgd_levels": 4, "clip_norm": 1.0}`` or any object with attributes (a row of a ``ClientConfig``).
 Every factory argument that is a strength accepts either the NAME of a field of ``settings`` (a ``str``,
 read at trace time, so the value is a traced scalar and ``jax.vmap(update)`` over clients with different
 strengths compiles once) or a constant number. Each factory documents which value turns it "off"

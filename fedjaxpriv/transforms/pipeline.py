@@ -8,35 +8,25 @@ calls for each client; every client keeps its own copy of the transform's state 
 
 from __future__ import annotations
 
+import importlib
 from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from fedjaxpriv.client.settings import ClientSettings
-from fedjaxpriv.config import MESSAGE_STAGES, local_dp_order_problem
+from fedjaxpriv.config import STAGE_BY_NAME, STAGES, MessageStage, local_dp_order_problem
 from fedjaxpriv.transforms.base import FLOAT_BITS, WIRE_KEYS, MessageTransform, Wire, chain, wire_after
 from fedjaxpriv.transforms.feedback import error_feedback
-from fedjaxpriv.transforms.privacy import add_local_noise, clip_update
-from fedjaxpriv.transforms.quantize import qsgd, stochastic_rounding
-from fedjaxpriv.transforms.sparsify import prune_message, random_k, top_k
 
-# stage name -> (factory reading ClientSettings fields, "is this stage on for some client?")
-_STAGES = {
-    "prune": (lambda: prune_message(sparsity="message_sparsity"), lambda s: np.any(s.message_sparsity > 0)),
-    "topk": (lambda: top_k("topk_fraction"), lambda s: np.any(s.topk_fraction < 1)),
-    "randk": (lambda: random_k("randk_fraction"), lambda s: np.any(s.randk_fraction < 1)),
-    "clip": (lambda: clip_update("update_clip_norm"), lambda s: np.any(np.isfinite(s.update_clip_norm))),
-    "noise": (lambda: add_local_noise("local_noise_multiplier", "update_clip_norm"),
-              lambda s: np.any(s.local_noise_multiplier > 0)),
-    "round": (lambda: stochastic_rounding("quant_bits"), lambda s: np.any((s.quant_bits > 0) & (s.quant_bits < 32))),
-    "qsgd": (lambda: qsgd("quant_levels"), lambda s: np.any(s.quant_levels > 0)),
-}
 # Stages that compress (and so may be wrapped in error feedback); clip and noise never are.
-COMPRESSOR_STAGES: tuple[str, ...] = ("prune", "topk", "randk", "round", "qsgd")
-if tuple(_STAGES) != MESSAGE_STAGES:
-    raise ImportError(f"message stages {tuple(_STAGES)} disagree with config.MESSAGE_STAGES {MESSAGE_STAGES}.")
+COMPRESSOR_STAGES: tuple[str, ...] = tuple(stage.name for stage in STAGES if stage.compressor)
+
+
+def stage_transform(stage: MessageStage) -> MessageTransform:
+    """The stage's transform, reading its strengths from the ``ClientSettings`` fields named as its knobs."""
+    module, function = stage.transform.split(":")
+    return getattr(importlib.import_module(module), function)(*stage.strengths)
 
 
 def message_pipeline(order: Sequence[str], settings: ClientSettings, *,
@@ -47,10 +37,11 @@ def message_pipeline(order: Sequence[str], settings: ClientSettings, *,
     Raises ValueError when local noise is on and the stages before it would not bound the noised message by the
     clip norm the noise is scaled to (``config.local_dp_order_problem``).
     """
-    unknown = [name for name in order if name not in _STAGES]
+    unknown = [name for name in order if name not in STAGE_BY_NAME]
     if unknown:
-        raise ValueError(f"unknown message stage(s) {unknown}; allowed: {list(_STAGES)}.")
-    active = tuple(name for name in order if _STAGES[name][1](settings))
+        raise ValueError(f"unknown message stage(s) {unknown}; allowed: {list(STAGE_BY_NAME)}.")
+    active = tuple(name for name in order
+                   if STAGE_BY_NAME[name].is_on(getattr(settings, STAGE_BY_NAME[name].strengths[0])))
     if "noise" in active:  # the same rule as the config's, on the stages these settings switch on
         problem = local_dp_order_problem(active, feedback)
         if problem is not None:
@@ -58,7 +49,7 @@ def message_pipeline(order: Sequence[str], settings: ClientSettings, *,
                              f"are orders with {problem}.")
 
     def stage(name: str) -> MessageTransform:
-        transform = _STAGES[name][0]()
+        transform = stage_transform(STAGE_BY_NAME[name])
         if feedback and name in COMPRESSOR_STAGES:
             return error_feedback(transform, f"error_feedback@{name}")
         return transform

@@ -47,7 +47,7 @@ def qsgd_leaf(key: jax.Array, leaf: jax.Array, levels: jax.Array) -> jax.Array:
     return (jnp.sign(values) * xi * (norm / levels)).astype(leaf.dtype)
 
 
-def qsgd(levels: Strength = "quant_levels") -> MessageTransform:
+def qsgd(levels: Strength = "qsgd_levels") -> MessageTransform:
     """QSGD: unbiased stochastic quantization of each leaf onto ``s`` levels of its L2 norm.
 
     Each leaf is a bucket: its norm is sent as one float32 and each transmitted coordinate as a sign bit

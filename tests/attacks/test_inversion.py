@@ -150,7 +150,7 @@ def test_dlg_fails_on_top_k_gradient(setup):
 def test_dlg_fails_on_noisy_gradient(setup):
     # Local Gaussian noise of std 10 x 0.001 = 0.01 per coordinate (the clip at 10 never acts); the clean
     # gradients' root-mean-square coordinate is about 0.04.
-    noisy = _through_pipeline(setup["targets"], ("clip", "noise"), update_clip_norm=10.0,
+    noisy = _through_pipeline(setup["targets"], ("clip", "noise"), clip_norm=10.0,
                               local_noise_multiplier=0.001)
     noise = jax.tree_util.tree_map(jnp.subtract, noisy, setup["targets"])
     flat = np.concatenate([np.ravel(np.asarray(leaf)) for leaf in jax.tree_util.tree_leaves(noise)])

@@ -368,7 +368,7 @@ def test_fedsgd_probe_sends_one_step_over_the_first_examples_with_the_clients_ow
     probe = inversion_eval.fedsgd_probe(experiment, [0, 2], 3)
     np.testing.assert_array_equal(probe.clients, [0, 2])
     settings = probe.experiment.settings
-    np.testing.assert_array_equal(settings.num_steps, [1, 1])
+    np.testing.assert_array_equal(settings.local_steps, [1, 1])
     np.testing.assert_array_equal(settings.batch_size, [3, 3])
     np.testing.assert_array_equal(settings.dp_noise_multiplier, [0.0, 0.5])
     np.testing.assert_array_equal(settings.dp_clip_norm, experiment.settings.dp_clip_norm[[0, 2]])
@@ -419,5 +419,5 @@ def test_fedsgd_probe_of_a_device_run_keeps_what_the_policy_chose():
     probe = inversion_eval.fedsgd_probe(run, [3, 7], 4)
     for field in ("prune_sparsity", "quant_bits", "lr", "dp_noise_multiplier"):
         np.testing.assert_array_equal(getattr(probe.experiment.settings, field), getattr(run.settings, field)[[3, 7]])
-    np.testing.assert_array_equal(probe.experiment.settings.num_steps, [1, 1])
+    np.testing.assert_array_equal(probe.experiment.settings.local_steps, [1, 1])
     assert type(probe.experiment).__name__ == "Experiment"

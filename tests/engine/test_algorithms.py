@@ -109,7 +109,7 @@ def test_algorithm_constructors_train_exactly_as_the_config_names(name):
              _fedavg_config(server={"algorithm": "fedprox"}, client={"prox_mu": 0.7}))
     passed = algorithms.fedsgd() if name == "fedsgd" else algorithms.fedprox(0.7)
     by_name, by_value = Experiment(named), Experiment(_fedavg_config(), algorithm=passed)
-    np.testing.assert_array_equal(by_value.settings.num_steps, by_name.settings.num_steps)
+    np.testing.assert_array_equal(by_value.settings.local_steps, by_name.settings.local_steps)
     np.testing.assert_array_equal(by_value.settings.prox_mu, by_name.settings.prox_mu)
     for got, want in zip(_two_rounds(by_value), _two_rounds(by_name)):
         np.testing.assert_array_equal(got, want)

@@ -91,7 +91,7 @@ def _problem(digits_population, num_nodes=8, **fields):
     population, _, info = digits_population
     counts = population.counts[:num_nodes]
     model = get_model("mlp", info.input_shape, info.num_classes, hidden=(16,))
-    settings = make_settings(num_nodes, counts, **{"num_steps": 2, "batch_size": 8, "lr": 0.1, **fields})
+    settings = make_settings(num_nodes, counts, **{"local_steps": 2, "batch_size": 8, "lr": 0.1, **fields})
     spec = LocalSpec(max_steps=4, max_batch=16, max_count=population.max_count, num_classes=info.num_classes)
     offsets = population.offsets[:num_nodes]
     pop = Population(jnp.asarray(population.x), jnp.asarray(population.y), jnp.asarray(offsets), jnp.asarray(counts))
@@ -101,7 +101,7 @@ def _problem(digits_population, num_nodes=8, **fields):
 def test_dsgd_on_the_complete_graph_is_fedavg_with_every_client(digits_population):
     """Every node starts from the same model: one D-SGD round on the complete graph gives every node the FedAvg
     round's model (all clients, uniform weights, server SGD at lr 1), since node i trains as FL's client i."""
-    model, spec, settings, pop, params = _problem(digits_population, num_steps=[1, 2, 3, 1, 2, 3, 1, 2])
+    model, spec, settings, pop, params = _problem(digits_population, local_steps=[1, 2, 3, 1, 2, 3, 1, 2])
     c = pop.counts.shape[0]
     mask = jnp.ones(c, bool)
     dsgd = dec.build_dsgd_round(model.apply, spec, dec.complete(c), chunk_size=4)
@@ -123,7 +123,7 @@ def test_dsgd_on_the_complete_graph_is_fedavg_with_every_client(digits_populatio
 def test_vectorized_nodes_equal_a_per_node_loop_and_eight_devices_equal_one(digits_population):
     """Three rounds on a ring with heterogeneous steps and a dropped node: chunks of 3 (vmapped), the loop
     strategy, and 8 CPU devices give the same models; a dropped node sends its model unchanged."""
-    model, spec, settings, pop, params = _problem(digits_population, num_steps=[1, 4, 2, 3, 1, 2, 4, 1],
+    model, spec, settings, pop, params = _problem(digits_population, local_steps=[1, 4, 2, 3, 1, 2, 4, 1],
                                                   lr=[0.1, 0.05, 0.2, 0.1, 0.1, 0.05, 0.2, 0.1])
     c = pop.counts.shape[0]
     mask = jnp.ones(c, bool).at[5].set(False)
@@ -153,7 +153,7 @@ def test_dsgd_on_a_ring_learns_and_node_metrics_match_direct_evaluation(digits_p
     and the node metrics equal a direct evaluation of the mean model and of every node's model."""
     from fedjaxpriv import evaluation
 
-    model, spec, settings, pop, params = _problem(digits_population, num_steps=3, lr=0.2)
+    model, spec, settings, pop, params = _problem(digits_population, local_steps=3, lr=0.2)
     _, test, _ = digits_population
     c = pop.counts.shape[0]
     round_fn = dec.build_dsgd_round(model.apply, spec, dec.ring(c), chunk_size=8)
@@ -272,7 +272,7 @@ def test_one_dsgd_round_equals_a_python_loop_over_nodes_and_a_dense_mixing_matri
     from fedjaxpriv.client.local import client_update
     from fedjaxpriv.simulation import client_keys_base
 
-    model, spec, settings, pop, params = _problem(digits_population, num_steps=[1, 4, 2, 3, 1, 2, 4, 1])
+    model, spec, settings, pop, params = _problem(digits_population, local_steps=[1, 4, 2, 3, 1, 2, 4, 1])
     c = pop.counts.shape[0]
     mask = np.ones(c, bool)
     mask[2] = False

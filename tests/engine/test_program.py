@@ -40,7 +40,7 @@ def _replay_gaps(experiment, results):
             row = _row(experiment.settings, client)
             x, y = population.x[start:start + count], population.y[start:start + count]
             replay = _gradient_descent(experiment.model.apply, tap.server_params, x, y, float(row.lr),
-                                       int(row.num_steps))
+                                       int(row.local_steps))
             gap = max(float(np.max(np.abs(np.asarray(m[position]) - (np.asarray(r) - np.asarray(s)))))
                       for m, r, s in zip(jax.tree_util.tree_leaves(tap.messages), jax.tree_util.tree_leaves(replay),
                                          jax.tree_util.tree_leaves(tap.server_params)))

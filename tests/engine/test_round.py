@@ -20,7 +20,7 @@ from fedjaxpriv.simulation import AggregationSpec, Population, build_round, clie
 def _setup(population, info, **overrides):
     model = get_model("mlp", info.input_shape, info.num_classes, hidden=(32,))
     counts = population.counts
-    fields = dict(num_steps=[3, 0, 5, 2], batch_size=[8, 4, 16, 5], lr=[0.1, 0.05, 0.2, 0.1],
+    fields = dict(local_steps=[3, 0, 5, 2], batch_size=[8, 4, 16, 5], lr=[0.1, 0.05, 0.2, 0.1],
                   poisson=[False, True, False, True], mixup_alpha=[0.0, 0.4, 0.0, 1.0],
                   prune_sparsity=[0.0, 0.5, 0.3, 0.0], dp_clip_norm=[math.inf, 1.0, 0.5, math.inf],
                   dp_noise_multiplier=[0.0, 1.0, 0.3, 0.0])
@@ -93,7 +93,7 @@ def test_vectorized_round_equals_per_client_loop(hetero, reference):
 @pytest.mark.slow
 def test_zero_steps_client_sends_exact_zero(hetero):
     _, (model, spec, settings, params, pop) = hetero
-    row = jax.tree_util.tree_map(lambda a: a[1], settings)  # client 1 has num_steps=0 but DP noise and mixup on
+    row = jax.tree_util.tree_map(lambda a: a[1], settings)  # client 1 has local_steps=0 but DP noise and mixup on
     out = client_update(spec, model.apply, params, pop.x, pop.y, pop.offsets[1], pop.counts[1], row,
                         jax.random.key(3))
     for leaf in jax.tree_util.tree_leaves(out.delta):
@@ -198,7 +198,7 @@ def test_examples_split_over_eight_devices_give_the_same_round(hetero, reference
 def test_central_dp_noise_has_the_configured_std(digits_population):
     """DP-FedAvg: with every update clipped to zero-length (lr tiny), the new params minus old are pure noise."""
     population, _, info = digits_population
-    model, spec, settings, params, pop = _setup(population, info, num_steps=0, prune_sparsity=0.0, mixup_alpha=0.0,
+    model, spec, settings, params, pop = _setup(population, info, local_steps=0, prune_sparsity=0.0, mixup_alpha=0.0,
                                                 dp_noise_multiplier=0.0, dp_clip_norm=math.inf)
     dp_fedavg = ClientLevelDpFedAvg(noise_multiplier=2.0, num_clients=population.num_clients, expected_cohort=4,
                                     poisson=False)

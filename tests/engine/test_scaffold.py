@@ -39,7 +39,7 @@ def test_scaffold_rounds_equal_the_papers_update_rule_written_in_numpy():
     x_w, x_b = np.asarray(start["kernel"], np.float64), np.asarray(start["bias"], np.float64)
     c_w, c_b = np.zeros_like(x_w), np.zeros_like(x_b)
     ci = [(np.zeros_like(x_w), np.zeros_like(x_b)) for _ in range(clients)]
-    steps = np.asarray(experiment.settings.num_steps)
+    steps = np.asarray(experiment.settings.local_steps)
     for r in range(3):
         cohort, _ = experiment.round_cohort(r)
         deltas, changes = [], []

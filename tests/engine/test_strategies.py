@@ -146,7 +146,7 @@ def test_conv_as_matmul_general_layouts_strides_dilation_and_vmap():
 def _client_problem(population, info, model_name="mlp"):
     kwargs = {"hidden": (16,)} if model_name == "mlp" else {}
     model = get_model(model_name, info.input_shape, info.num_classes, **kwargs)
-    settings = make_settings(population.num_clients, population.counts, num_steps=[3, 0, 4, 2],
+    settings = make_settings(population.num_clients, population.counts, local_steps=[3, 0, 4, 2],
                              batch_size=[8, 4, 6, 5], lr=[0.1, 0.05, 0.2, 0.1], poisson=[False, True, False, False],
                              mixup_alpha=[0.0, 0.4, 0.0, 1.0], dp_clip_norm=[np.inf, 1.0, 0.5, np.inf],
                              dp_noise_multiplier=[0.0, 1.0, 0.3, 0.0])

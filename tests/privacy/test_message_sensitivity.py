@@ -37,9 +37,9 @@ def _accepted(order, feedback) -> bool:
 
 
 def _settings(num_clients: int):
-    return make_settings(num_clients, np.full(num_clients, 10), message_sparsity=STRENGTHS["sparsity"],
-                         topk_fraction=0.5, randk_fraction=0.5, update_clip_norm=CLIP, local_noise_multiplier=1.0,
-                         quant_bits=2, quant_levels=2)
+    return make_settings(num_clients, np.full(num_clients, 10), sparsity=STRENGTHS["sparsity"],
+                         topk_fraction=0.5, randk_fraction=0.5, clip_norm=CLIP, local_noise_multiplier=1.0,
+                         quant_bits=2, qsgd_levels=2)
 
 
 def _updates() -> np.ndarray:

@@ -69,11 +69,11 @@ def _poisson_tracker(slots_fn, z: float, steps: int):
     from fedjaxpriv.privacy.tracking import dpsgd_mechanism
 
     counts = np.array([64, 200])
-    settings = make_settings(2, counts, num_steps=steps, batch_size=16, poisson=True, dp_clip_norm=1.0,
+    settings = make_settings(2, counts, local_steps=steps, batch_size=16, poisson=True, dp_clip_norm=1.0,
                              dp_noise_multiplier=z)
     slots = slots_fn(settings, counts)
     mechanism = dpsgd_mechanism(settings, counts, slots)
-    tracker = PrivacyTracker(num_clients=2, steps_per_round=settings.num_steps, delta=DELTA, sample_level=mechanism)
+    tracker = PrivacyTracker(num_clients=2, steps_per_round=settings.local_steps, delta=DELTA, sample_level=mechanism)
     tracker.record_round(np.array([0, 1]))
     return tracker, slots, settings
 

@@ -25,7 +25,7 @@ def test_config_policy_sets_settings_and_removes_stragglers(policy):
     assert isinstance(exp, DeviceExperiment) and exp.policy.kind == policy
     expected = apply_policy(exp.policy, exp.profiles, client_settings(exp.config, exp.population.counts),
                             exp.population.counts)
-    for field in ("num_steps", "prune_sparsity", "quant_bits"):
+    for field in ("local_steps", "prune_sparsity", "quant_bits"):
         np.testing.assert_array_equal(getattr(exp.settings, field), getattr(expected, field))
     results = exp.run(progress=False)
     for r, record in enumerate(results.history):

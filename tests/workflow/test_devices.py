@@ -25,14 +25,14 @@ def policy(**kwargs):
 
 
 def base_settings():
-    return make_settings(2, COUNTS, num_steps=100, batch_size=16, lr=0.1)
+    return make_settings(2, COUNTS, local_steps=100, batch_size=16, lr=0.1)
 
 
 def test_device_aware_policy_maps_a_known_device_exactly():
     profiles = profiles_from_tiers([SLOW, FAST], [0, 1])
     s = apply_policy(policy(), profiles, base_settings(), COUNTS)
     # steps: floor(8 s x 1.536e6 / 96 000) = 128; the fast device hits max_local_steps.
-    assert s.num_steps.tolist() == [128, 200]
+    assert s.local_steps.tolist() == [128, 200]
     # memory: training needs 4 x 4 B x 1000 = 16 000 B; 4000 B fit a quarter of the model.
     assert s.prune_sparsity.tolist() == [0.75, 0.0]
     # bits: floor(2 s x 8000 bit/s / 1000 params) = 16; the fast uplink sends float32 (0 = off).
@@ -51,7 +51,7 @@ def test_device_aware_policy_maps_a_known_device_exactly():
 def test_uniform_policy_keeps_settings_and_applies_the_strictest_privacy_target():
     profiles = profiles_from_tiers([SLOW, FAST], [0, 1])
     s = apply_policy(policy(kind="uniform"), profiles, base_settings(), COUNTS)
-    assert s.num_steps.tolist() == [100, 100] and s.quant_bits.tolist() == [0, 0]
+    assert s.local_steps.tolist() == [100, 100] and s.quant_bits.tolist() == [0, 0]
     assert s.prune_sparsity.tolist() == [0.0, 0.0]
     assert s.dp_noise_multiplier[0] == s.dp_noise_multiplier[1] > 0
 
@@ -63,11 +63,11 @@ def test_stragglers_drop_or_do_fewer_steps():
     # slow: 100 steps x 0.0625 s + 32 000 bit / 8000 bit/s = 6.25 + 4 = 10.25 s > 10 s deadline.
     assert straggler_mask(policy(), no_privacy, dropped).tolist() == [True, False]
     fewer = apply_policy(policy(kind="uniform", stragglers="fewer_steps"), no_privacy, base_settings(), COUNTS)
-    assert fewer.num_steps.tolist() == [96, 100]  # (10 - 4) s / 0.0625 s
+    assert fewer.local_steps.tolist() == [96, 100]  # (10 - 4) s / 0.0625 s
     assert straggler_mask(policy(), no_privacy, fewer).tolist() == [False, False]
     hopeless = no_privacy._replace(uplink_bps=np.array([3000.0, 1e9]))  # upload alone takes 10.7 s
     none_fit = apply_policy(policy(kind="uniform", stragglers="fewer_steps"), hopeless, base_settings(), COUNTS)
-    assert none_fit.num_steps.tolist() == [0, 100]
+    assert none_fit.local_steps.tolist() == [0, 100]
     assert straggler_mask(policy(), hopeless, none_fit).tolist() == [True, False]
 
 
@@ -98,7 +98,7 @@ def test_jitter_spreads_devices_lognormally():
 
 def test_round_cost_is_exact_on_a_known_case():
     profiles = profiles_from_tiers([SLOW, FAST], [0, 1])
-    settings = make_settings(2, COUNTS, num_steps=[10, 20], batch_size=16, quant_bits=[8, 0])
+    settings = make_settings(2, COUNTS, local_steps=[10, 20], batch_size=16, quant_bits=[8, 0])
     cost = round_cost(policy(), profiles, settings, np.array([True, True]))
     flops = np.array([10 * 16 * 6000.0, 20 * 16 * 6000.0])
     bits = np.array([8000.0, 32000.0])
