@@ -47,7 +47,9 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from fedjaxpriv import evaluation
 from fedjaxpriv.client.local import ApplyFn, LocalSpec
 from fedjaxpriv.client.settings import ClientSettings
-from fedjaxpriv.experiment import Experiment, Record, Tap
+from fedjaxpriv.experiment import Experiment
+from fedjaxpriv.program import Tap
+from fedjaxpriv.runner import Record
 from fedjaxpriv.models.tasks import CLASSIFICATION
 from fedjaxpriv.parallel import CLIENT_AXIS, map_clients, replicate, shard_rows
 from fedjaxpriv.server.algorithms import FEDAVG, trains_as_fedavg
@@ -689,12 +691,7 @@ class DecentralizedExperiment(Experiment):
             "bytes_per_client": float(np.mean(sent_bytes)),
             "bytes_total": float(np.sum(sent_bytes * self.out_degrees)),
             "consensus_distance": float(out.consensus), "round_time_s": elapsed}
-        if skipped:
-            record["budget_skipped"] = skipped
-        self.privacy.record_round(cohort.ids[cohort.mask])
-        if self.privacy.active:
-            record.update(self.privacy.summary())
-        return state, self.annotate(record, cohort), tap
+        return state, self.finish_round(record, cohort, skipped), tap
 
     def membership_by_distance(self, models: Params, victims: Sequence[int] | None = None
                                ) -> tuple[list[dict[str, float]], dict[int, float]]:

@@ -9,11 +9,9 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
-import os
 import time
 import warnings
-from typing import Any, Callable, Iterable, Mapping, NamedTuple, Sequence
+from typing import Any, Mapping, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -27,13 +25,10 @@ from fedjaxpriv.config import (POPULATION_RECIPE_FIELDS, USER_SUPPLIED, DataConf
                                ModelConfig, is_table, is_text)
 from fedjaxpriv.data import Dataset, FederatedData, load_dataset, partition, synthetic_federated
 from fedjaxpriv.data.federated import fingerprint
-from fedjaxpriv.guards import (LOSS_LIMIT, DivergenceError, Signals, divergence, divergence_message, explosion,
-                               pause_point)
 from fedjaxpriv.models import TOKEN_CLASSIFIERS, WIDTH_MODELS, Model, ModelLike, as_model, count_params, get_model
 from fedjaxpriv.models.tasks import (CLASSIFICATION, NEXT_TOKEN, PerExampleLoss, Task, as_task, check_fits,
                                      check_targets, describe, with_label_metrics)
 from fedjaxpriv.parallel import Plan, local_mesh, plan as execution_plan, replicate, shard_rows
-from fedjaxpriv.privacy.basis import largest_epsilon
 from fedjaxpriv.progress import building_line, built_line, say
 from fedjaxpriv.privacy.calibration import calibrate_noise
 from fedjaxpriv.privacy.mechanisms import ClientLevelDpFedAvg, local_gaussian, round_up_float32
@@ -41,79 +36,11 @@ from fedjaxpriv.privacy.tracking import (PrivacyTracker, calibrate_targets, dp_b
                                          dpsgd_mechanism)
 from fedjaxpriv.server import Cohort, max_cohort_size, sample_cohort, server_optimizer
 from fedjaxpriv.server.algorithms import FederatedAlgorithm, algorithm_for, check_protects, dp_fedavg
-from fedjaxpriv.program import RoundProgram, prune_schedule_of
+from fedjaxpriv.program import RoundProgram, Tap, prune_schedule_of, round_record, tap_slots
+from fedjaxpriv.runner import Record, Results, run_experiment
 from fedjaxpriv.simulation import AggregationSpec, Population, RoundOutput, ServerState
 from fedjaxpriv.transforms.base import MessageTransform
 from fedjaxpriv.transforms.pipeline import message_pipeline
-
-Record = dict[str, Any]
-
-
-@dataclasses.dataclass
-class Tap:
-    """What an observer of round ``round`` (1-based) sees of the tapped clients that take part in it.
-
-    Attributes:
-      round: the round number.
-      client_ids: [T] the tapped clients that were in the round's cohort (a client that does not take part
-        sends nothing, so it is never tapped).
-      server_params: the global model the clients start the round from (None in a decentralized run, where
-        every node starts from its own model: ``start_params``).
-      messages: pytree of the clients' messages, leaves [T, ...] (as sent, before server-side clipping); in a
-        decentralized run, the model a node sent its neighbours minus ``start_params``.
-      start_params: decentralized runs: leaves [T, ...], the model each tapped node started the round from as its
-        curious neighbour (``observers``) can compute it from what it has heard (``decentralized.observer_view``).
-      start_exact: decentralized runs: [T] bool, whether that start is exactly the node's (else an estimate).
-      observers: decentralized runs: [T] int, the node that observes each tapped node.
-    """
-
-    round: int
-    client_ids: np.ndarray
-    server_params: Any
-    messages: Any
-    start_params: Any = None
-    start_exact: np.ndarray | None = None
-    observers: np.ndarray | None = None
-
-    def start_of(self, position: int) -> Any:
-        """The model the client at ``position`` started the round from, as the observer knows it."""
-        if self.start_params is None:
-            return self.server_params
-        return jax.tree_util.tree_map(lambda leaf: leaf[position], self.start_params)
-
-
-Callback = Callable[["Experiment", Record], None]
-
-
-@dataclasses.dataclass
-class Results:
-    """What a run returns.
-
-    Attributes:
-      config: the experiment configuration.
-      history: one record per finished round (dicts of floats/ints; evaluation keys on evaluated rounds).
-      params: final global model parameters.
-      out_dir: where history.jsonl/history.csv/config.json were written (None if not written).
-      taps: attack taps by round number (``run.tap_rounds``/``run.tap_clients``).
-      clients: per-client arrays [C], the columns of ``clients.csv``: ``participations``, ``local_steps`` and, with
-        DP, each level's epsilon beside its basis (``epsilon``, ``epsilon_basis``, ``local_epsilon``,
-        ``client_level_epsilon`` ...; ``PrivacyTracker.per_client``).
-    """
-
-    config: ExperimentConfig
-    history: list[Record]
-    params: Any
-    out_dir: str | None = None
-    taps: dict[int, Tap] = dataclasses.field(default_factory=dict)
-    clients: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
-
-    def final(self, key: str) -> float:
-        """The last recorded value of a metric."""
-        for record in reversed(self.history):
-            if key in record:
-                return record[key]
-        raise KeyError(f"metric {key!r} was never recorded; recorded: {sorted(self.history[-1])}.")
-
 
 def load_population(config: ExperimentConfig) -> tuple[FederatedData, Dataset, int]:
     """Loads and partitions the data: (population, central test set, num_classes)."""
@@ -660,8 +587,8 @@ class Experiment:
         self.round_fn = self.program.round_fn()
         # Tap rounds run the same round, built to emit the tapped clients' messages as well (compiled only when a
         # tap round comes).
-        tap_width = len(r.tap_clients) if r.tap_rounds else 0
-        self.tap_round_fn = self.program.round_fn(tap_width) if tap_width else None
+        self.tap_width = len(r.tap_clients) if r.tap_rounds else 0
+        self.tap_round_fn = self.program.round_fn(self.tap_width) if self.tap_width else None
         # 6. the data and settings on the devices
         self.initial_params = params
         if self.shard_width is None:
@@ -738,60 +665,31 @@ class Experiment:
         skipped = 0
         if cohort is None:
             cohort, skipped = self.round_cohort(round_index)
-        tap_slots, server_params = None, None
+        slots, server_params = None, None
         if len(tapped):
-            tap_slots = self.tap_slots(cohort, tapped)
+            slots = tap_slots(cohort, tapped, self.tap_width)
             server_params = jax.tree_util.tree_map(np.asarray, state.params)  # before the round donates them
         start = time.perf_counter()
         arguments = (state, self.device_population, self.device_settings, jnp.asarray(cohort.ids),
                      jnp.asarray(cohort.mask), self.root_key)
-        state, out = (self.round_fn(*arguments) if tap_slots is None
-                      else self.tap_round_fn(*arguments, jnp.asarray(tap_slots)))
+        state, out = (self.round_fn(*arguments) if slots is None
+                      else self.tap_round_fn(*arguments, jnp.asarray(slots)))
         out: RoundOutput = jax.tree_util.tree_map(np.asarray, out)
-        elapsed = time.perf_counter() - start
-        real = cohort.mask & (out.weight > 0)
-        n = max(int(real.sum()), 1)
+        record = round_record(out, cohort, round_index, float(state.clip_norm), time.perf_counter() - start)
+        tap = None if slots is None else Tap(
+            round=round_index + 1, client_ids=np.asarray(tapped, np.int32), server_params=server_params,
+            messages=jax.tree_util.tree_map(lambda leaf: leaf[:len(tapped)], out.tapped))
+        return state, self.finish_round(record, cohort, skipped), tap
 
-        def total(per_client: np.ndarray) -> float:  # over the clients that took part
-            return float(np.sum(np.where(real, per_client, 0.0)))
-
-        record: Record = {
-            "round": round_index + 1,
-            "participants": int(real.sum()),
-            "train_loss": total(out.loss) / n,
-            "local_steps_mean": total(out.steps) / n,
-            "update_norm_mean": total(out.update_norm) / n,
-            "bytes_per_client": total(out.bits) / n / 8.0,
-            "bytes_total": total(out.bits) / 8.0,
-            "cohort_dropped": cohort.dropped,
-            "clip_norm": float(state.clip_norm),
-            "round_time_s": elapsed,
-            **{f"message/{name}": total(value) / n for name, value in out.diagnostics.items()},
-        }
+    def finish_round(self, record: Record, cohort: Cohort, skipped: int) -> Record:
+        """``record`` of a round that trained ``cohort``, completed: its participations recorded by the privacy
+        tracker, the epsilons so far, the clients budgets excluded (``skipped``) and ``annotate``'s fields."""
         if skipped:
             record["budget_skipped"] = skipped
         self.privacy.record_round(cohort.ids[cohort.mask])  # participations and steps are kept in every run
         if self.privacy.active:
             record.update(self.privacy.summary())
-        tap = None if tap_slots is None else Tap(
-            round=round_index + 1, client_ids=np.asarray(tapped, np.int32), server_params=server_params,
-            messages=jax.tree_util.tree_map(lambda leaf: leaf[:len(tapped)], out.tapped))
-        return state, self.annotate(record, cohort), tap
-
-    def tap_slots(self, cohort: Cohort, tapped: Sequence[int]) -> np.ndarray:
-        """[K_max] int32: for each cohort slot, the row of its client in ``tapped`` (-1: not tapped)."""
-        width = len(self.config.run.tap_clients) if self.tap_round_fn is not None else 0
-        ids = [int(c) for c in tapped]
-        in_cohort = set(np.asarray(cohort.ids)[np.asarray(cohort.mask)].tolist())
-        if not 0 < len(ids) <= width or len(set(ids)) != len(ids) or not set(ids) <= in_cohort:
-            raise ValueError(f"tapped={ids} must be at most run.tap_clients' {width} distinct clients of the round's "
-                             "cohort.")
-        row = {c: i for i, c in enumerate(ids)}
-        slots = np.full(len(cohort.ids), -1, np.int32)
-        for k, (client, present) in enumerate(zip(np.asarray(cohort.ids), np.asarray(cohort.mask))):
-            if present and int(client) in row:
-                slots[k] = row.pop(int(client))  # a client in two slots (Poisson padding) is tapped once
-        return slots
+        return self.annotate(record, cohort)
 
     def tap(self, state: ServerState, client_ids: Sequence[int]) -> Tap:
         """The messages ``client_ids`` would send in the round that starts from ``state`` (same keys as the
@@ -841,227 +739,7 @@ class Experiment:
         return np.stack([np.bincount(np.asarray(p.y[o:o + c], np.int64), minlength=k)[:k]
                          for o, c in zip(p.offsets, p.counts)])
 
-    # -- the run loop ----------------------------------------------------------------------------------------
-    def run(self, out_dir: str | None = None, *, resume: bool = True, progress: bool = True,
-            callbacks: Sequence[Callback] = (), sinks: Sequence[Any] = (), rounds: int | None = None,
-            loss_limit: float = LOSS_LIMIT, extend: bool = False) -> Results:
-        """Runs (or resumes) the experiment.
-
-        A round is committed by appending its history record and then, when due, its checkpoint. SIGINT and
-        SIGTERM (``guards.Signals``) stop the run at the end of the round they arrive in, as ``RunInterrupted`` (a
-        ``KeyboardInterrupt``), after checkpointing it: the directory's latest checkpoint is its last record.
-
-        Args:
-          out_dir: directory for config.json, history.jsonl/csv and checkpoints (None: keep in memory).
-          resume: continue from the latest checkpoint in ``out_dir`` if its config matches; False deletes
-            the earlier run's files there and starts over.
-          progress: show a progress bar with the latest accuracy.
-          callbacks: functions called as ``cb(experiment, record)`` after every round; ``experiment.latest_params``
-            is then the round's global model (valid during the call: the next round may reuse its buffers).
-          sinks: the user's own logging sinks (``fedjaxpriv.sinks.Sink``: ``write(round, record)``, ``close()``),
-            besides those ``run.log`` names; each gets every round of this session once (before the callbacks) and
-            is closed when the run ends, fails or is interrupted.
-          rounds: stop after this many rounds, at most ``config.run.rounds`` (the default).
-          loss_limit: a loss above it (or a non-finite loss or parameter) stops the run with ``DivergenceError``
-            (default ``guards.LOSS_LIMIT``, about 1.8e19).
-          extend: ``out_dir`` may hold a run of this config with fewer ``run.rounds``: it resumes from there and
-            goes on to this config's rounds, as a run planned that long would (refused, naming the field, where
-            something was planned over the old number of rounds: ``config.extension_problem``).
-
-        Raises:
-          DivergenceError: training diverged; the diverged round's record ends the history (NaN as null); it is
-            never checkpointed, and the checkpoints of earlier rounds are kept.
-          RunDirectoryLocked: another process is writing ``out_dir``.
-          ValueError: before anything is written, a ``run.log`` sink that cannot log (its package missing, its
-            directory unwritable: ``sinks.check_sinks``) or a sink passed in that is not a ``Sink``.
-        """
-        from fedjaxpriv.sinks import check_sinks, check_user_sinks, close_sinks, open_sinks, sink_callback
-        from fedjaxpriv.storage import RunStore
-
-        if out_dir is not None and not isinstance(out_dir, (str, os.PathLike)):
-            raise ValueError(f"out_dir={out_dir!r} is not allowed: a directory path, or None to keep the run in "
-                             "memory (the number of rounds is rounds=...).")
-        out_dir = os.fspath(out_dir) if out_dir is not None else None
-        if rounds is not None and (isinstance(rounds, bool) or not isinstance(rounds, (int, np.integer))
-                                   or rounds < 1):
-            raise ValueError(f"rounds={rounds!r} is not allowed: a positive number of rounds, or None for "
-                             f"run.rounds={self.config.run.rounds}.")
-        if isinstance(loss_limit, bool) or not isinstance(loss_limit, (int, float)) or not loss_limit > 0:
-            raise ValueError(f"loss_limit={loss_limit!r} is not allowed: a positive number (default {LOSS_LIMIT:g}).")
-        if rounds is not None and rounds > self.config.run.rounds:
-            raise ValueError(f"rounds={rounds} is more than run.rounds={self.config.run.rounds}, the number the run is "
-                             "planned and recorded for: raise run.rounds (with extend=True / --continue to go on "
-                             "with a finished run in out_dir).")
-        if extend and not resume:
-            raise ValueError("extend=True (--continue) goes on from the run in out_dir; resume=False (--no-resume) "
-                             "deletes it: allowed: one of them.")
-        total = int(rounds) if rounds is not None else self.config.run.rounds
-        check_user_sinks(sinks)
-        from fedjaxpriv.distributed import check_same_everywhere
-
-        check_same_everywhere({"out_dir": out_dir and os.path.abspath(out_dir), "resume": resume, "rounds": rounds})
-        logs = check_sinks(self.config.run.log, out_dir)
-        writers: list[Any] = list(sinks)  # closed in the end, whatever happens; the configured ones join them
-        signals = Signals()
-        signals.install()
-        store: RunStore | None = None
-        try:
-            with signals.deferred():  # the store is opened (locked, reconciled) whole or not at all
-                store = RunStore(out_dir, self.config, fresh=not resume, extend=extend) if out_dir else None
-                state, history = self.initial_state, []
-                self.privacy = self.new_privacy_tracker()
-                if store is not None and resume:
-                    restored = store.restore(state)
-                    if restored is not None:
-                        state, history, privacy_state = restored
-                        self.privacy.restore(privacy_state)
-                if jax.process_index() == 0:  # a multi-process run logs from process 0, as it writes its files
-                    writers[:0] = open_sinks(logs, out_dir, self.config, first_round=len(history) + 1)
-            callbacks = [*map(sink_callback, writers), *callbacks]
-            state, taps = self._run_rounds(state, history, store, signals, total, progress, callbacks, loss_limit)
-        finally:
-            try:
-                with signals.deferred():
-                    close_sinks(writers)
-            finally:
-                try:
-                    if store is not None:
-                        with signals.deferred():
-                            clients = self.privacy.per_client()
-                            store.close(clients)
-                finally:
-                    signals.uninstall()
-        problem = dp_at_chance(self, history)
-        if problem:
-            warnings.warn(problem, stacklevel=2)
-        return Results(self.config, history, state.params, out_dir, taps,
-                       clients if store is not None else self.privacy.per_client())
-
-    def _run_rounds(self, state: ServerState, history: list[Record], store: Any, signals: Signals, total: int,
-                    progress: bool, callbacks: Sequence[Callback],
-                    loss_limit: float) -> tuple[ServerState, dict[int, Tap]]:
-        """The rounds after ``state``, each committed to ``history`` and ``store``; returns (state, taps).
-
-        From the step (which donates ``state``) to the commit, signals wait: the round finishes, then stops.
-        """
-        committed = int(state.round)  # rounds whose records are in the history (and history.jsonl)
-        saved = committed if store is not None else 0  # the round of the latest checkpoint
-        live = True  # whether ``state`` and ``self.privacy`` are those of round ``committed``
-        taps: dict[int, Tap] = {}
-        bar = _progress(range(committed, total), progress and jax.process_index() == 0, initial=committed,
-                        total=total)
-        # The initial model's loss: the scale a loss explosion is measured against (``guards.explosion``).
-        factor = self.config.run.divergence_factor
-        baseline = (evaluation.evaluate(self.model.apply, self.initial_params, self.test.x, self.test.y,
-                                        task=self.task)["loss"] if factor is not None else math.nan)
-
-        def at_chance(accuracy: float) -> bool:
-            return evaluation.at_chance(accuracy, self.test.y)[0]
-
-        headline = self.headline_metric
-        accuracy = next((r[headline] for r in reversed(history) if headline in r), None)
-        try:
-            for r in bar:
-                signals.check()  # a signal whose exception was swallowed where it landed stops the run here
-                pause_point(signals, "train", r + 1)
-                cohort, skipped = self.round_cohort(r)
-                with signals.deferred():
-                    tapped: list[int] = []
-                    if r + 1 in self.config.run.tap_rounds and self.config.run.tap_clients:
-                        # Only what the observer can see: the tapped clients that take part in this round.
-                        sampled = set(cohort.ids[cohort.mask].tolist())
-                        tapped = list(dict.fromkeys(c for c in self.config.run.tap_clients if c in sampled))
-                    live = False
-                    state, record, tap = self.observed_step(state, r, cohort, tapped)
-                    if tap is not None:
-                        taps[r + 1] = tap
-                    if skipped:
-                        record["budget_skipped"] = skipped
-                    if (r + 1) % self.config.run.eval_every == 0 or r + 1 == total:
-                        pause_point(signals, "evaluate", r + 1)
-                        record.update(self.evaluate(state.params, state))
-                    problem = divergence(record, state.params, loss_limit) or explosion(
-                        history, record, baseline, self.config.run.divergence_factor, at_chance)
-                    history.append(record)
-                    if store is not None:
-                        store.append(record)
-                    if problem is not None:  # the diverged round is recorded, never checkpointed
-                        where = store.out_dir if store is not None else None
-                        raise DivergenceError(divergence_message(problem, r + 1, self.config, saved, where), r + 1,
-                                              record)
-                    committed, live = r + 1, True
-                    every = self.config.run.checkpoint_every
-                    if store is not None and ((every and (r + 1) % every == 0) or r + 1 == total):
-                        pause_point(signals, "checkpoint", r + 1)
-                        store.save(state, self.privacy.state())
-                        saved = r + 1
-                self.latest_params = state.params  # what callbacks read of the round's global model
-                for callback in callbacks:
-                    callback(self, record)
-                accuracy = record.get(headline, accuracy)
-                if hasattr(bar, "set_postfix"):
-                    bar.set_postfix(progress_fields(record, accuracy), refresh=False)
-        except KeyboardInterrupt:
-            # Make the latest checkpoint the history's last round: checkpoint the committed round, or, when an
-            # interrupt raised inside a round (not by a signal) has left its state donated, cut the history back
-            # to the latest checkpoint. A second signal waits until that is done.
-            with signals.deferred():
-                if store is not None and committed > saved:
-                    if live:
-                        store.save(state, self.privacy.state())
-                    else:
-                        store.truncate(saved)
-            raise
-        return state, taps
-
-
-def dp_at_chance(experiment: Experiment, history: Sequence[Record]) -> str | None:
-    """What to tell the user when a run with DP ends with a test accuracy at chance (``evaluation.at_chance``):
-    the figures and the knobs that usually matter for each mechanism on; None otherwise (no DP, no accuracy)."""
-    accuracy = next((r["test_accuracy"] for r in reversed(history) if "test_accuracy" in r), None)
-    if accuracy is None:
-        return None
-    chance, majority = evaluation.at_chance(accuracy, experiment.test.y)
-    c, s, m = experiment.config.client, experiment.config.server, experiment.config.message
-    knobs = []
-    if experiment.sample_level is not None and np.any(experiment.sample_level.private):
-        noise = np.asarray(experiment.sample_level.noise_multipliers)[experiment.sample_level.private]
-        knobs.append(f"DP-SGD with clip {c.dp_clip_norm} and noise multipliers {np.min(noise):.3g}-{np.max(noise):.3g}"
-                     " (client.dp_clip_norm: about the median per-example gradient norm; client.batch_size: the noise"
-                     " per example falls as the batch grows; client.lr; client.target_epsilon or dp_noise_multiplier)")
-    if experiment.client_level is not None and experiment.client_level.private:
-        knobs.append(f"DP-FedAvg with clip {s.central_clip_norm} (server.central_clip_norm; "
-                     "server.clients_per_round: the noise per client falls as the cohort grows; server.lr; "
-                     "server.target_epsilon or central_noise_multiplier)")
-    if experiment.local_dp is not None and np.any(experiment.local_dp.private):
-        knobs.append(f"local DP noise with message clip {m.clip_norm} (message.clip_norm, "
-                     "message.local_noise_multiplier)")
-    if not chance or not knobs:
-        return None
-    return (f"test_accuracy {accuracy:.3f} after {len(history)} rounds is at chance (always predicting the most "
-            f"frequent test label scores {majority:.3f}): the model learned nothing under " + "; ".join(knobs) + ".")
-
-
-def progress_fields(record: Record, accuracy: float | None = None) -> dict[str, str]:
-    """The round's figures beside the progress bar: the training loss and the largest epsilon so far with its
-    level (every round), and ``accuracy``, the test accuracy of the last evaluated round (None: none yet)."""
-    fields = {"loss": f"{record['train_loss']:.3f}"} if "train_loss" in record else {}
-    largest = largest_epsilon(record)
-    if largest is not None:
-        value, level, _ = largest
-        fields["eps"] = f"{value:.3g} ({level})" if math.isfinite(value) else f"inf ({level}: no guarantee)"
-    if accuracy is not None:
-        fields["acc"] = f"{accuracy:.4f}"
-    return fields
-
-
-def _progress(iterable: Iterable[int], enabled: bool, **kwargs: Any):
-    if not enabled:
-        return iterable
-    from tqdm.auto import tqdm
-
-    # The first round of a session compiles the round (seconds to a minute): the bar says so until its figures come.
-    return tqdm(iterable, desc="rounds", unit="round", postfix="compiling the round", **kwargs)
+    run = run_experiment  # ``experiment.run(out_dir, ...)``: the run loop (``runner``) over this experiment
 
 
 def build_experiment(config: ExperimentConfig, **kwargs: Any) -> Experiment:

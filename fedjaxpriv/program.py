@@ -15,7 +15,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import jax
 import numpy as np
@@ -24,8 +24,9 @@ from jax.sharding import Mesh
 
 from fedjaxpriv.client.local import ApplyFn, LocalSpec, training_mask
 from fedjaxpriv.server.algorithms import FEDAVG, FederatedAlgorithm, corrects_gradients
-from fedjaxpriv.simulation import (AggregationSpec, ServerState, build_message_tap, build_round, identity_message,
-                                   init_server_state, initial_client_states, scheduled_sparsity)
+from fedjaxpriv.server import Cohort
+from fedjaxpriv.simulation import (AggregationSpec, RoundOutput, ServerState, build_message_tap, build_round,
+                                   identity_message, init_server_state, initial_client_states, scheduled_sparsity)
 from fedjaxpriv.transforms.pipeline import make_message_fn
 
 Params = Any
@@ -130,3 +131,80 @@ def prune_schedule_of(begin_round: int, end_round: int) -> tuple[int, int] | Non
     """``client.prune_begin_round`` / ``prune_end_round`` as a program's ``prune_schedule`` (None: no ramp)."""
     return (begin_round, end_round) if end_round > begin_round else None
 
+
+@dataclasses.dataclass
+class Tap:
+    """What an observer of round ``round`` (1-based) sees of the tapped clients that take part in it.
+
+    Attributes:
+      round: the round number.
+      client_ids: [T] the tapped clients that were in the round's cohort (a client that does not take part
+        sends nothing, so it is never tapped).
+      server_params: the global model the clients start the round from (None in a decentralized run, where
+        every node starts from its own model: ``start_params``).
+      messages: pytree of the clients' messages, leaves [T, ...] (as sent, before server-side clipping); in a
+        decentralized run, the model a node sent its neighbours minus ``start_params``.
+      start_params: decentralized runs: leaves [T, ...], the model each tapped node started the round from as its
+        curious neighbour (``observers``) can compute it from what it has heard (``decentralized.observer_view``).
+      start_exact: decentralized runs: [T] bool, whether that start is exactly the node's (else an estimate).
+      observers: decentralized runs: [T] int, the node that observes each tapped node.
+    """
+
+    round: int
+    client_ids: np.ndarray
+    server_params: Any
+    messages: Any
+    start_params: Any = None
+    start_exact: np.ndarray | None = None
+    observers: np.ndarray | None = None
+
+    def start_of(self, position: int) -> Any:
+        """The model the client at ``position`` started the round from, as the observer knows it."""
+        if self.start_params is None:
+            return self.server_params
+        return jax.tree_util.tree_map(lambda leaf: leaf[position], self.start_params)
+
+
+def tap_slots(cohort: Cohort, tapped: Sequence[int], width: int) -> np.ndarray:
+    """[K_max] int32: for each cohort slot, the row of its client in ``tapped`` (-1: not tapped), for a round
+    built with ``round_fn(width)``.
+
+    Raises:
+      ValueError: ``tapped`` is not 1 to ``width`` distinct clients of the cohort.
+    """
+    ids = [int(c) for c in tapped]
+    in_cohort = set(np.asarray(cohort.ids)[np.asarray(cohort.mask)].tolist())
+    if not 0 < len(ids) <= width or len(set(ids)) != len(ids) or not set(ids) <= in_cohort:
+        raise ValueError(f"tapped={ids} must be at most run.tap_clients' {width} distinct clients of the round's "
+                         "cohort.")
+    row = {c: i for i, c in enumerate(ids)}
+    slots = np.full(len(cohort.ids), -1, np.int32)
+    for k, (client, present) in enumerate(zip(np.asarray(cohort.ids), np.asarray(cohort.mask))):
+        if present and int(client) in row:
+            slots[k] = row.pop(int(client))  # a client in two slots (Poisson padding) is tapped once
+    return slots
+
+
+def round_record(out: RoundOutput, cohort: Cohort, round_index: int, clip_norm: float,
+                 seconds: float) -> dict[str, Any]:
+    """The training record of round ``round_index`` (0-based) from its output (host arrays [K_max]): means over
+    the clients that took part (in the cohort, with a positive weight) and the wire totals in bytes."""
+    real = cohort.mask & (out.weight > 0)
+    n = max(int(real.sum()), 1)
+
+    def total(per_client: np.ndarray) -> float:
+        return float(np.sum(np.where(real, per_client, 0.0)))
+
+    return {
+        "round": round_index + 1,
+        "participants": int(real.sum()),
+        "train_loss": total(out.loss) / n,
+        "local_steps_mean": total(out.steps) / n,
+        "update_norm_mean": total(out.update_norm) / n,
+        "bytes_per_client": total(out.bits) / n / 8.0,
+        "bytes_total": total(out.bits) / 8.0,
+        "cohort_dropped": cohort.dropped,
+        "clip_norm": clip_norm,
+        "round_time_s": seconds,
+        **{f"message/{name}": total(value) / n for name, value in out.diagnostics.items()},
+    }

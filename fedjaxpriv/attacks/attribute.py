@@ -38,7 +38,8 @@ from fedjaxpriv.attacks.membership import ordered_taps, stack_taps
 from fedjaxpriv.data.attribute import attribute_population  # noqa: F401  (the attacks' population)
 
 if TYPE_CHECKING:
-    from fedjaxpriv.experiment import Experiment, Tap
+    from fedjaxpriv.experiment import Experiment
+    from fedjaxpriv.program import Tap
 
 Params = Any
 ApplyFn = Callable[[Params, jax.Array], jax.Array]

@@ -35,7 +35,8 @@ from fedjaxpriv.attacks.attribute import paired_advantage
 from fedjaxpriv.attacks.membership import ordered_taps, stack_taps
 
 if TYPE_CHECKING:
-    from fedjaxpriv.experiment import Experiment, Tap
+    from fedjaxpriv.experiment import Experiment
+    from fedjaxpriv.program import Tap
 
 Params = Any
 ApplyFn = Callable[[Params, jax.Array], jax.Array]

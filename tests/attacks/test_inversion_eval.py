@@ -23,7 +23,8 @@ from fedjaxpriv.config import (ClientConfig, DataConfig, ExperimentConfig, Messa
                                ServerConfig)
 from fedjaxpriv.data import load_dataset
 from fedjaxpriv.data.federated import from_client_lists
-from fedjaxpriv.experiment import Experiment, Tap
+from fedjaxpriv.experiment import Experiment
+from fedjaxpriv.program import Tap
 
 BATCH, STEPS, NUM_CLIENTS = 8, 4, 16
 GROUPS = {"none": (0, 1, 2, 3), "topk": (4, 5), "message_prune": (6, 7), "qsgd": (8, 9), "clip": (10, 11),

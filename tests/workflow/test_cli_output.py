@@ -30,7 +30,7 @@ def test_run_says_what_it_builds_then_when_the_first_round_is_compiled(tmp_path,
 
 
 def test_the_progress_bar_shows_the_loss_the_largest_epsilon_so_far_and_the_last_accuracy():
-    from fedjaxpriv.experiment import progress_fields
+    from fedjaxpriv.runner import progress_fields
 
     record = {"train_loss": 1.23456, "epsilon_max": 2.5, "client_level_epsilon": 7.0, "local_epsilon_max": 0.0}
     assert progress_fields(record, 0.91) == {"loss": "1.235", "eps": "7 (client)", "acc": "0.9100"}
