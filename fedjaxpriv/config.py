@@ -395,6 +395,8 @@ STAGES: tuple[MessageStage, ...] = (
 )
 STAGE_BY_NAME: dict[str, MessageStage] = {stage.name: stage for stage in STAGES}
 MESSAGE_STAGES: tuple[str, ...] = tuple(STAGE_BY_NAME)
+# The built-in federated algorithms ``server.algorithm`` names (``server.algorithms.algorithm_for``).
+ALGORITHM_NAMES: tuple[str, ...] = ("fedavg", "fedprox", "fedsgd", "scaffold", "ditto")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -506,7 +508,7 @@ class ServerConfig:
         central_noise_multiplier at 0).
     """
 
-    algorithm: str = knob("fedavg", str, choices=("fedavg", "fedprox", "fedsgd", "scaffold", "ditto"))
+    algorithm: str = knob("fedavg", str, choices=ALGORITHM_NAMES)
     ditto_lambda: float = knob(1.0, float, **_NONNEGATIVE)
     optimizer: str = knob("sgd", str, choices=("sgd", "momentum", "adam"))
     lr: float = knob(1.0, float, **_POSITIVE)
@@ -744,6 +746,25 @@ class ExperimentConfig:
             _check(side * side == self.data.num_clients, "data.num_clients", self.data.num_clients,
                    "a square number of nodes with topology.graph='torus'")
 
+    def _check_algorithm_protected(self) -> None:
+        """The algorithm's own capability (``server.algorithms.check_protects``) against the DP this config asks
+        for: an algorithm that releases more than its update (SCAFFOLD) cannot run under client-level or local DP."""
+        protections = [("client-level DP or clipping (server.central_clip_norm / central_noise_multiplier / "
+                        "target_epsilon)", self.server.clips),
+                       ("local DP (message.local_noise_multiplier > 0)",
+                        any(v > 0 for v in _values(self.message.local_noise_multiplier)))]
+        if not any(asked for _, asked in protections):
+            return
+        from fedjaxpriv.server.algorithms import algorithm_for, check_protects
+
+        algorithm = algorithm_for(self.server.algorithm, ditto_lambda=self.server.ditto_lambda)
+        for protection, asked in protections:
+            if asked:
+                try:
+                    check_protects(algorithm, protection)
+                except ValueError as error:
+                    raise ValueError(f"server.algorithm={self.server.algorithm!r}: {error}") from None
+
     def __post_init__(self) -> None:
         _parse_fields(self, "")
         for key, cls in _SECTIONS.items():
@@ -751,14 +772,7 @@ class ExperimentConfig:
         if self.server.algorithm == "fedprox":
             _check(any(v > 0 for v in _values(self.client.prox_mu)), "client.prox_mu", self.client.prox_mu,
                    "a value > 0 when server.algorithm='fedprox'")
-        if self.server.algorithm == "scaffold":  # the control-variate change is a second, unprotected release
-            _check(not self.server.clips, "server.algorithm", self.server.algorithm,
-                   "not 'scaffold' with client-level DP or clipping (server.central_clip_norm / "
-                   "central_noise_multiplier / target_epsilon): SCAFFOLD's control-variate change is sent beside "
-                   "the update and is neither clipped nor noised")
-            _check(all(v == 0 for v in _values(self.message.local_noise_multiplier)), "server.algorithm",
-                   self.server.algorithm, "not 'scaffold' with message.local_noise_multiplier > 0 (local DP would "
-                   "not cover the control-variate change)")
+        self._check_algorithm_protected()
         _check(all(c < self.data.num_clients for c in self.run.tap_clients), "run.tap_clients",
                self.run.tap_clients, f"client ids < data.num_clients={self.data.num_clients}")
         if self.topology.decentralized:

@@ -51,6 +51,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from fedjaxpriv.config import ALGORITHM_NAMES
 from fedjaxpriv.client.settings import ClientSettings, replace_settings
 
 if TYPE_CHECKING:
@@ -254,9 +255,6 @@ def check_protects(algorithm: FederatedAlgorithm, protection: str) -> None:
                          "and un-noised; allowed: an algorithm without an extra message.")
 
 
-ALGORITHM_NAMES: tuple[str, ...] = ("fedavg", "fedprox", "fedsgd", "scaffold", "ditto")
-
-
 def _holds(tree: Any) -> bool:
     return bool(jax.tree_util.tree_leaves(tree))
 
@@ -283,5 +281,6 @@ def algorithm_for(name: str, *, ditto_lambda: float = 1.0) -> FederatedAlgorithm
     from the config (``dp_fedavg``)."""
     if name not in ALGORITHM_NAMES:
         raise ValueError(f"server.algorithm={name!r} is invalid; allowed: one of {list(ALGORITHM_NAMES)}.")
-    return {"fedavg": FEDAVG, "fedprox": fedprox(), "fedsgd": fedsgd(), "scaffold": SCAFFOLD,
-            "ditto": ditto(ditto_lambda)}[name]
+    built = {"fedavg": lambda: FEDAVG, "fedprox": fedprox, "fedsgd": fedsgd, "scaffold": lambda: SCAFFOLD,
+             "ditto": lambda: ditto(ditto_lambda)}
+    return built[name]()

@@ -6,7 +6,7 @@ import numpy as np
 import optax
 import pytest
 
-from fedjaxpriv.config import from_dict
+from fedjaxpriv.config import ALGORITHM_NAMES, from_dict
 from fedjaxpriv.experiment import Experiment
 from fedjaxpriv.models import cross_entropy
 from fedjaxpriv.privacy.mechanisms import ClientLevelDpFedAvg
@@ -166,3 +166,20 @@ def test_algorithm_errors_name_what_is_wrong():
     quiet = Experiment(_fedavg_config(), algorithm=algorithms.FEDAVG._replace(name="quiet", extra_message=True))
     with pytest.raises(ValueError, match="'quiet' declares extra_message=True but its client_finish sends no"):
         quiet.step(quiet.initial_state, 0)
+
+
+@pytest.mark.parametrize("name", ALGORITHM_NAMES)
+def test_the_config_refuses_dp_for_exactly_the_built_in_algorithms_that_release_an_extra_message(name):
+    algorithm = algorithms.algorithm_for(name)
+    assert algorithm.name == name  # one list of names: the config's choices are the algorithms built
+    asks = [{"server": {"central_clip_norm": 1.0, "central_noise_multiplier": 1.0, "clients_per_round": 5}},
+            {"message": {"clip_norm": 1.0, "local_noise_multiplier": 1.0}}]
+    prox = {"client": {"prox_mu": 0.1}} if name == "fedprox" else {}
+    for ask in asks:
+        config = {**prox, **ask, "server": {**ask.get("server", {}), "algorithm": name}}
+        if algorithm.extra_message:  # read off the algorithm's declared capability, not its name
+            with pytest.raises(ValueError, match=f"server.algorithm='{name}': .*extra message"):
+                from_dict(config)
+        else:
+            assert from_dict(config).server.algorithm == name
+    assert algorithm.extra_message == (name == "scaffold")  # the one built-in that sends more than its update
