@@ -566,7 +566,9 @@ class RunConfig:
       shard_data: split the population's examples and every client's state (error feedback, SCAFFOLD, Ditto)
         over the devices (each holds O(1 / devices) of them) and fetch each chunk's clients' examples to the
         devices that train them, instead of a full copy per device; the same rounds, bit for bit. Needs strategy
-        "vmap" or "loop"; nothing changes on one device.
+        "vmap" or "loop"; nothing changes on one device. null (the default): split exactly when a full copy would
+        take more than a quarter of one device's memory (``parallel.splits_data``); a copy is faster while it
+        fits.
       checkpoint_every: save a resumable checkpoint every this many rounds (0 = only at the end).
       delta: target delta for privacy accounting.
       accountant: "rdp" or "pld" (dp_accounting).
@@ -586,7 +588,8 @@ class RunConfig:
     chunk_size: int = knob(0, int, low=0, high=INT_MAX, note="0 = automatic")
     num_devices: int = knob(0, int, low=0, high=INT_MAX, note="0 = all devices")
     strategy: str = knob("auto", str, choices=("auto", "vmap", "loop", "host"))
-    shard_data: bool = knob(False, bool)
+    shard_data: bool | None = knob(None, bool, optional=True,
+                                   note="null = split when a copy would take over a quarter of a device's memory")
     checkpoint_every: int = knob(10, int, low=0, high=INT_MAX, note="0 = only at the end")
     delta: float = knob(1e-5, float, low=0.0, high=1.0, low_open=True, high_open=True)
     accountant: str = knob("rdp", str, choices=ACCOUNTANTS)
@@ -722,11 +725,11 @@ class ExperimentConfig:
         _check(not changed, "topology.graph", self.topology.graph,
                f"'none' with {', '.join(changed)}: a decentralized run has no server, whose aggregation, optimizer "
                "and client-level DP these set (it reads server.clients_per_round and client_sampling only)")
-        for key, value, allowed in (("devices.policy", self.devices.policy, "none"),
-                                    ("run.shard_data", self.run.shard_data, False),
-                                    ("run.strategy", self.run.strategy, ("auto", "vmap", "loop"))):
-            ok = value in allowed if isinstance(allowed, tuple) else value == allowed
-            shown = f"one of {list(allowed)}" if isinstance(allowed, tuple) else repr(allowed)
+        for key, value, ok, shown in (
+                ("devices.policy", self.devices.policy, self.devices.policy == "none", "'none'"),
+                ("run.shard_data", self.run.shard_data, not self.run.shard_data, "null or false"),
+                ("run.strategy", self.run.strategy, self.run.strategy in ("auto", "vmap", "loop"),
+                 "one of ['auto', 'vmap', 'loop']")):
             _check(ok, key, value, f"{shown} with topology.graph={self.topology.graph!r} (decentralized runs do not "
                                    "support it yet)")
         t = self.topology

@@ -73,5 +73,16 @@ def check_same_everywhere(values: Mapping[str, Any]) -> None:
                          "the same config and output directory.")
 
 
+def smallest_everywhere(value: int) -> int:
+    """The smallest of ``value`` (an int in [-2^31, 2^31)) over the processes of a multi-process run: a choice that
+    every process must make alike (e.g. from its own memory) made from the same number. ``value`` itself in a
+    single process."""
+    if jax.process_count() == 1:
+        return int(value)
+    from jax.experimental import multihost_utils
+
+    return int(np.min(np.asarray(multihost_utils.process_allgather(np.array([value], np.int32)))))
+
+
 def shutdown() -> None:
     jax.distributed.shutdown()

@@ -28,7 +28,8 @@ from fedjaxpriv.data.federated import fingerprint
 from fedjaxpriv.models import TOKEN_CLASSIFIERS, WIDTH_MODELS, Model, ModelLike, as_model, count_params, get_model
 from fedjaxpriv.models.tasks import (CLASSIFICATION, NEXT_TOKEN, PerExampleLoss, Task, as_task, check_fits,
                                      check_targets, describe, with_label_metrics)
-from fedjaxpriv.parallel import Plan, local_mesh, plan as execution_plan, replicate, shard_rows
+from fedjaxpriv.parallel import (Plan, device_memory_bytes, local_mesh, plan as execution_plan, replicate, shard_rows,
+                                 splits_data, tree_bytes)
 from fedjaxpriv.progress import building_line, built_line, say
 from fedjaxpriv.privacy.calibration import calibrate_noise
 from fedjaxpriv.privacy.mechanisms import ClientLevelDpFedAvg, local_gaussian, round_up_float32
@@ -557,9 +558,7 @@ class Experiment:
             max_steps=max(1, int(np.max(self.settings.local_steps))), max_batch=slots, num_clients=self.cohort_slots,
             mesh=mesh, strategy=r.strategy, chunk_size=r.chunk_size)
         self.strategy, self.chunk_size = self.plan.strategy, self.plan.chunk_size
-        # run.shard_data: the examples split over the mesh's devices, each chunk's fetched where it trains.
-        self.shard_width = (int(max(1, np.max(counts))) if r.shard_data and mesh is not None else None)
-        if self.shard_width is not None and self.strategy == "host":
+        if r.shard_data and mesh is not None and self.strategy == "host":
             raise ValueError("run.shard_data=true needs run.strategy 'vmap' or 'loop' (the compiled round fetches "
                              f"each chunk's examples); the plan chose 'host' (run.strategy={r.strategy!r}).")
         self.spec = local_spec(config, self.settings, counts, num_classes, self.plan, slots, self.task)
@@ -579,10 +578,17 @@ class Experiment:
         self.message_transform = (message_transform if message_transform is not None else message_pipeline(
             config.message.order, self.settings, feedback=config.message.error_feedback)[0])
         # 5. the round as one value: what runs here, and what the attacks replay and ask about local training
-        self.program = RoundProgram(
+        program = RoundProgram(
             self.model.apply, self.spec, server_tx, self.aggregation, self.algorithm, self.message_transform,
-            prune_schedule_of(c.prune_begin_round, c.prune_end_round), self.chunk_size, self.strategy, mesh,
-            self.shard_width)
+            prune_schedule_of(c.prune_begin_round, c.prune_end_round), self.chunk_size, self.strategy, mesh)
+        # run.shard_data: the examples and client states split over the mesh's devices (each chunk's examples
+        # fetched where it trains), as asked or, by default, when a copy per device would not fit comfortably.
+        copy_bytes = population.x.nbytes + population.y.nbytes + tree_bytes(jax.eval_shape(
+            lambda p: program.init_state(p, population.num_clients).client_state, params))
+        split = not self.runs_topology and splits_data(  # decentralized rounds read a copy (config refuses true)
+            r.shard_data, mesh, self.strategy, copy_bytes, mesh and device_memory_bytes(mesh))
+        self.shard_width = int(max(1, np.max(counts))) if split else None
+        self.program = program.replace(sharded_examples=self.shard_width)
         self.tap_fn = self.program.tap_fn
         self.round_fn = self.program.round_fn()
         # Tap rounds run the same round, built to emit the tapped clients' messages as well (compiled only when a

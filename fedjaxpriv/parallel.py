@@ -129,6 +129,55 @@ def local_mesh(num_devices: int = 0) -> Mesh | None:
     return make_mesh(n) if n > 1 else None
 
 
+# A full copy of the population and of the clients' states on every device is faster than splitting them (each
+# chunk's examples are then fetched across devices: 2.25x the round time on 8 CPU devices,
+# ``benchmarks/bench_shard_data.py``), so by default (``run.shard_data: null``) they are split only when such a copy
+# would take more than this fraction of one device's memory.
+SPLIT_ABOVE_FRACTION = 0.25
+
+
+def device_memory_bytes(mesh: Mesh) -> int | None:
+    """One device's memory in bytes, the smallest over the processes of a multi-process run (they must choose
+    alike): an accelerator's own limit (``memory_stats``), or on CPU the host's physical memory divided among its
+    local devices (they share it); None when unknown on some process."""
+    from fedjaxpriv.distributed import smallest_everywhere
+
+    device = next(d for d in mesh.devices.flat if d.process_index == jax.process_index())
+    stats = device.memory_stats() if hasattr(device, "memory_stats") else None
+    mine = None
+    if stats and stats.get("bytes_limit"):
+        mine = int(stats["bytes_limit"])
+    elif device.platform == "cpu" and hasattr(os, "sysconf"):
+        try:
+            mine = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // max(1, jax.local_device_count())
+        except (ValueError, OSError):
+            mine = None
+    mebibytes = smallest_everywhere(-1 if mine is None else min(mine >> 20, 2**31 - 1))
+    return None if mebibytes < 0 else mebibytes << 20
+
+
+def tree_bytes(tree: Any) -> int:
+    """Bytes of a pytree's leaves (arrays or ``jax.ShapeDtypeStruct``s), as one full copy."""
+    return int(sum(math.prod(leaf.shape) * np.dtype(leaf.dtype).itemsize for leaf in jax.tree_util.tree_leaves(tree)))
+
+
+def splits_data(requested: bool | None, mesh: Mesh | None, strategy: str, copy_bytes: int,
+                device_bytes: int | None) -> bool:
+    """Whether a run splits its examples and its clients' states over ``mesh`` (``run.shard_data``).
+
+    True or False as ``requested``; None: split when a full copy (``copy_bytes``: the examples and every client's
+    state) would take more than ``SPLIT_ABOVE_FRACTION`` of one device's memory (``device_bytes``; None: unknown,
+    copy) and the strategy fetches chunks ('vmap' or 'loop'). Never on a single device (``mesh`` None): there the
+    copy is the data.
+    """
+    if mesh is None:
+        return False
+    if requested is not None:
+        return bool(requested)
+    return (strategy != "host" and device_bytes is not None
+            and copy_bytes > SPLIT_ABOVE_FRACTION * device_bytes)
+
+
 def chunk_layout(num_clients: int, chunk_size: int, num_devices: int = 1) -> tuple[int, int]:
     """(chunk, num_chunks) such that chunk is a multiple of num_devices and chunk * num_chunks >= num_clients."""
     if num_clients < 1:

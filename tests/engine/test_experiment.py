@@ -12,6 +12,7 @@ import pytest
 from fedjaxpriv.cli import main as cli_main
 from fedjaxpriv.config import ExperimentConfig, from_dict, with_overrides
 from fedjaxpriv.experiment import Experiment
+from fedjaxpriv import parallel
 from fedjaxpriv.parallel import use_cpu_cores
 
 SHORT = {"data": {"num_clients": 20}, "run": {"rounds": 6, "eval_every": 3}, "server": {"clients_per_round": 5}}
@@ -119,7 +120,7 @@ def test_no_resume_starts_over_in_the_same_directory(tmp_path):
 
 
 @pytest.mark.slow
-def test_clients_are_sharded_over_all_devices_by_default_with_the_same_result():
+def test_clients_are_sharded_over_all_devices_by_default_with_the_same_result(monkeypatch):
     """8 devices equal 1 (Ditto with top-k and error feedback: every client keeps a personal model and a residual);
     with run.shard_data each device holds 1/8 of the examples and of the clients' states (20 clients, padded to
     24), and the run is the same bit for bit, personal models' figures included."""
@@ -142,6 +143,11 @@ def test_clients_are_sharded_over_all_devices_by_default_with_the_same_result():
     residuals = jax.tree_util.tree_leaves(split.initial_state.client_state)
     assert residuals and all({s.data.shape[0] for s in leaf.addressable_shards} == {-(-clients // 8)}
                              for leaf in residuals)
+    assert sharded.shard_width is None  # by default a copy, while it takes under a quarter of a device
+    monkeypatch.setattr(parallel, "SPLIT_ABOVE_FRACTION", 0.0)  # any copy is too large: the default splits
+    auto = Experiment(from_dict(config))
+    assert auto.shard_width == split.shard_width == int(np.max(auto.population.counts))
+    assert {s.data.shape[0] for s in auto.device_population.x.addressable_shards} == {-(-examples // 8)}
     c = split.run(progress=False)
     for x, y in zip(jax.tree_util.tree_leaves(a.params), jax.tree_util.tree_leaves(c.params)):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
