@@ -145,6 +145,29 @@ def personal_metrics(apply_fn: ApplyFn, personal: Params, global_params: Params,
             **distribution_summary(mine, "client_personal_accuracy")}
 
 
+def label_counts_per_client(y: np.ndarray, offsets: np.ndarray, counts: np.ndarray, num_classes: int) -> np.ndarray:
+    """``[C, K]`` each client's examples per class, from the flat labels ``y`` [T] and each client's offset and
+    count [C]."""
+    return np.stack([np.bincount(np.asarray(y[o:o + c], np.int64), minlength=num_classes)[:num_classes]
+                     for o, c in zip(offsets, counts)])
+
+
+def run_metrics(apply_fn: ApplyFn, params: Params, test: Any, population: Any, task: Task = CLASSIFICATION,
+                personal: Params | None = None, label_counts: np.ndarray | None = None) -> dict[str, float]:
+    """What a run records at an evaluated round: the global model's test loss and the task's metrics
+    (``test_loss``, ``test_accuracy`` ...), the distribution of its primary metric over the clients' own examples
+    (``client_accuracy_mean`` ...), and with ``personal`` models (leaves [C, ...]; classification, with
+    ``label_counts`` [C, K]) ``personal_metrics``."""
+    metric = task.primary
+    record = {f"test_{k}": v for k, v in evaluate(apply_fn, params, test.x, test.y, task=task).items()}
+    per_client = per_client_metric(apply_fn, params, population.x, population.y, population.offsets,
+                                   population.counts, task=task, metric=metric)
+    record.update(distribution_summary(per_client, f"client_{metric}"))
+    if personal is not None and task is CLASSIFICATION:
+        record.update(personal_metrics(apply_fn, personal, params, test.x, test.y, label_counts, population.counts))
+    return record
+
+
 def at_chance(accuracy: float, labels: np.ndarray) -> tuple[bool, float]:
     """Whether a test accuracy is not above what always predicting the test set's most frequent label scores,
     beyond three binomial standard errors of that rate over the ``labels [N]`` (or next-token targets [N, L],

@@ -28,8 +28,7 @@ from fedjaxpriv.data.federated import fingerprint
 from fedjaxpriv.models import TOKEN_CLASSIFIERS, WIDTH_MODELS, Model, ModelLike, as_model, count_params, get_model
 from fedjaxpriv.models.tasks import (CLASSIFICATION, NEXT_TOKEN, PerExampleLoss, Task, as_task, check_fits,
                                      check_targets, describe, with_label_metrics)
-from fedjaxpriv.parallel import (Plan, device_memory_bytes, local_mesh, plan as execution_plan, replicate, shard_rows,
-                                 splits_data, tree_bytes)
+from fedjaxpriv.parallel import (Plan, device_memory_bytes, local_mesh, plan as execution_plan, splits_data, tree_bytes)
 from fedjaxpriv.progress import building_line, built_line, say
 from fedjaxpriv.privacy.calibration import calibrate_noise
 from fedjaxpriv.privacy.mechanisms import ClientLevelDpFedAvg, local_gaussian, round_up_float32
@@ -39,7 +38,7 @@ from fedjaxpriv.server import Cohort, max_cohort_size, sample_cohort, server_opt
 from fedjaxpriv.server.algorithms import FederatedAlgorithm, algorithm_for, check_protects, dp_fedavg
 from fedjaxpriv.program import RoundProgram, Tap, prune_schedule_of, round_record, tap_slots
 from fedjaxpriv.runner import Record, Results, run_experiment
-from fedjaxpriv.simulation import AggregationSpec, Population, RoundOutput, ServerState
+from fedjaxpriv.simulation import AggregationSpec, RoundOutput, ServerState
 from fedjaxpriv.transforms.base import MessageTransform
 from fedjaxpriv.transforms.pipeline import message_pipeline
 
@@ -457,6 +456,65 @@ def build_mechanisms(config: ExperimentConfig, settings: ClientSettings, counts:
     return Mechanisms(sample_level, local_dp, algorithm)
 
 
+class Layout(NamedTuple):
+    """Where and how a run's rounds execute (``build_layout``).
+
+    Attributes:
+      mesh: the devices clients are sharded over (None: one device).
+      plan: the execution plan (strategy, chunk, lowering), chosen from the model's structure.
+      spec: the static local-training spec.
+    """
+
+    mesh: jax.sharding.Mesh | None
+    plan: Plan
+    spec: LocalSpec
+
+
+def build_layout(config: ExperimentConfig, data: RunData, budget: PrivacyPlan,
+                 mesh: jax.sharding.Mesh | None) -> Layout:
+    """The mesh (``run.num_devices`` local devices unless ``mesh`` is given), the execution plan for the run's
+    shapes and the local-training spec. Raises ValueError for a device count or a layout the plan cannot run."""
+    r, population = config.run, data.population
+    if mesh is None:
+        try:
+            mesh = local_mesh(r.num_devices)
+        except ValueError as error:
+            raise ValueError(f"run.num_devices: {error}") from None
+    slots = budget.batch_slots
+    plan = execution_plan(
+        data.model.apply, data.params, jax.ShapeDtypeStruct((slots, *population.input_shape), population.x.dtype),
+        max_steps=max(1, int(np.max(budget.settings.local_steps))), max_batch=slots, num_clients=budget.cohort_slots,
+        mesh=mesh, strategy=r.strategy, chunk_size=r.chunk_size)
+    if r.shard_data and mesh is not None and plan.strategy == "host":
+        raise ValueError("run.shard_data=true needs run.strategy 'vmap' or 'loop' (the compiled round fetches "
+                         f"each chunk's examples); the plan chose 'host' (run.strategy={r.strategy!r}).")
+    spec = local_spec(config, budget.settings, population.counts, data.num_classes, plan, slots, data.task)
+    return Layout(mesh, plan, spec)
+
+
+def build_program(config: ExperimentConfig, data: RunData, layout: Layout, algorithm: FederatedAlgorithm,
+                  settings: ClientSettings, message_transform: MessageTransform | None = None, *,
+                  may_split: bool = True) -> RoundProgram:
+    """The round program of a run: its parts from the config (the message transform passed in, else the chain
+    ``config.message`` describes for these settings), and its examples and client states split over the mesh as
+    ``run.shard_data`` asks (by default when a copy per device would not fit comfortably:
+    ``parallel.splits_data``; never without ``may_split``)."""
+    s, c, m, population = config.server, config.client, config.message, data.population
+    if message_transform is None:
+        message_transform = message_pipeline(m.order, settings, feedback=m.error_feedback)[0]
+    server_tx = server_optimizer(s.optimizer, s.lr, momentum=s.momentum, b1=s.adam_b1, b2=s.adam_b2, eps=s.adam_eps)
+    program = RoundProgram(
+        data.model.apply, layout.spec, server_tx,
+        AggregationSpec(weighting=s.weighting, client_level=algorithm.client_level), algorithm, message_transform,
+        prune_schedule_of(c.prune_begin_round, c.prune_end_round), layout.plan.chunk_size, layout.plan.strategy,
+        layout.mesh)
+    copy_bytes = population.x.nbytes + population.y.nbytes + tree_bytes(jax.eval_shape(
+        lambda p: program.init_state(p, population.num_clients).client_state, data.params))
+    split = may_split and splits_data(config.run.shard_data, layout.mesh, layout.plan.strategy, copy_bytes,
+                                      layout.mesh and device_memory_bytes(layout.mesh))
+    return program.replace(sharded_examples=int(max(1, np.max(population.counts))) if split else None)
+
+
 class Experiment:
     """Builds every part of an experiment from its config and runs the rounds.
 
@@ -529,81 +587,46 @@ class Experiment:
         # 1. data, task and model, checked against each other
         data = build_data(config, population, test, num_classes, model, loss, data_from_config)
         self.config = config = data.config
-        self.population, self.test, self.num_classes = population, test, num_classes = data[1:4]
-        self.task, self.model, params = data.task, data.model, data.params
-        self.root_key = jax.random.key(config.run.seed)
-        self.num_params = count_params(params)
+        self.population, self.test, self.num_classes = data[1:4]
+        population = self.population
+        self.task, self.model, self.initial_params = data.task, data.model, data.params
+        self.root_key, self.num_params = jax.random.key(config.run.seed), count_params(data.params)
         counts = population.counts
-        s, r = config.server, config.run
         # 2. the algorithm and every client's settings, noise calibrated to the targets; batch and cohort slots
-        self.algorithm = run_algorithm(config, algorithm)
-        settings = self.algorithm.settings_for(
-            settings if settings is not None else configured_settings(config, counts), counts)
+        algorithm = run_algorithm(config, algorithm)
+        settings = algorithm.settings_for(settings if settings is not None else configured_settings(config, counts),
+                                          counts)
         if extra_settings:
             settings = settings._replace(extra=with_extra(settings.extra, population.num_clients, extra_settings))
         targets = target_epsilons(config, population.num_clients) if targets is None else np.asarray(targets)
-        budget = plan_privacy(config, settings, counts, targets, self.algorithm)
-        self.settings, self.participation_budget, self.cohort_slots = (budget.settings, budget.participation_budget,
-                                                                       budget.cohort_slots)
-        slots = budget.batch_slots
-        # 3. the execution plan on the devices
-        if mesh is None:
-            try:
-                mesh = local_mesh(r.num_devices)
-            except ValueError as error:
-                raise ValueError(f"run.num_devices: {error}") from None
-        self.mesh = mesh
-        self.plan = execution_plan(
-            self.model.apply, params, jax.ShapeDtypeStruct((slots, *population.input_shape), population.x.dtype),
-            max_steps=max(1, int(np.max(self.settings.local_steps))), max_batch=slots, num_clients=self.cohort_slots,
-            mesh=mesh, strategy=r.strategy, chunk_size=r.chunk_size)
+        budget = plan_privacy(config, settings, counts, targets, algorithm)
+        self.settings, self.participation_budget = budget.settings, budget.participation_budget
+        self.cohort_slots = budget.cohort_slots
+        # 3. the devices, the execution plan and the local-training spec
+        self.mesh, self.plan, self.spec = build_layout(config, data, budget, mesh)
         self.strategy, self.chunk_size = self.plan.strategy, self.plan.chunk_size
-        if r.shard_data and mesh is not None and self.strategy == "host":
-            raise ValueError("run.shard_data=true needs run.strategy 'vmap' or 'loop' (the compiled round fetches "
-                             f"each chunk's examples); the plan chose 'host' (run.strategy={r.strategy!r}).")
-        self.spec = local_spec(config, self.settings, counts, num_classes, self.plan, slots, self.task)
-        server_tx = server_optimizer(s.optimizer, s.lr, momentum=s.momentum, b1=s.adam_b1, b2=s.adam_b2,
-                                     eps=s.adam_eps)
         # 4. the DP mechanisms, each owning its JAX step and its accounting
-        mechanisms = build_mechanisms(config, self.settings, counts, slots, self.cohort_slots, self.algorithm,
-                                      transform_passed_in=message_transform is not None)
-        self.sample_level, self.local_dp, self.algorithm = mechanisms
+        self.sample_level, self.local_dp, self.algorithm = build_mechanisms(
+            config, self.settings, counts, budget.batch_slots, self.cohort_slots, algorithm,
+            transform_passed_in=message_transform is not None)
         self.client_level = self.algorithm.client_level
-        self.aggregation = AggregationSpec(weighting=s.weighting, client_level=self.client_level)
         self.privacy = self.new_privacy_tracker()
-        warn_about_delta(r.delta, counts, self.sample_level, self.client_level)
+        warn_about_delta(config.run.delta, counts, self.sample_level, self.client_level)
         for line in clips_without_noise(config, self.settings, self.client_level):
             warnings.warn(line, stacklevel=2)
-        c = config.client
-        self.message_transform = (message_transform if message_transform is not None else message_pipeline(
-            config.message.order, self.settings, feedback=config.message.error_feedback)[0])
-        # 5. the round as one value: what runs here, and what the attacks replay and ask about local training
-        program = RoundProgram(
-            self.model.apply, self.spec, server_tx, self.aggregation, self.algorithm, self.message_transform,
-            prune_schedule_of(c.prune_begin_round, c.prune_end_round), self.chunk_size, self.strategy, mesh)
-        # run.shard_data: the examples and client states split over the mesh's devices (each chunk's examples
-        # fetched where it trains), as asked or, by default, when a copy per device would not fit comfortably.
-        copy_bytes = population.x.nbytes + population.y.nbytes + tree_bytes(jax.eval_shape(
-            lambda p: program.init_state(p, population.num_clients).client_state, params))
-        split = not self.runs_topology and splits_data(  # decentralized rounds read a copy (config refuses true)
-            r.shard_data, mesh, self.strategy, copy_bytes, mesh and device_memory_bytes(mesh))
-        self.shard_width = int(max(1, np.max(counts))) if split else None
-        self.program = program.replace(sharded_examples=self.shard_width)
-        self.tap_fn = self.program.tap_fn
-        self.round_fn = self.program.round_fn()
+        # 5. the round as one value: what runs here, and what the attacks replay and ask about local training;
+        # decentralized rounds read a copy of the data (the config refuses run.shard_data=true for them)
+        self.program = build_program(config, data, Layout(self.mesh, self.plan, self.spec), self.algorithm,
+                                     self.settings, message_transform, may_split=not self.runs_topology)
+        self.shard_width = self.program.sharded_examples
+        self.round_fn, self.tap_fn = self.program.round_fn(), self.program.tap_fn
         # Tap rounds run the same round, built to emit the tapped clients' messages as well (compiled only when a
         # tap round comes).
-        self.tap_width = len(r.tap_clients) if r.tap_rounds else 0
+        self.tap_width = len(config.run.tap_clients) if config.run.tap_rounds else 0
         self.tap_round_fn = self.program.round_fn(self.tap_width) if self.tap_width else None
         # 6. the data and settings on the devices
-        self.initial_params = params
-        if self.shard_width is None:
-            self.device_population = replicate(Population(*(jnp.asarray(a) for a in (
-                population.x, population.y, population.offsets, population.counts))), mesh)
-        else:
-            self.device_population = Population(*shard_rows((population.x, population.y), mesh), *replicate(
-                (jnp.asarray(population.offsets), jnp.asarray(population.counts)), mesh))
-        self.device_settings = replicate(jax.tree_util.tree_map(jnp.asarray, self.settings), mesh)
+        self.device_population = self.program.place_population(population)
+        self.device_settings = self.program.place_settings(self.settings)
         if progress:
             say(built_line(self, time.perf_counter() - started))
 
@@ -620,14 +643,9 @@ class Experiment:
 
     @property
     def initial_state(self) -> ServerState:
-        """A fresh round-0 server state (a new copy each time: ``step`` donates the state it is given), replicated
-        over the mesh as the round returns it (every client's state split over it with ``run.shard_data``), so that
-        every round reuses one compiled program."""
-        state = self.fresh_state(self.initial_params)
-        if self.shard_width is None:
-            return replicate(state, self.mesh)
-        return replicate(state._replace(client_state=()), self.mesh)._replace(
-            client_state=shard_rows(state.client_state, self.mesh))
+        """A fresh round-0 server state (a new copy each time: ``step`` donates the state it is given), on the mesh
+        as the round returns it (``RoundProgram.place_state``), so that every round reuses one compiled program."""
+        return self.program.place_state(self.fresh_state(self.initial_params))
 
     def fresh_state(self, params: Any) -> ServerState:
         """A round-0 server state of this run from ``params`` (every client's states at their initial values)."""
@@ -698,22 +716,10 @@ class Experiment:
         return self.annotate(record, cohort)
 
     def tap(self, state: ServerState, client_ids: Sequence[int]) -> Tap:
-        """The messages ``client_ids`` would send in the round that starts from ``state`` (same keys as the
-        round), computed by training them again: for replays and probes. A run's own taps come out of its
-        rounds (``observed_step``)."""
-        ids = np.asarray(client_ids, np.int32)
-        if ids.ndim != 1 or ids.size == 0 or ids.min() < 0 or ids.max() >= self.population.num_clients:
-            raise ValueError(f"client_ids={client_ids!r} must be a non-empty list of ids in "
-                             f"[0, {self.population.num_clients}).")
-        # Padded to the run's tap width, so that every round's tap reuses one compiled program whoever takes part.
-        width = max(ids.size, len(self.config.run.tap_clients))
-        padded = np.concatenate([ids, np.full(width - ids.size, ids[-1], np.int32)])
-        messages = self.tap_fn(state, self.device_population, self.device_settings, jnp.asarray(padded),
-                               self.root_key)
-        messages = jax.tree_util.tree_map(lambda leaf: leaf[:ids.size], messages)
-        return Tap(round=int(state.round) + 1, client_ids=ids,
-                   server_params=jax.tree_util.tree_map(np.asarray, state.params),
-                   messages=jax.tree_util.tree_map(np.asarray, messages))
+        """What ``client_ids`` would send in the round that starts from ``state``, trained again
+        (``RoundProgram.replay_tap``, padded to the run's tap width): for replays and probes."""
+        return self.program.replay_tap(state, self.device_population, self.device_settings, client_ids,
+                                       self.population.num_clients, self.root_key, len(self.config.run.tap_clients))
 
     @property
     def headline_metric(self) -> str:
@@ -722,28 +728,20 @@ class Experiment:
         return f"test_{self.task.primary}"
 
     def evaluate(self, params: Any, state: ServerState | None = None) -> Record:
-        """Central test loss and the task's metrics (``test_loss``, ``test_accuracy`` for classification) and the
-        distribution of its primary metric over clients (``client_accuracy_mean`` ...). With ``state``, an
-        algorithm's personal models (Ditto) too: ``evaluation.personal_metrics`` (classification)."""
-        test = evaluation.evaluate(self.model.apply, params, self.test.x, self.test.y, task=self.task)
-        p, metric = self.population, self.task.primary
-        per_client = evaluation.per_client_metric(self.model.apply, params, p.x, p.y, p.offsets, p.counts,
-                                                  task=self.task, metric=metric)
-        record = {**{f"test_{k}": v for k, v in test.items()},
-                  **evaluation.distribution_summary(per_client, f"client_{metric}")}
+        """``evaluation.run_metrics`` of the global model ``params``; with ``state``, an algorithm's personal
+        models (Ditto) too (classification)."""
+        personal, p = None, self.population
         if state is not None and self.algorithm.personal_params is not None and self.task is CLASSIFICATION:
-            record.update(evaluation.personal_metrics(
-                self.model.apply, self.algorithm.personal_params(jax.tree_util.tree_map(
-                    lambda a: a[:p.num_clients], state.client_state.algorithm)), params,  # without padding rows
-                self.test.x, self.test.y, self.client_label_counts, p.counts))
-        return record
+            personal = self.algorithm.personal_params(jax.tree_util.tree_map(
+                lambda a: a[:p.num_clients], state.client_state.algorithm))  # without padding rows
+        return evaluation.run_metrics(self.model.apply, params, self.test, p, self.task, personal,
+                                      self.client_label_counts if personal is not None else None)
 
     @functools.cached_property
     def client_label_counts(self) -> np.ndarray:
         """``[C, K]`` each client's training examples per class (classification), computed once."""
-        p, k = self.population, self.num_classes
-        return np.stack([np.bincount(np.asarray(p.y[o:o + c], np.int64), minlength=k)[:k]
-                         for o, c in zip(p.offsets, p.counts)])
+        p = self.population
+        return evaluation.label_counts_per_client(p.y, p.offsets, p.counts, self.num_classes)
 
     run = run_experiment  # ``experiment.run(out_dir, ...)``: the run loop (``runner``) over this experiment
 

@@ -18,6 +18,7 @@ import math
 from typing import Any, Callable, Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 from jax.sharding import Mesh
@@ -25,8 +26,10 @@ from jax.sharding import Mesh
 from fedjaxpriv.client.local import ApplyFn, LocalSpec, training_mask
 from fedjaxpriv.server.algorithms import FEDAVG, FederatedAlgorithm, corrects_gradients
 from fedjaxpriv.server import Cohort
-from fedjaxpriv.simulation import (AggregationSpec, RoundOutput, ServerState, build_message_tap, build_round,
-                                   identity_message, init_server_state, initial_client_states, scheduled_sparsity)
+from fedjaxpriv.parallel import replicate, shard_rows
+from fedjaxpriv.simulation import (AggregationSpec, Population, RoundOutput, ServerState, build_message_tap,
+                                   build_round, identity_message, init_server_state, initial_client_states,
+                                   scheduled_sparsity)
 from fedjaxpriv.transforms.pipeline import make_message_fn
 
 Params = Any
@@ -96,6 +99,42 @@ class RoundProgram:
         state = init_server_state(params, self.server_tx, self.algorithm.clip_norm, client_state,
                                   self.algorithm.server_init(params))
         return state._replace(round=state.round + np.int32(round_index))
+
+    # -- the data and state on the devices ----------------------------------------------------------------------
+    def place_population(self, population: Any) -> Population:
+        """``population`` (``FederatedData``) on the mesh as the round reads it: a copy per device, or its example
+        rows split over the devices with ``sharded_examples`` (offsets and counts always copied)."""
+        index = (jnp.asarray(population.offsets), jnp.asarray(population.counts))
+        if self.sharded_examples is None:
+            return replicate(Population(jnp.asarray(population.x), jnp.asarray(population.y), *index), self.mesh)
+        return Population(*shard_rows((population.x, population.y), self.mesh), *replicate(index, self.mesh))
+
+    def place_settings(self, settings: Any) -> Any:
+        """Every client's settings [C] on the mesh (a copy per device: a few numbers per client)."""
+        return replicate(jax.tree_util.tree_map(jnp.asarray, settings), self.mesh)
+
+    def place_state(self, state: ServerState) -> ServerState:
+        """``state`` on the mesh as the round returns it, so every round reuses one compiled program: a copy per
+        device, every client's state split over the devices with ``sharded_examples``."""
+        if self.sharded_examples is None:
+            return replicate(state, self.mesh)
+        return replicate(state._replace(client_state=()), self.mesh)._replace(
+            client_state=shard_rows(state.client_state, self.mesh))
+
+    def replay_tap(self, state: ServerState, population: Population, settings: Any, client_ids: Sequence[int],
+                   num_clients: int, root_key: jax.Array, width: int = 0) -> Tap:
+        """What ``client_ids`` would send in the round that starts from ``state`` (the round's own keys from
+        ``root_key``), trained again (``tap_fn``): for replays and probes; a run's own taps come out of its rounds.
+        ``population`` and ``settings`` as placed on the devices; ``width``: the ids are padded to at least this
+        many, so that taps of different sizes reuse one compiled program."""
+        ids = np.asarray(client_ids, np.int32)
+        if ids.ndim != 1 or ids.size == 0 or ids.min() < 0 or ids.max() >= num_clients:
+            raise ValueError(f"client_ids={client_ids!r} must be a non-empty list of ids in [0, {num_clients}).")
+        padded = np.concatenate([ids, np.full(max(ids.size, width) - ids.size, ids[-1], np.int32)])
+        messages = self.tap_fn(state, population, settings, jnp.asarray(padded), root_key)
+        return Tap(round=int(state.round) + 1, client_ids=ids,
+                   server_params=jax.tree_util.tree_map(np.asarray, state.params),
+                   messages=jax.tree_util.tree_map(lambda leaf: np.asarray(leaf[:ids.size]), messages))
 
     # -- what the server can know of a client's local training ------------------------------------------------
     def scheduled_sparsity(self, final_sparsity: float, round_number: int) -> float:

@@ -670,7 +670,7 @@ def round_participants(experiment: Any, round_number: int) -> np.ndarray:
 def _server_weights(experiment: Any, client_ids: np.ndarray) -> np.ndarray:
     """``[K]`` float32 aggregation weights of the round (``simulation.AggregationSpec.client_weight``)."""
     counts = np.asarray(experiment.population.counts)[np.asarray(client_ids)].astype(np.float32)
-    return np.asarray(experiment.aggregation.client_weight(counts, counts > 0), np.float32)
+    return np.asarray(experiment.program.aggregation.client_weight(counts, counts > 0), np.float32)
 
 
 @jax.jit

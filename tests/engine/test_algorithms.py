@@ -119,7 +119,7 @@ def test_dp_fedavg_passed_in_is_the_configured_mechanism_and_its_accounting():
     """A DP-FedAvg mechanism passed as ``dp_fedavg(mechanism)`` trains and accounts as the config's own."""
     configured = Experiment(_fedavg_config(server={"central_clip_norm": 0.5, "central_noise_multiplier": 1.1}))
     passed = Experiment(_fedavg_config(), algorithm=algorithms.dp_fedavg(configured.client_level, 0.5))
-    assert passed.aggregation == configured.aggregation and passed.cohort_slots == configured.cohort_slots
+    assert passed.program.aggregation == configured.program.aggregation and passed.cohort_slots == configured.cohort_slots
     states = []
     for exp in (configured, passed):
         state = exp.initial_state

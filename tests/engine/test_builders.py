@@ -4,13 +4,18 @@ tail they promise, the mechanisms' noise against z C, and their refusals."""
 import math
 import warnings
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from scipy import stats
 
 from fedjaxpriv.client.settings import make_settings
 from fedjaxpriv.config import from_dict
-from fedjaxpriv.experiment import build_mechanisms, configured_settings, plan_privacy
+from fedjaxpriv.experiment import (build_data, build_layout, build_mechanisms, build_program, configured_settings,
+                                  plan_privacy)
+from fedjaxpriv.parallel import make_mesh
+from fedjaxpriv.transforms.pipeline import message_pipeline
 from fedjaxpriv.server.algorithms import FEDAVG, algorithm_for
 
 COUNTS = np.full(40, 30)
@@ -63,3 +68,42 @@ def test_dp_fedavg_wraps_the_algorithm_and_refuses_what_it_cannot_protect():
     with pytest.raises(ValueError, match="scaffold"):
         build_mechanisms(config, settings, COUNTS, 16, 8, scaffold, transform_passed_in=False)
     assert math.isinf(FEDAVG.clip_norm)
+
+
+def _run_parts(config):
+    data = build_data(config, None, None, None, None, None, True)
+    counts = data.population.counts
+    budget = plan_privacy(config, configured_settings(config, counts), counts,
+                          np.full(data.population.num_clients, np.inf), FEDAVG)
+    return data, budget
+
+
+def test_the_program_sends_the_configured_chain_and_splits_only_where_it_may():
+    """The program a run builds applies the message chain ``config.message`` describes (the same messages, key for
+    key, as that chain built on its own), and splits the data over the mesh as run.shard_data asks, never where
+    the caller forbids it (a decentralized run)."""
+    config = _config(message={"topk_fraction": 0.25, "quant_bits": 4}, run={"shard_data": True})
+    data, budget = _run_parts(config)
+    mesh = make_mesh(2) if jax.device_count() >= 2 else None
+    layout = build_layout(config, data, budget, mesh)
+    assert layout.mesh is mesh and layout.spec.max_batch == budget.batch_slots
+    program = build_program(config, data, layout, FEDAVG, budget.settings)
+    alone, stages = message_pipeline(config.message.order, budget.settings)
+    assert stages == ("topk", "round")
+    delta = jax.tree_util.tree_map(lambda leaf: jax.random.normal(jax.random.key(3), leaf.shape), data.params)
+    row = jax.tree_util.tree_map(lambda a: jnp.asarray(a[0]), budget.settings)
+    sent = program.message_transform.update(delta, program.message_transform.init(delta), jax.random.key(4), row)[0]
+    expected = alone.update(delta, alone.init(delta), jax.random.key(4), row)[0]
+    for a, b in zip(jax.tree_util.tree_leaves(sent), jax.tree_util.tree_leaves(expected)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert program.sharded_examples == (int(np.max(data.population.counts)) if mesh is not None else None)
+    assert build_program(config, data, layout, FEDAVG, budget.settings, may_split=False).sharded_examples is None
+
+
+def test_the_layout_refuses_split_data_under_the_host_strategy():
+    if jax.device_count() < 2:
+        pytest.skip("needs several devices (tests/conftest.py sets 8 CPU devices)")
+    config = _config(run={"shard_data": True, "strategy": "host"})
+    data, budget = _run_parts(config)
+    with pytest.raises(ValueError, match="run.shard_data=true needs run.strategy 'vmap' or 'loop'.*'host'"):
+        build_layout(config, data, budget, make_mesh(2))
