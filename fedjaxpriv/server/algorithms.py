@@ -45,7 +45,7 @@ References:
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Any, Callable, NamedTuple
+from typing import TYPE_CHECKING, Any, Callable, NamedTuple, Protocol
 
 import jax
 import jax.numpy as jnp
@@ -58,6 +58,30 @@ if TYPE_CHECKING:
     from fedjaxpriv.privacy.mechanisms import ClientLevelDpFedAvg
 
 Params = Any
+ClientState = Any  # one client's state: a pytree (a NamedTuple such as ScaffoldClientState), () for none
+ServerAlgorithmState = Any  # the server's state: a pytree (ScaffoldServerState), () for none
+
+
+class ClientFinish(Protocol):
+    """What a client sends beside its delta and keeps, after local training (one client, traced)."""
+
+    def __call__(self, delta: Params, steps: jax.Array, lr: jax.Array, server_state: ServerAlgorithmState,
+                 client_state: ClientState) -> tuple[Params | tuple, ClientState]: ...
+
+
+class ServerFinish(Protocol):
+    """The server's new state from the sum of the participants' extra messages (traced)."""
+
+    def __call__(self, server_state: ServerAlgorithmState, extra_sum: Params | tuple, participants: jax.Array,
+                 num_clients: int) -> ServerAlgorithmState: ...
+
+
+class PersonalUpdate(Protocol):
+    """A client's new state from training it keeps to itself, through ``train(start_params, prox=(centre, mu))
+    -> client.local.ClientOutput`` (one client, traced)."""
+
+    def __call__(self, train: Callable[..., Any], server_params: Params, server_state: ServerAlgorithmState,
+                 client_state: ClientState) -> ClientState: ...
 
 
 class FederatedAlgorithm(NamedTuple):
@@ -84,13 +108,13 @@ class FederatedAlgorithm(NamedTuple):
     """
 
     name: str
-    client_init: Callable[[Params], Any]
-    server_init: Callable[[Params], Any]
-    correction: Callable[[Any, Any], Params | None]
-    client_finish: Callable[..., tuple[Any, Any]]
-    server_finish: Callable[[Any, Any, jax.Array, int], Any]
-    personal_update: Callable[..., Any] | None = None
-    personal_params: Callable[[Any], Params] | None = None
+    client_init: Callable[[Params], ClientState]
+    server_init: Callable[[Params], ServerAlgorithmState]
+    correction: Callable[[ServerAlgorithmState, ClientState], Params | None]
+    client_finish: ClientFinish
+    server_finish: ServerFinish
+    personal_update: PersonalUpdate | None = None
+    personal_params: Callable[[ClientState], Params] | None = None
     local_settings: Callable[[ClientSettings, np.ndarray], ClientSettings] | None = None
     client_level: ClientLevelDpFedAvg | None = None
     clip_norm: float = math.inf
