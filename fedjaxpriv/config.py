@@ -736,8 +736,6 @@ class ExperimentConfig:
         _check(t.gossip == "choco" or t.consensus_step == 1.0, "topology.consensus_step", t.consensus_step,
                "1.0 with topology.gossip='exact' (only CHOCO gossip steps towards its neighbours' public models)")
         if t.gossip == "choco":
-            _check(not self.run.tap_clients, "run.tap_clients", list(self.run.tap_clients),
-                   "[] with topology.gossip='choco' (its taps are not available)")
             _check(all(v == 0 for v in _values(self.message.local_noise_multiplier)), "message.local_noise_multiplier",
                    self.message.local_noise_multiplier, "0 with topology.gossip='choco' (local DP is accounted for "
                    "updates; CHOCO sends changes of public models, which no accountant here covers)")

@@ -471,7 +471,8 @@ def build_dsgd_round(apply_fn: ApplyFn, spec: LocalSpec, topology: Topology, *,
     the round's pruning sparsity: node i in round t is client i of FL's round t) and sends ``x_i + m_i`` (m_i its
     update after the message chain); a node that does not train sends its model unchanged. Every node then takes
     the gossip step over ``topology``. ``heard`` [N]: the new state keeps what these nodes sent
-    (``NodesState.heard``); ``tap_width=T > 0``: the output holds what the nodes ``tap_ids`` [T] sent.
+    (``NodesState.heard``); ``tap_width=T > 0``: the output holds what the nodes ``tap_ids`` [T] sent (under
+    CHOCO gossip: their compressed public-model changes q).
     ``shard_nodes`` (with a mesh whose clients axis divides C): every node's model and state come in and go out
     split over that axis (``parallel.shard_rows``), C / devices rows per device between rounds.
 
@@ -480,8 +481,9 @@ def build_dsgd_round(apply_fn: ApplyFn, spec: LocalSpec, topology: Topology, *,
     makes it small); every public model moves to x_hat_j + q_j, and x_i <- x_i^+ + gamma sum_j W_ij (x_hat_j -
     x_hat_i). Without compression and with gamma = 1 that is exact gossip of x^+. Every node sends, trained or not.
     Jitted; ``state`` is donated."""
-    if choco_step is not None and (heard is not None or tap_width):
-        raise ValueError("taps of CHOCO gossip are not available (a node hears compressed changes of public models).")
+    if choco_step is not None and heard is not None:
+        raise ValueError("CHOCO gossip keeps no heard models: a curious neighbour reads the tapped node's public "
+                         "model (NodesState.public) and hears its compressed change (tap_width).")
     if shard_nodes and (mesh is None or topology.num_nodes % mesh.shape[CLIENT_AXIS]):
         raise ValueError(f"shard_nodes needs a mesh whose '{CLIENT_AXIS}' axis divides the {topology.num_nodes} "
                          f"nodes (got mesh={mesh}).")
@@ -594,9 +596,9 @@ class DecentralizedExperiment(Experiment):
         tapped = list(config.run.tap_clients) if config.run.tap_rounds else []
         # What the tapped nodes' curious neighbours hear (run.tap_clients): kept in the state from round to round.
         self.observer_view = observer_view(self.topology, tapped) if tapped else None
-        heard = None if self.observer_view is None else self.observer_view.heard
-
         self.choco_step = t.consensus_step if t.gossip == "choco" else None
+        # CHOCO: the observer reads the public models every node keeps of its neighbours, nothing more is kept.
+        heard = None if self.observer_view is None or self.choco_step is not None else self.observer_view.heard
         # Every node's model and state split over the devices where they divide the nodes (replicated otherwise).
         self.shard_nodes = bool(self.mesh is not None and self.mesh.shape[CLIENT_AXIS] > 1
                                 and self.population.num_clients % self.mesh.shape[CLIENT_AXIS] == 0)
@@ -638,9 +640,14 @@ class DecentralizedExperiment(Experiment):
     def _starts_as_observed(self, state: NodesState, round_index: int,
                             positions: np.ndarray) -> tuple[Params, np.ndarray]:
         """The start models of the tapped nodes at ``positions`` of ``ObserverView.victims`` (leaves [T, ...]) as
-        their observers compute them before the round, and whether each is exact ([T] bool). Reads ``state``
-        before it is donated."""
+        their observers compute them before the round, and whether each is exact ([T] bool); under CHOCO gossip
+        the node's public model, which every neighbour holds (exact only before round 1, when it is the initial
+        model). Reads ``state`` before it is donated."""
         view = self.observer_view
+        if self.choco_step is not None:  # CHOCO: its neighbours know node j's public model x_hat_j, not x_j
+            victims = view.victims[positions]
+            starts = jax.tree_util.tree_map(lambda leaf: np.asarray(leaf)[victims], state.public)
+            return starts, np.full(len(positions), round_index == 0)  # x_hat_j = x_j = x_0 before round 1
         if round_index == 0:  # every node starts from the public initial model
             starts = jax.tree_util.tree_map(lambda p: np.repeat(np.asarray(p)[None], len(positions), axis=0),
                                             self.initial_params)
@@ -680,7 +687,9 @@ class DecentralizedExperiment(Experiment):
         elapsed = time.perf_counter() - start
         tap = None if not tapped else Tap(
             round=round_index + 1, client_ids=np.asarray(tapped, np.int32), server_params=None,
-            messages=jax.tree_util.tree_map(lambda sent, begin: sent[:len(tapped)] - begin, out.tapped, starts),
+            messages=jax.tree_util.tree_map(  # CHOCO sends q_j, already a change of the start x_hat_j
+                lambda sent, begin: sent[:len(tapped)] - (0 if self.choco_step is not None else begin), out.tapped,
+                starts),
             start_params=starts, start_exact=exact, observers=self.observer_view.observers[positions])
         trained = active & (self.population.counts > 0)
         n = max(int(trained.sum()), 1)
