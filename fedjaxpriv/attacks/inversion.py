@@ -40,6 +40,10 @@ import numpy as np
 import optax
 from jax.flatten_util import ravel_pytree
 
+from fedjaxpriv.client.local import batch_loss
+from fedjaxpriv.client.pruning import apply_mask
+from fedjaxpriv.models.tasks import CLASSIFICATION
+
 Params = Any
 ApplyFn = Callable[[Params, jax.Array], jax.Array]
 
@@ -181,7 +185,9 @@ class InversionResult(NamedTuple):
 
 
 def _soft_loss(apply: ApplyFn, params: Params, x: jax.Array, probs: jax.Array) -> jax.Array:
-    return jnp.mean(optax.softmax_cross_entropy(apply(params, x), probs))
+    """The loss a classification client trains on (``client.local.batch_loss`` with the task's soft-target
+    cross-entropy), over every row of ``x`` [B, ...] against ``probs`` [B, K]."""
+    return batch_loss(apply, params, x, probs, jnp.ones(x.shape[0], bool), CLASSIFICATION.training_loss)
 
 
 def simulate_message(
@@ -208,10 +214,10 @@ def simulate_message(
     """
     grad_fn = jax.grad(_soft_loss, argnums=1)
     if mask is not None:
-        params = jax.tree_util.tree_map(lambda p, m: p * m.astype(p.dtype), params, mask)
+        params = apply_mask(params, mask)
     if spec.local_steps == 0:
         grads = grad_fn(apply, params, x, label_probs)
-        return grads if mask is None else jax.tree_util.tree_map(lambda g, m: g * m.astype(g.dtype), grads, mask)
+        return grads if mask is None else apply_mask(grads, mask)
     size = spec.minibatch_size
     num_minibatches = spec.batch_size // size
 
@@ -221,9 +227,11 @@ def simulate_message(
         yb = jax.lax.dynamic_slice_in_dim(label_probs, start, size)
         grads = grad_fn(apply, current, xb, yb)
         if mask is not None:
-            grads = jax.tree_util.tree_map(lambda g, m: g * m.astype(g.dtype), grads, mask)
+            grads = apply_mask(grads, mask)
         lr = local_lr if num_steps is None else jnp.where(step < num_steps, local_lr, 0.0)
-        return jax.tree_util.tree_map(lambda p, g: p - lr * g, current, grads), None
+        optimizer = optax.sgd(lr)  # the clients' optimizer (``client_update``), without momentum
+        updates, _ = optimizer.update(grads, optimizer.init(current), current)
+        return optax.apply_updates(current, updates), None
 
     final, _ = jax.lax.scan(local_step, params, jnp.arange(spec.local_steps))
     return jax.tree_util.tree_map(jnp.subtract, final, params)
