@@ -39,10 +39,11 @@ from fedjaxpriv.privacy.mechanisms import SampleLevelDpSgd  # noqa: E402
 
 
 def weighted_per_example(apply_fns, params, x, targets, loss, mask, settings, key, denominator):
-    """DP-SGD's gradient by weighting the per-example gradients (the form ``dp_sgd_gradient`` replaced)."""
+    """DP-SGD's step by weighting the per-example gradients, its loss from a forward pass of its own (the form
+    ``dp_sgd_gradient`` replaced)."""
     grads = local._per_example_grads(apply_fns[0], params, x, targets, loss)
-    return SampleLevelDpSgd.noisy_gradient(grads, mask, settings.dp_clip_norm, settings.dp_noise_multiplier, key,
-                                           denominator)
+    return local.batch_loss(apply_fns[0], params, x, targets, mask, loss), SampleLevelDpSgd.noisy_gradient(
+        grads, mask, settings.dp_clip_norm, settings.dp_noise_multiplier, key, denominator)
 
 
 @contextlib.contextmanager

@@ -117,33 +117,40 @@ def _per_example_grads(apply_fn: ApplyFn, params: Params, x: jax.Array, targets:
 
 
 def _weighted_gradient_sum(apply_fn: ApplyFn, params: Params, x: jax.Array, targets: jax.Array,
-                           loss: PerExampleLoss, weights: jax.Array) -> Params:
-    """``sum_i weights_i * grad loss_i`` (pytree like params) in one backward pass, ``loss_i`` being example i's
-    loss from its own forward pass (the single-example model vmapped over the batch, as ``_per_example_grads``
-    runs it): by linearity the weighted sum of the per-example gradients, without a [B, params] array, and no
-    example's gradient can reach another's, whatever the model does across a batch."""
+                           loss: PerExampleLoss, weights: jax.Array) -> tuple[jax.Array, Params]:
+    """Each example's loss [B] and ``sum_i weights_i * grad loss_i`` (pytree like params) in one forward and one
+    backward pass, ``loss_i`` being example i's loss from its own forward pass (the single-example model vmapped
+    over the batch, as ``_per_example_grads`` runs it): by linearity the weighted sum of the per-example
+    gradients, without a [B, params] array, and no example's gradient can reach another's, whatever the model does
+    across a batch."""
     weights = jax.lax.stop_gradient(weights)
 
-    def weighted_loss(p: Params) -> jax.Array:
+    def weighted_loss(p: Params) -> tuple[jax.Array, jax.Array]:
         losses = jax.vmap(lambda xi, ti: loss(apply_fn(p, xi[None]), ti[None])[0])(x, targets)
-        return jnp.sum(weights.astype(losses.dtype) * losses)
+        return jnp.sum(weights.astype(losses.dtype) * losses), losses
 
-    return jax.grad(weighted_loss)(params)
+    (_, losses), total = jax.value_and_grad(weighted_loss, has_aux=True)(params)
+    return losses, total
 
 
 def dp_sgd_gradient(apply_fns: tuple[ApplyFn, ApplyFn], params: Params, x: jax.Array, targets: jax.Array,
                     loss: PerExampleLoss, mask: jax.Array, settings: ClientSettings, key: jax.Array,
-                    denominator: jax.Array) -> Params:
-    """One DP-SGD step's gradient, ``SampleLevelDpSgd.noisy_gradient`` of the batch: (sum over real examples of
+                    denominator: jax.Array) -> tuple[jax.Array, Params]:
+    """One DP-SGD step: the batch's mean loss over real examples (as ``batch_loss``, each example through its own
+    forward pass) and the gradient ``SampleLevelDpSgd.noisy_gradient`` of the batch: (sum over real examples of
     each gradient clipped to ``settings.dp_clip_norm`` + Gaussian noise) / ``denominator``. The per-example norms
-    come from per-example gradients (``apply_fns[0]``), the clipped sum from one backward pass weighted by the
-    clipping multipliers (``_weighted_gradient_sum`` through ``apply_fns[1]``): the same sum to float rounding,
-    without weighting a [B, params] array (``benchmarks/bench_dpsgd.py``)."""
+    come from per-example gradients (``apply_fns[0]``), the clipped sum and the losses from one forward and
+    backward pass weighted by the clipping multipliers (``_weighted_gradient_sum`` through ``apply_fns[1]``): the
+    same sum to float rounding, without weighting a [B, params] array or a forward pass for the loss alone
+    (``benchmarks/bench_dpsgd.py``)."""
     per_example_apply, summed_apply = apply_fns
     weights = dp_ops.clip_weights(_per_example_grads(per_example_apply, params, x, targets, loss), mask,
                                   settings.dp_clip_norm)
-    total = _weighted_gradient_sum(summed_apply, params, x, targets, loss, weights)
-    return SampleLevelDpSgd.noised_mean(total, settings.dp_clip_norm, settings.dp_noise_multiplier, key, denominator)
+    losses, total = _weighted_gradient_sum(summed_apply, params, x, targets, loss, weights)
+    real = mask.astype(losses.dtype)
+    mean_loss = jnp.sum(losses * real) / jnp.maximum(jnp.sum(real), 1.0)
+    return mean_loss, SampleLevelDpSgd.noised_mean(total, settings.dp_clip_norm, settings.dp_noise_multiplier, key,
+                                                   denominator)
 
 
 def training_mask(spec: LocalSpec, server_params: Params, settings: ClientSettings, key: jax.Array) -> Params | None:
@@ -206,9 +213,8 @@ def client_update(spec: LocalSpec, apply_fn: ApplyFn, server_params: Params, dat
         if spec.mixup:
             x, targets, _ = mixup_lib.mixup(mix_key, x, targets, bmask, settings.mixup_alpha)
         if spec.per_example:
-            loss = batch_loss(apply_fn, params, x, targets, bmask, loss_fn)
-            grads = dp_sgd_gradient((apply_fn, summed_apply), params, x, targets, loss_fn, bmask, settings,
-                                    noise_key, denominator)
+            loss, grads = dp_sgd_gradient((apply_fn, summed_apply), params, x, targets, loss_fn, bmask, settings,
+                                          noise_key, denominator)
         else:
             loss, grads = jax.value_and_grad(batch_loss, argnums=1)(apply_fn, params, x, targets, bmask, loss_fn)
         if correction is not None:

@@ -183,13 +183,17 @@ def test_local_training_dp_sgd_gradient_is_the_weighted_per_example_form_and_kee
     for clip, multiplier in ((0.5, 0.0), (0.5, 1.3), (jnp.inf, 0.0)):
         row = jax.tree_util.tree_map(lambda a: jnp.asarray(a[0]), make_settings(
             1, np.array([BATCH]), dp_clip_norm=float(clip), dp_noise_multiplier=multiplier))
-        got = step((apply, apply), params, x, targets, _soft_cross_entropy, mask, row, jax.random.key(8), 5.0)
+        loss, got = step((apply, apply), params, x, targets, _soft_cross_entropy, mask, row, jax.random.key(8), 5.0)
         per_example = local._per_example_grads(apply, params, x, targets, _soft_cross_entropy)
         want = noisy_clipped_mean(per_example, mask, clip, multiplier, jax.random.key(8), 5.0)
         np.testing.assert_allclose(_tree_flat(got), _tree_flat(want), rtol=1e-5, atol=1e-6)
+        # the loss each real example has through its own forward pass (the coupled model alone), averaged
+        own = [_soft_cross_entropy(apply(params, x[i:i + 1]), targets[i:i + 1])[0] for i in range(BATCH) if mask[i]]
+        np.testing.assert_allclose(float(loss), float(np.mean(own)), rtol=1e-6)
     row = jax.tree_util.tree_map(lambda a: jnp.asarray(a[0]), make_settings(1, np.array([BATCH]), dp_clip_norm=0.5))
-    full = _tree_flat(step((apply, apply), params, x, targets, _soft_cross_entropy, mask, row, jax.random.key(0), 1.0))
+    full = _tree_flat(step((apply, apply), params, x, targets, _soft_cross_entropy, mask, row, jax.random.key(0),
+                           1.0)[1])
     for k in np.flatnonzero(np.asarray(mask)):
         removed = _tree_flat(step((apply, apply), params, x, targets, _soft_cross_entropy, mask.at[k].set(False), row,
-                                  jax.random.key(0), 1.0))
+                                  jax.random.key(0), 1.0)[1])
         assert np.linalg.norm(full - removed) <= 0.5 * (1 + 1e-5)
