@@ -14,7 +14,6 @@ import warnings
 from typing import Any, Mapping, NamedTuple, Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from fedjaxpriv import evaluation
@@ -36,9 +35,9 @@ from fedjaxpriv.privacy.tracking import (PrivacyTracker, calibrate_targets, dp_b
                                          dpsgd_mechanism)
 from fedjaxpriv.server import Cohort, max_cohort_size, sample_cohort, server_optimizer
 from fedjaxpriv.server.algorithms import FederatedAlgorithm, algorithm_for, check_protects, dp_fedavg
-from fedjaxpriv.program import RoundProgram, Tap, prune_schedule_of, round_record, tap_slots
+from fedjaxpriv.program import RoundProgram, Tap, prune_schedule_of, round_record
 from fedjaxpriv.runner import Record, Results, run_experiment
-from fedjaxpriv.simulation import AggregationSpec, RoundOutput, ServerState
+from fedjaxpriv.simulation import AggregationSpec, ServerState
 from fedjaxpriv.transforms.base import MessageTransform
 from fedjaxpriv.transforms.pipeline import message_pipeline
 
@@ -619,11 +618,10 @@ class Experiment:
         self.program = build_program(config, data, Layout(self.mesh, self.plan, self.spec), self.algorithm,
                                      self.settings, message_transform, may_split=not self.runs_topology)
         self.shard_width = self.program.sharded_examples
-        self.round_fn, self.tap_fn = self.program.round_fn(), self.program.tap_fn
+        self.round_fn, self.tap_fn = self.program.compiled_round(), self.program.tap_fn
         # Tap rounds run the same round, built to emit the tapped clients' messages as well (compiled only when a
         # tap round comes).
         self.tap_width = len(config.run.tap_clients) if config.run.tap_rounds else 0
-        self.tap_round_fn = self.program.round_fn(self.tap_width) if self.tap_width else None
         # 6. the data and settings on the devices
         self.device_population = self.program.place_population(population)
         self.device_settings = self.program.place_settings(self.settings)
@@ -689,20 +687,10 @@ class Experiment:
         skipped = 0
         if cohort is None:
             cohort, skipped = self.round_cohort(round_index)
-        slots, server_params = None, None
-        if len(tapped):
-            slots = tap_slots(cohort, tapped, self.tap_width)
-            server_params = jax.tree_util.tree_map(np.asarray, state.params)  # before the round donates them
         start = time.perf_counter()
-        arguments = (state, self.device_population, self.device_settings, jnp.asarray(cohort.ids),
-                     jnp.asarray(cohort.mask), self.root_key)
-        state, out = (self.round_fn(*arguments) if slots is None
-                      else self.tap_round_fn(*arguments, jnp.asarray(slots)))
-        out: RoundOutput = jax.tree_util.tree_map(np.asarray, out)
+        state, out, tap = self.program.observe(state, self.device_population, self.device_settings, cohort,
+                                               self.root_key, tapped, self.tap_width)
         record = round_record(out, cohort, round_index, float(state.clip_norm), time.perf_counter() - start)
-        tap = None if slots is None else Tap(
-            round=round_index + 1, client_ids=np.asarray(tapped, np.int32), server_params=server_params,
-            messages=jax.tree_util.tree_map(lambda leaf: leaf[:len(tapped)], out.tapped))
         return state, self.finish_round(record, cohort, skipped), tap
 
     def finish_round(self, record: Record, cohort: Cohort, skipped: int) -> Record:

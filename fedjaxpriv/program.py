@@ -86,6 +86,37 @@ class RoundProgram:
                            shard_client_state=self.sharded_examples is not None)
 
     @functools.cached_property
+    def _compiled_rounds(self) -> dict[int, Callable[..., tuple[ServerState, Any]]]:
+        return {}
+
+    def compiled_round(self, tap_width: int = 0) -> Callable[..., tuple[ServerState, Any]]:
+        """``round_fn(tap_width)``, built once per program and tap width (every round then reuses its compiled
+        program)."""
+        if tap_width not in self._compiled_rounds:
+            self._compiled_rounds[tap_width] = self.round_fn(tap_width)
+        return self._compiled_rounds[tap_width]
+
+    def observe(self, state: ServerState, population: Population, settings: Any, cohort: Cohort,
+                root_key: jax.Array, tapped: Sequence[int] = (),
+                tap_width: int = 0) -> tuple[ServerState, RoundOutput, Tap | None]:
+        """One round from ``state`` (donated) for ``cohort``, and what an observer sees of the clients ``tapped``
+        (at most ``tap_width`` distinct clients of the cohort): their messages as this same compiled step
+        computed and aggregated them, and the global model they started from (a ``Tap``; None without
+        ``tapped``). ``population`` and ``settings`` as placed on the devices; the output on the host."""
+        slots, server_params = None, None
+        if len(tapped):
+            slots = tap_slots(cohort, tapped, tap_width)
+            server_params = jax.tree_util.tree_map(np.asarray, state.params)  # before the round donates them
+        arguments = (state, population, settings, jnp.asarray(cohort.ids), jnp.asarray(cohort.mask), root_key)
+        state, out = (self.compiled_round()(*arguments) if slots is None
+                      else self.compiled_round(tap_width)(*arguments, jnp.asarray(slots)))
+        out = jax.tree_util.tree_map(np.asarray, out)
+        tap = None if slots is None else Tap(
+            round=int(state.round), client_ids=np.asarray(tapped, np.int32), server_params=server_params,
+            messages=jax.tree_util.tree_map(lambda leaf: leaf[:len(tapped)], out.tapped))
+        return state, out, tap
+
+    @functools.cached_property
     def tap_fn(self) -> Callable[..., Params]:
         """``(state, population, settings, ids, root_key) -> messages`` [T, ...]: what clients ``ids`` send in the
         round that starts from ``state``, trained again one at a time (``simulation.build_message_tap``)."""
