@@ -397,6 +397,10 @@ STAGE_BY_NAME: dict[str, MessageStage] = {stage.name: stage for stage in STAGES}
 MESSAGE_STAGES: tuple[str, ...] = tuple(STAGE_BY_NAME)
 # The built-in federated algorithms ``server.algorithm`` names (``server.algorithms.algorithm_for``).
 ALGORITHM_NAMES: tuple[str, ...] = ("fedavg", "fedprox", "fedsgd", "scaffold", "ditto")
+# The server optimizers ``server.optimizer`` names (``server.optimizers.server_optimizer``).
+SERVER_OPTIMIZERS: tuple[str, ...] = ("sgd", "momentum", "adam")
+# The gossip graphs ``topology.graph`` names besides "none" (``decentralized.topology_for``).
+TOPOLOGIES: tuple[str, ...] = ("ring", "torus", "erdos_renyi", "exponential", "complete", "random_matching")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -510,7 +514,7 @@ class ServerConfig:
 
     algorithm: str = knob("fedavg", str, choices=ALGORITHM_NAMES)
     ditto_lambda: float = knob(1.0, float, **_NONNEGATIVE)
-    optimizer: str = knob("sgd", str, choices=("sgd", "momentum", "adam"))
+    optimizer: str = knob("sgd", str, choices=SERVER_OPTIMIZERS)
     lr: float = knob(1.0, float, **_POSITIVE)
     momentum: float = knob(0.9, float, **_FRACTION)
     adam_b1: float = knob(0.9, float, **_FRACTION)
@@ -670,8 +674,7 @@ class TopologyConfig:
       consensus_step: CHOCO's gamma in (0, 1], the step towards the neighbours' public models (1 with exact gossip).
     """
 
-    graph: str = knob("none", str, choices=("none", "ring", "torus", "erdos_renyi", "exponential", "complete",
-                                            "random_matching"))
+    graph: str = knob("none", str, choices=("none", *TOPOLOGIES))
     edge_probability: float = knob(0.2, float, low=0.0, low_open=True, high=1.0)
     gossip: str = knob("exact", str, choices=("exact", "choco"))
     consensus_step: float = knob(1.0, float, low=0.0, low_open=True, high=1.0)

@@ -46,6 +46,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from fedjaxpriv import evaluation
 from fedjaxpriv.client.local import ApplyFn, LocalSpec
+from fedjaxpriv.config import TOPOLOGIES
 from fedjaxpriv.client.settings import ClientSettings
 from fedjaxpriv.experiment import Experiment
 from fedjaxpriv.program import Tap
@@ -58,9 +59,6 @@ from fedjaxpriv.simulation import (ClientStates, MessageFn, Population, ServerSt
                                    client_message, cohort_rows, identity_message, initial_client_states)
 
 Params = Any
-TOPOLOGIES: tuple[str, ...] = ("ring", "torus", "erdos_renyi", "exponential", "complete", "random_matching")
-
-
 class Topology(NamedTuple):
     """A mixing matrix W [C, C] kept sparse: row i is ``sum_d weights[i, d] * e_{neighbors[i, d]}``.
 
@@ -218,6 +216,8 @@ def matching(key: jax.Array, num_nodes: int) -> tuple[jax.Array, jax.Array]:
 
 def topology_for(name: str, num_nodes: int, *, seed: int = 0, edge_probability: float = 0.2) -> Topology:
     """The topology ``name`` over ``num_nodes`` nodes (a torus needs a square number of nodes here)."""
+    if name not in TOPOLOGIES:
+        raise ValueError(f"topology={name!r} is invalid; allowed: one of {list(TOPOLOGIES)}.")
     if name == "torus":
         side = math.isqrt(num_nodes)
         if side * side != num_nodes:
@@ -228,8 +228,6 @@ def topology_for(name: str, num_nodes: int, *, seed: int = 0, edge_probability: 
         "ring": lambda: ring(num_nodes), "exponential": lambda: exponential(num_nodes),
         "complete": lambda: complete(num_nodes), "random_matching": lambda: random_matching(num_nodes),
         "erdos_renyi": lambda: erdos_renyi(num_nodes, edge_probability, seed)}
-    if name not in builders:
-        raise ValueError(f"topology={name!r} is invalid; allowed: one of {list(TOPOLOGIES)}.")
     return builders[name]()
 
 

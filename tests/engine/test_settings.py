@@ -1,4 +1,5 @@
-"""One name and one rule per knob: config knobs, ``ClientSettings`` fields and message stages agree."""
+"""One name and one rule per knob, one list of names per concept: config knobs, ``ClientSettings`` fields,
+message stages, topologies and server optimizers agree."""
 
 import dataclasses
 import jax
@@ -88,3 +89,26 @@ def test_a_stage_switched_on_changes_the_message_and_runs_in_the_pipeline(stage)
     assert changed > 1e-3, stage.name
     if stage.name != "noise":  # noise alone is refused by the pipeline (no clip before it)
         assert message_pipeline((stage.name,), settings)[1] == (stage.name,)
+
+
+def test_each_name_the_config_allows_builds_the_part_of_that_name_and_no_other_name_does():
+    """One list of names per concept: every topology and server optimizer the config accepts is built by that
+    name, and a name outside the list is refused by the builder as by the config."""
+    from fedjaxpriv.config import SERVER_OPTIMIZERS, TOPOLOGIES
+    from fedjaxpriv.decentralized import topology_for
+    from fedjaxpriv.server import server_optimizer
+
+    for name in TOPOLOGIES:
+        assert topology_for(name, 16, edge_probability=0.5).name == name
+    params = {"w": jnp.ones(3)}
+    steps = {name: server_optimizer(name, 0.5).update({"w": jnp.ones(3)}, server_optimizer(name, 0.5).init(params),
+                                                      params)[0]["w"] for name in SERVER_OPTIMIZERS}
+    np.testing.assert_allclose(steps["sgd"], -0.5)  # plain SGD: -lr g
+    np.testing.assert_allclose(steps["momentum"], -0.5)  # the first momentum step is the SGD step
+    np.testing.assert_allclose(steps["adam"], -0.5 / (1 + 1e-3), rtol=1e-6)  # the first Adam step: -lr g/(|g|+eps)
+    for build, section, bad in ((lambda n: topology_for(n, 16), "topology.graph", "star"),
+                                (lambda n: server_optimizer(n, 0.5), "server.optimizer", "lamb")):
+        with pytest.raises(ValueError, match=repr(bad)):
+            build(bad)
+        with pytest.raises(ValueError, match=f"{section}='{bad}' is invalid"):
+            with_overrides(ExperimentConfig(), {section: bad})
