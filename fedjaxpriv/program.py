@@ -213,9 +213,11 @@ class Tap:
       server_params: the global model the clients start the round from (None in a decentralized run, where
         every node starts from its own model: ``start_params``).
       messages: pytree of the clients' messages, leaves [T, ...] (as sent, before server-side clipping); in a
-        decentralized run, the model a node sent its neighbours minus ``start_params``.
+        decentralized run, the model a node sent its neighbours minus ``start_params`` (CHOCO gossip: the
+        compressed change of its public model the node sent).
       start_params: decentralized runs: leaves [T, ...], the model each tapped node started the round from as its
-        curious neighbour (``observers``) can compute it from what it has heard (``decentralized.observer_view``).
+        curious neighbour (``observers``) can compute it from what it has heard (``decentralized.observer_view``;
+        CHOCO gossip: the node's public model).
       start_exact: decentralized runs: [T] bool, whether that start is exactly the node's (else an estimate).
       observers: decentralized runs: [T] int, the node that observes each tapped node.
     """
