@@ -683,12 +683,15 @@ class DecentralizedExperiment(Experiment):
             state, out = self.node_round_fn(state, *arguments)
         out = jax.tree_util.tree_map(np.asarray, out)
         elapsed = time.perf_counter() - start
-        tap = None if not tapped else Tap(
-            round=round_index + 1, client_ids=np.asarray(tapped, np.int32), server_params=None,
-            messages=jax.tree_util.tree_map(  # CHOCO sends q_j, already a change of the start x_hat_j
-                lambda sent, begin: sent[:len(tapped)] - (0 if self.choco_step is not None else begin), out.tapped,
-                starts),
-            start_params=starts, start_exact=exact, observers=self.observer_view.observers[positions])
+        tap = None
+        if tapped:
+            sent = jax.tree_util.tree_map(lambda leaf: leaf[:len(tapped)], out.tapped)
+            if self.choco_step is None:  # a node sends its model: its message is that model minus its start
+                sent = jax.tree_util.tree_map(np.subtract, sent, starts)
+            # (CHOCO: a node sends q_j, already the change of its public model x_hat_j, the start)
+            tap = Tap(round=round_index + 1, client_ids=np.asarray(tapped, np.int32), server_params=None,
+                      messages=sent, start_params=starts, start_exact=exact,
+                      observers=self.observer_view.observers[positions])
         trained = active & (self.population.counts > 0)
         n = max(int(trained.sum()), 1)
         sent_bytes = np.asarray(out.bits, np.float64) / 8.0  # [C] what each node sends each neighbour

@@ -158,8 +158,9 @@ def validate_settings(settings: ClientSettings) -> None:
             raise ValueError(f"client setting {field}={values[first]!r} (client {first}; {section}.{field}) is "
                              f"invalid; allowed: {describe(rule)}.")
     rates = np.asarray(settings.sample_rate)
-    if np.any(~((rates > 0) & (rates <= 1))):
-        first = int(np.argmax(~((rates > 0) & (rates <= 1))))
+    bad_rate = ~((rates > 0) & (rates <= 1))
+    if np.any(bad_rate):
+        first = int(np.argmax(bad_rate))
         raise ValueError(f"client setting sample_rate={rates[first]!r} (client {first}) is invalid; allowed: a "
                          "number in (0, 1].")
     noisy_unclipped = (np.asarray(settings.dp_noise_multiplier) > 0) & ~np.isfinite(settings.dp_clip_norm)
