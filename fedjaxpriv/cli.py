@@ -327,7 +327,7 @@ def _run(args: argparse.Namespace) -> int:
                    f"train_loss {record['train_loss']:.4f}"
                    + (f"  epsilon {largest[0]:.3g} ({largest[1]})" if largest else ""))
 
-    from fedjaxpriv.guards import DivergenceError
+    from fedjaxpriv.guards import DivergenceError, interrupt_behind
 
     try:
         results = experiment.run(args.out, resume=not args.no_resume, progress=not args.quiet, callbacks=[report],
@@ -336,10 +336,13 @@ def _run(args: argparse.Namespace) -> int:
         print(json.dumps(jsonable({"out_dir": args.out, **error.record}), allow_nan=False))
         print(f"fedjaxpriv: error: {error}", file=sys.stderr)
         return 3
-    except KeyboardInterrupt as error:  # SIGINT or SIGTERM: the last finished round is checkpointed
-        print(f"fedjaxpriv: {str(error) or 'interrupted by SIGINT'}; run the same command again to resume.",
+    except BaseException as error:  # SIGINT or SIGTERM: the last finished round is checkpointed
+        interrupt = interrupt_behind(error)
+        if interrupt is None:
+            raise
+        print(f"fedjaxpriv: {str(interrupt) or 'interrupted by SIGINT'}; run the same command again to resume.",
               file=sys.stderr)
-        return 128 + getattr(error, "signum", 2)
+        return 128 + getattr(interrupt, "signum", 2)
     from fedjaxpriv.privacy.basis import BASIS_KEYS, EPSILON_KEYS
 
     last = results.history[-1] if results.history else {}
@@ -387,6 +390,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _command(args: argparse.Namespace) -> int:
     """Runs the parsed command; bad input and interrupts end in one line on stderr and an exit code."""
+    from fedjaxpriv.guards import interrupt_behind  # imported already (``_interrupt_on_sigterm``)
+
     try:
         if args.command == "run":
             return _run(args)
@@ -398,10 +403,16 @@ def _command(args: argparse.Namespace) -> int:
             return _attack_eval(args)
         if args.command == "audit":
             return _audit(args)
-    except (ValueError, OSError) as error:  # bad input or an unusable file: one line, no traceback
-        print(f"fedjaxpriv: error: {' '.join(str(error).split())}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt as error:  # Ctrl-C, or SIGTERM (``_interrupt_on_sigterm``): one line, the signal's code
+    except BaseException as error:
+        # Ctrl-C or SIGTERM (``_interrupt_on_sigterm``), also where a library turned it into its own error
+        # (``guards.interrupt_behind``): one line, the signal's code
+        interrupt = interrupt_behind(error)
+        if interrupt is None and isinstance(error, (ValueError, OSError)):  # bad input or an unusable file
+            print(f"fedjaxpriv: error: {' '.join(str(error).split())}", file=sys.stderr)
+            return 2
+        if interrupt is None:
+            raise
+        error = interrupt
         kept = (f"; the finished defense points are kept in {os.path.join(args.out, 'points')}: the same command "
                 "resumes after them" if args.command == "attack-eval" else "")
         print(f"fedjaxpriv: {args.command} {str(error) or 'interrupted by SIGINT'}{kept}.", file=sys.stderr)

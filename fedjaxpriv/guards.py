@@ -58,6 +58,24 @@ class RunInterrupted(KeyboardInterrupt):
         return (type(self), (self.signum,))
 
 
+def interrupt_behind(error: BaseException) -> KeyboardInterrupt | None:
+    """The interrupt that ``error`` is, or that caused it: a signal's ``KeyboardInterrupt`` raised inside a
+    library's C code can come out as that library's own error (a C extension interrupted while it initialises
+    raises ``ImportError("initialization failed")`` from it). Follows ``__cause__`` and ``__context__``; None when
+    no interrupt is behind ``error``."""
+    seen: set[int] = set()
+    pending: list[BaseException | None] = [error]
+    while pending:
+        current = pending.pop()
+        if current is None or id(current) in seen:
+            continue
+        if isinstance(current, KeyboardInterrupt):
+            return current
+        seen.add(id(current))
+        pending.extend((current.__cause__, current.__context__))
+    return None
+
+
 @jax.jit
 def _all_finite(tree: Any) -> jax.Array:
     leaves = [x for x in jax.tree_util.tree_leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)]

@@ -19,7 +19,7 @@ import numpy as np
 from fedjaxpriv import evaluation
 from fedjaxpriv.config import ExperimentConfig
 from fedjaxpriv.guards import (LOSS_LIMIT, DivergenceError, Signals, divergence, divergence_message, explosion,
-                               pause_point)
+                               interrupt_behind, pause_point)
 from fedjaxpriv.privacy.basis import largest_epsilon
 from fedjaxpriv.program import Tap
 from fedjaxpriv.simulation import ServerState
@@ -223,7 +223,9 @@ def run_rounds(experiment: Experiment, state: ServerState, history: list[Record]
             accuracy = record.get(headline, accuracy)
             if hasattr(bar, "set_postfix"):
                 bar.set_postfix(progress_fields(record, accuracy), refresh=False)
-    except KeyboardInterrupt:
+    except BaseException as error:
+        if interrupt_behind(error) is None:
+            raise
         # Make the latest checkpoint the history's last round: checkpoint the committed round, or, when an
         # interrupt raised inside a round (not by a signal) has left its state donated, cut the history back
         # to the latest checkpoint. A second signal waits until that is done.

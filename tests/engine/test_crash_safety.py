@@ -579,6 +579,43 @@ def test_a_signal_whose_exception_is_swallowed_still_stops_the_run_at_the_next_r
     assert pickle.loads(pickle.dumps(RunInterrupted(signal.SIGTERM))).signum == signal.SIGTERM
 
 
+def test_a_signal_that_a_library_turns_into_its_own_error_still_checkpoints_and_ends_in_one_line(tmp_path, monkeypatch,
+                                                                                                  capsys):
+    """A real SIGTERM whose interrupt a library re-raises as its own error (a C extension interrupted while it
+    initialises raises ``ImportError("initialization failed")`` from it, as TensorStore's does) still checkpoints
+    the finished round; the command line ends such a run in one line with the signal's code, no traceback."""
+    from fedjaxpriv import cli
+    from fedjaxpriv.guards import RunInterrupted, interrupt_behind
+
+    def converted(experiment, record):
+        if record["round"] == 1:
+            try:
+                os.kill(os.getpid(), signal.SIGTERM)
+                time.sleep(0.5)  # the handler runs here and raises
+            except KeyboardInterrupt as interrupt:
+                raise ImportError("initialization failed") from interrupt
+
+    config = from_dict({**CONFIG, "run": {"rounds": 3, "eval_every": 3, "checkpoint_every": 3}})
+    out = tmp_path / "run"
+    with pytest.raises(ImportError) as raised:
+        Experiment(config).run(str(out), progress=False, callbacks=[converted])
+    assert interrupt_behind(raised.value).signum == signal.SIGTERM
+    assert history_rounds(out) == [1] and checkpoint_steps(out) == [1]  # round 1 saved by the interrupt's cleanup
+    assert interrupt_behind(ValueError("bad input")) is None
+
+    def interrupted_import(args):
+        try:
+            raise RunInterrupted(signal.SIGTERM)
+        except RunInterrupted as interrupt:
+            raise ImportError("initialization failed") from interrupt
+
+    monkeypatch.setattr(cli, "_run", interrupted_import)
+    capsys.readouterr()
+    assert cli.main(["run", "--out", str(tmp_path / "other")]) == 128 + signal.SIGTERM
+    err = capsys.readouterr().err
+    assert err == "fedjaxpriv: run interrupted by SIGTERM.\n", err
+
+
 @pytest.mark.slow
 def test_signals_at_random_times_stop_in_one_line_and_resume_exactly(experiment, reference, fork_server, config_file,
                                                                      tmp_path):
