@@ -8,7 +8,6 @@
 from __future__ import annotations
 
 import dataclasses
-import functools
 import time
 import warnings
 from typing import Any, Mapping, NamedTuple, Sequence
@@ -514,60 +513,123 @@ def build_program(config: ExperimentConfig, data: RunData, layout: Layout, algor
     return program.replace(sharded_examples=int(max(1, np.max(population.counts))) if split else None)
 
 
+class RunParts(NamedTuple):
+    """Everything a run is built from (``build_run``), each part from its own builder."""
+
+    data: RunData
+    budget: PrivacyPlan
+    layout: Layout
+    mechanisms: Mechanisms
+    program: RoundProgram
+
+
+def build_run(config: ExperimentConfig, *, mesh: jax.sharding.Mesh | None = None,
+              population: FederatedData | None = None, test: Dataset | None = None, num_classes: int | None = None,
+              settings: ClientSettings | None = None, targets: np.ndarray | None = None,
+              model: ModelLike | None = None, loss: Task | PerExampleLoss | str | None = None,
+              message_transform: MessageTransform | None = None, algorithm: FederatedAlgorithm | None = None,
+              extra_settings: Mapping[str, Any] | None = None, data_from_config: bool = False,
+              may_split: bool = True) -> RunParts:
+    """The parts of the run ``config`` describes; each argument given is used instead of what the config says.
+
+    Args:
+      config: the experiment.
+      mesh: devices to shard clients over (default: ``run.num_devices`` local devices).
+      population / test / num_classes: the data, instead of loading ``config.data`` (all three together). The
+        run then records ``data.dataset`` as "user-supplied arrays <fingerprint>" (``user_data_config``).
+      settings: per-client settings [C] instead of the config's (noise still calibrated to ``targets``).
+      targets: per-client target epsilons [C] (inf = none) instead of ``client.target_epsilon``.
+      model: instead of ``config.model``: a stateless Flax module (initialised on the population's input
+        shape), a ``Model`` or a pure ``(init, apply)`` pair; ``config.model.name`` then records
+        "user-supplied <name>".
+      loss: the task (``models.tasks``: ``CLASSIFICATION`` by default, ``MULTI_LABEL``, ``NEXT_TOKEN``, or a
+        ``Task``) or a bare per-example loss ``(logits, targets) -> [B]``; the population's ``y`` holds the
+        task's targets.
+      message_transform: what each client applies to its update before sending it, instead of the chain
+        ``config.message`` describes (``transforms.pipeline.message_pipeline``): any ``MessageTransform``, e.g.
+        ``transforms.chain(...)``. Its strengths may name any ``ClientSettings`` field; its state is kept per
+        client from round to round, and its diagnostics land in the history as ``message/<name>``.
+      algorithm: the federated algorithm's client and server state (``server.algorithms``), instead of the one
+        ``server.algorithm`` names (FedAvg, or SCAFFOLD's control variates).
+      extra_settings: a user's own per-client strengths {name: scalar, tiers or one value per client}, added to
+        ``settings.extra`` so that a transform's strength can name them.
+      data_from_config: the population passed in was built from ``config.data`` (``load_population``,
+        ``partition_like``), so the config describes it and is recorded as it is.
+      may_split: the examples and client states may be split over the mesh (``build_program``).
+
+    Raises:
+      ValueError: before anything trains, when the model, the task and the data do not fit (input or output
+        shapes, a loss that is not per-example, mixup for a task without soft targets), or the settings, the
+        mechanisms or the layout are refused.
+    """
+    # 1. data, task and model, checked against each other
+    data = build_data(config, population, test, num_classes, model, loss, data_from_config or population is None)
+    config, counts, num = data.config, data.population.counts, data.population.num_clients
+    # 2. the algorithm and every client's settings, noise calibrated to the targets; batch and cohort slots
+    algorithm = run_algorithm(config, algorithm)
+    settings = algorithm.settings_for(settings if settings is not None else configured_settings(config, counts),
+                                      counts)
+    if extra_settings:
+        settings = settings._replace(extra=with_extra(settings.extra, num, extra_settings))
+    targets = target_epsilons(config, num) if targets is None else np.asarray(targets)
+    budget = plan_privacy(config, settings, counts, targets, algorithm)
+    # 3. the devices, the execution plan and the local-training spec
+    layout = build_layout(config, data, budget, mesh)
+    # 4. the DP mechanisms, each owning its JAX step and its accounting
+    mechanisms = build_mechanisms(config, budget.settings, counts, budget.batch_slots, budget.cohort_slots, algorithm,
+                                  transform_passed_in=message_transform is not None)
+    warn_about_delta(config.run.delta, counts, mechanisms.sample_level, mechanisms.algorithm.client_level)
+    for line in clips_without_noise(config, budget.settings, mechanisms.algorithm.client_level):
+        warnings.warn(line, stacklevel=3)
+    # 5. the round as one value: what runs, and what the attacks replay and ask about local training
+    program = build_program(config, data, layout, mechanisms.algorithm, budget.settings, message_transform,
+                            may_split=may_split)
+    return RunParts(data, budget, layout, mechanisms, program)
+
+
+def privacy_tracker(parts: RunParts) -> PrivacyTracker:
+    """A fresh tracker of a run's mechanisms (nothing spent yet). Raises ValueError naming ``run.accountant`` when
+    it cannot account them."""
+    r, (sample_level, local_dp, algorithm) = parts.data.config.run, parts.mechanisms
+    try:
+        return PrivacyTracker(num_clients=parts.data.population.num_clients,
+                              steps_per_round=parts.budget.settings.local_steps, delta=r.delta, accountant=r.accountant,
+                              sample_level=sample_level, client_level=algorithm.client_level, local=local_dp,
+                              max_participations=parts.budget.participation_budget)
+    except ValueError as error:
+        raise ValueError(f"run.accountant={r.accountant!r}: {error}") from None
+
+
+def evaluate_run(parts: RunParts, params: Any, state: ServerState | None = None) -> Record:
+    """``evaluation.run_metrics`` of the global model ``params``; with ``state``, an algorithm's personal models
+    (Ditto) too (classification), each client's scored on the class mix of its own training examples."""
+    data, algorithm = parts.data, parts.mechanisms.algorithm
+    personal, counts, p = None, None, data.population
+    if state is not None and algorithm.personal_params is not None and data.task is CLASSIFICATION:
+        personal = algorithm.personal_params(jax.tree_util.tree_map(
+            lambda a: a[:p.num_clients], state.client_state.algorithm))  # without padding rows
+        counts = evaluation.label_counts_per_client(p.y, p.offsets, p.counts, data.num_classes)
+    return evaluation.run_metrics(data.model.apply, params, data.test, p, data.task, personal, counts)
+
+
 class Experiment:
-    """Builds every part of an experiment from its config and runs the rounds.
+    """Runs the rounds of a run built from its config (``build_run``): ``Experiment(config, **parts)``, where
+    ``parts`` are ``build_run``'s arguments (a population, model, loss, settings, transform, algorithm, mesh
+    ... instead of the config's).
 
     Attributes:
-      config: the validated configuration.
-      population: the clients' data (``FederatedData``).
-      test: the central test set.
-      model: the pure model.
-      task: what the model predicts (loss, metrics, soft targets for mixup).
-      settings: per-client settings arrays [C].
-      plan: the execution plan (strategy, chunk, lowering), chosen from the model's structure.
-      spec: static local-training spec.
-      initial_params: the round-0 global model (from ``run.seed``).
+      config: the validated configuration (as the run records it).
+      parts: the ``RunParts``; the attributes below are its pieces.
+      population / test / num_classes: the clients' data (``FederatedData``), the central test set, the classes.
+      model / task / initial_params: the pure model, what it predicts, the round-0 global model (``run.seed``).
+      settings: per-client settings arrays [C], noise calibrated.
+      plan / spec / mesh: the execution plan chosen from the model's structure, the local-training spec, devices.
+      program: the round program; privacy: the run's privacy tracker.
     """
 
     runs_topology = False  # a decentralized run (``topology.graph``) is a ``DecentralizedExperiment``
 
-    def __init__(self, config: ExperimentConfig, *, mesh: jax.sharding.Mesh | None = None,
-                 population: FederatedData | None = None, test: Dataset | None = None,
-                 num_classes: int | None = None, settings: ClientSettings | None = None,
-                 targets: np.ndarray | None = None, model: ModelLike | None = None,
-                 loss: Task | PerExampleLoss | str | None = None,
-                 message_transform: MessageTransform | None = None,
-                 algorithm: FederatedAlgorithm | None = None,
-                 extra_settings: Mapping[str, Any] | None = None, data_from_config: bool = False,
-                 progress: bool = True) -> None:
-        """Args:
-          config: the experiment.
-          mesh: devices to shard clients over (default: ``run.num_devices`` local devices).
-          population / test / num_classes: the data, instead of loading ``config.data`` (all three together). The
-            run then records ``data.dataset`` as "user-supplied arrays <fingerprint>" (``user_data_config``).
-          data_from_config: the population passed in was built from ``config.data`` (``load_population``,
-            ``partition_like``), so the config describes it and is recorded as it is.
-          settings: per-client settings [C] instead of the config's (noise still calibrated to ``targets``).
-          targets: per-client target epsilons [C] (inf = none) instead of ``client.target_epsilon``.
-          message_transform: what each client applies to its update before sending it, instead of the chain
-            ``config.message`` describes (``transforms.pipeline.message_pipeline``): any ``MessageTransform``,
-            e.g. ``transforms.chain(...)``. Its strengths may name any ``ClientSettings`` field; its state is
-            kept per client from round to round, and its diagnostics land in the history as ``message/<name>``.
-          algorithm: the federated algorithm's client and server state (``server.algorithms``), instead of the
-            one ``server.algorithm`` names (FedAvg, or SCAFFOLD's control variates).
-          extra_settings: a user's own per-client strengths {name: scalar, tiers or one value per client}, added
-            to ``settings.extra`` so that a transform's strength can name them.
-          model: instead of ``config.model``: a stateless Flax module (initialised on the population's input
-            shape), a ``Model`` or a pure ``(init, apply)`` pair; ``config.model.name`` then records
-            "user-supplied <name>".
-          loss: the task (``models.tasks``: ``CLASSIFICATION`` by default, ``MULTI_LABEL``, ``NEXT_TOKEN``, or a
-            ``Task``) or a bare per-example loss ``(logits, targets) -> [B]``; the population's ``y`` holds the
-            task's targets.
-
-        Raises:
-          ValueError: before anything trains, when the model, the task and the data do not fit (input or output
-            shapes, a loss that is not per-example, mixup for a task without soft targets).
-        """
+    def __init__(self, config: ExperimentConfig, *, progress: bool = True, **parts: Any) -> None:
         if not isinstance(config, ExperimentConfig):
             raise ValueError(f"config={config!r} is invalid; allowed: an ExperimentConfig (fedjaxpriv.config.from_dict"
                              "(dict), load_config(path) or ExperimentConfig()).")
@@ -578,66 +640,33 @@ class Experiment:
         from fedjaxpriv.distributed import check_same_everywhere
 
         check_same_everywhere({"config": config.config_hash()})  # a multi-process run: before any collective
-        data_from_config = data_from_config or population is None
-        progress = progress and jax.process_index() == 0
-        started = time.perf_counter()
+        progress, started = progress and jax.process_index() == 0, time.perf_counter()
         if progress:
-            say(building_line(config, None if data_from_config else population, model))
-        # 1. data, task and model, checked against each other
-        data = build_data(config, population, test, num_classes, model, loss, data_from_config)
-        self.config = config = data.config
-        self.population, self.test, self.num_classes = data[1:4]
-        population = self.population
+            say(building_line(config, None if parts.get("population") is None or parts.get("data_from_config")
+                              else parts["population"], parts.get("model")))
+        # Decentralized rounds read a copy of the data (the config refuses run.shard_data=true for them).
+        self.parts = build_run(config, may_split=not self.runs_topology, **parts)
+        data, budget, (self.mesh, self.plan, self.spec), mechanisms, self.program = self.parts
+        self.config, self.population, self.test, self.num_classes = data.config, *data[1:4]
         self.task, self.model, self.initial_params = data.task, data.model, data.params
-        self.root_key, self.num_params = jax.random.key(config.run.seed), count_params(data.params)
-        counts = population.counts
-        # 2. the algorithm and every client's settings, noise calibrated to the targets; batch and cohort slots
-        algorithm = run_algorithm(config, algorithm)
-        settings = algorithm.settings_for(settings if settings is not None else configured_settings(config, counts),
-                                          counts)
-        if extra_settings:
-            settings = settings._replace(extra=with_extra(settings.extra, population.num_clients, extra_settings))
-        targets = target_epsilons(config, population.num_clients) if targets is None else np.asarray(targets)
-        budget = plan_privacy(config, settings, counts, targets, algorithm)
+        self.root_key, self.num_params = jax.random.key(self.config.run.seed), count_params(data.params)
         self.settings, self.participation_budget = budget.settings, budget.participation_budget
         self.cohort_slots = budget.cohort_slots
-        # 3. the devices, the execution plan and the local-training spec
-        self.mesh, self.plan, self.spec = build_layout(config, data, budget, mesh)
         self.strategy, self.chunk_size = self.plan.strategy, self.plan.chunk_size
-        # 4. the DP mechanisms, each owning its JAX step and its accounting
-        self.sample_level, self.local_dp, self.algorithm = build_mechanisms(
-            config, self.settings, counts, budget.batch_slots, self.cohort_slots, algorithm,
-            transform_passed_in=message_transform is not None)
-        self.client_level = self.algorithm.client_level
-        self.privacy = self.new_privacy_tracker()
-        warn_about_delta(config.run.delta, counts, self.sample_level, self.client_level)
-        for line in clips_without_noise(config, self.settings, self.client_level):
-            warnings.warn(line, stacklevel=2)
-        # 5. the round as one value: what runs here, and what the attacks replay and ask about local training;
-        # decentralized rounds read a copy of the data (the config refuses run.shard_data=true for them)
-        self.program = build_program(config, data, Layout(self.mesh, self.plan, self.spec), self.algorithm,
-                                     self.settings, message_transform, may_split=not self.runs_topology)
-        self.shard_width = self.program.sharded_examples
-        self.round_fn, self.tap_fn = self.program.compiled_round(), self.program.tap_fn
-        # Tap rounds run the same round, built to emit the tapped clients' messages as well (compiled only when a
-        # tap round comes).
-        self.tap_width = len(config.run.tap_clients) if config.run.tap_rounds else 0
-        # 6. the data and settings on the devices
-        self.device_population = self.program.place_population(population)
+        self.sample_level, self.local_dp, self.algorithm = mechanisms
+        self.client_level, self.privacy = self.algorithm.client_level, self.new_privacy_tracker()
+        self.shard_width, self.round_fn, self.tap_fn = (self.program.sharded_examples, self.program.compiled_round(),
+                                                        self.program.tap_fn)
+        # Tap rounds run the same round, built to emit the tapped clients' messages too (compiled when one comes).
+        self.tap_width = len(self.config.run.tap_clients) if self.config.run.tap_rounds else 0
+        self.device_population = self.program.place_population(self.population)  # the data and settings on devices
         self.device_settings = self.program.place_settings(self.settings)
         if progress:
             say(built_line(self, time.perf_counter() - started))
 
     def new_privacy_tracker(self) -> PrivacyTracker:
-        """A fresh tracker of this run's mechanisms (nothing spent yet)."""
-        r = self.config.run
-        try:
-            return PrivacyTracker(num_clients=self.population.num_clients, steps_per_round=self.settings.local_steps,
-                                  delta=r.delta, accountant=r.accountant, sample_level=self.sample_level,
-                                  client_level=self.client_level, local=self.local_dp,
-                                  max_participations=self.participation_budget)
-        except ValueError as error:
-            raise ValueError(f"run.accountant={r.accountant!r}: {error}") from None
+        """A fresh tracker of this run's mechanisms (nothing spent yet: ``privacy_tracker``)."""
+        return privacy_tracker(self.parts)
 
     @property
     def initial_state(self) -> ServerState:
@@ -716,20 +745,8 @@ class Experiment:
         return f"test_{self.task.primary}"
 
     def evaluate(self, params: Any, state: ServerState | None = None) -> Record:
-        """``evaluation.run_metrics`` of the global model ``params``; with ``state``, an algorithm's personal
-        models (Ditto) too (classification)."""
-        personal, p = None, self.population
-        if state is not None and self.algorithm.personal_params is not None and self.task is CLASSIFICATION:
-            personal = self.algorithm.personal_params(jax.tree_util.tree_map(
-                lambda a: a[:p.num_clients], state.client_state.algorithm))  # without padding rows
-        return evaluation.run_metrics(self.model.apply, params, self.test, p, self.task, personal,
-                                      self.client_label_counts if personal is not None else None)
-
-    @functools.cached_property
-    def client_label_counts(self) -> np.ndarray:
-        """``[C, K]`` each client's training examples per class (classification), computed once."""
-        p = self.population
-        return evaluation.label_counts_per_client(p.y, p.offsets, p.counts, self.num_classes)
+        """``evaluate_run`` of the global model ``params`` (and of the personal models in ``state``)."""
+        return evaluate_run(self.parts, params, state)
 
     run = run_experiment  # ``experiment.run(out_dir, ...)``: the run loop (``runner``) over this experiment
 
