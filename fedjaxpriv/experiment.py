@@ -612,6 +612,29 @@ def evaluate_run(parts: RunParts, params: Any, state: ServerState | None = None)
     return evaluation.run_metrics(data.model.apply, params, data.test, p, data.task, personal, counts)
 
 
+class Part:
+    """An attribute of ``Experiment`` read from its ``parts`` (``"data.population"``: ``parts.data.population``), so
+    that the two never disagree; it is set by replacing ``parts`` (``RunParts._replace``)."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path.split(".")
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.name = name
+
+    def __get__(self, experiment: Any, owner: type | None = None) -> Any:
+        if experiment is None:
+            return self
+        value = experiment.parts
+        for name in self.path:
+            value = getattr(value, name)
+        return value
+
+    def __set__(self, experiment: Any, value: Any) -> None:
+        raise AttributeError(f"Experiment.{self.name} is parts.{'.'.join(self.path)}: replace the part "
+                             "(experiment.parts = experiment.parts._replace(...)) or pass it to the constructor.")
+
+
 class Experiment:
     """Runs the rounds of a run built from its config (``build_run``): ``Experiment(config, **parts)``, where
     ``parts`` are ``build_run``'s arguments (a population, model, loss, settings, transform, algorithm, mesh
@@ -628,6 +651,17 @@ class Experiment:
     """
 
     runs_topology = False  # a decentralized run (``topology.graph``) is a ``DecentralizedExperiment``
+    config, population, test = Part("data.config"), Part("data.population"), Part("data.test")
+    num_classes, task, model, initial_params = (Part("data.num_classes"), Part("data.task"), Part("data.model"),
+                                                Part("data.params"))
+    settings, participation_budget = Part("budget.settings"), Part("budget.participation_budget")
+    cohort_slots, mesh, plan, spec = Part("budget.cohort_slots"), Part("layout.mesh"), Part("layout.plan"), Part(
+        "layout.spec")
+    strategy, chunk_size = Part("layout.plan.strategy"), Part("layout.plan.chunk_size")
+    sample_level, local_dp, algorithm = (Part("mechanisms.sample_level"), Part("mechanisms.local_dp"),
+                                         Part("mechanisms.algorithm"))
+    client_level, program = Part("mechanisms.algorithm.client_level"), Part("program")
+    shard_width, tap_fn = Part("program.sharded_examples"), Part("program.tap_fn")
 
     def __init__(self, config: ExperimentConfig, *, progress: bool = True, **parts: Any) -> None:
         if not isinstance(config, ExperimentConfig):
@@ -646,17 +680,8 @@ class Experiment:
                               else parts["population"], parts.get("model")))
         # Decentralized rounds read a copy of the data (the config refuses run.shard_data=true for them).
         self.parts = build_run(config, may_split=not self.runs_topology, **parts)
-        data, budget, (self.mesh, self.plan, self.spec), mechanisms, self.program = self.parts
-        self.config, self.population, self.test, self.num_classes = data.config, *data[1:4]
-        self.task, self.model, self.initial_params = data.task, data.model, data.params
-        self.root_key, self.num_params = jax.random.key(self.config.run.seed), count_params(data.params)
-        self.settings, self.participation_budget = budget.settings, budget.participation_budget
-        self.cohort_slots = budget.cohort_slots
-        self.strategy, self.chunk_size = self.plan.strategy, self.plan.chunk_size
-        self.sample_level, self.local_dp, self.algorithm = mechanisms
-        self.client_level, self.privacy = self.algorithm.client_level, self.new_privacy_tracker()
-        self.shard_width, self.round_fn, self.tap_fn = (self.program.sharded_examples, self.program.compiled_round(),
-                                                        self.program.tap_fn)
+        self.root_key, self.num_params = jax.random.key(self.config.run.seed), count_params(self.initial_params)
+        self.privacy, self.round_fn = self.new_privacy_tracker(), self.program.compiled_round()
         # Tap rounds run the same round, built to emit the tapped clients' messages too (compiled when one comes).
         self.tap_width = len(self.config.run.tap_clients) if self.config.run.tap_rounds else 0
         self.device_population = self.program.place_population(self.population)  # the data and settings on devices

@@ -127,7 +127,10 @@ def test_a_spent_budget_keeps_the_client_out_of_later_rounds():
     exp = Experiment(config)
     plan = int(exp.participation_budget[0])
     assert np.all(exp.participation_budget == plan) and 3 <= plan <= 6
-    exp.participation_budget = np.where(np.arange(10) < 5, 1, plan)  # clients 0-4: one participation each
+    budget = exp.parts.budget._replace(participation_budget=np.where(np.arange(10) < 5, 1, plan))
+    exp.parts = exp.parts._replace(budget=budget)  # clients 0-4: one participation each
+    with pytest.raises(AttributeError, match=r"parts\.budget\.participation_budget"):
+        exp.participation_budget = budget.participation_budget  # one source: the parts
     results = exp.run(progress=False)
     assert np.all(exp.privacy.participations[:5] <= 1)
     assert sum(r.get("budget_skipped", 0) for r in results.history) > 0
