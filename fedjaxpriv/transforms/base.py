@@ -9,10 +9,12 @@ A :class:`MessageTransform` is a pair of pure functions, in the spirit of an opt
 
 Per-client strengths. ``settings`` holds the strengths of ONE client: a mapping such as
 ``{"qsgd_levels": 4, "clip_norm": 1.0}`` or any object with attributes (a row of a ``ClientConfig``).
-Every factory argument that is a strength accepts either the NAME of a field of ``settings`` (a ``str``,
-read at trace time, so the value is a traced scalar and ``jax.vmap(update)`` over clients with different
-strengths compiles once) or a constant number. Each factory documents which value turns it "off"
-(an exact pass-through that also leaves the wire cost unchanged).
+Every factory argument that is a strength accepts the NAME of a field of ``settings`` (a ``str``: the config's
+knob of that name, or a user's own strength in ``ClientSettings.extra``), a function of one client's settings
+(``lambda s: 0.5 * s.clip_norm``: typed, and free to derive a strength from others), or a constant number. Names
+and functions are read at trace time, so the value is a traced scalar and ``jax.vmap(update)`` over clients with
+different strengths compiles once. Each factory documents which value turns it "off" (an exact pass-through that
+also leaves the wire cost unchanged).
 
 Randomness. ``key`` is used by this transform only; :func:`chain` gives stage ``i`` ``fold_in(key, i)``.
 
@@ -37,7 +39,7 @@ import jax.numpy as jnp
 
 PyTree = Any
 Settings = Any
-Strength = Union[str, float, int]
+Strength = Union[str, float, int, Callable[[Any], Any]]
 Stats = dict[str, jax.Array]
 
 FLOAT_BITS = 32
@@ -125,15 +127,22 @@ def lookup(name: str, settings: Settings) -> Any:
 
 
 def resolve(strength: Strength, settings: Settings, dtype: Any = jnp.float32) -> jax.Array:
-    """Value of a strength for this client: the settings field it names, or the constant itself."""
-    value = lookup(strength, settings) if isinstance(strength, str) else strength
+    """Value of a strength for this client: the settings field it names, the function of the settings applied to
+    them, or the constant itself."""
+    if isinstance(strength, str):
+        value = lookup(strength, settings)
+    elif callable(strength):
+        value = strength(settings)
+    else:
+        value = strength
     return jnp.asarray(value, dtype)
 
 
 def check_strength(strength: Strength, name: str) -> None:
-    """Host-side check that a strength is a field name or a real number."""
-    if isinstance(strength, bool) or not isinstance(strength, (str, int, float)):
-        raise ValueError(f"{name}={strength!r} must be a settings field name (str) or a number.")
+    """Host-side check that a strength is a field name, a function of the settings or a real number."""
+    if isinstance(strength, bool) or not (isinstance(strength, (str, int, float)) or callable(strength)):
+        raise ValueError(f"{name}={strength!r} must be a settings field name (str), a function of one client's "
+                         "settings, or a number.")
 
 
 def bit_length(values: jax.Array) -> jax.Array:

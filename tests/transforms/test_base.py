@@ -77,3 +77,25 @@ def test_chain_compiles_once_across_clients_with_different_settings():
     bits = [int(run({"f": jnp.float32(f), "s": jnp.int32(s), "c": jnp.float32(1.0)}, jax.random.key(0))) for f, s in ((0.1, 1), (0.5, 8), (1.0, 0))]
     assert len(traces) == 1
     assert bits[2] == N * 32 and bits[0] < bits[1] < bits[2]
+
+
+def test_a_strength_may_be_a_function_of_the_settings_and_equals_the_name_or_constant_it_computes():
+    """A function strength is read per client like a name (one compilation over clients) and gives exactly the
+    message of the constant it evaluates to; a strength of another type is refused, naming it."""
+    from fedjaxpriv.client.settings import make_settings
+
+    settings = make_settings(2, np.array([10, 10]), clip_norm=[0.5, 2.0])
+    row = jax.tree_util.tree_map(lambda a: a[0], settings)
+    derived = clip_update(lambda s: 0.5 * s.clip_norm)  # typed, and derived from another strength
+    out, _, _ = derived.update(MESSAGE, (), jax.random.key(0), row)
+    by_constant, _, _ = clip_update(0.25).update(MESSAGE, (), jax.random.key(0), row)
+    np.testing.assert_array_equal(_flat(out), _flat(by_constant))
+    by_name, _, _ = clip_update("clip_norm").update(MESSAGE, (), jax.random.key(0), row)
+    same, _, _ = clip_update(lambda s: s.clip_norm).update(MESSAGE, (), jax.random.key(0), row)
+    np.testing.assert_array_equal(_flat(same), _flat(by_name))
+    norms = jax.vmap(lambda r: jnp.linalg.norm(jnp.concatenate(
+        [leaf.ravel() for leaf in jax.tree_util.tree_leaves(derived.update(MESSAGE, (), jax.random.key(0), r)[0])])))(
+        settings)
+    np.testing.assert_allclose(np.asarray(norms), [0.25, 1.0], rtol=1e-5)  # each client its own strength
+    with pytest.raises(ValueError, match=r"clip_norm=\[1.0\] must be a settings field name \(str\), a function"):
+        clip_update([1.0])
