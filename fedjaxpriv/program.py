@@ -141,8 +141,11 @@ class RoundProgram:
         return Population(*shard_rows((population.x, population.y), self.mesh), *replicate(index, self.mesh))
 
     def place_settings(self, settings: Any) -> Any:
-        """Every client's settings [C] on the mesh (a copy per device: a few numbers per client)."""
-        return replicate(jax.tree_util.tree_map(jnp.asarray, settings), self.mesh)
+        """Every client's settings [C] on the mesh as the round reads them: a copy per device, or split over the
+        devices with ``sharded_examples``, as the clients' states are (the padding rows are never read)."""
+        if self.sharded_examples is None:
+            return replicate(jax.tree_util.tree_map(jnp.asarray, settings), self.mesh)
+        return shard_rows(settings, self.mesh)
 
     def place_state(self, state: ServerState) -> ServerState:
         """``state`` on the mesh as the round returns it, so every round reuses one compiled program: a copy per

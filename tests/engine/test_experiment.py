@@ -122,8 +122,8 @@ def test_no_resume_starts_over_in_the_same_directory(tmp_path):
 @pytest.mark.slow
 def test_clients_are_sharded_over_all_devices_by_default_with_the_same_result(monkeypatch):
     """8 devices equal 1 (Ditto with top-k and error feedback: every client keeps a personal model and a residual);
-    with run.shard_data each device holds 1/8 of the examples and of the clients' states (20 clients, padded to
-    24), and the run is the same bit for bit, personal models' figures included."""
+    with run.shard_data each device holds 1/8 of the examples, of the clients' states and of their settings (20
+    clients, padded to 24), and the run is the same bit for bit, personal models' figures included."""
     if jax.device_count() < 2:
         pytest.skip("needs several devices (tests/conftest.py sets 8 CPU devices)")
     config = {**SHORT, "message": {"topk_fraction": 0.3, "error_feedback": True},
@@ -143,6 +143,9 @@ def test_clients_are_sharded_over_all_devices_by_default_with_the_same_result(mo
     residuals = jax.tree_util.tree_leaves(split.initial_state.client_state)
     assert residuals and all({s.data.shape[0] for s in leaf.addressable_shards} == {-(-clients // 8)}
                              for leaf in residuals)
+    settings = jax.tree_util.tree_leaves(split.device_settings)  # split like the states
+    assert settings and all({s.data.shape[0] for s in leaf.addressable_shards} == {-(-clients // 8)}
+                            for leaf in settings)
     assert sharded.shard_width is None  # by default a copy, while it takes under a quarter of a device
     monkeypatch.setattr(parallel, "SPLIT_ABOVE_FRACTION", 0.0)  # any copy is too large: the default splits
     auto = Experiment(from_dict(config))
