@@ -71,16 +71,13 @@ def _client_config(noise, sampling="uniform", rounds=3):
 
 
 @pytest.mark.slow
-def test_client_level_audit_of_dpfedavg_has_power_and_stays_below_the_client_level_epsilon():
+def test_client_level_audit_of_dpfedavg_could_refute_and_stays_below_the_client_level_epsilon():
     """Fixed cohorts (replace one client), 1000 one-example canary clients, 3 rounds: with z = 4 the audit stays
-    below the reported epsilon (3.11); without noise the models' changes show every guessed canary (200 of 200
-    right, the most 1000 canaries can certify, 4.17)."""
+    below the reported epsilon (3.11), which its 1000 canaries could refute (they certify up to 4.17); that the
+    same audit reads every guessed canary without noise is the next test's (at 200 canaries, 2 rounds)."""
     private = canary_audit.audit_client_level(_client_config(4.0), num_canaries=M)
     assert private.can_refute and private.empirical_epsilon <= private.accountant_epsilon, private.describe()
-    assert "replace one client" in private.basis
-    plain = canary_audit.audit_client_level(_client_config(0.0), num_canaries=M)
-    assert plain.accountant_epsilon == np.inf and plain.num_correct == plain.num_guesses == 200, plain.describe()
-    assert plain.empirical_epsilon == pytest.approx(plain.max_certifiable_epsilon) and plain.empirical_epsilon > 4
+    assert private.max_certifiable_epsilon > 4 and "replace one client" in private.basis
 
 
 @pytest.mark.slow
