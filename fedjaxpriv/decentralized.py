@@ -612,11 +612,9 @@ class DecentralizedExperiment(Experiment):
         self.node_tap_round_fn = build(len(tapped)) if tapped else None
         self.out_degrees = out_degrees(self.topology)
 
-    @property
-    def initial_state(self) -> NodesState:
-        """Every node at the initial model (a new copy each time: a round donates its state), its models and states
-        split over the devices with ``shard_nodes``."""
-        state = self.fresh_state(self.initial_params)
+    def place_state(self, state: NodesState) -> NodesState:
+        """``state`` (one row per node) on the mesh as a round returns it: its models and states split over the
+        devices with ``shard_nodes``."""
         if not self.shard_nodes:
             return replicate(state, self.mesh)
         return NodesState(shard_rows(state.params, self.mesh), replicate(state.round, self.mesh),

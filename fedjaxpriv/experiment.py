@@ -697,11 +697,16 @@ class Experiment:
     def initial_state(self) -> ServerState:
         """A fresh round-0 server state (a new copy each time: ``step`` donates the state it is given), on the mesh
         as the round returns it (``RoundProgram.place_state``), so that every round reuses one compiled program."""
-        return self.program.place_state(self.fresh_state(self.initial_params))
+        return self.place_state(self.fresh_state(self.initial_params))
 
     def fresh_state(self, params: Any) -> ServerState:
         """A round-0 server state of this run from ``params`` (every client's states at their initial values)."""
         return self.program.init_state(params, self.population.num_clients)
+
+    def place_state(self, state: ServerState) -> ServerState:
+        """``state`` with one row per client (as ``fresh_state`` makes it and a checkpoint holds it) on the mesh as
+        the round returns it (``RoundProgram.place_state``: client rows padded and split where the data are)."""
+        return self.program.place_state(state)
 
     # -- one round -------------------------------------------------------------------------------------------
     def cohort(self, round_index: int) -> Cohort:

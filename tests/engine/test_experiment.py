@@ -3,6 +3,7 @@
 import json
 import os
 import subprocess
+import warnings
 import sys
 
 import jax
@@ -177,3 +178,43 @@ def test_use_cpu_cores_sets_the_device_count_before_jax_starts_and_refuses_after
     assert lines[2].startswith("refused: JAX already started with 3 CPU device(s), so 2 cannot be set")
     with pytest.raises(ValueError, match="num_devices=0"):
         use_cpu_cores(0)
+
+
+@pytest.mark.slow
+def test_a_checkpoint_resumes_on_another_device_count_and_with_the_data_copied_instead_of_split(tmp_path,
+                                                                                                monkeypatch):
+    """A checkpoint holds one row per client (not the rows padding to the devices adds): a run split over 8 devices
+    (its copy "too large": 20 clients' states padded to 24 rows), stopped after round 2, resumes split over 3
+    devices (padded to 21), and with a copy per device (as on a machine with more memory), and each ends exactly
+    where the run never stopped ends."""
+    if jax.device_count() < 8:
+        pytest.skip("needs 8 devices (tests/conftest.py sets 8 CPU devices)")
+    from fedjaxpriv.guards import RunInterrupted
+
+    config = from_dict({**SHORT, "message": {"topk_fraction": 0.3, "error_feedback": True},
+                        "server": {**SHORT["server"], "algorithm": "ditto"},
+                        "run": {**SHORT["run"], "rounds": 4, "eval_every": 4}})
+    whole = Experiment(config, progress=False).run(progress=False)
+
+    def stop_after_round_2(experiment, record):
+        if record["round"] == 2:
+            raise RunInterrupted(2)
+
+    for name, mesh, fraction in (("three", parallel.local_mesh(3), 0.0),
+                                 ("copied", None, parallel.SPLIT_ABOVE_FRACTION)):
+        out = str(tmp_path / name)
+        monkeypatch.setattr(parallel, "SPLIT_ABOVE_FRACTION", 0.0)  # any copy is too large: the data are split
+        stopped = Experiment(config, progress=False)
+        assert stopped.shard_width is not None and stopped.mesh.size == 8
+        with pytest.raises(RunInterrupted):
+            stopped.run(out, progress=False, callbacks=[stop_after_round_2])
+        monkeypatch.setattr(parallel, "SPLIT_ABOVE_FRACTION", fraction)
+        resumed_on = Experiment(config, mesh=mesh, progress=False)
+        assert (resumed_on.shard_width is None) == (name == "copied")
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # no checkpoint set aside, no starting over
+            resumed = resumed_on.run(out, progress=False)
+        assert [r["round"] for r in resumed.history] == [1, 2, 3, 4]
+        for x, y in zip(jax.tree_util.tree_leaves(whole.params), jax.tree_util.tree_leaves(resumed.params)):
+            np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=1e-6)
+        assert resumed.history[-1]["train_loss"] == pytest.approx(whole.history[-1]["train_loss"], abs=1e-6)
