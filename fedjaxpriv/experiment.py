@@ -34,7 +34,7 @@ from fedjaxpriv.privacy.tracking import (PrivacyTracker, calibrate_targets, dp_b
                                          dpsgd_mechanism)
 from fedjaxpriv.server import Cohort, max_cohort_size, sample_cohort, server_optimizer
 from fedjaxpriv.server.algorithms import FederatedAlgorithm, algorithm_for, check_protects, dp_fedavg
-from fedjaxpriv.program import RoundProgram, Tap, prune_schedule_of, round_record
+from fedjaxpriv.program import RoundProgram, Tap, client_rows, prune_schedule_of, round_record
 from fedjaxpriv.runner import Record, Results, run_experiment
 from fedjaxpriv.simulation import AggregationSpec, ServerState
 from fedjaxpriv.transforms.base import MessageTransform
@@ -606,8 +606,7 @@ def evaluate_run(parts: RunParts, params: Any, state: ServerState | None = None)
     data, algorithm = parts.data, parts.mechanisms.algorithm
     personal, counts, p = None, None, data.population
     if state is not None and algorithm.personal_params is not None and data.task is CLASSIFICATION:
-        personal = algorithm.personal_params(jax.tree_util.tree_map(
-            lambda a: a[:p.num_clients], state.client_state.algorithm))  # without padding rows
+        personal = algorithm.personal_params(client_rows(state, p.num_clients).client_state.algorithm)
         counts = evaluation.label_counts_per_client(p.y, p.offsets, p.counts, data.num_classes)
     return evaluation.run_metrics(data.model.apply, params, data.test, p, data.task, personal, counts)
 

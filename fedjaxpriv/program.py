@@ -200,6 +200,14 @@ class RoundProgram:
                     and not corrects_gradients(self.algorithm, params))
 
 
+def client_rows(state: Any, num_clients: int) -> Any:
+    """``state`` with one row per client (``state.client_state``'s leaves [C, ...], without the rows that padding to
+    the devices added: ``RoundProgram.place_state`` undone), the shapes of ``init_state``: what a checkpoint holds,
+    so that a run resumes on any number of devices, its clients' data split or copied."""
+    rows = jax.tree_util.tree_map(lambda leaf: leaf[:num_clients], state.client_state)
+    return state._replace(client_state=rows)
+
+
 def prune_schedule_of(begin_round: int, end_round: int) -> tuple[int, int] | None:
     """``client.prune_begin_round`` / ``prune_end_round`` as a program's ``prune_schedule`` (None: no ramp)."""
     return (begin_round, end_round) if end_round > begin_round else None

@@ -22,7 +22,7 @@ from fedjaxpriv.guards import (LOSS_LIMIT, DivergenceError, Signals, divergence,
                                interrupt_behind, pause_point)
 from fedjaxpriv.parallel import replicate
 from fedjaxpriv.privacy.basis import largest_epsilon
-from fedjaxpriv.program import Tap
+from fedjaxpriv.program import Tap, client_rows
 from fedjaxpriv.simulation import ServerState
 
 if TYPE_CHECKING:
@@ -132,7 +132,7 @@ def run_experiment(experiment: Experiment, out_dir: str | None = None, *, resume
             state, history = experiment.initial_state, []
             experiment.privacy = experiment.new_privacy_tracker()
             if store is not None and resume:
-                # What saved_rows saves, read as a copy on every device (then padded and split as the run needs)
+                # What client_rows keeps, read as a copy on every device (then padded and split as the run needs)
                 restored = store.restore(replicate(experiment.fresh_state(experiment.initial_params),
                                                    experiment.mesh))
                 if restored is not None:
@@ -219,7 +219,7 @@ def run_rounds(experiment: Experiment, state: ServerState, history: list[Record]
                 every = experiment.config.run.checkpoint_every
                 if store is not None and ((every and (r + 1) % every == 0) or r + 1 == total):
                     pause_point(signals, "checkpoint", r + 1)
-                    store.save(saved_rows(state, experiment.population.num_clients), experiment.privacy.state())
+                    store.save(client_rows(state, experiment.population.num_clients), experiment.privacy.state())
                     saved = r + 1
             experiment.latest_params = state.params  # what callbacks read of the round's global model
             for callback in callbacks:
@@ -236,19 +236,11 @@ def run_rounds(experiment: Experiment, state: ServerState, history: list[Record]
         with signals.deferred():
             if store is not None and committed > saved:
                 if live:
-                    store.save(saved_rows(state, experiment.population.num_clients), experiment.privacy.state())
+                    store.save(client_rows(state, experiment.population.num_clients), experiment.privacy.state())
                 else:
                     store.truncate(saved)
         raise
     return state, taps
-
-
-def saved_rows(state: Any, num_clients: int) -> Any:
-    """``state`` as a checkpoint holds it: one row per client (``state.client_state``'s leaves [C, ...], without
-    the rows that padding to the devices added), the shapes of ``Experiment.fresh_state``, so that a run resumes on
-    any number of devices and whether its clients' data are split or copied (``Experiment.place_state``)."""
-    rows = jax.tree_util.tree_map(lambda leaf: leaf[:num_clients], state.client_state)
-    return state._replace(client_state=rows)
 
 
 def dp_at_chance(experiment: Experiment, history: Sequence[Record]) -> str | None:
