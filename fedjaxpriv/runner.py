@@ -129,16 +129,14 @@ def run_experiment(experiment: Experiment, out_dir: str | None = None, *, resume
     try:
         with signals.deferred():  # the store is opened (locked, reconciled) whole or not at all
             store = RunStore(out_dir, experiment.config, fresh=not resume, extend=extend) if out_dir else None
-            state, history = experiment.initial_state, []
+            state, history = experiment.fresh_state(experiment.initial_params), []  # one row per client
             experiment.privacy = experiment.new_privacy_tracker()
-            if store is not None and resume:
-                # What client_rows keeps, read as a copy on every device (then padded and split as the run needs)
-                restored = store.restore(replicate(experiment.fresh_state(experiment.initial_params),
-                                                   experiment.mesh))
+            if store is not None and resume:  # a checkpoint holds what client_rows keeps: read as a copy per device
+                restored = store.restore(replicate(state, experiment.mesh))
                 if restored is not None:
                     state, history, privacy_state = restored
-                    state = experiment.place_state(state)
                     experiment.privacy.restore(privacy_state)
+            state = experiment.place_state(state)  # padded and split over the devices as the run needs
             if jax.process_index() == 0:  # a multi-process run logs from process 0, as it writes its files
                 writers[:0] = open_sinks(logs, out_dir, experiment.config, first_round=len(history) + 1)
         callbacks = [*map(sink_callback, writers), *callbacks]
