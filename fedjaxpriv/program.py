@@ -190,13 +190,14 @@ class RoundProgram:
 
     def trains_by_full_batch_gd(self, settings_row: Any, count: int, params: Params) -> bool:
         """Whether a client's local training (settings ``settings_row``, ``count`` examples) is exactly
-        ``local_steps`` steps of plain full-batch gradient descent on its examples at rate ``lr``: every step sees
-        all of them without sampling noise (no Poisson sampling, batch >= count), nothing is mixed, clipped or
-        noised per example, and no momentum, proximal term or gradient correction changes the step."""
+        ``local_steps`` steps of full-batch gradient descent on its examples at rate ``lr`` with the program's
+        momentum (``spec.momentum``): every step sees all of them without sampling noise (no Poisson sampling,
+        batch >= count), nothing is mixed, clipped or noised per example, and no proximal term or gradient
+        correction changes the step."""
         row = settings_row
         return bool(not row.poisson and int(row.batch_size) >= count and float(row.mixup_alpha) == 0
                     and float(row.dp_noise_multiplier) == 0 and not math.isfinite(float(row.dp_clip_norm))
-                    and (float(row.prox_mu) == 0 or not self.spec.prox) and self.spec.momentum == 0
+                    and (float(row.prox_mu) == 0 or not self.spec.prox)
                     and not corrects_gradients(self.algorithm, params))
 
 

@@ -40,8 +40,9 @@ import numpy as np
 import optax
 from jax.flatten_util import ravel_pytree
 
-from fedjaxpriv.client.local import batch_loss
+from fedjaxpriv.client.local import Batch, LocalSpec, batch_loss, local_sgd
 from fedjaxpriv.client.pruning import apply_mask
+from fedjaxpriv.client.settings import ClientSettings, make_settings
 from fedjaxpriv.models.tasks import CLASSIFICATION
 
 Params = Any
@@ -67,6 +68,7 @@ class TargetSpec:
       local_steps: 0 for a FedSGD gradient; E >= 1 for a FedAvg update after E local SGD steps.
       local_batch_size: examples per local step (divides B; default B). Step s uses the examples
         ``[(s mod (B / b)) b, (s mod (B / b) + 1) b)`` of the batch, in order.
+      momentum: the clients' local SGD momentum (``client.momentum``; 0: plain SGD).
     """
 
     input_shape: tuple[int, ...]
@@ -74,6 +76,7 @@ class TargetSpec:
     batch_size: int
     local_steps: int = 0
     local_batch_size: int | None = None
+    momentum: float = 0.0
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "input_shape", tuple(int(d) for d in self.input_shape))
@@ -89,6 +92,8 @@ class TargetSpec:
             raise ValueError(
                 f"local_batch_size={self.local_batch_size} must be >= 1 and divide batch_size={self.batch_size}."
             )
+        if not 0.0 <= self.momentum < 1.0:
+            raise ValueError(f"momentum={self.momentum} must be in [0, 1).")
 
     @property
     def minibatch_size(self) -> int:
@@ -203,8 +208,10 @@ def simulate_message(
     """The message of one client with batch ``x [B, ...]`` and label distributions ``label_probs [B, K]``.
 
     Returns the gradient of the mean cross-entropy (``spec.local_steps == 0``; ``local_lr`` unused) or the
-    update ``params_E - params_0`` after E SGD steps of size ``local_lr`` (a traced scalar), a pytree like
-    ``params``. Differentiable in ``x`` and ``label_probs``.
+    update ``params_E - params_0`` after E SGD steps of size ``local_lr`` (a traced scalar, with
+    ``spec.momentum``), a pytree like
+    ``params``, taken by ``client.local.local_sgd``, the code that trains the clients, on the minibatches of
+    ``spec`` in order. Differentiable in ``x`` and ``label_probs``.
 
     Args:
       mask: optional 0/1 pytree like ``params``: the client trains the pruned model, as
@@ -212,29 +219,33 @@ def simulate_message(
       num_steps: optional traced number of steps taken, ``<= spec.local_steps`` (the rest are no-ops), so
         clients with different step counts share one compiled program; default ``spec.local_steps``.
     """
-    grad_fn = jax.grad(_soft_loss, argnums=1)
-    if mask is not None:
-        params = apply_mask(params, mask)
     if spec.local_steps == 0:
-        grads = grad_fn(apply, params, x, label_probs)
+        params = params if mask is None else apply_mask(params, mask)
+        grads = jax.grad(_soft_loss, argnums=1)(apply, params, x, label_probs)
         return grads if mask is None else apply_mask(grads, mask)
     size = spec.minibatch_size
     num_minibatches = spec.batch_size // size
+    local = LocalSpec(max_steps=spec.local_steps, max_batch=size, max_count=spec.batch_size,
+                      num_classes=spec.num_classes, momentum=spec.momentum, prox=False, poisson=False)
+    row = _plain_sgd_row(spec.batch_size)._replace(
+        lr=local_lr, local_steps=spec.local_steps if num_steps is None else num_steps)
+    start = params if mask is None else apply_mask(params, mask)
 
-    def local_step(current: Params, step: jax.Array) -> tuple[Params, None]:
-        start = (step % num_minibatches) * size
-        xb = jax.lax.dynamic_slice_in_dim(x, start, size)
-        yb = jax.lax.dynamic_slice_in_dim(label_probs, start, size)
-        grads = grad_fn(apply, current, xb, yb)
-        if mask is not None:
-            grads = apply_mask(grads, mask)
-        lr = local_lr if num_steps is None else jnp.where(step < num_steps, local_lr, 0.0)
-        optimizer = optax.sgd(lr)  # the clients' optimizer (``client_update``), without momentum
-        updates, _ = optimizer.update(grads, optimizer.init(current), current)
-        return optax.apply_updates(current, updates), None
+    def in_order(t: jax.Array, sample_key: jax.Array, mix_key: jax.Array) -> Batch:
+        del sample_key, mix_key
+        first = (t % num_minibatches) * size
+        return Batch(jax.lax.dynamic_slice_in_dim(x, first, size),
+                     jax.lax.dynamic_slice_in_dim(label_probs, first, size), jnp.ones(size, bool))
 
-    final, _ = jax.lax.scan(local_step, params, jnp.arange(spec.local_steps))
-    return jax.tree_util.tree_map(jnp.subtract, final, params)
+    final, _ = local_sgd(local, apply, start, row, jax.random.PRNGKey(0), in_order, jnp.int32(spec.batch_size),
+                         weight_mask=mask)
+    return jax.tree_util.tree_map(jnp.subtract, final, start)
+
+
+def _plain_sgd_row(batch_size: int) -> ClientSettings:
+    """One client's settings (scalars) for plain SGD on fixed batches of ``batch_size``: no DP, mixup or prox."""
+    return jax.tree_util.tree_map(lambda column: jnp.asarray(column[0]),
+                                  make_settings(1, np.array([batch_size]), batch_size=batch_size))
 
 
 def make_target(

@@ -22,7 +22,8 @@ The attacker knows what the server knows:
 Regime. The attacker simulates the client's local training on its candidate inputs as ``local_steps``
 full-batch SGD steps over all n examples (``inversion.simulate_message``). This is EXACT when the client
 samples fixed-size batches with ``batch_size >= n`` (every step uses all its examples, in an order that the
-mean loss ignores) and uses no mixup, no DP-SGD, no FedProx and no momentum; evaluate on clients whose data
+mean loss ignores) and uses no mixup, no DP-SGD, no FedProx and no gradient correction (the simulation runs
+the run's own local optimizer, ``client.local.local_sgd``, with its momentum); evaluate on clients whose data
 size equals their batch size (e.g. a population built with ``from_client_lists``). Otherwise it is an
 approximation (Poisson batches, minibatches, mixup and DP-SGD noise are what the attacker cannot model),
 so the loss in reconstruction quality is part of the defense's effect; each target records ``exact``.
@@ -295,6 +296,14 @@ def _sent_and_bounds(message: Params, row: Any) -> tuple[Params, Params]:
     return support, jax.tree_util.tree_map(bound, message)
 
 
+def target_spec(experiment: Any, batch_size: int) -> inversion.TargetSpec:
+    """How the attacker simulates the local training of a run's client with ``batch_size`` examples: the run's
+    local steps (``spec.max_steps``; each target's own count is traced) and local momentum, full-batch steps."""
+    return inversion.TargetSpec(input_shape=tuple(experiment.population.input_shape),
+                                num_classes=int(experiment.num_classes), batch_size=batch_size,
+                                local_steps=int(experiment.spec.max_steps), momentum=float(experiment.spec.momentum))
+
+
 def _client_target(experiment: Any, tap: Any, position: int, attack: inversion.InversionConfig, mask_aware: bool,
                    index: int) -> _Target:
     """What the server knows about the client at ``position`` of ``tap`` (its message, mask, settings)."""
@@ -407,8 +416,7 @@ def _invert_targets(experiment: Any, targets: Sequence[_Target], attack: inversi
     results: dict[int, TargetInversion] = {}
     for batch_size in sorted({int(counts[t.client]) for t in targets}):
         group = [t for t in targets if counts[t.client] == batch_size]
-        spec = inversion.TargetSpec(input_shape=population.input_shape, num_classes=experiment.num_classes,
-                                    batch_size=batch_size, local_steps=int(experiment.spec.max_steps))
+        spec = target_spec(experiment, batch_size)
         for start in range(0, len(group), chunk_size):
             chunk = group[start:start + chunk_size]
             width = min(chunk_size, 1 << (len(chunk) - 1).bit_length())
@@ -610,9 +618,7 @@ class _Cohort:
     ``offsets[k] : offsets[k] + sizes[k]`` of the joint candidate batch ``[N, *input_shape]``), and which
     stages the attack models (static, so a round compiles only the stages it needs)."""
 
-    input_shape: tuple[int, ...]
-    num_classes: int
-    local_steps: int
+    base: inversion.TargetSpec  # ``target_spec`` of the run, for any data size
     sizes: tuple[int, ...]
     clipped: bool  # some client has a finite clip norm: the simulation clips each message
     masked: bool  # some client trains under a pruning mask the server knows
@@ -626,9 +632,16 @@ class _Cohort:
     def offsets(self) -> np.ndarray:
         return np.cumsum((0,) + self.sizes[:-1])
 
+    @property
+    def num_classes(self) -> int:
+        return self.base.num_classes
+
+    @property
+    def local_steps(self) -> int:
+        return self.base.local_steps
+
     def spec(self, size: int) -> inversion.TargetSpec:
-        return inversion.TargetSpec(input_shape=self.input_shape, num_classes=self.num_classes, batch_size=size,
-                                    local_steps=self.local_steps)
+        return dataclasses.replace(self.base, batch_size=size)
 
     def groups(self) -> tuple[tuple[int, tuple[int, ...]], ...]:
         """(data size, positions of the clients of that size) per distinct size, ascending."""
@@ -868,9 +881,7 @@ def _attack_cohort(experiment: Any, view: _CohortView, attack: inversion.Inversi
     counts = np.asarray(experiment.population.counts)
     rows = [_row(experiment.settings, c) for c in view.client_ids.tolist()]
     clips = np.array([float(row.clip_norm) for row in rows], np.float32)
-    cohort = _Cohort(input_shape=tuple(experiment.population.input_shape), num_classes=int(experiment.num_classes),
-                     local_steps=int(experiment.spec.max_steps),
-                     sizes=tuple(int(counts[c]) for c in view.client_ids.tolist()),
+    cohort = _Cohort(base=target_spec(experiment, 1), sizes=tuple(int(counts[c]) for c in view.client_ids.tolist()),
                      clipped=bool(np.any(np.isfinite(clips))), masked=any(t.mask_aware for t in view.targets),
                      scale_invariant=view.scale_invariant)
     out = _invert_cohort(

@@ -163,38 +163,43 @@ def training_mask(spec: LocalSpec, server_params: Params, settings: ClientSettin
     return pruning.random_mask(key, server_params, settings.prune_sparsity)
 
 
-def client_update(spec: LocalSpec, apply_fn: ApplyFn, server_params: Params, data_x: jax.Array,
-                  data_y: jax.Array, offset: jax.Array, count: jax.Array, settings: ClientSettings,
-                  key: jax.Array, correction: Params | None = None,
-                  prox: tuple[Params, jax.Array] | None = None) -> ClientOutput:
-    """Trains one client from the server model (or from any start, e.g. its personal model).
+class Batch(NamedTuple):
+    """One local step's batch.
 
-    Args:
-      spec: static switches and shapes.
-      apply_fn: model function (params, x [B, ...]) -> logits (the shape ``spec.task`` expects).
-      server_params: the model training starts from (the global model, for the message).
-      data_x: [T, ...] the population's flat features (shared, not per client).
-      data_y: [T, ...] the flat targets ([T] int labels for classification).
-      offset: int32 scalar, the client's first example in the flat arrays.
-      count: int32 scalar, the client's number of examples.
-      settings: this client's row of ``ClientSettings`` (scalars).
-      key: the client's PRNG key for this round.
-      correction: pytree like params added to every step's gradient (after DP-SGD's clipping and noise), e.g.
-        SCAFFOLD's c - c_i; None: none.
-      prox: ``(centre, mu)``: the proximal term ``mu / 2 ||params - centre||^2`` in place of FedProx's
-        (``settings.prox_mu`` around the start), e.g. Ditto's personal objective around the global model.
+    Attributes:
+      x: [b, ...] inputs.
+      targets: [b, ...] the targets the loss is computed on (the task's ``training_targets``, e.g. [b, K] label
+        distributions for classification).
+      mask: [b] bool, real examples (padding slots carry zero weight).
+    """
+
+    x: jax.Array
+    targets: jax.Array
+    mask: jax.Array
+
+
+BatchAt = Callable[[jax.Array, jax.Array, jax.Array], Batch]
+"""``(step t, sample_key, mixup_key) -> Batch``: the batch local step ``t`` trains on."""
+
+
+def local_sgd(spec: LocalSpec, apply_fn: ApplyFn, start_params: Params, settings: ClientSettings, key: jax.Array,
+              batch_at: BatchAt, count: jax.Array, weight_mask: Params | None = None,
+              correction: Params | None = None,
+              prox: tuple[Params, jax.Array] | None = None) -> tuple[Params, jax.Array]:
+    """The local optimizer steps of one client from ``start_params``: ``spec.max_steps`` steps under ``lax.scan``,
+    the ones past ``settings.local_steps`` masked no-ops. Step t trains on ``batch_at(t, ...)`` (with the step's
+    keys) with the task's training loss, under DP-SGD when ``spec.per_example`` (``count`` examples: the noise's
+    denominator), plus ``correction``, the proximal term and the pruning ``weight_mask`` (``client_update``'s
+    arguments), then takes an SGD step (``settings.lr``, ``spec.momentum``). Differentiable in the batches' inputs
+    and targets, so the attacks that model a client's training run this same code.
 
     Returns:
-      ``ClientOutput`` with the model delta.
+      (the final parameters, each step's mean batch loss [max_steps], 0 past the client's steps).
     """
     # The weighted DP-SGD pass runs without the outer-product lowering: vmapped over single examples it would
     # build the [B, params] per-example products that pass exists to avoid.
     summed_apply = rewrite_model(apply_fn, convs=spec.conv_as_matmul, dense=False)
     apply_fn = rewrite_model(apply_fn, convs=spec.conv_as_matmul, dense=spec.outer_product_grads)
-    mask_key, train_key = jax.random.split(key)
-    weight_mask = training_mask(spec, server_params, settings, mask_key)
-    start_params = server_params if weight_mask is None else pruning.apply_mask(server_params, weight_mask)
-
     optimizer = optax.sgd(settings.lr, momentum=spec.momentum or None)
     opt_state = optimizer.init(start_params)
     denominator = SampleLevelDpSgd.denominator(settings.batch_size, count)
@@ -202,16 +207,9 @@ def client_update(spec: LocalSpec, apply_fn: ApplyFn, server_params: Params, dat
 
     def step(carry, t):
         params, opt_state = carry
-        step_key = jax.random.fold_in(train_key, t)
-        sample_key, mix_key, noise_key = jax.random.split(step_key, 3)
-        idx, bmask = sample_batch(sample_key, count, settings.batch_size, settings.sample_rate, settings.poisson,
-                                  max_batch=spec.max_batch, max_count=spec.max_count, allow_poisson=spec.poisson)
+        sample_key, mix_key, noise_key = jax.random.split(jax.random.fold_in(key, t), 3)
+        x, targets, bmask = batch_at(t, sample_key, mix_key)
         active = t < settings.local_steps
-        rows = offset + idx
-        x = jnp.take(data_x, rows, axis=0, mode="clip")
-        targets = spec.task.training_targets(jnp.take(data_y, rows, axis=0, mode="clip"), spec.num_classes)
-        if spec.mixup:
-            x, targets, _ = mixup_lib.mixup(mix_key, x, targets, bmask, settings.mixup_alpha)
         if spec.per_example:
             loss, grads = dp_sgd_gradient((apply_fn, summed_apply), params, x, targets, loss_fn, bmask, settings,
                                           noise_key, denominator)
@@ -236,6 +234,51 @@ def client_update(spec: LocalSpec, apply_fn: ApplyFn, server_params: Params, dat
 
     (final_params, _), losses = jax.lax.scan(step, (start_params, opt_state), jnp.arange(spec.max_steps),
                                              unroll=max(1, min(spec.unroll, spec.max_steps)))
+    return final_params, losses
+
+
+def client_update(spec: LocalSpec, apply_fn: ApplyFn, server_params: Params, data_x: jax.Array,
+                  data_y: jax.Array, offset: jax.Array, count: jax.Array, settings: ClientSettings,
+                  key: jax.Array, correction: Params | None = None,
+                  prox: tuple[Params, jax.Array] | None = None) -> ClientOutput:
+    """Trains one client from the server model (or from any start, e.g. its personal model): ``local_sgd`` on
+    batches sampled from its examples (``sample_batch``, then mixup).
+
+    Args:
+      spec: static switches and shapes.
+      apply_fn: model function (params, x [B, ...]) -> logits (the shape ``spec.task`` expects).
+      server_params: the model training starts from (the global model, for the message).
+      data_x: [T, ...] the population's flat features (shared, not per client).
+      data_y: [T, ...] the flat targets ([T] int labels for classification).
+      offset: int32 scalar, the client's first example in the flat arrays.
+      count: int32 scalar, the client's number of examples.
+      settings: this client's row of ``ClientSettings`` (scalars).
+      key: the client's PRNG key for this round.
+      correction: pytree like params added to every step's gradient (after DP-SGD's clipping and noise), e.g.
+        SCAFFOLD's c - c_i; None: none.
+      prox: ``(centre, mu)``: the proximal term ``mu / 2 ||params - centre||^2`` in place of FedProx's
+        (``settings.prox_mu`` around the start), e.g. Ditto's personal objective around the global model.
+
+    Returns:
+      ``ClientOutput`` with the model delta.
+    """
+    mask_key, train_key = jax.random.split(key)
+    weight_mask = training_mask(spec, server_params, settings, mask_key)
+    start_params = server_params if weight_mask is None else pruning.apply_mask(server_params, weight_mask)
+
+    def batch_at(t: jax.Array, sample_key: jax.Array, mix_key: jax.Array) -> Batch:
+        del t
+        idx, bmask = sample_batch(sample_key, count, settings.batch_size, settings.sample_rate, settings.poisson,
+                                  max_batch=spec.max_batch, max_count=spec.max_count, allow_poisson=spec.poisson)
+        rows = offset + idx
+        x = jnp.take(data_x, rows, axis=0, mode="clip")
+        targets = spec.task.training_targets(jnp.take(data_y, rows, axis=0, mode="clip"), spec.num_classes)
+        if spec.mixup:
+            x, targets, _ = mixup_lib.mixup(mix_key, x, targets, bmask, settings.mixup_alpha)
+        return Batch(x, targets, bmask)
+
+    final_params, losses = local_sgd(spec, apply_fn, start_params, settings, train_key, batch_at, count,
+                                     weight_mask=weight_mask, correction=correction, prox=prox)
     delta = jax.tree_util.tree_map(jnp.subtract, final_params, start_params)
     steps = jnp.minimum(settings.local_steps, spec.max_steps).astype(jnp.float32)
     if weight_mask is None:

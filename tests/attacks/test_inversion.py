@@ -5,6 +5,8 @@ Setting: 8x8 grayscale handwritten digits (scikit-learn's bundled copy of the UC
 version is the smallest that still shows full recovery and its failure under pruning or noise.
 """
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import matplotlib.image
@@ -13,6 +15,7 @@ import pytest
 from sklearn.datasets import load_digits
 
 from fedjaxpriv.attacks import inversion, metrics
+from fedjaxpriv.client.local import LocalSpec, client_update
 from fedjaxpriv.client.settings import make_settings
 from fedjaxpriv.models import get_model
 from fedjaxpriv.transforms.pipeline import message_pipeline
@@ -221,6 +224,39 @@ def test_fedavg_update_is_params_difference_of_sgd_steps(setup):
     expected = jax.tree_util.tree_map(jnp.subtract, current, params)
     for got, want in zip(jax.tree_util.tree_leaves(update), jax.tree_util.tree_leaves(expected)):
         np.testing.assert_allclose(got, want, atol=1e-6)
+
+
+def test_the_attackers_model_of_local_training_is_the_trainers_own_code_with_momentum(setup):
+    """A client whose batch is its whole data trains by full-batch heavy-ball steps, whatever order the sampler
+    draws its examples in: the attacker's simulated message (``simulate_message``) equals the message
+    ``client_update`` trains, and both equal heavy-ball SGD written from its update rule (v <- m v + g,
+    p <- p - lr v)."""
+    apply, params = setup["model"].apply, setup["params"]
+    x, y = jnp.asarray(setup["images"]), jnp.asarray(setup["labels"])
+    steps, lr, momentum, count = 3, 0.3, 0.9, NUM_TARGETS
+    spec = inversion.TargetSpec(input_shape=SHAPE, num_classes=10, batch_size=count, local_steps=steps,
+                                momentum=momentum)
+    simulated = inversion.make_target(spec, apply, params, x, y, local_lr=lr)
+    local = LocalSpec(max_steps=steps, max_batch=count, max_count=count, num_classes=10, momentum=momentum)
+    row = jax.tree_util.tree_map(lambda column: column[0],
+                                 make_settings(1, np.array([count]), local_steps=steps, batch_size=count, lr=lr))
+    trained = client_update(local, apply, params, x, y, jnp.int32(0), jnp.int32(count), row,
+                            jax.random.key(3)).delta
+    full_batch = inversion.TargetSpec(input_shape=SHAPE, num_classes=10, batch_size=count)  # a FedSGD gradient
+    gradient = jax.jit(lambda p: inversion.make_target(full_batch, apply, p, x, y))
+    current, velocity = params, jax.tree_util.tree_map(jnp.zeros_like, params)
+    for _ in range(steps):
+        velocity = jax.tree_util.tree_map(lambda v, g: momentum * v + g, velocity, gradient(current))
+        current = jax.tree_util.tree_map(lambda p, v: p - lr * v, current, velocity)
+    by_hand = jax.tree_util.tree_map(jnp.subtract, current, params)
+    for got, client, want in zip(*(jax.tree_util.tree_leaves(t) for t in (simulated, trained, by_hand))):
+        np.testing.assert_allclose(got, want, atol=2e-6)
+        np.testing.assert_allclose(client, want, atol=2e-6)
+    # Momentum changes the message: a plain-SGD model of this client would be wrong.
+    plain = inversion.make_target(dataclasses.replace(spec, momentum=0.0), apply, params, x, y, local_lr=lr)
+    gap = max(float(jnp.max(jnp.abs(a - b))) for a, b in zip(jax.tree_util.tree_leaves(plain),
+                                                              jax.tree_util.tree_leaves(by_hand)))
+    assert gap > 1e-3, gap
 
 
 def test_distances_and_total_variation_hand_values():
