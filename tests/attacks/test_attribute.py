@@ -137,6 +137,7 @@ def test_match_updates_recovers_attributes_from_exact_gradient_messages():
     assert np.mean(np.abs(guessed[real] - 0.5)) < 0.1, guessed
 
 
+@pytest.mark.slow
 def test_attack_on_client_models_beats_majority_baseline():
     experiment, results = attribute_run(False)
     population, tap = experiment.population, results.taps[ROUNDS]

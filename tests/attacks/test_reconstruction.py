@@ -64,6 +64,7 @@ def final_model_attacks():
     return out
 
 
+@pytest.mark.slow
 def test_eavesdropper_with_final_model_gets_closer_to_local_model(final_model_attacks):
     out = final_model_attacks[False]
     assert out["num_clients"] == len(TARGETS)
@@ -86,6 +87,7 @@ def test_eavesdropper_with_initial_model_only():
     assert replay["relative_l2"] > max(1.0, out["relative_l2"] + 0.1), (replay, out)
 
 
+@pytest.mark.slow
 def test_dp_sgd_leaves_the_noise_but_not_the_data(final_model_attacks):
     out, plain = final_model_attacks[True], final_model_attacks[False]
     # The local model holds the client's own DP noise, which the eavesdropper sees in the message: in L2 the

@@ -28,6 +28,7 @@ def config(*overrides):
     return with_overrides(ExperimentConfig(), ["server.clients_per_round=1", *overrides])
 
 
+@pytest.mark.slow
 def test_digits_from_parquet_or_arrow_files_give_exactly_the_builtin_population(tmp_path):
     train, test = load_digits()
     for kind, suffix in (("parquet", "parquet"), ("arrow", "arrow")):

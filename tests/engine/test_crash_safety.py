@@ -286,6 +286,7 @@ def test_an_exception_inside_a_round_cuts_the_history_back_to_the_checkpoint(exp
     assert_same_run(resume(experiment, tmp_path / "run"), reference)
 
 
+@pytest.mark.slow
 def test_divergence_stops_with_one_line_and_keeps_the_last_good_round(tmp_path, capsys):
     config = tmp_path / "diverges.json"  # round 1 trains; its server step (lr 1e30) wrecks the model
     config.write_text(json.dumps({**CONFIG, "server": {"clients_per_round": 4, "lr": 1e30},
@@ -307,6 +308,7 @@ def test_divergence_stops_with_one_line_and_keeps_the_last_good_round(tmp_path, 
     assert caught.value.round == 2 and history_rounds(out) == [1, 2] and checkpoint_steps(out) == [1]
 
 
+@pytest.mark.slow
 def test_a_loss_explosion_below_overflow_that_leaves_accuracy_at_chance_is_divergence():
     """client.lr=50: round 1's training loss is thousands of times the initial model's (2.5) and the model ends at
     chance, though no value overflows: the first evaluation (round 2) stops the run naming both; with
@@ -499,14 +501,25 @@ def test_kill_9_at_ten_moments_resumes_bit_identically(experiment, reference, fo
     assert len(seen) == 10 and lost == 0
 
 
+LAYOUT_CONFIG = {**CONFIG, "run": {"rounds": 2, "eval_every": 2, "checkpoint_every": 1}}
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    """The directory of a finished 2-round run with a checkpoint per round (each test changes a copy)."""
+    out = tmp_path_factory.mktemp("layout") / "run"
+    Experiment(from_dict(LAYOUT_CONFIG)).run(str(out), progress=False)
+    return out
+
+
 @pytest.mark.parametrize("name, make", [("checkpoints", "file"), ("history.jsonl", "dir"), (".lock", "dir"),
                                         ("run.json", "dir"), ("config.json", "dir")])
-def test_a_wrong_layout_is_refused_before_anything_is_changed(tmp_path, name, make):
+def test_a_wrong_layout_is_refused_before_anything_is_changed(tmp_path, finished_run, name, make):
     """A run directory with a file where its checkpoints belong, or a directory where one of its files belongs:
     resuming names the path and changes nothing (the history and checkpoints of the finished rounds stay)."""
-    config = from_dict({**CONFIG, "run": {"rounds": 2, "eval_every": 2, "checkpoint_every": 1}})
+    config = from_dict(LAYOUT_CONFIG)
     out = tmp_path / "run"
-    Experiment(config).run(str(out), progress=False)
+    shutil.copytree(finished_run, out)
     path = out / name
     if path.is_dir():
         shutil.rmtree(path)

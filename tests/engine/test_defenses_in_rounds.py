@@ -46,6 +46,7 @@ def test_pruned_weights_stay_zero_and_are_not_sent():
     assert record["bytes_per_client"] == 4 * kept
 
 
+@pytest.mark.slow
 def test_iterative_pruning_ramps_the_mask():
     config = from_dict({**BASE, "client": {"prune_sparsity": 0.8, "prune_begin_round": 0, "prune_end_round": 3},
                         "run": {"rounds": 4, "eval_every": 4}})

@@ -109,6 +109,7 @@ def test_cli_runs_and_writes_history(tmp_path, capsys):
     assert "client.prune_sparsity=2" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_no_resume_starts_over_in_the_same_directory(tmp_path):
     out = str(tmp_path / "run")
     Experiment(from_dict({**SHORT, "run": {"rounds": 3}})).run(out, progress=False)

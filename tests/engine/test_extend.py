@@ -54,6 +54,7 @@ def test_a_run_planned_over_its_rounds_is_not_extended(tmp_path, change, field):
         Experiment(_config(4, **change)).run(str(tmp_path), progress=False, extend=True)
 
 
+@pytest.mark.slow
 def test_extending_changes_only_the_number_of_rounds_and_only_upward(tmp_path):
     Experiment(_config(3)).run(str(tmp_path), progress=False)
     with pytest.raises(ValueError, match="differs from the run's in more than run.rounds"):

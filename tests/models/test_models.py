@@ -83,6 +83,7 @@ def test_every_token_model_fits_a_next_token_rule(name):
     assert float(jnp.mean(NEXT_TOKEN.metrics(model.apply(params, tokens), targets)["accuracy"])) == 1.0
 
 
+@pytest.mark.slow
 def test_the_token_classifier_reads_the_state_after_the_last_real_token_and_fits_a_rule():
     """The class is whether token 5 occurs in the text; texts have 1-6 tokens and padding after: the logits do not
     depend on the padding, and the classifier gets every text right."""

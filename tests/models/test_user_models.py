@@ -143,6 +143,7 @@ def test_mlp_widths_set_beside_another_model_are_named_and_not_recorded():
     assert mlp.config.model.hidden == (32,)
 
 
+@pytest.mark.slow
 def test_user_init_apply_pair_reproduces_the_builtin_logistic_regression():
     """A pure-JAX pair (its own parameter tree and matmul) started from the built-in's initial weights trains to
     the built-in's weights."""

@@ -47,6 +47,7 @@ def test_an_unreadable_run_json_is_replaced_not_fatal(tmp_path):
     assert len(sessions) == 1 and sessions[0]["last_round"] == 1
 
 
+@pytest.mark.slow
 def test_starting_over_forgets_the_old_sessions(tmp_path):
     out = str(tmp_path / "run")
     config = with_overrides(ExperimentConfig(), [*TINY, "run.rounds=1"])

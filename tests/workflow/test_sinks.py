@@ -49,6 +49,7 @@ def assert_matches_history(scalars, history, rounds):
         assert [value for _, value in scalars[key]] == pytest.approx([r[key] for r in history], rel=1e-6, abs=1e-7)
 
 
+@pytest.mark.slow
 def test_tensorboard_event_files_hold_each_rounds_metrics(tmp_path):
     run_dir = tmp_path / "run"
     results = Experiment(tiny(["jsonl", "tensorboard"])).run(str(run_dir), progress=False)
@@ -62,6 +63,7 @@ def test_tensorboard_event_files_hold_each_rounds_metrics(tmp_path):
     assert not {k for r in results.history for k, v in r.items() if isinstance(v, str)} & set(scalars)
 
 
+@pytest.mark.slow
 def test_a_resumed_run_shows_each_round_once_in_tensorboard(tmp_path):
     run_dir = str(tmp_path / "run")
     config = tiny(["tensorboard"], rounds=4, checkpoint_every=2)
@@ -110,6 +112,7 @@ def read_wandb_records(path: str) -> list:
     return records
 
 
+@pytest.mark.slow
 def test_wandb_offline_run_holds_each_rounds_metrics(tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")
@@ -288,6 +291,7 @@ def test_numeric_metrics_are_the_finite_numbers():
     assert numeric_metrics(record) == {"a": 1.0, "b": 0.5, "c": 0.25}
 
 
+@pytest.mark.slow
 def test_importing_the_package_imports_neither_logging_library():
     code = ("import sys, fedjaxpriv, fedjaxpriv.config, fedjaxpriv.sinks, fedjaxpriv.experiment; "
             "print(sorted(m for m in ('tensorboardX', 'wandb', 'tensorboard') if m in sys.modules))")
