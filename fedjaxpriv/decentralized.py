@@ -45,6 +45,7 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from fedjaxpriv import evaluation
+from fedjaxpriv.client import dp as dp_ops
 from fedjaxpriv.client.local import ApplyFn, LocalSpec
 from fedjaxpriv.config import TOPOLOGIES
 from fedjaxpriv.client.settings import ClientSettings
@@ -77,7 +78,13 @@ class Topology(NamedTuple):
         return int(self.neighbors.shape[0])
 
     def dense(self) -> np.ndarray:
-        """W as a float64 [C, C] matrix (for small C: tests, spectral gaps)."""
+        """W as a float64 [C, C] matrix (for small C: tests, spectral gaps, ``privacy.network``); the complete
+        graph's is the uniform average (``mix`` takes its mean without neighbour lists). A random matching has a new
+        W every round: refused."""
+        if self.name == "complete":
+            return np.full((self.num_nodes, self.num_nodes), 1.0 / self.num_nodes)
+        if self.name == "random_matching":
+            raise ValueError("random_matching draws a new mixing matrix every round; allowed: a fixed graph.")
         w = np.zeros((self.num_nodes, self.num_nodes))
         np.add.at(w, (np.repeat(np.arange(self.num_nodes), self.neighbors.shape[1]), self.neighbors.ravel()),
                   self.weights.ravel().astype(np.float64))
@@ -260,6 +267,27 @@ def mix(models: Params, topology: Topology, key: jax.Array | None = None) -> Par
         return total.astype(x.dtype)
 
     return jax.tree_util.tree_map(mix_leaf, models)
+
+
+def gossip_averaging(values: jax.Array, topology: Topology, steps: int, clip_norm: float, noise_multiplier: float,
+                     key: jax.Array) -> jax.Array:
+    """Gaussian gossip averaging (the averaging primitive of Muffliato, Cyffers et al. 2022): node i clips its
+    value ``values[i]`` ([C, d]) to L2 norm ``clip_norm``, adds N(0, (noise_multiplier clip_norm)^2 I) once, then
+    the nodes take ``steps`` gossip steps (``mix``). Returns every step's values ``y^0 .. y^steps`` [steps + 1, C,
+    d] float32: what node v receives in step t is ``y^t[j]`` for the j it hears; ``privacy.network`` gives each
+    node's pairwise network DP against each other node. A fixed graph only (random matchings are refused)."""
+    if topology.name == "random_matching":
+        raise ValueError("gossip_averaging needs a fixed graph (its privacy is computed from W); allowed: ring, torus, "
+                         "erdos_renyi, exponential, complete.")
+    values = jnp.asarray(values, jnp.float32)
+    clipped, _ = dp_ops.clip_per_example(values, clip_norm)
+    noisy = clipped + noise_multiplier * clip_norm * jax.random.normal(key, values.shape, jnp.float32)
+
+    def step(current: jax.Array, _: None) -> tuple[jax.Array, jax.Array]:
+        return mix(current, topology), current
+
+    final, sent = jax.lax.scan(step, noisy, None, length=int(steps))
+    return jnp.concatenate([sent, final[None]])
 
 
 def consensus_distance(models: Params) -> jax.Array:

@@ -11,11 +11,12 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Sequence
 
-LEVELS = ("example", "client", "local")
+LEVELS = ("example", "client", "local", "pairwise")
 LEVEL_MEANING = {
     "example": "example-level (one example of one client), against the server and anyone who sees the messages",
     "client": "client-level (all data of one client), against anyone who sees the global models",
     "local": "local (all data of one client), against the server and anyone who sees that client's messages",
+    "pairwise": "pairwise network DP (all data of one node), against one other node that sees only what is sent to it",
 }
 
 # The largest epsilon of each level in a run's records, and the key of its basis line.
