@@ -9,14 +9,18 @@ Variants, each an ``Experiment`` compiled before timing and then stepped in turn
 plain, ...) so that load on the machine hits them alike:
 
 * ``plain``: no DP;
-* ``dp-sgd``: clip 1, noise multiplier 1, as ``client.local.dp_sgd_gradient`` computes it (norms from per-example
-  gradients, the clipped sum from one weighted backward pass);
-* ``dp-sgd (weighted per-example)``: the same step with the clipped sum formed by weighting the [B, params]
-  per-example gradients (``SampleLevelDpSgd.noisy_gradient``), swapped in while that experiment compiles.
+* ``dp-sgd``: clip 1, noise multiplier 1, as ``client.local.dp_sgd_gradient`` computes it (norms by ghost norms,
+  ``client.ghost``, the clipped sum from one weighted backward pass);
+* ``dp-sgd (per-example norms)``: the norms from the [B, params] per-example gradients instead, the clipped sum
+  as above;
+* ``dp-sgd (weighted per-example)``: the clipped sum formed by weighting the per-example gradients
+  (``SampleLevelDpSgd.noisy_gradient``).
+The two older forms are swapped in while their experiments compile.
 
 Prints each variant's median round time, its ratio to the plain round (median and quartiles of the per-repeat
-ratios) and the ratio of the two DP-SGD forms per repeat; both DP-SGD forms start from the same state with the
-same keys, and the largest difference of their models after the timed rounds is printed too.
+ratios) and each older form's time over ``dp-sgd``'s per repeat; every DP-SGD form starts from the same state with
+the same keys, and the largest difference of their models from ``dp-sgd``'s after the timed rounds is printed
+too.
 """
 
 from __future__ import annotations
@@ -29,27 +33,38 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from fedjaxpriv.client import local  # noqa: E402
+from fedjaxpriv.client import dp as dp_ops, local  # noqa: E402
 from bench_defenses import workload_config, workload_parser  # noqa: E402
 from fedjaxpriv.config import with_overrides  # noqa: E402
 from fedjaxpriv.experiment import Experiment  # noqa: E402
 from fedjaxpriv.privacy.mechanisms import SampleLevelDpSgd  # noqa: E402
 
 
-def weighted_per_example(apply_fns, params, x, targets, loss, mask, settings, key, denominator):
-    """DP-SGD's step by weighting the per-example gradients, its loss from a forward pass of its own (the form
-    ``dp_sgd_gradient`` replaced)."""
-    grads = local._per_example_grads(apply_fns[0], params, x, targets, loss)
-    return local.batch_loss(apply_fns[0], params, x, targets, mask, loss), SampleLevelDpSgd.noisy_gradient(
+def weighted_per_example(apply_fn, params, x, targets, loss, mask, settings, key, denominator):
+    """DP-SGD's step by weighting the per-example gradients, its loss from a forward pass of its own."""
+    grads = local._per_example_grads(apply_fn, params, x, targets, loss)
+    return local.batch_loss(apply_fn, params, x, targets, mask, loss), SampleLevelDpSgd.noisy_gradient(
         grads, mask, settings.dp_clip_norm, settings.dp_noise_multiplier, key, denominator)
 
 
+def per_example_norms(apply_fn, params, x, targets, loss, mask, settings, key, denominator):
+    """DP-SGD's step with its clipping multipliers from the per-example gradients' norms."""
+    weights = dp_ops.clip_weights(local._per_example_grads(apply_fn, params, x, targets, loss), mask,
+                                  settings.dp_clip_norm)
+    losses, total = local._weighted_gradient_sum(apply_fn, params, x, targets, loss, weights)
+    real = mask.astype(losses.dtype)
+    mean_loss = jnp.sum(losses * real) / jnp.maximum(jnp.sum(real), 1.0)
+    return mean_loss, SampleLevelDpSgd.noised_mean(total, settings.dp_clip_norm, settings.dp_noise_multiplier, key,
+                                                   denominator)
+
+
 @contextlib.contextmanager
-def previous_form():
+def swapped_in(form):
     saved = local.dp_sgd_gradient
-    local.dp_sgd_gradient = weighted_per_example
+    local.dp_sgd_gradient = form
     try:
         yield
     finally:
@@ -66,7 +81,8 @@ def main() -> None:
     variants = {}
     for name, config, form in (("plain", base, contextlib.nullcontext()),
                                ("dp-sgd", private, contextlib.nullcontext()),
-                               ("dp-sgd (weighted per-example)", private, previous_form())):
+                               ("dp-sgd (per-example norms)", private, swapped_in(per_example_norms)),
+                               ("dp-sgd (weighted per-example)", private, swapped_in(weighted_per_example))):
         with form:
             experiment = Experiment(config, progress=False)
             state, _ = experiment.step(experiment.initial_state, 0)  # compiles with this form
@@ -90,13 +106,13 @@ def main() -> None:
         ratios = np.asarray(values) / plain
         q25, q50, q75 = np.percentile(ratios, [25, 50, 75])
         print(f"{name:<32} {1e3 * np.median(values):9.2f} {q50:9.2f} ({q25:.2f}-{q75:.2f})")
-    speedup = np.asarray(times["dp-sgd (weighted per-example)"]) / np.asarray(times["dp-sgd"])
-    q25, q50, q75 = np.percentile(speedup, [25, 50, 75])
-    gap = max(float(np.max(np.abs(np.asarray(a) - np.asarray(b)))) for a, b in zip(
-        jax.tree_util.tree_leaves(variants["dp-sgd"][1].params),
-        jax.tree_util.tree_leaves(variants["dp-sgd (weighted per-example)"][1].params)))
-    print(f"weighted per-example / dp-sgd: {q50:.2f}x ({q25:.2f}-{q75:.2f}); largest model difference after "
-          f"{args.repeats + 1} rounds: {gap:.2e}")
+    for older in ("dp-sgd (per-example norms)", "dp-sgd (weighted per-example)"):
+        speedup = np.asarray(times[older]) / np.asarray(times["dp-sgd"])
+        q25, q50, q75 = np.percentile(speedup, [25, 50, 75])
+        gap = max(float(np.max(np.abs(np.asarray(a) - np.asarray(b)))) for a, b in zip(
+            jax.tree_util.tree_leaves(variants["dp-sgd"][1].params), jax.tree_util.tree_leaves(variants[older][1].params)))
+        print(f"{older} / dp-sgd: {q50:.2f}x ({q25:.2f}-{q75:.2f}); largest model difference after "
+              f"{args.repeats + 1} rounds: {gap:.2e}")
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from fedjaxpriv.client import dp as dp_ops, mixup as mixup_lib, pruning
+from fedjaxpriv.client import dp as dp_ops, ghost, mixup as mixup_lib, pruning
 from fedjaxpriv.client.sampling import sample_batch
 from fedjaxpriv.client.settings import ClientSettings
 from fedjaxpriv.models.tasks import CLASSIFICATION, PerExampleLoss, Task
@@ -133,20 +133,19 @@ def _weighted_gradient_sum(apply_fn: ApplyFn, params: Params, x: jax.Array, targ
     return losses, total
 
 
-def dp_sgd_gradient(apply_fns: tuple[ApplyFn, ApplyFn], params: Params, x: jax.Array, targets: jax.Array,
-                    loss: PerExampleLoss, mask: jax.Array, settings: ClientSettings, key: jax.Array,
+def dp_sgd_gradient(apply_fn: ApplyFn, params: Params, x: jax.Array, targets: jax.Array, loss: PerExampleLoss,
+                    mask: jax.Array, settings: ClientSettings, key: jax.Array,
                     denominator: jax.Array) -> tuple[jax.Array, Params]:
     """One DP-SGD step: the batch's mean loss over real examples (as ``batch_loss``, each example through its own
     forward pass) and the gradient ``SampleLevelDpSgd.noisy_gradient`` of the batch: (sum over real examples of
     each gradient clipped to ``settings.dp_clip_norm`` + Gaussian noise) / ``denominator``. The per-example norms
-    come from per-example gradients (``apply_fns[0]``), the clipped sum and the losses from one forward and
-    backward pass weighted by the clipping multipliers (``_weighted_gradient_sum`` through ``apply_fns[1]``): the
-    same sum to float rounding, without weighting a [B, params] array or a forward pass for the loss alone
-    (``benchmarks/bench_dpsgd.py``)."""
-    per_example_apply, summed_apply = apply_fns
-    weights = dp_ops.clip_weights(_per_example_grads(per_example_apply, params, x, targets, loss), mask,
-                                  settings.dp_clip_norm)
-    losses, total = _weighted_gradient_sum(summed_apply, params, x, targets, loss, weights)
+    come from one backward pass without per-example weight gradients (``ghost.per_example_norms``), the clipped
+    sum and the losses from one forward and backward pass weighted by the clipping multipliers
+    (``_weighted_gradient_sum``): the same sum to float rounding as clipping [B, params] per-example gradients,
+    without forming them (``benchmarks/bench_dpsgd.py``)."""
+    norms = ghost.per_example_norms(apply_fn, params, x, targets, loss)
+    weights = mask.astype(jnp.float32) * dp_ops.clip_scale(norms, settings.dp_clip_norm)
+    losses, total = _weighted_gradient_sum(apply_fn, params, x, targets, loss, weights)
     real = mask.astype(losses.dtype)
     mean_loss = jnp.sum(losses * real) / jnp.maximum(jnp.sum(real), 1.0)
     return mean_loss, SampleLevelDpSgd.noised_mean(total, settings.dp_clip_norm, settings.dp_noise_multiplier, key,
@@ -196,8 +195,8 @@ def local_sgd(spec: LocalSpec, apply_fn: ApplyFn, start_params: Params, settings
     Returns:
       (the final parameters, each step's mean batch loss [max_steps], 0 past the client's steps).
     """
-    # The weighted DP-SGD pass runs without the outer-product lowering: vmapped over single examples it would
-    # build the [B, params] per-example products that pass exists to avoid.
+    # DP-SGD's passes run without the outer-product lowering: vmapped over single examples it would build the
+    # [B, params] per-example products they exist to avoid, and the ghost norms read plain products.
     summed_apply = rewrite_model(apply_fn, convs=spec.conv_as_matmul, dense=False)
     apply_fn = rewrite_model(apply_fn, convs=spec.conv_as_matmul, dense=spec.outer_product_grads)
     optimizer = optax.sgd(settings.lr, momentum=spec.momentum or None)
@@ -211,8 +210,8 @@ def local_sgd(spec: LocalSpec, apply_fn: ApplyFn, start_params: Params, settings
         x, targets, bmask = batch_at(t, sample_key, mix_key)
         active = t < settings.local_steps
         if spec.per_example:
-            loss, grads = dp_sgd_gradient((apply_fn, summed_apply), params, x, targets, loss_fn, bmask, settings,
-                                          noise_key, denominator)
+            loss, grads = dp_sgd_gradient(summed_apply, params, x, targets, loss_fn, bmask, settings, noise_key,
+                                          denominator)
         else:
             loss, grads = jax.value_and_grad(batch_loss, argnums=1)(apply_fn, params, x, targets, bmask, loss_fn)
         if correction is not None:

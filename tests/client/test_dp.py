@@ -167,8 +167,7 @@ def _soft_cross_entropy(logits, targets):
 
 
 def test_local_training_dp_sgd_gradient_is_the_weighted_per_example_form_and_keeps_its_sensitivity():
-    """``client.local.dp_sgd_gradient`` (norms from per-example gradients, the clipped sum in one weighted backward
-    pass) against ``noisy_gradient`` of the per-example gradients: the same noisy mean to float rounding, with
+    """``client.local.dp_sgd_gradient`` (ghost norms, the clipped sum in one weighted backward pass) against ``noisy_gradient`` of the per-example gradients: the same noisy mean to float rounding, with
     padding, soft (mixed-up) targets, noise and no clipping. Each example's loss comes from its own forward pass,
     so even a model that couples the examples of a batch (``_coupled_model``) moves the clipped sum by at most
     the clip norm when one example is removed."""
@@ -183,7 +182,7 @@ def test_local_training_dp_sgd_gradient_is_the_weighted_per_example_form_and_kee
     for clip, multiplier in ((0.5, 0.0), (0.5, 1.3), (jnp.inf, 0.0)):
         row = jax.tree_util.tree_map(lambda a: jnp.asarray(a[0]), make_settings(
             1, np.array([BATCH]), dp_clip_norm=float(clip), dp_noise_multiplier=multiplier))
-        loss, got = step((apply, apply), params, x, targets, _soft_cross_entropy, mask, row, jax.random.key(8), 5.0)
+        loss, got = step(apply, params, x, targets, _soft_cross_entropy, mask, row, jax.random.key(8), 5.0)
         per_example = local._per_example_grads(apply, params, x, targets, _soft_cross_entropy)
         want = noisy_clipped_mean(per_example, mask, clip, multiplier, jax.random.key(8), 5.0)
         np.testing.assert_allclose(_tree_flat(got), _tree_flat(want), rtol=1e-5, atol=1e-6)
@@ -191,9 +190,50 @@ def test_local_training_dp_sgd_gradient_is_the_weighted_per_example_form_and_kee
         own = [_soft_cross_entropy(apply(params, x[i:i + 1]), targets[i:i + 1])[0] for i in range(BATCH) if mask[i]]
         np.testing.assert_allclose(float(loss), float(np.mean(own)), rtol=1e-6)
     row = jax.tree_util.tree_map(lambda a: jnp.asarray(a[0]), make_settings(1, np.array([BATCH]), dp_clip_norm=0.5))
-    full = _tree_flat(step((apply, apply), params, x, targets, _soft_cross_entropy, mask, row, jax.random.key(0),
+    full = _tree_flat(step(apply, params, x, targets, _soft_cross_entropy, mask, row, jax.random.key(0),
                            1.0)[1])
     for k in np.flatnonzero(np.asarray(mask)):
-        removed = _tree_flat(step((apply, apply), params, x, targets, _soft_cross_entropy, mask.at[k].set(False), row,
+        removed = _tree_flat(step(apply, params, x, targets, _soft_cross_entropy, mask.at[k].set(False), row,
                                   jax.random.key(0), 1.0)[1])
         assert np.linalg.norm(full - removed) <= 0.5 * (1 + 1e-5)
+
+
+@pytest.mark.parametrize("name, convs, weights_by_ghost", [("mlp", False, 3), ("cnn", True, 4), ("lenet", False, 1),
+                                                           ("transformer", False, 5), ("lstm", False, 1)])
+def test_ghost_norms_equal_the_norms_of_the_per_example_gradients(name, convs, weights_by_ghost):
+    """``ghost.per_example_norms`` against the norms of the [B, params] per-example gradients: dense layers on
+    vectors, convolutions run as patches x kernel (the Gram form over output pixels), attention and feed-forward
+    products over a sequence, and weights a scan uses (the LSTM's, left to per-example gradients)."""
+    from fedjaxpriv.client import dp, ghost, local
+    from fedjaxpriv.models import get_model
+    from fedjaxpriv.models.tasks import CLASSIFICATION, NEXT_TOKEN
+    from fedjaxpriv.parallel import rewrite_model
+
+    if name in ("lstm", "transformer"):
+        model = get_model(name, (12,), 20, hidden=(16, 16))
+        x = jax.random.randint(jax.random.key(2), (BATCH, 12), 0, 20)
+        targets, loss = x, NEXT_TOKEN.training_loss
+    else:
+        model = get_model(name, (8, 8, 1), 10)
+        x = jax.random.uniform(jax.random.key(1), (BATCH, 8, 8, 1))
+        targets, loss = jax.nn.one_hot(jnp.arange(BATCH) % 10, 10), CLASSIFICATION.training_loss
+    params = model.init(jax.random.key(0))
+    apply = rewrite_model(model.apply, convs=convs, dense=False)
+    leaves, treedef = jax.tree_util.tree_flatten(params)
+    single = jax.make_jaxpr(lambda ls, xi: apply(jax.tree_util.tree_unflatten(treedef, ls), xi[None]))(leaves, x[0])
+    assert len(ghost.ghost_products(single.jaxpr, len(leaves))) == weights_by_ghost
+    want = dp.per_example_global_norms(local._per_example_grads(apply, params, x, targets, loss))
+    got = jax.jit(lambda p: ghost.per_example_norms(apply, p, x, targets, loss))(params)
+    np.testing.assert_allclose(got, want, rtol=2e-6)
+
+
+@pytest.mark.parametrize("positions, inputs, outputs", [(1, 7, 5), (3, 20, 30), (40, 6, 4)])
+def test_the_squared_norm_of_one_examples_weight_gradient_by_each_form(positions, inputs, outputs):
+    """``||X^T G||_F^2`` by ``||x||^2 ||g||^2`` (one position), the Gram form (3 positions of 20 x 30) and the
+    product itself (40 positions of 6 x 4), against NumPy."""
+    from fedjaxpriv.client import ghost
+
+    x = np.random.default_rng(0).normal(size=(positions, inputs))
+    g = np.random.default_rng(1).normal(size=(positions, outputs))
+    want = np.sum((x.T @ g) ** 2)
+    np.testing.assert_allclose(float(ghost._square_norm_of_product(jnp.asarray(x), jnp.asarray(g))), want, rtol=1e-5)
