@@ -110,7 +110,8 @@ def main() -> None:
         speedup = np.asarray(times[older]) / np.asarray(times["dp-sgd"])
         q25, q50, q75 = np.percentile(speedup, [25, 50, 75])
         gap = max(float(np.max(np.abs(np.asarray(a) - np.asarray(b)))) for a, b in zip(
-            jax.tree_util.tree_leaves(variants["dp-sgd"][1].params), jax.tree_util.tree_leaves(variants[older][1].params)))
+            jax.tree_util.tree_leaves(variants["dp-sgd"][1].params),
+            jax.tree_util.tree_leaves(variants[older][1].params)))
         print(f"{older} / dp-sgd: {q50:.2f}x ({q25:.2f}-{q75:.2f}); largest model difference after "
               f"{args.repeats + 1} rounds: {gap:.2e}")
 

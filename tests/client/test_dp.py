@@ -167,10 +167,11 @@ def _soft_cross_entropy(logits, targets):
 
 
 def test_local_training_dp_sgd_gradient_is_the_weighted_per_example_form_and_keeps_its_sensitivity():
-    """``client.local.dp_sgd_gradient`` (ghost norms, the clipped sum in one weighted backward pass) against ``noisy_gradient`` of the per-example gradients: the same noisy mean to float rounding, with
-    padding, soft (mixed-up) targets, noise and no clipping. Each example's loss comes from its own forward pass,
-    so even a model that couples the examples of a batch (``_coupled_model``) moves the clipped sum by at most
-    the clip norm when one example is removed."""
+    """``client.local.dp_sgd_gradient`` (ghost norms, the clipped sum in one weighted backward pass) against
+    ``noisy_gradient`` of the per-example gradients: the same noisy mean to float rounding, with padding, soft
+    (mixed-up) targets, noise and no clipping. Each example's loss comes from its own forward pass, so even a
+    model that couples the examples of a batch (``_coupled_model``) moves the clipped sum by at most the clip norm
+    when one example is removed."""
     from fedjaxpriv.client import local
     from fedjaxpriv.client.settings import make_settings
 
