@@ -199,8 +199,9 @@ def test_local_training_dp_sgd_gradient_is_the_weighted_per_example_form_and_kee
         assert np.linalg.norm(full - removed) <= 0.5 * (1 + 1e-5)
 
 
-@pytest.mark.parametrize("name, convs, weights_by_ghost", [("mlp", False, 3), ("cnn", True, 4), ("lenet", False, 1),
-                                                           ("transformer", False, 5), ("lstm", False, 1)])
+@pytest.mark.parametrize("name, convs, weights_by_ghost", [
+    ("mlp", False, 3), ("lenet", False, 1), pytest.param("cnn", True, 4, marks=pytest.mark.slow),
+    pytest.param("transformer", False, 5, marks=pytest.mark.slow), pytest.param("lstm", False, 1, marks=pytest.mark.slow)])
 def test_ghost_norms_equal_the_norms_of_the_per_example_gradients(name, convs, weights_by_ghost):
     """``ghost.per_example_norms`` against the norms of the [B, params] per-example gradients: dense layers on
     vectors, convolutions run as patches x kernel (the Gram form over output pixels), attention and feed-forward
