@@ -672,12 +672,17 @@ class TopologyConfig:
         (CHOCO gossip, Koloskova et al. 2019: a node sends the message chain applied to what its public model
         lacks of its model, so a compressor such as message.topk_fraction shrinks every message).
       consensus_step: CHOCO's gamma in (0, 1], the step towards the neighbours' public models (1 with exact gossip).
+      node_dropout: per node (scalar, tiers or one value per node), the probability that it is offline in a round:
+        it neither trains nor sends nor hears, keeps its model, and its neighbours give its mixing weight to their
+        own models (``decentralized.mix`` with ``online``); drawn per round from ``run.seed``. Exact gossip only,
+        without taps.
     """
 
     graph: str = knob("none", str, choices=("none", *TOPOLOGIES))
     edge_probability: float = knob(0.2, float, low=0.0, low_open=True, high=1.0)
     gossip: str = knob("exact", str, choices=("exact", "choco"))
     consensus_step: float = knob(1.0, float, low=0.0, low_open=True, high=1.0)
+    node_dropout: PerClient = knob(0.0, float, low=0.0, high=1.0, high_open=True, shape="per_client")
 
     @property
     def decentralized(self) -> bool:
@@ -742,6 +747,12 @@ class ExperimentConfig:
             _check(all(v == 0 for v in _values(self.message.local_noise_multiplier)), "message.local_noise_multiplier",
                    self.message.local_noise_multiplier, "0 with topology.gossip='choco' (local DP is accounted for "
                    "updates; CHOCO sends changes of public models, which no accountant here covers)")
+        dropout = any(v > 0 for v in _values(t.node_dropout))
+        _check(not dropout or t.gossip == "exact", "topology.node_dropout", t.node_dropout,
+               "0 with topology.gossip='choco' (node dropout runs with exact gossip)")
+        _check(not dropout or not (self.run.tap_clients and self.run.tap_rounds), "topology.node_dropout",
+               t.node_dropout, "0 with taps (run.tap_clients, run.tap_rounds): a curious neighbour's view of a node "
+               "whose neighbours go offline is not modelled yet")
         _check(not self.run.tap_clients or self.topology.graph != "random_matching", "run.tap_clients",
                list(self.run.tap_clients), "[] with topology.graph='random_matching' (a new neighbour every round: no "
                "fixed curious neighbour to tap)")
@@ -781,6 +792,10 @@ class ExperimentConfig:
                self.run.tap_clients, f"client ids < data.num_clients={self.data.num_clients}")
         if self.topology.decentralized:
             self._check_decentralized()
+        else:
+            _check(all(v == 0 for v in _values(self.topology.node_dropout)), "topology.node_dropout",
+                   self.topology.node_dropout, "0 without topology.graph (federated runs take device dropouts from "
+                   "devices.tiers' dropout_prob)")
         from fedjaxpriv.data.sources import DATASET_NAMES_TEXT, is_known_dataset
 
         if self.data.dataset.startswith("leaf:"):

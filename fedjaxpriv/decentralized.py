@@ -48,7 +48,7 @@ from fedjaxpriv import evaluation
 from fedjaxpriv.client import dp as dp_ops
 from fedjaxpriv.client.local import ApplyFn, LocalSpec
 from fedjaxpriv.config import TOPOLOGIES
-from fedjaxpriv.client.settings import ClientSettings
+from fedjaxpriv.client.settings import ClientSettings, per_client_array
 from fedjaxpriv.experiment import Experiment
 from fedjaxpriv.program import Tap
 from fedjaxpriv.runner import Record
@@ -245,10 +245,17 @@ def spectral_gap(topology: Topology) -> float:
     return float(1.0 - eigenvalues[1]) if eigenvalues.size > 1 else 1.0
 
 
-def mix(models: Params, topology: Topology, key: jax.Array | None = None) -> Params:
+def mix(models: Params, topology: Topology, key: jax.Array | None = None, online: jax.Array | None = None) -> Params:
     """One gossip step: node i's new model is ``sum_d weights[i, d] * models[neighbors[i, d]]`` (leaves [C, ...]),
     applied one neighbour slot at a time (memory of one [C, ...] gather, never [C, C] or [C, D, ...]). The complete
-    graph is the mean; random matchings draw this step's matching from ``key``."""
+    graph is the mean; random matchings draw this step's matching from ``key``.
+
+    ``online`` [C] bool: only online nodes take part; an offline node keeps its model, and an online node gives the
+    weight of each offline neighbour to its own model (``W'_ij = W_ij`` for online i and j, ``W'_ii = W_ii + sum``
+    of its offline neighbours' weights, ``W'`` = identity on offline rows): rows still sum to 1, and a symmetric W
+    stays symmetric, so the online nodes' average is kept. The complete graph: the online nodes' mean."""
+    if online is not None:
+        return _mix_online(models, topology, key, jnp.asarray(online, bool))
     if topology.name == "complete":
         return jax.tree_util.tree_map(
             lambda x: jnp.broadcast_to(jnp.mean(x.astype(jnp.float32), axis=0), x.shape).astype(x.dtype), models)
@@ -288,6 +295,36 @@ def gossip_averaging(values: jax.Array, topology: Topology, steps: int, clip_nor
 
     final, sent = jax.lax.scan(step, noisy, None, length=int(steps))
     return jnp.concatenate([sent, final[None]])
+
+
+def _mix_online(models: Params, topology: Topology, key: jax.Array | None, online: jax.Array) -> Params:
+    """``mix`` among the ``online`` nodes (see ``mix``)."""
+    if topology.name == "complete":
+        share = online.astype(jnp.float32) / jnp.maximum(jnp.sum(online), 1)
+
+        def mean_of_online(x: jax.Array) -> jax.Array:
+            mean = jnp.tensordot(share, x.astype(jnp.float32), axes=1)
+            mask = online.reshape((-1,) + (1,) * (x.ndim - 1))
+            return jnp.where(mask, mean[None], x.astype(jnp.float32)).astype(x.dtype)
+
+        return jax.tree_util.tree_map(mean_of_online, models)
+    if topology.name == "random_matching":
+        if key is None:
+            raise ValueError("mix with a random_matching topology needs the step's key.")
+        neighbors, weights = matching(key, topology.num_nodes)
+    else:
+        neighbors, weights = jnp.asarray(topology.neighbors), jnp.asarray(topology.weights)
+    weights = jnp.where(online[:, None] & online[neighbors], weights, 0.0)
+    own = 1.0 - jnp.sum(weights, axis=1)  # the weight of the offline neighbours, and all of it offline
+
+    def mix_leaf(x: jax.Array) -> jax.Array:
+        shape = (-1,) + (1,) * (x.ndim - 1)
+        total = own.reshape(shape) * x.astype(jnp.float32)
+        for d in range(neighbors.shape[1]):
+            total = total + weights[:, d].reshape(shape) * jnp.take(x, neighbors[:, d], axis=0).astype(jnp.float32)
+        return total.astype(x.dtype)
+
+    return jax.tree_util.tree_map(mix_leaf, models)
 
 
 def consensus_distance(models: Params) -> jax.Array:
@@ -491,8 +528,10 @@ def build_dsgd_round(apply_fn: ApplyFn, spec: LocalSpec, topology: Topology, *,
                      message_fn: MessageFn = identity_message, chunk_size: int, strategy: str = "vmap",
                      mesh: jax.sharding.Mesh | None = None, prune_schedule: tuple[int, int] | None = None,
                      heard: np.ndarray | None = None, tap_width: int = 0, shard_nodes: bool = False,
-                     choco_step: float | None = None) -> Callable[..., tuple[NodesState, NodesOutput]]:
-    """Builds ``round_fn(state, population, settings, mask, root_key[, tap_ids]) -> (state, NodesOutput)``: every
+                     choco_step: float | None = None, dropout: bool = False
+                     ) -> Callable[..., tuple[NodesState, NodesOutput]]:
+    """Builds ``round_fn(state, population, settings, mask, root_key[, tap_ids][, online]) -> (state, NodesOutput)``:
+    every
     node with ``mask`` [C] True trains from its own model as an FL client does (same keys and settings rows, with
     the round's pruning sparsity: node i in round t is client i of FL's round t) and sends ``x_i + m_i`` (m_i its
     update after the message chain); a node that does not train sends its model unchanged. Every node then takes
@@ -506,7 +545,11 @@ def build_dsgd_round(apply_fn: ApplyFn, spec: LocalSpec, topology: Topology, *,
     update after training, sends q_i, the message chain applied to x_i^+ - x_hat_i (a compressor such as top-k
     makes it small); every public model moves to x_hat_j + q_j, and x_i <- x_i^+ + gamma sum_j W_ij (x_hat_j -
     x_hat_i). Without compression and with gamma = 1 that is exact gossip of x^+. Every node sends, trained or not.
-    Jitted; ``state`` is donated."""
+    ``dropout``: the round takes ``online`` [C] bool last; only online nodes gossip (``mix(online=...)``; the caller
+    leaves offline nodes out of ``mask``). Exact gossip only. Jitted; ``state`` is donated."""
+    if dropout and choco_step is not None:
+        raise ValueError("topology.node_dropout > 0 runs with topology.gossip='exact' only; allowed: node_dropout 0 "
+                         "with CHOCO gossip.")
     if choco_step is not None and heard is not None:
         raise ValueError("CHOCO gossip keeps no heard models: a curious neighbour reads the tapped node's public "
                          "model (NodesState.public) and hears its compressed change (tap_width).")
@@ -540,7 +583,8 @@ def build_dsgd_round(apply_fn: ApplyFn, spec: LocalSpec, topology: Topology, *,
         return (), (sent, half, kept, jnp.where(active, out.loss, 0.0), jnp.where(active, out.steps, 0), bits)
 
     def round_fn(state: NodesState, population: Population, settings: ClientSettings, mask: jax.Array,
-                 root_key: jax.Array, tap_ids: jax.Array | None = None) -> tuple[NodesState, NodesOutput]:
+                 root_key: jax.Array, tap_ids: jax.Array | None = None,
+                 online: jax.Array | None = None) -> tuple[NodesState, NodesOutput]:
         round_key = jax.random.fold_in(root_key, state.round)
         base = client_keys_base(round_key)
         ids = jnp.arange(topology.num_nodes, dtype=jnp.int32)
@@ -551,7 +595,7 @@ def build_dsgd_round(apply_fn: ApplyFn, spec: LocalSpec, topology: Topology, *,
                                                                mesh=mesh)
         public = state.public
         if choco_step is None:
-            params = mix(sent, topology, jax.random.fold_in(round_key, 3))
+            params = mix(sent, topology, jax.random.fold_in(round_key, 3), online if dropout else None)
         else:
             public = jax.tree_util.tree_map(lambda h, q: h + q.astype(h.dtype), state.public, sent)
             mixed = mix(public, topology, jax.random.fold_in(round_key, 3))
@@ -620,6 +664,9 @@ class DecentralizedExperiment(Experiment):
         self.topology = topology_for(t.graph, self.population.num_clients, seed=config.run.seed,
                                      edge_probability=t.edge_probability)
         tapped = list(config.run.tap_clients) if config.run.tap_rounds else []
+        # Each node's probability of being offline in a round (topology.node_dropout), [C].
+        self.node_dropout = per_client_array("node_dropout", t.node_dropout, self.population.num_clients)
+        self.dropout = bool(np.any(self.node_dropout > 0))  # (the config refuses it with taps and CHOCO gossip)
         # What the tapped nodes' curious neighbours hear (run.tap_clients): kept in the state from round to round.
         self.observer_view = observer_view(self.topology, tapped) if tapped else None
         self.choco_step = t.consensus_step if t.gossip == "choco" else None
@@ -634,11 +681,20 @@ class DecentralizedExperiment(Experiment):
                 self.model.apply, self.spec, self.topology, message_fn=self.program.message_fn,
                 chunk_size=self.chunk_size, strategy="vmap" if self.strategy == "host" else self.strategy,
                 mesh=self.mesh, prune_schedule=self.program.prune_schedule, heard=heard, tap_width=tap_width,
-                shard_nodes=self.shard_nodes, choco_step=self.choco_step)
+                shard_nodes=self.shard_nodes, choco_step=self.choco_step, dropout=self.dropout)
 
         self.node_round_fn = build()
         self.node_tap_round_fn = build(len(tapped)) if tapped else None
         self.out_degrees = out_degrees(self.topology)
+
+    def nodes_online(self, round_index: int) -> np.ndarray:
+        """[C] bool: the nodes online in round ``round_index`` (0-based), each offline with its
+        ``topology.node_dropout``; the same draw on every call and after a resume (seeded by ``run.seed`` and the
+        round). All online without dropout."""
+        if not self.dropout:
+            return np.ones(self.population.num_clients, bool)
+        rng = np.random.default_rng([self.config.run.seed, round_index, 0x6E6F6465])
+        return rng.random(self.population.num_clients) >= self.node_dropout
 
     def place_state(self, state: NodesState) -> NodesState:
         """``state`` (one row per node) on the mesh as a round returns it: its models and states split over the
@@ -691,6 +747,8 @@ class DecentralizedExperiment(Experiment):
         skipped = 0
         if cohort is None:
             cohort, skipped = self.round_cohort(round_index)
+        online = self.nodes_online(round_index)
+        cohort = cohort._replace(mask=cohort.mask & online[cohort.ids])  # an offline node does not train
         active = np.zeros(self.population.num_clients, bool)
         active[cohort.ids[cohort.mask]] = True
         tapped = [int(v) for v in tapped]
@@ -705,6 +763,8 @@ class DecentralizedExperiment(Experiment):
             width = self.observer_view.victims.size
             ids = np.asarray(tapped + [tapped[-1]] * (width - len(tapped)), np.int32)
             state, out = self.node_tap_round_fn(state, *arguments, jnp.asarray(ids))
+        elif self.dropout:
+            state, out = self.node_round_fn(state, *arguments, None, jnp.asarray(online))
         else:
             state, out = self.node_round_fn(state, *arguments)
         out = jax.tree_util.tree_map(np.asarray, out)
@@ -727,6 +787,8 @@ class DecentralizedExperiment(Experiment):
             "bytes_per_client": float(np.mean(sent_bytes)),
             "bytes_total": float(np.sum(sent_bytes * self.out_degrees)),
             "consensus_distance": float(out.consensus), "round_time_s": elapsed}
+        if self.dropout:
+            record["nodes_online"] = int(online.sum())
         return state, self.finish_round(record, cohort, skipped), tap
 
     def membership_by_distance(self, models: Params, victims: Sequence[int] | None = None

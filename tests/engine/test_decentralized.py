@@ -62,6 +62,74 @@ def test_consensus_decays_at_the_rate_of_the_second_eigenvalue():
     assert float(dec.consensus_distance(noise)) <= noise_start * lam ** (2 * steps) * (1 + 1e-3)
 
 
+@pytest.mark.parametrize("topology", TOPOLOGIES + [dec.random_matching(9)],
+                         ids=[f"{t.name}{t.num_nodes}" for t in TOPOLOGIES + [dec.random_matching(9)]])
+def test_offline_nodes_keep_their_models_and_the_online_nodes_mix_by_the_reweighted_matrix(topology):
+    """``mix(online=...)`` equals ``W' X`` with W' built from W by hand: offline rows the identity, an online
+    node's weight on an offline neighbour moved to its own model. Its rows sum to 1; a symmetric W (all but the
+    directed exponential graph) keeps it doubly stochastic, so the online nodes' average is kept (the complete
+    graph: every online node gets the online nodes' mean)."""
+    c = topology.num_nodes
+    key = jax.random.key(4)
+    if topology.name == "random_matching":
+        neighbors, weights = (np.asarray(a) for a in dec.matching(key, c))
+        w = np.zeros((c, c))
+        np.add.at(w, (np.repeat(np.arange(c), neighbors.shape[1]), neighbors.ravel()), weights.ravel())
+    else:
+        w = topology.dense()
+    online = np.random.default_rng(c).random(c) >= 0.3
+    online[:2] = [True, False]
+    if topology.name == "complete":  # the online nodes' mean, as FedAvg over the clients that are there
+        reweighted = np.where(online[:, None] & online[None, :], 1.0 / online.sum(), 0.0)
+    else:
+        reweighted = np.where(online[:, None] & online[None, :], w, 0.0)
+    reweighted[np.arange(c), np.arange(c)] += 1.0 - reweighted.sum(axis=1)
+    symmetric = bool(np.allclose(w, w.T))
+    assert symmetric == (topology.name != "exponential" or c <= 2)
+    if symmetric:
+        np.testing.assert_allclose(reweighted.sum(axis=0), 1.0, atol=1e-6)
+    models = {"a": jax.random.normal(jax.random.key(0), (c, 3, 2)), "b": jax.random.normal(jax.random.key(1), (c,))}
+    mixed = dec.mix(models, topology, key, online=jnp.asarray(online))
+    for name in models:
+        x = np.asarray(models[name])
+        np.testing.assert_allclose(np.asarray(mixed[name]), np.tensordot(reweighted, x, axes=1), atol=1e-5)
+        np.testing.assert_array_equal(np.asarray(mixed[name])[~online], x[~online])
+        if symmetric:
+            np.testing.assert_allclose(np.asarray(mixed[name])[online].mean(0), x[online].mean(0), atol=1e-5)
+
+
+def test_offline_nodes_neither_train_nor_move_and_only_their_online_rounds_are_counted():
+    """A ring of 8 with node_dropout 0 and 0.5 in turn, every node sampled every round: the odd nodes are online in
+    a fraction of the rounds within 4 standard errors of 1/2, the even ones always; in each round an offline node's
+    model is exactly what it was, and the privacy tracker counts a node's online rounds only. The draws are the same
+    in a second experiment of the same config (a resumed run sees the same nodes offline)."""
+    from fedjaxpriv.config import from_dict
+
+    rounds = 12
+    config = from_dict(_run_config(topology={"graph": "ring", "node_dropout": [0.0, 0.5]},
+                                   run={"rounds": rounds, "checkpoint_every": 0}))
+    experiment = dec.DecentralizedExperiment(config, progress=False)
+    state = experiment.initial_state
+    seen = []
+    for r in range(rounds):
+        online = experiment.nodes_online(r)
+        before = jax.tree_util.tree_map(np.asarray, state.params)
+        state, record = experiment.step(state, r)
+        after = jax.tree_util.tree_map(np.asarray, state.params)
+        assert record["nodes_online"] == record["participants"] == int(online.sum())
+        for old, new in zip(jax.tree_util.tree_leaves(before), jax.tree_util.tree_leaves(after)):
+            np.testing.assert_array_equal(new[~online], old[~online])
+            assert np.all(np.any((new != old).reshape(8, -1), axis=1)[online])
+        seen.append(online)
+    seen = np.asarray(seen)
+    assert seen[:, 0::2].all()
+    rate = seen[:, 1::2].mean()
+    assert abs(rate - 0.5) < 4 * np.sqrt(0.25 / seen[:, 1::2].size), rate
+    np.testing.assert_array_equal(experiment.privacy.participations, seen.sum(axis=0))
+    again = dec.DecentralizedExperiment(config, progress=False)
+    np.testing.assert_array_equal(np.asarray([again.nodes_online(r) for r in range(rounds)]), seen)
+
+
 def test_random_matchings_pair_every_node_once_and_keep_the_average():
     for c in (8, 9):
         neighbors, weights = dec.matching(jax.random.key(c), c)

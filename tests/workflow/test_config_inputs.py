@@ -291,6 +291,12 @@ INVALID: list[Case] = [
     S("topology.consensus_step=0", bad("topology.consensus_step", "0", f"{FIN} in (0, 1]")),
     S(["topology.graph=ring", "topology.consensus_step=0.5"], "topology.consensus_step=0.5 is invalid; allowed: 1.0 "
       "with topology.gossip='exact'"),
+    S("topology.node_dropout=1", bad("topology.node_dropout", "1", f"{FIN} in [0, 1), or a list of them")),
+    S("topology.node_dropout=0.1", "topology.node_dropout=0.1 is invalid; allowed: 0 without topology.graph"),
+    S(["topology.graph=ring", "topology.gossip=choco", "topology.consensus_step=0.5", "topology.node_dropout=0.1"],
+      "topology.node_dropout=0.1 is invalid; allowed: 0 with topology.gossip='choco'"),
+    S(["topology.graph=ring", "topology.node_dropout=0.1", "run.tap_clients=[1]", "run.tap_rounds=[1]"],
+      "topology.node_dropout=0.1 is invalid; allowed: 0 with taps"),
     S(["topology.graph=ring", "server.lr=0.5"], "topology.graph='ring' is invalid; allowed: 'none' with server.lr=0.5:"
       " a decentralized run has no server"),
     S(["topology.graph=ring", "server.central_clip_norm=1", "server.central_noise_multiplier=1"], "allowed: 'none' "
