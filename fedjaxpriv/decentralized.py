@@ -616,15 +616,18 @@ def build_dsgd_round(apply_fn: ApplyFn, spec: LocalSpec, topology: Topology, *,
     return jax.jit(round_fn, donate_argnums=(0,))
 
 
-def out_degrees(topology: Topology) -> np.ndarray:
+def out_degrees(topology: Topology, online: np.ndarray | None = None) -> np.ndarray:
     """[C] the number of other nodes each node's model reaches in a round (the complete graph: C - 1; random
-    matchings: 1, except an odd node out)."""
+    matchings: 1, except an odd node out); with ``online`` [C] bool, among the online nodes (0 for an offline
+    node, which sends nothing)."""
     c = topology.num_nodes
+    online = np.ones(c, bool) if online is None else np.asarray(online, bool)
     if topology.name == "complete":
-        return np.full(c, c - 1)
-    if topology.name == "random_matching":
-        return np.ones(c, np.int64)  # C odd: the node left out this round sends nothing; counted as 1 (at most)
-    others = (topology.neighbors != np.arange(c)[:, None]) & (topology.weights > 0)
+        return np.where(online, int(online.sum()) - 1, 0)
+    if topology.name == "random_matching":  # at most 1 (C odd: the node left out this round sends nothing)
+        return online.astype(np.int64)
+    others = ((topology.neighbors != np.arange(c)[:, None]) & (topology.weights > 0)
+              & online[:, None] & online[topology.neighbors])
     return np.bincount(topology.neighbors[others], minlength=c)
 
 
@@ -785,7 +788,8 @@ class DecentralizedExperiment(Experiment):
             "round": round_index + 1, "participants": int(trained.sum()),
             "train_loss": float(np.sum(out.loss[trained])) / n, "local_steps_mean": float(np.sum(out.steps)) / n,
             "bytes_per_client": float(np.mean(sent_bytes)),
-            "bytes_total": float(np.sum(sent_bytes * self.out_degrees)),
+            "bytes_total": float(np.sum(sent_bytes * (out_degrees(self.topology, online) if self.dropout
+                                                      else self.out_degrees))),
             "consensus_distance": float(out.consensus), "round_time_s": elapsed}
         if self.dropout:
             record["nodes_online"] = int(online.sum())

@@ -101,7 +101,8 @@ def test_offline_nodes_keep_their_models_and_the_online_nodes_mix_by_the_reweigh
 def test_offline_nodes_neither_train_nor_move_and_only_their_online_rounds_are_counted():
     """A ring of 8 with node_dropout 0 and 0.5 in turn, every node sampled every round: the odd nodes are online in
     a fraction of the rounds within 4 standard errors of 1/2, the even ones always; in each round an offline node's
-    model is exactly what it was, and the privacy tracker counts a node's online rounds only. The draws are the same
+    model is exactly what it was, only messages between online neighbours count in ``bytes_total``, and the
+    privacy tracker counts a node's online rounds only. The draws are the same
     in a second experiment of the same config (a resumed run sees the same nodes offline)."""
     from fedjaxpriv.config import from_dict
 
@@ -117,6 +118,8 @@ def test_offline_nodes_neither_train_nor_move_and_only_their_online_rounds_are_c
         state, record = experiment.step(state, r)
         after = jax.tree_util.tree_map(np.asarray, state.params)
         assert record["nodes_online"] == record["participants"] == int(online.sum())
+        links = (experiment.topology.dense() > 0) & ~np.eye(8, dtype=bool) & online[:, None] & online[None, :]
+        assert record["bytes_total"] == pytest.approx(record["bytes_per_client"] * links.sum())  # online pairs only
         for old, new in zip(jax.tree_util.tree_leaves(before), jax.tree_util.tree_leaves(after)):
             np.testing.assert_array_equal(new[~online], old[~online])
             assert np.all(np.any((new != old).reshape(8, -1), axis=1)[online])
