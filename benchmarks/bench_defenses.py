@@ -6,9 +6,11 @@ One command::
     python benchmarks/bench_defenses.py --model cnn --rounds 4
 
 Workload: digits split over ``--clients`` clients (iid), every client in every round, ``--steps`` local steps of
-batch ``--batch``; the same seed and config apart from the defense. A row's time is the median over ``--rounds``
-rounds of ``Experiment.step`` (local training, message transforms, aggregation and the privacy accounting of the
-round) after one warm-up round that compiles. DP rows use fixed noise multipliers (no calibration).
+batch ``--batch``; the same seed and config apart from the defense. Every variant is compiled by a warm-up round,
+then the variants take ``--rounds`` rounds of ``Experiment.step`` (local training, message transforms,
+aggregation and the privacy accounting of the round) in turn, one round each per repeat, so that load on the
+machine hits them alike; a row gives its median round time and the median (quartiles) of its per-repeat ratios to
+the plain round. DP rows use fixed noise multipliers (no calibration).
 
 Rows marked "(argsort)" run the same defense with the stable-argsort selection that ``pruning.keep_above_rank``
 (sort-free bisection, same masks) replaced, swapped in for that row only. A last line times the selection alone,
@@ -51,17 +53,12 @@ DEFENSES: dict[str, list[str]] = {
 WITH_ARGSORT = ("pruning 0.5", "top-k 1%")  # also run with the previous selection
 
 
-def round_seconds(config: ExperimentConfig, rounds: int) -> float:
-    """Median seconds of one round after a warm-up round."""
-    experiment = Experiment(config)
+def compiled(config: ExperimentConfig) -> list:
+    """[experiment, state after one warm-up round that compiles]."""
+    experiment = Experiment(config, progress=False)
     state, _ = experiment.step(experiment.initial_state, 0)
-    times = []
-    for r in range(1, rounds + 1):
-        start = time.perf_counter()
-        state, _ = experiment.step(state, r)
-        jax.block_until_ready(state.params)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    jax.block_until_ready(state.params)
+    return [experiment, state]
 
 
 def argsort_keep_above_rank(scores: jax.Array, num_removed: jax.Array) -> jax.Array:
@@ -114,27 +111,33 @@ def workload_config(args: argparse.Namespace, *overrides: str) -> ExperimentConf
 
 def main() -> None:
     parser = workload_parser(__doc__)
-    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--only", default="", help="comma-separated defense names (default: all)")
     args = parser.parse_args()
     base = workload_config(args)
-    names = [n for n in DEFENSES if not args.only or n in args.only.split(",")]
-    print(f"{jax.devices()[0].platform} x{jax.device_count()}, model {args.model}, {args.clients} clients x "
-          f"{args.steps} steps of batch {args.batch}; median of {args.rounds} rounds")
-    print(f"{'defense':<28} {'round s':>9} {'x plain':>8}")
-    plain = None
+    names = ["plain"] + [n for n in DEFENSES if n != "plain" and (not args.only or n in args.only.split(","))]
+    variants = {}
     for name in names:
-        variants = [(name, contextlib.nullcontext())]
-        if name in WITH_ARGSORT:
-            variants.append((f"{name} (argsort)", argsort_selection()))
-        for label, selection in variants:
-            with selection:
-                seconds = round_seconds(with_overrides(base, DEFENSES[name]), args.rounds)
-            plain = seconds if name == "plain" else plain
-            ratio = f"{seconds / plain:8.2f}" if plain else f"{'':>8}"
-            print(f"{label:<28} {seconds:9.4f} {ratio}", flush=True)
+        for label, selection in [(name, contextlib.nullcontext())] + (
+                [(f"{name} (argsort)", argsort_selection())] if name in WITH_ARGSORT else []):
+            with selection:  # the selection is traced into the program while it compiles
+                variants[label] = compiled(with_overrides(base, DEFENSES[name]))
+    times = {label: [] for label in variants}
+    for r in range(1, args.rounds + 1):  # interleaved: every variant once per repeat, in turn
+        for label, entry in variants.items():
+            start = time.perf_counter()
+            entry[1], _ = entry[0].step(entry[1], r)
+            jax.block_until_ready(entry[1].params)
+            times[label].append(time.perf_counter() - start)
+    plain = np.asarray(times["plain"])
+    print(f"{jax.devices()[0].platform} x{jax.device_count()}, model {args.model}, {args.clients} clients x "
+          f"{args.steps} steps of batch {args.batch}; {args.rounds} interleaved repeats")
+    print(f"{'defense':<28} {'round ms':>9} {'x plain (q25-q75)':>22}")
+    for label, values in times.items():
+        q25, q50, q75 = np.percentile(np.asarray(values) / plain, [25, 50, 75])
+        print(f"{label:<28} {1e3 * statistics.median(values):9.2f} {q50:9.2f} ({q25:.2f}-{q75:.2f})", flush=True)
 
-    experiment = Experiment(base)
+    experiment = variants["plain"][0]
     size = max(leaf.size for leaf in jax.tree_util.tree_leaves(experiment.initial_state.params))
     scores = jnp.abs(jax.random.normal(jax.random.key(0), (args.clients, size)))
     removed = jnp.full((args.clients,), size - max(1, size // 100), jnp.int32)  # top-1% of the largest leaf
