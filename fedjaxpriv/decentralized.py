@@ -53,7 +53,7 @@ from fedjaxpriv.experiment import Experiment
 from fedjaxpriv.program import Tap
 from fedjaxpriv.runner import Record
 from fedjaxpriv.models.tasks import CLASSIFICATION
-from fedjaxpriv.parallel import CLIENT_AXIS, map_clients, replicate, shard_rows
+from fedjaxpriv.parallel import CLIENT_AXIS, map_clients, pad_clients, replicate, shard_rows
 from fedjaxpriv.server.algorithms import FEDAVG, trains_as_fedavg
 from fedjaxpriv.server import Cohort
 from fedjaxpriv.simulation import (ClientStates, MessageFn, Population, ServerState, client_keys_base,
@@ -253,9 +253,15 @@ def mix(models: Params, topology: Topology, key: jax.Array | None = None, online
     ``online`` [C] bool: only online nodes take part; an offline node keeps its model, and an online node gives the
     weight of each offline neighbour to its own model (``W'_ij = W_ij`` for online i and j, ``W'_ii = W_ii + sum``
     of its offline neighbours' weights, ``W'`` = identity on offline rows): rows still sum to 1, and a symmetric W
-    stays symmetric, so the online nodes' average is kept. The complete graph: the online nodes' mean."""
-    if online is not None:
-        return _mix_online(models, topology, key, jnp.asarray(online, bool))
+    stays symmetric, so the online nodes' average is kept. The complete graph: the online nodes' mean.
+
+    ``models`` may hold more rows than nodes (rows padded to a multiple of the devices): the extra rows are offline
+    nodes that keep their values and that no node reads."""
+    num_nodes = topology.num_nodes
+    rows = jax.tree_util.tree_leaves(models)[0].shape[0]
+    if online is not None or rows > num_nodes:
+        online = jnp.ones(num_nodes, bool) if online is None else jnp.asarray(online, bool)
+        return _mix_online(models, topology, key, jnp.pad(online, (0, rows - num_nodes)))
     if topology.name == "complete":
         return jax.tree_util.tree_map(
             lambda x: jnp.broadcast_to(jnp.mean(x.astype(jnp.float32), axis=0), x.shape).astype(x.dtype), models)
@@ -298,7 +304,7 @@ def gossip_averaging(values: jax.Array, topology: Topology, steps: int, clip_nor
 
 
 def _mix_online(models: Params, topology: Topology, key: jax.Array | None, online: jax.Array) -> Params:
-    """``mix`` among the ``online`` nodes (see ``mix``)."""
+    """``mix`` among the ``online`` nodes ([rows] bool, rows >= C: see ``mix``)."""
     if topology.name == "complete":
         share = online.astype(jnp.float32) / jnp.maximum(jnp.sum(online), 1)
 
@@ -314,6 +320,11 @@ def _mix_online(models: Params, topology: Topology, key: jax.Array | None, onlin
         neighbors, weights = matching(key, topology.num_nodes)
     else:
         neighbors, weights = jnp.asarray(topology.neighbors), jnp.asarray(topology.weights)
+    extra = online.shape[0] - topology.num_nodes
+    if extra:  # padding rows: offline nodes whose only neighbour is themselves
+        padding = jnp.arange(topology.num_nodes, online.shape[0], dtype=neighbors.dtype)
+        neighbors = jnp.concatenate([neighbors, jnp.broadcast_to(padding[:, None], (extra, neighbors.shape[1]))])
+        weights = jnp.concatenate([weights, jnp.zeros((extra, weights.shape[1]), weights.dtype)])
     weights = jnp.where(online[:, None] & online[neighbors], weights, 0.0)
     own = 1.0 - jnp.sum(weights, axis=1)  # the weight of the offline neighbours, and all of it offline
 
@@ -538,8 +549,10 @@ def build_dsgd_round(apply_fn: ApplyFn, spec: LocalSpec, topology: Topology, *,
     the gossip step over ``topology``. ``heard`` [N]: the new state keeps what these nodes sent
     (``NodesState.heard``); ``tap_width=T > 0``: the output holds what the nodes ``tap_ids`` [T] sent (under
     CHOCO gossip: their compressed public-model changes q).
-    ``shard_nodes`` (with a mesh whose clients axis divides C): every node's model and state come in and go out
-    split over that axis (``parallel.shard_rows``), C / devices rows per device between rounds.
+    The state's rows may be padded past C (to a multiple of the devices, ``DecentralizedExperiment.place_state``):
+    padding rows neither train nor mix, and the outputs cover the C nodes only. ``shard_nodes`` (with a mesh whose
+    clients axis divides the state's rows): every node's model and state come in and go out split over that axis
+    (``parallel.shard_rows``), rows / devices per device between rounds.
 
     ``choco_step=gamma`` runs CHOCO gossip (Koloskova, Stich & Jaggi 2019) instead: node i, at x_i^+ = x_i + its
     update after training, sends q_i, the message chain applied to x_i^+ - x_hat_i (a compressor such as top-k
@@ -553,9 +566,9 @@ def build_dsgd_round(apply_fn: ApplyFn, spec: LocalSpec, topology: Topology, *,
     if choco_step is not None and heard is not None:
         raise ValueError("CHOCO gossip keeps no heard models: a curious neighbour reads the tapped node's public "
                          "model (NodesState.public) and hears its compressed change (tap_width).")
-    if shard_nodes and (mesh is None or topology.num_nodes % mesh.shape[CLIENT_AXIS]):
-        raise ValueError(f"shard_nodes needs a mesh whose '{CLIENT_AXIS}' axis divides the {topology.num_nodes} "
-                         f"nodes (got mesh={mesh}).")
+    if shard_nodes and mesh is None:
+        raise ValueError("shard_nodes needs a mesh to split the nodes over.")
+    num_nodes = topology.num_nodes
 
     def one_node(state: NodesState, population: Population, base_key: jax.Array, row: dict[str, Any]):
         node = ServerState(params=row["params"], opt_state=(), round=state.round, clip_norm=jnp.float32(math.inf),
@@ -587,7 +600,9 @@ def build_dsgd_round(apply_fn: ApplyFn, spec: LocalSpec, topology: Topology, *,
                  online: jax.Array | None = None) -> tuple[NodesState, NodesOutput]:
         round_key = jax.random.fold_in(root_key, state.round)
         base = client_keys_base(round_key)
-        ids = jnp.arange(topology.num_nodes, dtype=jnp.int32)
+        total = jax.tree_util.tree_leaves(state.params)[0].shape[0]  # C, or C padded to the devices
+        ids = jnp.minimum(jnp.arange(total, dtype=jnp.int32), num_nodes - 1)  # padding rows read node C-1, masked
+        mask = jnp.pad(mask, (0, total - num_nodes))
         rows = {**cohort_rows(state, population, settings, ids, mask, prune_schedule), "params": state.params,
                 "public": state.public}
         _, (sent, half, kept, loss, steps, bits) = map_clients(lambda row: one_node(state, population, base, row),
@@ -610,8 +625,9 @@ def build_dsgd_round(apply_fn: ApplyFn, spec: LocalSpec, topology: Topology, *,
             params, kept, public = jax.lax.with_sharding_constraint((params, kept, public),
                                                                     NamedSharding(mesh, P(CLIENT_AXIS)))
             new_heard, tapped = jax.lax.with_sharding_constraint((new_heard, tapped), NamedSharding(mesh, P()))
+        nodes = jax.tree_util.tree_map(lambda leaf: leaf[:num_nodes], params)
         return (NodesState(params, state.round + 1, kept, new_heard, public),
-                NodesOutput(loss, steps, consensus_distance(params), tapped, bits))
+                NodesOutput(loss[:num_nodes], steps[:num_nodes], consensus_distance(nodes), tapped, bits[:num_nodes]))
 
     return jax.jit(round_fn, donate_argnums=(0,))
 
@@ -644,10 +660,10 @@ class DecentralizedExperiment(Experiment):
     ``consensus_distance``; at evaluations ``test_loss`` / ``test_accuracy`` of the nodes' average model and the
     distribution of each node's own accuracy (``node_test_accuracy_*``; ``node_metrics``).
 
-    Where the mesh's devices divide the nodes (``shard_nodes``), every node's model and state stay split over them
-    between rounds; otherwise they are replicated. ``topology.gossip='choco'`` runs CHOCO gossip
-    (``build_dsgd_round(choco_step=topology.consensus_step)``): ``bytes_per_client`` is then what the message
-    chain makes of each node's public-model change."""
+    With several devices (``shard_nodes``) every node's model and state stay split over them between rounds, their
+    rows padded to a multiple of the devices (``node_rows``; ``saved_state`` drops the padding).
+    ``topology.gossip='choco'`` runs CHOCO gossip (``build_dsgd_round(choco_step=topology.consensus_step)``):
+    ``bytes_per_client`` is then what the message chain makes of each node's public-model change."""
 
     runs_topology = True
 
@@ -675,9 +691,10 @@ class DecentralizedExperiment(Experiment):
         self.choco_step = t.consensus_step if t.gossip == "choco" else None
         # CHOCO: the observer reads the public models every node keeps of its neighbours, nothing more is kept.
         heard = None if self.observer_view is None or self.choco_step is not None else self.observer_view.heard
-        # Every node's model and state split over the devices where they divide the nodes (replicated otherwise).
-        self.shard_nodes = bool(self.mesh is not None and self.mesh.shape[CLIENT_AXIS] > 1
-                                and self.population.num_clients % self.mesh.shape[CLIENT_AXIS] == 0)
+        # Every node's model and state split over the devices, their rows padded to a multiple of the devices.
+        self.shard_nodes = bool(self.mesh is not None and self.mesh.shape[CLIENT_AXIS] > 1)
+        devices = self.mesh.shape[CLIENT_AXIS] if self.shard_nodes else 1
+        self.node_rows = -(-self.population.num_clients // devices) * devices
 
         def build(tap_width: int = 0) -> Callable[..., tuple[NodesState, NodesOutput]]:
             return build_dsgd_round(
@@ -700,13 +717,27 @@ class DecentralizedExperiment(Experiment):
         return rng.random(self.population.num_clients) >= self.node_dropout
 
     def place_state(self, state: NodesState) -> NodesState:
-        """``state`` (one row per node) on the mesh as a round returns it: its models and states split over the
-        devices with ``shard_nodes``."""
+        """``state`` (one row per node) on the mesh as a round returns it: with ``shard_nodes`` its models and
+        states padded to ``node_rows`` rows and split over the devices."""
         if not self.shard_nodes:
             return replicate(state, self.mesh)
-        return NodesState(shard_rows(state.params, self.mesh), replicate(state.round, self.mesh),
-                          shard_rows(state.client_state, self.mesh), replicate(state.heard, self.mesh),
-                          shard_rows(state.public, self.mesh))
+
+        def split(rows: Any) -> Any:
+            return shard_rows(pad_clients(rows, self.node_rows), self.mesh)
+
+        return NodesState(split(state.params), replicate(state.round, self.mesh), split(state.client_state),
+                          replicate(state.heard, self.mesh), split(state.public))
+
+    def saved_state(self, state: NodesState) -> NodesState:
+        """``state`` with one row per node (``place_state``'s padding dropped): what a checkpoint holds and a run's
+        results give."""
+        c = self.population.num_clients
+
+        def first(rows: Any) -> Any:
+            return jax.tree_util.tree_map(lambda leaf: leaf[:c], rows)
+
+        return state._replace(params=first(state.params), client_state=first(state.client_state),
+                              public=first(state.public))
 
     def fresh_state(self, params: Any) -> NodesState:
         """Round 0 with every node at ``params`` and every node's message state at its initial value."""
@@ -806,6 +837,7 @@ class DecentralizedExperiment(Experiment):
         """The nodes' average model on the test set (``test_loss``, ``test_accuracy``), each node's own accuracy
         (``node_test_accuracy_*``) and the consensus distance (``node_metrics``)."""
         del state
+        params = jax.tree_util.tree_map(lambda leaf: leaf[:self.population.num_clients], params)  # no padding rows
         metrics = node_metrics(self.model.apply, params, self.test.x, self.test.y)
         return {"test_loss": metrics.pop("average_test_loss"), "test_accuracy": metrics.pop("average_test_accuracy"),
                 **metrics}

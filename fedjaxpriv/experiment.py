@@ -707,6 +707,11 @@ class Experiment:
         the round returns it (``RoundProgram.place_state``: client rows padded and split where the data are)."""
         return self.program.place_state(state)
 
+    def saved_state(self, state: ServerState) -> ServerState:
+        """``state`` with one row per client, ``place_state`` undone (``program.client_rows``): what a checkpoint
+        holds, so that a run resumes on any number of devices."""
+        return client_rows(state, self.population.num_clients)
+
     # -- one round -------------------------------------------------------------------------------------------
     def cohort(self, round_index: int) -> Cohort:
         """The clients sampled for round ``round_index`` (seeded; before privacy budgets)."""

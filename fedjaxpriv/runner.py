@@ -22,7 +22,7 @@ from fedjaxpriv.guards import (LOSS_LIMIT, DivergenceError, Signals, divergence,
                                interrupt_behind, pause_point)
 from fedjaxpriv.parallel import replicate
 from fedjaxpriv.privacy.basis import largest_epsilon
-from fedjaxpriv.program import Tap, client_rows
+from fedjaxpriv.program import Tap
 from fedjaxpriv.simulation import ServerState
 
 if TYPE_CHECKING:
@@ -131,7 +131,7 @@ def run_experiment(experiment: Experiment, out_dir: str | None = None, *, resume
             store = RunStore(out_dir, experiment.config, fresh=not resume, extend=extend) if out_dir else None
             state, history = experiment.fresh_state(experiment.initial_params), []  # one row per client
             experiment.privacy = experiment.new_privacy_tracker()
-            if store is not None and resume:  # a checkpoint holds what client_rows keeps: read as a copy per device
+            if store is not None and resume:  # a checkpoint holds what saved_state keeps: read as a copy per device
                 restored = store.restore(replicate(state, experiment.mesh))
                 if restored is not None:
                     state, history, privacy_state = restored
@@ -156,7 +156,7 @@ def run_experiment(experiment: Experiment, out_dir: str | None = None, *, resume
     problem = dp_at_chance(experiment, history)
     if problem:
         warnings.warn(problem, stacklevel=2)
-    return Results(experiment.config, history, state.params, out_dir, taps,
+    return Results(experiment.config, history, experiment.saved_state(state).params, out_dir, taps,
                    clients if store is not None else experiment.privacy.per_client())
 
 
@@ -217,7 +217,7 @@ def run_rounds(experiment: Experiment, state: ServerState, history: list[Record]
                 every = experiment.config.run.checkpoint_every
                 if store is not None and ((every and (r + 1) % every == 0) or r + 1 == total):
                     pause_point(signals, "checkpoint", r + 1)
-                    store.save(client_rows(state, experiment.population.num_clients), experiment.privacy.state())
+                    store.save(experiment.saved_state(state), experiment.privacy.state())
                     saved = r + 1
             experiment.latest_params = state.params  # what callbacks read of the round's global model
             for callback in callbacks:
@@ -234,7 +234,7 @@ def run_rounds(experiment: Experiment, state: ServerState, history: list[Record]
         with signals.deferred():
             if store is not None and committed > saved:
                 if live:
-                    store.save(client_rows(state, experiment.population.num_clients), experiment.privacy.state())
+                    store.save(experiment.saved_state(state), experiment.privacy.state())
                 else:
                     store.truncate(saved)
         raise

@@ -2,6 +2,7 @@
 graph against FedAvg, vectorized nodes against a per-node loop, and 8 devices against 1."""
 
 import math
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -572,32 +573,33 @@ def test_a_curious_neighbour_inverts_round_one_exactly_and_loses_the_start_on_a_
 def test_node_models_stay_split_over_eight_devices_and_the_run_equals_one_device():
     """16 nodes on the 8-device test mesh: every node's model and error-feedback residual live as 2 rows per
     device before and after each round, and 3 rounds give the models, losses and consensus of the same run on one
-    device. 12 nodes do not divide over 8 devices: replicated, and still equal."""
+    device. 12 nodes do not divide over 8 devices: padded to 16 rows, 2 per device, and still equal."""
     from fedjaxpriv.config import from_dict
     from fedjaxpriv.experiment import build_experiment
 
     if jax.device_count() < 8:
         pytest.skip("needs the 8-device test mesh")
-    for nodes, split in ((16, True), (12, False)):
+    for nodes in (16, 12):
         config = _run_config(topology={"graph": "exponential"}, data={"num_clients": nodes},
                              server={"clients_per_round": nodes // 2},
                              message={"topk_fraction": 0.5, "error_feedback": True},
                              run={"rounds": 3, "checkpoint_every": 0})
         many = build_experiment(from_dict(config), progress=False)
         one = build_experiment(from_dict({**config, "run": {**config["run"], "num_devices": 1}}), progress=False)
-        assert many.shard_nodes == split and not one.shard_nodes
+        assert many.shard_nodes and not one.shard_nodes and many.node_rows == 16
         state = many.initial_state
         for r in range(3):
             state, record, _ = many.observed_step(state, r)
             for leaf in jax.tree_util.tree_leaves((state.params, state.client_state)):
                 rows = {shard.data.shape[0] for shard in leaf.addressable_shards}
-                assert rows == ({nodes // 8} if split else {nodes}), (nodes, r, rows)
+                assert rows == {2}, (nodes, r, rows)
         reference = one.initial_state
         for r in range(3):
             reference, expected, _ = one.observed_step(reference, r)
         assert record["train_loss"] == pytest.approx(expected["train_loss"], rel=1e-5)
         assert record["consensus_distance"] == pytest.approx(expected["consensus_distance"], rel=1e-4)
-        for a, b in zip(jax.tree_util.tree_leaves(state.params), jax.tree_util.tree_leaves(reference.params)):
+        for a, b in zip(jax.tree_util.tree_leaves(many.saved_state(state).params),
+                        jax.tree_util.tree_leaves(reference.params)):
             np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=2e-5)
 
 
@@ -706,3 +708,40 @@ def test_a_curious_neighbour_of_choco_gossip_hears_the_public_model_change_and_s
     _, _, exact_tap = exact.observed_step(exact.initial_state, 0, tapped=[1, 5])
     for a, b in zip(_leaves(choco_tap.messages), _leaves(exact_tap.messages)):
         np.testing.assert_allclose(a, b, atol=1e-6)
+
+
+def test_a_decentralized_checkpoint_holds_one_row_per_node_and_resumes_on_another_device_count(tmp_path):
+    """12 nodes split over the 8 test devices (padded to 16 rows, 2 per device), stopped after round 2, resume on 3
+    devices (12 rows, 4 per device) and end where the run never stopped ends; the results hold 12 node models, not
+    the padding rows."""
+    if jax.device_count() < 8:
+        pytest.skip("needs the 8-device test mesh")
+    from fedjaxpriv import parallel
+    from fedjaxpriv.config import from_dict
+    from fedjaxpriv.guards import RunInterrupted
+
+    config = from_dict(_run_config(topology={"graph": "ring"}, data={"num_clients": 12},
+                                   server={"clients_per_round": 6},
+                                   message={"topk_fraction": 0.5, "error_feedback": True},
+                                   run={"rounds": 4, "eval_every": 4, "checkpoint_every": 1}))
+    whole = dec.DecentralizedExperiment(config, progress=False).run(progress=False)
+    assert all(np.shape(leaf)[0] == 12 for leaf in jax.tree_util.tree_leaves(whole.params))
+
+    def stop_after_round_2(experiment, record):
+        if record["round"] == 2:
+            raise RunInterrupted(2)
+
+    out = str(tmp_path / "run")
+    stopped = dec.DecentralizedExperiment(config, progress=False)
+    assert stopped.node_rows == 16
+    with pytest.raises(RunInterrupted):
+        stopped.run(out, progress=False, callbacks=[stop_after_round_2])
+    resumed_on = dec.DecentralizedExperiment(config, mesh=parallel.local_mesh(3), progress=False)
+    assert resumed_on.node_rows == 12
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no checkpoint set aside, no starting over
+        resumed = resumed_on.run(out, progress=False)
+    assert [r["round"] for r in resumed.history] == [1, 2, 3, 4]
+    for x, y in zip(jax.tree_util.tree_leaves(whole.params), jax.tree_util.tree_leaves(resumed.params)):
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=2e-5)
+    assert resumed.history[-1]["test_accuracy"] == pytest.approx(whole.history[-1]["test_accuracy"], abs=1e-6)
