@@ -245,6 +245,15 @@ def spectral_gap(topology: Topology) -> float:
     return float(1.0 - eigenvalues[1]) if eigenvalues.size > 1 else 1.0
 
 
+def _mixing_slots(topology: Topology, key: jax.Array | None) -> tuple[jax.Array, jax.Array]:
+    """This step's neighbours and weights [C, D] (a random matching draws them from ``key``)."""
+    if topology.name != "random_matching":
+        return jnp.asarray(topology.neighbors), jnp.asarray(topology.weights)
+    if key is None:
+        raise ValueError("mix with a random_matching topology needs the step's key.")
+    return matching(key, topology.num_nodes)
+
+
 def mix(models: Params, topology: Topology, key: jax.Array | None = None, online: jax.Array | None = None) -> Params:
     """One gossip step: node i's new model is ``sum_d weights[i, d] * models[neighbors[i, d]]`` (leaves [C, ...]),
     applied one neighbour slot at a time (memory of one [C, ...] gather, never [C, C] or [C, D, ...]). The complete
@@ -265,12 +274,7 @@ def mix(models: Params, topology: Topology, key: jax.Array | None = None, online
     if topology.name == "complete":
         return jax.tree_util.tree_map(
             lambda x: jnp.broadcast_to(jnp.mean(x.astype(jnp.float32), axis=0), x.shape).astype(x.dtype), models)
-    if topology.name == "random_matching":
-        if key is None:
-            raise ValueError("mix with a random_matching topology needs the step's key.")
-        neighbors, weights = matching(key, topology.num_nodes)
-    else:
-        neighbors, weights = jnp.asarray(topology.neighbors), jnp.asarray(topology.weights)
+    neighbors, weights = _mixing_slots(topology, key)
 
     def mix_leaf(x: jax.Array) -> jax.Array:
         total = jnp.zeros(x.shape, jnp.float32)
@@ -314,12 +318,7 @@ def _mix_online(models: Params, topology: Topology, key: jax.Array | None, onlin
             return jnp.where(mask, mean[None], x.astype(jnp.float32)).astype(x.dtype)
 
         return jax.tree_util.tree_map(mean_of_online, models)
-    if topology.name == "random_matching":
-        if key is None:
-            raise ValueError("mix with a random_matching topology needs the step's key.")
-        neighbors, weights = matching(key, topology.num_nodes)
-    else:
-        neighbors, weights = jnp.asarray(topology.neighbors), jnp.asarray(topology.weights)
+    neighbors, weights = _mixing_slots(topology, key)
     extra = online.shape[0] - topology.num_nodes
     if extra:  # padding rows: offline nodes whose only neighbour is themselves
         padding = jnp.arange(topology.num_nodes, online.shape[0], dtype=neighbors.dtype)
