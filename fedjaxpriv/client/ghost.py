@@ -126,7 +126,9 @@ def per_example_norms(apply_fn: Callable[[Params, jax.Array], jax.Array], params
                       targets: jax.Array, loss: Callable[[jax.Array, jax.Array], jax.Array]) -> jax.Array:
     """[B] float32: the L2 norm of each example's gradient of ``loss(apply_fn(params, x_i[None]), t_i[None])[0]``
     (each example through its own forward pass, as DP-SGD clips it), x [B, ...], targets [B, ...]: the weights of
-    ``ghost_products`` by their ghost norms, the other parameters from their per-example gradients."""
+    ``ghost_products`` by their ghost norms, the other parameters from their per-example gradients. The norms are
+    values, not a differentiable function of ``params`` (the ghost products' backward rule gives their weights
+    no cotangent): DP-SGD stops gradients at its clipping multipliers."""
     leaves, treedef = jax.tree_util.tree_flatten(params)
     num = len(leaves)
 
