@@ -727,6 +727,10 @@ class DecentralizedExperiment(Experiment):
         return NodesState(split(state.params), replicate(state.round, self.mesh), split(state.client_state),
                           replicate(state.heard, self.mesh), split(state.public))
 
+    def released_params(self, state: NodesState) -> Params:
+        """Every node's model, one row per node (without ``place_state``'s padding rows)."""
+        return jax.tree_util.tree_map(lambda leaf: leaf[:self.population.num_clients], state.params)
+
     def saved_state(self, state: NodesState) -> NodesState:
         """``state`` with one row per node (``place_state``'s padding dropped): what a checkpoint holds and a run's
         results give."""
@@ -836,7 +840,6 @@ class DecentralizedExperiment(Experiment):
         """The nodes' average model on the test set (``test_loss``, ``test_accuracy``), each node's own accuracy
         (``node_test_accuracy_*``) and the consensus distance (``node_metrics``)."""
         del state
-        params = jax.tree_util.tree_map(lambda leaf: leaf[:self.population.num_clients], params)  # no padding rows
         metrics = node_metrics(self.model.apply, params, self.test.x, self.test.y)
         return {"test_loss": metrics.pop("average_test_loss"), "test_accuracy": metrics.pop("average_test_accuracy"),
                 **metrics}

@@ -707,6 +707,11 @@ class Experiment:
         the round returns it (``RoundProgram.place_state``: client rows padded and split where the data are)."""
         return self.program.place_state(state)
 
+    def released_params(self, state: ServerState) -> Any:
+        """The model a round releases: the global model (a decentralized run: every node's, one row per node).
+        Evaluation, callbacks (``latest_params``) and ``Results.params`` read it."""
+        return state.params
+
     def saved_state(self, state: ServerState) -> ServerState:
         """``state`` with one row per client, ``place_state`` undone (``program.client_rows``): what a checkpoint
         holds, so that a run resumes on any number of devices."""

@@ -156,7 +156,7 @@ def run_experiment(experiment: Experiment, out_dir: str | None = None, *, resume
     problem = dp_at_chance(experiment, history)
     if problem:
         warnings.warn(problem, stacklevel=2)
-    return Results(experiment.config, history, experiment.saved_state(state).params, out_dir, taps,
+    return Results(experiment.config, history, experiment.released_params(state), out_dir, taps,
                    clients if store is not None else experiment.privacy.per_client())
 
 
@@ -203,7 +203,7 @@ def run_rounds(experiment: Experiment, state: ServerState, history: list[Record]
                     record["budget_skipped"] = skipped
                 if (r + 1) % experiment.config.run.eval_every == 0 or r + 1 == total:
                     pause_point(signals, "evaluate", r + 1)
-                    record.update(experiment.evaluate(state.params, state))
+                    record.update(experiment.evaluate(experiment.released_params(state), state))
                 problem = divergence(record, state.params, loss_limit) or explosion(
                     history, record, baseline, experiment.config.run.divergence_factor, at_chance)
                 history.append(record)
@@ -219,7 +219,7 @@ def run_rounds(experiment: Experiment, state: ServerState, history: list[Record]
                     pause_point(signals, "checkpoint", r + 1)
                     store.save(experiment.saved_state(state), experiment.privacy.state())
                     saved = r + 1
-            experiment.latest_params = state.params  # what callbacks read of the round's global model
+            experiment.latest_params = experiment.released_params(state)  # what callbacks read of the round's model
             for callback in callbacks:
                 callback(experiment, record)
             accuracy = record.get(headline, accuracy)

@@ -359,7 +359,7 @@ def audit_client_level(config: ExperimentConfig, *, num_canaries: int = 1000, gu
         scores += _round_scores(change, known, inside, outside, noise_std**2 / (rate * (1.0 - rate) or 1.0))
     found = _one_run(scores, coins, np.ones(num_canaries, bool), guess_fraction, beta, config.run.delta)
     accountant = experiment.privacy.client_level_epsilon() if experiment.privacy.client_private else np.inf
-    accuracy = float(experiment.evaluate(state.params, state)["test_accuracy"])
+    accuracy = float(experiment.evaluate(experiment.released_params(state), state)["test_accuracy"])
     return _finish("client", experiment, accuracy, found, coins, accountant, "client_level_epsilon_basis", beta,
                    config.run.delta)
 

@@ -712,8 +712,8 @@ def test_a_curious_neighbour_of_choco_gossip_hears_the_public_model_change_and_s
 
 def test_a_decentralized_checkpoint_holds_one_row_per_node_and_resumes_on_another_device_count(tmp_path):
     """12 nodes split over the 8 test devices (padded to 16 rows, 2 per device), stopped after round 2, resume on 3
-    devices (12 rows, 4 per device) and end where the run never stopped ends; the results hold 12 node models, not
-    the padding rows."""
+    devices (12 rows, 4 per device) and end where the run never stopped ends (its evaluation included); the results
+    and the callbacks hold 12 node models, not the padding rows."""
     if jax.device_count() < 8:
         pytest.skip("needs the 8-device test mesh")
     from fedjaxpriv import parallel
@@ -724,8 +724,14 @@ def test_a_decentralized_checkpoint_holds_one_row_per_node_and_resumes_on_anothe
                                    server={"clients_per_round": 6},
                                    message={"topk_fraction": 0.5, "error_feedback": True},
                                    run={"rounds": 4, "eval_every": 4, "checkpoint_every": 1}))
-    whole = dec.DecentralizedExperiment(config, progress=False).run(progress=False)
+    rows_seen = []
+
+    def rows_of_latest(experiment, record):
+        rows_seen.extend({np.shape(leaf)[0] for leaf in jax.tree_util.tree_leaves(experiment.latest_params)})
+
+    whole = dec.DecentralizedExperiment(config, progress=False).run(progress=False, callbacks=[rows_of_latest])
     assert all(np.shape(leaf)[0] == 12 for leaf in jax.tree_util.tree_leaves(whole.params))
+    assert rows_seen == [12] * 4  # callbacks read the 12 nodes' models every round, not the padding rows
 
     def stop_after_round_2(experiment, record):
         if record["round"] == 2:
