@@ -99,6 +99,9 @@ def rdp_curves(events: Sequence[dp_accounting.DpEvent], orders: Sequence[float])
         return np.where(multipliers[:, None] == 0, 0.0, curves * multipliers[:, None])
 
 
+RDP_COUNTS_AHEAD = 64  # counts converted together with a missing one (see ``EventAccountant.epsilons``)
+
+
 class EventAccountant:
     """Epsilons of ``count``-fold self-compositions of a fixed list of one-step events, memoised.
 
@@ -195,11 +198,15 @@ class EventAccountant:
             raise ValueError(f"counts={counts[counts < 0][:5]} are not allowed: counts must be >= 0.")
         stride = int(counts.max(initial=0)) + 1
         keys, inverse = np.unique(groups * stride + counts, return_inverse=True)
-        missing = [k for k in keys if (int(k // stride), int(k % stride)) not in self._memo]
+        missing = [(int(k // stride), int(k % stride)) for k in keys
+                   if (int(k // stride), int(k % stride)) not in self._memo]
         if missing:
-            missing = np.asarray(missing, np.int64)
-            values = self._compute(missing // stride, missing % stride)
-            self._memo.update({(int(k // stride), int(k % stride)): float(v) for k, v in zip(missing, values)})
+            # RDP: the next counts of each missing one too, in the same vectorized conversion, so that a run whose
+            # counts grow by one a round converts once every RDP_COUNTS_AHEAD rounds (PLD composes each count anew).
+            ahead = RDP_COUNTS_AHEAD if self.accountant == "rdp" else 1
+            wanted = sorted({(g, n + i) for g, n in missing for i in range(ahead)} - self._memo.keys())
+            groups_, counts_ = (np.asarray(column, np.int64) for column in zip(*wanted))
+            self._memo.update(zip(wanted, map(float, self._compute(groups_, counts_))))
         values = np.array([self._memo[(int(k // stride), int(k % stride))] for k in keys], np.float64)
         return values[np.reshape(inverse, -1)]
 

@@ -201,6 +201,25 @@ def test_epsilons_equal_dp_accounting_default_accountant():
     assert ours[cases.index((q, sigma, steps))] < at_integers / 1.2
 
 
+def test_counts_asked_one_round_at_a_time_give_dp_accountings_epsilons():
+    """A run asks for the count of rounds so far, one more each round; the accountant converts the next counts
+    with a missing one (``RDP_COUNTS_AHEAD``), so round 70 is answered from a block computed at round 65. Each
+    answer equals dp_accounting's RdpAccountant for that count, across the block boundary and for the truncation
+    slack charged to delta."""
+    from fedjaxpriv.privacy import composition
+
+    event = dp_accounting.PoissonSampledDpEvent(0.05, dp_accounting.GaussianDpEvent(1.1))
+    accountant = composition.EventAccountant([event], DELTA, truncation_probabilities=[1e-9])
+    grown = [accountant.epsilon(0, n) for n in range(1, 71)]
+    assert len(accountant._memo) == 2 * composition.RDP_COUNTS_AHEAD  # two blocks: counts 1-64 and 65-128
+    for n in (1, 63, 64, 65, 70):
+        slack = n * 1e-9  # the truncation charge: exact at delta - n p (1 + e^eps), eps taken at delta / 2
+        half = dp_rdp.RdpAccountant().compose(dp_accounting.SelfComposedDpEvent(event, n)).get_epsilon(DELTA / 2)
+        expected = dp_rdp.RdpAccountant().compose(dp_accounting.SelfComposedDpEvent(event, n)).get_epsilon(
+            DELTA - slack * (1 + math.exp(half)))
+        assert grown[n - 1] == pytest.approx(expected, rel=1e-6), n
+
+
 def test_swor_epsilons_equal_dp_accounting_default_accountant(memoized_forward_diffs):
     from fedjaxpriv.privacy.composition import EventAccountant
 
