@@ -52,8 +52,8 @@ def weighted_per_example(apply_fn, params, x, targets, loss, mask, settings, key
 
 def per_example_norms(apply_fn, params, x, targets, loss, mask, settings, key, denominator):
     """DP-SGD's step with its clipping multipliers from the per-example gradients' norms."""
-    weights = dp_ops.clip_weights(local._per_example_grads(apply_fn, params, x, targets, loss), mask,
-                                  settings.dp_clip_norm)
+    norms = dp_ops.per_example_global_norms(local._per_example_grads(apply_fn, params, x, targets, loss))
+    weights = dp_ops.clip_weights(norms, mask, settings.dp_clip_norm)
     losses, total = local._weighted_gradient_sum(apply_fn, params, x, targets, loss, weights)
     real = mask.astype(losses.dtype)
     mean_loss = jnp.sum(losses * real) / jnp.maximum(jnp.sum(real), 1.0)

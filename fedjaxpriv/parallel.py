@@ -621,10 +621,10 @@ def _is_small_dense(primitive: Any, values: Sequence[Any], params: dict[str, Any
             and values[0].shape[0] <= OUTER_PRODUCT_MAX_BATCH)
 
 
-def _eval_rewritten(jaxpr: Any, consts: Sequence[Any], args: Sequence[Any], *, convs: bool,
-                    dense: bool) -> list[Any]:
-    """Evaluates a jaxpr, running plain convolutions through ``_conv_patches_matmul`` (``convs``) and small-batch
-    dense layers through ``_outer_product_grad_matmul`` (``dense``), recursing into nested jits."""
+def evaluate_jaxpr(jaxpr: Any, consts: Sequence[Any], args: Sequence[Any],
+                   replace: Callable[[int, Any, list[Any]], list[Any] | None]) -> list[Any]:
+    """Evaluates ``jaxpr`` equation by equation: ``replace(index, eqn, input values)`` gives an equation's outputs
+    in place of its primitive's, or None to run the primitive itself."""
     env: dict[Any, Any] = {}
 
     def read(var: Any) -> Any:
@@ -632,22 +632,35 @@ def _eval_rewritten(jaxpr: Any, consts: Sequence[Any], args: Sequence[Any], *, c
 
     env.update(zip(jaxpr.constvars, consts))
     env.update(zip(jaxpr.invars, args))
-    for eqn in jaxpr.eqns:
+    for index, eqn in enumerate(jaxpr.eqns):
         values = [read(v) for v in eqn.invars]
-        params = eqn.params
-        if (convs and eqn.primitive is lax.conv_general_dilated_p and params["feature_group_count"] == 1
-                and params["batch_group_count"] == 1 and all(d == 1 for d in params["lhs_dilation"])):
-            outputs = [_conv_patches_matmul(*values, **params)]
-        elif dense and _is_small_dense(eqn.primitive, values, params):
-            outputs = [_outer_product_grad_matmul(*values)]
-        elif eqn.primitive.name in ("pjit", "jit"):
-            closed = params["jaxpr"]
-            outputs = _eval_rewritten(closed.jaxpr, closed.consts, values, convs=convs, dense=dense)
-        else:
-            outputs = eqn.primitive.bind(*values, **eqn.primitive.get_bind_params(params))
+        outputs = replace(index, eqn, values)
+        if outputs is None:
+            outputs = eqn.primitive.bind(*values, **eqn.primitive.get_bind_params(eqn.params))
             outputs = outputs if eqn.primitive.multiple_results else [outputs]
         env.update(zip(eqn.outvars, outputs))
     return [read(v) for v in jaxpr.outvars]
+
+
+def _eval_rewritten(jaxpr: Any, consts: Sequence[Any], args: Sequence[Any], *, convs: bool,
+                    dense: bool) -> list[Any]:
+    """Evaluates a jaxpr, running plain convolutions through ``_conv_patches_matmul`` (``convs``) and small-batch
+    dense layers through ``_outer_product_grad_matmul`` (``dense``), recursing into nested jits."""
+
+    def replace(index: int, eqn: Any, values: list[Any]) -> list[Any] | None:
+        del index
+        params = eqn.params
+        if (convs and eqn.primitive is lax.conv_general_dilated_p and params["feature_group_count"] == 1
+                and params["batch_group_count"] == 1 and all(d == 1 for d in params["lhs_dilation"])):
+            return [_conv_patches_matmul(*values, **params)]
+        if dense and _is_small_dense(eqn.primitive, values, params):
+            return [_outer_product_grad_matmul(*values)]
+        if eqn.primitive.name in ("pjit", "jit"):
+            closed = params["jaxpr"]
+            return _eval_rewritten(closed.jaxpr, closed.consts, values, convs=convs, dense=dense)
+        return None
+
+    return evaluate_jaxpr(jaxpr, consts, args, replace)
 
 
 def rewrite_model(apply_fn: Callable[..., Any], *, convs: bool, dense: bool) -> Callable[..., Any]:

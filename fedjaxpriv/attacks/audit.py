@@ -23,11 +23,11 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
-import dp_accounting
 import numpy as np
 from scipy import optimize, special, stats
 
 from fedjaxpriv.attacks.metrics import roc_counts
+from fedjaxpriv.privacy.network import gaussian_epsilon
 from fedjaxpriv.privacy.validation import check_delta
 
 
@@ -251,4 +251,4 @@ def gaussian_dp_epsilon(mu: float, delta: float) -> float:
     check_delta(delta, zero=True)
     if delta == 0.0:
         return float("inf")
-    return float(dp_accounting.get_epsilon_gaussian(1.0 / mu, delta))
+    return float(gaussian_epsilon(mu, delta))

@@ -208,10 +208,9 @@ def simulate_message(
     """The message of one client with batch ``x [B, ...]`` and label distributions ``label_probs [B, K]``.
 
     Returns the gradient of the mean cross-entropy (``spec.local_steps == 0``; ``local_lr`` unused) or the
-    update ``params_E - params_0`` after E SGD steps of size ``local_lr`` (a traced scalar, with
-    ``spec.momentum``), a pytree like
-    ``params``, taken by ``client.local.local_sgd``, the code that trains the clients, on the minibatches of
-    ``spec`` in order. Differentiable in ``x`` and ``label_probs``.
+    update ``params_E - params_0`` after E SGD steps of size ``local_lr`` (a traced scalar) with ``spec.momentum``,
+    a pytree like ``params``, taken by ``client.local.local_sgd``, the code that trains the clients, on the
+    minibatches of ``spec`` in order. Differentiable in ``x`` and ``label_probs``.
 
     Args:
       mask: optional 0/1 pytree like ``params``: the client trains the pruned model, as

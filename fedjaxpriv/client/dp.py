@@ -60,16 +60,16 @@ def clip_per_example(per_example_grads: PyTree, clip_norm: jax.Array | float) ->
     return jax.tree_util.tree_map(rescale, per_example_grads), norms
 
 
-def clip_weights(per_example_grads: PyTree, mask: jax.Array, clip_norm: jax.Array | float) -> jax.Array:
+def clip_weights(norms: jax.Array, mask: jax.Array, clip_norm: jax.Array | float) -> jax.Array:
     """[B] float32: each real example's clipping multiplier ``min(1, clip_norm / ||g_i||)`` (0 for padding), so
     that ``sum_i w_i g_i`` is the sum of the clipped gradients.
 
     Args:
-      per_example_grads: pytree with leading batch axis B.
+      norms: [B] the per-example gradient norms ``||g_i||`` (``per_example_global_norms``, or
+        ``client.ghost.per_example_norms`` without forming the gradients).
       mask: [B] bool, True for real examples.
       clip_norm: traced scalar clip norm (inf: no clipping).
     """
-    norms = per_example_global_norms(per_example_grads)
     return mask.astype(jnp.float32) * clip_scale(norms, clip_norm)
 
 
@@ -84,7 +84,7 @@ def clipped_sum(per_example_grads: PyTree, mask: jax.Array, clip_norm: jax.Array
     Returns:
       pytree with the per-example shapes (leading axis summed out).
     """
-    weights = clip_weights(per_example_grads, mask, clip_norm)
+    weights = clip_weights(per_example_global_norms(per_example_grads), mask, clip_norm)
     return jax.tree_util.tree_map(lambda leaf: jnp.tensordot(weights.astype(leaf.dtype), leaf, axes=1),
                                   per_example_grads)
 

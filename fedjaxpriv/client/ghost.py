@@ -29,6 +29,8 @@ import jax.numpy as jnp
 from jax import lax
 from jax.extend import core as jax_core
 
+from fedjaxpriv.parallel import evaluate_jaxpr
+
 Params = Any
 PASS_THROUGH = ("reshape", "convert_element_type")  # a weight may reach its product through these
 
@@ -102,26 +104,6 @@ def ghost_products(jaxpr: Any, num_params: int) -> dict[int, int]:
     return found
 
 
-def _evaluate(jaxpr: Any, consts: list[Any], args: list[Any], ghosts: dict[int, int], probes: jax.Array) -> list[Any]:
-    env: dict[Any, Any] = {}
-
-    def read(var: Any) -> Any:
-        return var.val if isinstance(var, jax_core.Literal) else env[var]
-
-    env.update(zip(jaxpr.constvars, consts))
-    env.update(zip(jaxpr.invars, args))
-    slots = {i: k for k, i in enumerate(sorted(ghosts))}
-    for i, eqn in enumerate(jaxpr.eqns):
-        values = [read(v) for v in eqn.invars]
-        if i in slots:
-            outputs = [_ghost_dot(values[0], values[1], probes[slots[i]], eqn.params["dimension_numbers"])]
-        else:
-            outputs = eqn.primitive.bind(*values, **eqn.primitive.get_bind_params(eqn.params))
-            outputs = outputs if eqn.primitive.multiple_results else [outputs]
-        env.update(zip(eqn.outvars, outputs))
-    return [read(v) for v in jaxpr.outvars]
-
-
 def per_example_norms(apply_fn: Callable[[Params, jax.Array], jax.Array], params: Params, x: jax.Array,
                       targets: jax.Array, loss: Callable[[jax.Array, jax.Array], jax.Array]) -> jax.Array:
     """[B] float32: the L2 norm of each example's gradient of ``loss(apply_fn(params, x_i[None]), t_i[None])[0]``
@@ -135,19 +117,23 @@ def per_example_norms(apply_fn: Callable[[Params, jax.Array], jax.Array], params
     def one_example(leaves_: list[Any], xi: jax.Array) -> Any:
         return apply_fn(jax.tree_util.tree_unflatten(treedef, leaves_), xi[None])
 
-    closed = jax.make_jaxpr(one_example)(leaves, x[0])
+    closed, out_shape = jax.make_jaxpr(one_example, return_shape=True)(leaves, x[0])
     ghosts = ghost_products(closed.jaxpr, num)
-    weights = set(ghosts.values())
-    rest = [k for k in range(num) if k not in weights]
-    out_tree = jax.tree_util.tree_structure(jax.eval_shape(one_example, leaves, x[0]))
+    slots = {i: k for k, i in enumerate(sorted(ghosts))}  # equation index -> its probe
+    rest = [k for k in range(num) if k not in set(ghosts.values())]
 
     def example_loss(rest_leaves: list[Any], probes: jax.Array, xi: jax.Array, ti: jax.Array) -> jax.Array:
         merged = list(leaves)
         for k, leaf in zip(rest, rest_leaves):
             merged[k] = leaf
-        flat_in = jax.tree_util.tree_leaves((merged, xi))
-        outputs = _evaluate(closed.jaxpr, closed.consts, flat_in, ghosts, probes)
-        return loss(jax.tree_util.tree_unflatten(out_tree, outputs), ti[None])[0]
+
+        def ghost_dot(index: int, eqn: Any, values: list[Any]) -> list[Any] | None:
+            if index not in slots:
+                return None
+            return [_ghost_dot(values[0], values[1], probes[slots[index]], eqn.params["dimension_numbers"])]
+
+        outputs = evaluate_jaxpr(closed.jaxpr, closed.consts, jax.tree_util.tree_leaves((merged, xi)), ghost_dot)
+        return loss(jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(out_shape), outputs), ti[None])[0]
 
     probes = jnp.zeros((len(ghosts),), jnp.float32)
     rest_grads, ghost_squares = jax.vmap(jax.grad(example_loss, argnums=(0, 1)), in_axes=(None, None, 0, 0))(

@@ -144,7 +144,7 @@ def dp_sgd_gradient(apply_fn: ApplyFn, params: Params, x: jax.Array, targets: ja
     (``_weighted_gradient_sum``): the same sum to float rounding as clipping [B, params] per-example gradients,
     without forming them (``benchmarks/bench_dpsgd.py``)."""
     norms = ghost.per_example_norms(apply_fn, params, x, targets, loss)
-    weights = mask.astype(jnp.float32) * dp_ops.clip_scale(norms, settings.dp_clip_norm)
+    weights = dp_ops.clip_weights(norms, mask, settings.dp_clip_norm)
     losses, total = _weighted_gradient_sum(apply_fn, params, x, targets, loss, weights)
     real = mask.astype(losses.dtype)
     mean_loss = jnp.sum(losses * real) / jnp.maximum(jnp.sum(real), 1.0)
