@@ -704,7 +704,6 @@ class DecentralizedExperiment(Experiment):
 
         self.node_round_fn = build()
         self.node_tap_round_fn = build(len(tapped)) if tapped else None
-        self.out_degrees = out_degrees(self.topology)
 
     def nodes_online(self, round_index: int) -> np.ndarray:
         """[C] bool: the nodes online in round ``round_index`` (0-based), each offline with its
@@ -727,20 +726,18 @@ class DecentralizedExperiment(Experiment):
         return NodesState(split(state.params), replicate(state.round, self.mesh), split(state.client_state),
                           replicate(state.heard, self.mesh), split(state.public))
 
+    def _node_rows(self, rows: Any) -> Any:
+        """Leaves [rows, ...] cut to one row per node (``place_state``'s padding rows dropped)."""
+        return jax.tree_util.tree_map(lambda leaf: leaf[:self.population.num_clients], rows)
+
     def released_params(self, state: NodesState) -> Params:
-        """Every node's model, one row per node (without ``place_state``'s padding rows)."""
-        return jax.tree_util.tree_map(lambda leaf: leaf[:self.population.num_clients], state.params)
+        """Every node's model, one row per node."""
+        return self._node_rows(state.params)
 
     def saved_state(self, state: NodesState) -> NodesState:
-        """``state`` with one row per node (``place_state``'s padding dropped): what a checkpoint holds and a run's
-        results give."""
-        c = self.population.num_clients
-
-        def first(rows: Any) -> Any:
-            return jax.tree_util.tree_map(lambda leaf: leaf[:c], rows)
-
-        return state._replace(params=first(state.params), client_state=first(state.client_state),
-                              public=first(state.public))
+        """``state`` with one row per node: what a checkpoint holds."""
+        return state._replace(params=self._node_rows(state.params), client_state=self._node_rows(state.client_state),
+                              public=self._node_rows(state.public))
 
     def fresh_state(self, params: Any) -> NodesState:
         """Round 0 with every node at ``params`` and every node's message state at its initial value."""
@@ -822,8 +819,7 @@ class DecentralizedExperiment(Experiment):
             "round": round_index + 1, "participants": int(trained.sum()),
             "train_loss": float(np.sum(out.loss[trained])) / n, "local_steps_mean": float(np.sum(out.steps)) / n,
             "bytes_per_client": float(np.mean(sent_bytes)),
-            "bytes_total": float(np.sum(sent_bytes * (out_degrees(self.topology, online) if self.dropout
-                                                      else self.out_degrees))),
+            "bytes_total": float(np.sum(sent_bytes * out_degrees(self.topology, online))),
             "consensus_distance": float(out.consensus), "round_time_s": elapsed}
         if self.dropout:
             record["nodes_online"] = int(online.sum())
