@@ -13,14 +13,17 @@ machine hits them alike; a row gives its median round time and the median (quart
 the plain round. DP rows use fixed noise multipliers (no calibration).
 
 Rows marked "(argsort)" run the same defense with the stable-argsort selection that ``pruning.keep_above_rank``
-(sort-free bisection, same masks) replaced, swapped in for that row only. A last line times the selection alone,
-vmapped over the cohort's messages of the model's largest leaf.
+(sort-free bisection, same masks) replaced, swapped in for that row only. For every DP row, the host accounting
+part of its round (``PrivacyTracker.record_round`` and ``summary``, on a copy of the run's tracker, over
+``--rounds`` x 20 further rounds) is given in microseconds and as a share of that row's median round. A last line
+times the selection alone, vmapped over the cohort's messages of the model's largest leaf.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import os
 import statistics
 import sys
@@ -59,6 +62,21 @@ def compiled(config: ExperimentConfig) -> list:
     state, _ = experiment.step(experiment.initial_state, 0)
     jax.block_until_ready(state.params)
     return [experiment, state]
+
+
+def accounting_seconds(experiment: Experiment, rounds: int) -> float:
+    """Median host time (s) of one round's privacy accounting (record the cohort, then the epsilons so far with
+    their bases), on a copy of ``experiment``'s tracker fed the round's cohorts from round 1 on."""
+    tracker = copy.deepcopy(experiment.privacy)
+    spent = []
+    for r in range(1, rounds + 1):
+        cohort, _ = experiment.round_cohort(r, tracker)
+        participants = cohort.ids[cohort.mask]
+        start = time.perf_counter()
+        tracker.record_round(participants)
+        tracker.summary()
+        spent.append(time.perf_counter() - start)
+    return statistics.median(spent)
 
 
 def argsort_keep_above_rank(scores: jax.Array, num_removed: jax.Array) -> jax.Array:
@@ -136,6 +154,11 @@ def main() -> None:
     for label, values in times.items():
         q25, q50, q75 = np.percentile(np.asarray(values) / plain, [25, 50, 75])
         print(f"{label:<28} {1e3 * statistics.median(values):9.2f} {q50:9.2f} ({q25:.2f}-{q75:.2f})", flush=True)
+    print(f"\n{'host accounting per round':<28} {'us':>9} {'% of round':>11}")
+    for label, (experiment, state) in variants.items():
+        if experiment.privacy.active:
+            seconds = accounting_seconds(experiment, args.rounds * 20)
+            print(f"{label:<28} {1e6 * seconds:9.1f} {100 * seconds / statistics.median(times[label]):10.2f}%")
 
     experiment = variants["plain"][0]
     size = max(leaf.size for leaf in jax.tree_util.tree_leaves(experiment.initial_state.params))

@@ -16,9 +16,11 @@ server model. Rows:
   jax-loop    a jitted single-client update called in a Python loop on one device, plus a jitted running
               sum.
   torch-loop  the same models and steps in PyTorch, one client after another (skipped without torch).
+  torch-vmap  PyTorch's vectorized form: ``torch.func.vmap(grad(loss))`` over a chunk of clients' parameters.
 GFLOP/s counts the model's forward+backward FLOPs (XLA cost analysis of one gradient step, times steps)
-against a float32 matmul peak measured in the same run. Timings are medians over ``--repeats`` runs after
-a warm-up; the machine's load average is printed because shared machines skew them.
+against a float32 matmul peak measured in the same run. Every row is warmed up, then the rows take turns
+(A B C A B C ...) for ``--repeats`` rounds; a row's rate is its median, an engine ratio the median (quartiles)
+of the per-repeat ratios. The machine's load average is printed because shared machines skew timings.
 """
 
 from __future__ import annotations
@@ -73,13 +75,21 @@ class EngineConfig:
 
 def median_seconds(run: Callable[[], Any], repeats: int) -> float:
     """Median wall time of ``run`` (blocked until ready) after one untimed warm-up call."""
-    jax.block_until_ready(run())
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
+    return statistics.median(interleaved_seconds([run], repeats)[0])
+
+
+def interleaved_seconds(runs: list[Callable[[], Any]], repeats: int) -> list[list[float]]:
+    """Wall times (s) of each run, blocked until ready: one untimed warm-up call each, then ``repeats`` rounds
+    in which every run goes once in turn (A B C A B C ...), so that load on a shared machine hits them alike."""
+    for run in runs:
         jax.block_until_ready(run())
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    times: list[list[float]] = [[] for _ in runs]
+    for _ in range(repeats):
+        for run, spent in zip(runs, times):
+            start = time.perf_counter()
+            jax.block_until_ready(run())
+            spent.append(time.perf_counter() - start)
+    return times
 
 
 def matmul_peak_gflops(repeats: int) -> float:
@@ -161,12 +171,12 @@ def jax_loop_runner(work: Workload, outer: bool = False) -> Callable[[], Any]:
     return run
 
 
-def torch_loop_runner(work: Workload, threads: int) -> Callable[[], Any] | None:
+def torch_problem(work: Workload):
+    """The workload's model and data in PyTorch (same architecture, inputs and client offsets), or None."""
     try:
         import torch
     except ImportError:
         return None
-    torch.set_num_threads(threads)
     device = "cuda" if jax.default_backend() == "gpu" and torch.cuda.is_available() else "cpu"
     _, _, x, y, offsets, _, _ = make_problem(work)
     if work.model == "cnn":
@@ -174,7 +184,7 @@ def torch_loop_runner(work: Workload, threads: int) -> Callable[[], Any] | None:
             torch.nn.Conv2d(1, 32, 5, padding=2), torch.nn.ReLU(), torch.nn.MaxPool2d(2),
             torch.nn.Conv2d(32, 64, 5, padding=2), torch.nn.ReLU(), torch.nn.MaxPool2d(2), torch.nn.Flatten(),
             torch.nn.Linear(3136, 512), torch.nn.ReLU(), torch.nn.Linear(512, 10))
-        tx = torch.from_numpy(np.ascontiguousarray(np.transpose(x, (0, 3, 1, 2))))
+        tx = torch.from_numpy(np.array(np.transpose(x, (0, 3, 1, 2))))
     else:
         hidden = dict(work.model_kwargs)["hidden"]
         layers, width = [torch.nn.Flatten()], int(np.prod(work.input_shape))
@@ -184,12 +194,22 @@ def torch_loop_runner(work: Workload, threads: int) -> Callable[[], Any] | None:
         net = torch.nn.Sequential(*layers, torch.nn.Linear(width, 10))
         tx = torch.from_numpy(np.array(x))
     net = net.to(device)
-    tx, ty = tx.to(device), torch.from_numpy(y).long().to(device)
+    return (torch, net, tx.to(device), torch.from_numpy(np.array(y)).long().to(device),
+            torch.from_numpy(np.array(offsets)).long(), device)
+
+
+def torch_loop_runner(work: Workload, threads: int) -> Callable[[], Any] | None:
+    """PyTorch's per-client loop: load the server model, ``STEPS`` optimizer steps, add the weighted delta."""
+    problem = torch_problem(work)
+    if problem is None:
+        return None
+    torch, net, tx, ty, offsets, device = problem
     server = [p.detach().clone() for p in net.parameters()]
     generator = torch.Generator().manual_seed(0)
     loss_fn = torch.nn.CrossEntropyLoss()
 
     def run():
+        torch.set_num_threads(threads)  # per call: the setting is global and the rows take turns
         total = [torch.zeros_like(p) for p in server]
         optimizer = torch.optim.SGD(net.parameters(), lr=LR)
         for i in range(work.clients):
@@ -197,14 +217,48 @@ def torch_loop_runner(work: Workload, threads: int) -> Callable[[], Any] | None:
                 for p, s in zip(net.parameters(), server):
                     p.copy_(s)
             for _ in range(STEPS):
-                idx = offsets[i] + torch.randperm(EXAMPLES, generator=generator)[:BATCH]
-                idx = idx.to(device)
+                idx = (offsets[i] + torch.randperm(EXAMPLES, generator=generator)[:BATCH]).to(device)
                 optimizer.zero_grad(set_to_none=True)
                 loss_fn(net(tx[idx]), ty[idx]).backward()
                 optimizer.step()
             with torch.no_grad():
                 for t, p, s in zip(total, net.parameters(), server):
                     t.add_(p - s, alpha=float(EXAMPLES))
+        if device == "cuda":
+            torch.cuda.synchronize()
+        return None
+
+    return run
+
+
+def torch_vmap_runner(work: Workload, threads: int, chunk: int) -> Callable[[], Any] | None:
+    """PyTorch's vectorized form: ``torch.func.vmap(grad(loss))`` over ``chunk`` clients' parameters at a time."""
+    problem = torch_problem(work)
+    if problem is None:
+        return None
+    torch, net, tx, ty, offsets, device = problem
+    from torch.func import functional_call, grad, vmap
+
+    server = {name: p.detach().clone() for name, p in net.named_parameters()}
+    generator = torch.Generator().manual_seed(0)
+    loss_fn = torch.nn.CrossEntropyLoss()
+    client_grads = vmap(grad(lambda params, xb, yb: loss_fn(functional_call(net, params, (xb,)), yb)))
+
+    def run():
+        torch.set_num_threads(threads)
+        total = {name: torch.zeros_like(p) for name, p in server.items()}
+        for first in range(0, work.clients, chunk):
+            ids = offsets[first:first + chunk]
+            params = {name: p.expand(len(ids), *p.shape).clone() for name, p in server.items()}
+            for _ in range(STEPS):
+                order = torch.rand(len(ids), EXAMPLES, generator=generator).argsort(dim=1)[:, :BATCH]
+                idx = (ids[:, None] + order).to(device)
+                with torch.no_grad():
+                    grads = client_grads(params, tx[idx], ty[idx])
+                    params = {name: p - LR * grads[name] for name, p in params.items()}
+            with torch.no_grad():
+                for name, p in params.items():
+                    total[name].add_((p - server[name]).sum(0), alpha=float(EXAMPLES))
         if device == "cuda":
             torch.cuda.synchronize()
         return None
@@ -263,39 +317,42 @@ def main() -> None:
         model = get_model(work.model, work.input_shape, 10, **dict(work.model_kwargs))
         params = model.init(jax.random.key(0))
         flops_per_client = STEPS * grad_step_flops(model.apply, params, jnp.zeros((BATCH, *work.input_shape)))
-        rates: dict[str, float] = {}
-
-        def report(method: str, label: str, runner: Callable[[], Any] | None) -> None:
-            if runner is None:
-                print(f"{work.name:<34} {method:<11} {'skipped: torch not importable':<38}", flush=True)
-                return
-            rate = work.clients / median_seconds(runner, repeats)
-            gflops = rate * flops_per_client / 1e9
-            rates.setdefault(method, 0.0)
-            rates[method] = max(rates[method], rate)
-            print(f"{work.name:<34} {method:<11} {label:<38} {rate:>10.1f} {gflops:>8.1f} {100 * gflops / peak:>5.1f}%",
-                  flush=True)
-
         auto = auto_config(work)
-        report("engine", "auto: " + auto.label(), engine_runner(work, auto))
+        rows = [("engine", "auto: " + auto.label(), engine_runner(work, auto))]
         if args.explore:
-            for config in explore_configs(work):
-                if config != auto:
-                    report("engine*", config.label(), engine_runner(work, config))
-        report("jax-loop", "jit(one client, unroll=5) in Python", jax_loop_runner(work))
+            rows += [("engine*", c.label(), engine_runner(work, c)) for c in explore_configs(work) if c != auto]
+        rows.append(("jax-loop", "jit(one client, unroll=5) in Python", jax_loop_runner(work)))
         if work.model == "mlp":  # the ratio uses the faster of the two loops
-            report("jax-loop", "the same, outer-product weight grads", jax_loop_runner(work, outer=True))
+            rows.append(("jax-loop", "the same, outer-product weight grads", jax_loop_runner(work, outer=True)))
         # Tiny MLP ops only lose to spinning thread pools; for the CNN both settings run, the best one counts.
         for threads in sorted({1} if work.model == "mlp" else {1, os.cpu_count() or 1}):
-            report("torch-loop", f"PyTorch one client at a time, {threads} thr", torch_loop_runner(work, threads))
-        engine = rates["engine"]
-        ratios = [f"engine(auto) / jax-loop = {engine / rates['jax-loop']:.2f}x"]
-        if "torch-loop" in rates:
-            ratios.append(f"engine(auto) / torch-loop = {engine / rates['torch-loop']:.2f}x")
-        if "engine*" in rates:
-            ratios.append(f"best engine / jax-loop = {max(engine, rates['engine*']) / rates['jax-loop']:.2f}x")
-        print(f"{'':<34} ratios: " + "; ".join(ratios) + f"  ({flops_per_client / 1e9:.3f} GFLOP per client)\n",
-              flush=True)
+            rows.append(("torch-loop", f"PyTorch one client at a time, {threads} thr",
+                         torch_loop_runner(work, threads)))
+        chunk = work.clients if work.model == "mlp" else 25
+        for threads in sorted({os.cpu_count() or 1} | ({1} if work.model == "mlp" else set())):
+            rows.append(("torch-vmap", f"torch.func.vmap, {chunk} clients, {threads} thr",
+                         torch_vmap_runner(work, threads, chunk)))
+        for method, label, runner in rows:
+            if runner is None:
+                print(f"{work.name:<34} {method:<11} {'skipped: torch not importable':<38}", flush=True)
+        rows = [row for row in rows if row[2] is not None]
+        times = interleaved_seconds([runner for _, _, runner in rows], repeats)
+        best: dict[str, int] = {}  # method -> index of its fastest row
+        for i, (method, label, _) in enumerate(rows):
+            rate = work.clients / statistics.median(times[i])
+            gflops = rate * flops_per_client / 1e9
+            if method not in best or statistics.median(times[i]) < statistics.median(times[best[method]]):
+                best[method] = i
+            print(f"{work.name:<34} {method:<11} {label:<38} {rate:>10.1f} {gflops:>8.1f} {100 * gflops / peak:>5.1f}%",
+                  flush=True)
+        engine = np.asarray(times[0])
+        ratios = []
+        for method in ("jax-loop", "torch-loop", "torch-vmap"):
+            if method in best:
+                q25, q50, q75 = np.percentile(np.asarray(times[best[method]]) / engine, [25, 50, 75])
+                ratios.append(f"engine(auto) / {method} = {q50:.2f}x ({q25:.2f}-{q75:.2f})")
+        print(f"{'':<34} speed ratios, median (quartiles) over repeats: " + "; ".join(ratios)
+              + f"  ({flops_per_client / 1e9:.3f} GFLOP per client)\n", flush=True)
     print(f"load after: {tuple(round(v, 2) for v in os.getloadavg())}")
 
 

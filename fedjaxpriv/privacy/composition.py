@@ -100,6 +100,7 @@ def rdp_curves(events: Sequence[dp_accounting.DpEvent], orders: Sequence[float])
 
 
 RDP_COUNTS_AHEAD = 64  # counts converted together with a missing one (see ``EventAccountant.epsilons``)
+COUNT_LIMIT = 2**40  # compositions per event an ``EventAccountant`` takes (its memo keys are group * this + count)
 
 
 class EventAccountant:
@@ -143,7 +144,8 @@ class EventAccountant:
             raise ValueError(f"truncation_probabilities must be [G={len(self.events)}] values in [0, 1].")
         self.truncation_probabilities = probabilities
         self._curves = rdp_curves(self.events, self.orders) if accountant == "rdp" else None
-        self._memo: dict[tuple[int, int], float] = {}
+        # Memo of computed epsilons: sorted keys ``group * COUNT_LIMIT + count`` (int64 [K]) and their values [K].
+        self._known_keys, self._known_values = np.empty(0, np.int64), np.empty(0)
 
     def _mechanism_epsilons(self, groups: np.ndarray, counts: np.ndarray, deltas: np.ndarray) -> np.ndarray:
         """Epsilon of each (group, count) row at its own delta, without truncation slack."""
@@ -194,21 +196,32 @@ class EventAccountant:
             raise ValueError(f"groups {groups.shape} and counts {counts.shape} must have the same length.")
         if groups.size and (groups.min() < 0 or groups.max() >= len(self.events)):
             raise ValueError(f"group ids must be in [0, {len(self.events)}).")
-        if np.any(counts < 0):
-            raise ValueError(f"counts={counts[counts < 0][:5]} are not allowed: counts must be >= 0.")
-        stride = int(counts.max(initial=0)) + 1
-        keys, inverse = np.unique(groups * stride + counts, return_inverse=True)
-        missing = [(int(k // stride), int(k % stride)) for k in keys
-                   if (int(k // stride), int(k % stride)) not in self._memo]
-        if missing:
+        if np.any((counts < 0) | (counts >= COUNT_LIMIT)):
+            bad = counts[(counts < 0) | (counts >= COUNT_LIMIT)][:5]
+            raise ValueError(f"counts={bad} are not allowed: counts must be in [0, {COUNT_LIMIT}).")
+        keys = groups * COUNT_LIMIT + counts
+        values = self._lookup(keys)
+        unknown = np.isnan(values)
+        if np.any(unknown):
             # RDP: the next counts of each missing one too, in the same vectorized conversion, so that a run whose
             # counts grow by one a round converts once every RDP_COUNTS_AHEAD rounds (PLD composes each count anew).
             ahead = RDP_COUNTS_AHEAD if self.accountant == "rdp" else 1
-            wanted = sorted({(g, n + i) for g, n in missing for i in range(ahead)} - self._memo.keys())
-            groups_, counts_ = (np.asarray(column, np.int64) for column in zip(*wanted))
-            self._memo.update(zip(wanted, map(float, self._compute(groups_, counts_))))
-        values = np.array([self._memo[(int(k // stride), int(k % stride))] for k in keys], np.float64)
-        return values[np.reshape(inverse, -1)]
+            wanted = np.unique(np.unique(keys[unknown])[:, None] + np.arange(ahead)[None, :])
+            wanted = wanted[np.isnan(self._lookup(wanted))]
+            computed = self._compute(wanted // COUNT_LIMIT, wanted % COUNT_LIMIT)
+            at = np.searchsorted(self._known_keys, wanted)
+            self._known_keys = np.insert(self._known_keys, at, wanted)
+            self._known_values = np.insert(self._known_values, at, computed)
+            values[unknown] = self._lookup(keys[unknown])
+        return values
+
+    def _lookup(self, keys: np.ndarray) -> np.ndarray:
+        """The memoised epsilon of each key (``group * COUNT_LIMIT + count``), float64 [N]; NaN where not
+        computed yet."""
+        if self._known_keys.size == 0:
+            return np.full(keys.shape, np.nan)
+        at = np.minimum(np.searchsorted(self._known_keys, keys), self._known_keys.size - 1)
+        return np.where(self._known_keys[at] == keys, self._known_values[at], np.nan)
 
     def epsilon(self, group: int, count: int) -> float:
         """Epsilon of ``count`` compositions of ``events[group]``."""

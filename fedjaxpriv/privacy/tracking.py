@@ -197,6 +197,7 @@ class PrivacyTracker:
         self.participations = np.zeros(self.num_clients, np.int64)
         self.dp_steps = np.zeros(self.num_clients, np.int64)
         self.rounds = 0
+        self._lines: dict[tuple, str] = {}  # basis lines by (mechanism, arguments): ``_line``
         if sample_level is not None:
             events, self._example_ids, truncation = sample_level.step_events()
             self._example = EventAccountant(events, delta, truncation_probabilities=truncation, **kwargs)
@@ -231,7 +232,8 @@ class PrivacyTracker:
     def record_round(self, participants: np.ndarray) -> None:
         """participants: int ids of the clients that took part in the round (each once)."""
         ids = np.asarray(participants, np.int64).reshape(-1)
-        if np.unique(ids).size != ids.size:
+        ordered = np.sort(ids)
+        if np.any(ordered[1:] == ordered[:-1]):
             raise ValueError("participant ids contain duplicates; each client takes part once a round.")
         self.rounds += 1
         self.participations[ids] += 1
@@ -270,8 +272,15 @@ class PrivacyTracker:
 
     def _chosen_bases(self, mechanism: Any, amplified: np.ndarray, plain: np.ndarray) -> np.ndarray:
         """Per client [C], the basis line of the smaller bound (amplified where it is not larger)."""
-        lines = [mechanism.basis(self.accountant_name, self.delta, amplified=a).describe() for a in (True, False)]
-        return np.where(amplified <= plain, lines[0], lines[1]).astype(object)
+        return np.where(amplified <= plain, self._line(mechanism, amplified=True),
+                        self._line(mechanism, amplified=False)).astype(object)
+
+    def _line(self, mechanism: Any, **kwargs: bool) -> str:
+        """``mechanism.basis(accountant, delta, **kwargs).describe()``, built once per run (it never changes)."""
+        key = (id(mechanism), tuple(sorted(kwargs.items())))
+        if key not in self._lines:
+            self._lines[key] = mechanism.basis(self.accountant_name, self.delta, **kwargs).describe()
+        return self._lines[key]
 
     def _bounds(self) -> dict[str, tuple[np.ndarray, np.ndarray]]:
         """Per level with two bounds, each client's (amplified, unamplified) epsilon [C], computed once for
@@ -323,10 +332,9 @@ class PrivacyTracker:
             out["epsilon_basis"] = exposed or self._basis_of_max(np.minimum(*bounds["epsilon"]), chosen["epsilon"],
                                                                  private)
             out["epsilon_mean_basis"] = self._basis_of_mean(chosen["epsilon"], private)
-            out["epsilon_unamplified_basis"] = exposed or self.sample_level.basis(
-                self.accountant_name, self.delta, amplified=False).describe()
+            out["epsilon_unamplified_basis"] = exposed or self._line(self.sample_level, amplified=False)
         if self.local is not None:
-            line = self.local.basis(self.accountant_name, self.delta).describe()
+            line = self._line(self.local)
             exposed = int(np.sum(~self.local.private & took_part))
             out["local_epsilon_basis"] = _no_guarantee("local", exposed, "message.local_noise_multiplier") or line
             out["local_epsilon_mean_basis"] = line  # the mean is over the private participants, one basis for all
@@ -334,8 +342,7 @@ class PrivacyTracker:
             out["client_level_epsilon_basis"] = self._basis_of_max(
                 np.minimum(*bounds["client_level_epsilon"]), chosen["client_level_epsilon"],
                 np.ones(self.num_clients, bool))
-            out["client_level_epsilon_unamplified_basis"] = self.client_level.basis(
-                self.accountant_name, self.delta, amplified=False).describe()
+            out["client_level_epsilon_unamplified_basis"] = self._line(self.client_level, amplified=False)
         return out
 
     def summary(self) -> dict[str, Any]:
@@ -386,7 +393,7 @@ class PrivacyTracker:
             return np.where(private, line, _without_noise(level, knob)).astype(object)
 
         if self.sample_level is not None:
-            unamplified = self.sample_level.basis(self.accountant_name, self.delta, amplified=False).describe()
+            unamplified = self._line(self.sample_level, amplified=False)
             out.update(dp_steps=self.dp_steps.copy(), sample_rate=self.sample_level.sample_rates.copy(),
                        noise_multiplier=self.sample_level.noise_multipliers.copy(),
                        epsilon=np.minimum(*bounds["epsilon"]), epsilon_basis=chosen["epsilon"],

@@ -211,13 +211,32 @@ def test_counts_asked_one_round_at_a_time_give_dp_accountings_epsilons():
     event = dp_accounting.PoissonSampledDpEvent(0.05, dp_accounting.GaussianDpEvent(1.1))
     accountant = composition.EventAccountant([event], DELTA, truncation_probabilities=[1e-9])
     grown = [accountant.epsilon(0, n) for n in range(1, 71)]
-    assert len(accountant._memo) == 2 * composition.RDP_COUNTS_AHEAD  # two blocks: counts 1-64 and 65-128
+    assert accountant._known_keys.size == 2 * composition.RDP_COUNTS_AHEAD  # two blocks: counts 1-64 and 65-128
     for n in (1, 63, 64, 65, 70):
         slack = n * 1e-9  # the truncation charge: exact at delta - n p (1 + e^eps), eps taken at delta / 2
         half = dp_rdp.RdpAccountant().compose(dp_accounting.SelfComposedDpEvent(event, n)).get_epsilon(DELTA / 2)
         expected = dp_rdp.RdpAccountant().compose(dp_accounting.SelfComposedDpEvent(event, n)).get_epsilon(
             DELTA - slack * (1 + math.exp(half)))
         assert grown[n - 1] == pytest.approx(expected, rel=1e-6), n
+
+
+def test_memoised_answers_to_mixed_queries_equal_a_fresh_accountants_one_by_one():
+    """The memo is keyed by (event, count): a query mixing events, repeated and unsorted counts, after earlier
+    queries filled parts of the memo, gives every row the epsilon a fresh accountant gives that row alone."""
+    from fedjaxpriv.privacy.composition import EventAccountant
+
+    events = [dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(sigma))
+              for q, sigma in ((0.05, 1.1), (0.2, 0.8), (0.01, 2.0))]
+    accountant = EventAccountant(events, DELTA)
+    accountant.epsilons([1, 1], [3, 300])  # part of the memo filled first
+    rng = np.random.default_rng(0)
+    groups, counts = rng.integers(0, 3, 40), rng.choice([0, 1, 2, 3, 64, 65, 299, 300, 1000], 40)
+    mixed = accountant.epsilons(groups, counts)
+    alone = [EventAccountant(events, DELTA).epsilon(int(g), int(n)) for g, n in zip(groups, counts)]
+    np.testing.assert_array_equal(mixed, alone)
+    assert len(set(mixed.tolist())) > 15  # the rows differ: a misaligned lookup could not pass by chance
+    with pytest.raises(ValueError, match=r"counts=\[-1\] are not allowed"):
+        accountant.epsilons([0], [-1])
 
 
 def test_swor_epsilons_equal_dp_accounting_default_accountant(memoized_forward_diffs):
