@@ -13,7 +13,9 @@ machine hits them alike; a row gives its median round time and the median (quart
 the plain round. DP rows use fixed noise multipliers (no calibration).
 
 Rows marked "(argsort)" run the same defense with the stable-argsort selection that ``pruning.keep_above_rank``
-(sort-free bisection, same masks) replaced, swapped in for that row only. For every DP row, the host accounting
+(sort-free bisection, same masks) replaced, swapped in for that row only; rows marked "(all slots)" compute
+every batch slot of a step, as before ``LocalSpec.slot_chunk`` computed Poisson batches in chunks up to their last
+example. For every DP row, the host accounting
 part of its round (``PrivacyTracker.record_round`` and ``summary``, on a copy of the run's tracker, over
 ``--rounds`` x 20 further rounds) is given in microseconds and as a share of that row's median round. A last line
 times the selection alone, vmapped over the cohort's messages of the model's largest leaf.
@@ -37,6 +39,7 @@ import numpy as np  # noqa: E402
 
 from fedjaxpriv.client import pruning  # noqa: E402
 from fedjaxpriv.config import ExperimentConfig, with_overrides  # noqa: E402
+from fedjaxpriv import experiment as experiment_module  # noqa: E402
 from fedjaxpriv.experiment import Experiment  # noqa: E402
 from fedjaxpriv.transforms import sparsify  # noqa: E402
 
@@ -54,6 +57,7 @@ DEFENSES: dict[str, list[str]] = {
                       "server.weighting=uniform"],
 }
 WITH_ARGSORT = ("pruning 0.5", "top-k 1%")  # also run with the previous selection
+WITH_ALL_SLOTS = ("Poisson batches", "DP-SGD z=1 Poisson")  # also run computing every batch slot
 
 
 def compiled(config: ExperimentConfig) -> list:
@@ -85,6 +89,17 @@ def argsort_keep_above_rank(scores: jax.Array, num_removed: jax.Array) -> jax.Ar
     order = jnp.argsort(flat, stable=True)
     ranks = jnp.zeros(flat.shape, jnp.int32).at[order].set(jnp.arange(flat.size, dtype=jnp.int32))
     return (ranks >= num_removed).astype(jnp.float32).reshape(scores.shape)
+
+
+@contextlib.contextmanager
+def all_slots():
+    """Runs built inside the block compute every batch slot of a step (``LocalSpec.slot_chunk`` 0)."""
+    saved = experiment_module.slot_chunk
+    experiment_module.slot_chunk = lambda *args: 0
+    try:
+        yield
+    finally:
+        experiment_module.slot_chunk = saved
 
 
 @contextlib.contextmanager
@@ -137,7 +152,8 @@ def main() -> None:
     variants = {}
     for name in names:
         for label, selection in [(name, contextlib.nullcontext())] + (
-                [(f"{name} (argsort)", argsort_selection())] if name in WITH_ARGSORT else []):
+                [(f"{name} (argsort)", argsort_selection())] if name in WITH_ARGSORT else []) + (
+                [(f"{name} (all slots)", all_slots())] if name in WITH_ALL_SLOTS else []):
             with selection:  # the selection is traced into the program while it compiles
                 variants[label] = compiled(with_overrides(base, DEFENSES[name]))
     times = {label: [] for label in variants}

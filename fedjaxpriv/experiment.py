@@ -17,7 +17,7 @@ import numpy as np
 
 from fedjaxpriv import evaluation
 from fedjaxpriv.client.local import LocalSpec
-from fedjaxpriv.client.sampling import overflow_probability
+from fedjaxpriv.client.sampling import overflow_probability, slot_chunk
 from fedjaxpriv.client.settings import SETTING_KNOBS, ClientSettings, make_settings, per_client_array, with_extra
 from fedjaxpriv.config import (POPULATION_RECIPE_FIELDS, USER_SUPPLIED, DataConfig, ExperimentConfig,
                                ModelConfig, is_table, is_text)
@@ -292,7 +292,8 @@ def local_spec(config: ExperimentConfig, settings: ClientSettings, counts: np.nd
         num_classes=num_classes, per_example=uses_dp, mixup=bool(np.any(settings.mixup_alpha > 0)),
         prune=c.prune_method if np.any(settings.prune_sparsity > 0) else None, prune_scope=c.prune_scope,
         momentum=c.momentum, prox=bool(np.any(settings.prox_mu > 0)), poisson=bool(np.any(settings.poisson)),
-        conv_as_matmul=plan.conv_as_matmul, outer_product_grads=plan.outer_product_grads, unroll=plan.unroll,
+        slot_chunk=slot_chunk(settings, counts, slots, uses_dp), conv_as_matmul=plan.conv_as_matmul,
+        outer_product_grads=plan.outer_product_grads, unroll=plan.unroll,
         task=task)
 
 

@@ -41,6 +41,11 @@ class LocalSpec:
       momentum: local SGD momentum (0 = plain SGD).
       prox: add FedProx's proximal term (per-client ``prox_mu``; False skips it when every mu is 0).
       poisson: some client samples Poisson batches (False skips the Poisson draws for everyone).
+      slot_chunk: > 0: a step computes its batch slots in chunks of this many, up to the chunk that holds the
+        last real example (a while loop), so Poisson batches pay for the slots they fill, not for their tail
+        (execution only, equal to float rounding: the loss and gradient are sums over examples, each through its
+        own forward pass under DP-SGD; for other steps the model must not mix examples of a batch, which no
+        built-in model does). 0: all slots at once (and differentiable in the batch, as the attacks need).
       unroll: scan unroll factor over local steps (execution only; results are unchanged).
       conv_as_matmul: run the model's convolutions as patches x kernel matrix products (execution only;
         fast on CPU inside loops and under vmap, see ``parallel.conv_as_matmul``).
@@ -64,6 +69,7 @@ class LocalSpec:
     conv_as_matmul: bool = False
     outer_product_grads: bool = False
     poisson: bool = True
+    slot_chunk: int = 0
     task: Task = CLASSIFICATION
 
     def __post_init__(self) -> None:
@@ -143,13 +149,66 @@ def dp_sgd_gradient(apply_fn: ApplyFn, params: Params, x: jax.Array, targets: ja
     sum and the losses from one forward and backward pass weighted by the clipping multipliers
     (``_weighted_gradient_sum``): the same sum to float rounding as clipping [B, params] per-example gradients,
     without forming them (``benchmarks/bench_dpsgd.py``)."""
-    norms = ghost.per_example_norms(apply_fn, params, x, targets, loss)
-    weights = dp_ops.clip_weights(norms, mask, settings.dp_clip_norm)
+    loss_sum, total = _clipped_sums(apply_fn, params, x, targets, loss, mask, settings.dp_clip_norm)
+    return _step_means(True, loss_sum, total, mask, settings, key, denominator)
+
+
+def _clipped_sums(apply_fn: ApplyFn, params: Params, x: jax.Array, targets: jax.Array, loss: PerExampleLoss,
+                  mask: jax.Array, clip_norm: jax.Array) -> tuple[jax.Array, Params]:
+    """(sum of the real examples' losses, sum of their gradients each clipped to ``clip_norm``): ghost norms, then
+    one weighted forward and backward pass."""
+    weights = dp_ops.clip_weights(ghost.per_example_norms(apply_fn, params, x, targets, loss), mask, clip_norm)
     losses, total = _weighted_gradient_sum(apply_fn, params, x, targets, loss, weights)
-    real = mask.astype(losses.dtype)
-    mean_loss = jnp.sum(losses * real) / jnp.maximum(jnp.sum(real), 1.0)
-    return mean_loss, SampleLevelDpSgd.noised_mean(total, settings.dp_clip_norm, settings.dp_noise_multiplier, key,
-                                                   denominator)
+    return jnp.sum(losses * mask.astype(losses.dtype)), total
+
+
+def _step_means(private: bool, loss_sum: jax.Array, total: Params, mask: jax.Array, settings: ClientSettings,
+                key: jax.Array, denominator: jax.Array) -> tuple[jax.Array, Params]:
+    """A step's (mean loss over the real examples, gradient) from the sums over them: DP-SGD's noisy mean
+    (``SampleLevelDpSgd.noised_mean``) when ``private``, else the mean gradient."""
+    real = jnp.maximum(jnp.sum(mask.astype(loss_sum.dtype)), 1.0)
+    if private:
+        return loss_sum / real, SampleLevelDpSgd.noised_mean(total, settings.dp_clip_norm,
+                                                             settings.dp_noise_multiplier, key, denominator)
+    return loss_sum / real, jax.tree_util.tree_map(lambda g: g / real.astype(g.dtype), total)
+
+
+def _example_sums(spec: LocalSpec, apply_fn: ApplyFn, params: Params, x: jax.Array, targets: jax.Array,
+                  mask: jax.Array, clip_norm: jax.Array) -> tuple[jax.Array, Params]:
+    """(sum of the real examples' losses, sum of their gradients: clipped to ``clip_norm`` each under DP-SGD,
+    ``spec.per_example``) of a batch or a part of one, before any noise or normalisation."""
+    if spec.per_example:
+        return _clipped_sums(apply_fn, params, x, targets, spec.task.training_loss, mask, clip_norm)
+
+    def summed_loss(p: Params) -> jax.Array:
+        per_example = spec.task.training_loss(apply_fn(p, x), targets)
+        return jnp.sum(per_example * mask.astype(per_example.dtype))
+
+    return jax.value_and_grad(summed_loss)(params)
+
+
+def _chunked_step(spec: LocalSpec, apply_fn: ApplyFn, params: Params, x: jax.Array, targets: jax.Array,
+                  mask: jax.Array, settings: ClientSettings, key: jax.Array,
+                  denominator: jax.Array) -> tuple[jax.Array, Params]:
+    """A step's (mean loss over real examples, gradient) from ``_example_sums`` over chunks of ``spec.slot_chunk``
+    slots, up to the chunk that holds the last real example (the rest is not computed): the same as the whole
+    batch at once to float rounding. Under DP-SGD the clipped sum gets its noise once, as in ``dp_sgd_gradient``.
+    Under ``vmap`` over clients the loop runs to the longest batch among them."""
+    chunk = spec.slot_chunk
+    padded = -(-mask.shape[0] // chunk) * chunk
+    x, targets, mask = (jnp.pad(a, [(0, padded - a.shape[0])] + [(0, 0)] * (a.ndim - 1)) for a in (x, targets, mask))
+    filled = jnp.max(jnp.where(mask, jnp.arange(1, padded + 1), 0))
+    part = lambda a, i: jax.lax.dynamic_slice_in_dim(a, i * chunk, chunk)  # noqa: E731
+
+    def add_chunk(i: jax.Array, sums: tuple[jax.Array, Params]) -> tuple[jax.Array, Params]:
+        more = _example_sums(spec, apply_fn, params, part(x, i), part(targets, i), part(mask, i),
+                             settings.dp_clip_norm)
+        return jax.tree_util.tree_map(jnp.add, sums, more)
+
+    shapes = jax.eval_shape(lambda: add_chunk(jnp.int32(0), (jnp.float32(0), params)))
+    zero = jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+    loss_sum, total = jax.lax.fori_loop(0, (filled + chunk - 1) // chunk, add_chunk, zero)
+    return _step_means(spec.per_example, loss_sum, total, mask, settings, key, denominator)
 
 
 def training_mask(spec: LocalSpec, server_params: Params, settings: ClientSettings, key: jax.Array) -> Params | None:
@@ -209,7 +268,10 @@ def local_sgd(spec: LocalSpec, apply_fn: ApplyFn, start_params: Params, settings
         sample_key, mix_key, noise_key = jax.random.split(jax.random.fold_in(key, t), 3)
         x, targets, bmask = batch_at(t, sample_key, mix_key)
         active = t < settings.local_steps
-        if spec.per_example:
+        if spec.slot_chunk:
+            loss, grads = _chunked_step(spec, summed_apply if spec.per_example else apply_fn, params, x, targets,
+                                        bmask, settings, noise_key, denominator)
+        elif spec.per_example:
             loss, grads = dp_sgd_gradient(summed_apply, params, x, targets, loss_fn, bmask, settings, noise_key,
                                           denominator)
         else:

@@ -59,6 +59,24 @@ def poisson_max_batch(expected_batch: float, max_count: int, tail_sigmas: float 
     return int(min(max_count, math.ceil(slots)))
 
 
+CHUNKS_PER_EXPECTED_BATCH = 2  # slot_chunk: chunks per largest expected Poisson batch
+
+
+def slot_chunk(settings, counts: np.ndarray, slots: int, per_example: bool) -> int:
+    """Batch slots per chunk of a local step (``LocalSpec.slot_chunk``) for a population (``ClientSettings`` [C],
+    data sizes [C]) with ``slots`` slots per step: under DP-SGD (``per_example``) with Poisson batches, half the
+    largest expected batch (rounded up), so that a step computes about its batch plus a half instead of the tail
+    its slots are sized for. 0 (all slots at once) otherwise: without DP-SGD a slot costs too little for the loop
+    over chunks to pay on CPU (``benchmarks/bench_defenses.py``, rows "all slots"), and fixed-size batches fill
+    their slots."""
+    poisson = np.asarray(settings.poisson, bool)
+    if not (per_example and np.any(poisson)):
+        return 0
+    expected = np.asarray(settings.sample_rate, np.float64)[poisson] * np.asarray(counts, np.float64)[poisson]
+    chunk = max(1, math.ceil(float(np.max(expected)) / CHUNKS_PER_EXPECTED_BATCH))
+    return chunk if chunk < slots else 0
+
+
 # Per-step probability that a DP client's Poisson batch (or a DP round's Poisson cohort) overflows its slots.
 DP_OVERFLOW_TAIL = 1e-16
 

@@ -1,5 +1,6 @@
 """Execution strategies change speed, never results: host loop, conv-as-matmul and unrolling equal the default."""
 
+import dataclasses
 import functools
 
 import jax
@@ -183,6 +184,35 @@ def test_host_loop_equals_compiled_vmap(digits_population):
             _assert_trees_close(got, expected, atol=2e-5, rtol=1e-5)
     with pytest.raises(ValueError, match="outside"):
         jax.jit(lambda s, r: parallel.map_clients_host(fn, s, r))(shared, rows)
+
+
+@pytest.mark.parametrize("per_example", [True, False])
+def test_chunked_batch_slots_equal_all_slots_at_once_and_stop_after_the_last_real_example(digits_population,
+                                                                                           per_example):
+    """``LocalSpec.slot_chunk``: a step computes its slots in chunks up to the one holding the last real example.
+    Poisson, fixed-size, mixup and DP-SGD clients (``per_example``) and a client with no steps, vmapped together:
+    the deltas and losses equal those of all slots at once to float rounding, for chunks that divide the slots and
+    one that does not. The Poisson batches fill fewer slots than they have, so chunks were skipped."""
+    population, _, info = digits_population
+    model, settings, pop, params = _client_problem(population, info)
+    ids = jnp.arange(4, dtype=jnp.int32)
+    settings = jax.tree_util.tree_map(lambda a: a[ids], settings)._replace(
+        poisson=jnp.array([True, True, False, True]), sample_rate=(6.0 / pop.counts[ids]).astype(jnp.float32))
+    spec = LocalSpec(max_steps=4, max_batch=24, max_count=population.max_count, num_classes=info.num_classes,
+                     per_example=per_example, mixup=True)
+    rows = {"id": ids, "offset": pop.offsets[ids], "count": pop.counts[ids], "settings": settings}
+    shared = (params, pop.x, pop.y, jax.random.key(11))
+
+    def run(chunk):
+        fn = functools.partial(_one_client, dataclasses.replace(spec, slot_chunk=chunk), model.apply)
+        return jax.jit(lambda s, r: parallel.map_clients(functools.partial(fn, s), r, chunk_size=4))(shared, rows)
+
+    whole = run(0)
+    assert float(jnp.max(jnp.abs(whole[0][0]["Dense_0"]["kernel"]))) > 1e-3
+    assert float(whole[1][1]) == 0.0  # client 1 runs no steps
+    for chunk in (4, 5):
+        _assert_trees_close(run(chunk), whole, atol=2e-5, rtol=1e-5)
+    assert 6 + 4 * np.sqrt(6) < spec.max_batch  # Poisson batches of mean 6 leave the last slots idle
 
 
 def test_slot_rows_hold_each_clients_value_exactly_in_every_strategy_and_cost_no_width_times_chunk_memory():
