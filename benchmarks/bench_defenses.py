@@ -166,15 +166,15 @@ def main() -> None:
     plain = np.asarray(times["plain"])
     print(f"{jax.devices()[0].platform} x{jax.device_count()}, model {args.model}, {args.clients} clients x "
           f"{args.steps} steps of batch {args.batch}; {args.rounds} interleaved repeats")
-    print(f"{'defense':<28} {'round ms':>9} {'x plain (q25-q75)':>22}")
+    print(f"{'defense':<32} {'round ms':>9} {'x plain (q25-q75)':>22}")
     for label, values in times.items():
         q25, q50, q75 = np.percentile(np.asarray(values) / plain, [25, 50, 75])
-        print(f"{label:<28} {1e3 * statistics.median(values):9.2f} {q50:9.2f} ({q25:.2f}-{q75:.2f})", flush=True)
-    print(f"\n{'host accounting per round':<28} {'us':>9} {'% of round':>11}")
+        print(f"{label:<32} {1e3 * statistics.median(values):9.2f} {q50:9.2f} ({q25:.2f}-{q75:.2f})", flush=True)
+    print(f"\n{'host accounting per round':<32} {'us':>9} {'% of round':>11}")
     for label, (experiment, state) in variants.items():
         if experiment.privacy.active:
             seconds = accounting_seconds(experiment, args.rounds * 20)
-            print(f"{label:<28} {1e6 * seconds:9.1f} {100 * seconds / statistics.median(times[label]):10.2f}%")
+            print(f"{label:<32} {1e6 * seconds:9.1f} {100 * seconds / statistics.median(times[label]):10.2f}%")
 
     experiment = variants["plain"][0]
     size = max(leaf.size for leaf in jax.tree_util.tree_leaves(experiment.initial_state.params))

@@ -13,9 +13,10 @@ plain, ...) so that load on the machine hits them alike:
   ``client.ghost``, the clipped sum from one weighted backward pass);
 * ``dp-sgd (per-example norms)``: the norms from the [B, params] per-example gradients instead, the clipped sum
   as above;
-* ``dp-sgd (weighted per-example)``: the clipped sum formed by weighting the per-example gradients
-  (``SampleLevelDpSgd.noisy_gradient``).
-The two older forms are swapped in while their experiments compile.
+* ``dp-sgd (weighted per-example)``: the clipped sum formed by clipping the per-example gradients and summing
+  them (``client.dp.clipped_sum``, as ``SampleLevelDpSgd.noisy_gradient``).
+The two older forms are swapped in for ``client.local._clipped_sums`` while their experiments compile; the noise,
+the mean and (with Poisson batches) the chunks of slots are the same for all three.
 
 Prints each variant's median round time, its ratio to the plain round (median and quartiles of the per-repeat
 ratios) and each older form's time over ``dp-sgd``'s per repeat; every DP-SGD form starts from the same state with
@@ -40,35 +41,32 @@ from fedjaxpriv.client import dp as dp_ops, local  # noqa: E402
 from bench_defenses import workload_config, workload_parser  # noqa: E402
 from fedjaxpriv.config import with_overrides  # noqa: E402
 from fedjaxpriv.experiment import Experiment  # noqa: E402
-from fedjaxpriv.privacy.mechanisms import SampleLevelDpSgd  # noqa: E402
 
 
-def weighted_per_example(apply_fn, params, x, targets, loss, mask, settings, key, denominator):
-    """DP-SGD's step by weighting the per-example gradients, its loss from a forward pass of its own."""
+def weighted_per_example(apply_fn, params, x, targets, loss, mask, clip_norm):
+    """The clipped sum by clipping and summing the per-example gradients, the losses from a batch forward pass."""
     grads = local._per_example_grads(apply_fn, params, x, targets, loss)
-    return local.batch_loss(apply_fn, params, x, targets, mask, loss), SampleLevelDpSgd.noisy_gradient(
-        grads, mask, settings.dp_clip_norm, settings.dp_noise_multiplier, key, denominator)
+    per_example = loss(apply_fn(params, x), targets)
+    return jnp.sum(per_example * mask.astype(per_example.dtype)), dp_ops.clipped_sum(grads, mask, clip_norm)
 
 
-def per_example_norms(apply_fn, params, x, targets, loss, mask, settings, key, denominator):
-    """DP-SGD's step with its clipping multipliers from the per-example gradients' norms."""
+def per_example_norms(apply_fn, params, x, targets, loss, mask, clip_norm):
+    """The clipping multipliers from the per-example gradients' norms, the clipped sum from one weighted pass."""
     norms = dp_ops.per_example_global_norms(local._per_example_grads(apply_fn, params, x, targets, loss))
-    weights = dp_ops.clip_weights(norms, mask, settings.dp_clip_norm)
-    losses, total = local._weighted_gradient_sum(apply_fn, params, x, targets, loss, weights)
-    real = mask.astype(losses.dtype)
-    mean_loss = jnp.sum(losses * real) / jnp.maximum(jnp.sum(real), 1.0)
-    return mean_loss, SampleLevelDpSgd.noised_mean(total, settings.dp_clip_norm, settings.dp_noise_multiplier, key,
-                                                   denominator)
+    losses, total = local._weighted_gradient_sum(apply_fn, params, x, targets, loss,
+                                                 dp_ops.clip_weights(norms, mask, clip_norm))
+    return jnp.sum(losses * mask.astype(losses.dtype)), total
 
 
 @contextlib.contextmanager
 def swapped_in(form):
-    saved = local.dp_sgd_gradient
-    local.dp_sgd_gradient = form
+    """DP-SGD's clipped sums (``client.local._clipped_sums``: whole batches and chunks of slots) by ``form``."""
+    saved = local._clipped_sums
+    local._clipped_sums = form
     try:
         yield
     finally:
-        local.dp_sgd_gradient = saved
+        local._clipped_sums = saved
 
 
 def main() -> None:

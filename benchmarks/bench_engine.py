@@ -296,13 +296,16 @@ def main() -> None:
     parser.add_argument("--explore", action="store_true", help="also time other engine strategies")
     parser.add_argument("--models", default="mlp,cnn", help="comma-separated subset of mlp,cnn")
     parser.add_argument("--repeats", type=int, default=None, help="timed runs per row (median reported)")
+    parser.add_argument("--mlp-clients", type=int, default=None, help="MLP clients (default 1000, --quick 200)")
+    parser.add_argument("--cnn-clients", type=int, default=None, help="CNN clients (default 100, --quick 16)")
     args = parser.parse_args()
     parallel.use_cpu_cores()  # as the command line does: one CPU device per core for the client mesh
     repeats = args.repeats or (2 if args.quick else 3)
     workloads = {
-        "mlp": Workload("MLP 64-128-10 (9.6k params)", "mlp", (64,), 200 if args.quick else 1000,
-                        (("hidden", (128,)),)),
-        "cnn": Workload("McMahan CNN 28x28 (1.66M params)", "cnn", (28, 28, 1), 16 if args.quick else 100),
+        "mlp": Workload("MLP 64-128-10 (9.6k params)", "mlp", (64,),
+                        args.mlp_clients or (200 if args.quick else 1000), (("hidden", (128,)),)),
+        "cnn": Workload("McMahan CNN 28x28 (1.66M params)", "cnn", (28, 28, 1),
+                        args.cnn_clients or (16 if args.quick else 100)),
     }
     backend = jax.default_backend()
     print(f"backend={backend} devices={jax.device_count()} cores={os.cpu_count()} jax={jax.__version__} "

@@ -190,7 +190,10 @@ def parse_value(field: str, value: Any, rule: Rule) -> Any:
         parsed = _element(value, rule)
         return (parsed,) if rule.shape == "list" else parsed
     except (TypeError, ValueError, OverflowError):
-        raise ValueError(f"{field}={value!r} is invalid; allowed: {describe(rule)}.") from None
+        # YAML 1.1 (PyYAML) reads unquoted on/off/yes/no/true/false as booleans.
+        hint = " (a YAML file reads unquoted on/off/yes/no as true/false: quote the value)" if isinstance(
+            value, bool) else ""
+        raise ValueError(f"{field}={value!r} is invalid; allowed: {describe(rule)}{hint}.") from None
 
 
 def _parse_fields(section: Any, prefix: str) -> None:

@@ -654,8 +654,8 @@ class DecentralizedExperiment(Experiment):
     message-level epsilons are accounted per node from the rounds it trains in (a node's model is
     post-processing of what it and its neighbours released).
 
-    History: ``train_loss``, ``local_steps_mean`` (over the nodes that trained), ``bytes_per_client`` (a node's
-    float32 model, sent whole to each neighbour: compressing the update does not shrink it), ``bytes_total``,
+    History: ``train_loss``, ``local_steps_mean`` (over the nodes that trained), ``bytes_per_client`` (what a node
+    online sends each neighbour, its float32 model: compressing the update does not shrink it), ``bytes_total``,
     ``consensus_distance``; at evaluations ``test_loss`` / ``test_accuracy`` of the nodes' average model and the
     distribution of each node's own accuracy (``node_test_accuracy_*``; ``node_metrics``).
 
@@ -818,7 +818,7 @@ class DecentralizedExperiment(Experiment):
         record: Record = {
             "round": round_index + 1, "participants": int(trained.sum()),
             "train_loss": float(np.sum(out.loss[trained])) / n, "local_steps_mean": float(np.sum(out.steps)) / n,
-            "bytes_per_client": float(np.mean(sent_bytes)),
+            "bytes_per_client": float(np.mean(sent_bytes[online])) if np.any(online) else 0.0,  # nodes that sent
             "bytes_total": float(np.sum(sent_bytes * out_degrees(self.topology, online))),
             "consensus_distance": float(out.consensus), "round_time_s": elapsed}
         if self.dropout:

@@ -25,7 +25,8 @@ def _grads(key, scale=3.0):
 
 
 def _flat(tree):
-    return np.concatenate([np.asarray(leaf).reshape(np.shape(leaf)[0], -1) for leaf in jax.tree_util.tree_leaves(tree)], 1)
+    leaves = jax.tree_util.tree_leaves(tree)
+    return np.concatenate([np.asarray(leaf).reshape(np.shape(leaf)[0], -1) for leaf in leaves], 1)
 
 
 def _tree_flat(tree):

@@ -186,7 +186,7 @@ def test_host_loop_equals_compiled_vmap(digits_population):
         jax.jit(lambda s, r: parallel.map_clients_host(fn, s, r))(shared, rows)
 
 
-@pytest.mark.parametrize("per_example", [True, False])
+@pytest.mark.parametrize("per_example", [True, pytest.param(False, marks=pytest.mark.slow)])
 def test_chunked_batch_slots_equal_all_slots_at_once_and_stop_after_the_last_real_example(digits_population,
                                                                                            per_example):
     """``LocalSpec.slot_chunk``: a step computes its slots in chunks up to the one holding the last real example.

@@ -561,6 +561,10 @@ def test_cli_bad_yaml_missing_file_and_bad_values(tmp_path):
                            "run.seed=99999999999999999999 is invalid")
     _assert_one_line_error(_cli("run", "--set", "client.local_steps=2.5", cwd=tmp_path),
                            "client.local_steps=2.5 is invalid")
+    (tmp_path / "onoff.yaml").write_text("client:\n  sampling: on\n")  # YAML 1.1 reads on as true
+    _assert_one_line_error(_cli("run", "--config", "onoff.yaml", cwd=tmp_path),
+                           "client.sampling=True is invalid; allowed: one of ['fixed', 'poisson'] (a YAML file "
+                           "reads unquoted on/off/yes/no as true/false: quote the value)")
 
 
 def test_cli_unusable_output_directories(tmp_path):
