@@ -292,8 +292,8 @@ def local_spec(config: ExperimentConfig, settings: ClientSettings, counts: np.nd
         num_classes=num_classes, per_example=uses_dp, mixup=bool(np.any(settings.mixup_alpha > 0)),
         prune=c.prune_method if np.any(settings.prune_sparsity > 0) else None, prune_scope=c.prune_scope,
         momentum=c.momentum, prox=bool(np.any(settings.prox_mu > 0)), poisson=bool(np.any(settings.poisson)),
-        slot_chunk=slot_chunk(settings, counts, slots, uses_dp), conv_as_matmul=plan.conv_as_matmul,
-        outer_product_grads=plan.outer_product_grads, unroll=plan.unroll,
+        slot_chunk=slot_chunk(settings, counts, slots, uses_dp or plan.structure.convolves),
+        conv_as_matmul=plan.conv_as_matmul, outer_product_grads=plan.outer_product_grads, unroll=plan.unroll,
         task=task)
 
 

@@ -62,15 +62,15 @@ def poisson_max_batch(expected_batch: float, max_count: int, tail_sigmas: float 
 CHUNKS_PER_EXPECTED_BATCH = 2  # slot_chunk: chunks per largest expected Poisson batch
 
 
-def slot_chunk(settings, counts: np.ndarray, slots: int, per_example: bool) -> int:
+def slot_chunk(settings, counts: np.ndarray, slots: int, costly_slots: bool) -> int:
     """Batch slots per chunk of a local step (``LocalSpec.slot_chunk``) for a population (``ClientSettings`` [C],
-    data sizes [C]) with ``slots`` slots per step: under DP-SGD (``per_example``) with Poisson batches, half the
-    largest expected batch (rounded up), so that a step computes about its batch plus a half instead of the tail
-    its slots are sized for. 0 (all slots at once) otherwise: without DP-SGD a slot costs too little for the loop
-    over chunks to pay on CPU (``benchmarks/bench_defenses.py``, rows "all slots"), and fixed-size batches fill
-    their slots."""
+    data sizes [C]) with ``slots`` slots per step: with Poisson batches whose slots are ``costly_slots`` (DP-SGD's
+    ghost norms and weighted pass, or a convolutional model), half the largest expected batch (rounded up), so that
+    a step computes about its batch plus a half instead of the tail its slots are sized for. 0 (all slots at once)
+    otherwise: a dense model's slot without DP-SGD costs too little for the loop over chunks to pay on CPU
+    (``benchmarks/bench_defenses.py``, rows "all slots"), and fixed-size batches fill their slots."""
     poisson = np.asarray(settings.poisson, bool)
-    if not (per_example and np.any(poisson)):
+    if not (costly_slots and np.any(poisson)):
         return 0
     expected = np.asarray(settings.sample_rate, np.float64)[poisson] * np.asarray(counts, np.float64)[poisson]
     chunk = max(1, math.ceil(float(np.max(expected)) / CHUNKS_PER_EXPECTED_BATCH))

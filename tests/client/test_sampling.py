@@ -65,17 +65,17 @@ def test_skipping_poisson_draws_does_not_change_fixed_batches():
     np.testing.assert_array_equal(a[1], b[1])
 
 
-def test_dp_poisson_steps_are_computed_in_chunks_of_half_the_largest_expected_batch():
-    """``slot_chunk``: DP-SGD with Poisson batches gets chunks of ceil(max expected batch / 2); without DP-SGD, with
-    fixed-size batches only, or when one chunk would hold every slot, the step computes all slots at once (0)."""
+def test_costly_poisson_steps_are_computed_in_chunks_of_half_the_largest_expected_batch():
+    """``slot_chunk``: Poisson batches with costly slots (DP-SGD or a convolutional model) get chunks of ceil(max
+    expected batch / 2); cheap slots, fixed-size batches only, or one chunk holding every slot: all slots at once."""
     from fedjaxpriv.client.sampling import slot_chunk
     from fedjaxpriv.client.settings import make_settings
 
     counts = np.array([64, 100, 30])
     settings = make_settings(3, counts, batch_size=[16, 16, 16], poisson=[True, True, False])
     expected = np.asarray(settings.sample_rate)[:2] * counts[:2]
-    assert slot_chunk(settings, counts, 45, per_example=True) == math.ceil(expected.max() / 2) == 8
-    assert slot_chunk(settings, counts, 45, per_example=False) == 0
-    assert slot_chunk(settings, counts, 8, per_example=True) == 0
+    assert slot_chunk(settings, counts, 45, costly_slots=True) == math.ceil(expected.max() / 2) == 8
+    assert slot_chunk(settings, counts, 45, costly_slots=False) == 0
+    assert slot_chunk(settings, counts, 8, costly_slots=True) == 0
     fixed = make_settings(3, counts, batch_size=[16, 16, 16], poisson=False)
-    assert slot_chunk(fixed, counts, 45, per_example=True) == 0
+    assert slot_chunk(fixed, counts, 45, costly_slots=True) == 0
