@@ -158,11 +158,8 @@ class EventAccountant:
                 out[i] = pld.get_epsilon(float(d))
             return out
         curves = self._curves[groups] * counts[:, None].astype(np.float64)
-        out = np.empty(groups.shape[0])
-        for d in np.unique(deltas):
-            rows = deltas == d
-            out[rows] = rdp_lib.epsilons_from_rdp(self.orders, curves[rows], float(d), self.conversion)
-        return out
+        one = deltas.size and np.all(deltas == deltas[0])  # one delta (no truncation charge): the scalar form
+        return rdp_lib.epsilons_from_rdp(self.orders, curves, float(deltas[0]) if one else deltas, self.conversion)
 
     def _compute(self, groups: np.ndarray, counts: np.ndarray) -> np.ndarray:
         slack_steps = counts * self.truncation_probabilities[groups]

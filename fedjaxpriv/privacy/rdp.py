@@ -414,9 +414,10 @@ def _swor_integer_rdp(q: np.ndarray, sigma: np.ndarray, alphas: tuple[int, ...])
 # ----------------------------------------------------------------------------- conversion
 
 
-def epsilons_from_rdp(orders: Sequence[float], rdp: ArrayLike, delta: float,
+def epsilons_from_rdp(orders: Sequence[float], rdp: ArrayLike, delta: float | ArrayLike,
                       conversion: str = "improved") -> np.ndarray:
-    """Epsilon at ``delta`` of every RDP curve: rdp [N, A] (in general [..., A]) -> epsilon [N].
+    """Epsilon at ``delta`` of every RDP curve: rdp [N, A] (in general [..., A]) -> epsilon [N]. ``delta`` is one
+    value or one per curve ([N], in general [...]), e.g. each curve's delta less its truncation charge.
 
     ``"improved"``: ``dp_accounting.rdp.compute_epsilon`` row by row. Per order a with RDP r: 0 if r < 0
     (numerical noise) or if delta^2 + expm1(-r) > 0 (KL bound); ``r + log(1 - 1/a) - log(delta a)/(a - 1)``
@@ -426,7 +427,14 @@ def epsilons_from_rdp(orders: Sequence[float], rdp: ArrayLike, delta: float,
     """
     if conversion not in CONVERSIONS:
         raise ValueError(f"conversion={conversion!r} is not allowed: use one of {CONVERSIONS}.")
-    delta = check_delta(delta)
+    if np.ndim(delta) == 0:
+        delta = check_delta(delta)
+    else:  # one per curve: a trailing axis so that it broadcasts against the orders
+        delta = np.asarray(delta, np.float64)
+        if not np.all((delta > 0.0) & (delta < 1.0)):
+            bad = delta[~((delta > 0.0) & (delta < 1.0))][:3]
+            raise ValueError(f"delta={bad} is not allowed: every delta must satisfy 0 < delta < 1.")
+        delta = delta[..., None]
     alphas = np.asarray(orders, dtype=np.float64)
     if alphas.ndim != 1 or alphas.size == 0:
         raise ValueError(f"orders={orders!r} is not allowed: it must be a non-empty 1-D sequence.")
@@ -440,6 +448,9 @@ def epsilons_from_rdp(orders: Sequence[float], rdp: ArrayLike, delta: float,
     if np.isnan(rdp).any():
         index = [int(i) for i in np.argwhere(np.isnan(rdp))[0]]
         raise ValueError(f"rdp{index}=nan is not allowed: RDP values must be numbers (inf is fine).")
+    if isinstance(delta, np.ndarray):
+        if delta.shape[:-1] != rdp.shape[:-1]:
+            raise ValueError(f"delta has shape {delta.shape[:-1]}: one per curve of rdp {rdp.shape} is needed.")
     if conversion == "classic":
         return _classic_epsilons(alphas, rdp, delta)
     return _improved_epsilons(alphas, rdp, delta)
@@ -450,31 +461,41 @@ def _columns(rdp: np.ndarray, keep: np.ndarray) -> np.ndarray:
     return rdp if keep.all() else rdp[..., keep]
 
 
-def _classic_epsilons(alphas: np.ndarray, rdp: np.ndarray, delta: float) -> np.ndarray:
+def _log(value: float | np.ndarray) -> float | np.ndarray:
+    """``math.log`` of one delta, ``np.log`` of one per curve (``epsilons_from_rdp``)."""
+    return np.log(value) if isinstance(value, np.ndarray) else math.log(value)
+
+
+def _classic_epsilons(alphas: np.ndarray, rdp: np.ndarray, delta: float | np.ndarray) -> np.ndarray:
     usable = alphas > 1.0
     if not usable.any():
         return np.full(rdp.shape[:-1], np.inf)
-    eps = (_columns(rdp, usable) + math.log(1.0 / delta) / (alphas[usable] - 1.0)).min(axis=-1)
+    eps = (_columns(rdp, usable) + _log(1.0 / delta) / (alphas[usable] - 1.0)).min(axis=-1)
     return np.maximum(eps, 0.0)
 
 
-def _kl_or_negative_rows(rdp: np.ndarray, delta: float) -> np.ndarray:
+def _kl_or_negative_rows(rdp: np.ndarray, delta: float | np.ndarray) -> np.ndarray:
     """Rows [...] with an order where r < 0 or delta^2 + expm1(-r) > 0 (compute_epsilon's epsilon-0 cases).
 
     The exact test runs only on rows that have an r below a slightly widened threshold -log1p(-delta^2),
     which every r passing the test is under.
     """
     flat = rdp.reshape(-1, rdp.shape[-1])
-    threshold = -math.log1p(-(delta**2)) * (1.0 + 1e-6)
+    if isinstance(delta, np.ndarray):  # one per row
+        delta = np.broadcast_to(delta, rdp.shape[:-1] + (1,)).reshape(-1, 1)
+        threshold = -np.log1p(-(delta**2)) * (1.0 + 1e-6)
+    else:
+        threshold = -math.log1p(-(delta**2)) * (1.0 + 1e-6)
     candidates = np.flatnonzero((flat < threshold).any(axis=1))
     hit = np.zeros(flat.shape[0], dtype=bool)
     if candidates.size:
         r = flat[candidates]
-        hit[candidates] = ((r < 0.0) | (delta**2 + np.expm1(-r) > 0.0)).any(axis=1)
+        d = delta[candidates] if isinstance(delta, np.ndarray) else delta
+        hit[candidates] = ((r < 0.0) | (d**2 + np.expm1(-r) > 0.0)).any(axis=1)
     return hit.reshape(rdp.shape[:-1])
 
 
-def _improved_epsilons(alphas: np.ndarray, rdp: np.ndarray, delta: float) -> np.ndarray:
+def _improved_epsilons(alphas: np.ndarray, rdp: np.ndarray, delta: float | np.ndarray) -> np.ndarray:
     # An order with negative RDP or with the KL shortcut gives epsilon 0, so such a row's epsilon is 0.
     zero = _kl_or_negative_rows(rdp, delta)
     usable = alphas > 1.01

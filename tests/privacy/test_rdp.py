@@ -372,3 +372,25 @@ def test_bad_conversion_inputs(kwargs, message):
     arguments.update(kwargs)
     with pytest.raises(ValueError, match=message):
         rdp.epsilons_from_rdp(**arguments)
+
+
+@pytest.mark.parametrize("conversion", ["improved", "classic"])
+def test_one_delta_per_curve_gives_each_curve_its_own_deltas_epsilon(conversion):
+    """``epsilons_from_rdp`` with a delta per curve (each curve's delta less its truncation charge) equals
+    converting each curve alone at its delta, including a curve at the improved conversion's KL shortcut (0)."""
+    from fedjaxpriv.privacy.rdp import DEFAULT_ORDERS, epsilons_from_rdp, poisson_gaussian_rdp
+
+    rng = np.random.default_rng(0)
+    q = rng.uniform(0.001, 0.3, 40)
+    curves = poisson_gaussian_rdp(q, np.full(40, 1.1), DEFAULT_ORDERS) * rng.integers(1, 2000, 40)[:, None]
+    curves[0] = 1e-14  # a curve whose epsilon is 0 by the KL shortcut
+    deltas = 10.0 ** rng.uniform(-9, -3, 40)
+    together = epsilons_from_rdp(DEFAULT_ORDERS, curves, deltas, conversion)
+    alone = [float(epsilons_from_rdp(DEFAULT_ORDERS, c[None], float(d), conversion)[0]) for c, d in zip(curves, deltas)]
+    np.testing.assert_allclose(together, alone, rtol=1e-12)
+    assert (together[0] == 0.0) == (conversion == "improved")  # only the improved conversion has the shortcut
+    assert len(set(np.round(together[1:], 6))) == 39
+    with pytest.raises(ValueError, match=r"every delta must satisfy 0 < delta < 1"):
+        epsilons_from_rdp(DEFAULT_ORDERS, curves, np.where(np.arange(40) == 3, 0.0, deltas), conversion)
+    with pytest.raises(ValueError, match="one per curve"):
+        epsilons_from_rdp(DEFAULT_ORDERS, curves, deltas[:5], conversion)
