@@ -328,11 +328,13 @@ def main() -> None:
         if work.model == "mlp":  # the ratio uses the faster of the two loops
             rows.append(("jax-loop", "the same, outer-product weight grads", jax_loop_runner(work, outer=True)))
         # Tiny MLP ops only lose to spinning thread pools; for the CNN both settings run, the best one counts.
-        for threads in sorted({1} if work.model == "mlp" else {1, os.cpu_count() or 1}):
+        cores = os.cpu_count() or 1
+        on_gpu = backend == "gpu"  # PyTorch then runs on CUDA too, where its CPU threads change nothing
+        for threads in sorted({1} if work.model == "mlp" or on_gpu else {1, cores}):
             rows.append(("torch-loop", f"PyTorch one client at a time, {threads} thr",
                          torch_loop_runner(work, threads)))
         chunk = work.clients if work.model == "mlp" else 25
-        for threads in sorted({os.cpu_count() or 1} | ({1} if work.model == "mlp" else set())):
+        for threads in sorted({cores} | ({1} if work.model == "mlp" and not on_gpu else set())):
             rows.append(("torch-vmap", f"torch.func.vmap, {chunk} clients, {threads} thr",
                          torch_vmap_runner(work, threads, chunk)))
         for method, label, runner in rows:

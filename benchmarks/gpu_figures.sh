@@ -1,5 +1,5 @@
 #!/bin/sh
-# The GPU table of benchmarks/README.md in one call of about 8 minutes on a machine with one NVIDIA GPU whose
+# The GPU table of benchmarks/README.md in one call of at most 9 minutes on a machine with one NVIDIA GPU whose
 # Python has jax (CUDA), flax, optax, chex, scikit-learn, scipy, pyyaml and PyTorch; dp-accounting (pure Python)
 # may come as a wheel in .whl/ (installed to /tmp/site). Each benchmark runs under its own time limit and
 # writes its table to OUT_DIR/<name>.txt as it goes, so a benchmark cut short still leaves what it printed.
@@ -29,7 +29,7 @@ run() {  # name, seconds, script and arguments
   cat "$out/$name.txt"
 }
 
-run engine 200 benchmarks/bench_engine.py --repeats 5 --mlp-clients 10000 --cnn-clients 2000
-run defenses 120 benchmarks/bench_defenses.py --model cnn --clients 100 --steps 5 --rounds 5
+run engine 300 benchmarks/bench_engine.py --repeats 3 --mlp-clients 5000 --cnn-clients 1000
+run defenses 90 benchmarks/bench_defenses.py --model cnn --clients 100 --steps 5 --rounds 5
 run dpsgd_mlp 60 benchmarks/bench_dpsgd.py --repeats 10
 run dpsgd_cnn 90 benchmarks/bench_dpsgd.py --model cnn --clients 100 --steps 5 --repeats 5
