@@ -107,3 +107,21 @@ def test_the_layout_refuses_split_data_under_the_host_strategy():
     data, budget = _run_parts(config)
     with pytest.raises(ValueError, match="run.shard_data=true needs run.strategy 'vmap' or 'loop'.*'host'"):
         build_layout(config, data, budget, make_mesh(2))
+
+
+@pytest.mark.slow
+def test_poisson_runs_chunk_their_slots_where_a_slot_is_costly():
+    """The run's local-training spec computes Poisson batches in chunks under DP-SGD and for a convolutional model,
+    and all slots at once for a dense model without DP-SGD (``client.sampling.slot_chunk``)."""
+    from fedjaxpriv.experiment import Experiment
+
+    def spec(**sections):
+        config = from_dict({"data": {"num_clients": 20}, "server": {"clients_per_round": 4}, **sections})
+        return Experiment(config, progress=False).spec
+
+    dp = spec(client={"sampling": "poisson", "dp_clip_norm": 1.0, "dp_noise_multiplier": 1.0})
+    assert 0 < dp.slot_chunk < dp.max_batch and dp.per_example
+    cnn = spec(client={"sampling": "poisson"}, model={"name": "cnn"})
+    assert 0 < cnn.slot_chunk < cnn.max_batch
+    assert spec(client={"sampling": "poisson"}).slot_chunk == 0
+    assert spec(client={"dp_clip_norm": 1.0, "dp_noise_multiplier": 1.0}).slot_chunk == 0  # fixed-size batches
