@@ -129,6 +129,9 @@ class EventAccountant:
         check_kind(accountant, conversion)
         check_delta(delta)
         self.events = list(events)
+        if len(self.events) > np.iinfo(np.int64).max // COUNT_LIMIT:
+            raise ValueError(f"{len(self.events)} distinct events are not allowed: at most "
+                             f"{np.iinfo(np.int64).max // COUNT_LIMIT} (the memo's keys are int64).")
         self.relation = event_relation(self.events)
         self.delta = float(delta)
         self.accountant = accountant
@@ -203,7 +206,9 @@ class EventAccountant:
             # RDP: the next counts of each missing one too, in the same vectorized conversion, so that a run whose
             # counts grow by one a round converts once every RDP_COUNTS_AHEAD rounds (PLD composes each count anew).
             ahead = RDP_COUNTS_AHEAD if self.accountant == "rdp" else 1
-            wanted = np.unique(np.unique(keys[unknown])[:, None] + np.arange(ahead)[None, :])
+            missing = np.unique(keys[unknown])
+            wanted = (missing[:, None] + np.arange(ahead)[None, :]).ravel()
+            wanted = np.unique(wanted[wanted // COUNT_LIMIT == np.repeat(missing // COUNT_LIMIT, ahead)])
             wanted = wanted[np.isnan(self._lookup(wanted))]
             computed = self._compute(wanted // COUNT_LIMIT, wanted % COUNT_LIMIT)
             at = np.searchsorted(self._known_keys, wanted)

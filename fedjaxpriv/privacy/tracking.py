@@ -197,7 +197,7 @@ class PrivacyTracker:
         self.participations = np.zeros(self.num_clients, np.int64)
         self.dp_steps = np.zeros(self.num_clients, np.int64)
         self.rounds = 0
-        self._lines: dict[tuple, str] = {}  # basis lines by (mechanism, arguments): ``_line``
+        self._lines: dict[tuple, tuple[Any, str]] = {}  # basis lines by (mechanism id, arguments): ``_line``
         if sample_level is not None:
             events, self._example_ids, truncation = sample_level.step_events()
             self._example = EventAccountant(events, delta, truncation_probabilities=truncation, **kwargs)
@@ -278,9 +278,9 @@ class PrivacyTracker:
     def _line(self, mechanism: Any, **kwargs: bool) -> str:
         """``mechanism.basis(accountant, delta, **kwargs).describe()``, built once per run (it never changes)."""
         key = (id(mechanism), tuple(sorted(kwargs.items())))
-        if key not in self._lines:
-            self._lines[key] = mechanism.basis(self.accountant_name, self.delta, **kwargs).describe()
-        return self._lines[key]
+        if key not in self._lines:  # the entry holds the mechanism, so its id is not reused while cached
+            self._lines[key] = (mechanism, mechanism.basis(self.accountant_name, self.delta, **kwargs).describe())
+        return self._lines[key][1]
 
     def _bounds(self) -> dict[str, tuple[np.ndarray, np.ndarray]]:
         """Per level with two bounds, each client's (amplified, unamplified) epsilon [C], computed once for
