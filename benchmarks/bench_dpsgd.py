@@ -46,8 +46,7 @@ from fedjaxpriv.experiment import Experiment  # noqa: E402
 def weighted_per_example(apply_fn, params, x, targets, loss, mask, clip_norm):
     """The clipped sum by clipping and summing the per-example gradients, the losses from a batch forward pass."""
     grads = local._per_example_grads(apply_fn, params, x, targets, loss)
-    per_example = loss(apply_fn(params, x), targets)
-    return jnp.sum(per_example * mask.astype(per_example.dtype)), dp_ops.clipped_sum(grads, mask, clip_norm)
+    return local.summed_loss(apply_fn, params, x, targets, mask, loss), dp_ops.clipped_sum(grads, mask, clip_norm)
 
 
 def per_example_norms(apply_fn, params, x, targets, loss, mask, clip_norm):

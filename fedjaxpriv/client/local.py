@@ -107,9 +107,15 @@ def batch_loss(apply_fn: ApplyFn, params: Params, x: jax.Array, targets: jax.Arr
 
     The default is the classification training loss: soft-label cross-entropy, targets [B, K].
     """
+    total = summed_loss(apply_fn, params, x, targets, mask, loss)
+    return total / jnp.maximum(jnp.sum(mask.astype(total.dtype)), 1.0)
+
+
+def summed_loss(apply_fn: ApplyFn, params: Params, x: jax.Array, targets: jax.Array, mask: jax.Array,
+                loss: PerExampleLoss = CLASSIFICATION.training_loss) -> jax.Array:
+    """Sum of the per-example ``loss`` over the real examples (``mask`` [B]) of a batch or a part of one: scalar."""
     per_example = loss(apply_fn(params, x), targets)
-    weights = mask.astype(per_example.dtype)
-    return jnp.sum(per_example * weights) / jnp.maximum(jnp.sum(weights), 1.0)
+    return jnp.sum(per_example * mask.astype(per_example.dtype))
 
 
 def _per_example_grads(apply_fn: ApplyFn, params: Params, x: jax.Array, targets: jax.Array,
@@ -179,12 +185,7 @@ def _example_sums(spec: LocalSpec, apply_fn: ApplyFn, params: Params, x: jax.Arr
     ``spec.per_example``) of a batch or a part of one, before any noise or normalisation."""
     if spec.per_example:
         return _clipped_sums(apply_fn, params, x, targets, spec.task.training_loss, mask, clip_norm)
-
-    def summed_loss(p: Params) -> jax.Array:
-        per_example = spec.task.training_loss(apply_fn(p, x), targets)
-        return jnp.sum(per_example * mask.astype(per_example.dtype))
-
-    return jax.value_and_grad(summed_loss)(params)
+    return jax.value_and_grad(summed_loss, argnums=1)(apply_fn, params, x, targets, mask, spec.task.training_loss)
 
 
 def _chunked_step(spec: LocalSpec, apply_fn: ApplyFn, params: Params, x: jax.Array, targets: jax.Array,
