@@ -298,7 +298,7 @@ def gossip_averaging(values: jax.Array, topology: Topology, steps: int, clip_nor
                          "erdos_renyi, exponential, complete.")
     values = jnp.asarray(values, jnp.float32)
     clipped, _ = dp_ops.clip_per_example(values, clip_norm)
-    noisy = clipped + noise_multiplier * clip_norm * jax.random.normal(key, values.shape, jnp.float32)
+    noisy = clipped + noise_multiplier * clip_norm * dp_ops.standard_normal(key, values.shape)
 
     def step(current: jax.Array, _: None) -> tuple[jax.Array, jax.Array]:
         return mix(current, topology), current

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from fedjaxpriv.client.dp import adaptive_clip_update, clip_per_example
+from fedjaxpriv.client.dp import adaptive_clip_update, clip_per_example, standard_normal
 from fedjaxpriv.privacy.mechanisms import SampleLevelDpSgd
 
 noisy_clipped_mean = SampleLevelDpSgd.noisy_gradient
@@ -94,6 +94,23 @@ def test_noise_std_right_by_ks_and_ten_percent_off_rejected():
     assert stats.kstest(noise, stats.norm(0, sigma).cdf).pvalue > 1e-3
     assert stats.kstest(noise, stats.norm(0, 1.1 * sigma).cdf).pvalue < 1e-6
     assert stats.kstest(noise, stats.norm(0, sigma / 1.1).cdf).pvalue < 1e-6
+
+
+def test_standard_normal_is_n01_and_the_two_words_of_a_hash_are_uncorrelated():
+    """Both 32-bit words of each threefry2x32 hash are used: word i and word i + ceil(n/2) come from one hash.
+    Their correlation, the lag-1 correlation and two keys' draws' correlation are within 4.5 standard errors
+    (1/sqrt(n)) of zero, and the draws pass a KS test against N(0, 1); a vmapped draw is each key's own draw."""
+    n = 100_001
+    x = np.asarray(standard_normal(jax.random.key(3), (n,)), np.float64)
+    assert stats.kstest(x, stats.norm(0, 1).cdf).pvalue > 1e-3
+    half = (n + 1) // 2
+    other = np.asarray(standard_normal(jax.random.key(4), (n,)), np.float64)
+    for a, b in ((x[:n - half], x[half:]), (x[:-1], x[1:]), (x, other)):
+        assert abs(np.corrcoef(a, b)[0, 1]) < 4.5 / np.sqrt(a.size)
+    keys = jax.random.split(jax.random.key(5), 3)
+    together = jax.jit(jax.vmap(lambda k: standard_normal(k, (7, 5))))(keys)
+    for key, row in zip(keys, together):
+        np.testing.assert_array_equal(np.asarray(row), np.asarray(standard_normal(key, (7, 5))))
 
 
 def test_adaptive_clip_matches_formula_without_noise():
