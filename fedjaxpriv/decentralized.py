@@ -604,9 +604,9 @@ def build_dsgd_round(apply_fn: ApplyFn, spec: LocalSpec, topology: Topology, *,
         mask = jnp.pad(mask, (0, total - num_nodes))
         rows = {**cohort_rows(state, population, settings, ids, mask, prune_schedule), "params": state.params,
                 "public": state.public}
-        _, (sent, half, kept, loss, steps, bits) = map_clients(lambda row: one_node(state, population, base, row),
-                                                               rows, chunk_size=chunk_size, strategy=strategy,
-                                                               mesh=mesh)
+        _, (sent, half, kept, loss, steps, bits) = map_clients(
+            lambda shared, row: one_node(*shared, row), rows, chunk_size=chunk_size, strategy=strategy, mesh=mesh,
+            shared=(NodesState(params=(), round=state.round, client_state=(), heard=(), public=()), population, base))
         public = state.public
         if choco_step is None:
             params = mix(sent, topology, jax.random.fold_in(round_key, 3), online if dropout else None)

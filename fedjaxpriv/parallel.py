@@ -4,8 +4,9 @@ A per-client function returns ``(summed, kept)``: ``summed`` is a pytree that is
 (e.g. weighted model deltas), ``kept`` is a small pytree returned per client (e.g. losses). Clients run in
 chunks of ``chunk_size``: within a chunk they are vectorized with ``vmap`` (strategy "vmap") or run one at a
 time (strategy "loop"); chunks run in a ``lax.scan`` whose carry is the running sum, so memory is
-O(chunk x params), never O(cohort x params). With a mesh, each chunk's client axis is sharded over the
-mesh's "clients" axis and XLA reduces the sum across devices.
+O(chunk x params), never O(cohort x params). With a mesh, each chunk's client axis is split over the
+mesh's "clients" axis: each device runs the program of its own clients (``shard_map``) and the sums are added
+across devices.
 
 ``map_clients_host`` runs the same chunks from a Python loop, one compiled call per chunk plus a compiled
 running sum: on XLA:CPU native convolutions inside compiled loops (``while``) run an order of magnitude
@@ -291,13 +292,42 @@ def sum_clients(summed: Any, batched: bool = True) -> Any:
     return jax.tree_util.tree_map(reduce, summed, is_leaf=lambda x: isinstance(x, SlotRows))
 
 
-def map_clients(fn: Callable[[Any], tuple[Any, Any]], inputs: Any, *, chunk_size: int, strategy: str = "vmap",
-                mesh: Mesh | None = None, prepare: Callable[[Any], Any] | None = None) -> tuple[Any, Any]:
+def _chunk_program(fn: Callable[[Any, Any], tuple[Any, Any]], shared: Any, rows: Any) -> tuple[Any, Any]:
+    """One chunk of clients on one device: the plain one-client program for a chunk of 1, ``vmap`` otherwise."""
+    if jax.tree_util.tree_leaves(rows)[0].shape[0] == 1:  # no batching rules involved
+        summed, kept = fn(shared, jax.tree_util.tree_map(lambda a: a[0], rows))
+        return sum_clients(summed, batched=False), jax.tree_util.tree_map(lambda a: a[None], kept)
+    summed, kept = jax.vmap(fn, in_axes=(None, 0))(shared, rows)
+    return sum_clients(summed), kept
+
+
+def _per_device(run_chunk: Callable[[Any, Any], tuple[Any, Any]], mesh: Mesh) -> Callable[[Any, Any], tuple[Any, Any]]:
+    """``run_chunk`` ((shared, rows) -> (sum over the rows, kept rows)) on each device's rows of a chunk split over
+    the mesh's "clients" axis, ``shared`` replicated (``shard_map``); the sums are added over the devices
+    (``psum``), kept rows stay split.
+
+    Each device compiles and runs the program of its own clients only. Left to the partitioner (a sharding
+    constraint on the chunk), a vmapped ``top_k`` (the batch sampler) has no partitioning rule: every step
+    all-gathered the chunk's sampling scores and ran every device's clients' ``top_k`` on each device.
+    """
+
+    def per_device(shared: Any, rows: Any) -> tuple[Any, Any]:
+        chunk_sum, kept = run_chunk(shared, rows)
+        return jax.lax.psum(chunk_sum, CLIENT_AXIS), kept
+
+    return jax.shard_map(per_device, mesh=mesh, in_specs=(P(), P(CLIENT_AXIS)), out_specs=(P(), P(CLIENT_AXIS)),
+                         check_vma=False)
+
+
+def map_clients(fn: Callable[..., tuple[Any, Any]], inputs: Any, *, chunk_size: int, strategy: str = "vmap",
+                mesh: Mesh | None = None, prepare: Callable[[Any], Any] | None = None,
+                shared: Any = None) -> tuple[Any, Any]:
     """Runs ``fn`` on every client row of ``inputs``; sums the first output, stacks the second.
 
     Args:
-      fn: one client's function: input row (pytree of per-client leaves) -> (summed pytree, kept pytree); a
-        ``SlotRows`` in ``summed`` puts the client's value in its row of a [width, ...] output instead.
+      fn: one client's function: input row (pytree of per-client leaves) -> (summed pytree, kept pytree), or
+        (shared, row) -> (summed, kept) when ``shared`` is given; a ``SlotRows`` in ``summed`` puts the client's
+        value in its row of a [width, ...] output instead.
       inputs: pytree whose leaves have a leading client axis [K, ...]. Rows beyond the real clients must
         make ``fn`` return zeros in ``summed`` (the caller masks them) and no slot of a ``SlotRows``.
       chunk_size: clients per chunk (a multiple of the mesh size is used).
@@ -305,6 +335,10 @@ def map_clients(fn: Callable[[Any], tuple[Any, Any]], inputs: Any, *, chunk_size
       mesh: optional mesh with a "clients" axis; the chunk axis is sharded over it.
       prepare: optional ``chunk rows -> chunk rows`` run on each chunk before ``fn`` (e.g. fetching the chunk's
         examples with ``gather_examples``), so that what it adds exists for one chunk at a time.
+      shared: optional pytree every client reads (e.g. the server model), replicated on every device of the mesh.
+        With a mesh, pass what ``fn`` differentiates through here rather than closing over it: each device runs
+        its clients' program in a ``shard_map``, and a float array closed over from the enclosing ``jit`` keeps
+        that program's sharding in its type, which differentiating through a ``scan`` there refuses.
 
     Returns:
       (sum over clients of ``summed``, ``kept`` stacked to [K, ...]).
@@ -321,23 +355,24 @@ def map_clients(fn: Callable[[Any], tuple[Any, Any]], inputs: Any, *, chunk_size
         chunks = jax.tree_util.tree_map(
             lambda a: jax.lax.with_sharding_constraint(a, NamedSharding(mesh, P(None, CLIENT_AXIS))), chunks)
 
-    def run_chunk(rows: Any) -> tuple[Any, Any]:
-        if chunk == 1:  # the plain single-client program, no batching rules involved
-            summed, kept = fn(jax.tree_util.tree_map(lambda a: a[0], rows))
-            return sum_clients(summed, batched=False), jax.tree_util.tree_map(lambda a: a[None], kept)
-        summed, kept = jax.vmap(fn)(rows)
-        return sum_clients(summed), kept
+    call = fn if shared is not None else (lambda _, row: fn(row))
+
+    def run_chunk(shared: Any, rows: Any) -> tuple[Any, Any]:
+        return _chunk_program(call, shared, rows)
+
+    if mesh is not None:
+        run_chunk = _per_device(run_chunk, mesh)
 
     row_shape = jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct(a.shape[2:], a.dtype), chunks)
     if prepare is not None:
         row_shape = jax.eval_shape(lambda c: jax.tree_util.tree_map(
             lambda a: jax.ShapeDtypeStruct(a.shape[1:], a.dtype), prepare(c)), jax.tree_util.tree_map(
             lambda a: jax.ShapeDtypeStruct(a.shape[1:], a.dtype), chunks))
-    summed_shape = jax.eval_shape(lambda r: sum_clients(fn(r)[0], batched=False), row_shape)
+    summed_shape = jax.eval_shape(lambda r: sum_clients(call(shared, r)[0], batched=False), row_shape)
     init = jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), summed_shape)
 
     def scan_body(total: Any, rows: Any) -> tuple[Any, Any]:
-        chunk_sum, kept = run_chunk(rows if prepare is None else prepare(rows))
+        chunk_sum, kept = run_chunk(shared, rows if prepare is None else prepare(rows))
         return jax.tree_util.tree_map(jnp.add, total, chunk_sum), kept
 
     total, kept = jax.lax.scan(scan_body, init, chunks)
@@ -462,14 +497,6 @@ def auto_chunk_size(num_clients: int, num_params: int, backend: str | None = Non
 
 
 # -- a Python loop of compiled chunks ------------------------------------------------------------------------
-
-def _chunk_program(fn: Callable[[Any, Any], tuple[Any, Any]], shared: Any, rows: Any) -> tuple[Any, Any]:
-    """One chunk of clients on one device: the plain one-client program for a chunk of 1, ``vmap`` otherwise."""
-    if jax.tree_util.tree_leaves(rows)[0].shape[0] == 1:
-        summed, kept = fn(shared, jax.tree_util.tree_map(lambda a: a[0], rows))
-        return sum_clients(summed, batched=False), jax.tree_util.tree_map(lambda a: a[None], kept)
-    summed, kept = jax.vmap(fn, in_axes=(None, 0))(shared, rows)
-    return sum_clients(summed), kept
 
 
 _host_chunk = jax.jit(_chunk_program, static_argnums=(0,))

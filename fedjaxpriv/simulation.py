@@ -335,8 +335,12 @@ def build_round(apply_fn: ApplyFn, spec: LocalSpec, server_tx: optax.GradientTra
         round_key, base, rows = begin(state, population, settings, ids, mask, root_key, tap_slots)
         prepare = None if sharded_examples is None else (lambda chunk: {**chunk, "data": gather_examples(
             (population.x, population.y), chunk["offset"], chunk["count"], sharded_examples, mesh)})
-        sums, per_client = map_clients(lambda row: one_client(state, population, base, row), rows,
-                                       chunk_size=chunk_size, strategy=strategy, mesh=mesh, prepare=prepare)
+        # What every client reads, passed in (replicated over the mesh): the clients' states travel in their rows,
+        # and examples split over the devices reach a chunk through ``prepare``.
+        shared = (state._replace(client_state=()),
+                  population if sharded_examples is None else population._replace(x=None, y=None), base)
+        sums, per_client = map_clients(lambda shared, row: one_client(*shared, row), rows, chunk_size=chunk_size,
+                                       strategy=strategy, mesh=mesh, prepare=prepare, shared=shared)
         return finish(state, round_key, ids, sums, per_client, population.counts.shape[0])
 
     return jax.jit(round_fn, donate_argnums=(0,))

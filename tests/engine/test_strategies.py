@@ -255,6 +255,31 @@ def test_slot_rows_hold_each_clients_value_exactly_in_every_strategy_and_cost_no
     assert compiled.memory_analysis().temp_size_in_bytes < 20 * many * size * 4  # 193 MB; one-hot: 9.6 GB
 
 
+def test_shared_values_reach_every_device_and_a_gradient_through_a_scan_sums_as_on_one_device():
+    """``map_clients(..., shared=...)``: each client differentiates a recurrence (a ``scan``) over its row through
+    the shared weights; split over 4 devices (each running its own clients' program) the summed gradients and the
+    per-client outputs equal a per-client Python loop, for chunks that split evenly over the devices and not."""
+    shared = {"w": 0.5 * jax.random.normal(jax.random.key(0), (3, 3)), "scale": jnp.float32(2.0)}
+    xs = jax.random.normal(jax.random.key(1), (10, 5, 3))
+
+    def fn(shared, row):
+        def loss(w):
+            h, _ = lax.scan(lambda h, x: (jnp.tanh(h @ w + x), None), jnp.zeros(3), row)
+            return jnp.sum(h)
+        grad = jax.grad(loss)(shared["w"]) * shared["scale"]
+        return grad, jnp.sum(grad)
+
+    expected = [fn(shared, x) for x in xs]
+    total = np.sum([np.asarray(g) for g, _ in expected], axis=0)
+    meshes = [None] + ([parallel.make_mesh(4)] if jax.device_count() >= 4 else [])
+    for mesh in meshes:
+        for chunk_size in (4, 6, 10):
+            summed, kept = jax.jit(lambda s, r: parallel.map_clients(fn, r, chunk_size=chunk_size, mesh=mesh,
+                                                                     shared=s))(shared, xs)
+            np.testing.assert_allclose(np.asarray(summed), total, rtol=1e-5, atol=1e-6)
+            np.testing.assert_allclose(np.asarray(kept), [float(k) for _, k in expected], rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.slow
 def test_unrolled_conv_as_matmul_round_equals_default_round(digits_population):
     population, _, info = digits_population
