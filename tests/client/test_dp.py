@@ -97,20 +97,23 @@ def test_noise_std_right_by_ks_and_ten_percent_off_rejected():
 
 
 def test_standard_normal_is_n01_and_the_two_words_of_a_hash_are_uncorrelated():
-    """Both 32-bit words of each threefry2x32 hash are used: word i and word i + ceil(n/2) come from one hash.
-    Their correlation, the lag-1 correlation and two keys' draws' correlation are within 4.5 standard errors
-    (1/sqrt(n)) of zero, and the draws pass a KS test against N(0, 1); a vmapped draw is each key's own draw."""
+    """``two_words``: both 32-bit words of each threefry2x32 hash are used, word i and word i + ceil(n/2) from one
+    hash. Their correlation, the lag-1 correlation, two keys' draws' and the default draws' correlation with them
+    are within 4.5 standard errors (1/sqrt(n)) of zero, and the draws pass a KS test against N(0, 1); a vmapped
+    draw is each key's own draw. Without ``two_words`` the draws are ``jax.random.normal``'s."""
     n = 100_001
-    x = np.asarray(standard_normal(jax.random.key(3), (n,)), np.float64)
+    x = np.asarray(standard_normal(jax.random.key(3), (n,), two_words=True), np.float64)
     assert stats.kstest(x, stats.norm(0, 1).cdf).pvalue > 1e-3
     half = (n + 1) // 2
-    other = np.asarray(standard_normal(jax.random.key(4), (n,)), np.float64)
-    for a, b in ((x[:n - half], x[half:]), (x[:-1], x[1:]), (x, other)):
+    other = np.asarray(standard_normal(jax.random.key(4), (n,), two_words=True), np.float64)
+    default = np.asarray(standard_normal(jax.random.key(3), (n,)), np.float64)
+    for a, b in ((x[:n - half], x[half:]), (x[:-1], x[1:]), (x, other), (x, default)):
         assert abs(np.corrcoef(a, b)[0, 1]) < 4.5 / np.sqrt(a.size)
+    np.testing.assert_array_equal(default, np.asarray(jax.random.normal(jax.random.key(3), (n,)), np.float64))
     keys = jax.random.split(jax.random.key(5), 3)
-    together = jax.jit(jax.vmap(lambda k: standard_normal(k, (7, 5))))(keys)
+    together = jax.jit(jax.vmap(lambda k: standard_normal(k, (7, 5), two_words=True)))(keys)
     for key, row in zip(keys, together):
-        np.testing.assert_array_equal(np.asarray(row), np.asarray(standard_normal(key, (7, 5))))
+        np.testing.assert_array_equal(np.asarray(row), np.asarray(standard_normal(key, (7, 5), two_words=True)))
 
 
 def test_adaptive_clip_matches_formula_without_noise():
