@@ -42,6 +42,7 @@ from fedjaxpriv.config import ExperimentConfig, with_overrides  # noqa: E402
 from fedjaxpriv import experiment as experiment_module  # noqa: E402
 from fedjaxpriv.experiment import Experiment  # noqa: E402
 from fedjaxpriv.transforms import sparsify  # noqa: E402
+from bench_engine import stop_on_term  # noqa: E402
 
 DEFENSES: dict[str, list[str]] = {
     "plain": [],
@@ -147,6 +148,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--only", default="", help="comma-separated defense names (default: all)")
     args = parser.parse_args()
+    stop = stop_on_term()
     base = workload_config(args)
     names = ["plain"] + [n for n in DEFENSES if n != "plain" and (not args.only or n in args.only.split(","))]
     variants = {}
@@ -163,13 +165,19 @@ def main() -> None:
             entry[1], _ = entry[0].step(entry[1], r)
             jax.block_until_ready(entry[1].params)
             times[label].append(time.perf_counter() - start)
+        if stop.is_set():
+            break
     plain = np.asarray(times["plain"])
+    done = len(plain)
     print(f"{jax.devices()[0].platform} x{jax.device_count()}, model {args.model}, {args.clients} clients x "
-          f"{args.steps} steps of batch {args.batch}; {args.rounds} interleaved repeats")
+          f"{args.steps} steps of batch {args.batch}; {done} interleaved repeats"
+          + (f" (stopped by SIGTERM; {args.rounds} asked)" if done < args.rounds else ""))
     print(f"{'defense':<32} {'round ms':>9} {'x plain (q25-q75)':>22}")
     for label, values in times.items():
         q25, q50, q75 = np.percentile(np.asarray(values) / plain, [25, 50, 75])
         print(f"{label:<32} {1e3 * statistics.median(values):9.2f} {q50:9.2f} ({q25:.2f}-{q75:.2f})", flush=True)
+    if stop.is_set():
+        return
     print(f"\n{'host accounting per round':<32} {'us':>9} {'% of round':>11}")
     for label, (experiment, state) in variants.items():
         if experiment.privacy.active:

@@ -42,6 +42,7 @@ import numpy as np  # noqa: E402
 
 from fedjaxpriv.client import dp as dp_ops, local  # noqa: E402
 from bench_defenses import workload_config, workload_parser  # noqa: E402
+from bench_engine import stop_on_term  # noqa: E402
 from fedjaxpriv.config import with_overrides  # noqa: E402
 from fedjaxpriv.experiment import Experiment  # noqa: E402
 
@@ -95,6 +96,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--poisson", action="store_true", help="Poisson batch sampling (slots sized for its tail)")
     args = parser.parse_args()
+    stop = stop_on_term()
     base = workload_config(args, *(["client.sampling=poisson"] if args.poisson else []))
     private = with_overrides(base, ["client.dp_clip_norm=1.0", "client.dp_noise_multiplier=1.0"])
     variants = {}
@@ -117,10 +119,13 @@ def main() -> None:
             jax.block_until_ready(state.params)
             times[name].append(time.perf_counter() - start)
             entry[1] = state
+        if stop.is_set():
+            break
     plain = np.asarray(times["plain"])
     sampling = "Poisson" if args.poisson else "fixed-size"
     print(f"{jax.devices()[0].platform} x{jax.device_count()}, model {args.model}, {args.clients} clients x "
-          f"{args.steps} steps of batch {args.batch} ({sampling}), {args.repeats} interleaved repeats")
+          f"{args.steps} steps of batch {args.batch} ({sampling}), {len(plain)} interleaved repeats"
+          + (f" (stopped by SIGTERM; {args.repeats} asked)" if len(plain) < args.repeats else ""))
     print(f"{'variant':<32} {'round ms':>9} {'x plain (q25-q75)':>22}")
     for name, values in times.items():
         ratios = np.asarray(values) / plain
@@ -136,7 +141,7 @@ def main() -> None:
             jax.tree_util.tree_leaves(variants["dp-sgd"][1].params),
             jax.tree_util.tree_leaves(variants[older][1].params)))
         print(f"{older} / dp-sgd: {q50:.2f}x ({q25:.2f}-{q75:.2f}); largest model difference after "
-              f"{args.repeats + 1} rounds: {gap:.2e}")
+              f"{len(plain) + 1} rounds: {gap:.2e}")
 
 
 if __name__ == "__main__":

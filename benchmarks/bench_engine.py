@@ -28,8 +28,10 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import signal
 import statistics
 import sys
+import threading
 import time
 from typing import Any, Callable
 
@@ -73,14 +75,24 @@ class EngineConfig:
                 + (" outer" if self.outer else "") + (f" devices={self.devices}" if self.devices > 1 else ""))
 
 
-def median_seconds(run: Callable[[], Any], repeats: int) -> float:
+def median_seconds(run: Callable[[], Any], repeats: int, stop: threading.Event | None = None) -> float:
     """Median wall time of ``run`` (blocked until ready) after one untimed warm-up call."""
-    return statistics.median(interleaved_seconds([run], repeats)[0])
+    return statistics.median(interleaved_seconds([run], repeats, stop)[0])
 
 
-def interleaved_seconds(runs: list[Callable[[], Any]], repeats: int) -> list[list[float]]:
+def stop_on_term() -> threading.Event:
+    """An event that SIGTERM (``timeout``'s signal) sets: the timed repeats stop after the one under way, and the
+    tables print what the finished repeats measured, so a benchmark cut at its time limit still reports."""
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    return stop
+
+
+def interleaved_seconds(runs: list[Callable[[], Any]], repeats: int,
+                        stop: threading.Event | None = None) -> list[list[float]]:
     """Wall times (s) of each run, blocked until ready: one untimed warm-up call each, then ``repeats`` rounds
-    in which every run goes once in turn (A B C A B C ...), so that load on a shared machine hits them alike."""
+    in which every run goes once in turn (A B C A B C ...), so that load on a shared machine hits them alike.
+    Fewer rounds (at least one) when ``stop`` is set."""
     for run in runs:
         jax.block_until_ready(run())
     times: list[list[float]] = [[] for _ in runs]
@@ -89,16 +101,18 @@ def interleaved_seconds(runs: list[Callable[[], Any]], repeats: int) -> list[lis
             start = time.perf_counter()
             jax.block_until_ready(run())
             spent.append(time.perf_counter() - start)
+        if stop is not None and stop.is_set():
+            break
     return times
 
 
-def matmul_peak_gflops(repeats: int) -> float:
+def matmul_peak_gflops(repeats: int, stop: threading.Event | None = None) -> float:
     """Measured float32 matmul throughput (GFLOP/s) of the default backend."""
     n = 2048 if jax.default_backend() == "cpu" else 8192
     a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
     b = jax.random.normal(jax.random.key(1), (n, n), jnp.float32)
     matmul = jax.jit(lambda u, v: jnp.dot(u, v, precision=jax.lax.Precision.HIGHEST))
-    return 2 * n**3 / median_seconds(lambda: matmul(a, b), max(repeats, 3)) / 1e9
+    return 2 * n**3 / median_seconds(lambda: matmul(a, b), max(repeats, 3), stop) / 1e9
 
 
 def grad_step_flops(apply_fn: Callable, params: Any, x: jax.Array) -> float:
@@ -299,6 +313,7 @@ def main() -> None:
     parser.add_argument("--mlp-clients", type=int, default=None, help="MLP clients (default 1000, --quick 200)")
     parser.add_argument("--cnn-clients", type=int, default=None, help="CNN clients (default 100, --quick 16)")
     args = parser.parse_args()
+    stop = stop_on_term()
     parallel.use_cpu_cores()  # as the command line does: one CPU device per core for the client mesh
     repeats = args.repeats or (2 if args.quick else 3)
     workloads = {
@@ -310,7 +325,7 @@ def main() -> None:
     backend = jax.default_backend()
     print(f"backend={backend} devices={jax.device_count()} cores={os.cpu_count()} jax={jax.__version__} "
           f"load(1,5,15 min)={tuple(round(v, 2) for v in os.getloadavg())}")
-    peak = matmul_peak_gflops(repeats)
+    peak = matmul_peak_gflops(repeats, stop)
     print(f"measured fp32 matmul peak: {peak:.0f} GFLOP/s")
     print(f"each client: {EXAMPLES} examples, {STEPS} SGD steps of batch {BATCH}; medians of {repeats} runs\n")
     header = f"{'model':<34} {'method':<11} {'configuration':<38} {'clients/s':>10} {'GFLOP/s':>8} {'%peak':>6}"
@@ -341,7 +356,9 @@ def main() -> None:
             if runner is None:
                 print(f"{work.name:<34} {method:<11} {'skipped: torch not importable':<38}", flush=True)
         rows = [row for row in rows if row[2] is not None]
-        times = interleaved_seconds([runner for _, _, runner in rows], repeats)
+        times = interleaved_seconds([runner for _, _, runner in rows], repeats, stop)
+        if stop.is_set():
+            print(f"stopped by SIGTERM after {len(times[0])} of {repeats} repeats; later models not run", flush=True)
         best: dict[str, int] = {}  # method -> index of its fastest row
         for i, (method, label, _) in enumerate(rows):
             rate = work.clients / statistics.median(times[i])
@@ -358,6 +375,8 @@ def main() -> None:
                 ratios.append(f"engine(auto) / {method} = {q50:.2f}x ({q25:.2f}-{q75:.2f})")
         print(f"{'':<34} speed ratios, median (quartiles) over repeats: " + "; ".join(ratios)
               + f"  ({flops_per_client / 1e9:.3f} GFLOP per client)\n", flush=True)
+        if stop.is_set():
+            break
     print(f"load after: {tuple(round(v, 2) for v in os.getloadavg())}")
 
 

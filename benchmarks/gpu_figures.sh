@@ -2,7 +2,8 @@
 # The GPU table of benchmarks/README.md in one call of at most 9 minutes on a machine with one NVIDIA GPU whose
 # Python has jax (CUDA), flax, optax, chex, scikit-learn, scipy, pyyaml and PyTorch; dp-accounting (pure Python)
 # may come as a wheel in .whl/ (installed to /tmp/site). Each benchmark runs under its own time limit and
-# writes its table to OUT_DIR/<name>.txt as it goes, so a benchmark cut short still leaves what it printed.
+# writes its table to OUT_DIR/<name>.txt: at the limit it gets SIGTERM, finishes the repeat under way and prints
+# its tables from the repeats it finished (it is killed 30 s later if it has not ended).
 #
 #   sh benchmarks/gpu_figures.sh [OUT_DIR]        # default: $OUT, else /tmp/gpu_figures
 set -u
@@ -24,7 +25,7 @@ run() {  # name, seconds, script and arguments
   name=$1 limit=$2
   shift 2
   echo "== $name (at most $limit s): $*"
-  timeout "$limit" python3 "$@" > "$out/$name.txt" 2>&1
+  timeout -k 30 "$limit" python3 "$@" > "$out/$name.txt" 2>&1
   echo "exit $?" >> "$out/$name.txt"
   cat "$out/$name.txt"
 }
