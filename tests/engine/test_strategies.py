@@ -325,3 +325,7 @@ def test_auto_choices_per_backend_and_memory_bound():
         chunk = parallel.auto_chunk_size(1000, num_params, "cpu", budget_bytes=5e8)
         assert 1 <= chunk <= 128 and (chunk == 1 or chunk * 8 * 4 * num_params <= 5e8)
     assert parallel.auto_chunk_size(1000, 10_000, "gpu") == 1000
+    # On CPU by default the working set stays within CPU_CHUNK_BYTES (16 MiB at 32 bytes per parameter and client):
+    # the 9.6k-parameter MLP 54 clients, the 22k LSTM 23, a 650-parameter model the cap of 128, the CNN one.
+    assert [parallel.auto_chunk_size(1000, n, "cpu") for n in (9_610, 22_484, 650, 1_663_370)] == [54, 23, 128, 1]
+    assert parallel.auto_chunk_size(20, 650, "cpu") == 20
