@@ -15,9 +15,9 @@ plain, ...) so that load on the machine hits them alike:
   as above;
 * ``dp-sgd (weighted per-example)``: the clipped sum formed by clipping the per-example gradients and summing
   them (``client.dp.clipped_sum``, as ``SampleLevelDpSgd.noisy_gradient``);
-* ``dp-sgd (other noise draws)``: the normals drawn the other way (``client.dp.standard_normal``): one 32-bit word
-  per threefry2x32 hash, JAX's default, where the run takes two (dense models, ``LocalSpec.two_word_noise``), two
-  where it takes one (convolutional models); other draws of the same distribution.
+* ``dp-sgd (other noise draws)``: the normals drawn the other way (``client.dp.standard_normal``): two 32-bit words
+  per threefry2x32 hash where the run takes one (JAX's default, which runs keep), one where a ``LocalSpec`` asks
+  for two (``two_word_noise``); other draws of the same distribution.
 The two older clipping forms are swapped in for ``client.local._clipped_sums`` while their experiments compile; the
 noise, the mean and (with Poisson batches) the chunks of slots are the same for them.
 

@@ -294,7 +294,7 @@ def local_spec(config: ExperimentConfig, settings: ClientSettings, counts: np.nd
         momentum=c.momentum, prox=bool(np.any(settings.prox_mu > 0)), poisson=bool(np.any(settings.poisson)),
         slot_chunk=slot_chunk(settings, counts, slots, uses_dp or plan.structure.convolves),
         conv_as_matmul=plan.conv_as_matmul, outer_product_grads=plan.outer_product_grads, unroll=plan.unroll,
-        two_word_noise=uses_dp and not plan.structure.convolves, task=task)
+        task=task)
 
 
 def clips_without_noise(config: ExperimentConfig, settings: ClientSettings, client_level: Any) -> list[str]:

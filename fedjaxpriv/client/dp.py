@@ -95,8 +95,8 @@ def standard_normal(key: jax.Array, shape: tuple[int, ...], two_words: bool = Fa
     default keeps the XOR of the pair): the same distribution from half the hashes, other values. On CPU that
     makes a DP-SGD round of clients vmapped together 1.23-1.28x faster, and one client's unrolled program (the
     "host" strategy of convolutional models), whose default draws fuse into its update, 1.1-1.5x slower
-    (``benchmarks/bench_dpsgd.py``); ``LocalSpec.two_word_noise`` asks for it. Either way a client's draws come
-    from its own key alone, whatever the vmapping, chunking or devices."""
+    (``benchmarks/bench_dpsgd.py``); ``LocalSpec.two_word_noise`` asks for it (runs do not yet). Either way a
+    client's draws come from its own key alone, whatever the vmapping, chunking or devices."""
     if not two_words:
         return jax.random.normal(key, shape, jnp.float32)
     with jax.threefry_partitionable(False):

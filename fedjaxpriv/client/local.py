@@ -52,8 +52,8 @@ class LocalSpec:
       outer_product_grads: dense layers' weight gradients as sums of per-example outer products (execution
         only; fast on CPU for small batches, see ``parallel.dense_grads_as_outer_products``).
       two_word_noise: DP-SGD's normals from both words of each threefry hash (``client.dp.standard_normal``): the
-        same distribution, other draws (not an execution choice: a run picks it from the model alone, for models
-        without convolutions, whose clients run vmapped, where it is faster on CPU).
+        same distribution, other draws (not an execution choice), faster for clients vmapped together on CPU
+        (dense models), slower in a convnet's per-client program. Runs keep JAX's default draws (False) for now.
       task: what the model predicts: the loss trained on (``Task.training_loss`` on ``Task.training_targets``);
         default softmax cross-entropy on integer labels.
     """

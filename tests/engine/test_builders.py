@@ -112,8 +112,7 @@ def test_the_layout_refuses_split_data_under_the_host_strategy():
 @pytest.mark.slow
 def test_poisson_runs_chunk_their_slots_where_a_slot_is_costly():
     """The run's local-training spec computes Poisson batches in chunks under DP-SGD and for a convolutional model,
-    and all slots at once for a dense model without DP-SGD (``client.sampling.slot_chunk``); it draws DP-SGD's noise
-    two words per hash for the dense model only (``LocalSpec.two_word_noise``)."""
+    and all slots at once for a dense model without DP-SGD (``client.sampling.slot_chunk``)."""
     from fedjaxpriv.experiment import Experiment
 
     def spec(**sections):
@@ -127,7 +126,3 @@ def test_poisson_runs_chunk_their_slots_where_a_slot_is_costly():
     assert spec(client={"sampling": "poisson"}).slot_chunk == 0
     fixed = spec(client={"dp_clip_norm": 1.0, "dp_noise_multiplier": 1.0})
     assert fixed.slot_chunk == 0  # fixed-size batches
-    # DP-SGD's noise from both words of each threefry hash for the dense model, not for the convnet or without DP.
-    assert dp.two_word_noise and fixed.two_word_noise and not cnn.two_word_noise
-    cnn_dp = spec(client={"dp_clip_norm": 1.0, "dp_noise_multiplier": 1.0}, model={"name": "cnn"})
-    assert cnn_dp.per_example and not cnn_dp.two_word_noise
