@@ -15,9 +15,9 @@ plain, ...) so that load on the machine hits them alike:
   as above;
 * ``dp-sgd (weighted per-example)``: the clipped sum formed by clipping the per-example gradients and summing
   them (``client.dp.clipped_sum``, as ``SampleLevelDpSgd.noisy_gradient``);
-* ``dp-sgd (other noise draws)``: the normals drawn the other way (``client.dp.standard_normal``): two 32-bit words
-  per threefry2x32 hash where the run takes one (JAX's default, which runs keep), one where a ``LocalSpec`` asks
-  for two (``two_word_noise``); other draws of the same distribution.
+* ``dp-sgd (other noise draws)``: the normals drawn two 32-bit words per threefry2x32 hash instead of JAX's default
+  one, which runs keep (``client.dp.standard_normal(..., two_words=True)``): other draws of the same
+  distribution.
 The two older clipping forms are swapped in for ``client.local._clipped_sums`` while their experiments compile; the
 noise, the mean and (with Poisson batches) the chunks of slots are the same for them.
 
@@ -75,9 +75,9 @@ def swapped_in(form):
 STANDARD_NORMAL = dp_ops.standard_normal
 
 
-def other_draws(key, shape, two_words=False):
-    """``client.dp.standard_normal`` with ``two_words`` flipped."""
-    return STANDARD_NORMAL(key, shape, not two_words)
+def two_word_draws(key, shape):
+    """``client.dp.standard_normal`` two words per threefry hash."""
+    return STANDARD_NORMAL(key, shape, two_words=True)
 
 
 @contextlib.contextmanager
@@ -104,7 +104,7 @@ def main() -> None:
                                ("dp-sgd", private, contextlib.nullcontext()),
                                ("dp-sgd (per-example norms)", private, swapped_in(per_example_norms)),
                                ("dp-sgd (weighted per-example)", private, swapped_in(weighted_per_example)),
-                               ("dp-sgd (other noise draws)", private, swapped_noise(other_draws))):
+                               ("dp-sgd (other noise draws)", private, swapped_noise(two_word_draws))):
         with form:
             experiment = Experiment(config, progress=False)
             state, _ = experiment.step(experiment.initial_state, 0)  # compiles with this form

@@ -505,7 +505,6 @@ def auto_chunk_size(num_clients: int, num_params: int, backend: str | None = Non
 
 # -- a Python loop of compiled chunks ------------------------------------------------------------------------
 
-
 _host_chunk = jax.jit(_chunk_program, static_argnums=(0,))
 
 

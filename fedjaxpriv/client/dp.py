@@ -95,20 +95,20 @@ def standard_normal(key: jax.Array, shape: tuple[int, ...], two_words: bool = Fa
     default keeps the XOR of the pair): the same distribution from half the hashes, other values. On CPU that
     makes a DP-SGD round of clients vmapped together 1.23-1.28x faster, and one client's unrolled program (the
     "host" strategy of convolutional models), whose default draws fuse into its update, 1.1-1.5x slower
-    (``benchmarks/bench_dpsgd.py``); ``LocalSpec.two_word_noise`` asks for it (runs do not yet). Either way a
-    client's draws come from its own key alone, whatever the vmapping, chunking or devices."""
+    (``benchmarks/bench_dpsgd.py``, row "other noise draws"); runs keep the default. Either way a client's draws
+    come from its own key alone, whatever the vmapping, chunking or devices."""
     if not two_words:
         return jax.random.normal(key, shape, jnp.float32)
     with jax.threefry_partitionable(False):
         return jax.random.normal(key, shape, jnp.float32)
 
 
-def gaussian_noise_like(key: jax.Array, tree: PyTree, std: jax.Array | float, two_words: bool = False) -> PyTree:
-    """Independent N(0, std^2) noise with the structure of ``tree``; leaf i uses ``fold_in(key, i)``
-    (``two_words``: see ``standard_normal``)."""
+def gaussian_noise_like(key: jax.Array, tree: PyTree, std: jax.Array | float) -> PyTree:
+    """Independent N(0, std^2) noise with the structure of ``tree`` (``standard_normal``); leaf i uses
+    ``fold_in(key, i)``."""
     leaves, treedef = jax.tree_util.tree_flatten(tree)
     std = jnp.asarray(std, jnp.float32)
-    noise = [(std * standard_normal(jax.random.fold_in(key, i), leaf.shape, two_words)).astype(leaf.dtype)
+    noise = [(std * standard_normal(jax.random.fold_in(key, i), leaf.shape)).astype(leaf.dtype)
              for i, leaf in enumerate(leaves)]
     return jax.tree_util.tree_unflatten(treedef, noise)
 

@@ -51,9 +51,6 @@ class LocalSpec:
         fast on CPU inside loops and under vmap, see ``parallel.conv_as_matmul``).
       outer_product_grads: dense layers' weight gradients as sums of per-example outer products (execution
         only; fast on CPU for small batches, see ``parallel.dense_grads_as_outer_products``).
-      two_word_noise: DP-SGD's normals from both words of each threefry hash (``client.dp.standard_normal``): the
-        same distribution, other draws (not an execution choice), faster for clients vmapped together on CPU
-        (dense models), slower in a convnet's per-client program. Runs keep JAX's default draws (False) for now.
       task: what the model predicts: the loss trained on (``Task.training_loss`` on ``Task.training_targets``);
         default softmax cross-entropy on integer labels.
     """
@@ -73,7 +70,6 @@ class LocalSpec:
     outer_product_grads: bool = False
     poisson: bool = True
     slot_chunk: int = 0
-    two_word_noise: bool = False
     task: Task = CLASSIFICATION
 
     def __post_init__(self) -> None:
@@ -150,18 +146,17 @@ def _weighted_gradient_sum(apply_fn: ApplyFn, params: Params, x: jax.Array, targ
 
 
 def dp_sgd_gradient(apply_fn: ApplyFn, params: Params, x: jax.Array, targets: jax.Array, loss: PerExampleLoss,
-                    mask: jax.Array, settings: ClientSettings, key: jax.Array, denominator: jax.Array,
-                    two_words: bool = False) -> tuple[jax.Array, Params]:
+                    mask: jax.Array, settings: ClientSettings, key: jax.Array,
+                    denominator: jax.Array) -> tuple[jax.Array, Params]:
     """One DP-SGD step: the batch's mean loss over real examples (as ``batch_loss``, each example through its own
     forward pass) and the gradient ``SampleLevelDpSgd.noisy_gradient`` of the batch: (sum over real examples of
     each gradient clipped to ``settings.dp_clip_norm`` + Gaussian noise) / ``denominator``. The per-example norms
     come from one backward pass without per-example weight gradients (``ghost.per_example_norms``), the clipped
     sum and the losses from one forward and backward pass weighted by the clipping multipliers
     (``_weighted_gradient_sum``): the same sum to float rounding as clipping [B, params] per-example gradients,
-    without forming them (``benchmarks/bench_dpsgd.py``). ``two_words``: how the noise is drawn
-    (``client.dp.standard_normal``)."""
+    without forming them (``benchmarks/bench_dpsgd.py``)."""
     loss_sum, total = _clipped_sums(apply_fn, params, x, targets, loss, mask, settings.dp_clip_norm)
-    return _step_means(True, loss_sum, total, mask, settings, key, denominator, two_words)
+    return _step_means(True, loss_sum, total, mask, settings, key, denominator)
 
 
 def _clipped_sums(apply_fn: ApplyFn, params: Params, x: jax.Array, targets: jax.Array, loss: PerExampleLoss,
@@ -174,14 +169,13 @@ def _clipped_sums(apply_fn: ApplyFn, params: Params, x: jax.Array, targets: jax.
 
 
 def _step_means(private: bool, loss_sum: jax.Array, total: Params, mask: jax.Array, settings: ClientSettings,
-                key: jax.Array, denominator: jax.Array, two_words: bool = False) -> tuple[jax.Array, Params]:
+                key: jax.Array, denominator: jax.Array) -> tuple[jax.Array, Params]:
     """A step's (mean loss over the real examples, gradient) from the sums over them: DP-SGD's noisy mean
     (``SampleLevelDpSgd.noised_mean``) when ``private``, else the mean gradient."""
     real = jnp.maximum(jnp.sum(mask.astype(loss_sum.dtype)), 1.0)
     if private:
         return loss_sum / real, SampleLevelDpSgd.noised_mean(total, settings.dp_clip_norm,
-                                                             settings.dp_noise_multiplier, key, denominator,
-                                                             two_words)
+                                                             settings.dp_noise_multiplier, key, denominator)
     return loss_sum / real, jax.tree_util.tree_map(lambda g: g / real.astype(g.dtype), total)
 
 
@@ -215,7 +209,7 @@ def _chunked_step(spec: LocalSpec, apply_fn: ApplyFn, params: Params, x: jax.Arr
     shapes = jax.eval_shape(lambda: add_chunk(jnp.int32(0), (jnp.float32(0), params)))
     zero = jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
     loss_sum, total = jax.lax.fori_loop(0, (filled + chunk - 1) // chunk, add_chunk, zero)
-    return _step_means(spec.per_example, loss_sum, total, mask, settings, key, denominator, spec.two_word_noise)
+    return _step_means(spec.per_example, loss_sum, total, mask, settings, key, denominator)
 
 
 def training_mask(spec: LocalSpec, server_params: Params, settings: ClientSettings, key: jax.Array) -> Params | None:
@@ -280,7 +274,7 @@ def local_sgd(spec: LocalSpec, apply_fn: ApplyFn, start_params: Params, settings
                                         bmask, settings, noise_key, denominator)
         elif spec.per_example:
             loss, grads = dp_sgd_gradient(summed_apply, params, x, targets, loss_fn, bmask, settings, noise_key,
-                                          denominator, spec.two_word_noise)
+                                          denominator)
         else:
             loss, grads = jax.value_and_grad(batch_loss, argnums=1)(apply_fn, params, x, targets, bmask, loss_fn)
         if correction is not None:

@@ -171,11 +171,10 @@ class SampleLevelDpSgd:
 
     @staticmethod
     def noised_mean(clipped_sum: PyTree, clip_norm: jax.Array | float, noise_multiplier: jax.Array | float,
-                    key: jax.Array, denominator: jax.Array | float, two_words: bool = False) -> PyTree:
+                    key: jax.Array, denominator: jax.Array | float) -> PyTree:
         """(``clipped_sum`` + N(0, (z C)^2 I)) / denominator: ``noisy_gradient`` from a sum of gradients each
-        already clipped to ``clip_norm`` (local training forms it in one backward pass, ``client.local``);
-        ``two_words``: how the normals are drawn (``client.dp.standard_normal``)."""
-        noise = dp_ops.gaussian_noise_like(key, clipped_sum, gaussian_std(noise_multiplier, clip_norm), two_words)
+        already clipped to ``clip_norm`` (local training forms it in one backward pass, ``client.local``)."""
+        noise = dp_ops.gaussian_noise_like(key, clipped_sum, gaussian_std(noise_multiplier, clip_norm))
         denominator = jnp.asarray(denominator, jnp.float32)
         return jax.tree_util.tree_map(lambda s, n: (s + n) / denominator.astype(s.dtype), clipped_sum, noise)
 

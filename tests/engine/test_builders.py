@@ -124,5 +124,4 @@ def test_poisson_runs_chunk_their_slots_where_a_slot_is_costly():
     cnn = spec(client={"sampling": "poisson"}, model={"name": "cnn"})
     assert 0 < cnn.slot_chunk < cnn.max_batch
     assert spec(client={"sampling": "poisson"}).slot_chunk == 0
-    fixed = spec(client={"dp_clip_norm": 1.0, "dp_noise_multiplier": 1.0})
-    assert fixed.slot_chunk == 0  # fixed-size batches
+    assert spec(client={"dp_clip_norm": 1.0, "dp_noise_multiplier": 1.0}).slot_chunk == 0  # fixed-size batches
